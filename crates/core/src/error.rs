@@ -1,0 +1,146 @@
+//! Errors as Azure DPS reports them: an HTTP status plus a six-digit `errorCode`.
+//!
+//! Every front end (MQTT response topics, HTTPS responses) turns a [`DpsError`] into the same
+//! status and JSON body; the mapping lives here and nowhere else.
+
+use std::fmt;
+
+/// Azure's six-digit error code: the HTTP status followed by three digits.
+///
+/// Only `401002` is confirmed from captures of the real service; the others follow the same
+/// `<status><nnn>` convention and are Fleetgate's own choices (documented in docs/errors.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// 400004: the request body or a parameter is malformed.
+    BadRequest,
+    /// 400005: an id (registration id, enrollment group id) breaks the naming rules.
+    InvalidId,
+    /// 400208: no linked IoT hub can take the device (the C SDK special-cases this code).
+    NoHubForAllocation,
+    /// 400209: the enrollment names a hub that is not linked to this instance.
+    HubNotLinked,
+    /// 401002: authentication failed (bad, expired or unknown credentials).
+    Unauthorized,
+    /// 404201: no registration record with that id.
+    RegistrationNotFound,
+    /// 404202: no enrollment group with that id.
+    EnrollmentGroupNotFound,
+    /// 404203: the operation id is unknown for this registration.
+    OperationNotFound,
+    /// 404000: no such route.
+    NotFound,
+    /// 405000: method not allowed on this route.
+    MethodNotAllowed,
+    /// 409201: the resource already exists (create-only operations).
+    Conflict,
+    /// 412002: the `If-Match` etag does not match the stored resource.
+    PreconditionFailed,
+    /// 413000: the request body is larger than the limit.
+    PayloadTooLarge,
+    /// 415000: the body is not JSON.
+    UnsupportedMediaType,
+    /// 429001: too many requests.
+    Throttled,
+    /// 500000: an internal error; nothing was changed.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn code(self) -> u32 {
+        match self {
+            ErrorCode::BadRequest => 400004,
+            ErrorCode::InvalidId => 400005,
+            ErrorCode::NoHubForAllocation => 400208,
+            ErrorCode::HubNotLinked => 400209,
+            ErrorCode::Unauthorized => 401002,
+            ErrorCode::RegistrationNotFound => 404201,
+            ErrorCode::EnrollmentGroupNotFound => 404202,
+            ErrorCode::OperationNotFound => 404203,
+            ErrorCode::NotFound => 404000,
+            ErrorCode::MethodNotAllowed => 405000,
+            ErrorCode::Conflict => 409201,
+            ErrorCode::PreconditionFailed => 412002,
+            ErrorCode::PayloadTooLarge => 413000,
+            ErrorCode::UnsupportedMediaType => 415000,
+            ErrorCode::Throttled => 429001,
+            ErrorCode::Internal => 500000,
+        }
+    }
+
+    /// The HTTP status (and MQTT response-topic status) that carries this code.
+    pub fn status(self) -> u16 {
+        (self.code() / 1000) as u16
+    }
+}
+
+/// A failed DPS request: what the caller did wrong (or what broke), with a message safe to show
+/// the caller. Messages never contain keys or signatures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DpsError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl DpsError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+    pub fn unauthorized() -> Self {
+        Self::new(ErrorCode::Unauthorized, "Unauthorized")
+    }
+    pub fn internal() -> Self {
+        Self::new(ErrorCode::Internal, "Internal server error; the request was not applied.")
+    }
+    pub fn status(&self) -> u16 {
+        self.code.status()
+    }
+
+    /// Azure's `ProvisioningServiceErrorDetails` body.
+    pub fn to_body(&self, tracking_id: &str, timestamp: crate::time::Timestamp) -> serde_json::Value {
+        serde_json::json!({
+            "errorCode": self.code.code(),
+            "trackingId": tracking_id,
+            "message": self.message,
+            "timestampUtc": timestamp.to_azure_string(),
+        })
+    }
+}
+
+impl fmt::Display for DpsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.code.code(), self.status(), self.message)
+    }
+}
+
+impl std::error::Error for DpsError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_start_with_their_status() {
+        for c in [
+            ErrorCode::BadRequest,
+            ErrorCode::Unauthorized,
+            ErrorCode::PreconditionFailed,
+            ErrorCode::Throttled,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(c.code() / 1000, c.status() as u32);
+        }
+        assert_eq!(DpsError::unauthorized().code.code(), 401002);
+    }
+
+    #[test]
+    fn body_has_azure_fields() {
+        let b = DpsError::unauthorized().to_body("t-1", crate::time::Timestamp::from_unix_seconds(0));
+        assert_eq!(b["errorCode"], 401002);
+        assert_eq!(b["trackingId"], "t-1");
+        assert_eq!(b["message"], "Unauthorized");
+        assert_eq!(b["timestampUtc"], "1970-01-01T00:00:00.0000000Z");
+    }
+}

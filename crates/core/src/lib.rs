@@ -1,0 +1,16 @@
+//! Fleetgate's domain: the rules of Azure DPS expressed as plain types and pure functions.
+//!
+//! Nothing here performs I/O or knows about a wire protocol; the store, the protocol front ends
+//! and the CLI all call into this crate, never the other way round.
+
+pub mod allocation;
+pub mod attestation;
+pub mod enrollment;
+pub mod error;
+pub mod ids;
+pub mod keys;
+pub mod registration;
+pub mod sas;
+pub mod time;
+
+pub use error::{DpsError, ErrorCode};

@@ -1,0 +1,84 @@
+//! UTC timestamps in the form Azure's JSON uses: `2024-05-01T10:00:00.1234567Z` (7 fraction digits).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A point in time with 100 ns resolution, as Azure's .NET services report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp {
+    /// Ticks of 100 ns since the Unix epoch.
+    ticks: i64,
+}
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self::from_system_time(SystemTime::now())
+    }
+
+    pub fn from_system_time(t: SystemTime) -> Self {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        Self { ticks: (d.as_nanos() / 100) as i64 }
+    }
+
+    pub fn from_unix_seconds(secs: i64) -> Self {
+        Self { ticks: secs * 10_000_000 }
+    }
+
+    pub fn unix_seconds(self) -> i64 {
+        self.ticks.div_euclid(10_000_000)
+    }
+
+    /// Formats as ISO-8601 UTC with seven fractional digits and a `Z`.
+    pub fn to_azure_string(self) -> String {
+        let secs = self.unix_seconds();
+        let frac = self.ticks.rem_euclid(10_000_000);
+        let days = secs.div_euclid(86_400);
+        let sod = secs.rem_euclid(86_400);
+        let (y, m, d) = civil_from_days(days);
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:07}Z",
+            sod / 3600,
+            (sod % 3600) / 60,
+            sod % 60
+        )
+    }
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day); Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_epoch_and_known_dates() {
+        assert_eq!(Timestamp::from_unix_seconds(0).to_azure_string(), "1970-01-01T00:00:00.0000000Z");
+        // 1700000000 = 2023-11-14T22:13:20Z
+        assert_eq!(
+            Timestamp::from_unix_seconds(1_700_000_000).to_azure_string(),
+            "2023-11-14T22:13:20.0000000Z"
+        );
+        // Leap day.
+        assert_eq!(
+            Timestamp::from_unix_seconds(951_782_400).to_azure_string(),
+            "2000-02-29T00:00:00.0000000Z"
+        );
+    }
+
+    #[test]
+    fn keeps_seven_fraction_digits() {
+        let t = Timestamp { ticks: 17_000_000_001_234_567 };
+        assert!(t.to_azure_string().ends_with(".1234567Z"), "{}", t.to_azure_string());
+    }
+}
