@@ -5,6 +5,7 @@
 
 pub mod allocation;
 pub mod attestation;
+pub mod device;
 pub mod enrollment;
 pub mod error;
 pub mod ids;

@@ -1,1 +1,75 @@
+//! Fleetgate's persistent state behind one trait.
+//!
+//! The embedded default is SQLite in the data directory ([`SqliteStore`]). Every method that
+//! changes more than one thing does so in a single transaction: a registration record and the
+//! device identity it creates are committed together or not at all.
 
+mod sqlite;
+
+use async_trait::async_trait;
+use fleetgate_core::device::DeviceIdentity;
+use fleetgate_core::enrollment::EnrollmentGroup;
+use fleetgate_core::registration::RegistrationRecord;
+use fleetgate_core::DpsError;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The change was refused by a domain rule (e.g. an etag precondition); nothing was written.
+    #[error(transparent)]
+    Rejected(#[from] DpsError),
+    /// The backend failed; nothing was written.
+    #[error("storage backend error: {0}")]
+    Backend(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A linked IoT hub and its `iothubowner` policy key.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinkedHub {
+    pub host_name: String,
+    pub owner_key: String,
+}
+
+impl std::fmt::Debug for LinkedHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkedHub").field("host_name", &self.host_name).finish_non_exhaustive()
+    }
+}
+
+/// Read-modify-write of an enrollment group, run inside the store's transaction: it gets the
+/// stored group (if any) and returns the group to store, or a rejection.
+pub type GroupUpdate = Box<dyn FnOnce(Option<&EnrollmentGroup>) -> Result<EnrollmentGroup, DpsError> + Send>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Instance-wide settings (ID scope, policy keys, …) as key/value text.
+    async fn setting(&self, key: &str) -> StoreResult<Option<String>>;
+    async fn set_setting(&self, key: &str, value: &str) -> StoreResult<()>;
+
+    async fn hubs(&self) -> StoreResult<Vec<LinkedHub>>;
+    /// Adds a hub; an existing hub with the same host name (case-insensitive) is left as it is.
+    async fn add_hub(&self, hub: &LinkedHub) -> StoreResult<()>;
+
+    async fn group(&self, id: &str) -> StoreResult<Option<EnrollmentGroup>>;
+    /// All groups, oldest first.
+    async fn groups(&self) -> StoreResult<Vec<EnrollmentGroup>>;
+    /// Atomically applies `update` to the group `id` and stores the result.
+    async fn upsert_group(&self, id: &str, update: GroupUpdate) -> StoreResult<EnrollmentGroup>;
+    /// Deletes group `id` if `if_match` (an etag or `*`) matches. `Ok(false)` when absent.
+    async fn delete_group(&self, id: &str, if_match: Option<&str>) -> StoreResult<bool>;
+
+    async fn registration(&self, registration_id: &str) -> StoreResult<Option<RegistrationRecord>>;
+    /// Records of one enrollment group, oldest first, paged.
+    async fn registrations_of_group(&self, group_id: &str, offset: usize, limit: usize) -> StoreResult<Vec<RegistrationRecord>>;
+    async fn delete_registration(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool>;
+    /// Stores a record that assigns nothing new (a failure after authentication).
+    async fn put_registration(&self, record: &RegistrationRecord) -> StoreResult<()>;
+    /// Stores an assignment: the registration record and the device identity, in one transaction.
+    async fn commit_assignment(&self, record: &RegistrationRecord, device: &DeviceIdentity) -> StoreResult<()>;
+
+    async fn device(&self, hub: &str, device_id: &str) -> StoreResult<Option<DeviceIdentity>>;
+    async fn devices(&self, hub: &str) -> StoreResult<Vec<DeviceIdentity>>;
+}

@@ -1,0 +1,313 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! One connection behind a mutex serializes writers (SQLite allows one anyway); each call runs
+//! on the blocking pool so the async runtime never waits on disk. `synchronous=FULL`: a commit
+//! that returned is on disk, which is what lets us acknowledge a device only after it.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use fleetgate_core::device::DeviceIdentity;
+use fleetgate_core::enrollment::{check_if_match, EnrollmentGroup};
+use fleetgate_core::registration::RegistrationRecord;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::{GroupUpdate, LinkedHub, Store, StoreError, StoreResult};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS hubs (
+    host_key TEXT PRIMARY KEY, host_name TEXT NOT NULL, owner_key TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrollment_groups (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id_key TEXT NOT NULL UNIQUE, body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS registrations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, reg_key TEXT NOT NULL UNIQUE, group_key TEXT,
+    operation_id TEXT NOT NULL, body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS registrations_by_group ON registrations (group_key, seq);
+CREATE TABLE IF NOT EXISTS devices (
+    hub_key TEXT NOT NULL, device_key TEXT NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (hub_key, device_key)
+);
+"#;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn key(s: &str) -> String {
+    s.to_ascii_lowercase()
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let conn = Connection::open(path).map_err(backend)?;
+        Self::init(conn)
+    }
+
+    /// A private in-memory database, for tests.
+    pub fn in_memory() -> StoreResult<Self> {
+        Self::init(Connection::open_in_memory().map_err(backend)?)
+    }
+
+    fn init(conn: Connection) -> StoreResult<Self> {
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+        conn.execute_batch(SCHEMA).map_err(backend)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic in another call poisons the mutex; the connection itself is still sound
+            // (SQLite rolls back an unfinished transaction), so keep serving.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
+    serde_json::from_str(s).map_err(backend)
+}
+
+fn read_registration(body: &str, group: Option<String>, operation_id: String) -> StoreResult<RegistrationRecord> {
+    let mut r: RegistrationRecord = parse(body)?;
+    r.enrollment_group_id = group;
+    r.operation_id = operation_id;
+    Ok(r)
+}
+
+fn write_registration(tx: &rusqlite::Transaction<'_>, r: &RegistrationRecord) -> StoreResult<()> {
+    let body = serde_json::to_string(r).map_err(backend)?;
+    tx.execute(
+        "INSERT INTO registrations (reg_key, group_key, operation_id, body) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(reg_key) DO UPDATE SET group_key = ?2, operation_id = ?3, body = ?4",
+        params![key(&r.registration_id), r.enrollment_group_id.as_deref().map(key), r.operation_id, body],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn setting(&self, k: &str) -> StoreResult<Option<String>> {
+        let k = k.to_owned();
+        self.with(move |c| {
+            c.query_row("SELECT value FROM settings WHERE key = ?1", [k], |r| r.get(0)).optional().map_err(backend)
+        })
+        .await
+    }
+
+    async fn set_setting(&self, k: &str, v: &str) -> StoreResult<()> {
+        let (k, v) = (k.to_owned(), v.to_owned());
+        self.with(move |c| {
+            c.execute("INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2", [k, v])
+                .map(|_| ())
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn hubs(&self) -> StoreResult<Vec<LinkedHub>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT host_name, owner_key FROM hubs ORDER BY rowid").map_err(backend)?;
+            let rows = st
+                .query_map([], |r| Ok(LinkedHub { host_name: r.get(0)?, owner_key: r.get(1)? }))
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn add_hub(&self, hub: &LinkedHub) -> StoreResult<()> {
+        let hub = hub.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO hubs (host_key, host_name, owner_key) VALUES (?1, ?2, ?3) ON CONFLICT(host_key) DO NOTHING",
+                params![key(&hub.host_name), hub.host_name, hub.owner_key],
+            )
+            .map(|_| ())
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn group(&self, id: &str) -> StoreResult<Option<EnrollmentGroup>> {
+        let id = key(id);
+        self.with(move |c| {
+            let body: Option<String> = c
+                .query_row("SELECT body FROM enrollment_groups WHERE id_key = ?1", [id], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            body.map(|b| parse(&b)).transpose()
+        })
+        .await
+    }
+
+    async fn groups(&self) -> StoreResult<Vec<EnrollmentGroup>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT body FROM enrollment_groups ORDER BY seq").map_err(backend)?;
+            let bodies = st.query_map([], |r| r.get::<_, String>(0)).map_err(backend)?;
+            bodies.map(|b| parse(&b.map_err(backend)?)).collect()
+        })
+        .await
+    }
+
+    async fn upsert_group(&self, id: &str, update: GroupUpdate) -> StoreResult<EnrollmentGroup> {
+        let id = key(id);
+        self.with(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let current: Option<String> = tx
+                .query_row("SELECT body FROM enrollment_groups WHERE id_key = ?1", [&id], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            let current: Option<EnrollmentGroup> = current.map(|b| parse(&b)).transpose()?;
+            let next = update(current.as_ref())?;
+            let body = serde_json::to_string(&next).map_err(backend)?;
+            tx.execute(
+                "INSERT INTO enrollment_groups (id_key, body) VALUES (?1, ?2) ON CONFLICT(id_key) DO UPDATE SET body = ?2",
+                params![id, body],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(next)
+        })
+        .await
+    }
+
+    async fn delete_group(&self, id: &str, if_match: Option<&str>) -> StoreResult<bool> {
+        let (id, if_match) = (key(id), if_match.map(str::to_owned));
+        self.with(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let current: Option<String> = tx
+                .query_row("SELECT body FROM enrollment_groups WHERE id_key = ?1", [&id], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            let Some(current) = current else { return Ok(false) };
+            let current: EnrollmentGroup = parse(&current)?;
+            check_if_match(if_match.as_deref(), current.etag.as_deref())?;
+            tx.execute("DELETE FROM enrollment_groups WHERE id_key = ?1", [&id]).map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn registration(&self, registration_id: &str) -> StoreResult<Option<RegistrationRecord>> {
+        let id = key(registration_id);
+        self.with(move |c| {
+            let row: Option<(String, Option<String>, String)> = c
+                .query_row(
+                    "SELECT body, group_key, operation_id FROM registrations WHERE reg_key = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            row.map(|(b, g, o)| read_registration(&b, g, o)).transpose()
+        })
+        .await
+    }
+
+    async fn registrations_of_group(&self, group_id: &str, offset: usize, limit: usize) -> StoreResult<Vec<RegistrationRecord>> {
+        let g = key(group_id);
+        self.with(move |c| {
+            let mut st = c
+                .prepare("SELECT body, group_key, operation_id FROM registrations WHERE group_key = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3")
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![g, limit as i64, offset as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(backend)?;
+            rows.map(|row| {
+                let (b, g, o): (String, Option<String>, String) = row.map_err(backend)?;
+                read_registration(&b, g, o)
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn delete_registration(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool> {
+        let (id, if_match) = (key(registration_id), if_match.map(str::to_owned));
+        self.with(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let current: Option<String> = tx
+                .query_row("SELECT body FROM registrations WHERE reg_key = ?1", [&id], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            let Some(current) = current else { return Ok(false) };
+            let current: RegistrationRecord = parse(&current)?;
+            check_if_match(if_match.as_deref(), Some(&current.etag))?;
+            tx.execute("DELETE FROM registrations WHERE reg_key = ?1", [&id]).map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn put_registration(&self, record: &RegistrationRecord) -> StoreResult<()> {
+        let record = record.clone();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            write_registration(&tx, &record)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn commit_assignment(&self, record: &RegistrationRecord, device: &DeviceIdentity) -> StoreResult<()> {
+        let (record, device) = (record.clone(), device.clone());
+        self.with(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            write_registration(&tx, &record)?;
+            let body = serde_json::to_string(&device).map_err(backend)?;
+            tx.execute(
+                "INSERT INTO devices (hub_key, device_key, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(hub_key, device_key) DO UPDATE SET body = ?3",
+                params![key(&device.hub), key(&device.device_id), body],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn device(&self, hub: &str, device_id: &str) -> StoreResult<Option<DeviceIdentity>> {
+        let (h, d) = (key(hub), key(device_id));
+        self.with(move |c| {
+            let body: Option<String> = c
+                .query_row("SELECT body FROM devices WHERE hub_key = ?1 AND device_key = ?2", [h, d], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            body.map(|b| parse(&b)).transpose()
+        })
+        .await
+    }
+
+    async fn devices(&self, hub: &str) -> StoreResult<Vec<DeviceIdentity>> {
+        let h = key(hub);
+        self.with(move |c| {
+            let mut st = c.prepare("SELECT body FROM devices WHERE hub_key = ?1 ORDER BY rowid").map_err(backend)?;
+            let bodies = st.query_map([h], |r| r.get::<_, String>(0)).map_err(backend)?;
+            bodies.map(|b| parse(&b.map_err(backend)?)).collect()
+        })
+        .await
+    }
+}
