@@ -1,1 +1,68 @@
-fn main(){}
+//! `fleetgate`: the one binary. `serve` runs the service; the other verbs mirror `az iot dps`.
+
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fleetgate", version, about = "Self-hosted device provisioning service and IoT hub, wire-compatible with Azure DPS")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the CLI finds the service: a connection string, else the data directory's instance.json.
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// DPS service connection string (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...).
+    #[arg(long, env = "FLEETGATE_CONNECTION_STRING", hide_env_values = true)]
+    pub connection_string: Option<String>,
+    /// Data directory of a local server (used when no connection string is given).
+    #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+    pub data_dir: PathBuf,
+    /// PEM file of the CA to trust for the service's certificate (default: the data dir's ca.pem).
+    #[arg(long, env = "FLEETGATE_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the provisioning service (MQTT/TLS and HTTPS) on the embedded default.
+    Serve(commands::serve::ServeArgs),
+    /// Print the instance details (ID scope, endpoints, connection strings).
+    Info {
+        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+        data_dir: PathBuf,
+    },
+    /// Derive a device key from an enrollment group key, as `az iot dps enrollment-group compute-device-key`.
+    ComputeDeviceKey(commands::keys::ComputeArgs),
+    /// Manage enrollment groups (`az iot dps enrollment-group`).
+    #[command(subcommand)]
+    EnrollmentGroup(commands::groups::GroupCommand),
+    /// Inspect and delete registration records (`az iot dps enrollment-group registration`).
+    #[command(subcommand)]
+    Registration(commands::registrations::RegistrationCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => commands::serve::run(args).await,
+            Command::Info { data_dir } => commands::serve::info(&data_dir),
+            Command::ComputeDeviceKey(args) => commands::keys::run(args),
+            Command::EnrollmentGroup(cmd) => commands::groups::run(cmd).await,
+            Command::Registration(cmd) => commands::registrations::run(cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

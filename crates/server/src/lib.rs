@@ -1,1 +1,98 @@
+//! The Fleetgate server: initializes the data directory, then serves the device endpoints (MQTT
+//! over TLS) and the HTTPS endpoint (service APIs) from one process.
+//!
+//! Dependency direction: listeners → protocol sessions → [`fleetgate_dps::Provisioning`] →
+//! store. Nothing here decides a DPS outcome; it only translates.
 
+pub mod config;
+pub mod datadir;
+pub mod https;
+pub mod mqtt;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use fleetgate_dps::{Provisioning, ProvisioningConfig};
+use fleetgate_store::Store;
+use tokio::sync::watch;
+
+pub use config::{Limits, ServerConfig};
+pub use datadir::{DataDir, Instance};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    DataDir(#[from] datadir::DataDirError),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A started server: where it listens, what it is, and how to stop it.
+pub struct RunningServer {
+    pub mqtt_addr: SocketAddr,
+    pub https_addr: SocketAddr,
+    pub instance: Instance,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops accepting connections and waits for the listeners to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Resolves when a shutdown has been requested elsewhere (never, for a server we own).
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Initializes (or reopens) the data directory and starts every listener.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
+    let data = DataDir::open_or_init(&config).await?;
+    let tls = tls::server_config(&data.server_cert_path(), &data.server_key_path()).map_err(StartError::Tls)?;
+    let store: Arc<dyn Store> = data.store.clone();
+
+    let bind = |port: u16| SocketAddr::new(config.listen, port);
+    let mqtt_listener = tokio::net::TcpListener::bind(bind(config.mqtt_port))
+        .await
+        .map_err(|source| StartError::Bind { addr: bind(config.mqtt_port), source })?;
+    let https_listener = tokio::net::TcpListener::bind(bind(config.https_port))
+        .await
+        .map_err(|source| StartError::Bind { addr: bind(config.https_port), source })?;
+    let mqtt_addr = mqtt_listener.local_addr().map_err(|source| StartError::Bind { addr: bind(config.mqtt_port), source })?;
+    let https_addr = https_listener.local_addr().map_err(|source| StartError::Bind { addr: bind(config.https_port), source })?;
+
+    let instance = data.write_instance_file(https_addr.port()).await?;
+    let dps = Arc::new(Provisioning::new(
+        store,
+        ProvisioningConfig {
+            id_scope: data.id_scope.clone(),
+            service_host_names: config.hostnames.clone(),
+            policies: data.dps_policies.clone(),
+            immediate_assignment: config.immediate_assignment,
+        },
+    ));
+
+    let (shutdown, rx) = watch::channel(false);
+    let limits = Arc::new(config.limits.clone());
+    let tasks = vec![
+        tokio::spawn(mqtt::serve(mqtt_listener, tls.clone(), dps.clone(), limits.clone(), rx.clone())),
+        tokio::spawn(https::serve(https_listener, tls, dps, limits, rx)),
+    ];
+    tracing::info!(%mqtt_addr, %https_addr, id_scope = %instance.id_scope, "fleetgate serving");
+    Ok(RunningServer { mqtt_addr, https_addr, instance, shutdown, tasks })
+}

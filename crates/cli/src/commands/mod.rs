@@ -1,0 +1,49 @@
+//! One file per verb group.
+
+pub mod groups;
+pub mod keys;
+pub mod registrations;
+pub mod serve;
+
+use anyhow::{anyhow, Context};
+use fleetgate_client::{ConnectionString, DpsServiceClient, ServiceError};
+
+use crate::Target;
+
+/// A service API client for `target`: its connection string, or the local data directory's.
+pub fn client(target: &Target) -> anyhow::Result<DpsServiceClient> {
+    let (conn, ca_default) = match &target.connection_string {
+        Some(c) => (c.clone(), None),
+        None => {
+            let inst = fleetgate_server::Instance::read(&target.data_dir)
+                .with_context(|| format!("no --connection-string given and no instance in {}", target.data_dir.display()))?;
+            (inst.service_connection_string, Some(std::path::PathBuf::from(inst.ca_certificate)))
+        }
+    };
+    let conn: ConnectionString = conn.parse().map_err(|e: String| anyhow!("invalid connection string: {e}"))?;
+    let ca_path = target.ca_cert.clone().or(ca_default).or_else(|| {
+        let p = target.data_dir.join("ca.pem");
+        p.exists().then_some(p)
+    });
+    let ca = match ca_path {
+        Some(p) => Some(std::fs::read(&p).with_context(|| format!("reading CA certificate {}", p.display()))?),
+        None => None,
+    };
+    Ok(DpsServiceClient::new(conn, ca.as_deref())?)
+}
+
+/// A service error as one readable line (Azure's errorCode and message when there is a body).
+pub fn describe(e: ServiceError) -> anyhow::Error {
+    match &e {
+        ServiceError::Api { status, body } => {
+            let code = body.get("errorCode").map(|c| c.to_string()).unwrap_or_default();
+            let msg = body.get("message").and_then(|m| m.as_str()).unwrap_or("");
+            anyhow!("service returned {status} {code}: {msg}")
+        }
+        ServiceError::Transport(t) => anyhow!("{t}"),
+    }
+}
+
+pub fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+}

@@ -1,0 +1,87 @@
+//! `fleetgate serve` and `fleetgate info`.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use fleetgate_server::ServerConfig;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Data directory (created on first start).
+    #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+    data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "FLEETGATE_LISTEN", default_value = "127.0.0.1")]
+    listen: IpAddr,
+    /// MQTT over TLS port (the SDKs use 8883).
+    #[arg(long, env = "FLEETGATE_MQTT_PORT", default_value_t = 8883)]
+    mqtt_port: u16,
+    /// HTTPS port for the service API (the SDKs use 443).
+    #[arg(long, env = "FLEETGATE_HTTPS_PORT", default_value_t = 443)]
+    https_port: u16,
+    /// Host name or IP the server certificate covers; repeatable. The first is the global
+    /// device endpoint. Default: localhost, 127.0.0.1, ::1.
+    #[arg(long = "hostname", env = "FLEETGATE_HOSTNAMES", value_delimiter = ',')]
+    hostnames: Vec<String>,
+    /// Host name of the hub created on first start.
+    #[arg(long, env = "FLEETGATE_HUB_HOSTNAME", default_value = "localhost")]
+    hub_hostname: String,
+    /// How register requests are answered: `immediate` (final 200 at once) or `polling`
+    /// (202, then the device polls the operation status).
+    #[arg(long, default_value = "immediate", value_parser = ["immediate", "polling"])]
+    registration_response: String,
+    /// Log format.
+    #[arg(long, env = "FLEETGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETGATE_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let mut config = ServerConfig::new(args.data_dir);
+    config.listen = args.listen;
+    config.mqtt_port = args.mqtt_port;
+    config.https_port = args.https_port;
+    if !args.hostnames.is_empty() {
+        config.hostnames = args.hostnames;
+    }
+    config.hub_hostname = args.hub_hostname;
+    config.immediate_assignment = args.registration_response == "immediate";
+
+    let server = fleetgate_server::start(config).await.context("starting fleetgate")?;
+    println!("{}", server.instance.banner());
+    println!("  MQTT/TLS on {}, HTTPS on {}", server.mqtt_addr, server.https_addr);
+    let stop = server.shutdown_signal();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop.send(true);
+    });
+    server.wait().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+pub fn info(data_dir: &Path) -> anyhow::Result<()> {
+    let inst = fleetgate_server::Instance::read(data_dir).context("run `fleetgate serve` once to create the instance")?;
+    print!("{}", inst.banner());
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Server configuration: what `fleetgate serve` takes from flags and the environment.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub listen: IpAddr,
+    pub mqtt_port: u16,
+    pub https_port: u16,
+    /// Names (DNS or IP) the server certificate covers; the first is the global device endpoint
+    /// and the service API host name.
+    pub hostnames: Vec<String>,
+    /// Host name of the hub created on first start.
+    pub hub_hostname: String,
+    /// Answer register requests at once with the final result (true) or with 202 + polling.
+    pub immediate_assignment: bool,
+    pub limits: Limits,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            mqtt_port: 8883,
+            https_port: 443,
+            hostnames: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            hub_hostname: "localhost".into(),
+            immediate_assignment: true,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Protective limits: every untrusted input is bounded in size and time.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Concurrent connections per listener; more wait in the accept backlog.
+    pub max_connections: usize,
+    /// Time allowed for the TLS handshake plus the MQTT CONNECT (slowloris guard).
+    pub handshake_timeout: Duration,
+    /// Largest MQTT packet accepted (DPS messages are at most 96 KB in Azure).
+    pub max_dps_packet_bytes: usize,
+    /// Idle limit for an MQTT client that asked for keep-alive 0.
+    pub idle_timeout: Duration,
+    /// Failed requests after which an unauthenticated DPS session is closed.
+    pub max_failed_requests: u32,
+    /// Time allowed for reading one HTTP request's headers.
+    pub http_header_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 50_000,
+            handshake_timeout: Duration::from_secs(10),
+            max_dps_packet_bytes: 96 * 1024,
+            idle_timeout: Duration::from_secs(300),
+            max_failed_requests: 5,
+            http_header_timeout: Duration::from_secs(10),
+        }
+    }
+}

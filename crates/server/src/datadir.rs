@@ -1,0 +1,290 @@
+//! The data directory: everything `fleetgate serve` creates on first start and reuses after.
+//!
+//! ```text
+//! DIR/fleetgate.db     SQLite: instance settings, hubs, enrollment groups, registrations, devices
+//! DIR/ca.pem, ca.key   the self-signed CA devices trust (key 0600)
+//! DIR/server.pem/.key  server certificate for the configured host names, signed by the CA (key 0600)
+//! DIR/instance.json    what a user copies from the portal's Overview page (0600: has keys)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fleetgate_core::ids::IdScope;
+use fleetgate_core::keys::SymmetricKey;
+use fleetgate_store::{LinkedHub, SqliteStore, Store, StoreError};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ServerConfig;
+
+/// The name of the DPS shared access policy with every right, as in Azure.
+pub const DPS_OWNER_POLICY: &str = "provisioningserviceowner";
+/// The name of a hub's shared access policy with every right, as in Azure.
+pub const HUB_OWNER_POLICY: &str = "iothubowner";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("data directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("data directory store: {0}")]
+    Store(#[from] StoreError),
+    #[error("certificate: {0}")]
+    Certificate(String),
+    #[error("data directory is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Io { path: path.to_owned(), source }
+}
+
+/// What `instance.json` holds and `fleetgate info` prints.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Instance {
+    pub id_scope: String,
+    pub global_device_endpoint: String,
+    pub service_connection_string: String,
+    pub ca_certificate: String,
+    pub hubs: Vec<InstanceHub>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceHub {
+    pub host_name: String,
+    pub connection_string: String,
+}
+
+impl Instance {
+    pub fn read(data_dir: &Path) -> Result<Self, DataDirError> {
+        let path = data_dir.join("instance.json");
+        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+        serde_json::from_str(&text).map_err(|e| DataDirError::Corrupt(format!("{}: {e}", path.display())))
+    }
+
+    /// The banner printed at start: the portal's Overview page, in a terminal.
+    pub fn banner(&self) -> String {
+        let mut s = format!(
+            "Fleetgate is ready.\n  ID scope:                   {}\n  Global device endpoint:     {}\n  Service connection string:  {}\n  CA certificate:             {}\n",
+            self.id_scope, self.global_device_endpoint, self.service_connection_string, self.ca_certificate
+        );
+        for h in &self.hubs {
+            s.push_str(&format!("  Linked hub {}:  {}\n", h.host_name, h.connection_string));
+        }
+        s
+    }
+}
+
+pub struct DataDir {
+    pub path: PathBuf,
+    pub store: Arc<SqliteStore>,
+    pub id_scope: IdScope,
+    pub dps_policies: Vec<(String, SymmetricKey)>,
+    hostnames: Vec<String>,
+}
+
+/// Writes a secret file readable by its owner only.
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(&tmp).map_err(io(&tmp))?;
+    f.write_all(contents).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn write_public(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn cert_err(e: impl std::fmt::Display) -> DataDirError {
+    DataDirError::Certificate(e.to_string())
+}
+
+/// A host name with the port added when it is not HTTPS's default, for connection strings.
+fn with_port(host: &str, port: u16) -> String {
+    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
+    if port == 443 {
+        host
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl DataDir {
+    pub async fn open_or_init(config: &ServerConfig) -> Result<Self, DataDirError> {
+        let path = config.data_dir.clone();
+        std::fs::create_dir_all(&path).map_err(io(&path))?;
+        let path = std::fs::canonicalize(&path).map_err(io(&path))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(io(&path))?;
+        }
+        let store = Arc::new(SqliteStore::open(&path.join("fleetgate.db"))?);
+
+        let id_scope = match store.setting("id_scope").await? {
+            Some(s) => IdScope::parse(&s).map_err(|e| DataDirError::Corrupt(e.to_string()))?,
+            None => {
+                let s = IdScope::generate();
+                store.set_setting("id_scope", s.as_str()).await?;
+                tracing::info!(id_scope = %s, "new DPS instance");
+                s
+            }
+        };
+        let dps_key = match store.setting("policy.provisioningserviceowner").await? {
+            Some(k) => SymmetricKey::from_base64(&k).map_err(|e| DataDirError::Corrupt(e.to_string()))?,
+            None => {
+                let k = SymmetricKey::generate();
+                store.set_setting("policy.provisioningserviceowner", &k.to_base64()).await?;
+                k
+            }
+        };
+        if store.hubs().await?.is_empty() {
+            store
+                .add_hub(&LinkedHub { host_name: config.hub_hostname.clone(), owner_key: SymmetricKey::generate().to_base64() })
+                .await?;
+        }
+        let dir = Self {
+            path,
+            store,
+            id_scope,
+            dps_policies: vec![(DPS_OWNER_POLICY.to_owned(), dps_key)],
+            hostnames: config.hostnames.clone(),
+        };
+        dir.ensure_certificates().await?;
+        Ok(dir)
+    }
+
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.path.join("ca.pem")
+    }
+    pub fn server_cert_path(&self) -> PathBuf {
+        self.path.join("server.pem")
+    }
+    pub fn server_key_path(&self) -> PathBuf {
+        self.path.join("server.key")
+    }
+
+    /// Creates the CA on first start; (re)issues the server certificate when the host names
+    /// changed or it is missing or close to expiry. The CA is never replaced once made: devices
+    /// trust it.
+    async fn ensure_certificates(&self) -> Result<(), DataDirError> {
+        let (ca_pem, ca_key_pem) = (self.path.join("ca.pem"), self.path.join("ca.key"));
+        if !ca_pem.exists() || !ca_key_pem.exists() {
+            let key = KeyPair::generate().map_err(cert_err)?;
+            let mut p = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, format!("Fleetgate CA {}", self.id_scope));
+            dn.push(DnType::OrganizationName, "Fleetgate");
+            p.distinguished_name = dn;
+            p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+            let now = time::OffsetDateTime::now_utc();
+            p.not_before = now - time::Duration::days(1);
+            p.not_after = now + time::Duration::days(3650);
+            let cert = p.self_signed(&key).map_err(cert_err)?;
+            write_private(&ca_key_pem, key.serialize_pem().as_bytes())?;
+            write_public(&ca_pem, cert.pem().as_bytes())?;
+            let _ = std::fs::remove_file(self.server_cert_path());
+        }
+
+        let wanted = self.hostnames.join(",");
+        let recorded = self.store.setting("server_cert_hostnames").await?;
+        let fresh = self.server_cert_path().exists()
+            && self.server_key_path().exists()
+            && recorded.as_deref() == Some(wanted.as_str())
+            && !self.server_cert_expiring()?;
+        if fresh {
+            return Ok(());
+        }
+        let ca_key = KeyPair::from_pem(&std::fs::read_to_string(&ca_key_pem).map_err(io(&ca_key_pem))?).map_err(cert_err)?;
+        let ca_params =
+            CertificateParams::from_ca_cert_pem(&std::fs::read_to_string(&ca_pem).map_err(io(&ca_pem))?).map_err(cert_err)?;
+        let ca = ca_params.self_signed(&ca_key).map_err(cert_err)?;
+
+        let key = KeyPair::generate().map_err(cert_err)?; // ECDSA P-256
+        let mut p = CertificateParams::new(self.hostnames.clone()).map_err(cert_err)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, self.hostnames.first().cloned().unwrap_or_else(|| "localhost".into()));
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(1);
+        p.not_after = now + time::Duration::days(397);
+        let cert = p.signed_by(&key, &ca, &ca_key).map_err(cert_err)?;
+        write_private(&self.server_key_path(), key.serialize_pem().as_bytes())?;
+        write_public(&self.server_cert_path(), cert.pem().as_bytes())?;
+        self.store.set_setting("server_cert_hostnames", &wanted).await?;
+        tracing::info!(hostnames = %wanted, "issued server certificate");
+        Ok(())
+    }
+
+    fn server_cert_expiring(&self) -> Result<bool, DataDirError> {
+        let path = self.server_cert_path();
+        let pem = std::fs::read_to_string(&path).map_err(io(&path))?;
+        // from_ca_cert_pem parses any certificate's validity; the name is rcgen's.
+        match CertificateParams::from_ca_cert_pem(&pem) {
+            Ok(p) => Ok(p.not_after < time::OffsetDateTime::now_utc() + time::Duration::days(30)),
+            Err(_) => Ok(true),
+        }
+    }
+
+    /// Writes `instance.json` for this start (ports can change between starts) and returns it.
+    pub async fn write_instance_file(&self, https_port: u16) -> Result<Instance, DataDirError> {
+        let endpoint = self.hostnames.first().cloned().unwrap_or_else(|| "localhost".into());
+        let (policy, key) = &self.dps_policies[0];
+        let hubs = self.store.hubs().await?;
+        let instance = Instance {
+            id_scope: self.id_scope.to_string(),
+            global_device_endpoint: endpoint.clone(),
+            service_connection_string: format!(
+                "HostName={};SharedAccessKeyName={policy};SharedAccessKey={}",
+                with_port(&endpoint, https_port),
+                key.to_base64()
+            ),
+            ca_certificate: self.ca_cert_path().display().to_string(),
+            hubs: hubs
+                .iter()
+                .map(|h| InstanceHub {
+                    host_name: h.host_name.clone(),
+                    connection_string: format!(
+                        "HostName={};SharedAccessKeyName={HUB_OWNER_POLICY};SharedAccessKey={}",
+                        with_port(&h.host_name, https_port),
+                        h.owner_key
+                    ),
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec_pretty(&instance).map_err(|e| DataDirError::Corrupt(e.to_string()))?;
+        write_private(&self.path.join("instance.json"), &json)?;
+        Ok(instance)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_port;
+
+    #[test]
+    fn ports_only_when_not_443() {
+        assert_eq!(with_port("localhost", 443), "localhost");
+        assert_eq!(with_port("localhost", 8443), "localhost:8443");
+        assert_eq!(with_port("::1", 8443), "[::1]:8443");
+    }
+}

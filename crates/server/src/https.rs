@@ -1,0 +1,131 @@
+//! The HTTPS listener (port 443): the service REST APIs (and, later, device HTTPS), routed by
+//! path on one TLS port.
+
+use std::sync::Arc;
+
+use axum::response::IntoResponse;
+use axum::Router;
+use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_dps::service_api::{self, ApiError};
+use fleetgate_dps::Provisioning;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::config::Limits;
+
+/// Literal path segments matched case-insensitively: SDKs disagree on their case
+/// (`enrollmentGroups` vs `enrollmentgroups`). Routes are declared in lower case.
+const LITERAL_SEGMENTS: &[&str] = &["enrollmentgroups", "enrollments", "registrations", "query", "attestationmechanism"];
+
+/// Folds the known literal segments of `path` to lower case; ids are left as sent.
+pub fn canonical_path(path: &str) -> String {
+    path.split('/')
+        .map(|seg| {
+            let lower = seg.to_ascii_lowercase();
+            if LITERAL_SEGMENTS.contains(&lower.as_str()) {
+                lower
+            } else {
+                seg.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn canonicalize<B>(mut req: http::Request<B>) -> http::Request<B> {
+    let uri = req.uri();
+    let path = canonical_path(uri.path());
+    if path != uri.path() {
+        let pq = match uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let mut parts = uri.clone().into_parts();
+        if let Ok(pq) = pq.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(u) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = u;
+            }
+        }
+    }
+    req
+}
+
+pub fn app(dps: Arc<Provisioning>) -> Router {
+    Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .merge(service_api::router(dps))
+        .fallback(|| async { ApiError(DpsError::new(ErrorCode::NotFound, "No such resource.")).into_response() })
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    dps: Arc<Provisioning>,
+    limits: Arc<Limits>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let app = app(dps);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.changed() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "https accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let (acceptor, app, limits) = (acceptor.clone(), app.clone(), limits.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let svc = TowerToHyperService::new(app.map_request(canonicalize));
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.http_header_timeout)
+                .max_buf_size(64 * 1024);
+            if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
+                tracing::debug!(%peer, error = %e, "https connection error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_path;
+
+    #[test]
+    fn folds_literals_keeps_ids() {
+        assert_eq!(canonical_path("/enrollmentGroups/MyGroup"), "/enrollmentgroups/MyGroup");
+        assert_eq!(canonical_path("/EnrollmentGroups/query"), "/enrollmentgroups/query");
+        assert_eq!(canonical_path("/registrations/Dev-1/Query"), "/registrations/Dev-1/query");
+    }
+}

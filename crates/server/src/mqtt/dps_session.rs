@@ -1,0 +1,222 @@
+//! One device's DPS session over MQTT: CONNACK, SUBSCRIBE to the response filter, register and
+//! operation-status requests, each answered on `$dps/registrations/res/...`.
+//!
+//! Order matters to the SDKs: SUBACK right after SUBSCRIBE and PUBACK for a request *before* its
+//! response (C# fails otherwise); CONNACK never claims a stored session (C# aborts).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetgate_core::registration::assigning_status;
+use fleetgate_core::time::Timestamp;
+use fleetgate_core::DpsError;
+use fleetgate_dps::mqtt::{parse_request_topic, register_payload, response_topic, DpsRequest, DpsUsername, TopicError, RESPONSE_FILTER};
+use fleetgate_dps::{DeviceAuth, Provisioning};
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck};
+use rumqttc::mqttbytes::QoS;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::{printable, Connection, ConnectionError};
+use crate::config::Limits;
+
+/// Seconds a device is told to wait before polling an operation still in progress. Two, since C#
+/// raises anything lower to two and Python waits two before its first poll anyway.
+const POLL_RETRY_AFTER_SECS: u32 = 2;
+/// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
+const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);
+
+struct Session<S> {
+    conn: Connection<S>,
+    dps: Arc<Provisioning>,
+    /// The device's authentication result, decided once at CONNECT; a failure is reported on the
+    /// first request (as a 401 body the SDKs surface) rather than as a refused CONNACK.
+    auth: Result<DeviceAuth, DpsError>,
+    registration_id: String,
+    next_packet_id: u16,
+    failed_requests: u32,
+    limits: Arc<Limits>,
+}
+
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: Connection<S>,
+    connect: Connect,
+    user: DpsUsername,
+    dps: Arc<Provisioning>,
+    limits: Arc<Limits>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    // The client id is the registration id in every SDK; a mismatch is a confused or hostile client.
+    if !connect.client_id.is_empty() && !connect.client_id.eq_ignore_ascii_case(&user.registration_id) {
+        tracing::info!(client_id = %printable(&connect.client_id), registration_id = %printable(&user.registration_id), "refused DPS CONNECT: client id is not the registration id");
+        conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))).await?;
+        return Ok(());
+    }
+    let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
+    let auth = dps.authenticate(&user.id_scope, &user.registration_id, password).await;
+    conn.set_max_packet(limits.max_dps_packet_bytes);
+    conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
+
+    // Azure disconnects a client silent for 1.5x its keep-alive; keep-alive 0 (the C SDK) gets
+    // the idle limit instead.
+    let idle = match connect.keep_alive {
+        0 => limits.idle_timeout,
+        k => Duration::from_millis(u64::from(k) * 1500).min(MAX_KEEP_ALIVE_TIMEOUT),
+    };
+    let mut session = Session {
+        conn,
+        dps,
+        auth,
+        registration_id: user.registration_id,
+        next_packet_id: 0,
+        failed_requests: 0,
+        limits,
+    };
+    loop {
+        let packet = tokio::select! {
+            r = tokio::time::timeout(idle, session.conn.read_packet()) => match r {
+                Err(_) => {
+                    tracing::debug!(registration_id = %printable(&session.registration_id), "DPS client idle past keep-alive");
+                    break;
+                }
+                Ok(r) => r?,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let Some(packet) = packet else { break };
+        if !session.handle(packet).await? {
+            break;
+        }
+    }
+    session.conn.shutdown().await;
+    Ok(())
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Handles one packet; `false` ends the session.
+    async fn handle(&mut self, packet: Packet) -> Result<bool, ConnectionError> {
+        match packet {
+            Packet::Subscribe(sub) => {
+                // Only the documented filter is accepted; QoS 2 is granted as QoS 1.
+                let codes = sub
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        if f.path == RESPONSE_FILTER {
+                            SubscribeReasonCode::Success(if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce })
+                        } else {
+                            tracing::info!(filter = %printable(&f.path), "refused DPS subscription");
+                            SubscribeReasonCode::Failure
+                        }
+                    })
+                    .collect();
+                self.conn.write_packet(Packet::SubAck(SubAck::new(sub.pkid, codes))).await?;
+                Ok(true)
+            }
+            Packet::Unsubscribe(u) => {
+                self.conn.write_packet(Packet::UnsubAck(UnsubAck::new(u.pkid))).await?;
+                Ok(true)
+            }
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::PingReq => {
+                self.conn.write_packet(Packet::PingResp).await?;
+                Ok(true)
+            }
+            // Acknowledgements of our responses: nothing is retained, so nothing to release.
+            Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => Ok(true),
+            Packet::Disconnect => Ok(false),
+            other => {
+                tracing::info!(packet = ?std::mem::discriminant(&other), "unexpected packet in DPS session; closing");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn on_publish(&mut self, p: Publish) -> Result<bool, ConnectionError> {
+        if p.qos == QoS::ExactlyOnce {
+            tracing::info!("QoS 2 publish refused; closing");
+            return Ok(false);
+        }
+        let request = match parse_request_topic(&p.topic) {
+            Ok(r) => r,
+            Err(TopicError::Unknown) => {
+                // Azure closes the connection on a topic it does not serve.
+                tracing::info!(topic = %printable(&p.topic), "publish to an unknown DPS topic; closing");
+                return Ok(false);
+            }
+            Err(TopicError::MissingParameter(name)) => {
+                tracing::info!(topic = %printable(&p.topic), parameter = name, "DPS request without a required parameter; closing");
+                return Ok(false);
+            }
+        };
+        if p.qos == QoS::AtLeastOnce {
+            self.conn.write_packet(Packet::PubAck(PubAck::new(p.pkid))).await?;
+        }
+        let (rid, status, retry_after, body) = match request {
+            DpsRequest::Register { rid } => {
+                let (status, retry, body) = self.register(&p.payload).await;
+                (rid, status, retry, body)
+            }
+            DpsRequest::OperationStatus { rid, operation_id } => {
+                let (status, body) = self.operation_status(&operation_id).await;
+                (rid, status, None, body)
+            }
+        };
+        if status >= 300 {
+            self.failed_requests += 1;
+        }
+        self.respond(status, &rid, retry_after, body).await?;
+        Ok(self.failed_requests < self.limits.max_failed_requests)
+    }
+
+    async fn register(&mut self, payload: &Bytes) -> (u16, Option<u32>, Value) {
+        let auth = match &self.auth {
+            Ok(a) => a.clone(),
+            Err(e) => return error(e),
+        };
+        let payload = match register_payload(payload) {
+            Ok(p) => p,
+            Err(why) => return error(&DpsError::bad_request(why)),
+        };
+        match self.dps.register(&auth, payload).await {
+            Ok(outcome) if self.dps.config().immediate_assignment => (200, None, outcome.record.operation_status()),
+            Ok(outcome) => {
+                (202, Some(POLL_RETRY_AFTER_SECS), assigning_status(&outcome.record.operation_id, &outcome.record.registration_id))
+            }
+            Err(e) => error(&e),
+        }
+    }
+
+    async fn operation_status(&mut self, operation_id: &str) -> (u16, Value) {
+        let auth = match &self.auth {
+            Ok(a) => a.clone(),
+            Err(e) => {
+                let (s, _, b) = error(e);
+                return (s, b);
+            }
+        };
+        match self.dps.operation_status(&auth, operation_id).await {
+            Ok(record) => (200, record.operation_status()),
+            Err(e) => {
+                let (s, _, b) = error(&e);
+                (s, b)
+            }
+        }
+    }
+
+    async fn respond(&mut self, status: u16, rid: &str, retry_after: Option<u32>, body: Value) -> Result<(), ConnectionError> {
+        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+        let mut publish = Publish::new(response_topic(status, rid, retry_after), QoS::AtLeastOnce, body.to_string());
+        publish.pkid = self.next_packet_id;
+        self.conn.write_packet(Packet::Publish(publish)).await
+    }
+}
+
+/// An error answer: status from the error, Azure's error body. 429 and 5xx carry a retry-after.
+fn error(e: &DpsError) -> (u16, Option<u32>, Value) {
+    let status = e.status();
+    let retry = (status == 429 || status >= 500).then_some(POLL_RETRY_AFTER_SECS);
+    (status, retry, e.to_body(&uuid::Uuid::new_v4().to_string(), Timestamp::now()))
+}

@@ -1,0 +1,103 @@
+//! The MQTT/TLS listener (port 8883): accepts connections, reads CONNECT, and hands the
+//! connection to the DPS session or (later) the hub session, told apart by the username.
+
+mod connection;
+mod dps_session;
+
+use std::sync::Arc;
+
+use fleetgate_dps::mqtt::DpsUsername;
+use fleetgate_dps::Provisioning;
+use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::Error as CodecError;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+pub use connection::{Connection, ConnectionError};
+
+use crate::config::Limits;
+
+/// Largest CONNECT we read before we know who the client is.
+const MAX_CONNECT_BYTES: usize = 8 * 1024;
+
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    dps: Arc<Provisioning>,
+    limits: Arc<Limits>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.changed() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "mqtt accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, dps, limits, shutdown) = (acceptor.clone(), dps.clone(), limits.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = handle(tcp, acceptor, dps, limits, shutdown).await {
+                tracing::debug!(%peer, error = %e, "mqtt connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(
+    tcp: tokio::net::TcpStream,
+    acceptor: TlsAcceptor,
+    dps: Arc<Provisioning>,
+    limits: Arc<Limits>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    // The TLS handshake and the CONNECT share one deadline, so a client that stalls anywhere
+    // before it has identified itself is dropped.
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+    let tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    let mut conn = Connection::new(tls, MAX_CONNECT_BYTES);
+    let first = tokio::time::timeout_at(deadline, conn.read_packet())
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no CONNECT in time"))?;
+    let connect = match first {
+        Ok(Some(Packet::Connect(c))) => c,
+        Ok(Some(_)) | Ok(None) => return Ok(()), // MQTT: anything but CONNECT first closes the connection.
+        Err(ConnectionError::Protocol(CodecError::InvalidProtocolLevel(level))) => {
+            tracing::info!(level, "refused MQTT protocol level");
+            conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false))).await?;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let username = connect.login.as_ref().map(|l| l.username.clone()).unwrap_or_default();
+    if let Some(dps_user) = DpsUsername::parse(&username) {
+        return dps_session::run(conn, connect, dps_user, dps, limits, shutdown).await;
+    }
+    // Hub device connections (`{hub}/{deviceId}/?api-version=...`) are not served yet; anything
+    // else is not a username we know. Either way the client is not authorized here.
+    tracing::info!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: not a DPS username");
+    conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))).await?;
+    conn.shutdown().await;
+    Ok(())
+}
+
+/// Untrusted text bounded and stripped of control characters, for logs.
+pub(crate) fn printable(s: &str) -> String {
+    s.chars().take(160).map(|c| if c.is_control() { '?' } else { c }).collect()
+}
