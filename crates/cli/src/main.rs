@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "fleetgate", version, about = "Self-hosted device provisioning service and IoT hub, wire-compatible with Azure DPS")]
+#[command(
+    name = "fleetgate",
+    version,
+    about = "Self-hosted device provisioning service and IoT hub, wire-compatible with Azure DPS"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,7 +52,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => commands::serve::run(args).await,

@@ -11,7 +11,10 @@ pub struct ConnectionString {
 
 impl std::fmt::Debug for ConnectionString {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectionString").field("host_name", &self.host_name).field("key_name", &self.key_name).finish_non_exhaustive()
+        f.debug_struct("ConnectionString")
+            .field("host_name", &self.host_name)
+            .field("key_name", &self.key_name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -22,7 +25,9 @@ impl std::str::FromStr for ConnectionString {
     fn from_str(s: &str) -> Result<Self, String> {
         let (mut host, mut name, mut key) = (None, None, None);
         for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| format!("connection string part '{part}' has no '='"))?;
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("connection string part '{part}' has no '='"))?;
             let slot = match k.to_ascii_lowercase().as_str() {
                 "hostname" => &mut host,
                 "sharedaccesskeyname" => &mut name,
@@ -52,7 +57,13 @@ mod tests {
         assert_eq!(c.host_name, "localhost:8443");
         assert_eq!(c.key_name, "provisioningserviceowner");
         assert_eq!(c.key.as_bytes().len(), 16);
-        for bad in ["", "HostName=a", "HostName=a;SharedAccessKeyName=b", "HostName=a;HostName=b;SharedAccessKeyName=c;SharedAccessKey=AA==", "Foo=1"] {
+        for bad in [
+            "",
+            "HostName=a",
+            "HostName=a;SharedAccessKeyName=b",
+            "HostName=a;HostName=b;SharedAccessKeyName=c;SharedAccessKey=AA==",
+            "Foo=1",
+        ] {
             assert!(bad.parse::<ConnectionString>().is_err(), "{bad}");
         }
     }

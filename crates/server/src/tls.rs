@@ -9,7 +9,9 @@ use rustls::ServerConfig;
 pub fn server_config(cert_pem: &Path, key_pem: &Path) -> Result<Arc<ServerConfig>, String> {
     let certs: Vec<CertificateDer<'static>> = {
         let data = std::fs::read(cert_pem).map_err(|e| format!("{}: {e}", cert_pem.display()))?;
-        rustls_pemfile::certs(&mut data.as_slice()).collect::<Result<_, _>>().map_err(|e| format!("{}: {e}", cert_pem.display()))?
+        rustls_pemfile::certs(&mut data.as_slice())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: {e}", cert_pem.display()))?
     };
     let key: PrivateKeyDer<'static> = {
         let data = std::fs::read(key_pem).map_err(|e| format!("{}: {e}", key_pem.display()))?;

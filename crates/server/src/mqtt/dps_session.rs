@@ -11,9 +11,15 @@ use bytes::Bytes;
 use fleetgate_core::registration::assigning_status;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::DpsError;
-use fleetgate_dps::mqtt::{parse_request_topic, register_payload, response_topic, DpsRequest, DpsUsername, TopicError, RESPONSE_FILTER};
+use fleetgate_dps::mqtt::{
+    parse_request_topic, register_payload, response_topic, DpsRequest, DpsUsername, TopicError,
+    RESPONSE_FILTER,
+};
 use fleetgate_dps::{DeviceAuth, Provisioning};
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
+    UnsubAck,
+};
 use rumqttc::mqttbytes::QoS;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -49,15 +55,33 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     // The client id is the registration id in every SDK; a mismatch is a confused or hostile client.
-    if !connect.client_id.is_empty() && !connect.client_id.eq_ignore_ascii_case(&user.registration_id) {
+    if !connect.client_id.is_empty()
+        && !connect
+            .client_id
+            .eq_ignore_ascii_case(&user.registration_id)
+    {
         tracing::info!(client_id = %printable(&connect.client_id), registration_id = %printable(&user.registration_id), "refused DPS CONNECT: client id is not the registration id");
-        conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))).await?;
+        conn.write_packet(Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::BadClientId,
+            false,
+        )))
+        .await?;
         return Ok(());
     }
-    let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
-    let auth = dps.authenticate(&user.id_scope, &user.registration_id, password).await;
+    let password = connect
+        .login
+        .as_ref()
+        .map(|l| l.password.as_str())
+        .filter(|p| !p.is_empty());
+    let auth = dps
+        .authenticate(&user.id_scope, &user.registration_id, password)
+        .await;
     conn.set_max_packet(limits.max_dps_packet_bytes);
-    conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
+    conn.write_packet(Packet::ConnAck(ConnAck::new(
+        ConnectReturnCode::Success,
+        false,
+    )))
+    .await?;
 
     // Azure disconnects a client silent for 1.5x its keep-alive; keep-alive 0 (the C SDK) gets
     // the idle limit instead.
@@ -112,11 +136,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         }
                     })
                     .collect();
-                self.conn.write_packet(Packet::SubAck(SubAck::new(sub.pkid, codes))).await?;
+                self.conn
+                    .write_packet(Packet::SubAck(SubAck::new(sub.pkid, codes)))
+                    .await?;
                 Ok(true)
             }
             Packet::Unsubscribe(u) => {
-                self.conn.write_packet(Packet::UnsubAck(UnsubAck::new(u.pkid))).await?;
+                self.conn
+                    .write_packet(Packet::UnsubAck(UnsubAck::new(u.pkid)))
+                    .await?;
                 Ok(true)
             }
             Packet::Publish(p) => self.on_publish(p).await,
@@ -152,7 +180,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         if p.qos == QoS::AtLeastOnce {
-            self.conn.write_packet(Packet::PubAck(PubAck::new(p.pkid))).await?;
+            self.conn
+                .write_packet(Packet::PubAck(PubAck::new(p.pkid)))
+                .await?;
         }
         let (rid, status, retry_after, body) = match request {
             DpsRequest::Register { rid } => {
@@ -181,10 +211,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(why) => return error(&DpsError::bad_request(why)),
         };
         match self.dps.register(&auth, payload).await {
-            Ok(outcome) if self.dps.config().immediate_assignment => (200, None, outcome.record.operation_status()),
-            Ok(outcome) => {
-                (202, Some(POLL_RETRY_AFTER_SECS), assigning_status(&outcome.record.operation_id, &outcome.record.registration_id))
+            Ok(outcome) if self.dps.config().immediate_assignment => {
+                (200, None, outcome.record.operation_status())
             }
+            Ok(outcome) => (
+                202,
+                Some(POLL_RETRY_AFTER_SECS),
+                assigning_status(
+                    &outcome.record.operation_id,
+                    &outcome.record.registration_id,
+                ),
+            ),
             Err(e) => error(&e),
         }
     }
@@ -206,9 +243,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    async fn respond(&mut self, status: u16, rid: &str, retry_after: Option<u32>, body: Value) -> Result<(), ConnectionError> {
+    async fn respond(
+        &mut self,
+        status: u16,
+        rid: &str,
+        retry_after: Option<u32>,
+        body: Value,
+    ) -> Result<(), ConnectionError> {
         self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-        let mut publish = Publish::new(response_topic(status, rid, retry_after), QoS::AtLeastOnce, body.to_string());
+        let mut publish = Publish::new(
+            response_topic(status, rid, retry_after),
+            QoS::AtLeastOnce,
+            body.to_string(),
+        );
         publish.pkid = self.next_packet_id;
         self.conn.write_packet(Packet::Publish(publish)).await
     }
@@ -218,5 +265,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 fn error(e: &DpsError) -> (u16, Option<u32>, Value) {
     let status = e.status();
     let retry = (status == 429 || status >= 500).then_some(POLL_RETRY_AFTER_SECS);
-    (status, retry, e.to_body(&uuid::Uuid::new_v4().to_string(), Timestamp::now()))
+    (
+        status,
+        retry,
+        e.to_body(&uuid::Uuid::new_v4().to_string(), Timestamp::now()),
+    )
 }

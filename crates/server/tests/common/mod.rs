@@ -1,0 +1,242 @@
+//! A real server on loopback (port 0, temp data dir) and raw clients for it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use fleetgate_client::{ConnectionString, DpsServiceClient};
+use fleetgate_core::keys::SymmetricKey;
+use fleetgate_core::sas::build_token;
+use fleetgate_core::time::Timestamp;
+use fleetgate_server::{RunningServer, ServerConfig};
+use rumqttc::mqttbytes::v4::{Connect, Login, Packet, Publish, Subscribe};
+use rumqttc::mqttbytes::QoS;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+pub struct TestServer {
+    pub server: Option<RunningServer>,
+    pub dir: tempfile::TempDir,
+    pub config: ServerConfig,
+}
+
+pub fn config(dir: &std::path::Path) -> ServerConfig {
+    let mut c = ServerConfig::new(dir.to_path_buf());
+    c.mqtt_port = 0;
+    c.https_port = 0;
+    c.limits.handshake_timeout = Duration::from_millis(700);
+    c
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(f: impl FnOnce(&mut ServerConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        f(&mut c);
+        let server = fleetgate_server::start(c.clone()).await.unwrap();
+        Self {
+            server: Some(server),
+            dir,
+            config: c,
+        }
+    }
+
+    pub fn running(&self) -> &RunningServer {
+        self.server.as_ref().unwrap()
+    }
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.running().mqtt_addr
+    }
+    pub fn https_addr(&self) -> SocketAddr {
+        self.running().https_addr
+    }
+    pub fn scope(&self) -> String {
+        self.running().instance.id_scope.clone()
+    }
+    pub fn hub(&self) -> String {
+        self.running().instance.hubs[0].host_name.clone()
+    }
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("ca.pem")).unwrap()
+    }
+    pub fn service_connection_string(&self) -> ConnectionString {
+        self.running()
+            .instance
+            .service_connection_string
+            .parse()
+            .unwrap()
+    }
+    pub fn service(&self) -> DpsServiceClient {
+        DpsServiceClient::new(self.service_connection_string(), Some(&self.ca_pem())).unwrap()
+    }
+    pub fn service_token(&self) -> String {
+        let c = self.service_connection_string();
+        build_token(
+            &c.key,
+            &c.host_name,
+            Timestamp::now().unix_seconds() + 600,
+            Some(&c.key_name),
+        )
+    }
+    pub fn http(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(reqwest::Certificate::from_pem(&self.ca_pem()).unwrap())
+            .build()
+            .unwrap()
+    }
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.https_addr().port())
+    }
+
+    /// Creates a symmetric-key group; returns its (primary, secondary) keys.
+    pub async fn create_group(&self, id: &str, extra: Value) -> (SymmetricKey, SymmetricKey) {
+        let mut g = json!({"enrollmentGroupId": id, "attestation": {"type": "symmetricKey"}});
+        for (k, v) in extra.as_object().unwrap() {
+            g[k] = v.clone();
+        }
+        let g = self.service().put_enrollment_group(&g, None).await.unwrap();
+        let sk = &g["attestation"]["symmetricKey"];
+        (
+            SymmetricKey::from_base64(sk["primaryKey"].as_str().unwrap()).unwrap(),
+            SymmetricKey::from_base64(sk["secondaryKey"].as_str().unwrap()).unwrap(),
+        )
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+
+    /// A TLS connection to the MQTT port, trusting the instance CA.
+    pub async fn tls(&self) -> TlsStream<TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut self.ca_pem().as_slice()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(self.mqtt_addr()).await.unwrap();
+        TlsConnector::from(Arc::new(cfg))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap()
+    }
+
+    pub async fn mqtt(&self) -> Mqtt {
+        Mqtt {
+            stream: self.tls().await,
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+/// A raw MQTT client: packets in, packets out, nothing hidden.
+pub struct Mqtt {
+    pub stream: TlsStream<TcpStream>,
+    buf: BytesMut,
+}
+
+impl Mqtt {
+    pub async fn send(&mut self, p: Packet) {
+        let mut b = BytesMut::new();
+        p.write(&mut b, usize::MAX).unwrap();
+        self.stream.write_all(&b).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+        let _ = self.stream.flush().await;
+    }
+
+    /// The next packet; `None` when the server closed the connection.
+    pub async fn recv(&mut self) -> Option<Packet> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if !self.buf.is_empty() {
+                    match Packet::read(&mut self.buf, 1 << 20) {
+                        Ok(p) => return Some(p),
+                        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                        Err(e) => panic!("server sent a malformed packet: {e:?}"),
+                    }
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("server neither answered nor closed within 10 s")
+    }
+
+    pub async fn connect(
+        &mut self,
+        client_id: &str,
+        username: &str,
+        password: Option<&str>,
+        clean: bool,
+        keep_alive: u16,
+    ) -> Packet {
+        let mut c = Connect::new(client_id);
+        c.clean_session = clean;
+        c.keep_alive = keep_alive;
+        c.login = Some(Login::new(username, password.unwrap_or("")));
+        self.send(Packet::Connect(c)).await;
+        self.recv().await.expect("CONNACK")
+    }
+
+    pub async fn subscribe_dps(&mut self) -> Packet {
+        let mut s = Subscribe::new("$dps/registrations/res/#", QoS::AtLeastOnce);
+        s.pkid = 1;
+        self.send(Packet::Subscribe(s)).await;
+        self.recv().await.expect("SUBACK")
+    }
+
+    pub async fn publish(&mut self, topic: &str, qos: QoS, pkid: u16, body: &[u8]) {
+        let mut p = Publish::new(topic, qos, body.to_vec());
+        p.pkid = pkid;
+        self.send(Packet::Publish(p)).await;
+    }
+
+    /// Waits for the next PUBLISH, skipping nothing: anything else is returned as an error.
+    pub async fn expect_publish(&mut self) -> (String, Value) {
+        match self.recv().await {
+            Some(Packet::Publish(p)) => (
+                p.topic.clone(),
+                serde_json::from_slice(&p.payload).expect("JSON body"),
+            ),
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+}
+
+/// The username the Python SDK sends.
+pub fn dps_username(scope: &str, reg: &str) -> String {
+    format!("{scope}/registrations/{reg}/api-version=2019-03-31&ClientVersion=azure-iot-device-provisioning-py%2F2.14.0%283.11.7%3BLinux%29")
+}
+
+/// A device token in the Python SDK's form (percent-encoded `sr`, no `skn`).
+pub fn device_token(key: &SymmetricKey, scope: &str, reg: &str) -> String {
+    build_token(
+        key,
+        &format!("{scope}/registrations/{reg}"),
+        Timestamp::now().unix_seconds() + 3600,
+        None,
+    )
+}

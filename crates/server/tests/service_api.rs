@@ -1,0 +1,410 @@
+//! The DPS service REST API over real HTTPS with SAS auth.
+
+mod common;
+
+use common::TestServer;
+use fleetgate_core::keys::SymmetricKey;
+use fleetgate_core::sas::build_token;
+use fleetgate_core::time::Timestamp;
+use serde_json::{json, Value};
+
+const V: &str = "?api-version=2021-10-01";
+
+async fn error_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    assert!(
+        ct.starts_with("application/json"),
+        "error bodies are JSON, got {ct:?}"
+    );
+    let code = resp
+        .headers()
+        .get("x-ms-error-code")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        code.as_deref(),
+        Some(body["errorCode"].to_string().as_str())
+    );
+    assert!(
+        body["trackingId"].is_string()
+            && body["message"].is_string()
+            && body["timestampUtc"].is_string()
+    );
+    (status, body)
+}
+
+#[tokio::test]
+async fn group_lifecycle_with_keys_redaction_and_etags() {
+    let s = TestServer::start().await;
+    let svc = s.service();
+    let created = svc
+        .put_enrollment_group(
+            &json!({"enrollmentGroupId": "grp-1", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}},
+                    "initialTwin": {"tags": {"site": "lab"}, "properties": {"desired": {"interval": 30}}}}),
+            None,
+        )
+        .await
+        .unwrap();
+    let sk = &created["attestation"]["symmetricKey"];
+    assert_eq!(
+        sk["primaryKey"],
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+    );
+    let secondary = SymmetricKey::from_base64(sk["secondaryKey"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        secondary.as_bytes().len(),
+        64,
+        "a missing key is generated: 64 random bytes"
+    );
+    assert_eq!(created["provisioningStatus"], "enabled");
+    assert_eq!(
+        created["initialTwin"]["properties"]["desired"]["interval"],
+        30
+    );
+
+    // GET leaves the keys out; the attestation mechanism call returns them.
+    let got = svc.get_enrollment_group("grp-1").await.unwrap();
+    assert_eq!(got["attestation"]["symmetricKey"], json!({}));
+    assert_eq!(got["etag"], created["etag"]);
+    let att = svc.enrollment_group_attestation("grp-1").await.unwrap();
+    assert_eq!(att["symmetricKey"], *sk);
+
+    // Update with the current etag; a stale one is refused with 412 and changes nothing.
+    let etag = created["etag"].as_str().unwrap();
+    let mut upd = got.clone();
+    upd["provisioningStatus"] = "disabled".into();
+    let updated = svc.put_enrollment_group(&upd, Some(etag)).await.unwrap();
+    assert_eq!(updated["provisioningStatus"], "disabled");
+    assert_eq!(
+        updated["attestation"]["symmetricKey"], *sk,
+        "keys survive an update that omitted them"
+    );
+    assert_eq!(updated["createdDateTimeUtc"], created["createdDateTimeUtc"]);
+    let e = svc
+        .put_enrollment_group(&upd, Some(etag))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(412));
+    let e = svc
+        .delete_enrollment_group("grp-1", Some(etag))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(412));
+    assert_eq!(
+        svc.get_enrollment_group("grp-1").await.unwrap()["provisioningStatus"],
+        "disabled"
+    );
+    svc.put_enrollment_group(&upd, Some("*")).await.unwrap();
+
+    svc.delete_enrollment_group("grp-1", None).await.unwrap();
+    let e = svc.get_enrollment_group("grp-1").await.unwrap_err();
+    assert_eq!(e.status(), Some(404));
+    let e = svc
+        .delete_enrollment_group("grp-1", None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404));
+}
+
+#[tokio::test]
+async fn query_pages_with_continuation() {
+    let s = TestServer::start().await;
+    for i in 0..7 {
+        s.create_group(&format!("g{i}"), json!({})).await;
+    }
+    let http = s.http();
+    let mut seen = Vec::new();
+    let mut cont: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut req = http
+            .post(s.url(&format!("/enrollmentGroups/query{V}")))
+            .header("Authorization", s.service_token())
+            .header("x-ms-max-item-count", "3")
+            .json(&json!({"query": "SELECT * FROM enrollmentGroups"}));
+        if let Some(c) = &cont {
+            req = req.header("x-ms-continuation", c);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        cont = resp
+            .headers()
+            .get("x-ms-continuation")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let items: Vec<Value> = resp.json().await.unwrap();
+        assert!(items.len() <= 3);
+        for i in items {
+            assert_eq!(
+                i["attestation"]["symmetricKey"],
+                json!({}),
+                "query results are redacted"
+            );
+            seen.push(i["enrollmentGroupId"].as_str().unwrap().to_owned());
+        }
+        pages += 1;
+        if cont.is_none() {
+            break;
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, (0..7).map(|i| format!("g{i}")).collect::<Vec<_>>());
+    assert_eq!(s.service().list_enrollment_groups().await.unwrap().len(), 7);
+
+    // Bad paging headers and unsupported queries are 400s.
+    for (h, v, q) in [
+        ("x-ms-max-item-count", "0", "SELECT * FROM enrollmentGroups"),
+        ("x-ms-continuation", "abc", "SELECT * FROM enrollmentGroups"),
+        ("x-ms-max-item-count", "5", "SELECT * FROM devices"),
+    ] {
+        let resp = http
+            .post(s.url(&format!("/enrollmentGroups/query{V}")))
+            .header("Authorization", s.service_token())
+            .header(h, v)
+            .json(&json!({"query": q}))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = error_of(resp).await;
+        assert_eq!(
+            (status, body["errorCode"].as_u64()),
+            (400, Some(400004)),
+            "{h}: {v} / {q}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn authentication_is_required_and_checked() {
+    let s = TestServer::start().await;
+    let http = s.http();
+    let c = s.service_connection_string();
+    let later = Timestamp::now().unix_seconds() + 600;
+    let tokens = [
+        None,
+        Some("garbage".to_owned()),
+        // Wrong key.
+        Some(build_token(
+            &SymmetricKey::generate(),
+            &c.host_name,
+            later,
+            Some(&c.key_name),
+        )),
+        // Unknown policy.
+        Some(build_token(
+            &c.key,
+            &c.host_name,
+            later,
+            Some("registryRead"),
+        )),
+        // No policy name.
+        Some(build_token(&c.key, &c.host_name, later, None)),
+        // Expired beyond the skew.
+        Some(build_token(
+            &c.key,
+            &c.host_name,
+            Timestamp::now().unix_seconds() - 400,
+            Some(&c.key_name),
+        )),
+        // For another host.
+        Some(build_token(
+            &c.key,
+            "elsewhere.example",
+            later,
+            Some(&c.key_name),
+        )),
+        // A device token never opens the service API.
+        Some(build_token(
+            &c.key,
+            &format!("{}/registrations/dev", s.scope()),
+            later,
+            Some("registration"),
+        )),
+    ];
+    for t in tokens {
+        let mut req = http.get(s.url(&format!("/enrollmentGroups/x{V}")));
+        if let Some(t) = &t {
+            req = req.header("Authorization", t);
+        }
+        let (status, body) = error_of(req.send().await.unwrap()).await;
+        assert_eq!(
+            (status, body["errorCode"].as_u64()),
+            (401, Some(401002)),
+            "{t:?}"
+        );
+    }
+    // The Node/Python service clients' forms (raw or encoded host as sr) both work.
+    let raw = format!(
+        "SharedAccessSignature sr={h}&sig={sig}&skn={n}&se={later}",
+        h = c.host_name,
+        sig = percent_encoding::utf8_percent_encode(
+            &fleetgate_core::sas::sign(&c.key, &c.host_name, &later.to_string()),
+            fleetgate_core::sas::URI_COMPONENT
+        ),
+        n = c.key_name
+    );
+    let resp = http
+        .get(s.url(&format!("/enrollmentGroups/none{V}")))
+        .header("Authorization", raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404, "authenticated, then not found");
+}
+
+#[tokio::test]
+async fn bad_requests_get_azure_errors() {
+    let s = TestServer::start().await;
+    let http = s.http();
+    let put = |path: &str, body: Vec<u8>| {
+        http.put(s.url(&format!("{path}{V}")))
+            .header("Authorization", s.service_token())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(&str, Vec<u8>, u16, u64)> = vec![
+        ("/enrollmentGroups/g1", b"{not json".to_vec(), 400, 400004),
+        (
+            "/enrollmentGroups/g1",
+            br#"{"attestation":{"type":"tpm"}}"#.to_vec(),
+            400,
+            400004,
+        ),
+        (
+            "/enrollmentGroups/g1",
+            br#"{"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"c2hvcnQ="}}}"#
+                .to_vec(),
+            400,
+            400004,
+        ),
+        (
+            "/enrollmentGroups/g1",
+            br#"{"attestation":{"type":"symmetricKey"},"iotHubHostName":"not-linked.example"}"#
+                .to_vec(),
+            400,
+            400209,
+        ),
+        (
+            "/enrollmentGroups/bad%20id",
+            br#"{"attestation":{"type":"symmetricKey"}}"#.to_vec(),
+            400,
+            400005,
+        ),
+        ("/enrollmentGroups/g1", vec![b' '; 300 * 1024], 413, 413000),
+    ];
+    for (path, body, status, code) in cases {
+        let (st, b) = error_of(put(path, body).await.unwrap()).await;
+        assert_eq!(
+            (st, b["errorCode"].as_u64()),
+            (status, Some(code)),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        s.service().list_enrollment_groups().await.unwrap().len(),
+        0,
+        "nothing was stored"
+    );
+
+    // Unknown routes and methods.
+    let (st, b) = error_of(
+        http.get(s.url("/nothing/here"))
+            .header("Authorization", s.service_token())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((st, b["errorCode"].as_u64()), (404, Some(404000)));
+    let (st, _) = error_of(
+        http.patch(s.url(&format!("/enrollmentGroups/g1{V}")))
+            .header("Authorization", s.service_token())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, 405);
+    let (st, b) = error_of(
+        http.get(s.url(&format!("/registrations/nobody{V}")))
+            .header("Authorization", s.service_token())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((st, b["errorCode"].as_u64()), (404, Some(404201)));
+}
+
+#[tokio::test]
+async fn paths_are_case_insensitive_as_sdks_differ() {
+    let s = TestServer::start().await;
+    s.create_group("Grp-A", json!({})).await;
+    let http = s.http();
+    for path in [
+        "/enrollmentgroups/grp-a/attestationmechanism",
+        "/EnrollmentGroups/GRP-A/AttestationMechanism",
+    ] {
+        let resp = http
+            .post(s.url(&format!("{path}{V}")))
+            .header("Authorization", s.service_token())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["type"], "symmetricKey");
+    }
+}
+
+#[tokio::test]
+async fn tls_1_2_and_1_3_are_served_and_old_versions_refused() {
+    let s = TestServer::start().await;
+    for versions in [
+        &[&rustls::version::TLS12][..],
+        &[&rustls::version::TLS13][..],
+    ] {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut s.ca_pem().as_slice()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(s.https_addr())
+            .await
+            .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(
+            tls.get_ref().1.protocol_version(),
+            Some(versions[0].version)
+        );
+    }
+    // A TLS 1.0 ClientHello gets no handshake.
+    let mut tcp = tokio::net::TcpStream::connect(s.https_addr())
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hello: &[u8] = &[
+        0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x01, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x02,
+        0x00, 0x2f, 0x01, 0x00,
+    ];
+    tcp.write_all(hello).await.unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tcp.read(&mut buf).await.unwrap_or(0);
+    // Either an alert record (0x15) or a closed connection, never a ServerHello (0x16).
+    assert!(n == 0 || buf[0] == 0x15, "got {:?}", &buf[..n]);
+}
