@@ -1,0 +1,150 @@
+//! The `fleetgate` binary as a user runs it.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleetgate");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env_remove("FLEETGATE_CONNECTION_STRING").env_remove("FLEETGATE_DATA_DIR").output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+#[test]
+fn compute_device_key_matches_az_and_the_published_vector() {
+    let o = run(&[
+        "compute-device-key",
+        "--key",
+        "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw==",
+        "--registration-id",
+        "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6",
+    ]);
+    assert_eq!(stdout(&o), "\"Jsm0lyGpjaVYVP2g3FnmnmG9dI/9qU24wNoykUmermc=\"\n");
+}
+
+#[test]
+fn compute_device_key_equals_openssl_hmac() {
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    for id in ["dev-001", "Device.A_b:9-", "x"] {
+        let hex: String = (0u8..32).map(|b| format!("{b:02x}")).collect();
+        let mut child = Command::new("openssl")
+            .args(["sha256", "-mac", "HMAC", "-macopt", &format!("hexkey:{hex}"), "-binary"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("openssl is needed for this check");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(id.as_bytes()).unwrap();
+        let mac = child.wait_with_output().unwrap().stdout;
+        use base64::Engine;
+        let expected = base64::engine::general_purpose::STANDARD.encode(mac);
+        let o = run(&["compute-device-key", "--key", key, "--registration-id", id]);
+        assert_eq!(stdout(&o).trim(), format!("\"{expected}\""), "{id}");
+    }
+}
+
+#[test]
+fn compute_device_keys_for_a_factory_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("ids.txt");
+    std::fs::write(&f, "dev-001\n\nDEV-001\n").unwrap();
+    let o = run(&["compute-device-key", "--key", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "--registration-ids-file", f.to_str().unwrap()]);
+    assert_eq!(
+        stdout(&o),
+        "registrationId,derivedKey\ndev-001,SV+2SImDP9Vx9XL3ACWx9N9ZFlb6ue3jKrTWmct/YVk=\nDEV-001,+SqoroNDLb0K5J+ZQaqNSTp2B1TS7Lh3fBSsfnd+dPs=\n"
+    );
+    std::fs::write(&f, "ok-1\nbad id\n").unwrap();
+    let o = run(&["compute-device-key", "--key", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "--registration-ids-file", f.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains(":2:"), "names the bad line");
+    let o = run(&["compute-device-key", "--key", "%%%", "--registration-id", "x"]);
+    assert!(!o.status.success());
+}
+
+struct Served {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve() -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--data-dir", dir.path().to_str().unwrap(), "--mqtt-port", "0", "--https-port", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !dir.path().join("instance.json").exists() {
+        assert!(started.elapsed() < Duration::from_secs(20), "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    Served { child, dir }
+}
+
+#[test]
+fn enrollment_group_and_registration_verbs_against_a_server() {
+    let s = serve();
+    let d = s.dir.path().to_str().unwrap();
+    let info = stdout(&run(&["info", "--data-dir", d]));
+    assert!(info.contains("ID scope:") && info.contains("provisioningserviceowner"));
+
+    let created: serde_json::Value = serde_json::from_str(&stdout(&run(&[
+        "enrollment-group", "create", "--data-dir", d, "--group-id", "grp-1", "--iot-hub", "localhost",
+        "--initial-twin", r#"{"tags":{"site":"lab"},"properties":{"desired":{"interval":30}}}"#,
+    ])))
+    .unwrap();
+    assert_eq!(created["iotHubHostName"], "localhost");
+    assert_eq!(created["allocationPolicy"], "static");
+    let primary = created["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_owned();
+
+    // Creating it again is refused.
+    let again = run(&["enrollment-group", "create", "--data-dir", d, "--group-id", "grp-1"]);
+    assert!(!again.status.success());
+
+    let shown: serde_json::Value = serde_json::from_str(&stdout(&run(&["enrollment-group", "show", "--data-dir", d, "--group-id", "grp-1"]))).unwrap();
+    assert_eq!(shown["attestation"]["symmetricKey"], serde_json::json!({}));
+    let keys: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["enrollment-group", "show", "--data-dir", d, "--group-id", "grp-1", "--show-keys"]))).unwrap();
+    assert_eq!(keys["attestation"]["symmetricKey"]["primaryKey"], primary.as_str());
+
+    let upd: serde_json::Value = serde_json::from_str(&stdout(&run(&[
+        "enrollment-group", "update", "--data-dir", d, "--group-id", "grp-1", "--provisioning-status", "disabled",
+    ])))
+    .unwrap();
+    assert_eq!(upd["provisioningStatus"], "disabled");
+    let stale = run(&["enrollment-group", "update", "--data-dir", d, "--group-id", "grp-1", "--provisioning-status", "enabled", "--etag", "\"stale\""]);
+    assert!(!stale.status.success());
+    assert!(String::from_utf8_lossy(&stale.stderr).contains("412"));
+
+    let list: serde_json::Value = serde_json::from_str(&stdout(&run(&["enrollment-group", "list", "--data-dir", d]))).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let regs: serde_json::Value = serde_json::from_str(&stdout(&run(&["registration", "list", "--data-dir", d, "--group-id", "grp-1"]))).unwrap();
+    assert_eq!(regs, serde_json::json!([]));
+    let missing = run(&["registration", "show", "--data-dir", d, "--registration-id", "nobody"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("404201"));
+
+    // A connection string with the wrong key is refused by the service.
+    let inst: serde_json::Value = serde_json::from_slice(&std::fs::read(s.dir.path().join("instance.json")).unwrap()).unwrap();
+    let cs = inst["serviceConnectionString"].as_str().unwrap();
+    let bad = cs.split(";SharedAccessKey=").next().unwrap().to_owned() + ";SharedAccessKey=AAECAwQFBgcICQoLDA0ODw==";
+    let o = run(&["enrollment-group", "list", "--connection-string", &bad, "--ca-cert", inst["caCertificate"].as_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("401002"));
+
+    assert!(run(&["enrollment-group", "delete", "--data-dir", d, "--group-id", "grp-1"]).status.success());
+    assert!(!run(&["enrollment-group", "show", "--data-dir", d, "--group-id", "grp-1"]).status.success());
+}
