@@ -6,6 +6,7 @@ Service side: the DPS data-plane REST API (api-version 2021-10-01) with SAS auth
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import logging
 import math
@@ -112,7 +113,7 @@ def test_enrollment_group_rest_roundtrip(service):
     gid2 = unique("grp-rest-gen")
     gen = service.create_group(gid2)["attestation"]["symmetricKey"]
     assert gen["primaryKey"] != gen["secondaryKey"]
-    assert len(__import__("base64").b64decode(gen["primaryKey"])) >= 32
+    assert len(base64.b64decode(gen["primaryKey"])) >= 32
 
     # delete
     assert service.delete_group(gid).status_code == 204

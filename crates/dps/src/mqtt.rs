@@ -211,4 +211,23 @@ mod tests {
         assert!(register_payload(b"[1]").is_err());
         assert!(register_payload(&[0xff, 0xfe]).is_err());
     }
+
+    proptest::proptest! {
+        /// Untrusted strings never panic the parsers (and parsed rids round-trip into topics).
+        #[test]
+        fn parsers_never_panic(s in "\\PC{0,300}", bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = DpsUsername::parse(&s);
+            if let Ok(DpsRequest::Register { rid }) = parse_request_topic(&s) {
+                proptest::prop_assert!(response_topic(200, &rid, None).contains(&rid));
+            }
+            let _ = register_payload(&bytes);
+            let _ = register_payload(s.as_bytes());
+        }
+
+        #[test]
+        fn topic_shaped_inputs_never_panic(rid in "[ -~]{0,40}", op in "[ -~]{0,40}") {
+            let _ = parse_request_topic(&format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"));
+            let _ = parse_request_topic(&format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={op}"));
+        }
+    }
 }
