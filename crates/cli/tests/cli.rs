@@ -6,7 +6,12 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_fleetgate");
 
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env_remove("FLEETGATE_CONNECTION_STRING").env_remove("FLEETGATE_DATA_DIR").output().unwrap()
+    Command::new(BIN)
+        .args(args)
+        .env_remove("FLEETGATE_CONNECTION_STRING")
+        .env_remove("FLEETGATE_DATA_DIR")
+        .output()
+        .unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -52,13 +57,25 @@ fn compute_device_keys_for_a_factory_file() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("ids.txt");
     std::fs::write(&f, "dev-001\n\nDEV-001\n").unwrap();
-    let o = run(&["compute-device-key", "--key", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "--registration-ids-file", f.to_str().unwrap()]);
+    let o = run(&[
+        "compute-device-key",
+        "--key",
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        "--registration-ids-file",
+        f.to_str().unwrap(),
+    ]);
     assert_eq!(
         stdout(&o),
         "registrationId,derivedKey\ndev-001,SV+2SImDP9Vx9XL3ACWx9N9ZFlb6ue3jKrTWmct/YVk=\nDEV-001,+SqoroNDLb0K5J+ZQaqNSTp2B1TS7Lh3fBSsfnd+dPs=\n"
     );
     std::fs::write(&f, "ok-1\nbad id\n").unwrap();
-    let o = run(&["compute-device-key", "--key", "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=", "--registration-ids-file", f.to_str().unwrap()]);
+    let o = run(&[
+        "compute-device-key",
+        "--key",
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        "--registration-ids-file",
+        f.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains(":2:"), "names the bad line");
     let o = run(&["compute-device-key", "--key", "%%%", "--registration-id", "x"]);
@@ -102,8 +119,16 @@ fn enrollment_group_and_registration_verbs_against_a_server() {
     assert!(info.contains("ID scope:") && info.contains("provisioningserviceowner"));
 
     let created: serde_json::Value = serde_json::from_str(&stdout(&run(&[
-        "enrollment-group", "create", "--data-dir", d, "--group-id", "grp-1", "--iot-hub", "localhost",
-        "--initial-twin", r#"{"tags":{"site":"lab"},"properties":{"desired":{"interval":30}}}"#,
+        "enrollment-group",
+        "create",
+        "--data-dir",
+        d,
+        "--group-id",
+        "grp-1",
+        "--iot-hub",
+        "localhost",
+        "--initial-twin",
+        r#"{"tags":{"site":"lab"},"properties":{"desired":{"interval":30}}}"#,
     ])))
     .unwrap();
     assert_eq!(created["iotHubHostName"], "localhost");
@@ -114,34 +139,72 @@ fn enrollment_group_and_registration_verbs_against_a_server() {
     let again = run(&["enrollment-group", "create", "--data-dir", d, "--group-id", "grp-1"]);
     assert!(!again.status.success());
 
-    let shown: serde_json::Value = serde_json::from_str(&stdout(&run(&["enrollment-group", "show", "--data-dir", d, "--group-id", "grp-1"]))).unwrap();
+    let shown: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["enrollment-group", "show", "--data-dir", d, "--group-id", "grp-1"])))
+            .unwrap();
     assert_eq!(shown["attestation"]["symmetricKey"], serde_json::json!({}));
-    let keys: serde_json::Value =
-        serde_json::from_str(&stdout(&run(&["enrollment-group", "show", "--data-dir", d, "--group-id", "grp-1", "--show-keys"]))).unwrap();
+    let keys: serde_json::Value = serde_json::from_str(&stdout(&run(&[
+        "enrollment-group",
+        "show",
+        "--data-dir",
+        d,
+        "--group-id",
+        "grp-1",
+        "--show-keys",
+    ])))
+    .unwrap();
     assert_eq!(keys["attestation"]["symmetricKey"]["primaryKey"], primary.as_str());
 
     let upd: serde_json::Value = serde_json::from_str(&stdout(&run(&[
-        "enrollment-group", "update", "--data-dir", d, "--group-id", "grp-1", "--provisioning-status", "disabled",
+        "enrollment-group",
+        "update",
+        "--data-dir",
+        d,
+        "--group-id",
+        "grp-1",
+        "--provisioning-status",
+        "disabled",
     ])))
     .unwrap();
     assert_eq!(upd["provisioningStatus"], "disabled");
-    let stale = run(&["enrollment-group", "update", "--data-dir", d, "--group-id", "grp-1", "--provisioning-status", "enabled", "--etag", "\"stale\""]);
+    let stale = run(&[
+        "enrollment-group",
+        "update",
+        "--data-dir",
+        d,
+        "--group-id",
+        "grp-1",
+        "--provisioning-status",
+        "enabled",
+        "--etag",
+        "\"stale\"",
+    ]);
     assert!(!stale.status.success());
     assert!(String::from_utf8_lossy(&stale.stderr).contains("412"));
 
-    let list: serde_json::Value = serde_json::from_str(&stdout(&run(&["enrollment-group", "list", "--data-dir", d]))).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["enrollment-group", "list", "--data-dir", d]))).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
-    let regs: serde_json::Value = serde_json::from_str(&stdout(&run(&["registration", "list", "--data-dir", d, "--group-id", "grp-1"]))).unwrap();
+    let regs: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["registration", "list", "--data-dir", d, "--group-id", "grp-1"]))).unwrap();
     assert_eq!(regs, serde_json::json!([]));
     let missing = run(&["registration", "show", "--data-dir", d, "--registration-id", "nobody"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("404201"));
 
     // A connection string with the wrong key is refused by the service.
-    let inst: serde_json::Value = serde_json::from_slice(&std::fs::read(s.dir.path().join("instance.json")).unwrap()).unwrap();
+    let inst: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("instance.json")).unwrap()).unwrap();
     let cs = inst["serviceConnectionString"].as_str().unwrap();
     let bad = cs.split(";SharedAccessKey=").next().unwrap().to_owned() + ";SharedAccessKey=AAECAwQFBgcICQoLDA0ODw==";
-    let o = run(&["enrollment-group", "list", "--connection-string", &bad, "--ca-cert", inst["caCertificate"].as_str().unwrap()]);
+    let o = run(&[
+        "enrollment-group",
+        "list",
+        "--connection-string",
+        &bad,
+        "--ca-cert",
+        inst["caCertificate"].as_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("401002"));
 

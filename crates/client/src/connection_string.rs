@@ -25,9 +25,7 @@ impl std::str::FromStr for ConnectionString {
     fn from_str(s: &str) -> Result<Self, String> {
         let (mut host, mut name, mut key) = (None, None, None);
         for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("connection string part '{part}' has no '='"))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| format!("connection string part '{part}' has no '='"))?;
             let slot = match k.to_ascii_lowercase().as_str() {
                 "hostname" => &mut host,
                 "sharedaccesskeyname" => &mut name,

@@ -48,32 +48,20 @@ fn seg(s: &str) -> String {
 impl DpsServiceClient {
     /// `ca_pem`: the CA that signed the server's certificate (Fleetgate's `ca.pem`).
     pub fn new(conn: ConnectionString, ca_pem: Option<&[u8]>) -> Result<Self, ServiceError> {
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
-            .timeout(std::time::Duration::from_secs(30));
+        let mut b = reqwest::Client::builder().use_rustls_tls().timeout(std::time::Duration::from_secs(30));
         if let Some(pem) = ca_pem {
-            for cert in reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| ServiceError::Transport(e.to_string()))?
+            for cert in
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| ServiceError::Transport(e.to_string()))?
             {
                 b = b.add_root_certificate(cert);
             }
         }
-        Ok(Self {
-            conn,
-            http: b
-                .build()
-                .map_err(|e| ServiceError::Transport(e.to_string()))?,
-        })
+        Ok(Self { conn, http: b.build().map_err(|e| ServiceError::Transport(e.to_string()))? })
     }
 
     fn token(&self) -> String {
         let expiry = Timestamp::now().unix_seconds() + TOKEN_TTL_SECS;
-        build_token(
-            &self.conn.key,
-            &self.conn.host_name,
-            expiry,
-            Some(&self.conn.key_name),
-        )
+        build_token(&self.conn.key, &self.conn.host_name, expiry, Some(&self.conn.key_name))
     }
 
     async fn call(
@@ -83,31 +71,19 @@ impl DpsServiceClient {
         body: Option<&Value>,
         headers: &[(&str, String)],
     ) -> Result<(reqwest::header::HeaderMap, Value), ServiceError> {
-        let url = format!(
-            "https://{}{path}?api-version={API_VERSION}",
-            self.conn.host_name
-        );
-        let mut req = self
-            .http
-            .request(method, url)
-            .header("Authorization", self.token())
-            .header("Accept", "application/json");
+        let url = format!("https://{}{path}?api-version={API_VERSION}", self.conn.host_name);
+        let mut req =
+            self.http.request(method, url).header("Authorization", self.token()).header("Accept", "application/json");
         for (k, v) in headers {
             req = req.header(*k, v);
         }
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| ServiceError::Transport(e.to_string()))?;
+        let resp = req.send().await.map_err(|e| ServiceError::Transport(e.to_string()))?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| ServiceError::Transport(e.to_string()))?;
+        let bytes = resp.bytes().await.map_err(|e| ServiceError::Transport(e.to_string()))?;
         let value = if bytes.is_empty() {
             Value::Null
         } else {
@@ -117,78 +93,27 @@ impl DpsServiceClient {
         if status.is_success() {
             Ok((headers, value))
         } else {
-            Err(ServiceError::Api {
-                status: status.as_u16(),
-                body: value,
-            })
+            Err(ServiceError::Api { status: status.as_u16(), body: value })
         }
     }
 
-    pub async fn put_enrollment_group(
-        &self,
-        group: &Value,
-        if_match: Option<&str>,
-    ) -> Result<Value, ServiceError> {
-        let id = group
-            .get("enrollmentGroupId")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let headers: Vec<_> = if_match
-            .map(|e| ("If-Match", e.to_owned()))
-            .into_iter()
-            .collect();
-        Ok(self
-            .call(
-                Method::PUT,
-                &format!("/enrollmentGroups/{}", seg(id)),
-                Some(group),
-                &headers,
-            )
-            .await?
-            .1)
+    pub async fn put_enrollment_group(&self, group: &Value, if_match: Option<&str>) -> Result<Value, ServiceError> {
+        let id = group.get("enrollmentGroupId").and_then(Value::as_str).unwrap_or_default();
+        let headers: Vec<_> = if_match.map(|e| ("If-Match", e.to_owned())).into_iter().collect();
+        Ok(self.call(Method::PUT, &format!("/enrollmentGroups/{}", seg(id)), Some(group), &headers).await?.1)
     }
 
     pub async fn get_enrollment_group(&self, id: &str) -> Result<Value, ServiceError> {
-        Ok(self
-            .call(
-                Method::GET,
-                &format!("/enrollmentGroups/{}", seg(id)),
-                None,
-                &[],
-            )
-            .await?
-            .1)
+        Ok(self.call(Method::GET, &format!("/enrollmentGroups/{}", seg(id)), None, &[]).await?.1)
     }
 
     pub async fn enrollment_group_attestation(&self, id: &str) -> Result<Value, ServiceError> {
-        Ok(self
-            .call(
-                Method::POST,
-                &format!("/enrollmentGroups/{}/attestationmechanism", seg(id)),
-                None,
-                &[],
-            )
-            .await?
-            .1)
+        Ok(self.call(Method::POST, &format!("/enrollmentGroups/{}/attestationmechanism", seg(id)), None, &[]).await?.1)
     }
 
-    pub async fn delete_enrollment_group(
-        &self,
-        id: &str,
-        if_match: Option<&str>,
-    ) -> Result<(), ServiceError> {
-        let headers: Vec<_> = if_match
-            .map(|e| ("If-Match", e.to_owned()))
-            .into_iter()
-            .collect();
-        self.call(
-            Method::DELETE,
-            &format!("/enrollmentGroups/{}", seg(id)),
-            None,
-            &headers,
-        )
-        .await
-        .map(|_| ())
+    pub async fn delete_enrollment_group(&self, id: &str, if_match: Option<&str>) -> Result<(), ServiceError> {
+        let headers: Vec<_> = if_match.map(|e| ("If-Match", e.to_owned())).into_iter().collect();
+        self.call(Method::DELETE, &format!("/enrollmentGroups/{}", seg(id)), None, &headers).await.map(|_| ())
     }
 
     async fn query(
@@ -208,29 +133,16 @@ impl DpsServiceClient {
         let (h, v) = self.call(Method::POST, path, Some(&body), &headers).await?;
         let items = match v {
             Value::Array(a) => a,
-            other => {
-                return Err(ServiceError::Transport(format!(
-                    "query returned a non-array: {other}"
-                )))
-            }
+            other => return Err(ServiceError::Transport(format!("query returned a non-array: {other}"))),
         };
-        let continuation = h
-            .get("x-ms-continuation")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        Ok(Page {
-            items,
-            continuation,
-        })
+        let continuation = h.get("x-ms-continuation").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Ok(Page { items, continuation })
     }
 
     /// Every enrollment group, following continuation tokens.
     pub async fn list_enrollment_groups(&self) -> Result<Vec<Value>, ServiceError> {
-        self.collect(
-            "/enrollmentGroups/query".into(),
-            serde_json::json!({"query": "SELECT * FROM enrollmentGroups"}),
-        )
-        .await
+        self.collect("/enrollmentGroups/query".into(), serde_json::json!({"query": "SELECT * FROM enrollmentGroups"}))
+            .await
     }
 
     /// Every registration record of a group, following continuation tokens.
@@ -246,9 +158,7 @@ impl DpsServiceClient {
         let mut all = Vec::new();
         let mut cont: Option<String> = None;
         loop {
-            let page = self
-                .query(&path, body.clone(), Some(100), cont.as_deref())
-                .await?;
+            let page = self.query(&path, body.clone(), Some(100), cont.as_deref()).await?;
             all.extend(page.items);
             match page.continuation {
                 Some(c) => cont = Some(c),
@@ -258,26 +168,11 @@ impl DpsServiceClient {
     }
 
     pub async fn get_registration(&self, id: &str) -> Result<Value, ServiceError> {
-        Ok(self
-            .call(
-                Method::GET,
-                &format!("/registrations/{}", seg(id)),
-                None,
-                &[],
-            )
-            .await?
-            .1)
+        Ok(self.call(Method::GET, &format!("/registrations/{}", seg(id)), None, &[]).await?.1)
     }
 
     pub async fn delete_registration(&self, id: &str) -> Result<(), ServiceError> {
-        self.call(
-            Method::DELETE,
-            &format!("/registrations/{}", seg(id)),
-            None,
-            &[],
-        )
-        .await
-        .map(|_| ())
+        self.call(Method::DELETE, &format!("/registrations/{}", seg(id)), None, &[]).await.map(|_| ())
     }
 }
 

@@ -10,17 +10,8 @@ use crate::error::{DpsError, ErrorCode};
 /// * `iotHubHostName` set (static policy, or no policy with a hub named) → that hub;
 /// * otherwise evenly weighted hashing over the group's `iotHubs` (or every linked hub): the same
 ///   device always lands on the same hub while the hub list is unchanged.
-pub fn allocate(
-    group: &EnrollmentGroup,
-    linked_hubs: &[String],
-    registration_key: &str,
-) -> Result<String, DpsError> {
-    let linked = |h: &str| {
-        linked_hubs
-            .iter()
-            .find(|l| l.eq_ignore_ascii_case(h))
-            .cloned()
-    };
+pub fn allocate(group: &EnrollmentGroup, linked_hubs: &[String], registration_key: &str) -> Result<String, DpsError> {
+    let linked = |h: &str| linked_hubs.iter().find(|l| l.eq_ignore_ascii_case(h)).cloned();
     let policy = group.allocation_policy;
     if let (Some(hub), Some(AllocationPolicy::Static) | None) = (&group.iot_hub_host_name, policy) {
         return linked(hub).ok_or_else(|| {
@@ -37,10 +28,7 @@ pub fn allocate(
     candidates.sort_by_key(|h| h.to_ascii_lowercase());
     candidates.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
     if candidates.is_empty() {
-        return Err(DpsError::new(
-            ErrorCode::NoHubForAllocation,
-            "No IoT hub was found for the allocation.",
-        ));
+        return Err(DpsError::new(ErrorCode::NoHubForAllocation, "No IoT hub was found for the allocation."));
     }
     let digest = Sha256::digest(registration_key.as_bytes());
     let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
@@ -57,15 +45,11 @@ mod tests {
 
     #[test]
     fn static_hub() {
-        let g = group(
-            r#"{"attestation":{"type":"symmetricKey"},"iotHubHostName":"HUB-B","allocationPolicy":"static"}"#,
-        );
+        let g =
+            group(r#"{"attestation":{"type":"symmetricKey"},"iotHubHostName":"HUB-B","allocationPolicy":"static"}"#);
         let hubs = vec!["hub-a".to_owned(), "hub-b".to_owned()];
         assert_eq!(allocate(&g, &hubs, "x").unwrap(), "hub-b");
-        assert_eq!(
-            allocate(&g, &["hub-a".to_owned()], "x").unwrap_err().code,
-            ErrorCode::HubNotLinked
-        );
+        assert_eq!(allocate(&g, &["hub-a".to_owned()], "x").unwrap_err().code, ErrorCode::HubNotLinked);
     }
 
     #[test]

@@ -25,18 +25,12 @@ pub fn find_group<'a>(
     groups: &'a [EnrollmentGroup],
     preferred: Option<&str>,
 ) -> Option<(&'a EnrollmentGroup, KeySlot)> {
-    let ordered =
-        groups
-            .iter()
-            .filter(|g| preferred.is_some_and(|p| g.enrollment_group_id.eq_ignore_ascii_case(p)))
-            .chain(groups.iter().filter(|g| {
-                !preferred.is_some_and(|p| g.enrollment_group_id.eq_ignore_ascii_case(p))
-            }));
+    let ordered = groups
+        .iter()
+        .filter(|g| preferred.is_some_and(|p| g.enrollment_group_id.eq_ignore_ascii_case(p)))
+        .chain(groups.iter().filter(|g| !preferred.is_some_and(|p| g.enrollment_group_id.eq_ignore_ascii_case(p))));
     for group in ordered {
-        for (slot, key) in [KeySlot::Primary, KeySlot::Secondary]
-            .into_iter()
-            .zip(group.keys())
-        {
+        for (slot, key) in [KeySlot::Primary, KeySlot::Secondary].into_iter().zip(group.keys()) {
             if token.signed_with(&key.derive_device_key(registration_id)) {
                 return Some((group, slot));
             }
@@ -48,11 +42,7 @@ pub fn find_group<'a>(
 /// The derived (primary, secondary) device keys a device registered through `group` gets in the
 /// hub's registry: either one authenticates it there.
 pub fn derived_device_keys(group: &EnrollmentGroup, registration_id: &str) -> Vec<SymmetricKey> {
-    group
-        .keys()
-        .iter()
-        .map(|k| k.derive_device_key(registration_id))
-        .collect()
+    group.keys().iter().map(|k| k.derive_device_key(registration_id)).collect()
 }
 
 #[cfg(test)]
@@ -72,38 +62,17 @@ mod tests {
     fn finds_group_by_primary_or_secondary_derived_key() {
         let groups = vec![group("a"), group("b")];
         let keys = groups[1].keys();
-        for (i, slot) in [KeySlot::Primary, KeySlot::Secondary]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, slot) in [KeySlot::Primary, KeySlot::Secondary].into_iter().enumerate() {
             let dk = keys[i].derive_device_key("dev-1");
-            let tok = SasToken::parse(&build_token(
-                &dk,
-                "s/registrations/dev-1",
-                9_999_999_999,
-                None,
-            ))
-            .unwrap();
+            let tok = SasToken::parse(&build_token(&dk, "s/registrations/dev-1", 9_999_999_999, None)).unwrap();
             let (g, s) = find_group(&tok, "dev-1", &groups, None).unwrap();
             assert_eq!((g.enrollment_group_id.as_str(), s), ("b", slot));
-            assert_eq!(
-                find_group(&tok, "dev-1", &groups, Some("B"))
-                    .unwrap()
-                    .0
-                    .enrollment_group_id,
-                "b"
-            );
+            assert_eq!(find_group(&tok, "dev-1", &groups, Some("B")).unwrap().0.enrollment_group_id, "b");
             // Derivation is byte-exact: another spelling of the id does not match.
             assert!(find_group(&tok, "DEV-1", &groups, None).is_none());
         }
         let stranger = SymmetricKey::generate();
-        let tok = SasToken::parse(&build_token(
-            &stranger,
-            "s/registrations/dev-1",
-            9_999_999_999,
-            None,
-        ))
-        .unwrap();
+        let tok = SasToken::parse(&build_token(&stranger, "s/registrations/dev-1", 9_999_999_999, None)).unwrap();
         assert!(find_group(&tok, "dev-1", &groups, None).is_none());
     }
 }

@@ -47,29 +47,17 @@ impl DeviceIdentity {
         keys: &[SymmetricKey],
         now: Timestamp,
     ) -> Self {
-        let key = |i: usize| {
-            keys.get(i)
-                .or(keys.first())
-                .map(SymmetricKey::to_base64)
-                .unwrap_or_default()
-        };
+        let key = |i: usize| keys.get(i).or(keys.first()).map(SymmetricKey::to_base64).unwrap_or_default();
         DeviceIdentity {
             hub: hub.to_owned(),
-            device_id: existing
-                .map(|d| d.device_id.clone())
-                .unwrap_or_else(|| device_id.to_owned()),
+            device_id: existing.map(|d| d.device_id.clone()).unwrap_or_else(|| device_id.to_owned()),
             primary_key: key(0),
             secondary_key: key(1),
             status: existing.map(|d| d.status).unwrap_or_default(),
             etag: crate::registration::new_registration_etag(),
             generation_id: existing
                 .map(|d| d.generation_id.clone())
-                .unwrap_or_else(|| {
-                    format!(
-                        "{}",
-                        638_000_000_000_000_000u64 + rand::random::<u32>() as u64
-                    )
-                }),
+                .unwrap_or_else(|| format!("{}", 638_000_000_000_000_000u64 + rand::random::<u32>() as u64)),
             created_date_time_utc: existing
                 .map(|d| d.created_date_time_utc.clone())
                 .unwrap_or_else(|| now.to_azure_string()),

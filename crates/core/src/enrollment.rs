@@ -35,10 +35,7 @@ pub struct ReprovisionPolicy {
 
 impl Default for ReprovisionPolicy {
     fn default() -> Self {
-        Self {
-            update_hub_assignment: true,
-            migrate_device_data: true,
-        }
+        Self { update_hub_assignment: true, migrate_device_data: true }
     }
 }
 
@@ -147,8 +144,7 @@ pub fn check_if_match(if_match: Option<&str>, current: Option<&str>) -> Result<(
 impl EnrollmentGroup {
     /// Parses a PUT body. Unknown fields are ignored, as Azure does.
     pub fn from_request_body(body: &[u8]) -> Result<Self, DpsError> {
-        serde_json::from_slice(body)
-            .map_err(|e| DpsError::bad_request(format!("Malformed enrollment group JSON: {e}")))
+        serde_json::from_slice(body).map_err(|e| DpsError::bad_request(format!("Malformed enrollment group JSON: {e}")))
     }
 
     /// Validates a create-or-update request and fills in the server-owned fields.
@@ -164,34 +160,23 @@ impl EnrollmentGroup {
         now: Timestamp,
     ) -> Result<Self, DpsError> {
         let id = EnrollmentGroupId::parse(path_id)?;
-        if !self.enrollment_group_id.is_empty()
-            && !self.enrollment_group_id.eq_ignore_ascii_case(id.as_str())
-        {
-            return Err(DpsError::bad_request(
-                "enrollmentGroupId in the body does not match the id in the path.",
-            ));
+        if !self.enrollment_group_id.is_empty() && !self.enrollment_group_id.eq_ignore_ascii_case(id.as_str()) {
+            return Err(DpsError::bad_request("enrollmentGroupId in the body does not match the id in the path."));
         }
-        self.enrollment_group_id = existing
-            .map(|g| g.enrollment_group_id.clone())
-            .unwrap_or_else(|| id.as_str().to_owned());
+        self.enrollment_group_id =
+            existing.map(|g| g.enrollment_group_id.clone()).unwrap_or_else(|| id.as_str().to_owned());
 
         match self.attestation.kind {
             AttestationType::SymmetricKey => {}
             AttestationType::X509 => {
-                return Err(DpsError::bad_request(
-                    "X.509 attestation is not supported by this Fleetgate version yet.",
-                ))
+                return Err(DpsError::bad_request("X.509 attestation is not supported by this Fleetgate version yet."))
             }
             AttestationType::Tpm | AttestationType::None => {
-                return Err(DpsError::bad_request(
-                    "Enrollment groups support symmetricKey or x509 attestation.",
-                ))
+                return Err(DpsError::bad_request("Enrollment groups support symmetricKey or x509 attestation."))
             }
         }
         let requested = self.attestation.symmetric_key.take().unwrap_or_default();
-        let kept = existing
-            .and_then(|g| g.attestation.symmetric_key.clone())
-            .unwrap_or_default();
+        let kept = existing.and_then(|g| g.attestation.symmetric_key.clone()).unwrap_or_default();
         let pick = |given: Option<String>, old: Option<String>| -> Result<String, DpsError> {
             match given.filter(|s| !s.trim().is_empty()) {
                 Some(k) => Ok(SymmetricKey::parse_user_key(&k)?.to_base64()),
@@ -217,11 +202,7 @@ impl EnrollmentGroup {
             _ => {}
         }
         let is_linked = |h: &str| linked_hubs.iter().any(|l| l.eq_ignore_ascii_case(h));
-        for hub in self
-            .iot_hub_host_name
-            .iter()
-            .chain(self.iot_hubs.iter().flatten())
-        {
+        for hub in self.iot_hub_host_name.iter().chain(self.iot_hubs.iter().flatten()) {
             if !is_linked(hub) {
                 return Err(DpsError::new(
                     ErrorCode::HubNotLinked,
@@ -234,11 +215,8 @@ impl EnrollmentGroup {
         }
 
         let now_s = now.to_azure_string();
-        self.created_date_time_utc = Some(
-            existing
-                .and_then(|g| g.created_date_time_utc.clone())
-                .unwrap_or_else(|| now_s.clone()),
-        );
+        self.created_date_time_utc =
+            Some(existing.and_then(|g| g.created_date_time_utc.clone()).unwrap_or_else(|| now_s.clone()));
         self.last_updated_date_time_utc = Some(now_s);
         self.etag = Some(new_etag());
         Ok(self)
@@ -273,11 +251,7 @@ impl EnrollmentGroup {
 
 /// `initialTwin` must be `{ "tags": {...}, "properties": { "desired": {...} } }` (both optional).
 fn validate_initial_twin(twin: &Value) -> Result<(), DpsError> {
-    let bad = |why: &str| {
-        Err(DpsError::bad_request(format!(
-            "Invalid initialTwin: {why}."
-        )))
-    };
+    let bad = |why: &str| Err(DpsError::bad_request(format!("Invalid initialTwin: {why}.")));
     let Some(obj) = twin.as_object() else {
         return bad("it must be a JSON object");
     };
@@ -322,10 +296,7 @@ mod tests {
         assert!(g.keys().iter().all(|k| k.as_bytes().len() == 64));
         assert!(g.etag.as_deref().unwrap().starts_with('"'));
         assert_eq!(g.provisioning_status, ProvisioningStatus::Enabled);
-        assert_eq!(
-            g.created_date_time_utc.as_deref(),
-            Some("1970-01-01T00:00:00.0000000Z")
-        );
+        assert_eq!(g.created_date_time_utc.as_deref(), Some("1970-01-01T00:00:00.0000000Z"));
         let json = serde_json::to_value(&g).unwrap();
         assert_eq!(json["attestation"]["type"], "symmetricKey");
         assert_eq!(json["reprovisionPolicy"]["updateHubAssignment"], true);
@@ -350,32 +321,12 @@ mod tests {
     fn bad_requests() {
         let t = Timestamp::from_unix_seconds(0);
         let cases = [
-            (
-                r#"{"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"short"}}}"#,
-                "grp",
-                400,
-            ),
+            (r#"{"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"short"}}}"#, "grp", 400),
             (r#"{"attestation":{"type":"tpm"}}"#, "grp", 400),
-            (
-                r#"{"enrollmentGroupId":"other","attestation":{"type":"symmetricKey"}}"#,
-                "grp",
-                400,
-            ),
-            (
-                r#"{"attestation":{"type":"symmetricKey"},"iotHubHostName":"elsewhere"}"#,
-                "grp",
-                400,
-            ),
-            (
-                r#"{"attestation":{"type":"symmetricKey"},"allocationPolicy":"static"}"#,
-                "grp",
-                400,
-            ),
-            (
-                r#"{"attestation":{"type":"symmetricKey"},"initialTwin":{"properties":{"reported":{}}}}"#,
-                "grp",
-                400,
-            ),
+            (r#"{"enrollmentGroupId":"other","attestation":{"type":"symmetricKey"}}"#, "grp", 400),
+            (r#"{"attestation":{"type":"symmetricKey"},"iotHubHostName":"elsewhere"}"#, "grp", 400),
+            (r#"{"attestation":{"type":"symmetricKey"},"allocationPolicy":"static"}"#, "grp", 400),
+            (r#"{"attestation":{"type":"symmetricKey"},"initialTwin":{"properties":{"reported":{}}}}"#, "grp", 400),
             (r#"{"attestation":{"type":"symmetricKey"}}"#, "bad id!", 400),
         ];
         for (json, id, status) in cases {
@@ -383,9 +334,7 @@ mod tests {
             assert_eq!(e.status(), status, "{json}");
         }
         assert!(EnrollmentGroup::from_request_body(b"{not json").is_err());
-        assert!(
-            EnrollmentGroup::from_request_body(br#"{"attestation":{"type":"magic"}}"#).is_err()
-        );
+        assert!(EnrollmentGroup::from_request_body(br#"{"attestation":{"type":"magic"}}"#).is_err());
         assert!(EnrollmentGroup::from_request_body(b"{}").is_err());
     }
 
@@ -407,15 +356,7 @@ mod tests {
         assert!(check_if_match(Some("*"), Some("\"a\"")).is_ok());
         assert!(check_if_match(Some("\"a\""), Some("\"a\"")).is_ok());
         assert!(check_if_match(Some("a"), Some("\"a\"")).is_ok());
-        assert_eq!(
-            check_if_match(Some("\"b\""), Some("\"a\""))
-                .unwrap_err()
-                .status(),
-            412
-        );
-        assert_eq!(
-            check_if_match(Some("\"b\""), None).unwrap_err().status(),
-            412
-        );
+        assert_eq!(check_if_match(Some("\"b\""), Some("\"a\"")).unwrap_err().status(), 412);
+        assert_eq!(check_if_match(Some("\"b\""), None).unwrap_err().status(), 412);
     }
 }

@@ -83,10 +83,7 @@ pub struct DpsError {
 
 impl DpsError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
@@ -95,21 +92,14 @@ impl DpsError {
         Self::new(ErrorCode::Unauthorized, "Unauthorized")
     }
     pub fn internal() -> Self {
-        Self::new(
-            ErrorCode::Internal,
-            "Internal server error; the request was not applied.",
-        )
+        Self::new(ErrorCode::Internal, "Internal server error; the request was not applied.")
     }
     pub fn status(&self) -> u16 {
         self.code.status()
     }
 
     /// Azure's `ProvisioningServiceErrorDetails` body.
-    pub fn to_body(
-        &self,
-        tracking_id: &str,
-        timestamp: crate::time::Timestamp,
-    ) -> serde_json::Value {
+    pub fn to_body(&self, tracking_id: &str, timestamp: crate::time::Timestamp) -> serde_json::Value {
         serde_json::json!({
             "errorCode": self.code.code(),
             "trackingId": tracking_id,
@@ -121,13 +111,7 @@ impl DpsError {
 
 impl fmt::Display for DpsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} ({}): {}",
-            self.code.code(),
-            self.status(),
-            self.message
-        )
+        write!(f, "{} ({}): {}", self.code.code(), self.status(), self.message)
     }
 }
 
@@ -153,8 +137,7 @@ mod tests {
 
     #[test]
     fn body_has_azure_fields() {
-        let b =
-            DpsError::unauthorized().to_body("t-1", crate::time::Timestamp::from_unix_seconds(0));
+        let b = DpsError::unauthorized().to_body("t-1", crate::time::Timestamp::from_unix_seconds(0));
         assert_eq!(b["errorCode"], 401002);
         assert_eq!(b["trackingId"], "t-1");
         assert_eq!(b["message"], "Unauthorized");

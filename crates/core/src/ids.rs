@@ -12,12 +12,7 @@ fn is_id_char(c: char) -> bool {
 }
 
 fn check_id(kind: &str, s: &str) -> Result<(), DpsError> {
-    let invalid = |why: &str| {
-        DpsError::new(
-            ErrorCode::InvalidId,
-            format!("Invalid {kind} '{}': {why}.", printable(s)),
-        )
-    };
+    let invalid = |why: &str| DpsError::new(ErrorCode::InvalidId, format!("Invalid {kind} '{}': {why}.", printable(s)));
     if s.is_empty() {
         return Err(invalid("it is empty"));
     }
@@ -25,10 +20,7 @@ fn check_id(kind: &str, s: &str) -> Result<(), DpsError> {
         return Err(invalid("it is longer than 128 characters"));
     }
     if let Some(c) = s.chars().find(|c| !is_id_char(*c)) {
-        return Err(invalid(&format!(
-            "character {:?} is not allowed (use a-z A-Z 0-9 - . _ :)",
-            c
-        )));
+        return Err(invalid(&format!("character {:?} is not allowed (use a-z A-Z 0-9 - . _ :)", c)));
     }
     let last = s.chars().last().expect("non-empty");
     if !(last.is_ascii_alphanumeric() || last == '-') {
@@ -39,10 +31,7 @@ fn check_id(kind: &str, s: &str) -> Result<(), DpsError> {
 
 /// Cuts an untrusted id to something safe to echo in a message or a log line.
 fn printable(s: &str) -> String {
-    s.chars()
-        .take(MAX_ID_LEN + 8)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    s.chars().take(MAX_ID_LEN + 8).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// A device's registration id, as the device sent it.
@@ -112,16 +101,11 @@ impl IdScope {
     pub fn parse(s: &str) -> Result<Self, DpsError> {
         let ok = s.len() == 11
             && s.starts_with("0ne")
-            && s[3..]
-                .chars()
-                .all(|c| c.is_ascii_digit() || ('A'..='F').contains(&c));
+            && s[3..].chars().all(|c| c.is_ascii_digit() || ('A'..='F').contains(&c));
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(DpsError::new(
-                ErrorCode::InvalidId,
-                format!("Invalid ID scope '{}'.", printable(s)),
-            ))
+            Err(DpsError::new(ErrorCode::InvalidId, format!("Invalid ID scope '{}'.", printable(s))))
         }
     }
 
@@ -153,31 +137,14 @@ mod tests {
 
     #[test]
     fn accepts_tutorial_ids() {
-        for ok in [
-            "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6",
-            "a",
-            "A.b_c:d-",
-            "dev-001",
-            &"x".repeat(128),
-        ] {
+        for ok in ["sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6", "a", "A.b_c:d-", "dev-001", &"x".repeat(128)] {
             RegistrationId::parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
     }
 
     #[test]
     fn rejects_bad_ids() {
-        for bad in [
-            "",
-            "dev 1",
-            "dev/1",
-            "dev_",
-            "dev.",
-            "dev:",
-            "dév",
-            &"x".repeat(129),
-            "a\u{0}b",
-            "a#b",
-        ] {
+        for bad in ["", "dev 1", "dev/1", "dev_", "dev.", "dev:", "dév", &"x".repeat(129), "a\u{0}b", "a#b"] {
             let e = RegistrationId::parse(bad).unwrap_err();
             assert_eq!(e.code, ErrorCode::InvalidId, "{bad:?}");
             assert_eq!(e.status(), 400);
@@ -198,18 +165,10 @@ mod tests {
             IdScope::parse(s.as_str()).unwrap();
         }
         assert!(IdScope::parse("0ne0004E52F").is_ok());
-        for bad in [
-            "0ne0004e52f",
-            "0ne0004E52",
-            "1ne0004E52F",
-            "0ne0004E52FF",
-            "0ne0004G52F",
-        ] {
+        for bad in ["0ne0004e52f", "0ne0004E52", "1ne0004E52F", "0ne0004E52FF", "0ne0004G52F"] {
             assert!(IdScope::parse(bad).is_err(), "{bad}");
         }
-        assert!(IdScope::parse("0ne0004E52F")
-            .unwrap()
-            .matches("0NE0004e52f"));
+        assert!(IdScope::parse("0ne0004E52F").unwrap().matches("0NE0004e52f"));
     }
 
     proptest! {

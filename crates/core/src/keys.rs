@@ -28,9 +28,7 @@ impl std::fmt::Debug for SymmetricKey {
 impl SymmetricKey {
     /// Decodes any base64 key without checking its length (for keys we derived or stored).
     pub fn from_base64(s: &str) -> Result<Self, DpsError> {
-        B64.decode(s.trim())
-            .map(Self)
-            .map_err(|_| DpsError::bad_request("The key is not valid base64."))
+        B64.decode(s.trim()).map(Self).map_err(|_| DpsError::bad_request("The key is not valid base64."))
     }
 
     /// Decodes a key a user supplied and checks Azure's 16..=64 byte rule.
@@ -78,9 +76,7 @@ impl SymmetricKey {
 
 /// `az iot dps enrollment-group compute-device-key`: base64 group key in, base64 device key out.
 pub fn compute_device_key(group_key_b64: &str, registration_id: &str) -> Result<String, DpsError> {
-    Ok(SymmetricKey::from_base64(group_key_b64)?
-        .derive_device_key(registration_id)
-        .to_base64())
+    Ok(SymmetricKey::from_base64(group_key_b64)?.derive_device_key(registration_id).to_base64())
 }
 
 #[cfg(test)]
@@ -101,14 +97,8 @@ mod tests {
     fn openssl_vectors_and_case_sensitivity() {
         // Computed with: echo -n ID | openssl sha256 -mac HMAC -macopt hexkey:000102..1f -binary | base64
         let group = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-        assert_eq!(
-            compute_device_key(group, "dev-001").unwrap(),
-            "SV+2SImDP9Vx9XL3ACWx9N9ZFlb6ue3jKrTWmct/YVk="
-        );
-        assert_eq!(
-            compute_device_key(group, "DEV-001").unwrap(),
-            "+SqoroNDLb0K5J+ZQaqNSTp2B1TS7Lh3fBSsfnd+dPs="
-        );
+        assert_eq!(compute_device_key(group, "dev-001").unwrap(), "SV+2SImDP9Vx9XL3ACWx9N9ZFlb6ue3jKrTWmct/YVk=");
+        assert_eq!(compute_device_key(group, "DEV-001").unwrap(), "+SqoroNDLb0K5J+ZQaqNSTp2B1TS7Lh3fBSsfnd+dPs=");
     }
 
     #[test]

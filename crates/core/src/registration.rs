@@ -80,10 +80,7 @@ impl RegistrationRecord {
     ) -> Self {
         let now_s = now.to_azure_string();
         let substatus = match existing {
-            Some(prev)
-                if prev.status == RegistrationStatus::Assigned
-                    && prev.assigned_hub.as_deref() == Some(hub) =>
-            {
+            Some(prev) if prev.status == RegistrationStatus::Assigned && prev.assigned_hub.as_deref() == Some(hub) => {
                 prev.substatus.unwrap_or(Substatus::InitialAssignment)
             }
             _ => Substatus::InitialAssignment,
@@ -92,14 +89,10 @@ impl RegistrationRecord {
             registration_id: existing
                 .map(|r| r.registration_id.clone())
                 .unwrap_or_else(|| registration_id.as_str().to_owned()),
-            created_date_time_utc: existing
-                .map(|r| r.created_date_time_utc.clone())
-                .unwrap_or_else(|| now_s.clone()),
+            created_date_time_utc: existing.map(|r| r.created_date_time_utc.clone()).unwrap_or_else(|| now_s.clone()),
             assigned_hub: Some(hub.to_owned()),
             device_id: Some(
-                existing
-                    .and_then(|r| r.device_id.clone())
-                    .unwrap_or_else(|| registration_id.as_str().to_owned()),
+                existing.and_then(|r| r.device_id.clone()).unwrap_or_else(|| registration_id.as_str().to_owned()),
             ),
             status: RegistrationStatus::Assigned,
             substatus: Some(substatus),
@@ -128,9 +121,7 @@ impl RegistrationRecord {
             registration_id: existing
                 .map(|r| r.registration_id.clone())
                 .unwrap_or_else(|| registration_id.as_str().to_owned()),
-            created_date_time_utc: existing
-                .map(|r| r.created_date_time_utc.clone())
-                .unwrap_or_else(|| now_s.clone()),
+            created_date_time_utc: existing.map(|r| r.created_date_time_utc.clone()).unwrap_or_else(|| now_s.clone()),
             // A failed attempt does not undo an earlier assignment: the device identity stays.
             assigned_hub: existing.and_then(|r| r.assigned_hub.clone()),
             device_id: existing.and_then(|r| r.device_id.clone()),
@@ -182,24 +173,10 @@ mod tests {
     #[test]
     fn first_assignment_then_same_again() {
         let id = RegistrationId::parse("Dev-1").unwrap();
-        let r1 = RegistrationRecord::assigned(
-            None,
-            &id,
-            "grp",
-            "hub",
-            None,
-            Timestamp::from_unix_seconds(0),
-        );
+        let r1 = RegistrationRecord::assigned(None, &id, "grp", "hub", None, Timestamp::from_unix_seconds(0));
         assert_eq!(r1.device_id.as_deref(), Some("Dev-1"));
         assert_eq!(r1.substatus, Some(Substatus::InitialAssignment));
-        let r2 = RegistrationRecord::assigned(
-            Some(&r1),
-            &id,
-            "grp",
-            "hub",
-            None,
-            Timestamp::from_unix_seconds(5),
-        );
+        let r2 = RegistrationRecord::assigned(Some(&r1), &id, "grp", "hub", None, Timestamp::from_unix_seconds(5));
         assert_eq!(r2.created_date_time_utc, r1.created_date_time_utc);
         assert_ne!(r2.last_updated_date_time_utc, r1.last_updated_date_time_utc);
         assert_ne!(r2.etag, r1.etag);
@@ -209,14 +186,7 @@ mod tests {
     #[test]
     fn device_result_shape() {
         let id = RegistrationId::parse("dev-1").unwrap();
-        let r = RegistrationRecord::assigned(
-            None,
-            &id,
-            "grp",
-            "hub",
-            None,
-            Timestamp::from_unix_seconds(0),
-        );
+        let r = RegistrationRecord::assigned(None, &id, "grp", "hub", None, Timestamp::from_unix_seconds(0));
         let s = r.operation_status();
         assert_eq!(s["status"], "assigned");
         assert_eq!(s["operationId"], r.operation_id);
@@ -238,9 +208,7 @@ mod tests {
         assert_eq!(parts[0], "5");
         assert_eq!(parts[1].len(), 16);
         assert_eq!(parts[2].len(), 36);
-        let etag = base64::engine::general_purpose::STANDARD
-            .decode(new_registration_etag())
-            .unwrap();
+        let etag = base64::engine::general_purpose::STANDARD.decode(new_registration_etag()).unwrap();
         assert!(etag.starts_with(b"\"") && etag.ends_with(b"\""));
     }
 }

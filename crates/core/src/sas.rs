@@ -14,11 +14,7 @@ use crate::keys::SymmetricKey;
 pub const MAX_CLOCK_SKEW_SECS: i64 = 300;
 
 /// Everything but `A-Z a-z 0-9 - _ . ~` is escaped, as Python's `quote(s, safe="")` does.
-pub const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
+pub const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
 /// Why a token was refused. Callers answer all of these with the same 401: the reason is for logs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,10 +65,7 @@ impl std::fmt::Debug for SasToken {
 }
 
 fn decode(s: &str) -> Result<String, SasError> {
-    percent_decode_str(s)
-        .decode_utf8()
-        .map(|c| c.into_owned())
-        .map_err(|_| SasError::Malformed)
+    percent_decode_str(s).decode_utf8().map(|c| c.into_owned()).map_err(|_| SasError::Malformed)
 }
 
 impl SasToken {
@@ -108,14 +101,7 @@ impl SasToken {
             Some(v) => Some(decode(v)?).filter(|s| !s.is_empty()),
             None => None,
         };
-        Ok(Self {
-            resource: decode(&sr_raw)?,
-            sr_raw,
-            se_raw,
-            expiry,
-            signature,
-            key_name,
-        })
+        Ok(Self { resource: decode(&sr_raw)?, sr_raw, se_raw, expiry, signature, key_name })
     }
 
     /// Checks expiry against `now` (Unix seconds), allowing [`MAX_CLOCK_SKEW_SECS`].
@@ -134,12 +120,7 @@ impl SasToken {
     }
 
     /// Expiry, resource and signature in one call.
-    pub fn verify(
-        &self,
-        key: &SymmetricKey,
-        expected_resource: &str,
-        now: i64,
-    ) -> Result<(), SasError> {
+    pub fn verify(&self, key: &SymmetricKey, expected_resource: &str, now: i64) -> Result<(), SasError> {
         self.check_expiry(now)?;
         if !resource_matches(&self.resource, expected_resource) {
             return Err(SasError::WrongResource);
@@ -168,12 +149,7 @@ pub fn sign(key: &SymmetricKey, sr: &str, se: &str) -> String {
 }
 
 /// Builds a token the way the Python SDK does: `sr` percent-encoded, upper-case hex.
-pub fn build_token(
-    key: &SymmetricKey,
-    resource: &str,
-    expiry: i64,
-    key_name: Option<&str>,
-) -> String {
+pub fn build_token(key: &SymmetricKey, resource: &str, expiry: i64, key_name: Option<&str>) -> String {
     let sr = utf8_percent_encode(resource, URI_COMPONENT).to_string();
     let se = expiry.to_string();
     let sig = utf8_percent_encode(&sign(key, &sr, &se), URI_COMPONENT).to_string();
@@ -208,29 +184,20 @@ mod tests {
         for t in [A1, A2, A3, A4] {
             let tok = SasToken::parse(t).unwrap();
             assert_eq!(tok.resource, "0ne00000001/registrations/dev-001");
-            tok.verify(&dev_key(), "0ne00000001/registrations/dev-001", NOW)
-                .unwrap_or_else(|e| panic!("{t}: {e}"));
+            tok.verify(&dev_key(), "0ne00000001/registrations/dev-001", NOW).unwrap_or_else(|e| panic!("{t}: {e}"));
         }
-        assert_eq!(
-            SasToken::parse(A2).unwrap().key_name.as_deref(),
-            Some("registration")
-        );
+        assert_eq!(SasToken::parse(A2).unwrap().key_name.as_deref(), Some("registration"));
         assert_eq!(SasToken::parse(A4).unwrap().key_name, None);
     }
 
     #[test]
     fn hub_and_service_tokens_verify() {
         for t in [A5, A6] {
-            SasToken::parse(t)
-                .unwrap()
-                .verify(&dev_key(), "myhub.azure-devices.net/devices/dev-001", NOW)
-                .unwrap();
+            SasToken::parse(t).unwrap().verify(&dev_key(), "myhub.azure-devices.net/devices/dev-001", NOW).unwrap();
         }
-        let policy =
-            SymmetricKey::from_base64("ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoM=").unwrap();
+        let policy = SymmetricKey::from_base64("ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoM=").unwrap();
         let t = SasToken::parse(A7).unwrap();
-        t.verify(&policy, "mydps.azure-devices-provisioning.net", NOW)
-            .unwrap();
+        t.verify(&policy, "mydps.azure-devices-provisioning.net", NOW).unwrap();
         assert_eq!(t.key_name.as_deref(), Some("provisioningserviceowner"));
     }
 
@@ -246,91 +213,35 @@ mod tests {
     #[test]
     fn refusals() {
         let tok = SasToken::parse(A1).unwrap();
-        assert_eq!(
-            tok.verify(&dev_key(), "0ne00000001/registrations/dev-002", NOW),
-            Err(SasError::WrongResource)
-        );
-        assert_eq!(
-            tok.verify(
-                &dev_key(),
-                "0ne00000001/registrations/dev-001",
-                1_700_000_301
-            ),
-            Err(SasError::Expired)
-        );
+        assert_eq!(tok.verify(&dev_key(), "0ne00000001/registrations/dev-002", NOW), Err(SasError::WrongResource));
+        assert_eq!(tok.verify(&dev_key(), "0ne00000001/registrations/dev-001", 1_700_000_301), Err(SasError::Expired));
         // Within the skew it still works.
-        tok.verify(
-            &dev_key(),
-            "0ne00000001/registrations/dev-001",
-            1_700_000_299,
-        )
-        .unwrap();
-        let other =
-            SymmetricKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
-        assert_eq!(
-            tok.verify(&other, "0ne00000001/registrations/dev-001", NOW),
-            Err(SasError::BadSignature)
-        );
+        tok.verify(&dev_key(), "0ne00000001/registrations/dev-001", 1_700_000_299).unwrap();
+        let other = SymmetricKey::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        assert_eq!(tok.verify(&other, "0ne00000001/registrations/dev-001", NOW), Err(SasError::BadSignature));
         // Tampering with se breaks the signature.
         let t = SasToken::parse(&A1.replace("se=1700000000", "se=1800000000")).unwrap();
-        assert_eq!(
-            t.verify(&dev_key(), "0ne00000001/registrations/dev-001", NOW),
-            Err(SasError::BadSignature)
-        );
+        assert_eq!(t.verify(&dev_key(), "0ne00000001/registrations/dev-001", NOW), Err(SasError::BadSignature));
     }
 
     #[test]
     fn malformed_tokens() {
         assert_eq!(SasToken::parse(""), Err(SasError::NotSas));
         assert_eq!(SasToken::parse("Bearer abc"), Err(SasError::NotSas));
-        assert_eq!(
-            SasToken::parse("SharedAccessSignature sr=a&sig=b"),
-            Err(SasError::Missing("se"))
-        );
-        assert_eq!(
-            SasToken::parse("SharedAccessSignature sr=a&sig=b&se=x"),
-            Err(SasError::BadExpiry)
-        );
-        assert_eq!(
-            SasToken::parse("SharedAccessSignature sr=a&sr=b&sig=b&se=1"),
-            Err(SasError::Duplicate("sr"))
-        );
-        assert_eq!(
-            SasToken::parse("SharedAccessSignature sr=a&junk&se=1"),
-            Err(SasError::Malformed)
-        );
-        assert_eq!(
-            SasToken::parse("SharedAccessSignature sr=%ff&sig=b&se=1"),
-            Err(SasError::Malformed)
-        );
-        assert_eq!(
-            SasToken::parse("SharedAccessSignature sr=a b"),
-            Err(SasError::NotSas)
-        );
+        assert_eq!(SasToken::parse("SharedAccessSignature sr=a&sig=b"), Err(SasError::Missing("se")));
+        assert_eq!(SasToken::parse("SharedAccessSignature sr=a&sig=b&se=x"), Err(SasError::BadExpiry));
+        assert_eq!(SasToken::parse("SharedAccessSignature sr=a&sr=b&sig=b&se=1"), Err(SasError::Duplicate("sr")));
+        assert_eq!(SasToken::parse("SharedAccessSignature sr=a&junk&se=1"), Err(SasError::Malformed));
+        assert_eq!(SasToken::parse("SharedAccessSignature sr=%ff&sig=b&se=1"), Err(SasError::Malformed));
+        assert_eq!(SasToken::parse("SharedAccessSignature sr=a b"), Err(SasError::NotSas));
     }
 
     #[test]
     fn build_round_trips_and_matches_python() {
         // Python's RenewableSasToken output for A1 is exactly what build_token makes.
-        assert_eq!(
-            build_token(
-                &dev_key(),
-                "0ne00000001/registrations/dev-001",
-                1_700_000_000,
-                None
-            ),
-            A1
-        );
-        let t = build_token(
-            &dev_key(),
-            "h/devices/d",
-            5_000_000_000,
-            Some("iothubowner"),
-        );
-        SasToken::parse(&t)
-            .unwrap()
-            .verify(&dev_key(), "h/devices/d", NOW)
-            .unwrap();
+        assert_eq!(build_token(&dev_key(), "0ne00000001/registrations/dev-001", 1_700_000_000, None), A1);
+        let t = build_token(&dev_key(), "h/devices/d", 5_000_000_000, Some("iothubowner"));
+        SasToken::parse(&t).unwrap().verify(&dev_key(), "h/devices/d", NOW).unwrap();
     }
 
     #[test]

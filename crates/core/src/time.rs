@@ -16,15 +16,11 @@ impl Timestamp {
 
     pub fn from_system_time(t: SystemTime) -> Self {
         let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-        Self {
-            ticks: (d.as_nanos() / 100) as i64,
-        }
+        Self { ticks: (d.as_nanos() / 100) as i64 }
     }
 
     pub fn from_unix_seconds(secs: i64) -> Self {
-        Self {
-            ticks: secs * 10_000_000,
-        }
+        Self { ticks: secs * 10_000_000 }
     }
 
     pub fn unix_seconds(self) -> i64 {
@@ -38,12 +34,7 @@ impl Timestamp {
         let days = secs.div_euclid(86_400);
         let sod = secs.rem_euclid(86_400);
         let (y, m, d) = civil_from_days(days);
-        format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:07}Z",
-            sod / 3600,
-            (sod % 3600) / 60,
-            sod % 60
-        )
+        format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:07}Z", sod / 3600, (sod % 3600) / 60, sod % 60)
     }
 }
 
@@ -67,31 +58,16 @@ mod tests {
 
     #[test]
     fn formats_epoch_and_known_dates() {
-        assert_eq!(
-            Timestamp::from_unix_seconds(0).to_azure_string(),
-            "1970-01-01T00:00:00.0000000Z"
-        );
+        assert_eq!(Timestamp::from_unix_seconds(0).to_azure_string(), "1970-01-01T00:00:00.0000000Z");
         // 1700000000 = 2023-11-14T22:13:20Z
-        assert_eq!(
-            Timestamp::from_unix_seconds(1_700_000_000).to_azure_string(),
-            "2023-11-14T22:13:20.0000000Z"
-        );
+        assert_eq!(Timestamp::from_unix_seconds(1_700_000_000).to_azure_string(), "2023-11-14T22:13:20.0000000Z");
         // Leap day.
-        assert_eq!(
-            Timestamp::from_unix_seconds(951_782_400).to_azure_string(),
-            "2000-02-29T00:00:00.0000000Z"
-        );
+        assert_eq!(Timestamp::from_unix_seconds(951_782_400).to_azure_string(), "2000-02-29T00:00:00.0000000Z");
     }
 
     #[test]
     fn keeps_seven_fraction_digits() {
-        let t = Timestamp {
-            ticks: 17_000_000_001_234_567,
-        };
-        assert!(
-            t.to_azure_string().ends_with(".1234567Z"),
-            "{}",
-            t.to_azure_string()
-        );
+        let t = Timestamp { ticks: 17_000_000_001_234_567 };
+        assert!(t.to_azure_string().ends_with(".1234567Z"), "{}", t.to_azure_string());
     }
 }

@@ -31,11 +31,7 @@ impl DpsUsername {
             return None;
         }
         let api_version = query_param(rest.trim_start_matches('?'), "api-version");
-        Some(Self {
-            id_scope,
-            registration_id,
-            api_version,
-        })
+        Some(Self { id_scope, registration_id, api_version })
     }
 }
 
@@ -60,21 +56,14 @@ pub enum TopicError {
 pub fn parse_request_topic(topic: &str) -> Result<DpsRequest, TopicError> {
     let (path, query) = topic.split_once('?').ok_or(TopicError::Unknown)?;
     let path = path.trim_end_matches('/');
-    let rid = || {
-        query_param(query, "$rid")
-            .filter(|r| !r.is_empty())
-            .ok_or(TopicError::MissingParameter("$rid"))
-    };
+    let rid = || query_param(query, "$rid").filter(|r| !r.is_empty()).ok_or(TopicError::MissingParameter("$rid"));
     if path.eq_ignore_ascii_case("$dps/registrations/PUT/iotdps-register") {
         Ok(DpsRequest::Register { rid: rid()? })
     } else if path.eq_ignore_ascii_case("$dps/registrations/GET/iotdps-get-operationstatus") {
         let operation_id = query_param(query, "operationId")
             .filter(|o| !o.is_empty())
             .ok_or(TopicError::MissingParameter("operationId"))?;
-        Ok(DpsRequest::OperationStatus {
-            rid: rid()?,
-            operation_id,
-        })
+        Ok(DpsRequest::OperationStatus { rid: rid()?, operation_id })
     } else {
         Err(TopicError::Unknown)
     }
@@ -122,15 +111,10 @@ mod tests {
     fn usernames_of_every_sdk() {
         let py = "0ne00000001/registrations/dev-001/api-version=2019-03-31&ClientVersion=azure-iot-device-provisioning-py%2F2.14.0%283.11.7%3BLinux%206.1.0%3Bx86_64%29";
         let u = DpsUsername::parse(py).unwrap();
-        assert_eq!(
-            (u.id_scope.as_str(), u.registration_id.as_str()),
-            ("0ne00000001", "dev-001")
-        );
+        assert_eq!((u.id_scope.as_str(), u.registration_id.as_str()), ("0ne00000001", "dev-001"));
         assert_eq!(u.api_version.as_deref(), Some("2019-03-31"));
-        let c = DpsUsername::parse(
-            "0ne00000001/registrations/dev-001/api-version=2021-06-01&ClientVersion=1.15.0",
-        )
-        .unwrap();
+        let c = DpsUsername::parse("0ne00000001/registrations/dev-001/api-version=2021-06-01&ClientVersion=1.15.0")
+            .unwrap();
         assert_eq!(c.api_version.as_deref(), Some("2021-06-01"));
         assert!(DpsUsername::parse("0ne00000001/registrations/dev-001").is_some());
         for bad in [
@@ -148,13 +132,13 @@ mod tests {
     fn request_topics() {
         assert_eq!(
             parse_request_topic("$dps/registrations/PUT/iotdps-register/?$rid=6f1d3c0e-0b4e"),
-            Ok(DpsRequest::Register {
-                rid: "6f1d3c0e-0b4e".into()
-            })
+            Ok(DpsRequest::Register { rid: "6f1d3c0e-0b4e".into() })
         );
         // Python percent-encodes the rid and operation id.
         assert_eq!(
-            parse_request_topic("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=a%2Db&operationId=5.0123.abc%3Ad"),
+            parse_request_topic(
+                "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=a%2Db&operationId=5.0123.abc%3Ad"
+            ),
             Ok(DpsRequest::OperationStatus { rid: "a-b".into(), operation_id: "5.0123.abc:d".into() })
         );
         assert_eq!(
@@ -181,32 +165,17 @@ mod tests {
 
     #[test]
     fn response_topics_put_rid_first() {
-        assert_eq!(
-            response_topic(200, "1", None),
-            "$dps/registrations/res/200/?$rid=1"
-        );
-        assert_eq!(
-            response_topic(202, "ab", Some(3)),
-            "$dps/registrations/res/202/?$rid=ab&retry-after=3"
-        );
+        assert_eq!(response_topic(200, "1", None), "$dps/registrations/res/200/?$rid=1");
+        assert_eq!(response_topic(202, "ab", Some(3)), "$dps/registrations/res/202/?$rid=ab&retry-after=3");
     }
 
     #[test]
     fn register_bodies() {
         assert_eq!(register_payload(b""), Ok(None));
         assert_eq!(register_payload(b" "), Ok(None));
-        assert_eq!(
-            register_payload(br#"{"payload": null, "registrationId": "dev-001"}"#),
-            Ok(None)
-        );
-        assert_eq!(
-            register_payload(br#"{"registrationId":"dev-001"}"#),
-            Ok(None)
-        );
-        assert_eq!(
-            register_payload(br#"{"payload":{"model":"x1"}}"#),
-            Ok(Some(serde_json::json!({"model":"x1"})))
-        );
+        assert_eq!(register_payload(br#"{"payload": null, "registrationId": "dev-001"}"#), Ok(None));
+        assert_eq!(register_payload(br#"{"registrationId":"dev-001"}"#), Ok(None));
+        assert_eq!(register_payload(br#"{"payload":{"model":"x1"}}"#), Ok(Some(serde_json::json!({"model":"x1"}))));
         assert!(register_payload(b"{oops").is_err());
         assert!(register_payload(b"[1]").is_err());
         assert!(register_payload(&[0xff, 0xfe]).is_err());

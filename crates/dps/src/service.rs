@@ -65,11 +65,7 @@ fn unix_now() -> i64 {
 
 impl Provisioning {
     pub fn new(store: Arc<dyn Store>, config: ProvisioningConfig) -> Self {
-        Self {
-            store,
-            config,
-            groups: RwLock::new(None),
-        }
+        Self { store, config, groups: RwLock::new(None) }
     }
 
     pub fn config(&self) -> &ProvisioningConfig {
@@ -85,12 +81,7 @@ impl Provisioning {
     }
 
     async fn cached_groups(&self) -> Result<Arc<Vec<EnrollmentGroup>>, DpsError> {
-        if let Some(g) = self
-            .groups
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
+        if let Some(g) = self.groups.read().unwrap_or_else(|p| p.into_inner()).clone() {
             return Ok(g);
         }
         let fresh = Arc::new(self.store.groups().await.map_err(store_err)?);
@@ -99,14 +90,7 @@ impl Provisioning {
     }
 
     pub async fn linked_hubs(&self) -> Result<Vec<String>, DpsError> {
-        Ok(self
-            .store
-            .hubs()
-            .await
-            .map_err(store_err)?
-            .into_iter()
-            .map(|h| h.host_name)
-            .collect())
+        Ok(self.store.hubs().await.map_err(store_err)?.into_iter().map(|h| h.host_name).collect())
     }
 
     /// Checks a device's SAS token for `{idScope}/registrations/{registrationId}` against every
@@ -131,26 +115,14 @@ impl Provisioning {
         };
         let token = SasToken::parse(password).map_err(|e| refuse(&e.to_string()))?;
         let expected = format!("{}/registrations/{}", self.config.id_scope, registration_id);
-        token
-            .check_expiry(unix_now())
-            .map_err(|e| refuse(&e.to_string()))?;
+        token.check_expiry(unix_now()).map_err(|e| refuse(&e.to_string()))?;
         // A device token is for exactly its own registration (compared case-insensitively).
-        if !token
-            .resource
-            .trim_end_matches('/')
-            .eq_ignore_ascii_case(&expected)
-        {
+        if !token.resource.trim_end_matches('/').eq_ignore_ascii_case(&expected) {
             return Err(refuse(&SasError::WrongResource.to_string()));
         }
-        let previous = self
-            .store
-            .registration(registration_id.as_str())
-            .await
-            .map_err(store_err)?;
+        let previous = self.store.registration(registration_id.as_str()).await.map_err(store_err)?;
         let groups = self.cached_groups().await?;
-        let preferred = previous
-            .as_ref()
-            .and_then(|r| r.enrollment_group_id.as_deref());
+        let preferred = previous.as_ref().and_then(|r| r.enrollment_group_id.as_deref());
         match find_group(&token, registration_id.as_str(), &groups, preferred) {
             Some((group, slot)) => Ok(DeviceAuth {
                 registration_id: registration_id.clone(),
@@ -162,11 +134,7 @@ impl Provisioning {
     }
 
     /// Decides and records the device's assignment.
-    pub async fn register(
-        &self,
-        auth: &DeviceAuth,
-        payload: Option<Value>,
-    ) -> Result<RegisterOutcome, DpsError> {
+    pub async fn register(&self, auth: &DeviceAuth, payload: Option<Value>) -> Result<RegisterOutcome, DpsError> {
         let now = Timestamp::now();
         let id = &auth.registration_id;
         // Re-read the group: it may have been disabled or deleted since the device connected.
@@ -174,11 +142,7 @@ impl Provisioning {
             tracing::info!(registration_id = %id, "enrollment group deleted since authentication");
             return Err(DpsError::unauthorized());
         };
-        let existing = self
-            .store
-            .registration(id.as_str())
-            .await
-            .map_err(store_err)?;
+        let existing = self.store.registration(id.as_str()).await.map_err(store_err)?;
         if !group.is_enabled() {
             tracing::info!(registration_id = %id, group = %group.enrollment_group_id, "enrollment group disabled");
             let err = DpsError::new(ErrorCode::Unauthorized, "The enrollment is disabled.");
@@ -206,30 +170,14 @@ impl Provisioning {
                     &err,
                     now,
                 );
-                self.store
-                    .put_registration(&record)
-                    .await
-                    .map_err(store_err)?;
+                self.store.put_registration(&record).await.map_err(store_err)?;
                 return Ok(RegisterOutcome { record });
             }
         };
-        let record = RegistrationRecord::assigned(
-            existing.as_ref(),
-            id,
-            &group.enrollment_group_id,
-            &hub,
-            payload,
-            now,
-        );
-        let device_id = record
-            .device_id
-            .clone()
-            .unwrap_or_else(|| id.as_str().to_owned());
-        let existing_device = self
-            .store
-            .device(&hub, &device_id)
-            .await
-            .map_err(store_err)?;
+        let record =
+            RegistrationRecord::assigned(existing.as_ref(), id, &group.enrollment_group_id, &hub, payload, now);
+        let device_id = record.device_id.clone().unwrap_or_else(|| id.as_str().to_owned());
+        let existing_device = self.store.device(&hub, &device_id).await.map_err(store_err)?;
         let device = DeviceIdentity::provisioned(
             existing_device.as_ref(),
             &hub,
@@ -237,10 +185,7 @@ impl Provisioning {
             &derived_device_keys(&group, id.as_str()),
             now,
         );
-        self.store
-            .commit_assignment(&record, &device)
-            .await
-            .map_err(store_err)?;
+        self.store.commit_assignment(&record, &device).await.map_err(store_err)?;
         tracing::info!(registration_id = %id, hub = %hub, group = %group.enrollment_group_id, "device assigned");
         Ok(RegisterOutcome { record })
     }
@@ -251,17 +196,12 @@ impl Provisioning {
         auth: &DeviceAuth,
         operation_id: &str,
     ) -> Result<RegistrationRecord, DpsError> {
-        let record = self
-            .store
-            .registration(auth.registration_id.as_str())
-            .await
-            .map_err(store_err)?;
+        let record = self.store.registration(auth.registration_id.as_str()).await.map_err(store_err)?;
         match record {
             Some(r) if r.operation_id == operation_id => Ok(r),
-            _ => Err(DpsError::new(
-                ErrorCode::OperationNotFound,
-                "The operation id is not known for this registration.",
-            )),
+            _ => {
+                Err(DpsError::new(ErrorCode::OperationNotFound, "The operation id is not known for this registration."))
+            }
         }
     }
 }
@@ -277,32 +217,21 @@ impl Provisioning {
         };
         let header = authorization.ok_or_else(|| refuse("no Authorization header"))?;
         let token = SasToken::parse(header).map_err(|e| refuse(&e.to_string()))?;
-        token
-            .check_expiry(unix_now())
-            .map_err(|e| refuse(&e.to_string()))?;
-        let name = token
-            .key_name
-            .clone()
-            .ok_or_else(|| refuse("token names no policy (skn)"))?;
-        let Some((policy, key)) = self
-            .config
-            .policies
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(&name))
-        else {
+        token.check_expiry(unix_now()).map_err(|e| refuse(&e.to_string()))?;
+        let name = token.key_name.clone().ok_or_else(|| refuse("token names no policy (skn)"))?;
+        let Some((policy, key)) = self.config.policies.iter().find(|(n, _)| n.eq_ignore_ascii_case(&name)) else {
             return Err(refuse("unknown policy"));
         };
         let host = token.resource.split('/').next().unwrap_or("");
-        let host = host
-            .rsplit_once(':')
-            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-            .map_or(host, |(h, _)| h);
+        let host =
+            host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        if !self.config.service_host_names.iter().any(|h| {
-            h.trim_start_matches('[')
-                .trim_end_matches(']')
-                .eq_ignore_ascii_case(host)
-        }) {
+        if !self
+            .config
+            .service_host_names
+            .iter()
+            .any(|h| h.trim_start_matches('[').trim_end_matches(']').eq_ignore_ascii_case(host))
+        {
             return Err(refuse("token is for another host"));
         }
         if !token.signed_with(key) {
@@ -343,16 +272,12 @@ impl Provisioning {
     }
 
     pub async fn group(&self, id: &str) -> Result<EnrollmentGroup, DpsError> {
-        self.store
-            .group(id)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| {
-                DpsError::new(
-                    ErrorCode::EnrollmentGroupNotFound,
-                    format!("Enrollment group '{}' was not found.", printable(id)),
-                )
-            })
+        self.store.group(id).await.map_err(store_err)?.ok_or_else(|| {
+            DpsError::new(
+                ErrorCode::EnrollmentGroupNotFound,
+                format!("Enrollment group '{}' was not found.", printable(id)),
+            )
+        })
     }
 
     pub async fn groups(&self) -> Result<Vec<EnrollmentGroup>, DpsError> {
@@ -360,11 +285,7 @@ impl Provisioning {
     }
 
     pub async fn delete_group(&self, id: &str, if_match: Option<&str>) -> Result<(), DpsError> {
-        let deleted = self
-            .store
-            .delete_group(id, if_match)
-            .await
-            .map_err(store_err);
+        let deleted = self.store.delete_group(id, if_match).await.map_err(store_err);
         self.invalidate_groups();
         if deleted? {
             tracing::info!(group = %printable(id), "enrollment group deleted");
@@ -378,16 +299,9 @@ impl Provisioning {
     }
 
     pub async fn registration(&self, id: &str) -> Result<RegistrationRecord, DpsError> {
-        self.store
-            .registration(id)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| {
-                DpsError::new(
-                    ErrorCode::RegistrationNotFound,
-                    format!("Registration '{}' was not found.", printable(id)),
-                )
-            })
+        self.store.registration(id).await.map_err(store_err)?.ok_or_else(|| {
+            DpsError::new(ErrorCode::RegistrationNotFound, format!("Registration '{}' was not found.", printable(id)))
+        })
     }
 
     pub async fn registrations_of_group(
@@ -396,23 +310,11 @@ impl Provisioning {
         offset: usize,
         limit: usize,
     ) -> Result<Vec<RegistrationRecord>, DpsError> {
-        self.store
-            .registrations_of_group(group_id, offset, limit)
-            .await
-            .map_err(store_err)
+        self.store.registrations_of_group(group_id, offset, limit).await.map_err(store_err)
     }
 
-    pub async fn delete_registration(
-        &self,
-        id: &str,
-        if_match: Option<&str>,
-    ) -> Result<(), DpsError> {
-        if self
-            .store
-            .delete_registration(id, if_match)
-            .await
-            .map_err(store_err)?
-        {
+    pub async fn delete_registration(&self, id: &str, if_match: Option<&str>) -> Result<(), DpsError> {
+        if self.store.delete_registration(id, if_match).await.map_err(store_err)? {
             tracing::info!(registration_id = %printable(id), "registration record deleted");
             Ok(())
         } else {
@@ -426,8 +328,5 @@ impl Provisioning {
 
 /// An id from a URL, made safe to echo: bounded length, no control characters.
 fn printable(s: &str) -> String {
-    s.chars()
-        .take(140)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    s.chars().take(140).map(|c| if c.is_control() { '?' } else { c }).collect()
 }

@@ -38,15 +38,10 @@ impl From<DpsError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let tracking_id = uuid::Uuid::new_v4().to_string();
-        let status =
-            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut resp =
-            (status, Json(self.0.to_body(&tracking_id, Timestamp::now()))).into_response();
+        let status = StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, Json(self.0.to_body(&tracking_id, Timestamp::now()))).into_response();
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
         if let Ok(v) = HeaderValue::from_str(&self.0.code.code().to_string()) {
             h.insert("x-ms-error-code", v);
         }
@@ -58,44 +53,26 @@ type ApiResult<T> = Result<T, ApiError>;
 
 fn json(v: impl serde::Serialize) -> Response {
     let mut resp = Json(v).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
     resp
 }
 
 pub fn router(dps: Arc<Provisioning>) -> Router {
     Router::new()
         .route("/enrollmentgroups/query", post(query_groups))
-        .route(
-            "/enrollmentgroups/{id}",
-            put(put_group).get(get_group).delete(delete_group),
-        )
-        .route(
-            "/enrollmentgroups/{id}/attestationmechanism",
-            post(group_attestation),
-        )
-        .route(
-            "/registrations/{id}",
-            get(get_registration).delete(delete_registration),
-        )
+        .route("/enrollmentgroups/{id}", put(put_group).get(get_group).delete(delete_group))
+        .route("/enrollmentgroups/{id}/attestationmechanism", post(group_attestation))
+        .route("/registrations/{id}", get(get_registration).delete(delete_registration))
         .route("/registrations/{id}/query", post(query_registrations))
         .method_not_allowed_fallback(|| async {
-            ApiError(DpsError::new(
-                ErrorCode::MethodNotAllowed,
-                "Method not allowed.",
-            ))
+            ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
         })
         .route_layer(middleware::from_fn_with_state(dps.clone(), authorize))
         .with_state(dps)
 }
 
 async fn authorize(State(dps): State<Arc<Provisioning>>, req: Request, next: Next) -> Response {
-    let auth = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match dps.authorize_service(auth) {
         Ok(_policy) => next.run(req).await,
         Err(e) => ApiError(e).into_response(),
@@ -124,10 +101,7 @@ fn body(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
 }
 
 fn if_match(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(header::IF_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+    headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
 async fn put_group(
@@ -141,10 +115,7 @@ async fn put_group(
     Ok(json(dps.put_group(&id, &b, if_match(&headers)).await?))
 }
 
-async fn get_group(
-    State(dps): State<Arc<Provisioning>>,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+async fn get_group(State(dps): State<Arc<Provisioning>>, Path(id): Path<String>) -> ApiResult<Response> {
     Ok(json(dps.group(&id).await?.redacted()))
 }
 
@@ -157,10 +128,7 @@ async fn delete_group(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn group_attestation(
-    State(dps): State<Arc<Provisioning>>,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+async fn group_attestation(State(dps): State<Arc<Provisioning>>, Path(id): Path<String>) -> ApiResult<Response> {
     Ok(json(dps.group(&id).await?.attestation))
 }
 
@@ -173,32 +141,20 @@ struct Page {
 
 impl Page {
     fn from_headers(h: &HeaderMap) -> ApiResult<Self> {
-        let size = match h
-            .get("x-ms-max-item-count")
-            .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()))
-        {
-            None => DEFAULT_PAGE,
-            Some(Some(n)) if n >= 1 => n.min(MAX_PAGE),
-            Some(_) => {
-                return Err(DpsError::bad_request(
-                    "x-ms-max-item-count must be a positive integer.",
-                )
-                .into())
-            }
-        };
-        let offset = match h
-            .get("x-ms-continuation")
-            .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()))
-        {
-            None => 0,
-            Some(Some(n)) => n,
-            Some(None) => {
-                return Err(DpsError::bad_request(
-                    "x-ms-continuation is not a valid continuation token.",
-                )
-                .into())
-            }
-        };
+        let size =
+            match h.get("x-ms-max-item-count").map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok())) {
+                None => DEFAULT_PAGE,
+                Some(Some(n)) if n >= 1 => n.min(MAX_PAGE),
+                Some(_) => return Err(DpsError::bad_request("x-ms-max-item-count must be a positive integer.").into()),
+            };
+        let offset =
+            match h.get("x-ms-continuation").map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok())) {
+                None => 0,
+                Some(Some(n)) => n,
+                Some(None) => {
+                    return Err(DpsError::bad_request("x-ms-continuation is not a valid continuation token.").into())
+                }
+            };
         Ok(Self { offset, size })
     }
 
@@ -212,10 +168,7 @@ impl Page {
         h.insert("x-ms-item-type", HeaderValue::from_static(item_type));
         h.insert("x-ms-max-item-count", HeaderValue::from(self.size));
         if more {
-            h.insert(
-                "x-ms-continuation",
-                HeaderValue::from(self.offset + self.size),
-            );
+            h.insert("x-ms-continuation", HeaderValue::from(self.offset + self.size));
         }
         resp
     }
@@ -224,22 +177,15 @@ impl Page {
 /// The query language is SQL-like; Fleetgate answers the form every client sends
 /// (`SELECT * FROM enrollmentGroups`) and refuses others clearly rather than guessing.
 fn check_query(b: &[u8], collection: &str) -> ApiResult<()> {
-    let v: Value = serde_json::from_slice(b)
-        .map_err(|e| DpsError::bad_request(format!("Malformed query specification: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(b).map_err(|e| DpsError::bad_request(format!("Malformed query specification: {e}")))?;
     let q = v
         .get("query")
         .and_then(Value::as_str)
         .ok_or_else(|| DpsError::bad_request("The query specification needs a 'query' string."))?;
-    let normalized = q
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_ascii_lowercase();
+    let normalized = q.split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
     if normalized != format!("select * from {collection}") {
-        return Err(DpsError::bad_request(format!(
-            "Unsupported query; use \"SELECT * FROM {collection}\"."
-        ))
-        .into());
+        return Err(DpsError::bad_request(format!("Unsupported query; use \"SELECT * FROM {collection}\".")).into());
     }
     Ok(())
 }
@@ -251,21 +197,12 @@ async fn query_groups(
 ) -> ApiResult<Response> {
     check_query(&body(b)?, "enrollmentgroups")?;
     let page = Page::from_headers(&headers)?;
-    let items: Vec<_> = dps
-        .groups()
-        .await?
-        .into_iter()
-        .skip(page.offset)
-        .take(page.size + 1)
-        .map(|g| g.redacted())
-        .collect();
+    let items: Vec<_> =
+        dps.groups().await?.into_iter().skip(page.offset).take(page.size + 1).map(|g| g.redacted()).collect();
     Ok(page.respond(items, "enrollmentGroup"))
 }
 
-async fn get_registration(
-    State(dps): State<Arc<Provisioning>>,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+async fn get_registration(State(dps): State<Arc<Provisioning>>, Path(id): Path<String>) -> ApiResult<Response> {
     Ok(json(dps.registration(&id).await?))
 }
 
@@ -274,8 +211,7 @@ async fn delete_registration(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<StatusCode> {
-    dps.delete_registration(&id, if_match(&headers).as_deref())
-        .await?;
+    dps.delete_registration(&id, if_match(&headers).as_deref()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -289,8 +225,6 @@ async fn query_registrations(
 ) -> ApiResult<Response> {
     body(b)?;
     let page = Page::from_headers(&headers)?;
-    let items = dps
-        .registrations_of_group(&group_id, page.offset, page.size + 1)
-        .await?;
+    let items = dps.registrations_of_group(&group_id, page.offset, page.size + 1).await?;
     Ok(page.respond(items, "deviceRegistration"))
 }

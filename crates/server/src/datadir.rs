@@ -14,8 +14,8 @@ use fleetgate_core::ids::IdScope;
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_store::{LinkedHub, SqliteStore, Store, StoreError};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,10 +29,7 @@ pub const HUB_OWNER_POLICY: &str = "iothubowner";
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
     #[error("data directory {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("data directory store: {0}")]
     Store(#[from] StoreError),
     #[error("certificate: {0}")]
@@ -42,10 +39,7 @@ pub enum DataDirError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
-    move |source| DataDirError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| DataDirError::Io { path: path.to_owned(), source }
 }
 
 /// What `instance.json` holds and `fleetgate info` prints.
@@ -70,8 +64,7 @@ impl Instance {
     pub fn read(data_dir: &Path) -> Result<Self, DataDirError> {
         let path = data_dir.join("instance.json");
         let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-        serde_json::from_str(&text)
-            .map_err(|e| DataDirError::Corrupt(format!("{}: {e}", path.display())))
+        serde_json::from_str(&text).map_err(|e| DataDirError::Corrupt(format!("{}: {e}", path.display())))
     }
 
     /// The banner printed at start: the portal's Overview page, in a terminal.
@@ -81,10 +74,7 @@ impl Instance {
             self.id_scope, self.global_device_endpoint, self.service_connection_string, self.ca_certificate
         );
         for h in &self.hubs {
-            s.push_str(&format!(
-                "  Linked hub {}:  {}\n",
-                h.host_name, h.connection_string
-            ));
+            s.push_str(&format!("  Linked hub {}:  {}\n", h.host_name, h.connection_string));
         }
         s
     }
@@ -126,11 +116,7 @@ fn cert_err(e: impl std::fmt::Display) -> DataDirError {
 
 /// A host name with the port added when it is not HTTPS's default, for connection strings.
 fn with_port(host: &str, port: u16) -> String {
-    let host = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
-    };
+    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
     if port == 443 {
         host
     } else {
@@ -146,8 +132,7 @@ impl DataDir {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
-                .map_err(io(&path))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(io(&path))?;
         }
         // The database holds keys: create it owner-only (SQLite gives its -wal/-shm the same mode).
         let db = path.join("fleetgate.db");
@@ -166,14 +151,10 @@ impl DataDir {
             }
         };
         let dps_key = match store.setting("policy.provisioningserviceowner").await? {
-            Some(k) => {
-                SymmetricKey::from_base64(&k).map_err(|e| DataDirError::Corrupt(e.to_string()))?
-            }
+            Some(k) => SymmetricKey::from_base64(&k).map_err(|e| DataDirError::Corrupt(e.to_string()))?,
             None => {
                 let k = SymmetricKey::generate();
-                store
-                    .set_setting("policy.provisioningserviceowner", &k.to_base64())
-                    .await?;
+                store.set_setting("policy.provisioningserviceowner", &k.to_base64()).await?;
                 k
             }
         };
@@ -215,18 +196,12 @@ impl DataDir {
             let key = KeyPair::generate().map_err(cert_err)?;
             let mut p = CertificateParams::default();
             let mut dn = DistinguishedName::new();
-            dn.push(
-                DnType::CommonName,
-                format!("Fleetgate CA {}", self.id_scope),
-            );
+            dn.push(DnType::CommonName, format!("Fleetgate CA {}", self.id_scope));
             dn.push(DnType::OrganizationName, "Fleetgate");
             p.distinguished_name = dn;
             p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-            p.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
+            p.key_usages =
+                vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
             let now = time::OffsetDateTime::now_utc();
             p.not_before = now - time::Duration::days(1);
             p.not_after = now + time::Duration::days(3650);
@@ -246,24 +221,15 @@ impl DataDir {
             return Ok(());
         }
         let ca_key =
-            KeyPair::from_pem(&std::fs::read_to_string(&ca_key_pem).map_err(io(&ca_key_pem))?)
-                .map_err(cert_err)?;
-        let ca_params = CertificateParams::from_ca_cert_pem(
-            &std::fs::read_to_string(&ca_pem).map_err(io(&ca_pem))?,
-        )
-        .map_err(cert_err)?;
+            KeyPair::from_pem(&std::fs::read_to_string(&ca_key_pem).map_err(io(&ca_key_pem))?).map_err(cert_err)?;
+        let ca_params = CertificateParams::from_ca_cert_pem(&std::fs::read_to_string(&ca_pem).map_err(io(&ca_pem))?)
+            .map_err(cert_err)?;
         let ca = ca_params.self_signed(&ca_key).map_err(cert_err)?;
 
         let key = KeyPair::generate().map_err(cert_err)?; // ECDSA P-256
         let mut p = CertificateParams::new(self.hostnames.clone()).map_err(cert_err)?;
         let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            self.hostnames
-                .first()
-                .cloned()
-                .unwrap_or_else(|| "localhost".into()),
-        );
+        dn.push(DnType::CommonName, self.hostnames.first().cloned().unwrap_or_else(|| "localhost".into()));
         p.distinguished_name = dn;
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -275,9 +241,7 @@ impl DataDir {
         let cert = p.signed_by(&key, &ca, &ca_key).map_err(cert_err)?;
         write_private(&self.server_key_path(), key.serialize_pem().as_bytes())?;
         write_public(&self.server_cert_path(), cert.pem().as_bytes())?;
-        self.store
-            .set_setting("server_cert_hostnames", &wanted)
-            .await?;
+        self.store.set_setting("server_cert_hostnames", &wanted).await?;
         tracing::info!(hostnames = %wanted, "issued server certificate");
         Ok(())
     }
@@ -294,11 +258,7 @@ impl DataDir {
 
     /// Writes `instance.json` for this start (ports can change between starts) and returns it.
     pub async fn write_instance_file(&self, https_port: u16) -> Result<Instance, DataDirError> {
-        let endpoint = self
-            .hostnames
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "localhost".into());
+        let endpoint = self.hostnames.first().cloned().unwrap_or_else(|| "localhost".into());
         let (policy, key) = &self.dps_policies[0];
         let hubs = self.store.hubs().await?;
         let instance = Instance {
@@ -322,8 +282,7 @@ impl DataDir {
                 })
                 .collect(),
         };
-        let json = serde_json::to_vec_pretty(&instance)
-            .map_err(|e| DataDirError::Corrupt(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&instance).map_err(|e| DataDirError::Corrupt(e.to_string()))?;
         write_private(&self.path.join("instance.json"), &json)?;
         Ok(instance)
     }

@@ -19,13 +19,8 @@ use crate::config::Limits;
 
 /// Literal path segments matched case-insensitively: SDKs disagree on their case
 /// (`enrollmentGroups` vs `enrollmentgroups`). Routes are declared in lower case.
-const LITERAL_SEGMENTS: &[&str] = &[
-    "enrollmentgroups",
-    "enrollments",
-    "registrations",
-    "query",
-    "attestationmechanism",
-];
+const LITERAL_SEGMENTS: &[&str] =
+    &["enrollmentgroups", "enrollments", "registrations", "query", "attestationmechanism"];
 
 /// Folds the known literal segments of `path` to lower case; ids are left as sent.
 pub fn canonical_path(path: &str) -> String {
@@ -65,9 +60,7 @@ pub fn app(dps: Arc<Provisioning>) -> Router {
     Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .merge(service_api::router(dps))
-        .fallback(|| async {
-            ApiError(DpsError::new(ErrorCode::NotFound, "No such resource.")).into_response()
-        })
+        .fallback(|| async { ApiError(DpsError::new(ErrorCode::NotFound, "No such resource.")).into_response() })
 }
 
 pub async fn serve(
@@ -101,18 +94,17 @@ pub async fn serve(
         let (acceptor, app, limits) = (acceptor.clone(), app.clone(), limits.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let tls =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
+            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
             let svc = TowerToHyperService::new(app.map_request(canonicalize));
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -133,17 +125,8 @@ mod tests {
 
     #[test]
     fn folds_literals_keeps_ids() {
-        assert_eq!(
-            canonical_path("/enrollmentGroups/MyGroup"),
-            "/enrollmentgroups/MyGroup"
-        );
-        assert_eq!(
-            canonical_path("/EnrollmentGroups/query"),
-            "/enrollmentgroups/query"
-        );
-        assert_eq!(
-            canonical_path("/registrations/Dev-1/Query"),
-            "/registrations/Dev-1/query"
-        );
+        assert_eq!(canonical_path("/enrollmentGroups/MyGroup"), "/enrollmentgroups/MyGroup");
+        assert_eq!(canonical_path("/EnrollmentGroups/query"), "/enrollmentgroups/query");
+        assert_eq!(canonical_path("/registrations/Dev-1/Query"), "/registrations/Dev-1/query");
     }
 }

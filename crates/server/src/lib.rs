@@ -27,10 +27,7 @@ pub enum StartError {
     #[error("TLS configuration: {0}")]
     Tls(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
 }
 
 /// A started server: where it listens, what it is, and how to stop it.
@@ -66,35 +63,20 @@ impl RunningServer {
 /// Initializes (or reopens) the data directory and starts every listener.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let data = DataDir::open_or_init(&config).await?;
-    let tls = tls::server_config(&data.server_cert_path(), &data.server_key_path())
-        .map_err(StartError::Tls)?;
+    let tls = tls::server_config(&data.server_cert_path(), &data.server_key_path()).map_err(StartError::Tls)?;
     let store: Arc<dyn Store> = data.store.clone();
 
     let bind = |port: u16| SocketAddr::new(config.listen, port);
     let mqtt_listener = tokio::net::TcpListener::bind(bind(config.mqtt_port))
         .await
-        .map_err(|source| StartError::Bind {
-            addr: bind(config.mqtt_port),
-            source,
-        })?;
+        .map_err(|source| StartError::Bind { addr: bind(config.mqtt_port), source })?;
     let https_listener = tokio::net::TcpListener::bind(bind(config.https_port))
         .await
-        .map_err(|source| StartError::Bind {
-            addr: bind(config.https_port),
-            source,
-        })?;
-    let mqtt_addr = mqtt_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: bind(config.mqtt_port),
-            source,
-        })?;
-    let https_addr = https_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: bind(config.https_port),
-            source,
-        })?;
+        .map_err(|source| StartError::Bind { addr: bind(config.https_port), source })?;
+    let mqtt_addr =
+        mqtt_listener.local_addr().map_err(|source| StartError::Bind { addr: bind(config.mqtt_port), source })?;
+    let https_addr =
+        https_listener.local_addr().map_err(|source| StartError::Bind { addr: bind(config.https_port), source })?;
 
     let instance = data.write_instance_file(https_addr.port()).await?;
     let dps = Arc::new(Provisioning::new(
@@ -110,21 +92,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let (shutdown, rx) = watch::channel(false);
     let limits = Arc::new(config.limits.clone());
     let tasks = vec![
-        tokio::spawn(mqtt::serve(
-            mqtt_listener,
-            tls.clone(),
-            dps.clone(),
-            limits.clone(),
-            rx.clone(),
-        )),
+        tokio::spawn(mqtt::serve(mqtt_listener, tls.clone(), dps.clone(), limits.clone(), rx.clone())),
         tokio::spawn(https::serve(https_listener, tls, dps, limits, rx)),
     ];
     tracing::info!(%mqtt_addr, %https_addr, id_scope = %instance.id_scope, "fleetgate serving");
-    Ok(RunningServer {
-        mqtt_addr,
-        https_addr,
-        instance,
-        shutdown,
-        tasks,
-    })
+    Ok(RunningServer { mqtt_addr, https_addr, instance, shutdown, tasks })
 }

@@ -22,7 +22,11 @@ async fn second_start_reuses_instance_ca_and_keys() {
     assert_eq!(key(&again.instance.hubs[0].connection_string), key(&first.hubs[0].connection_string));
     assert_eq!(key(&again.instance.service_connection_string), key(&first.service_connection_string));
     assert_eq!(std::fs::read(s.dir.path().join("ca.pem")).unwrap(), ca);
-    assert_eq!(std::fs::read(s.dir.path().join("server.pem")).unwrap(), cert, "unchanged host names keep the certificate");
+    assert_eq!(
+        std::fs::read(s.dir.path().join("server.pem")).unwrap(),
+        cert,
+        "unchanged host names keep the certificate"
+    );
     assert_eq!(fleetgate_server::Instance::read(s.dir.path()).unwrap(), again.instance);
     s.server = Some(again);
     assert_eq!(s.service().list_enrollment_groups().await.unwrap().len(), 1, "state survived the restart");
@@ -41,12 +45,15 @@ async fn second_start_reuses_instance_ca_and_keys() {
 #[tokio::test]
 async fn instance_file_shape_and_ports_in_connection_strings() {
     let s = TestServer::start().await;
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(s.dir.path().join("instance.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("instance.json")).unwrap()).unwrap();
     let scope = v["idScope"].as_str().unwrap();
     fleetgate_core::ids::IdScope::parse(scope).unwrap();
     assert_eq!(v["globalDeviceEndpoint"], "localhost");
     let port = s.https_addr().port();
-    assert!(v["serviceConnectionString"].as_str().unwrap().starts_with(&format!("HostName=localhost:{port};SharedAccessKeyName=provisioningserviceowner;SharedAccessKey=")));
+    assert!(v["serviceConnectionString"].as_str().unwrap().starts_with(&format!(
+        "HostName=localhost:{port};SharedAccessKeyName=provisioningserviceowner;SharedAccessKey="
+    )));
     assert!(std::path::Path::new(v["caCertificate"].as_str().unwrap()).is_absolute());
     assert_eq!(v["hubs"][0]["hostName"], "localhost");
     assert!(v["hubs"][0]["connectionString"].as_str().unwrap().contains(";SharedAccessKeyName=iothubowner;"));

@@ -16,16 +16,7 @@ const PY_BODY: &[u8] = br#"{"payload": null, "registrationId": "dev-001"}"#;
 
 async fn connected(s: &TestServer, reg: &str, password: &str) -> common::Mqtt {
     let mut m = s.mqtt().await;
-    match m
-        .connect(
-            reg,
-            &dps_username(&s.scope(), reg),
-            Some(password),
-            false,
-            60,
-        )
-        .await
-    {
+    match m.connect(reg, &dps_username(&s.scope(), reg), Some(password), false, 60).await {
         Packet::ConnAck(a) => {
             assert_eq!(a.code, ConnectReturnCode::Success);
             assert!(!a.session_present, "C# aborts on session-present");
@@ -42,19 +33,10 @@ async fn python_style_registration_is_answered_with_puback_then_200_assigned() {
     let key = primary.derive_device_key("dev-001");
     let mut m = connected(&s, "dev-001", &device_token(&key, &s.scope(), "dev-001")).await;
     match m.subscribe_dps().await {
-        Packet::SubAck(a) => assert_eq!(
-            a.return_codes,
-            vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-        ),
+        Packet::SubAck(a) => assert_eq!(a.return_codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]),
         other => panic!("{other:?}"),
     }
-    m.publish(
-        &format!("{REGISTER}6f1d3c0e-0b4e"),
-        QoS::AtLeastOnce,
-        7,
-        PY_BODY,
-    )
-    .await;
+    m.publish(&format!("{REGISTER}6f1d3c0e-0b4e"), QoS::AtLeastOnce, 7, PY_BODY).await;
     match m.recv().await {
         Some(Packet::PubAck(a)) => assert_eq!(a.pkid, 7),
         other => panic!("PUBACK must come before the response, got {other:?}"),
@@ -75,10 +57,7 @@ async fn python_style_registration_is_answered_with_puback_then_200_assigned() {
     let rec = s.service().get_registration("DEV-001").await.unwrap();
     assert_eq!(rec["assignedHub"], s.hub());
     let store = fleetgate_store::SqliteStore::open(&s.dir.path().join("fleetgate.db")).unwrap();
-    let dev = fleetgate_store::Store::device(&store, &s.hub(), "dev-001")
-        .await
-        .unwrap()
-        .unwrap();
+    let dev = fleetgate_store::Store::device(&store, &s.hub(), "dev-001").await.unwrap().unwrap();
     assert_eq!(dev.primary_key, key.to_base64());
 }
 
@@ -89,8 +68,7 @@ async fn polling_path_202_then_operation_status_200() {
     let key = secondary.derive_device_key("dev-2");
     let mut m = connected(&s, "dev-2", &device_token(&key, &s.scope(), "dev-2")).await;
     m.subscribe_dps().await;
-    m.publish(&format!("{REGISTER}1"), QoS::AtLeastOnce, 1, b"")
-        .await;
+    m.publish(&format!("{REGISTER}1"), QoS::AtLeastOnce, 1, b"").await;
     assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
     let (topic, body) = m.expect_publish().await;
     assert_eq!(topic, "$dps/registrations/res/202/?$rid=1&retry-after=2");
@@ -113,13 +91,8 @@ async fn polling_path_202_then_operation_status_200() {
     assert_eq!(body["operationId"], op.as_str());
     assert_eq!(body["registrationState"]["deviceId"], "dev-2");
 
-    m.publish(
-        "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=3&operationId=nope",
-        QoS::AtLeastOnce,
-        3,
-        b" ",
-    )
-    .await;
+    m.publish("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=3&operationId=nope", QoS::AtLeastOnce, 3, b" ")
+        .await;
     assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
     let (topic, body) = m.expect_publish().await;
     assert_eq!(topic, "$dps/registrations/res/404/?$rid=3");
@@ -133,23 +106,13 @@ async fn node_c_java_and_csharp_token_and_body_styles_all_work() {
     let scope = s.scope();
     let se = (Timestamp::now().unix_seconds() + 3600).to_string();
     let enc = |v: &str| utf8_percent_encode(v, URI_COMPONENT).to_string();
-    let cases: Vec<(
-        &str,
-        Box<dyn Fn(&SymmetricKey) -> String>,
-        QoS,
-        &[u8],
-        bool,
-        u16,
-    )> = vec![
+    let cases: Vec<(&str, Box<dyn Fn(&SymmetricKey) -> String>, QoS, &[u8], bool, u16)> = vec![
         // Node: raw sr, skn=registration before se, CleanSession 1, keepalive 180.
         (
             "node-dev",
             Box::new(|k: &SymmetricKey| {
                 let sr = format!("{scope}/registrations/node-dev");
-                format!(
-                    "SharedAccessSignature sr={sr}&sig={}&skn=registration&se={se}",
-                    enc(&sign(k, &sr, &se))
-                )
+                format!("SharedAccessSignature sr={sr}&sig={}&skn=registration&se={se}", enc(&sign(k, &sr, &se)))
             }),
             QoS::AtLeastOnce,
             br#"{"registrationId":"node-dev"}"#,
@@ -161,10 +124,7 @@ async fn node_c_java_and_csharp_token_and_body_styles_all_work() {
             "c-dev",
             Box::new(|k: &SymmetricKey| {
                 let sr = enc(&format!("{scope}/registrations/c-dev")).replace("%2F", "%2f");
-                let sig = enc(&sign(k, &sr, &se))
-                    .replace("%2B", "%2b")
-                    .replace("%2F", "%2f")
-                    .replace("%3D", "%3d");
+                let sig = enc(&sign(k, &sr, &se)).replace("%2B", "%2b").replace("%2F", "%2f").replace("%3D", "%3d");
                 format!("SharedAccessSignature sr={sr}&sig={sig}&se={se}&skn=registration")
             }),
             QoS::AtMostOnce,
@@ -177,10 +137,7 @@ async fn node_c_java_and_csharp_token_and_body_styles_all_work() {
             "java-dev",
             Box::new(|k: &SymmetricKey| {
                 let sr = format!("{scope}/registrations/java-dev");
-                format!(
-                    "SharedAccessSignature sr={sr}&sig={}&se={se}&skn=",
-                    enc(&sign(k, &sr, &se))
-                )
+                format!("SharedAccessSignature sr={sr}&sig={}&se={se}&skn=", enc(&sign(k, &sr, &se)))
             }),
             QoS::AtMostOnce,
             br#"{"registrationId":"java-dev"}"#,
@@ -192,10 +149,7 @@ async fn node_c_java_and_csharp_token_and_body_styles_all_work() {
             "cs-dev",
             Box::new(|k: &SymmetricKey| {
                 let sr = enc(&format!("{scope}/registrations/cs-dev"));
-                format!(
-                    "SharedAccessSignature sr={sr}&sig={}&se={se}&skn=registration",
-                    enc(&sign(k, &sr, &se))
-                )
+                format!("SharedAccessSignature sr={sr}&sig={}&se={se}&skn=registration", enc(&sign(k, &sr, &se)))
             }),
             QoS::AtLeastOnce,
             b"",
@@ -206,27 +160,12 @@ async fn node_c_java_and_csharp_token_and_body_styles_all_work() {
     for (reg, token, qos, body, clean, keep_alive) in cases {
         let key = primary.derive_device_key(reg);
         let mut m = s.mqtt().await;
-        match m
-            .connect(
-                reg,
-                &dps_username(&scope, reg),
-                Some(&token(&key)),
-                clean,
-                keep_alive,
-            )
-            .await
-        {
+        match m.connect(reg, &dps_username(&scope, reg), Some(&token(&key)), clean, keep_alive).await {
             Packet::ConnAck(a) => assert_eq!(a.code, ConnectReturnCode::Success, "{reg}"),
             other => panic!("{other:?}"),
         }
         m.subscribe_dps().await;
-        m.publish(
-            &format!("{REGISTER}3"),
-            qos,
-            if qos == QoS::AtMostOnce { 0 } else { 9 },
-            body,
-        )
-        .await;
+        m.publish(&format!("{REGISTER}3"), qos, if qos == QoS::AtMostOnce { 0 } else { 9 }, body).await;
         if qos == QoS::AtLeastOnce {
             assert!(matches!(m.recv().await, Some(Packet::PubAck(_))), "{reg}");
         }
@@ -241,22 +180,13 @@ async fn wrong_key_gets_401002_and_nothing_is_stored() {
     let s = TestServer::start().await;
     let (primary, _) = s.create_group("grp-1", json!({})).await;
     let cases = [
-        (
-            "dev-a",
-            device_token(&SymmetricKey::generate(), &s.scope(), "dev-a"),
-        ),
+        ("dev-a", device_token(&SymmetricKey::generate(), &s.scope(), "dev-a")),
         // A key derived for another registration id.
-        (
-            "dev-b",
-            device_token(&primary.derive_device_key("dev-c"), &s.scope(), "dev-b"),
-        ),
+        ("dev-b", device_token(&primary.derive_device_key("dev-c"), &s.scope(), "dev-b")),
         // The group key itself is not a device key.
         ("dev-d", device_token(&primary, &s.scope(), "dev-d")),
         // Right key, token for another device.
-        (
-            "dev-e",
-            device_token(&primary.derive_device_key("dev-e"), &s.scope(), "dev-f"),
-        ),
+        ("dev-e", device_token(&primary.derive_device_key("dev-e"), &s.scope(), "dev-f")),
         // Right key, expired.
         (
             "dev-g",
@@ -268,28 +198,20 @@ async fn wrong_key_gets_401002_and_nothing_is_stored() {
             ),
         ),
         // Right key, wrong scope.
-        (
-            "dev-h",
-            device_token(&primary.derive_device_key("dev-h"), "0ne00000000", "dev-h"),
-        ),
+        ("dev-h", device_token(&primary.derive_device_key("dev-h"), "0ne00000000", "dev-h")),
         ("dev-i", "not a token".to_owned()),
     ];
     for (reg, token) in cases {
         let mut m = connected(&s, reg, &token).await;
         m.subscribe_dps().await;
-        m.publish(&format!("{REGISTER}r1"), QoS::AtLeastOnce, 2, PY_BODY)
-            .await;
+        m.publish(&format!("{REGISTER}r1"), QoS::AtLeastOnce, 2, PY_BODY).await;
         assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
         let (topic, body) = m.expect_publish().await;
         assert_eq!(topic, "$dps/registrations/res/401/?$rid=r1", "{reg}");
         assert_eq!(body["errorCode"], 401002, "{reg}");
         assert!(body["trackingId"].is_string() && body["timestampUtc"].is_string());
         let e = s.service().get_registration(reg).await.unwrap_err();
-        assert_eq!(
-            e.status(),
-            Some(404),
-            "{reg}: no record for a refused device"
-        );
+        assert_eq!(e.status(), Some(404), "{reg}: no record for a refused device");
     }
 }
 
@@ -298,8 +220,7 @@ async fn a_client_that_keeps_failing_is_disconnected() {
     let s = TestServer::start().await;
     let mut m = connected(&s, "dev-a", "SharedAccessSignature sr=x&sig=y&se=1").await;
     for i in 0..5 {
-        m.publish(&format!("{REGISTER}{i}"), QoS::AtMostOnce, 0, b"")
-            .await;
+        m.publish(&format!("{REGISTER}{i}"), QoS::AtMostOnce, 0, b"").await;
         let (topic, _) = m.expect_publish().await;
         assert!(topic.contains("/401/"));
     }
@@ -311,8 +232,7 @@ async fn invalid_registration_ids_get_400() {
     let s = TestServer::start().await;
     for reg in ["bad!id", "ends-with.", &"x".repeat(129)] {
         let mut m = connected(&s, reg, "SharedAccessSignature sr=x&sig=y&se=99999999999").await;
-        m.publish(&format!("{REGISTER}1"), QoS::AtMostOnce, 0, b"")
-            .await;
+        m.publish(&format!("{REGISTER}1"), QoS::AtMostOnce, 0, b"").await;
         let (topic, body) = m.expect_publish().await;
         assert_eq!(topic, "$dps/registrations/res/400/?$rid=1", "{reg}");
         assert_eq!(body["errorCode"], 400005);
@@ -322,35 +242,23 @@ async fn invalid_registration_ids_get_400() {
 #[tokio::test]
 async fn disabled_group_answers_status_disabled() {
     let s = TestServer::start().await;
-    let (primary, _) = s
-        .create_group("grp-off", json!({"provisioningStatus": "disabled"}))
-        .await;
+    let (primary, _) = s.create_group("grp-off", json!({"provisioningStatus": "disabled"})).await;
     let key = primary.derive_device_key("dev-x");
     let mut m = connected(&s, "dev-x", &device_token(&key, &s.scope(), "dev-x")).await;
-    m.publish(&format!("{REGISTER}1"), QoS::AtMostOnce, 0, b"")
-        .await;
+    m.publish(&format!("{REGISTER}1"), QoS::AtMostOnce, 0, b"").await;
     let (topic, body) = m.expect_publish().await;
     assert_eq!(topic, "$dps/registrations/res/200/?$rid=1");
     assert_eq!(body["status"], "disabled");
     assert_eq!(body["registrationState"]["status"], "disabled");
-    assert!(
-        s.service().get_registration("dev-x").await.is_err(),
-        "a disabled group assigns nothing"
-    );
+    assert!(s.service().get_registration("dev-x").await.is_err(), "a disabled group assigns nothing");
 }
 
 #[tokio::test]
 async fn malformed_register_body_gets_400() {
     let s = TestServer::start().await;
     let (primary, _) = s.create_group("grp-1", json!({})).await;
-    let mut m = connected(
-        &s,
-        "dev-1",
-        &device_token(&primary.derive_device_key("dev-1"), &s.scope(), "dev-1"),
-    )
-    .await;
-    m.publish(&format!("{REGISTER}1"), QoS::AtMostOnce, 0, b"{not json")
-        .await;
+    let mut m = connected(&s, "dev-1", &device_token(&primary.derive_device_key("dev-1"), &s.scope(), "dev-1")).await;
+    m.publish(&format!("{REGISTER}1"), QoS::AtMostOnce, 0, b"{not json").await;
     let (topic, body) = m.expect_publish().await;
     assert_eq!(topic, "$dps/registrations/res/400/?$rid=1");
     assert_eq!(body["errorCode"], 400004);
@@ -367,8 +275,7 @@ async fn protocol_violations_close_only_the_offending_connection() {
 
     // Unknown topic.
     let mut m = connected(&s, "dev-1", &token).await;
-    m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 1, b"x")
-        .await;
+    m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 1, b"x").await;
     assert!(m.recv().await.is_none());
     // Subscribing elsewhere is refused per filter.
     let mut m = connected(&s, "dev-1", &token).await;
@@ -380,8 +287,7 @@ async fn protocol_violations_close_only_the_offending_connection() {
         other => panic!("{other:?}"),
     }
     // QoS 2.
-    m.publish(&format!("{REGISTER}1"), QoS::ExactlyOnce, 5, b"")
-        .await;
+    m.publish(&format!("{REGISTER}1"), QoS::ExactlyOnce, 5, b"").await;
     assert!(m.recv().await.is_none());
     // Garbage after CONNECT.
     let mut m = connected(&s, "dev-1", &token).await;
@@ -389,13 +295,7 @@ async fn protocol_violations_close_only_the_offending_connection() {
     assert!(m.recv().await.is_none());
     // Oversized packet (DPS messages are at most 96 KB).
     let mut m = connected(&s, "dev-1", &token).await;
-    m.publish(
-        &format!("{REGISTER}1"),
-        QoS::AtMostOnce,
-        0,
-        &vec![b' '; 200 * 1024],
-    )
-    .await;
+    m.publish(&format!("{REGISTER}1"), QoS::AtMostOnce, 0, &vec![b' '; 200 * 1024]).await;
     assert!(m.recv().await.is_none());
     // Garbage instead of CONNECT.
     let mut m = s.mqtt().await;
@@ -403,16 +303,7 @@ async fn protocol_violations_close_only_the_offending_connection() {
     assert!(m.recv().await.is_none());
     // A CONNECT whose client id is not the registration id.
     let mut m = s.mqtt().await;
-    match m
-        .connect(
-            "someone-else",
-            &dps_username(&s.scope(), "dev-1"),
-            Some(&token),
-            true,
-            60,
-        )
-        .await
-    {
+    match m.connect("someone-else", &dps_username(&s.scope(), "dev-1"), Some(&token), true, 60).await {
         Packet::ConnAck(a) => assert_eq!(a.code, ConnectReturnCode::BadClientId),
         other => panic!("{other:?}"),
     }
@@ -425,8 +316,7 @@ async fn protocol_violations_close_only_the_offending_connection() {
     // MQTT 5 CONNECT (protocol level 5) is refused with "unacceptable protocol version".
     let mut m = s.mqtt().await;
     m.send_raw(&[
-        0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x00, 0x00, 0x03,
-        b'a', b'b', b'c',
+        0x10, 0x10, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x00, 0x00, 0x03, b'a', b'b', b'c',
     ])
     .await;
     match m.recv().await {
@@ -435,9 +325,7 @@ async fn protocol_violations_close_only_the_offending_connection() {
     }
 
     // The healthy device is unaffected.
-    healthy
-        .publish(&format!("{REGISTER}ok"), QoS::AtLeastOnce, 3, PY_BODY)
-        .await;
+    healthy.publish(&format!("{REGISTER}ok"), QoS::AtLeastOnce, 3, PY_BODY).await;
     assert!(matches!(healthy.recv().await, Some(Packet::PubAck(_))));
     let (topic, body) = healthy.expect_publish().await;
     assert_eq!(topic, "$dps/registrations/res/200/?$rid=ok");
@@ -451,16 +339,10 @@ async fn stalled_clients_are_dropped_at_the_handshake_deadline() {
     let mut tcp = tokio::net::TcpStream::connect(s.mqtt_addr()).await.unwrap();
     let started = std::time::Instant::now();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read(&mut tcp, &mut buf),
-    )
-    .await
-    .unwrap();
-    assert!(
-        matches!(n, Ok(0) | Err(_)),
-        "server closed the stalled connection"
-    );
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut tcp, &mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "server closed the stalled connection");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     // TLS done, but no CONNECT.
     let mut m = s.mqtt().await;
@@ -475,8 +357,7 @@ async fn registering_again_returns_the_same_assignment() {
     let mut first = None;
     for rid in ["a", "b"] {
         let mut m = connected(&s, "Dev-Case", &device_token(&key, &s.scope(), "Dev-Case")).await;
-        m.publish(&format!("{REGISTER}{rid}"), QoS::AtMostOnce, 0, b"")
-            .await;
+        m.publish(&format!("{REGISTER}{rid}"), QoS::AtMostOnce, 0, b"").await;
         let (_, body) = m.expect_publish().await;
         let st = body["registrationState"].clone();
         assert_eq!(st["status"], "assigned");

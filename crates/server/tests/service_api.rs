@@ -12,29 +12,12 @@ const V: &str = "?api-version=2021-10-01";
 
 async fn error_of(resp: reqwest::Response) -> (u16, Value) {
     let status = resp.status().as_u16();
-    let ct = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    assert!(
-        ct.starts_with("application/json"),
-        "error bodies are JSON, got {ct:?}"
-    );
-    let code = resp
-        .headers()
-        .get("x-ms-error-code")
-        .map(|v| v.to_str().unwrap().to_owned());
+    let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    assert!(ct.starts_with("application/json"), "error bodies are JSON, got {ct:?}");
+    let code = resp.headers().get("x-ms-error-code").map(|v| v.to_str().unwrap().to_owned());
     let body: Value = resp.json().await.unwrap();
-    assert_eq!(
-        code.as_deref(),
-        Some(body["errorCode"].to_string().as_str())
-    );
-    assert!(
-        body["trackingId"].is_string()
-            && body["message"].is_string()
-            && body["timestampUtc"].is_string()
-    );
+    assert_eq!(code.as_deref(), Some(body["errorCode"].to_string().as_str()));
+    assert!(body["trackingId"].is_string() && body["message"].is_string() && body["timestampUtc"].is_string());
     (status, body)
 }
 
@@ -51,21 +34,11 @@ async fn group_lifecycle_with_keys_redaction_and_etags() {
         .await
         .unwrap();
     let sk = &created["attestation"]["symmetricKey"];
-    assert_eq!(
-        sk["primaryKey"],
-        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
-    );
+    assert_eq!(sk["primaryKey"], "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
     let secondary = SymmetricKey::from_base64(sk["secondaryKey"].as_str().unwrap()).unwrap();
-    assert_eq!(
-        secondary.as_bytes().len(),
-        64,
-        "a missing key is generated: 64 random bytes"
-    );
+    assert_eq!(secondary.as_bytes().len(), 64, "a missing key is generated: 64 random bytes");
     assert_eq!(created["provisioningStatus"], "enabled");
-    assert_eq!(
-        created["initialTwin"]["properties"]["desired"]["interval"],
-        30
-    );
+    assert_eq!(created["initialTwin"]["properties"]["desired"]["interval"], 30);
 
     // GET leaves the keys out; the attestation mechanism call returns them.
     let got = svc.get_enrollment_group("grp-1").await.unwrap();
@@ -80,34 +53,19 @@ async fn group_lifecycle_with_keys_redaction_and_etags() {
     upd["provisioningStatus"] = "disabled".into();
     let updated = svc.put_enrollment_group(&upd, Some(etag)).await.unwrap();
     assert_eq!(updated["provisioningStatus"], "disabled");
-    assert_eq!(
-        updated["attestation"]["symmetricKey"], *sk,
-        "keys survive an update that omitted them"
-    );
+    assert_eq!(updated["attestation"]["symmetricKey"], *sk, "keys survive an update that omitted them");
     assert_eq!(updated["createdDateTimeUtc"], created["createdDateTimeUtc"]);
-    let e = svc
-        .put_enrollment_group(&upd, Some(etag))
-        .await
-        .unwrap_err();
+    let e = svc.put_enrollment_group(&upd, Some(etag)).await.unwrap_err();
     assert_eq!(e.status(), Some(412));
-    let e = svc
-        .delete_enrollment_group("grp-1", Some(etag))
-        .await
-        .unwrap_err();
+    let e = svc.delete_enrollment_group("grp-1", Some(etag)).await.unwrap_err();
     assert_eq!(e.status(), Some(412));
-    assert_eq!(
-        svc.get_enrollment_group("grp-1").await.unwrap()["provisioningStatus"],
-        "disabled"
-    );
+    assert_eq!(svc.get_enrollment_group("grp-1").await.unwrap()["provisioningStatus"], "disabled");
     svc.put_enrollment_group(&upd, Some("*")).await.unwrap();
 
     svc.delete_enrollment_group("grp-1", None).await.unwrap();
     let e = svc.get_enrollment_group("grp-1").await.unwrap_err();
     assert_eq!(e.status(), Some(404));
-    let e = svc
-        .delete_enrollment_group("grp-1", None)
-        .await
-        .unwrap_err();
+    let e = svc.delete_enrollment_group("grp-1", None).await.unwrap_err();
     assert_eq!(e.status(), Some(404));
 }
 
@@ -132,18 +90,11 @@ async fn query_pages_with_continuation() {
         }
         let resp = req.send().await.unwrap();
         assert_eq!(resp.status(), 200);
-        cont = resp
-            .headers()
-            .get("x-ms-continuation")
-            .map(|v| v.to_str().unwrap().to_owned());
+        cont = resp.headers().get("x-ms-continuation").map(|v| v.to_str().unwrap().to_owned());
         let items: Vec<Value> = resp.json().await.unwrap();
         assert!(items.len() <= 3);
         for i in items {
-            assert_eq!(
-                i["attestation"]["symmetricKey"],
-                json!({}),
-                "query results are redacted"
-            );
+            assert_eq!(i["attestation"]["symmetricKey"], json!({}), "query results are redacted");
             seen.push(i["enrollmentGroupId"].as_str().unwrap().to_owned());
         }
         pages += 1;
@@ -170,11 +121,7 @@ async fn query_pages_with_continuation() {
             .await
             .unwrap();
         let (status, body) = error_of(resp).await;
-        assert_eq!(
-            (status, body["errorCode"].as_u64()),
-            (400, Some(400004)),
-            "{h}: {v} / {q}"
-        );
+        assert_eq!((status, body["errorCode"].as_u64()), (400, Some(400004)), "{h}: {v} / {q}");
     }
 }
 
@@ -188,42 +135,17 @@ async fn authentication_is_required_and_checked() {
         None,
         Some("garbage".to_owned()),
         // Wrong key.
-        Some(build_token(
-            &SymmetricKey::generate(),
-            &c.host_name,
-            later,
-            Some(&c.key_name),
-        )),
+        Some(build_token(&SymmetricKey::generate(), &c.host_name, later, Some(&c.key_name))),
         // Unknown policy.
-        Some(build_token(
-            &c.key,
-            &c.host_name,
-            later,
-            Some("registryRead"),
-        )),
+        Some(build_token(&c.key, &c.host_name, later, Some("registryRead"))),
         // No policy name.
         Some(build_token(&c.key, &c.host_name, later, None)),
         // Expired beyond the skew.
-        Some(build_token(
-            &c.key,
-            &c.host_name,
-            Timestamp::now().unix_seconds() - 400,
-            Some(&c.key_name),
-        )),
+        Some(build_token(&c.key, &c.host_name, Timestamp::now().unix_seconds() - 400, Some(&c.key_name))),
         // For another host.
-        Some(build_token(
-            &c.key,
-            "elsewhere.example",
-            later,
-            Some(&c.key_name),
-        )),
+        Some(build_token(&c.key, "elsewhere.example", later, Some(&c.key_name))),
         // A device token never opens the service API.
-        Some(build_token(
-            &c.key,
-            &format!("{}/registrations/dev", s.scope()),
-            later,
-            Some("registration"),
-        )),
+        Some(build_token(&c.key, &format!("{}/registrations/dev", s.scope()), later, Some("registration"))),
     ];
     for t in tokens {
         let mut req = http.get(s.url(&format!("/enrollmentGroups/x{V}")));
@@ -231,11 +153,7 @@ async fn authentication_is_required_and_checked() {
             req = req.header("Authorization", t);
         }
         let (status, body) = error_of(req.send().await.unwrap()).await;
-        assert_eq!(
-            (status, body["errorCode"].as_u64()),
-            (401, Some(401002)),
-            "{t:?}"
-        );
+        assert_eq!((status, body["errorCode"].as_u64()), (401, Some(401002)), "{t:?}");
     }
     // The Node/Python service clients' forms (raw or encoded host as sr) both work.
     let raw = format!(
@@ -247,12 +165,8 @@ async fn authentication_is_required_and_checked() {
         ),
         n = c.key_name
     );
-    let resp = http
-        .get(s.url(&format!("/enrollmentGroups/none{V}")))
-        .header("Authorization", raw)
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        http.get(s.url(&format!("/enrollmentGroups/none{V}"))).header("Authorization", raw).send().await.unwrap();
     assert_eq!(resp.status(), 404, "authenticated, then not found");
 }
 
@@ -269,57 +183,32 @@ async fn bad_requests_get_azure_errors() {
     };
     let cases: Vec<(&str, Vec<u8>, u16, u64)> = vec![
         ("/enrollmentGroups/g1", b"{not json".to_vec(), 400, 400004),
+        ("/enrollmentGroups/g1", br#"{"attestation":{"type":"tpm"}}"#.to_vec(), 400, 400004),
         (
             "/enrollmentGroups/g1",
-            br#"{"attestation":{"type":"tpm"}}"#.to_vec(),
+            br#"{"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"c2hvcnQ="}}}"#.to_vec(),
             400,
             400004,
         ),
         (
             "/enrollmentGroups/g1",
-            br#"{"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"c2hvcnQ="}}}"#
-                .to_vec(),
-            400,
-            400004,
-        ),
-        (
-            "/enrollmentGroups/g1",
-            br#"{"attestation":{"type":"symmetricKey"},"iotHubHostName":"not-linked.example"}"#
-                .to_vec(),
+            br#"{"attestation":{"type":"symmetricKey"},"iotHubHostName":"not-linked.example"}"#.to_vec(),
             400,
             400209,
         ),
-        (
-            "/enrollmentGroups/bad%20id",
-            br#"{"attestation":{"type":"symmetricKey"}}"#.to_vec(),
-            400,
-            400005,
-        ),
+        ("/enrollmentGroups/bad%20id", br#"{"attestation":{"type":"symmetricKey"}}"#.to_vec(), 400, 400005),
         ("/enrollmentGroups/g1", vec![b' '; 300 * 1024], 413, 413000),
     ];
     for (path, body, status, code) in cases {
         let (st, b) = error_of(put(path, body).await.unwrap()).await;
-        assert_eq!(
-            (st, b["errorCode"].as_u64()),
-            (status, Some(code)),
-            "{path}"
-        );
+        assert_eq!((st, b["errorCode"].as_u64()), (status, Some(code)), "{path}");
     }
-    assert_eq!(
-        s.service().list_enrollment_groups().await.unwrap().len(),
-        0,
-        "nothing was stored"
-    );
+    assert_eq!(s.service().list_enrollment_groups().await.unwrap().len(), 0, "nothing was stored");
 
     // Unknown routes and methods.
-    let (st, b) = error_of(
-        http.get(s.url("/nothing/here"))
-            .header("Authorization", s.service_token())
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, b) =
+        error_of(http.get(s.url("/nothing/here")).header("Authorization", s.service_token()).send().await.unwrap())
+            .await;
     assert_eq!((st, b["errorCode"].as_u64()), (404, Some(404000)));
     let (st, _) = error_of(
         http.patch(s.url(&format!("/enrollmentGroups/g1{V}")))
@@ -346,16 +235,9 @@ async fn paths_are_case_insensitive_as_sdks_differ() {
     let s = TestServer::start().await;
     s.create_group("Grp-A", json!({})).await;
     let http = s.http();
-    for path in [
-        "/enrollmentgroups/grp-a/attestationmechanism",
-        "/EnrollmentGroups/GRP-A/AttestationMechanism",
-    ] {
-        let resp = http
-            .post(s.url(&format!("{path}{V}")))
-            .header("Authorization", s.service_token())
-            .send()
-            .await
-            .unwrap();
+    for path in ["/enrollmentgroups/grp-a/attestationmechanism", "/EnrollmentGroups/GRP-A/AttestationMechanism"] {
+        let resp =
+            http.post(s.url(&format!("{path}{V}"))).header("Authorization", s.service_token()).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{path}");
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["type"], "symmetricKey");
@@ -365,42 +247,30 @@ async fn paths_are_case_insensitive_as_sdks_differ() {
 #[tokio::test]
 async fn tls_1_2_and_1_3_are_served_and_old_versions_refused() {
     let s = TestServer::start().await;
-    for versions in [
-        &[&rustls::version::TLS12][..],
-        &[&rustls::version::TLS13][..],
-    ] {
+    for versions in [&[&rustls::version::TLS12][..], &[&rustls::version::TLS13][..]] {
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pemfile::certs(&mut s.ca_pem().as_slice()) {
             roots.add(c.unwrap()).unwrap();
         }
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(s.https_addr())
-            .await
-            .unwrap();
+        let cfg =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(s.https_addr()).await.unwrap();
         let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
             .connect("localhost".try_into().unwrap(), tcp)
             .await
             .unwrap();
-        assert_eq!(
-            tls.get_ref().1.protocol_version(),
-            Some(versions[0].version)
-        );
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(versions[0].version));
     }
     // A TLS 1.0 ClientHello gets no handshake.
-    let mut tcp = tokio::net::TcpStream::connect(s.https_addr())
-        .await
-        .unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(s.https_addr()).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let hello: &[u8] = &[
-        0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x01, 0, 0, 0, 0, 0, 0, 0, 0,
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x02,
-        0x00, 0x2f, 0x01, 0x00,
+        0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x02, 0x00, 0x2f, 0x01, 0x00,
     ];
     tcp.write_all(hello).await.unwrap();
     let mut buf = vec![0u8; 64];

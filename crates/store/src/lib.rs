@@ -35,16 +35,13 @@ pub struct LinkedHub {
 
 impl std::fmt::Debug for LinkedHub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkedHub")
-            .field("host_name", &self.host_name)
-            .finish_non_exhaustive()
+        f.debug_struct("LinkedHub").field("host_name", &self.host_name).finish_non_exhaustive()
     }
 }
 
 /// Read-modify-write of an enrollment group, run inside the store's transaction: it gets the
 /// stored group (if any) and returns the group to store, or a rejection.
-pub type GroupUpdate =
-    Box<dyn FnOnce(Option<&EnrollmentGroup>) -> Result<EnrollmentGroup, DpsError> + Send>;
+pub type GroupUpdate = Box<dyn FnOnce(Option<&EnrollmentGroup>) -> Result<EnrollmentGroup, DpsError> + Send>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -72,19 +69,11 @@ pub trait Store: Send + Sync + 'static {
         offset: usize,
         limit: usize,
     ) -> StoreResult<Vec<RegistrationRecord>>;
-    async fn delete_registration(
-        &self,
-        registration_id: &str,
-        if_match: Option<&str>,
-    ) -> StoreResult<bool>;
+    async fn delete_registration(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool>;
     /// Stores a record that assigns nothing new (a failure after authentication).
     async fn put_registration(&self, record: &RegistrationRecord) -> StoreResult<()>;
     /// Stores an assignment: the registration record and the device identity, in one transaction.
-    async fn commit_assignment(
-        &self,
-        record: &RegistrationRecord,
-        device: &DeviceIdentity,
-    ) -> StoreResult<()>;
+    async fn commit_assignment(&self, record: &RegistrationRecord, device: &DeviceIdentity) -> StoreResult<()>;
 
     async fn device(&self, hub: &str, device_id: &str) -> StoreResult<Option<DeviceIdentity>>;
     async fn devices(&self, hub: &str) -> StoreResult<Vec<DeviceIdentity>>;

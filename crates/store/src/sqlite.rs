@@ -59,16 +59,11 @@ impl SqliteStore {
     }
 
     fn init(conn: Connection) -> StoreResult<Self> {
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(backend)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -92,11 +87,7 @@ fn parse<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
     serde_json::from_str(s).map_err(backend)
 }
 
-fn read_registration(
-    body: &str,
-    group: Option<String>,
-    operation_id: String,
-) -> StoreResult<RegistrationRecord> {
+fn read_registration(body: &str, group: Option<String>, operation_id: String) -> StoreResult<RegistrationRecord> {
     let mut r: RegistrationRecord = parse(body)?;
     r.enrollment_group_id = group;
     r.operation_id = operation_id;
@@ -108,12 +99,7 @@ fn write_registration(tx: &rusqlite::Transaction<'_>, r: &RegistrationRecord) ->
     tx.execute(
         "INSERT INTO registrations (reg_key, group_key, operation_id, body) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(reg_key) DO UPDATE SET group_key = ?2, operation_id = ?3, body = ?4",
-        params![
-            key(&r.registration_id),
-            r.enrollment_group_id.as_deref().map(key),
-            r.operation_id,
-            body
-        ],
+        params![key(&r.registration_id), r.enrollment_group_id.as_deref().map(key), r.operation_id, body],
     )
     .map_err(backend)?;
     Ok(())
@@ -124,11 +110,7 @@ impl Store for SqliteStore {
     async fn setting(&self, k: &str) -> StoreResult<Option<String>> {
         let k = k.to_owned();
         self.with(move |c| {
-            c.query_row("SELECT value FROM settings WHERE key = ?1", [k], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(backend)
+            c.query_row("SELECT value FROM settings WHERE key = ?1", [k], |r| r.get(0)).optional().map_err(backend)
         })
         .await
     }
@@ -136,26 +118,21 @@ impl Store for SqliteStore {
     async fn set_setting(&self, k: &str, v: &str) -> StoreResult<()> {
         let (k, v) = (k.to_owned(), v.to_owned());
         self.with(move |c| {
-            c.execute("INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2", [k, v])
-                .map(|_| ())
-                .map_err(backend)
+            c.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+                [k, v],
+            )
+            .map(|_| ())
+            .map_err(backend)
         })
         .await
     }
 
     async fn hubs(&self) -> StoreResult<Vec<LinkedHub>> {
         self.with(|c| {
-            let mut st = c
-                .prepare("SELECT host_name, owner_key FROM hubs ORDER BY rowid")
-                .map_err(backend)?;
-            let rows = st
-                .query_map([], |r| {
-                    Ok(LinkedHub {
-                        host_name: r.get(0)?,
-                        owner_key: r.get(1)?,
-                    })
-                })
-                .map_err(backend)?;
+            let mut st = c.prepare("SELECT host_name, owner_key FROM hubs ORDER BY rowid").map_err(backend)?;
+            let rows =
+                st.query_map([], |r| Ok(LinkedHub { host_name: r.get(0)?, owner_key: r.get(1)? })).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
         .await
@@ -178,11 +155,7 @@ impl Store for SqliteStore {
         let id = key(id);
         self.with(move |c| {
             let body: Option<String> = c
-                .query_row(
-                    "SELECT body FROM enrollment_groups WHERE id_key = ?1",
-                    [id],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT body FROM enrollment_groups WHERE id_key = ?1", [id], |r| r.get(0))
                 .optional()
                 .map_err(backend)?;
             body.map(|b| parse(&b)).transpose()
@@ -192,12 +165,8 @@ impl Store for SqliteStore {
 
     async fn groups(&self) -> StoreResult<Vec<EnrollmentGroup>> {
         self.with(|c| {
-            let mut st = c
-                .prepare("SELECT body FROM enrollment_groups ORDER BY seq")
-                .map_err(backend)?;
-            let bodies = st
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(backend)?;
+            let mut st = c.prepare("SELECT body FROM enrollment_groups ORDER BY seq").map_err(backend)?;
+            let bodies = st.query_map([], |r| r.get::<_, String>(0)).map_err(backend)?;
             bodies.map(|b| parse(&b.map_err(backend)?)).collect()
         })
         .await
@@ -230,11 +199,7 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let tx = c.transaction().map_err(backend)?;
             let current: Option<String> = tx
-                .query_row(
-                    "SELECT body FROM enrollment_groups WHERE id_key = ?1",
-                    [&id],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT body FROM enrollment_groups WHERE id_key = ?1", [&id], |r| r.get(0))
                 .optional()
                 .map_err(backend)?;
             let Some(current) = current else {
@@ -242,8 +207,7 @@ impl Store for SqliteStore {
             };
             let current: EnrollmentGroup = parse(&current)?;
             check_if_match(if_match.as_deref(), current.etag.as_deref())?;
-            tx.execute("DELETE FROM enrollment_groups WHERE id_key = ?1", [&id])
-                .map_err(backend)?;
+            tx.execute("DELETE FROM enrollment_groups WHERE id_key = ?1", [&id]).map_err(backend)?;
             tx.commit().map_err(backend)?;
             Ok(true)
         })
@@ -254,11 +218,9 @@ impl Store for SqliteStore {
         let id = key(registration_id);
         self.with(move |c| {
             let row: Option<(String, Option<String>, String)> = c
-                .query_row(
-                    "SELECT body, group_key, operation_id FROM registrations WHERE reg_key = ?1",
-                    [id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
+                .query_row("SELECT body, group_key, operation_id FROM registrations WHERE reg_key = ?1", [id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
                 .optional()
                 .map_err(backend)?;
             row.map(|(b, g, o)| read_registration(&b, g, o)).transpose()
@@ -289,20 +251,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn delete_registration(
-        &self,
-        registration_id: &str,
-        if_match: Option<&str>,
-    ) -> StoreResult<bool> {
+    async fn delete_registration(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool> {
         let (id, if_match) = (key(registration_id), if_match.map(str::to_owned));
         self.with(move |c| {
             let tx = c.transaction().map_err(backend)?;
             let current: Option<String> = tx
-                .query_row(
-                    "SELECT body FROM registrations WHERE reg_key = ?1",
-                    [&id],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT body FROM registrations WHERE reg_key = ?1", [&id], |r| r.get(0))
                 .optional()
                 .map_err(backend)?;
             let Some(current) = current else {
@@ -310,8 +264,7 @@ impl Store for SqliteStore {
             };
             let current: RegistrationRecord = parse(&current)?;
             check_if_match(if_match.as_deref(), Some(&current.etag))?;
-            tx.execute("DELETE FROM registrations WHERE reg_key = ?1", [&id])
-                .map_err(backend)?;
+            tx.execute("DELETE FROM registrations WHERE reg_key = ?1", [&id]).map_err(backend)?;
             tx.commit().map_err(backend)?;
             Ok(true)
         })
@@ -328,11 +281,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn commit_assignment(
-        &self,
-        record: &RegistrationRecord,
-        device: &DeviceIdentity,
-    ) -> StoreResult<()> {
+    async fn commit_assignment(&self, record: &RegistrationRecord, device: &DeviceIdentity) -> StoreResult<()> {
         let (record, device) = (record.clone(), device.clone());
         self.with(move |c| {
             let tx = c.transaction().map_err(backend)?;
@@ -353,11 +302,7 @@ impl Store for SqliteStore {
         let (h, d) = (key(hub), key(device_id));
         self.with(move |c| {
             let body: Option<String> = c
-                .query_row(
-                    "SELECT body FROM devices WHERE hub_key = ?1 AND device_key = ?2",
-                    [h, d],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT body FROM devices WHERE hub_key = ?1 AND device_key = ?2", [h, d], |r| r.get(0))
                 .optional()
                 .map_err(backend)?;
             body.map(|b| parse(&b)).transpose()
@@ -368,12 +313,8 @@ impl Store for SqliteStore {
     async fn devices(&self, hub: &str) -> StoreResult<Vec<DeviceIdentity>> {
         let h = key(hub);
         self.with(move |c| {
-            let mut st = c
-                .prepare("SELECT body FROM devices WHERE hub_key = ?1 ORDER BY rowid")
-                .map_err(backend)?;
-            let bodies = st
-                .query_map([h], |r| r.get::<_, String>(0))
-                .map_err(backend)?;
+            let mut st = c.prepare("SELECT body FROM devices WHERE hub_key = ?1 ORDER BY rowid").map_err(backend)?;
+            let bodies = st.query_map([h], |r| r.get::<_, String>(0)).map_err(backend)?;
             bodies.map(|b| parse(&b.map_err(backend)?)).collect()
         })
         .await

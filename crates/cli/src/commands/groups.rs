@@ -70,9 +70,7 @@ pub enum GroupCommand {
 }
 
 fn parse_twin(s: &Option<String>) -> anyhow::Result<Option<Value>> {
-    s.as_deref()
-        .map(|t| serde_json::from_str(t).context("--initial-twin is not valid JSON"))
-        .transpose()
+    s.as_deref().map(|t| serde_json::from_str(t).context("--initial-twin is not valid JSON")).transpose()
 }
 
 pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
@@ -114,14 +112,7 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
             }
             print_json(&c.put_enrollment_group(&g, None).await.map_err(describe)?);
         }
-        GroupCommand::Update {
-            target,
-            group_id,
-            provisioning_status,
-            iot_hub,
-            initial_twin,
-            etag,
-        } => {
+        GroupCommand::Update { target, group_id, provisioning_status, iot_hub, initial_twin, etag } => {
             let c = client(&target)?;
             let mut g = c.get_enrollment_group(&group_id).await.map_err(describe)?;
             let etag = etag.or_else(|| g.get("etag").and_then(Value::as_str).map(str::to_owned));
@@ -135,48 +126,24 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
             if let Some(t) = parse_twin(&initial_twin)? {
                 g["initialTwin"] = t;
             }
-            print_json(
-                &c.put_enrollment_group(&g, etag.as_deref())
-                    .await
-                    .map_err(describe)?
-                    .clone(),
-            );
+            print_json(&c.put_enrollment_group(&g, etag.as_deref()).await.map_err(describe)?.clone());
         }
-        GroupCommand::Show {
-            target,
-            group_id,
-            show_keys,
-        } => {
+        GroupCommand::Show { target, group_id, show_keys } => {
             let c = client(&target)?;
             let mut g = c.get_enrollment_group(&group_id).await.map_err(describe)?;
             if show_keys {
-                g["attestation"] = c
-                    .enrollment_group_attestation(&group_id)
-                    .await
-                    .map_err(describe)?;
+                g["attestation"] = c.enrollment_group_attestation(&group_id).await.map_err(describe)?;
             }
             print_json(&g);
         }
         GroupCommand::List { target } => {
             let c = client(&target)?;
-            print_json(&Value::Array(
-                c.list_enrollment_groups().await.map_err(describe)?,
-            ));
+            print_json(&Value::Array(c.list_enrollment_groups().await.map_err(describe)?));
         }
-        GroupCommand::Delete {
-            target,
-            group_id,
-            etag,
-        } => {
+        GroupCommand::Delete { target, group_id, etag } => {
             let c = client(&target)?;
-            let orphans = c
-                .list_registrations(&group_id)
-                .await
-                .map(|r| r.len())
-                .unwrap_or(0);
-            c.delete_enrollment_group(&group_id, etag.as_deref())
-                .await
-                .map_err(describe)?;
+            let orphans = c.list_registrations(&group_id).await.map(|r| r.len()).unwrap_or(0);
+            c.delete_enrollment_group(&group_id, etag.as_deref()).await.map_err(describe)?;
             if orphans > 0 {
                 eprintln!("warning: {orphans} registration record(s) of '{group_id}' remain; delete them with `fleetgate registration delete`.");
             }

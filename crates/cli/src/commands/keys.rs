@@ -25,12 +25,8 @@ pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::String(derive(id)?));
         return Ok(());
     }
-    let path = args
-        .registration_ids_file
-        .as_ref()
-        .expect("clap requires one of the two");
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let path = args.registration_ids_file.as_ref().expect("clap requires one of the two");
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = String::from("registrationId,derivedKey\n");
     for (n, line) in text.lines().enumerate() {
         let id = line.trim();

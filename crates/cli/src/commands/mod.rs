@@ -16,28 +16,18 @@ pub fn client(target: &Target) -> anyhow::Result<DpsServiceClient> {
         Some(c) => (c.clone(), None),
         None => {
             let inst = fleetgate_server::Instance::read(&target.data_dir).with_context(|| {
-                format!(
-                    "no --connection-string given and no instance in {}",
-                    target.data_dir.display()
-                )
+                format!("no --connection-string given and no instance in {}", target.data_dir.display())
             })?;
-            (
-                inst.service_connection_string,
-                Some(std::path::PathBuf::from(inst.ca_certificate)),
-            )
+            (inst.service_connection_string, Some(std::path::PathBuf::from(inst.ca_certificate)))
         }
     };
-    let conn: ConnectionString = conn
-        .parse()
-        .map_err(|e: String| anyhow!("invalid connection string: {e}"))?;
+    let conn: ConnectionString = conn.parse().map_err(|e: String| anyhow!("invalid connection string: {e}"))?;
     let ca_path = target.ca_cert.clone().or(ca_default).or_else(|| {
         let p = target.data_dir.join("ca.pem");
         p.exists().then_some(p)
     });
     let ca = match ca_path {
-        Some(p) => Some(
-            std::fs::read(&p).with_context(|| format!("reading CA certificate {}", p.display()))?,
-        ),
+        Some(p) => Some(std::fs::read(&p).with_context(|| format!("reading CA certificate {}", p.display()))?),
         None => None,
     };
     Ok(DpsServiceClient::new(conn, ca.as_deref())?)
@@ -47,10 +37,7 @@ pub fn client(target: &Target) -> anyhow::Result<DpsServiceClient> {
 pub fn describe(e: ServiceError) -> anyhow::Error {
     match &e {
         ServiceError::Api { status, body } => {
-            let code = body
-                .get("errorCode")
-                .map(|c| c.to_string())
-                .unwrap_or_default();
+            let code = body.get("errorCode").map(|c| c.to_string()).unwrap_or_default();
             let msg = body.get("message").and_then(|m| m.as_str()).unwrap_or("");
             anyhow!("service returned {status} {code}: {msg}")
         }

@@ -34,32 +34,13 @@ pub enum RegistrationCommand {
 pub async fn run(cmd: RegistrationCommand) -> anyhow::Result<()> {
     match cmd {
         RegistrationCommand::List { target, group_id } => {
-            print_json(&Value::Array(
-                client(&target)?
-                    .list_registrations(&group_id)
-                    .await
-                    .map_err(describe)?,
-            ));
+            print_json(&Value::Array(client(&target)?.list_registrations(&group_id).await.map_err(describe)?));
         }
-        RegistrationCommand::Show {
-            target,
-            registration_id,
-        } => {
-            print_json(
-                &client(&target)?
-                    .get_registration(&registration_id)
-                    .await
-                    .map_err(describe)?,
-            );
+        RegistrationCommand::Show { target, registration_id } => {
+            print_json(&client(&target)?.get_registration(&registration_id).await.map_err(describe)?);
         }
-        RegistrationCommand::Delete {
-            target,
-            registration_id,
-        } => {
-            client(&target)?
-                .delete_registration(&registration_id)
-                .await
-                .map_err(describe)?;
+        RegistrationCommand::Delete { target, registration_id } => {
+            client(&target)?.delete_registration(&registration_id).await.map_err(describe)?;
         }
     }
     Ok(())

@@ -37,11 +37,8 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETGATE_LOG")
-        .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEETGATE_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if args.log_format == "json" {
         builder.json().init();
     } else {
@@ -57,14 +54,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.hub_hostname = args.hub_hostname;
     config.immediate_assignment = args.registration_response == "immediate";
 
-    let server = fleetgate_server::start(config)
-        .await
-        .context("starting fleetgate")?;
+    let server = fleetgate_server::start(config).await.context("starting fleetgate")?;
     println!("{}", server.instance.banner());
-    println!(
-        "  MQTT/TLS on {}, HTTPS on {}",
-        server.mqtt_addr, server.https_addr
-    );
+    println!("  MQTT/TLS on {}, HTTPS on {}", server.mqtt_addr, server.https_addr);
     let stop = server.shutdown_signal();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -78,8 +70,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -90,8 +82,8 @@ async fn wait_for_signal() {
 }
 
 pub fn info(data_dir: &Path) -> anyhow::Result<()> {
-    let inst = fleetgate_server::Instance::read(data_dir)
-        .context("run `fleetgate serve` once to create the instance")?;
+    let inst =
+        fleetgate_server::Instance::read(data_dir).context("run `fleetgate serve` once to create the instance")?;
     print!("{}", inst.banner());
     Ok(())
 }

@@ -27,12 +27,7 @@ pub struct Connection<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn new(stream: S, max_packet: usize) -> Self {
-        Self {
-            stream,
-            read_buf: BytesMut::with_capacity(4096),
-            write_buf: BytesMut::with_capacity(4096),
-            max_packet,
-        }
+        Self { stream, read_buf: BytesMut::with_capacity(4096), write_buf: BytesMut::with_capacity(4096), max_packet }
     }
 
     pub fn set_max_packet(&mut self, max_packet: usize) {
@@ -50,20 +45,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             }
             if self.stream.read_buf(&mut self.read_buf).await? == 0 {
-                return if self.read_buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(ConnectionError::TruncatedPacket)
-                };
+                return if self.read_buf.is_empty() { Ok(None) } else { Err(ConnectionError::TruncatedPacket) };
             }
         }
     }
 
     pub async fn write_packet(&mut self, packet: Packet) -> Result<(), ConnectionError> {
         self.write_buf.clear();
-        packet
-            .write(&mut self.write_buf, usize::MAX)
-            .map_err(ConnectionError::Protocol)?;
+        packet.write(&mut self.write_buf, usize::MAX).map_err(ConnectionError::Protocol)?;
         self.stream.write_all(&self.write_buf).await?;
         self.stream.flush().await?;
         Ok(())

@@ -12,13 +12,11 @@ use fleetgate_core::registration::assigning_status;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::DpsError;
 use fleetgate_dps::mqtt::{
-    parse_request_topic, register_payload, response_topic, DpsRequest, DpsUsername, TopicError,
-    RESPONSE_FILTER,
+    parse_request_topic, register_payload, response_topic, DpsRequest, DpsUsername, TopicError, RESPONSE_FILTER,
 };
 use fleetgate_dps::{DeviceAuth, Provisioning};
 use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
-    UnsubAck,
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::QoS;
 use serde_json::Value;
@@ -55,33 +53,15 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     // The client id is the registration id in every SDK; a mismatch is a confused or hostile client.
-    if !connect.client_id.is_empty()
-        && !connect
-            .client_id
-            .eq_ignore_ascii_case(&user.registration_id)
-    {
+    if !connect.client_id.is_empty() && !connect.client_id.eq_ignore_ascii_case(&user.registration_id) {
         tracing::info!(client_id = %printable(&connect.client_id), registration_id = %printable(&user.registration_id), "refused DPS CONNECT: client id is not the registration id");
-        conn.write_packet(Packet::ConnAck(ConnAck::new(
-            ConnectReturnCode::BadClientId,
-            false,
-        )))
-        .await?;
+        conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))).await?;
         return Ok(());
     }
-    let password = connect
-        .login
-        .as_ref()
-        .map(|l| l.password.as_str())
-        .filter(|p| !p.is_empty());
-    let auth = dps
-        .authenticate(&user.id_scope, &user.registration_id, password)
-        .await;
+    let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
+    let auth = dps.authenticate(&user.id_scope, &user.registration_id, password).await;
     conn.set_max_packet(limits.max_dps_packet_bytes);
-    conn.write_packet(Packet::ConnAck(ConnAck::new(
-        ConnectReturnCode::Success,
-        false,
-    )))
-    .await?;
+    conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
 
     // Azure disconnects a client silent for 1.5x its keep-alive; keep-alive 0 (the C SDK) gets
     // the idle limit instead.
@@ -129,22 +109,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .iter()
                     .map(|f| {
                         if f.path == RESPONSE_FILTER {
-                            SubscribeReasonCode::Success(if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce })
+                            SubscribeReasonCode::Success(if f.qos == QoS::AtMostOnce {
+                                QoS::AtMostOnce
+                            } else {
+                                QoS::AtLeastOnce
+                            })
                         } else {
                             tracing::info!(filter = %printable(&f.path), "refused DPS subscription");
                             SubscribeReasonCode::Failure
                         }
                     })
                     .collect();
-                self.conn
-                    .write_packet(Packet::SubAck(SubAck::new(sub.pkid, codes)))
-                    .await?;
+                self.conn.write_packet(Packet::SubAck(SubAck::new(sub.pkid, codes))).await?;
                 Ok(true)
             }
             Packet::Unsubscribe(u) => {
-                self.conn
-                    .write_packet(Packet::UnsubAck(UnsubAck::new(u.pkid)))
-                    .await?;
+                self.conn.write_packet(Packet::UnsubAck(UnsubAck::new(u.pkid))).await?;
                 Ok(true)
             }
             Packet::Publish(p) => self.on_publish(p).await,
@@ -180,9 +160,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         if p.qos == QoS::AtLeastOnce {
-            self.conn
-                .write_packet(Packet::PubAck(PubAck::new(p.pkid)))
-                .await?;
+            self.conn.write_packet(Packet::PubAck(PubAck::new(p.pkid))).await?;
         }
         let (rid, status, retry_after, body) = match request {
             DpsRequest::Register { rid } => {
@@ -211,16 +189,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(why) => return error(&DpsError::bad_request(why)),
         };
         match self.dps.register(&auth, payload).await {
-            Ok(outcome) if self.dps.config().immediate_assignment => {
-                (200, None, outcome.record.operation_status())
-            }
+            Ok(outcome) if self.dps.config().immediate_assignment => (200, None, outcome.record.operation_status()),
             Ok(outcome) => (
                 202,
                 Some(POLL_RETRY_AFTER_SECS),
-                assigning_status(
-                    &outcome.record.operation_id,
-                    &outcome.record.registration_id,
-                ),
+                assigning_status(&outcome.record.operation_id, &outcome.record.registration_id),
             ),
             Err(e) => error(&e),
         }
@@ -251,11 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         body: Value,
     ) -> Result<(), ConnectionError> {
         self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-        let mut publish = Publish::new(
-            response_topic(status, rid, retry_after),
-            QoS::AtLeastOnce,
-            body.to_string(),
-        );
+        let mut publish = Publish::new(response_topic(status, rid, retry_after), QoS::AtLeastOnce, body.to_string());
         publish.pkid = self.next_packet_id;
         self.conn.write_packet(Packet::Publish(publish)).await
     }
@@ -265,9 +234,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 fn error(e: &DpsError) -> (u16, Option<u32>, Value) {
     let status = e.status();
     let retry = (status == 429 || status >= 500).then_some(POLL_RETRY_AFTER_SECS);
-    (
-        status,
-        retry,
-        e.to_body(&uuid::Uuid::new_v4().to_string(), Timestamp::now()),
-    )
+    (status, retry, e.to_body(&uuid::Uuid::new_v4().to_string(), Timestamp::now()))
 }

@@ -48,12 +48,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, dps, limits, shutdown) = (
-            acceptor.clone(),
-            dps.clone(),
-            limits.clone(),
-            shutdown.clone(),
-        );
+        let (acceptor, dps, limits, shutdown) = (acceptor.clone(), dps.clone(), limits.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = handle(tcp, acceptor, dps, limits, shutdown).await {
@@ -75,9 +70,7 @@ async fn handle(
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
         .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-        })??;
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
     let mut conn = Connection::new(tls, MAX_CONNECT_BYTES);
     let first = tokio::time::timeout_at(deadline, conn.read_packet())
         .await
@@ -86,44 +79,27 @@ async fn handle(
         // Azure IoT Hub and DPS speak MQTT 3.1.1 only.
         Ok(Some(Packet::Connect(c))) if c.protocol == Protocol::V4 => c,
         Ok(Some(Packet::Connect(_)))
-        | Err(ConnectionError::Protocol(
-            CodecError::InvalidProtocolLevel(_) | CodecError::InvalidProtocol,
-        )) => {
+        | Err(ConnectionError::Protocol(CodecError::InvalidProtocolLevel(_) | CodecError::InvalidProtocol)) => {
             tracing::info!("refused MQTT CONNECT: protocol is not MQTT 3.1.1");
-            conn.write_packet(Packet::ConnAck(ConnAck::new(
-                ConnectReturnCode::RefusedProtocolVersion,
-                false,
-            )))
-            .await?;
+            conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false))).await?;
             return Ok(());
         }
         Ok(Some(_)) | Ok(None) => return Ok(()), // MQTT: anything but CONNECT first closes the connection.
         Err(e) => return Err(e),
     };
-    let username = connect
-        .login
-        .as_ref()
-        .map(|l| l.username.clone())
-        .unwrap_or_default();
+    let username = connect.login.as_ref().map(|l| l.username.clone()).unwrap_or_default();
     if let Some(dps_user) = DpsUsername::parse(&username) {
         return dps_session::run(conn, connect, dps_user, dps, limits, shutdown).await;
     }
     // Hub device connections (`{hub}/{deviceId}/?api-version=...`) are not served yet; anything
     // else is not a username we know. Either way the client is not authorized here.
     tracing::info!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: not a DPS username");
-    conn.write_packet(Packet::ConnAck(ConnAck::new(
-        ConnectReturnCode::BadUserNamePassword,
-        false,
-    )))
-    .await?;
+    conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))).await?;
     conn.shutdown().await;
     Ok(())
 }
 
 /// Untrusted text bounded and stripped of control characters, for logs.
 pub(crate) fn printable(s: &str) -> String {
-    s.chars()
-        .take(160)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    s.chars().take(160).map(|c| if c.is_control() { '?' } else { c }).collect()
 }

@@ -43,11 +43,7 @@ impl TestServer {
         let mut c = config(dir.path());
         f(&mut c);
         let server = fleetgate_server::start(c.clone()).await.unwrap();
-        Self {
-            server: Some(server),
-            dir,
-            config: c,
-        }
+        Self { server: Some(server), dir, config: c }
     }
 
     pub fn running(&self) -> &RunningServer {
@@ -69,23 +65,14 @@ impl TestServer {
         std::fs::read(self.dir.path().join("ca.pem")).unwrap()
     }
     pub fn service_connection_string(&self) -> ConnectionString {
-        self.running()
-            .instance
-            .service_connection_string
-            .parse()
-            .unwrap()
+        self.running().instance.service_connection_string.parse().unwrap()
     }
     pub fn service(&self) -> DpsServiceClient {
         DpsServiceClient::new(self.service_connection_string(), Some(&self.ca_pem())).unwrap()
     }
     pub fn service_token(&self) -> String {
         let c = self.service_connection_string();
-        build_token(
-            &c.key,
-            &c.host_name,
-            Timestamp::now().unix_seconds() + 600,
-            Some(&c.key_name),
-        )
+        build_token(&c.key, &c.host_name, Timestamp::now().unix_seconds() + 600, Some(&c.key_name))
     }
     pub fn http(&self) -> reqwest::Client {
         reqwest::Client::builder()
@@ -131,17 +118,11 @@ impl TestServer {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let tcp = TcpStream::connect(self.mqtt_addr()).await.unwrap();
-        TlsConnector::from(Arc::new(cfg))
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-            .unwrap()
+        TlsConnector::from(Arc::new(cfg)).connect("localhost".try_into().unwrap(), tcp).await.unwrap()
     }
 
     pub async fn mqtt(&self) -> Mqtt {
-        Mqtt {
-            stream: self.tls().await,
-            buf: BytesMut::new(),
-        }
+        Mqtt { stream: self.tls().await, buf: BytesMut::new() }
     }
 }
 
@@ -217,10 +198,7 @@ impl Mqtt {
     /// Waits for the next PUBLISH, skipping nothing: anything else is returned as an error.
     pub async fn expect_publish(&mut self) -> (String, Value) {
         match self.recv().await {
-            Some(Packet::Publish(p)) => (
-                p.topic.clone(),
-                serde_json::from_slice(&p.payload).expect("JSON body"),
-            ),
+            Some(Packet::Publish(p)) => (p.topic.clone(), serde_json::from_slice(&p.payload).expect("JSON body")),
             other => panic!("expected PUBLISH, got {other:?}"),
         }
     }
@@ -233,10 +211,5 @@ pub fn dps_username(scope: &str, reg: &str) -> String {
 
 /// A device token in the Python SDK's form (percent-encoded `sr`, no `skn`).
 pub fn device_token(key: &SymmetricKey, scope: &str, reg: &str) -> String {
-    build_token(
-        key,
-        &format!("{scope}/registrations/{reg}"),
-        Timestamp::now().unix_seconds() + 3600,
-        None,
-    )
+    build_token(key, &format!("{scope}/registrations/{reg}"), Timestamp::now().unix_seconds() + 3600, None)
 }
