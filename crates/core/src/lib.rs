@@ -10,6 +10,7 @@ pub mod enrollment;
 pub mod error;
 pub mod ids;
 pub mod keys;
+pub mod message;
 pub mod registration;
 pub mod sas;
 pub mod time;
