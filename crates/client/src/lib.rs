@@ -2,6 +2,7 @@
 //! it with the hub).
 
 pub mod connection_string;
+pub mod device;
 pub mod service;
 
 pub use connection_string::ConnectionString;

@@ -1,0 +1,156 @@
+//! The device client against a real Fleetgate server on loopback (port 0, temp data dir).
+
+use std::time::Duration;
+
+use fleetgate_client::device::{register, DeviceError, RegisterOptions};
+use fleetgate_client::{ConnectionString, DpsServiceClient};
+use fleetgate_core::keys::SymmetricKey;
+use fleetgate_server::{RunningServer, ServerConfig};
+use serde_json::{json, Value};
+
+struct Server {
+    running: RunningServer,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(immediate_assignment: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = ServerConfig::new(dir.path().to_path_buf());
+        c.mqtt_port = 0;
+        c.https_port = 0;
+        c.immediate_assignment = immediate_assignment;
+        let running = fleetgate_server::start(c).await.unwrap();
+        Self { running, dir }
+    }
+
+    fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("ca.pem")).unwrap()
+    }
+
+    fn service(&self) -> DpsServiceClient {
+        let conn: ConnectionString = self.running.instance.service_connection_string.parse().unwrap();
+        DpsServiceClient::new(conn, Some(&self.ca_pem())).unwrap()
+    }
+
+    /// Creates a symmetric-key group and returns its primary key.
+    async fn group(&self, id: &str, extra: Value) -> SymmetricKey {
+        let mut g = json!({"enrollmentGroupId": id, "attestation": {"type": "symmetricKey"}});
+        for (k, v) in extra.as_object().unwrap() {
+            g[k] = v.clone();
+        }
+        let g = self.service().put_enrollment_group(&g, None).await.unwrap();
+        SymmetricKey::from_base64(g["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap()
+    }
+
+    /// Options for `reg`, connecting to 127.0.0.1 and verifying the certificate as `localhost`.
+    fn options(&self, reg: &str, key: SymmetricKey) -> RegisterOptions {
+        let mut o = RegisterOptions::new("127.0.0.1", self.ca_pem(), &self.running.instance.id_scope, reg, key);
+        o.port = self.running.mqtt_addr.port();
+        o.server_name = Some("localhost".into());
+        o.timeout = Duration::from_secs(20);
+        o
+    }
+}
+
+#[tokio::test]
+async fn registers_and_is_assigned_at_once() {
+    let s = Server::start(true).await;
+    let group_key = s.group("grp-1", json!({})).await;
+    let mut o = s.options("dev-001", group_key.derive_device_key("dev-001"));
+    o.payload = Some(json!({"modelId": "dtmi:example;1"}));
+    let r = register(&o).await.unwrap();
+    assert_eq!(r.status, "assigned");
+    assert_eq!(r.assigned_hub, s.running.instance.hubs[0].host_name);
+    assert_eq!(r.device_id, "dev-001");
+    assert_eq!(r.registration_id, "dev-001");
+    assert_eq!(r.substatus.as_deref(), Some("initialAssignment"));
+    assert!(!r.operation_id.is_empty());
+    assert_eq!(r.registration_state["symmetricKey"]["enrollmentGroupId"], "grp-1");
+
+    // The service keeps the record; registering again keeps the device id and creation time.
+    let rec = s.service().get_registration("dev-001").await.unwrap();
+    assert_eq!(rec["assignedHub"], r.assigned_hub.as_str());
+    // Connecting by the certificate's own name works too.
+    o.host = "localhost".into();
+    o.server_name = None;
+    let again = register(&o).await.unwrap();
+    assert_eq!(again.device_id, "dev-001");
+    assert_eq!(again.created_date_time_utc, r.created_date_time_utc);
+}
+
+#[tokio::test]
+async fn follows_202_and_polls_the_operation_status() {
+    let s = Server::start(false).await;
+    let group_key = s.group("grp-poll", json!({})).await;
+    let started = std::time::Instant::now();
+    let r = register(&s.options("dev-poll", group_key.derive_device_key("dev-poll"))).await.unwrap();
+    assert_eq!(r.status, "assigned");
+    assert_eq!(r.device_id, "dev-poll");
+    assert_eq!(r.assigned_hub, s.running.instance.hubs[0].host_name);
+    assert!(started.elapsed() >= Duration::from_secs(1), "waited for retry-after before polling");
+}
+
+#[tokio::test]
+async fn wrong_key_is_a_401002_service_error() {
+    let s = Server::start(true).await;
+    s.group("grp-1", json!({})).await;
+    let wrong = SymmetricKey::generate().derive_device_key("dev-x");
+    let e = register(&s.options("dev-x", wrong)).await.unwrap_err();
+    assert!(matches!(e, DeviceError::Service { status: 401, error_code: 401002, .. }), "{e:?}");
+    assert!(e.reason().starts_with("401002 "), "{}", e.reason());
+}
+
+#[tokio::test]
+async fn invalid_registration_id_is_a_400() {
+    let s = Server::start(true).await;
+    let group_key = s.group("grp-1", json!({})).await;
+    let e = register(&s.options("bad!id", group_key.derive_device_key("bad!id"))).await.unwrap_err();
+    assert!(matches!(e, DeviceError::Service { status: 400, .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn disabled_group_is_a_failed_registration() {
+    let s = Server::start(true).await;
+    let group_key = s.group("grp-off", json!({"provisioningStatus": "disabled"})).await;
+    let e = register(&s.options("dev-off", group_key.derive_device_key("dev-off"))).await.unwrap_err();
+    match e {
+        DeviceError::Failed { status, registration_state } => {
+            assert_eq!(status, "disabled");
+            assert_eq!(registration_state["status"], "disabled");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn untrusted_server_and_unreachable_port_fail_cleanly() {
+    let s = Server::start(true).await;
+    let group_key = s.group("grp-1", json!({})).await;
+    // A different CA: the handshake must fail.
+    let other = tempfile::tempdir().unwrap();
+    let mut c = ServerConfig::new(other.path().to_path_buf());
+    c.mqtt_port = 0;
+    c.https_port = 0;
+    let other_server = fleetgate_server::start(c).await.unwrap();
+    let mut o = s.options("dev-1", group_key.derive_device_key("dev-1"));
+    o.ca_pem = std::fs::read(other.path().join("ca.pem")).unwrap();
+    let e = register(&o).await.unwrap_err();
+    assert!(matches!(e, DeviceError::Tls(_)), "{e:?}");
+    // The name the certificate must carry is checked.
+    let mut o = s.options("dev-1", group_key.derive_device_key("dev-1"));
+    o.server_name = Some("elsewhere.example".into());
+    let e = register(&o).await.unwrap_err();
+    assert!(matches!(e, DeviceError::Tls(_)), "{e:?}");
+    other_server.shutdown().await;
+    // Nothing listening.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut o = s.options("dev-1", group_key.derive_device_key("dev-1"));
+    o.port = closed_port;
+    let e = register(&o).await.unwrap_err();
+    assert!(matches!(e, DeviceError::Connection(_)), "{e:?}");
+    // Not a PEM at all.
+    let mut o = s.options("dev-1", group_key.derive_device_key("dev-1"));
+    o.ca_pem = b"nothing".to_vec();
+    assert!(matches!(register(&o).await.unwrap_err(), DeviceError::Tls(_)));
+}
