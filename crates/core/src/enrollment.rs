@@ -212,6 +212,7 @@ impl EnrollmentGroup {
         }
         if let Some(twin) = &self.initial_twin {
             validate_initial_twin(twin)?;
+            crate::twin::Twin::from_initial(Some(twin))?;
         }
 
         let now_s = now.to_azure_string();

@@ -1,4 +1,4 @@
-//! Errors as Azure DPS reports them: an HTTP status plus a six-digit `errorCode`.
+//! Errors as Azure DPS and IoT Hub report them: an HTTP status plus a six-digit `errorCode`.
 //!
 //! Every front end (MQTT response topics, HTTPS responses) turns a [`DpsError`] into the same
 //! status and JSON body; the mapping lives here and nowhere else.
@@ -43,6 +43,18 @@ pub enum ErrorCode {
     Throttled,
     /// 500000: an internal error; nothing was changed.
     Internal,
+    /// 404001 (IoT Hub): no device with that id in the hub's registry.
+    DeviceNotFound,
+    /// 409001 (IoT Hub): a device with that id already exists.
+    DeviceAlreadyExists,
+    /// 404103 (IoT Hub): a direct method was invoked on a device that is not connected.
+    DeviceNotOnline,
+    /// 504101 (IoT Hub): the device did not answer a direct method in time.
+    GatewayTimeout,
+    /// 403004 (IoT Hub): the device's cloud-to-device queue is full.
+    QueueDepthExceeded,
+    /// 413001 (IoT Hub): the message is larger than the hub accepts.
+    MessageTooLarge,
 }
 
 impl ErrorCode {
@@ -64,6 +76,12 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => 415000,
             ErrorCode::Throttled => 429001,
             ErrorCode::Internal => 500000,
+            ErrorCode::DeviceNotFound => 404001,
+            ErrorCode::DeviceAlreadyExists => 409001,
+            ErrorCode::DeviceNotOnline => 404103,
+            ErrorCode::GatewayTimeout => 504101,
+            ErrorCode::QueueDepthExceeded => 403004,
+            ErrorCode::MessageTooLarge => 413001,
         }
     }
 

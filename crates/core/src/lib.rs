@@ -14,5 +14,6 @@ pub mod message;
 pub mod registration;
 pub mod sas;
 pub mod time;
+pub mod twin;
 
 pub use error::{DpsError, ErrorCode};

@@ -178,3 +178,46 @@ mod tests {
         }
     }
 }
+
+/// A device-to-cloud message as the hub stores it: appended once, read by position.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryEvent {
+    /// Position in the hub's stream (assigned at append; 0 before).
+    pub seq: u64,
+    pub hub: String,
+    pub device_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_id: Option<String>,
+    pub enqueued_time: String,
+    pub properties: Properties,
+    #[serde(with = "body_b64")]
+    pub body: Vec<u8>,
+}
+
+/// A cloud-to-device message waiting for (or in) delivery.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct C2dMessage {
+    /// Unique per message; also the `message-id` system property when the sender set none.
+    pub id: String,
+    pub hub: String,
+    pub device_id: String,
+    pub enqueued_time: String,
+    /// Unix seconds after which the message is dropped undelivered.
+    pub expiry: i64,
+    pub properties: Properties,
+    #[serde(with = "body_b64")]
+    pub body: Vec<u8>,
+}
+
+mod body_b64 {
+    use base64::Engine;
+    pub fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}

@@ -10,6 +10,7 @@ use fleetgate_core::ids::{IdScope, RegistrationId};
 use fleetgate_core::registration::{RegistrationRecord, RegistrationStatus};
 use fleetgate_core::sas::{SasError, SasToken};
 use fleetgate_core::time::Timestamp;
+use fleetgate_core::twin::Twin;
 use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_store::{Store, StoreError};
 use serde_json::Value;
@@ -178,6 +179,11 @@ impl Provisioning {
             RegistrationRecord::assigned(existing.as_ref(), id, &group.enrollment_group_id, &hub, payload, now);
         let device_id = record.device_id.clone().unwrap_or_else(|| id.as_str().to_owned());
         let existing_device = self.store.device(&hub, &device_id).await.map_err(store_err)?;
+        // A new device starts from the enrollment's initial twin; an existing one keeps its twin.
+        let twin = match &existing_device {
+            None => Some(Twin::from_initial(group.initial_twin.as_ref())?),
+            Some(_) => None,
+        };
         let device = DeviceIdentity::provisioned(
             existing_device.as_ref(),
             &hub,
@@ -185,7 +191,7 @@ impl Provisioning {
             &derived_device_keys(&group, id.as_str()),
             now,
         );
-        self.store.commit_assignment(&record, &device).await.map_err(store_err)?;
+        self.store.commit_assignment(&record, &device, twin.as_ref()).await.map_err(store_err)?;
         tracing::info!(registration_id = %id, hub = %hub, group = %group.enrollment_group_id, "device assigned");
         Ok(RegisterOutcome { record })
     }

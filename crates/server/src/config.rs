@@ -18,6 +18,8 @@ pub struct ServerConfig {
     /// Answer register requests at once with the final result (true) or with 202 + polling.
     pub immediate_assignment: bool,
     pub limits: Limits,
+    /// Hub limits (message sizes, C2D queue depth and TTL).
+    pub hub: fleetgate_hub::HubConfig,
 }
 
 impl ServerConfig {
@@ -31,6 +33,7 @@ impl ServerConfig {
             hub_hostname: "localhost".into(),
             immediate_assignment: true,
             limits: Limits::default(),
+            hub: fleetgate_hub::HubConfig::default(),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The HTTPS listener (port 443): the service REST APIs (and, later, device HTTPS), routed by
-//! path on one TLS port.
+//! The HTTPS listener (port 443): the DPS and hub service REST APIs (and, later, device HTTPS),
+//! routed by path on one TLS port.
 
 use std::sync::Arc;
 
@@ -8,6 +8,7 @@ use axum::Router;
 use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_dps::service_api::{self, ApiError};
 use fleetgate_dps::Provisioning;
+use fleetgate_hub::Hub;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -56,10 +57,11 @@ fn canonicalize<B>(mut req: http::Request<B>) -> http::Request<B> {
     req
 }
 
-pub fn app(dps: Arc<Provisioning>) -> Router {
+pub fn app(dps: Arc<Provisioning>, hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .merge(service_api::router(dps))
+        .merge(fleetgate_hub::service_api::router(hub))
         .fallback(|| async { ApiError(DpsError::new(ErrorCode::NotFound, "No such resource.")).into_response() })
 }
 
@@ -67,13 +69,14 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     dps: Arc<Provisioning>,
+    hub: Arc<Hub>,
     limits: Arc<Limits>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tls = (*tls).clone();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let app = app(dps);
+    let app = app(dps, hub);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use fleetgate_dps::{Provisioning, ProvisioningConfig};
+use fleetgate_hub::Hub;
 use fleetgate_store::Store;
 use tokio::sync::watch;
 
@@ -89,11 +90,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         },
     ));
 
+    let hub = Arc::new(Hub::new(data.store.clone(), config.hub.clone()));
+
     let (shutdown, rx) = watch::channel(false);
     let limits = Arc::new(config.limits.clone());
     let tasks = vec![
-        tokio::spawn(mqtt::serve(mqtt_listener, tls.clone(), dps.clone(), limits.clone(), rx.clone())),
-        tokio::spawn(https::serve(https_listener, tls, dps, limits, rx)),
+        tokio::spawn(mqtt::serve(mqtt_listener, tls.clone(), dps.clone(), hub.clone(), limits.clone(), rx.clone())),
+        tokio::spawn(https::serve(https_listener, tls, dps, hub, limits, rx)),
     ];
     tracing::info!(%mqtt_addr, %https_addr, id_scope = %instance.id_scope, "fleetgate serving");
     Ok(RunningServer { mqtt_addr, https_addr, instance, shutdown, tasks })

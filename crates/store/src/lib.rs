@@ -9,7 +9,9 @@ mod sqlite;
 use async_trait::async_trait;
 use fleetgate_core::device::DeviceIdentity;
 use fleetgate_core::enrollment::EnrollmentGroup;
+use fleetgate_core::message::{C2dMessage, TelemetryEvent};
 use fleetgate_core::registration::RegistrationRecord;
+use fleetgate_core::twin::Twin;
 use fleetgate_core::DpsError;
 
 pub use sqlite::SqliteStore;
@@ -72,9 +74,42 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_registration(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool>;
     /// Stores a record that assigns nothing new (a failure after authentication).
     async fn put_registration(&self, record: &RegistrationRecord) -> StoreResult<()>;
-    /// Stores an assignment: the registration record and the device identity, in one transaction.
-    async fn commit_assignment(&self, record: &RegistrationRecord, device: &DeviceIdentity) -> StoreResult<()>;
+    /// Stores an assignment: the registration record, the device identity and (when `twin` is
+    /// given) its twin, in one transaction. `twin: None` keeps the device's existing twin.
+    async fn commit_assignment(
+        &self,
+        record: &RegistrationRecord,
+        device: &DeviceIdentity,
+        twin: Option<&Twin>,
+    ) -> StoreResult<()>;
 
     async fn device(&self, hub: &str, device_id: &str) -> StoreResult<Option<DeviceIdentity>>;
-    async fn devices(&self, hub: &str) -> StoreResult<Vec<DeviceIdentity>>;
+    /// Devices of a hub, oldest first, paged.
+    async fn devices(&self, hub: &str, offset: usize, limit: usize) -> StoreResult<Vec<DeviceIdentity>>;
+    async fn twin(&self, hub: &str, device_id: &str) -> StoreResult<Option<(DeviceIdentity, Twin)>>;
+    /// Atomically replaces (Some) or deletes (None) a device and its twin, given the current ones.
+    async fn update_device(
+        &self,
+        hub: &str,
+        device_id: &str,
+        update: DeviceUpdate,
+    ) -> StoreResult<Option<(DeviceIdentity, Twin)>>;
+
+    /// Appends telemetry in one durable transaction; returns each event's stream position.
+    async fn append_events(&self, events: Vec<TelemetryEvent>) -> StoreResult<Vec<u64>>;
+    /// Events of a hub from position `from` (inclusive), oldest first.
+    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<Vec<TelemetryEvent>>;
+    /// Position of the newest event of a hub, 0 when there is none.
+    async fn last_event_seq(&self, hub: &str) -> StoreResult<u64>;
+
+    /// Queues a cloud-to-device message unless the device already has `max_depth` pending.
+    async fn enqueue_c2d(&self, message: &C2dMessage, max_depth: usize) -> StoreResult<()>;
+    /// Undelivered, unexpired messages of a device, oldest first (expired ones are dropped).
+    async fn pending_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<Vec<C2dMessage>>;
+    /// Removes a delivered message. `Ok(false)` when it was not queued.
+    async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool>;
 }
+
+/// Read-modify-write of one device and its twin inside the store's transaction.
+pub type DeviceUpdate =
+    Box<dyn FnOnce(Option<(DeviceIdentity, Twin)>) -> Result<Option<(DeviceIdentity, Twin)>, DpsError> + Send>;

@@ -10,10 +10,13 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use fleetgate_core::device::DeviceIdentity;
 use fleetgate_core::enrollment::{check_if_match, EnrollmentGroup};
+use fleetgate_core::message::{C2dMessage, TelemetryEvent};
 use fleetgate_core::registration::RegistrationRecord;
+use fleetgate_core::twin::Twin;
+use fleetgate_core::DpsError;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{GroupUpdate, LinkedHub, Store, StoreError, StoreResult};
+use crate::{DeviceUpdate, GroupUpdate, LinkedHub, Store, StoreError, StoreResult};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -29,14 +32,30 @@ CREATE TABLE IF NOT EXISTS registrations (
 );
 CREATE INDEX IF NOT EXISTS registrations_by_group ON registrations (group_key, seq);
 CREATE TABLE IF NOT EXISTS devices (
-    hub_key TEXT NOT NULL, device_key TEXT NOT NULL, body TEXT NOT NULL,
-    PRIMARY KEY (hub_key, device_key)
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    hub_key TEXT NOT NULL, device_key TEXT NOT NULL, body TEXT NOT NULL, twin TEXT NOT NULL,
+    UNIQUE (hub_key, device_key)
 );
+CREATE TABLE IF NOT EXISTS c2d (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    hub_key TEXT NOT NULL, device_key TEXT NOT NULL, id TEXT NOT NULL, expiry INTEGER NOT NULL,
+    body TEXT NOT NULL, UNIQUE (hub_key, device_key, id)
+);
+CREATE INDEX IF NOT EXISTS c2d_by_device ON c2d (hub_key, device_key, seq);
+"#;
+
+/// Telemetry lives in its own file and connection, so appends never wait behind registry writes.
+const EVENTS_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, hub_key TEXT NOT NULL, body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_hub ON events (hub_key, seq);
 "#;
 
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    events: Arc<Mutex<Connection>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -48,30 +67,46 @@ fn key(s: &str) -> String {
 }
 
 impl SqliteStore {
+    /// Opens `path` (the registry) and `telemetry.db` beside it (the event stream).
     pub fn open(path: &Path) -> StoreResult<Self> {
-        let conn = Connection::open(path).map_err(backend)?;
-        Self::init(conn)
+        let events = path.with_file_name("telemetry.db");
+        Self::init(Connection::open(path).map_err(backend)?, Connection::open(events).map_err(backend)?)
     }
 
     /// A private in-memory database, for tests.
     pub fn in_memory() -> StoreResult<Self> {
-        Self::init(Connection::open_in_memory().map_err(backend)?)
+        Self::init(Connection::open_in_memory().map_err(backend)?, Connection::open_in_memory().map_err(backend)?)
     }
 
-    fn init(conn: Connection) -> StoreResult<Self> {
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
-        conn.execute_batch(SCHEMA).map_err(backend)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+    fn init(conn: Connection, events: Connection) -> StoreResult<Self> {
+        for (c, schema) in [(&conn, SCHEMA), (&events, EVENTS_SCHEMA)] {
+            c.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+            c.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
+            c.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+            c.execute_batch(schema).map_err(backend)?;
+        }
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), events: Arc::new(Mutex::new(events)) })
     }
 
-    /// Runs `f` with the connection on the blocking pool.
+    /// Runs `f` with the registry connection on the blocking pool.
     async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
-        let conn = self.conn.clone();
+        Self::run(self.conn.clone(), f).await
+    }
+
+    async fn with_events<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        Self::run(self.events.clone(), f).await
+    }
+
+    async fn run<T: Send + 'static>(
+        conn: Arc<Mutex<Connection>>,
+        f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
         tokio::task::spawn_blocking(move || {
             // A panic in another call poisons the mutex; the connection itself is still sound
             // (SQLite rolls back an unfinished transaction), so keep serving.
@@ -281,16 +316,27 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn commit_assignment(&self, record: &RegistrationRecord, device: &DeviceIdentity) -> StoreResult<()> {
-        let (record, device) = (record.clone(), device.clone());
+    async fn commit_assignment(
+        &self,
+        record: &RegistrationRecord,
+        device: &DeviceIdentity,
+        twin: Option<&Twin>,
+    ) -> StoreResult<()> {
+        let (record, device, twin) = (record.clone(), device.clone(), twin.cloned());
         self.with(move |c| {
             let tx = c.transaction().map_err(backend)?;
             write_registration(&tx, &record)?;
             let body = serde_json::to_string(&device).map_err(backend)?;
+            let (hub, id) = (key(&device.hub), key(&device.device_id));
+            let twin = match twin {
+                Some(t) => t,
+                None => read_device(&tx, &hub, &id)?.map(|(_, t)| t).unwrap_or_default(),
+            };
+            let twin = serde_json::to_string(&twin).map_err(backend)?;
             tx.execute(
-                "INSERT INTO devices (hub_key, device_key, body) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(hub_key, device_key) DO UPDATE SET body = ?3",
-                params![key(&device.hub), key(&device.device_id), body],
+                "INSERT INTO devices (hub_key, device_key, body, twin) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(hub_key, device_key) DO UPDATE SET body = ?3, twin = ?4",
+                params![hub, id, body, twin],
             )
             .map_err(backend)?;
             tx.commit().map_err(backend)
@@ -299,24 +345,171 @@ impl Store for SqliteStore {
     }
 
     async fn device(&self, hub: &str, device_id: &str) -> StoreResult<Option<DeviceIdentity>> {
-        let (h, d) = (key(hub), key(device_id));
-        self.with(move |c| {
-            let body: Option<String> = c
-                .query_row("SELECT body FROM devices WHERE hub_key = ?1 AND device_key = ?2", [h, d], |r| r.get(0))
-                .optional()
-                .map_err(backend)?;
-            body.map(|b| parse(&b)).transpose()
-        })
-        .await
+        Ok(self.twin(hub, device_id).await?.map(|(d, _)| d))
     }
 
-    async fn devices(&self, hub: &str) -> StoreResult<Vec<DeviceIdentity>> {
+    async fn devices(&self, hub: &str, offset: usize, limit: usize) -> StoreResult<Vec<DeviceIdentity>> {
         let h = key(hub);
         self.with(move |c| {
-            let mut st = c.prepare("SELECT body FROM devices WHERE hub_key = ?1 ORDER BY rowid").map_err(backend)?;
-            let bodies = st.query_map([h], |r| r.get::<_, String>(0)).map_err(backend)?;
+            let mut st = c
+                .prepare("SELECT body FROM devices WHERE hub_key = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3")
+                .map_err(backend)?;
+            let bodies =
+                st.query_map(params![h, limit as i64, offset as i64], |r| r.get::<_, String>(0)).map_err(backend)?;
             bodies.map(|b| parse(&b.map_err(backend)?)).collect()
         })
         .await
     }
+
+    async fn twin(&self, hub: &str, device_id: &str) -> StoreResult<Option<(DeviceIdentity, Twin)>> {
+        let (h, d) = (key(hub), key(device_id));
+        self.with(move |c| read_device(c, &h, &d)).await
+    }
+
+    async fn update_device(
+        &self,
+        hub: &str,
+        device_id: &str,
+        update: DeviceUpdate,
+    ) -> StoreResult<Option<(DeviceIdentity, Twin)>> {
+        let (h, d) = (key(hub), key(device_id));
+        self.with(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let current = read_device(&tx, &h, &d)?;
+            let next = update(current)?;
+            match &next {
+                Some((dev, twin)) => {
+                    let body = serde_json::to_string(dev).map_err(backend)?;
+                    let twin = serde_json::to_string(twin).map_err(backend)?;
+                    tx.execute(
+                        "INSERT INTO devices (hub_key, device_key, body, twin) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(hub_key, device_key) DO UPDATE SET body = ?3, twin = ?4",
+                        params![h, d, body, twin],
+                    )
+                    .map_err(backend)?;
+                }
+                None => {
+                    tx.execute("DELETE FROM devices WHERE hub_key = ?1 AND device_key = ?2", params![h, d])
+                        .map_err(backend)?;
+                    tx.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2", params![h, d])
+                        .map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(next)
+        })
+        .await
+    }
+
+    async fn append_events(&self, events: Vec<TelemetryEvent>) -> StoreResult<Vec<u64>> {
+        self.with_events(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let mut seqs = Vec::with_capacity(events.len());
+            {
+                let mut st =
+                    tx.prepare_cached("INSERT INTO events (hub_key, body) VALUES (?1, ?2)").map_err(backend)?;
+                for mut e in events {
+                    // The body is stored with seq 0; the row id is the position.
+                    e.seq = 0;
+                    let body = serde_json::to_string(&e).map_err(backend)?;
+                    st.execute(params![key(&e.hub), body]).map_err(backend)?;
+                    seqs.push(tx.last_insert_rowid() as u64);
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(seqs)
+        })
+        .await
+    }
+
+    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<Vec<TelemetryEvent>> {
+        let h = key(hub);
+        self.with_events(move |c| {
+            let mut st = c
+                .prepare_cached("SELECT seq, body FROM events WHERE hub_key = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3")
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![h, from as i64, limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                .map_err(backend)?;
+            rows.map(|row| {
+                let (seq, body) = row.map_err(backend)?;
+                let mut e: TelemetryEvent = parse(&body)?;
+                e.seq = seq as u64;
+                Ok(e)
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn last_event_seq(&self, hub: &str) -> StoreResult<u64> {
+        let h = key(hub);
+        self.with_events(move |c| {
+            c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events WHERE hub_key = ?1", [h], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn enqueue_c2d(&self, message: &C2dMessage, max_depth: usize) -> StoreResult<()> {
+        let m = message.clone();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let (h, d) = (key(&m.hub), key(&m.device_id));
+            let depth: i64 = tx
+                .query_row("SELECT COUNT(*) FROM c2d WHERE hub_key = ?1 AND device_key = ?2", params![h, d], |r| {
+                    r.get(0)
+                })
+                .map_err(backend)?;
+            if depth as usize >= max_depth {
+                return Err(StoreError::Rejected(DpsError::new(
+                    fleetgate_core::ErrorCode::QueueDepthExceeded,
+                    format!("The device's cloud-to-device queue is full ({max_depth} messages)."),
+                )));
+            }
+            let body = serde_json::to_string(&m).map_err(backend)?;
+            tx.execute(
+                "INSERT INTO c2d (hub_key, device_key, id, expiry, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![h, d, m.id, m.expiry, body],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn pending_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<Vec<C2dMessage>> {
+        let (h, d) = (key(hub), key(device_id));
+        self.with(move |c| {
+            c.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2 AND expiry < ?3", params![h, d, now])
+                .map_err(backend)?;
+            let mut st = c
+                .prepare_cached("SELECT body FROM c2d WHERE hub_key = ?1 AND device_key = ?2 ORDER BY seq")
+                .map_err(backend)?;
+            let rows = st.query_map(params![h, d], |r| r.get::<_, String>(0)).map_err(backend)?;
+            rows.map(|b| parse(&b.map_err(backend)?)).collect()
+        })
+        .await
+    }
+
+    async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool> {
+        let (h, d, id) = (key(hub), key(device_id), id.to_owned());
+        self.with(move |c| {
+            c.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2 AND id = ?3", params![h, d, id])
+                .map(|n| n > 0)
+                .map_err(backend)
+        })
+        .await
+    }
+}
+
+fn read_device(c: &Connection, hub: &str, device: &str) -> StoreResult<Option<(DeviceIdentity, Twin)>> {
+    let row: Option<(String, String)> = c
+        .query_row("SELECT body, twin FROM devices WHERE hub_key = ?1 AND device_key = ?2", [hub, device], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()
+        .map_err(backend)?;
+    row.map(|(b, t)| Ok((parse(&b)?, parse(&t)?))).transpose()
 }

@@ -76,7 +76,7 @@ async fn assignment_commits_record_and_identity_together() {
     let id = RegistrationId::parse("Dev-1").unwrap();
     let rec = RegistrationRecord::assigned(None, &id, "grp", "localhost", None, Timestamp::now());
     let dev = DeviceIdentity::provisioned(None, "localhost", "Dev-1", &[SymmetricKey::generate()], Timestamp::now());
-    s.commit_assignment(&rec, &dev).await.unwrap();
+    s.commit_assignment(&rec, &dev, Some(&fleetgate_core::twin::Twin::default())).await.unwrap();
 
     let got = s.registration("dev-1").await.unwrap().unwrap();
     assert_eq!(got, rec);

@@ -1,13 +1,16 @@
 //! The MQTT/TLS listener (port 8883): accepts connections, reads CONNECT, and hands the
-//! connection to the DPS session or (later) the hub session, told apart by the username.
+//! connection to the DPS session or the hub session, told apart by the username.
 
 mod connection;
 mod dps_session;
+mod hub_session;
 
 use std::sync::Arc;
 
 use fleetgate_dps::mqtt::DpsUsername;
 use fleetgate_dps::Provisioning;
+use fleetgate_hub::mqtt::HubUsername;
+use fleetgate_hub::Hub;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::{Error as CodecError, Protocol};
 use tokio::net::TcpListener;
@@ -25,6 +28,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     dps: Arc<Provisioning>,
+    hub: Arc<Hub>,
     limits: Arc<Limits>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -48,10 +52,11 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, dps, limits, shutdown) = (acceptor.clone(), dps.clone(), limits.clone(), shutdown.clone());
+        let (acceptor, dps, hub, limits, shutdown) =
+            (acceptor.clone(), dps.clone(), hub.clone(), limits.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = handle(tcp, acceptor, dps, limits, shutdown).await {
+            if let Err(e) = handle(tcp, acceptor, dps, hub, limits, shutdown).await {
                 tracing::debug!(%peer, error = %e, "mqtt connection ended with an error");
             }
         });
@@ -62,6 +67,7 @@ async fn handle(
     tcp: tokio::net::TcpStream,
     acceptor: TlsAcceptor,
     dps: Arc<Provisioning>,
+    hub: Arc<Hub>,
     limits: Arc<Limits>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
@@ -91,9 +97,10 @@ async fn handle(
     if let Some(dps_user) = DpsUsername::parse(&username) {
         return dps_session::run(conn, connect, dps_user, dps, limits, shutdown).await;
     }
-    // Hub device connections (`{hub}/{deviceId}/?api-version=...`) are not served yet; anything
-    // else is not a username we know. Either way the client is not authorized here.
-    tracing::info!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: not a DPS username");
+    if let Some(hub_user) = HubUsername::parse(&username) {
+        return hub_session::run(conn, connect, hub_user, hub, limits, shutdown).await;
+    }
+    tracing::info!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: neither a DPS nor a hub username");
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))).await?;
     conn.shutdown().await;
     Ok(())

@@ -1,0 +1,559 @@
+//! [`Hub`]: every hub decision, independent of the wire.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use fleetgate_core::device::{DeviceIdentity, DeviceStatus};
+use fleetgate_core::keys::SymmetricKey;
+use fleetgate_core::message::{C2dMessage, Properties, TelemetryEvent};
+use fleetgate_core::sas::SasToken;
+use fleetgate_core::time::Timestamp;
+use fleetgate_core::twin::{parse_patch, Twin};
+use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_store::{LinkedHub, Store, StoreError};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::sessions::{Outbound, SessionHandle, Sessions};
+use crate::telemetry::EventWriter;
+
+/// Azure's limits and defaults that a deployment may tune.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Largest device-to-cloud message (body plus properties): 256 KB in Azure.
+    pub max_message_bytes: usize,
+    /// Largest cloud-to-device message: 64 KB.
+    pub max_c2d_bytes: usize,
+    /// Pending cloud-to-device messages per device: 50.
+    pub c2d_queue_depth: usize,
+    /// Default and maximum cloud-to-device time to live: 1 hour and 2 days.
+    pub c2d_default_ttl: Duration,
+    pub c2d_max_ttl: Duration,
+    /// Largest direct method payload: 128 KB.
+    pub max_method_payload_bytes: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 256 * 1024,
+            max_c2d_bytes: 64 * 1024,
+            c2d_queue_depth: 50,
+            c2d_default_ttl: Duration::from_secs(3600),
+            c2d_max_ttl: Duration::from_secs(2 * 24 * 3600),
+            max_method_payload_bytes: 128 * 1024,
+        }
+    }
+}
+
+/// A device that authenticated to a hub.
+#[derive(Debug, Clone)]
+pub struct HubDevice {
+    pub hub: String,
+    pub device_id: String,
+}
+
+/// Why a hub CONNECT was refused (all map to CONNACK "not authorized").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    UnknownHub,
+    UnknownDevice,
+    BadCredentials,
+    Disabled,
+}
+
+type MethodWaiter = oneshot::Sender<(i32, Value)>;
+
+pub struct Hub {
+    store: Arc<dyn Store>,
+    config: HubConfig,
+    pub(crate) sessions: Sessions,
+    events: EventWriter,
+    methods: Mutex<HashMap<String, MethodWaiter>>,
+    next_rid: AtomicU64,
+    /// Last activity per device, kept in memory (Azure reports it eventually consistent too).
+    activity: Mutex<HashMap<(String, String), String>>,
+}
+
+pub(crate) fn store_err(e: StoreError) -> DpsError {
+    match e {
+        StoreError::Rejected(d) => d,
+        StoreError::Backend(msg) => {
+            tracing::error!(error = %msg, "store failure");
+            DpsError::internal()
+        }
+    }
+}
+
+fn not_found(device_id: &str) -> DpsError {
+    DpsError::new(
+        ErrorCode::DeviceNotFound,
+        format!("Device '{}' was not found.", device_id.chars().take(140).collect::<String>()),
+    )
+}
+
+/// The twin's etag changes with every version.
+pub fn twin_etag(twin: &Twin) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("\"{}\"", twin.version))
+}
+
+impl Hub {
+    pub fn new(store: Arc<dyn Store>, config: HubConfig) -> Self {
+        let events = EventWriter::start(store.clone());
+        Self {
+            store,
+            config,
+            sessions: Sessions::default(),
+            events,
+            methods: Mutex::new(HashMap::new()),
+            next_rid: AtomicU64::new(0),
+            activity: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub async fn hub_named(&self, host: &str) -> Result<Option<LinkedHub>, DpsError> {
+        let hubs = self.store.hubs().await.map_err(store_err)?;
+        Ok(hubs.into_iter().find(|h| h.host_name.eq_ignore_ascii_case(host)))
+    }
+
+    /// Checks a device's CONNECT: its SAS token for `{hub}/devices/{id}` signed with one of the
+    /// device's keys. Reasons are logged, never sent.
+    pub async fn authenticate(
+        &self,
+        host: &str,
+        device_id: &str,
+        password: Option<&str>,
+    ) -> Result<HubDevice, ConnectRefusal> {
+        let refuse = |r: ConnectRefusal| {
+            tracing::info!(hub = %host, device = %device_id.chars().take(140).collect::<String>(), reason = ?r, "hub connection refused");
+            r
+        };
+        let hub = match self.hub_named(host).await {
+            Ok(Some(h)) => h,
+            _ => return Err(refuse(ConnectRefusal::UnknownHub)),
+        };
+        let Ok(Some(device)) = self.store.device(&hub.host_name, device_id).await else {
+            return Err(refuse(ConnectRefusal::UnknownDevice));
+        };
+        let Some(token) = password.and_then(|p| SasToken::parse(p).ok()) else {
+            return Err(refuse(ConnectRefusal::BadCredentials));
+        };
+        let expected = format!("{}/devices/{}", hub.host_name, device_id);
+        let resource_ok = token.resource.trim_end_matches('/').eq_ignore_ascii_case(&expected);
+        let fresh = token.check_expiry(Timestamp::now().unix_seconds()).is_ok();
+        let signed = [&device.primary_key, &device.secondary_key]
+            .iter()
+            .filter_map(|k| SymmetricKey::from_base64(k).ok())
+            .any(|k| token.signed_with(&k));
+        if !(resource_ok && fresh && signed) {
+            return Err(refuse(ConnectRefusal::BadCredentials));
+        }
+        if device.status == DeviceStatus::Disabled {
+            return Err(refuse(ConnectRefusal::Disabled));
+        }
+        Ok(HubDevice { hub: hub.host_name, device_id: device.device_id })
+    }
+
+    /// Marks the device connected; the returned handle receives what the service sends it.
+    pub fn connect_session(&self, d: &HubDevice) -> SessionHandle {
+        let now = Timestamp::now().to_azure_string();
+        self.touch(d);
+        self.sessions.register(&d.hub, &d.device_id, now)
+    }
+
+    pub fn disconnect_session(&self, d: &HubDevice, id: u64) {
+        self.sessions.unregister(&d.hub, &d.device_id, id);
+    }
+
+    fn touch(&self, d: &HubDevice) {
+        self.activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((d.hub.to_ascii_lowercase(), d.device_id.to_ascii_lowercase()), Timestamp::now().to_azure_string());
+    }
+
+    /// Validates and durably appends one telemetry message; resolves once it is on disk.
+    pub async fn ingest(&self, d: &HubDevice, bag: &str, body: bytes::Bytes) -> Result<u64, DpsError> {
+        if body.len() + bag.len() > self.config.max_message_bytes {
+            return Err(DpsError::new(ErrorCode::MessageTooLarge, "The message is larger than 256 KB."));
+        }
+        let properties = Properties::from_bag(bag).map_err(|e| DpsError::bad_request(e.to_string()))?;
+        self.touch(d);
+        let event = TelemetryEvent {
+            seq: 0,
+            hub: d.hub.clone(),
+            device_id: d.device_id.clone(),
+            module_id: None,
+            enqueued_time: Timestamp::now().to_azure_string(),
+            properties,
+            body: body.to_vec(),
+        };
+        self.events.append(event).await
+    }
+
+    pub fn event_notifications(&self) -> tokio::sync::broadcast::Receiver<u64> {
+        self.events.subscribe()
+    }
+
+    pub async fn events(&self, hub: &str, from: u64, limit: usize) -> Result<Vec<TelemetryEvent>, DpsError> {
+        self.store.events(hub, from, limit).await.map_err(store_err)
+    }
+
+    /// Position of the newest event of a hub (0 when it has none).
+    pub async fn last_event_seq(&self, hub: &str) -> Result<u64, DpsError> {
+        self.store.last_event_seq(hub).await.map_err(store_err)
+    }
+
+    pub async fn twin(&self, hub: &str, device_id: &str) -> Result<(DeviceIdentity, Twin), DpsError> {
+        self.store.twin(hub, device_id).await.map_err(store_err)?.ok_or_else(|| not_found(device_id))
+    }
+
+    /// A device's reported-properties patch; returns the new reported version.
+    pub async fn patch_reported(&self, d: &HubDevice, body: &[u8]) -> Result<u64, DpsError> {
+        let patch = parse_patch(body)?;
+        let id = d.device_id.clone();
+        let updated = self
+            .store
+            .update_device(
+                &d.hub,
+                &d.device_id,
+                Box::new(move |cur| {
+                    let (dev, mut twin) = cur.ok_or_else(|| not_found(&id))?;
+                    twin.patch_reported(&patch)?;
+                    Ok(Some((dev, twin)))
+                }),
+            )
+            .await
+            .map_err(store_err)?;
+        self.touch(d);
+        Ok(updated.map(|(_, t)| t.reported_version).unwrap_or_default())
+    }
+
+    /// A service's twin patch (`tags` and/or `properties.desired`), etag-checked; the device is
+    /// told about desired changes if it listens.
+    pub async fn patch_twin(
+        &self,
+        hub: &str,
+        device_id: &str,
+        body: &[u8],
+        if_match: Option<String>,
+    ) -> Result<(DeviceIdentity, Twin), DpsError> {
+        let v: Value =
+            serde_json::from_slice(body).map_err(|e| DpsError::bad_request(format!("Malformed twin JSON: {e}")))?;
+        let tags = match v.get("tags") {
+            None | Some(Value::Null) => None,
+            Some(t) => Some(parse_patch(t.to_string().as_bytes())?),
+        };
+        let desired = match v.pointer("/properties/desired") {
+            None | Some(Value::Null) => None,
+            Some(p) => Some(parse_patch(p.to_string().as_bytes())?),
+        };
+        if v.pointer("/properties/reported").is_some() {
+            return Err(DpsError::bad_request("Reported properties are written by the device only."));
+        }
+        let id = device_id.to_owned();
+        let desired_for_store = desired.clone();
+        let (dev, twin) = self
+            .store
+            .update_device(
+                hub,
+                device_id,
+                Box::new(move |cur| {
+                    let (dev, mut twin) = cur.ok_or_else(|| not_found(&id))?;
+                    if let Some(m) = if_match.as_deref().map(str::trim).filter(|m| !m.is_empty() && *m != "*") {
+                        if m.trim_matches('"') != twin_etag(&twin).trim_matches('"') {
+                            return Err(DpsError::new(
+                                ErrorCode::PreconditionFailed,
+                                "The twin etag does not match (precondition failed).",
+                            ));
+                        }
+                    }
+                    if let Some(t) = &tags {
+                        twin.patch_tags(t)?;
+                    }
+                    if let Some(d) = &desired_for_store {
+                        twin.patch_desired(d)?;
+                    }
+                    Ok(Some((dev, twin)))
+                }),
+            )
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| not_found(device_id))?;
+        if let Some(patch) = desired {
+            if let Some((tx, flags)) = self.sessions.get(hub, device_id) {
+                if flags.desired.load(Ordering::Relaxed) {
+                    let body = Twin::desired_notification(&patch, twin.desired_version);
+                    // A device too slow to take it re-reads the twin on reconnect (the SDKs do).
+                    let _ = tx.try_send(Outbound::DesiredPatch { body, version: twin.desired_version });
+                }
+            }
+        }
+        Ok((dev, twin))
+    }
+
+    /// Invokes a direct method and waits for the device's answer (status, payload).
+    pub async fn invoke_method(
+        &self,
+        hub: &str,
+        device_id: &str,
+        name: &str,
+        payload: Value,
+        timeout: Duration,
+    ) -> Result<(i32, Value), DpsError> {
+        if name.is_empty() || name.len() > 256 {
+            return Err(DpsError::bad_request("methodName must be 1 to 256 characters."));
+        }
+        if payload.to_string().len() > self.config.max_method_payload_bytes {
+            return Err(DpsError::new(ErrorCode::MessageTooLarge, "The method payload is larger than 128 KB."));
+        }
+        self.twin(hub, device_id).await?;
+        let offline = || {
+            DpsError::new(ErrorCode::DeviceNotOnline, "The device is not online or not listening for direct methods.")
+        };
+        let (tx, flags) = self.sessions.get(hub, device_id).ok_or_else(offline)?;
+        if !flags.methods.load(Ordering::Relaxed) {
+            return Err(offline());
+        }
+        let rid = format!("{}", self.next_rid.fetch_add(1, Ordering::Relaxed) + 1);
+        let (wtx, wrx) = oneshot::channel();
+        self.methods.lock().unwrap_or_else(|p| p.into_inner()).insert(rid.clone(), wtx);
+        if tx.try_send(Outbound::Method { rid: rid.clone(), name: name.to_owned(), payload }).is_err() {
+            self.methods.lock().unwrap_or_else(|p| p.into_inner()).remove(&rid);
+            return Err(offline());
+        }
+        match tokio::time::timeout(timeout, wrx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            _ => {
+                self.methods.lock().unwrap_or_else(|p| p.into_inner()).remove(&rid);
+                Err(DpsError::new(ErrorCode::GatewayTimeout, "The device did not answer the direct method in time."))
+            }
+        }
+    }
+
+    /// A device's answer to a method call. Unknown or late rids are ignored.
+    pub fn method_response(&self, rid: &str, status: i32, body: &[u8]) {
+        let payload = if body.iter().all(u8::is_ascii_whitespace) {
+            Value::Null
+        } else {
+            serde_json::from_slice(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+        };
+        if let Some(w) = self.methods.lock().unwrap_or_else(|p| p.into_inner()).remove(rid) {
+            let _ = w.send((status, payload));
+        }
+    }
+
+    /// Queues a cloud-to-device message and wakes the device's session if it is connected.
+    pub async fn send_c2d(
+        &self,
+        hub: &str,
+        device_id: &str,
+        mut properties: Properties,
+        body: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> Result<String, DpsError> {
+        if body.len() > self.config.max_c2d_bytes {
+            return Err(DpsError::new(ErrorCode::MessageTooLarge, "Cloud-to-device messages may be at most 64 KB."));
+        }
+        let (dev, _) = self.twin(hub, device_id).await?;
+        let ttl = ttl.unwrap_or(self.config.c2d_default_ttl).min(self.config.c2d_max_ttl);
+        let id = uuid::Uuid::new_v4().to_string();
+        properties.system.entry("message-id".into()).or_insert_with(|| id.clone());
+        properties.system.insert("to".into(), format!("/devices/{}/messages/deviceBound", dev.device_id));
+        let now = Timestamp::now();
+        let msg = C2dMessage {
+            id: id.clone(),
+            hub: dev.hub.clone(),
+            device_id: dev.device_id.clone(),
+            enqueued_time: now.to_azure_string(),
+            expiry: now.unix_seconds() + ttl.as_secs() as i64,
+            properties,
+            body,
+        };
+        self.store.enqueue_c2d(&msg, self.config.c2d_queue_depth).await.map_err(store_err)?;
+        if let Some((tx, _)) = self.sessions.get(hub, device_id) {
+            let _ = tx.try_send(Outbound::CloudToDevice);
+        }
+        Ok(id)
+    }
+
+    pub async fn pending_c2d(&self, d: &HubDevice) -> Result<Vec<C2dMessage>, DpsError> {
+        self.store.pending_c2d(&d.hub, &d.device_id, Timestamp::now().unix_seconds()).await.map_err(store_err)
+    }
+
+    pub async fn complete_c2d(&self, d: &HubDevice, id: &str) -> Result<(), DpsError> {
+        self.store.complete_c2d(&d.hub, &d.device_id, id).await.map_err(store_err).map(|_| ())
+    }
+
+    /// Azure's `Device` JSON for the service API.
+    pub fn device_json(&self, dev: &DeviceIdentity) -> Value {
+        let connected = self.sessions.connected_since(&dev.hub, &dev.device_id);
+        let activity = self
+            .activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(dev.hub.to_ascii_lowercase(), dev.device_id.to_ascii_lowercase()))
+            .cloned();
+        json!({
+            "deviceId": dev.device_id,
+            "generationId": dev.generation_id,
+            "etag": dev.etag,
+            "connectionState": if connected.is_some() { "Connected" } else { "Disconnected" },
+            "status": dev.status,
+            "statusReason": null,
+            "connectionStateUpdatedTime": connected.unwrap_or_else(|| "0001-01-01T00:00:00Z".into()),
+            "statusUpdatedTime": dev.created_date_time_utc,
+            "lastActivityTime": activity.unwrap_or_else(|| "0001-01-01T00:00:00Z".into()),
+            "cloudToDeviceMessageCount": 0,
+            "authentication": {
+                "symmetricKey": {"primaryKey": dev.primary_key, "secondaryKey": dev.secondary_key},
+                "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null},
+                "type": "sas",
+            },
+            "capabilities": {"iotEdge": false},
+        })
+    }
+
+    /// Azure's `Twin` JSON for the service API.
+    pub fn twin_json(&self, dev: &DeviceIdentity, twin: &Twin) -> Value {
+        let d = self.device_json(dev);
+        let (tags, properties) = twin.service_sections();
+        json!({
+            "deviceId": dev.device_id,
+            "etag": twin_etag(twin),
+            "deviceEtag": dev.etag,
+            "status": dev.status,
+            "statusUpdateTime": d["statusUpdatedTime"],
+            "connectionState": d["connectionState"],
+            "lastActivityTime": d["lastActivityTime"],
+            "cloudToDeviceMessageCount": 0,
+            "authenticationType": "sas",
+            "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null},
+            "version": twin.version,
+            "tags": tags,
+            "properties": properties,
+            "capabilities": {"iotEdge": false},
+        })
+    }
+
+    /// Creates or replaces a device identity (service API `PUT /devices/{id}`).
+    pub async fn put_device(
+        &self,
+        hub: &str,
+        device_id: &str,
+        body: &[u8],
+        if_match: Option<String>,
+    ) -> Result<DeviceIdentity, DpsError> {
+        let v: Value =
+            serde_json::from_slice(body).map_err(|e| DpsError::bad_request(format!("Malformed device JSON: {e}")))?;
+        if let Some(id) = v.get("deviceId").and_then(Value::as_str) {
+            if id != device_id {
+                return Err(DpsError::bad_request("deviceId in the body does not match the path."));
+            }
+        }
+        fleetgate_core::ids::RegistrationId::parse(device_id)?;
+        let status: DeviceStatus = match v.get("status") {
+            None | Some(Value::Null) => DeviceStatus::Enabled,
+            Some(s) => serde_json::from_value(s.clone())
+                .map_err(|_| DpsError::bad_request("status must be enabled or disabled."))?,
+        };
+        let key = |name: &str| -> Result<Option<String>, DpsError> {
+            match v
+                .pointer(&format!("/authentication/symmetricKey/{name}"))
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+            {
+                Some(k) => Ok(Some(SymmetricKey::parse_user_key(k)?.to_base64())),
+                None => Ok(None),
+            }
+        };
+        let (primary, secondary) = (key("primaryKey")?, key("secondaryKey")?);
+        let (hub_s, id) = (hub.to_owned(), device_id.to_owned());
+        let now = Timestamp::now();
+        let result = self
+            .store
+            .update_device(
+                hub,
+                device_id,
+                Box::new(move |cur| {
+                    let existing = cur.as_ref().map(|(d, _)| d);
+                    if let Some(m) = if_match.as_deref().map(str::trim).filter(|m| !m.is_empty() && *m != "*") {
+                        if existing.map(|d| d.etag.trim_matches('"')) != Some(m.trim_matches('"')) {
+                            return Err(DpsError::new(
+                                ErrorCode::PreconditionFailed,
+                                "The device etag does not match (precondition failed).",
+                            ));
+                        }
+                    } else if if_match.is_none() && existing.is_some() {
+                        // Azure: PUT without If-Match creates only.
+                        return Err(DpsError::new(
+                            ErrorCode::DeviceAlreadyExists,
+                            "A device with this id already exists.",
+                        ));
+                    }
+                    let keys: Vec<SymmetricKey> = [
+                        primary.clone().or_else(|| existing.map(|d| d.primary_key.clone())),
+                        secondary.clone().or_else(|| existing.map(|d| d.secondary_key.clone())),
+                    ]
+                    .into_iter()
+                    .map(|k| k.and_then(|k| SymmetricKey::from_base64(&k).ok()).unwrap_or_else(SymmetricKey::generate))
+                    .collect();
+                    let mut dev = DeviceIdentity::provisioned(existing, &hub_s, &id, &keys, now);
+                    dev.status = status;
+                    let twin = cur.map(|(_, t)| t).unwrap_or_default();
+                    Ok(Some((dev, twin)))
+                }),
+            )
+            .await
+            .map_err(store_err)?;
+        let (dev, _) = result.ok_or_else(DpsError::internal)?;
+        if dev.status == DeviceStatus::Disabled {
+            if let Some((tx, _)) = self.sessions.get(hub, device_id) {
+                let _ = tx.try_send(Outbound::Close);
+            }
+        }
+        Ok(dev)
+    }
+
+    pub async fn delete_device(&self, hub: &str, device_id: &str, if_match: Option<String>) -> Result<(), DpsError> {
+        let id = device_id.to_owned();
+        self.store
+            .update_device(
+                hub,
+                device_id,
+                Box::new(move |cur| {
+                    let (dev, _) = cur.ok_or_else(|| not_found(&id))?;
+                    if let Some(m) = if_match.as_deref().map(str::trim).filter(|m| !m.is_empty() && *m != "*") {
+                        if dev.etag.trim_matches('"') != m.trim_matches('"') {
+                            return Err(DpsError::new(
+                                ErrorCode::PreconditionFailed,
+                                "The device etag does not match (precondition failed).",
+                            ));
+                        }
+                    }
+                    Ok(None)
+                }),
+            )
+            .await
+            .map_err(store_err)?;
+        if let Some((tx, _)) = self.sessions.get(hub, device_id) {
+            let _ = tx.try_send(Outbound::Close);
+        }
+        Ok(())
+    }
+
+    pub async fn devices(&self, hub: &str, offset: usize, limit: usize) -> Result<Vec<DeviceIdentity>, DpsError> {
+        self.store.devices(hub, offset, limit).await.map_err(store_err)
+    }
+}

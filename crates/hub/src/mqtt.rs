@@ -1,0 +1,237 @@
+//! The IoT Hub device MQTT vocabulary: CONNECT usernames, the topics a device may use, and the
+//! topics the hub sends on. Pure parsing and formatting.
+//!
+//! Rules from the SDKs: `?$rid=` first in every response query (C and C# parse it positionally);
+//! nothing after the rid in a method request topic (C copies the rest into the rid); device-bound
+//! topics end in `/` before the property bag (Node matches on it).
+
+use percent_encoding::percent_decode_str;
+
+/// A hub CONNECT username: `{hubHostName}/{deviceId}/?api-version=...&DeviceClientType=...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubUsername {
+    pub host_name: String,
+    pub device_id: String,
+    pub module_id: Option<String>,
+    pub api_version: Option<String>,
+}
+
+impl HubUsername {
+    pub fn parse(username: &str) -> Option<Self> {
+        let (path, query) = username.split_once("/?").unwrap_or((username.trim_end_matches('/'), ""));
+        let parts: Vec<&str> = path.split('/').collect();
+        let (host, device, module) = match parts.as_slice() {
+            [h, d] => (*h, *d, None),
+            [h, d, m] if !m.is_empty() => (*h, *d, Some((*m).to_owned())),
+            _ => return None,
+        };
+        if host.is_empty() || device.is_empty() || host.contains(char::is_whitespace) {
+            return None;
+        }
+        let api_version = query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == "api-version").then(|| percent_decode_str(v).decode_utf8_lossy().into_owned())
+        });
+        Some(Self { host_name: host.to_owned(), device_id: device.to_owned(), module_id: module, api_version })
+    }
+}
+
+/// What a device's PUBLISH asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// Telemetry with the (still encoded) property bag that followed `messages/events/`.
+    Telemetry {
+        bag: String,
+    },
+    TwinGet {
+        rid: String,
+    },
+    TwinPatchReported {
+        rid: String,
+    },
+    MethodResponse {
+        status: i32,
+        rid: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicError {
+    /// Not a topic a device may publish to.
+    Unknown,
+    /// Another device's topic: a topic-authorization violation.
+    Forbidden,
+    /// The right topic without a required `$rid` (or a bad status).
+    Malformed,
+}
+
+fn query_value(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (percent_decode_str(k).decode_utf8_lossy() == name)
+            .then(|| percent_decode_str(v).decode_utf8_lossy().into_owned())
+    })
+}
+
+fn rid_of(query: &str) -> Result<String, TopicError> {
+    query_value(query, "$rid").filter(|r| !r.is_empty() && r.len() <= 128).ok_or(TopicError::Malformed)
+}
+
+/// Parses a PUBLISH topic from the device connected as `device_id`.
+pub fn parse_publish_topic(topic: &str, device_id: &str) -> Result<DeviceRequest, TopicError> {
+    if let Some(rest) = topic.strip_prefix("devices/") {
+        let (id, rest) = rest.split_once('/').ok_or(TopicError::Unknown)?;
+        let bag = match rest {
+            "messages/events" | "messages/events/" => "",
+            r => r.strip_prefix("messages/events/").ok_or(TopicError::Unknown)?,
+        };
+        if id != device_id {
+            return Err(TopicError::Forbidden);
+        }
+        return Ok(DeviceRequest::Telemetry { bag: bag.to_owned() });
+    }
+    let (path, query) = topic.split_once('?').ok_or(TopicError::Unknown)?;
+    let path = path.trim_end_matches('/');
+    if path == "$iothub/twin/GET" {
+        return Ok(DeviceRequest::TwinGet { rid: rid_of(query)? });
+    }
+    if path == "$iothub/twin/PATCH/properties/reported" {
+        return Ok(DeviceRequest::TwinPatchReported { rid: rid_of(query)? });
+    }
+    if let Some(status) = path.strip_prefix("$iothub/methods/res/") {
+        let status = status.parse::<i32>().map_err(|_| TopicError::Malformed)?;
+        return Ok(DeviceRequest::MethodResponse { status, rid: rid_of(query)? });
+    }
+    Err(TopicError::Unknown)
+}
+
+/// Which stream a subscription filter opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subscription {
+    CloudToDevice,
+    TwinResponses,
+    DesiredPatches,
+    Methods,
+}
+
+/// The documented filters only, and only the device's own C2D topic.
+pub fn subscription(filter: &str, device_id: &str) -> Option<Subscription> {
+    match filter {
+        "$iothub/twin/res/#" => Some(Subscription::TwinResponses),
+        "$iothub/twin/PATCH/properties/desired/#" => Some(Subscription::DesiredPatches),
+        "$iothub/methods/POST/#" => Some(Subscription::Methods),
+        f => {
+            let rest = f.strip_prefix("devices/")?;
+            let (id, tail) = rest.split_once('/')?;
+            (id == device_id && (tail == "messages/devicebound/#" || tail == "messages/devicebound/"))
+                .then_some(Subscription::CloudToDevice)
+        }
+    }
+}
+
+pub fn twin_response_topic(status: u16, rid: &str, version: Option<u64>) -> String {
+    match version {
+        Some(v) => format!("$iothub/twin/res/{status}/?$rid={rid}&$version={v}"),
+        None => format!("$iothub/twin/res/{status}/?$rid={rid}"),
+    }
+}
+
+pub fn desired_patch_topic(version: u64) -> String {
+    format!("$iothub/twin/PATCH/properties/desired/?$version={version}")
+}
+
+pub fn method_request_topic(method: &str, rid: &str) -> String {
+    format!("$iothub/methods/POST/{}/?$rid={rid}", fleetgate_core::message::encode_component(method))
+}
+
+pub fn c2d_topic(device_id: &str, bag: &str) -> String {
+    format!("devices/{device_id}/messages/devicebound/{bag}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_of_every_sdk() {
+        let py = HubUsername::parse("myhub.azure-devices.net/dev-001/?api-version=2019-10-01&DeviceClientType=azure-iot-device-iothub-py%2F2.14.0").unwrap();
+        assert_eq!((py.host_name.as_str(), py.device_id.as_str()), ("myhub.azure-devices.net", "dev-001"));
+        assert_eq!(py.api_version.as_deref(), Some("2019-10-01"));
+        let node = HubUsername::parse(
+            "h/dev/?api-version=2021-04-12&model-id=dtmi:com:example:Thermostat;1&DeviceClientType=x",
+        )
+        .unwrap();
+        assert_eq!(node.device_id, "dev");
+        let module = HubUsername::parse("h/dev/mod/?api-version=2020-09-30").unwrap();
+        assert_eq!(module.module_id.as_deref(), Some("mod"));
+        for bad in ["", "h", "h/", "/dev/?x", "h//?x", "a/b/c/d/?x"] {
+            assert!(HubUsername::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_topics() {
+        assert_eq!(
+            parse_publish_topic("devices/d1/messages/events/%24.mid=1&a=b", "d1"),
+            Ok(DeviceRequest::Telemetry { bag: "%24.mid=1&a=b".into() })
+        );
+        assert_eq!(
+            parse_publish_topic("devices/d1/messages/events/", "d1"),
+            Ok(DeviceRequest::Telemetry { bag: String::new() })
+        );
+        assert_eq!(
+            parse_publish_topic("devices/d1/messages/events", "d1"),
+            Ok(DeviceRequest::Telemetry { bag: String::new() })
+        );
+        assert_eq!(parse_publish_topic("devices/d2/messages/events/", "d1"), Err(TopicError::Forbidden));
+        assert_eq!(parse_publish_topic("devices/D1/messages/events/", "d1"), Err(TopicError::Forbidden));
+        assert_eq!(
+            parse_publish_topic("$iothub/twin/GET/?$rid=8c", "d1"),
+            Ok(DeviceRequest::TwinGet { rid: "8c".into() })
+        );
+        assert_eq!(
+            parse_publish_topic("$iothub/twin/PATCH/properties/reported/?$rid=11", "d1"),
+            Ok(DeviceRequest::TwinPatchReported { rid: "11".into() })
+        );
+        assert_eq!(
+            parse_publish_topic("$iothub/methods/res/200/?$rid=1", "d1"),
+            Ok(DeviceRequest::MethodResponse { status: 200, rid: "1".into() })
+        );
+        assert_eq!(parse_publish_topic("$iothub/twin/GET/", "d1"), Err(TopicError::Unknown));
+        assert_eq!(parse_publish_topic("$iothub/twin/GET/?x=1", "d1"), Err(TopicError::Malformed));
+        assert_eq!(parse_publish_topic("$iothub/methods/res/abc/?$rid=1", "d1"), Err(TopicError::Malformed));
+        assert_eq!(
+            parse_publish_topic("$dps/registrations/PUT/iotdps-register/?$rid=1", "d1"),
+            Err(TopicError::Unknown)
+        );
+        assert_eq!(parse_publish_topic("devices/d1/messages/devicebound/", "d1"), Err(TopicError::Unknown));
+    }
+
+    #[test]
+    fn subscriptions() {
+        assert_eq!(subscription("devices/d1/messages/devicebound/#", "d1"), Some(Subscription::CloudToDevice));
+        assert_eq!(subscription("devices/d2/messages/devicebound/#", "d1"), None);
+        assert_eq!(subscription("$iothub/twin/res/#", "d1"), Some(Subscription::TwinResponses));
+        assert_eq!(subscription("$iothub/methods/POST/#", "d1"), Some(Subscription::Methods));
+        assert_eq!(subscription("#", "d1"), None);
+        assert_eq!(subscription("devices/+/messages/devicebound/#", "d1"), None);
+    }
+
+    #[test]
+    fn outgoing_topics() {
+        assert_eq!(twin_response_topic(204, "11", Some(8)), "$iothub/twin/res/204/?$rid=11&$version=8");
+        assert_eq!(twin_response_topic(200, "8c", None), "$iothub/twin/res/200/?$rid=8c");
+        assert_eq!(desired_patch_topic(5), "$iothub/twin/PATCH/properties/desired/?$version=5");
+        assert_eq!(method_request_topic("reboot", "1"), "$iothub/methods/POST/reboot/?$rid=1");
+        assert_eq!(c2d_topic("d1", "%24.mid=1"), "devices/d1/messages/devicebound/%24.mid=1");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(s in "\\PC{0,200}", d in "[a-z0-9-]{1,10}") {
+            let _ = HubUsername::parse(&s);
+            let _ = parse_publish_topic(&s, &d);
+            let _ = subscription(&s, &d);
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The hub service REST API (Azure IoT Hub data-plane shapes): device identities, twins, direct
+//! methods; plus two Fleetgate endpoints for what Azure does over AMQP: sending cloud-to-device
+//! messages and reading the telemetry stream (server-sent events).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Router};
+use base64::Engine;
+use fleetgate_core::keys::SymmetricKey;
+use fleetgate_core::message::{Properties, TelemetryEvent};
+use fleetgate_core::sas::SasToken;
+use fleetgate_core::time::Timestamp;
+use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_rest::{body, if_match, json, ApiError, ApiResult};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::Hub;
+
+/// The hub a service request is for, decided by its token's `sr`.
+#[derive(Clone, Debug)]
+pub struct TargetHub(pub String);
+
+/// The policy every hub has, with all rights.
+pub const OWNER_POLICY: &str = "iothubowner";
+
+pub fn router(hub: Arc<Hub>) -> Router {
+    Router::new()
+        .route("/devices", get(list_devices))
+        .route("/devices/{id}", put(put_device).get(get_device).delete(delete_device))
+        .route("/devices/{id}/messages/devicebound", post(send_c2d))
+        .route("/twins/{id}", get(get_twin).patch(patch_twin))
+        .route("/twins/{id}/methods", post(invoke_method))
+        .route("/messages/events", get(events))
+        .method_not_allowed_fallback(|| async {
+            ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
+        })
+        .route_layer(middleware::from_fn_with_state(hub.clone(), authorize))
+        .with_state(hub)
+}
+
+/// SAS with the hub's `iothubowner` key; the host in `sr` (any port) picks the hub.
+async fn authorize(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) -> Response {
+    let refuse = |why: &str| {
+        tracing::info!(reason = why, "hub service API request refused");
+        ApiError(DpsError::unauthorized()).into_response()
+    };
+    let Some(token) =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|t| SasToken::parse(t).ok())
+    else {
+        return refuse("missing or malformed token");
+    };
+    if token.check_expiry(Timestamp::now().unix_seconds()).is_err() {
+        return refuse("token expired");
+    }
+    if !token.key_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(OWNER_POLICY)) {
+        return refuse("unknown policy");
+    }
+    let host = token.resource.split('/').next().unwrap_or("");
+    let host = host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
+    let Ok(Some(linked)) = hub.hub_named(host).await else { return refuse("token names no hub of this instance") };
+    let Ok(key) = SymmetricKey::from_base64(&linked.owner_key) else { return refuse("hub key unreadable") };
+    if !token.signed_with(&key) {
+        return refuse("signature does not match");
+    }
+    req.extensions_mut().insert(TargetHub(linked.host_name));
+    next.run(req).await
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    top: Option<usize>,
+}
+
+async fn list_devices(
+    State(hub): State<Arc<Hub>>,
+    Extension(t): Extension<TargetHub>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    let top = q.top.unwrap_or(1000).clamp(1, 10_000);
+    let devices = hub.devices(&t.0, 0, top).await?;
+    Ok(json(devices.iter().map(|d| hub.device_json(d)).collect::<Vec<_>>()))
+}
+
+async fn get_device(
+    State(hub): State<Arc<Hub>>,
+    Extension(t): Extension<TargetHub>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let (dev, _) = hub.twin(&t.0, &id).await?;
+    Ok(json(hub.device_json(&dev)))
+}
+
+async fn put_device(
+    State(hub): State<Arc<Hub>>,
+    Extension(t): Extension<TargetHub>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let dev = hub.put_device(&t.0, &id, &body(b)?, if_match(&headers)).await?;
+    Ok(json(hub.device_json(&dev)))
+}
+
+async fn delete_device(
+    State(hub): State<Arc<Hub>>,
+    Extension(t): Extension<TargetHub>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    hub.delete_device(&t.0, &id, if_match(&headers)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_twin(
+    State(hub): State<Arc<Hub>>,
+    Extension(t): Extension<TargetHub>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let (dev, twin) = hub.twin(&t.0, &id).await?;
+    Ok(json(hub.twin_json(&dev, &twin)))
+}
+
+async fn patch_twin(
+    State(hub): State<Arc<Hub>>,
+    Extension(t): Extension<TargetHub>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let (dev, twin) = hub.patch_twin(&t.0, &id, &body(b)?, if_match(&headers)).await?;
+    Ok(json(hub.twin_json(&dev, &twin)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MethodRequest {
+    method_name: String,
+    #[serde(default)]
+    payload: Value,
+    response_timeout_in_seconds: Option<u64>,
+}
+
+async fn invoke_method(
+    State(hub): State<Arc<Hub>>,
+    Extension(t): Extension<TargetHub>,
+    Path(id): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let req: MethodRequest = serde_json::from_slice(&body(b)?)
+        .map_err(|e| DpsError::bad_request(format!("Malformed method request: {e}")))?;
+    // Azure accepts 5..=300 s and defaults to 30.
+    let timeout = req.response_timeout_in_seconds.unwrap_or(30);
+    if !(5..=300).contains(&timeout) {
+        return Err(DpsError::bad_request("responseTimeoutInSeconds must be between 5 and 300.").into());
+    }
+    let (status, payload) =
+        hub.invoke_method(&t.0, &id, &req.method_name, req.payload, Duration::from_secs(timeout)).await?;
+    Ok(json(json!({"status": status, "payload": payload})))
+}
+
+/// `POST /devices/{id}/messages/deviceBound`: the body is the message; `iothub-messageid`,
+/// `iothub-correlationid`, `iothub-userid`, `iothub-contenttype`, `iothub-contentencoding`,
+/// `iothub-ttl` (seconds) and `iothub-app-{name}` headers set its properties.
+async fn send_c2d(
+    State(hub): State<Arc<Hub>>,
+    Extension(t): Extension<TargetHub>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let b = body(b)?;
+    let mut props = Properties::default();
+    let mut ttl = None;
+    for (name, value) in &headers {
+        let Ok(v) = value.to_str() else { continue };
+        let n = name.as_str();
+        let system = match n {
+            "iothub-messageid" => Some("message-id"),
+            "iothub-correlationid" => Some("correlation-id"),
+            "iothub-userid" => Some("user-id"),
+            "iothub-contenttype" => Some("content-type"),
+            "iothub-contentencoding" => Some("content-encoding"),
+            _ => None,
+        };
+        if let Some(s) = system {
+            props.system.insert(s.to_owned(), v.to_owned());
+        } else if n == "iothub-ttl" {
+            ttl = Some(Duration::from_secs(
+                v.trim().parse().map_err(|_| DpsError::bad_request("iothub-ttl must be whole seconds."))?,
+            ));
+        } else if let Some(app) = n.strip_prefix("iothub-app-") {
+            props.application.insert(app.to_owned(), v.to_owned());
+        }
+    }
+    let message_id = hub.send_c2d(&t.0, &id, props, b.to_vec(), ttl).await?;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = message_id.parse() {
+        resp.headers_mut().insert("iothub-messageid", v);
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EventsQuery {
+    /// First position to return; absent = only events appended from now on.
+    from: Option<u64>,
+    device_id: Option<String>,
+    /// End the stream after this many seconds.
+    timeout: Option<u64>,
+    /// `json`: return what is stored from `from` as one array instead of a stream.
+    format: Option<String>,
+}
+
+/// An event as `az iot hub monitor-events --properties all` prints it, plus its position.
+pub fn event_json(e: &TelemetryEvent) -> Value {
+    let payload = match serde_json::from_slice::<Value>(&e.body) {
+        Ok(v) => v,
+        Err(_) => match std::str::from_utf8(&e.body) {
+            Ok(s) => Value::String(s.to_owned()),
+            Err(_) => json!({"base64": base64::engine::general_purpose::STANDARD.encode(&e.body)}),
+        },
+    };
+    json!({
+        "seq": e.seq,
+        "event": {
+            "origin": e.device_id,
+            "module": e.module_id.clone().unwrap_or_default(),
+            "interface": e.properties.system.get("iothub-interface-id").cloned().unwrap_or_default(),
+            "component": e.properties.system.get("dt-subject").cloned().unwrap_or_default(),
+            "properties": {"system": e.properties.system, "application": e.properties.application},
+            "annotations": {
+                "iothub-connection-device-id": e.device_id,
+                "iothub-enqueuedtime": e.enqueued_time,
+                "iothub-message-source": "Telemetry",
+                "x-opt-sequence-number": e.seq,
+            },
+            "payload": payload,
+        }
+    })
+}
+
+async fn events(
+    State(hub): State<Arc<Hub>>,
+    Extension(t): Extension<TargetHub>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Response> {
+    let filter = q.device_id.clone();
+    let keep = move |e: &TelemetryEvent| filter.as_deref().is_none_or(|d| d == e.device_id);
+    if q.format.as_deref() == Some("json") {
+        let items = hub.events(&t.0, q.from.unwrap_or(0), 10_000).await?;
+        return Ok(json(items.iter().filter(|e| keep(e)).map(event_json).collect::<Vec<_>>()));
+    }
+    // Subscribe before reading the tail so nothing appended in between is missed.
+    let notices = hub.event_notifications();
+    let start = match q.from {
+        Some(f) => f,
+        None => hub.last_event_seq(&t.0).await? + 1,
+    };
+    let deadline = q.timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let state = (hub, t.0, start, notices, std::collections::VecDeque::<TelemetryEvent>::new());
+    let stream = futures_util::stream::unfold(state, move |(hub, name, mut pos, mut notices, mut buf)| {
+        let keep = keep.clone();
+        async move {
+            loop {
+                if let Some(e) = buf.pop_front() {
+                    let ev = Event::default().id(e.seq.to_string()).data(event_json(&e).to_string());
+                    return Some((Ok::<_, std::convert::Infallible>(ev), (hub, name, pos, notices, buf)));
+                }
+                match hub.events(&name, pos, 256).await {
+                    Ok(batch) if !batch.is_empty() => {
+                        pos = batch.last().map_or(pos, |e| e.seq + 1);
+                        buf.extend(batch.into_iter().filter(|e| keep(e)));
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+                let woke = match deadline {
+                    Some(d) => match tokio::time::timeout_at(d, notices.recv()).await {
+                        Ok(r) => r,
+                        Err(_) => return None,
+                    },
+                    None => notices.recv().await,
+                };
+                // Lagging behind the notices is fine (we re-read the store); a closed channel
+                // means the server is stopping.
+                if let Err(tokio::sync::broadcast::error::RecvError::Closed) = woke {
+                    return None;
+                }
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}

@@ -1,0 +1,86 @@
+//! Durable telemetry with group commit: many devices' messages, one transaction.
+//!
+//! Sessions hand each message to a single writer task and wait for its position; the writer
+//! takes everything queued (up to a batch), appends it in one durable transaction, then answers
+//! every waiter. A device's PUBACK is sent only after that answer, so nothing acknowledged can be
+//! lost. Readers (monitor-events) are woken through a broadcast and read from the store by
+//! position, so a slow reader never loses events and never slows the writers.
+
+use std::sync::Arc;
+
+use fleetgate_core::message::TelemetryEvent;
+use fleetgate_core::DpsError;
+use fleetgate_store::{Store, StoreError};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+const MAX_BATCH: usize = 512;
+const QUEUE: usize = 8192;
+
+type Waiter = oneshot::Sender<Result<u64, DpsError>>;
+
+#[derive(Clone)]
+pub struct EventWriter {
+    tx: mpsc::Sender<(TelemetryEvent, Waiter)>,
+    appended: broadcast::Sender<u64>,
+}
+
+impl EventWriter {
+    pub fn start(store: Arc<dyn Store>) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (appended, _) = broadcast::channel(1024);
+        tokio::spawn(write_loop(store, rx, appended.clone()));
+        Self { tx, appended }
+    }
+
+    /// Appends one event; resolves with its position once it is on disk.
+    pub async fn append(&self, event: TelemetryEvent) -> Result<u64, DpsError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send((event, tx)).await.map_err(|_| DpsError::internal())?;
+        rx.await.map_err(|_| DpsError::internal())?
+    }
+
+    /// Wakes with the last appended position after each batch.
+    pub fn subscribe(&self) -> broadcast::Receiver<u64> {
+        self.appended.subscribe()
+    }
+}
+
+async fn write_loop(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<(TelemetryEvent, Waiter)>,
+    appended: broadcast::Sender<u64>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let (events, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        match store.append_events(events).await {
+            Ok(seqs) => {
+                let last = seqs.last().copied();
+                for (w, seq) in waiters.into_iter().zip(seqs) {
+                    let _ = w.send(Ok(seq));
+                }
+                if let Some(last) = last {
+                    let _ = appended.send(last);
+                }
+            }
+            Err(e) => {
+                let err = match e {
+                    StoreError::Rejected(d) => d,
+                    StoreError::Backend(msg) => {
+                        tracing::error!(error = %msg, "telemetry append failed; devices get no PUBACK");
+                        DpsError::internal()
+                    }
+                };
+                for w in waiters {
+                    let _ = w.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}

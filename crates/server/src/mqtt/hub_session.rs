@@ -1,0 +1,345 @@
+//! One device's IoT hub session over MQTT: telemetry, twin, direct methods, cloud-to-device.
+//!
+//! The task owns the connection and serves two inputs: packets from the device and
+//! [`Outbound`] requests from the service side (desired patches, method calls, new C2D). A
+//! telemetry PUBACK is written only after the message is durably appended.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetgate_core::DpsError;
+use fleetgate_hub::hub::ConnectRefusal;
+use fleetgate_hub::mqtt::{
+    c2d_topic, desired_patch_topic, method_request_topic, parse_publish_topic, subscription, twin_response_topic,
+    DeviceRequest, HubUsername, Subscription, TopicError,
+};
+use fleetgate_hub::{Hub, HubDevice, Outbound};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::QoS;
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::{printable, Connection, ConnectionError};
+use crate::config::Limits;
+
+/// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
+const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);
+/// Azure allows five subscriptions per device.
+const MAX_SUBSCRIPTIONS: usize = 5;
+
+struct Session<S> {
+    conn: Connection<S>,
+    hub: Arc<Hub>,
+    device: HubDevice,
+    next_packet_id: u16,
+    /// Granted QoS per stream the device subscribed to.
+    subscriptions: HashMap<Subscription, QoS>,
+    /// Our QoS 1 C2D publishes awaiting the device's PUBACK: packet id → message id.
+    c2d_in_flight: HashMap<u16, String>,
+}
+
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: Connection<S>,
+    connect: Connect,
+    user: HubUsername,
+    hub: Arc<Hub>,
+    limits: Arc<Limits>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    let refuse = |code| Packet::ConnAck(ConnAck::new(code, false));
+    if user.module_id.is_some() {
+        tracing::info!("module identities are not supported yet; refusing");
+        conn.write_packet(refuse(ConnectReturnCode::NotAuthorized)).await?;
+        return Ok(());
+    }
+    if connect.client_id != user.device_id {
+        tracing::info!(client_id = %printable(&connect.client_id), "refused hub CONNECT: client id is not the device id");
+        conn.write_packet(refuse(ConnectReturnCode::BadClientId)).await?;
+        return Ok(());
+    }
+    let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
+    let device = match hub.authenticate(&user.host_name, &user.device_id, password).await {
+        Ok(d) => d,
+        // Bad key, unknown device and disabled device all get "not authorized": the SDKs stop
+        // retrying on it, and it tells a stranger nothing about which devices exist.
+        Err(
+            ConnectRefusal::UnknownHub
+            | ConnectRefusal::UnknownDevice
+            | ConnectRefusal::BadCredentials
+            | ConnectRefusal::Disabled,
+        ) => {
+            conn.write_packet(refuse(ConnectReturnCode::NotAuthorized)).await?;
+            return Ok(());
+        }
+    };
+    conn.set_max_packet(hub.config().max_message_bytes + 16 * 1024);
+    let mut handle = hub.connect_session(&device);
+    conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
+    tracing::info!(hub = %device.hub, device = %device.device_id, "device connected");
+
+    let idle = match connect.keep_alive {
+        0 => limits.idle_timeout,
+        k => Duration::from_millis(u64::from(k) * 1500).min(MAX_KEEP_ALIVE_TIMEOUT),
+    };
+    let mut s = Session {
+        conn,
+        hub: hub.clone(),
+        device: device.clone(),
+        next_packet_id: 0,
+        subscriptions: HashMap::new(),
+        c2d_in_flight: HashMap::new(),
+    };
+    let result = loop {
+        tokio::select! {
+            r = tokio::time::timeout(idle, s.conn.read_packet()) => {
+                let packet = match r {
+                    Err(_) => break Ok(()),
+                    Ok(Err(e)) => break Err(e),
+                    Ok(Ok(None)) => break Ok(()),
+                    Ok(Ok(Some(p))) => p,
+                };
+                match s.on_packet(packet, &handle.flags).await {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            }
+            out = handle.rx.recv() => {
+                let Some(out) = out else { break Ok(()) };
+                match s.on_outbound(out).await {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            }
+            _ = shutdown.changed() => break Ok(()),
+        }
+    };
+    hub.disconnect_session(&device, handle.id);
+    s.conn.shutdown().await;
+    tracing::info!(hub = %device.hub, device = %device.device_id, "device disconnected");
+    result
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    fn packet_id(&mut self) -> u16 {
+        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+        self.next_packet_id
+    }
+
+    async fn publish(&mut self, topic: String, qos: QoS, body: Vec<u8>) -> Result<u16, ConnectionError> {
+        let mut p = Publish::new(topic, qos, body);
+        if qos != QoS::AtMostOnce {
+            p.pkid = self.packet_id();
+        }
+        let pkid = p.pkid;
+        self.conn.write_packet(Packet::Publish(p)).await?;
+        Ok(pkid)
+    }
+
+    fn qos_for(&self, s: Subscription) -> QoS {
+        self.subscriptions.get(&s).copied().unwrap_or(QoS::AtLeastOnce)
+    }
+
+    /// Handles one packet from the device; `false` ends the session.
+    async fn on_packet(
+        &mut self,
+        packet: Packet,
+        flags: &fleetgate_hub::SessionFlags,
+    ) -> Result<bool, ConnectionError> {
+        match packet {
+            Packet::Subscribe(sub) => {
+                let mut codes = Vec::new();
+                let mut deliver_c2d = false;
+                for f in &sub.filters {
+                    let granted = if f.qos == QoS::AtMostOnce { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+                    match subscription(&f.path, &self.device.device_id) {
+                        Some(s)
+                            if self.subscriptions.len() < MAX_SUBSCRIPTIONS || self.subscriptions.contains_key(&s) =>
+                        {
+                            self.subscriptions.insert(s, granted);
+                            match s {
+                                Subscription::Methods => flags.methods.store(true, Ordering::Relaxed),
+                                Subscription::DesiredPatches => flags.desired.store(true, Ordering::Relaxed),
+                                Subscription::CloudToDevice => {
+                                    flags.c2d.store(true, Ordering::Relaxed);
+                                    deliver_c2d = true;
+                                }
+                                Subscription::TwinResponses => {}
+                            }
+                            codes.push(SubscribeReasonCode::Success(granted));
+                        }
+                        _ => {
+                            tracing::info!(device = %self.device.device_id, filter = %printable(&f.path), "refused subscription");
+                            codes.push(SubscribeReasonCode::Failure);
+                        }
+                    }
+                }
+                self.conn.write_packet(Packet::SubAck(SubAck::new(sub.pkid, codes))).await?;
+                if deliver_c2d {
+                    self.deliver_c2d().await?;
+                }
+                Ok(true)
+            }
+            Packet::Unsubscribe(u) => {
+                for f in &u.topics {
+                    if let Some(s) = subscription(f, &self.device.device_id) {
+                        self.subscriptions.remove(&s);
+                        match s {
+                            Subscription::Methods => flags.methods.store(false, Ordering::Relaxed),
+                            Subscription::DesiredPatches => flags.desired.store(false, Ordering::Relaxed),
+                            Subscription::CloudToDevice => flags.c2d.store(false, Ordering::Relaxed),
+                            Subscription::TwinResponses => {}
+                        }
+                    }
+                }
+                self.conn.write_packet(Packet::UnsubAck(UnsubAck::new(u.pkid))).await?;
+                Ok(true)
+            }
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::PubAck(a) => {
+                if let Some(id) = self.c2d_in_flight.remove(&a.pkid) {
+                    if let Err(e) = self.hub.complete_c2d(&self.device, &id).await {
+                        tracing::warn!(error = %e, "could not complete a delivered C2D message; it will be redelivered");
+                    }
+                }
+                Ok(true)
+            }
+            Packet::PingReq => {
+                self.conn.write_packet(Packet::PingResp).await?;
+                Ok(true)
+            }
+            Packet::Disconnect => Ok(false),
+            _ => Ok(false),
+        }
+    }
+
+    async fn on_publish(&mut self, p: Publish) -> Result<bool, ConnectionError> {
+        if p.qos == QoS::ExactlyOnce {
+            tracing::info!(device = %self.device.device_id, "QoS 2 is not supported; closing");
+            return Ok(false);
+        }
+        let request = match parse_publish_topic(&p.topic, &self.device.device_id) {
+            Ok(r) => r,
+            Err(TopicError::Forbidden) => {
+                tracing::warn!(device = %self.device.device_id, topic = %printable(&p.topic), "publish to another device's topic; closing");
+                return Ok(false);
+            }
+            Err(_) => {
+                tracing::info!(device = %self.device.device_id, topic = %printable(&p.topic), "publish to an unknown topic; closing");
+                return Ok(false);
+            }
+        };
+        match request {
+            DeviceRequest::Telemetry { bag } => match self.hub.ingest(&self.device, &bag, p.payload.clone()).await {
+                Ok(_) => {
+                    if p.qos == QoS::AtLeastOnce {
+                        self.conn.write_packet(Packet::PubAck(PubAck::new(p.pkid))).await?;
+                    }
+                    Ok(true)
+                }
+                // Telemetry has no response topic: Azure drops the connection, and the SDK
+                // retries (or reports) the unacknowledged message.
+                Err(e) => {
+                    tracing::info!(device = %self.device.device_id, error = %e, "telemetry refused; closing");
+                    Ok(false)
+                }
+            },
+            DeviceRequest::TwinGet { rid } => {
+                self.ack(&p).await?;
+                let (status, body) = match self.hub.twin(&self.device.hub, &self.device.device_id).await {
+                    Ok((_, twin)) => (200, twin.device_view().to_string().into_bytes()),
+                    Err(e) => (e.status(), twin_error(&e)),
+                };
+                let qos = self.qos_for(Subscription::TwinResponses);
+                self.publish(twin_response_topic(status, &rid, None), qos, body).await?;
+                Ok(true)
+            }
+            DeviceRequest::TwinPatchReported { rid } => {
+                self.ack(&p).await?;
+                let (topic, body) = match self.hub.patch_reported(&self.device, &p.payload).await {
+                    Ok(version) => (twin_response_topic(204, &rid, Some(version)), Vec::new()),
+                    Err(e) => (twin_response_topic(e.status(), &rid, None), twin_error(&e)),
+                };
+                let qos = self.qos_for(Subscription::TwinResponses);
+                self.publish(topic, qos, body).await?;
+                Ok(true)
+            }
+            DeviceRequest::MethodResponse { status, rid } => {
+                self.ack(&p).await?;
+                self.hub.method_response(&rid, status, &p.payload);
+                Ok(true)
+            }
+        }
+    }
+
+    async fn ack(&mut self, p: &Publish) -> Result<(), ConnectionError> {
+        if p.qos == QoS::AtLeastOnce {
+            self.conn.write_packet(Packet::PubAck(PubAck::new(p.pkid))).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_outbound(&mut self, out: Outbound) -> Result<bool, ConnectionError> {
+        match out {
+            Outbound::Close => {
+                tracing::info!(device = %self.device.device_id, "closing: replaced by a new connection or identity changed");
+                Ok(false)
+            }
+            Outbound::DesiredPatch { body, version } => {
+                if self.subscriptions.contains_key(&Subscription::DesiredPatches) {
+                    let qos = self.qos_for(Subscription::DesiredPatches);
+                    self.publish(desired_patch_topic(version), qos, body.to_string().into_bytes()).await?;
+                }
+                Ok(true)
+            }
+            Outbound::Method { rid, name, payload } => {
+                let qos = self.qos_for(Subscription::Methods);
+                let body = if payload.is_null() { Vec::new() } else { payload.to_string().into_bytes() };
+                self.publish(method_request_topic(&name, &rid), qos, body).await?;
+                Ok(true)
+            }
+            Outbound::CloudToDevice => {
+                self.deliver_c2d().await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Sends queued C2D messages not already in flight. QoS 1 deliveries are completed by the
+    /// device's PUBACK; unacknowledged ones are sent again on the next connection.
+    async fn deliver_c2d(&mut self) -> Result<(), ConnectionError> {
+        let Some(&qos) = self.subscriptions.get(&Subscription::CloudToDevice) else { return Ok(()) };
+        let pending = match self.hub.pending_c2d(&self.device).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the C2D queue");
+                return Ok(());
+            }
+        };
+        for m in pending {
+            if self.c2d_in_flight.values().any(|id| *id == m.id) {
+                continue;
+            }
+            let topic = c2d_topic(&self.device.device_id, &m.properties.to_bag());
+            let pkid = self.publish(topic, qos, m.body.clone()).await?;
+            if qos == QoS::AtMostOnce {
+                let _ = self.hub.complete_c2d(&self.device, &m.id).await;
+            } else {
+                self.c2d_in_flight.insert(pkid, m.id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Twin error bodies carry `errorCode` and `message`: Node fails a twin request only when the
+/// body has an `errorCode`.
+fn twin_error(e: &DpsError) -> Vec<u8> {
+    json!({"errorCode": e.code.code(), "message": e.message}).to_string().into_bytes()
+}
