@@ -20,8 +20,19 @@ use crate::config::Limits;
 
 /// Literal path segments matched case-insensitively: SDKs disagree on their case
 /// (`enrollmentGroups` vs `enrollmentgroups`). Routes are declared in lower case.
-const LITERAL_SEGMENTS: &[&str] =
-    &["enrollmentgroups", "enrollments", "registrations", "query", "attestationmechanism"];
+const LITERAL_SEGMENTS: &[&str] = &[
+    "enrollmentgroups",
+    "enrollments",
+    "registrations",
+    "query",
+    "attestationmechanism",
+    "devices",
+    "twins",
+    "methods",
+    "messages",
+    "devicebound",
+    "events",
+];
 
 /// Folds the known literal segments of `path` to lower case; ids are left as sent.
 pub fn canonical_path(path: &str) -> String {
@@ -131,5 +142,6 @@ mod tests {
         assert_eq!(canonical_path("/enrollmentGroups/MyGroup"), "/enrollmentgroups/MyGroup");
         assert_eq!(canonical_path("/EnrollmentGroups/query"), "/enrollmentgroups/query");
         assert_eq!(canonical_path("/registrations/Dev-1/Query"), "/registrations/Dev-1/query");
+        assert_eq!(canonical_path("/devices/Dev-1/messages/deviceBound"), "/devices/Dev-1/messages/devicebound");
     }
 }
