@@ -213,3 +213,77 @@ pub fn dps_username(scope: &str, reg: &str) -> String {
 pub fn device_token(key: &SymmetricKey, scope: &str, reg: &str) -> String {
     build_token(key, &format!("{scope}/registrations/{reg}"), Timestamp::now().unix_seconds() + 3600, None)
 }
+
+impl TestServer {
+    /// A hub service token (`iothubowner`) for the instance's first hub.
+    pub fn hub_token(&self) -> String {
+        let c: ConnectionString = self.running().instance.hubs[0].connection_string.parse().unwrap();
+        build_token(&c.key, &c.host_name, Timestamp::now().unix_seconds() + 600, Some(&c.key_name))
+    }
+
+    /// Creates a hub device with a fresh key through the service API; returns the key.
+    pub async fn create_device(&self, id: &str) -> SymmetricKey {
+        let key = SymmetricKey::generate();
+        let body = json!({"deviceId": id, "authentication": {"type": "sas", "symmetricKey": {"primaryKey": key.to_base64(), "secondaryKey": SymmetricKey::generate().to_base64()}}});
+        let resp = self
+            .http()
+            .put(self.url(&format!("/devices/{id}?api-version=2021-04-12")))
+            .header("Authorization", self.hub_token())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        key
+    }
+
+    /// A raw MQTT connection to the hub as `id`, CONNACK checked; `None` if refused.
+    pub async fn hub_device(
+        &self,
+        id: &str,
+        key: &SymmetricKey,
+    ) -> Result<Mqtt, rumqttc::mqttbytes::v4::ConnectReturnCode> {
+        let hub = self.hub();
+        let token = build_token(key, &format!("{hub}/devices/{id}"), Timestamp::now().unix_seconds() + 3600, None);
+        let mut m = self.mqtt().await;
+        let user = format!("{hub}/{id}/?api-version=2019-10-01&DeviceClientType=test");
+        match m.connect(id, &user, Some(&token), false, 60).await {
+            Packet::ConnAck(a) if a.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success => Ok(m),
+            Packet::ConnAck(a) => Err(a.code),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// `GET /messages/events?from=0&format=json`.
+    pub async fn stored_events(&self) -> Vec<Value> {
+        self.http()
+            .get(self.url("/messages/events?api-version=2021-04-12&from=0&format=json"))
+            .header("Authorization", self.hub_token())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+impl Mqtt {
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS, pkid: u16) -> Packet {
+        let mut s = Subscribe::new(filter, qos);
+        s.pkid = pkid;
+        self.send(Packet::Subscribe(s)).await;
+        self.recv().await.expect("SUBACK")
+    }
+
+    /// The next PUBLISH, raw.
+    pub async fn next_publish(&mut self) -> Publish {
+        loop {
+            match self.recv().await {
+                Some(Packet::Publish(p)) => return p,
+                Some(Packet::PubAck(_)) => continue,
+                other => panic!("expected PUBLISH, got {other:?}"),
+            }
+        }
+    }
+}
