@@ -48,6 +48,8 @@ enum Command {
     /// Inspect and delete registration records (`az iot dps enrollment-group registration`).
     #[command(subcommand)]
     Registration(commands::registrations::RegistrationCommand),
+    /// Provision simulated devices of an enrollment group and send telemetry from them.
+    Simulate(commands::simulate::SimulateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +62,7 @@ fn main() -> std::process::ExitCode {
             Command::ComputeDeviceKey(args) => commands::keys::run(args),
             Command::EnrollmentGroup(cmd) => commands::groups::run(cmd).await,
             Command::Registration(cmd) => commands::registrations::run(cmd).await,
+            Command::Simulate(args) => commands::simulate::run(args).await,
         }
     });
     match result {

@@ -4,6 +4,7 @@ pub mod groups;
 pub mod keys;
 pub mod registrations;
 pub mod serve;
+pub mod simulate;
 
 use anyhow::{anyhow, Context};
 use fleetgate_client::{ConnectionString, DpsServiceClient, ServiceError};
