@@ -1,8 +1,6 @@
 //! A client of the DPS service REST API, authenticating like Azure's SDKs: a fresh SAS token
 //! per request, signed with a shared access policy key.
 
-use fleetgate_core::sas::build_token;
-use fleetgate_core::time::Timestamp;
 use percent_encoding::utf8_percent_encode;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -10,29 +8,12 @@ use serde_json::Value;
 use crate::ConnectionString;
 
 pub const API_VERSION: &str = "2021-10-01";
-const TOKEN_TTL_SECS: i64 = 3600;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    /// The service answered with an error: status and Azure's error body.
-    #[error("{status}: {body}")]
-    Api { status: u16, body: Value },
-    #[error("request failed: {0}")]
-    Transport(String),
-}
-
-impl ServiceError {
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            ServiceError::Api { status, .. } => Some(*status),
-            ServiceError::Transport(_) => None,
-        }
-    }
-}
+use crate::rest::RestClient;
+pub use crate::rest::ServiceError;
 
 pub struct DpsServiceClient {
-    conn: ConnectionString,
-    http: reqwest::Client,
+    rest: RestClient,
 }
 
 /// One page of a query and the token for the next.
@@ -48,20 +29,7 @@ fn seg(s: &str) -> String {
 impl DpsServiceClient {
     /// `ca_pem`: the CA that signed the server's certificate (Fleetgate's `ca.pem`).
     pub fn new(conn: ConnectionString, ca_pem: Option<&[u8]>) -> Result<Self, ServiceError> {
-        let mut b = reqwest::Client::builder().use_rustls_tls().timeout(std::time::Duration::from_secs(30));
-        if let Some(pem) = ca_pem {
-            for cert in
-                reqwest::Certificate::from_pem_bundle(pem).map_err(|e| ServiceError::Transport(e.to_string()))?
-            {
-                b = b.add_root_certificate(cert);
-            }
-        }
-        Ok(Self { conn, http: b.build().map_err(|e| ServiceError::Transport(e.to_string()))? })
-    }
-
-    fn token(&self) -> String {
-        let expiry = Timestamp::now().unix_seconds() + TOKEN_TTL_SECS;
-        build_token(&self.conn.key, &self.conn.host_name, expiry, Some(&self.conn.key_name))
+        Ok(Self { rest: RestClient::new(conn, ca_pem, API_VERSION)? })
     }
 
     async fn call(
@@ -71,30 +39,7 @@ impl DpsServiceClient {
         body: Option<&Value>,
         headers: &[(&str, String)],
     ) -> Result<(reqwest::header::HeaderMap, Value), ServiceError> {
-        let url = format!("https://{}{path}?api-version={API_VERSION}", self.conn.host_name);
-        let mut req =
-            self.http.request(method, url).header("Authorization", self.token()).header("Accept", "application/json");
-        for (k, v) in headers {
-            req = req.header(*k, v);
-        }
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req.send().await.map_err(|e| ServiceError::Transport(e.to_string()))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = resp.bytes().await.map_err(|e| ServiceError::Transport(e.to_string()))?;
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        if status.is_success() {
-            Ok((headers, value))
-        } else {
-            Err(ServiceError::Api { status: status.as_u16(), body: value })
-        }
+        self.rest.call(method, path, body, headers).await
     }
 
     pub async fn put_enrollment_group(&self, group: &Value, if_match: Option<&str>) -> Result<Value, ServiceError> {
