@@ -94,6 +94,27 @@ fn simulate_provisions_a_group_of_devices() {
     assert!(regs.iter().all(|r| r["status"] == "assigned"));
     assert!(regs.iter().any(|r| r["registrationId"] == "sim-grp-sim-00019"));
 
+    // Five more devices, each sending telemetry to its hub (QoS 1, acknowledged).
+    let o = run(&[
+        "simulate",
+        "--data-dir",
+        d,
+        "--group-id",
+        "grp-sim",
+        "--devices",
+        "5",
+        "--start-index",
+        "20",
+        "--messages",
+        "3",
+        "--payload-bytes",
+        "300",
+        "--mqtt-port",
+        &port,
+    ]);
+    let out = stdout(&o);
+    assert!(out.contains("Provisioned 5 of 5 devices") && out.contains("Sent 15 of 15 messages"), "{out}");
+
     // A wrong group key: every device fails with 401002, reported by reason, exit code non-zero.
     let o = run(&[
         "simulate",

@@ -154,3 +154,102 @@ async fn untrusted_server_and_unreachable_port_fail_cleanly() {
     o.ca_pem = b"nothing".to_vec();
     assert!(matches!(register(&o).await.unwrap_err(), DeviceError::Tls(_)));
 }
+
+impl Server {
+    fn hub_request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let c: ConnectionString = self.running.instance.hubs[0].connection_string.parse().unwrap();
+        let token = fleetgate_core::sas::build_token(
+            &c.key,
+            &c.host_name,
+            fleetgate_core::time::Timestamp::now().unix_seconds() + 600,
+            Some(&c.key_name),
+        );
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(reqwest::Certificate::from_pem(&self.ca_pem()).unwrap())
+            .build()
+            .unwrap();
+        let sep = if path.contains('?') { '&' } else { '?' };
+        http.request(
+            method,
+            format!("https://localhost:{}{path}{sep}api-version=2021-04-12", self.running.https_addr.port()),
+        )
+        .header("Authorization", token)
+    }
+}
+
+#[tokio::test]
+async fn provisioned_device_sends_telemetry_and_receives_c2d() {
+    use fleetgate_client::device::{HubClient, HubOptions};
+    use fleetgate_core::message::Properties;
+
+    let s = Server::start(true).await;
+    let group_key = s.group("grp-hub", json!({})).await;
+    let key = group_key.derive_device_key("dev-hub");
+    let r = register(&s.options("dev-hub", key.clone())).await.unwrap();
+
+    let mut o = HubOptions::new("127.0.0.1", s.ca_pem(), &r.assigned_hub, &r.device_id, key.clone());
+    o.port = s.running.mqtt_addr.port();
+    o.server_name = Some("localhost".into());
+    o.timeout = Duration::from_secs(20);
+    let hub = HubClient::connect(&o).await.unwrap();
+
+    // Concurrent sends each resolve on their own PUBACK.
+    let hub = std::sync::Arc::new(hub);
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..5 {
+        let hub = hub.clone();
+        sends.spawn(async move {
+            let mut p = Properties::default();
+            p.system.insert("message-id".into(), format!("m {i}"));
+            p.system.insert("content-type".into(), "application/json".into());
+            p.application.insert("temp alert".into(), "a/b&c".into());
+            hub.send_telemetry(format!("{{\"n\":{i}}}").into_bytes(), &p).await
+        });
+    }
+    while let Some(r) = sends.join_next().await {
+        r.unwrap().unwrap();
+    }
+    let hub = std::sync::Arc::try_unwrap(hub).ok().unwrap();
+    let events: Vec<Value> = s
+        .hub_request(reqwest::Method::GET, "/messages/events?from=0&format=json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 5, "{events:?}");
+    let e = &events[0]["event"];
+    assert_eq!(e["origin"], "dev-hub");
+    assert_eq!(e["properties"]["application"]["temp alert"], "a/b&c");
+    assert_eq!(e["properties"]["system"]["content-type"], "application/json");
+    let mut ns: Vec<i64> = events.iter().map(|e| e["event"]["payload"]["n"].as_i64().unwrap()).collect();
+    ns.sort();
+    assert_eq!(ns, vec![0, 1, 2, 3, 4]);
+
+    // Cloud-to-device.
+    let mut c2d = hub.subscribe_c2d().await.unwrap();
+    let resp = s
+        .hub_request(reqwest::Method::POST, "/devices/dev-hub/messages/devicebound")
+        .header("iothub-messageid", "c2d 1")
+        .header("iothub-app-priority", "high")
+        .body("hello device")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let m = tokio::time::timeout(Duration::from_secs(10), c2d.recv()).await.unwrap().unwrap();
+    assert_eq!(m.body, b"hello device");
+    assert_eq!(m.properties.system["message-id"], "c2d 1");
+    assert_eq!(m.properties.application["priority"], "high");
+    hub.disconnect().await.unwrap();
+
+    // A wrong key is refused at CONNECT.
+    o.device_key = SymmetricKey::generate();
+    match HubClient::connect(&o).await {
+        Err(DeviceError::Refused(code)) => assert!(code == 4 || code == 5, "{code}"),
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("connected with a wrong key"),
+    }
+}
