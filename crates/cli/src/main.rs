@@ -50,6 +50,9 @@ enum Command {
     Registration(commands::registrations::RegistrationCommand),
     /// Provision simulated devices of an enrollment group and send telemetry from them.
     Simulate(commands::simulate::SimulateArgs),
+    /// IoT hub: linked hubs, device identities, twins, methods, C2D, monitor-events (`az iot hub`).
+    #[command(subcommand)]
+    Hub(commands::hub::HubCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +66,7 @@ fn main() -> std::process::ExitCode {
             Command::EnrollmentGroup(cmd) => commands::groups::run(cmd).await,
             Command::Registration(cmd) => commands::registrations::run(cmd).await,
             Command::Simulate(args) => commands::simulate::run(args).await,
+            Command::Hub(cmd) => commands::hub::run(cmd).await,
         }
     });
     match result {

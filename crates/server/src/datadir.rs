@@ -288,6 +288,42 @@ impl DataDir {
     }
 }
 
+/// Links a new hub to the instance in `data_dir` (CLI `fleetgate hub create`): stored with a
+/// fresh `iothubowner` key and listed in `instance.json`. A running server sees it at once (hubs
+/// are read from the store per request).
+pub async fn add_hub(data_dir: &Path, host_name: &str) -> Result<InstanceHub, DataDirError> {
+    let host_name = host_name.trim();
+    if host_name.is_empty() || host_name.contains(|c: char| c.is_whitespace() || c == '/' || c == ';') {
+        return Err(DataDirError::Corrupt(format!("'{host_name}' is not a valid host name")));
+    }
+    let mut instance = Instance::read(data_dir)?;
+    let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
+    if store.hubs().await?.iter().any(|h| h.host_name.eq_ignore_ascii_case(host_name)) {
+        return Err(DataDirError::Corrupt(format!("hub '{host_name}' already exists")));
+    }
+    let hub = LinkedHub { host_name: host_name.to_owned(), owner_key: SymmetricKey::generate().to_base64() };
+    store.add_hub(&hub).await?;
+    // Same HTTPS port as the service endpoint the instance was last started with.
+    let port = instance
+        .service_connection_string
+        .split(';')
+        .find_map(|p| p.strip_prefix("HostName="))
+        .and_then(|h| h.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()))
+        .unwrap_or(443);
+    let entry = InstanceHub {
+        host_name: hub.host_name.clone(),
+        connection_string: format!(
+            "HostName={};SharedAccessKeyName={HUB_OWNER_POLICY};SharedAccessKey={}",
+            with_port(&hub.host_name, port),
+            hub.owner_key
+        ),
+    };
+    instance.hubs.push(entry.clone());
+    let json = serde_json::to_vec_pretty(&instance).map_err(|e| DataDirError::Corrupt(e.to_string()))?;
+    write_private(&data_dir.join("instance.json"), &json)?;
+    Ok(entry)
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_port;

@@ -1,6 +1,7 @@
 //! One file per verb group.
 
 pub mod groups;
+pub mod hub;
 pub mod keys;
 pub mod registrations;
 pub mod serve;

@@ -1,0 +1,350 @@
+//! `fleetgate hub ...`, mirroring `az iot hub`: linked hubs, device identities, twins, direct
+//! methods, cloud-to-device messages and monitor-events.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Subcommand};
+use fleetgate_client::hub_service::C2dOptions;
+use fleetgate_client::{ConnectionString, HubServiceClient};
+use serde_json::{json, Value};
+
+use super::{describe, print_json};
+
+/// Which hub: a connection string (`--login`, as az), else a hub of the local data directory.
+#[derive(Args, Clone)]
+pub struct HubTarget {
+    /// Hub connection string (HostName=...;SharedAccessKeyName=iothubowner;SharedAccessKey=...).
+    #[arg(long, env = "FLEETGATE_HUB_CONNECTION_STRING", hide_env_values = true)]
+    login: Option<String>,
+    /// Hub host name in the local instance (default: its first hub).
+    #[arg(long)]
+    hub_name: Option<String>,
+    #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+    data_dir: PathBuf,
+    /// PEM file of the CA to trust (default: the data dir's ca.pem).
+    #[arg(long, env = "FLEETGATE_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+}
+
+impl HubTarget {
+    fn client(&self) -> anyhow::Result<HubServiceClient> {
+        let (conn, ca_default) = match &self.login {
+            Some(c) => (c.clone(), None),
+            None => {
+                let inst = fleetgate_server::Instance::read(&self.data_dir)
+                    .with_context(|| format!("no --login given and no instance in {}", self.data_dir.display()))?;
+                let hub = match &self.hub_name {
+                    Some(name) => inst
+                        .hubs
+                        .iter()
+                        .find(|h| h.host_name.eq_ignore_ascii_case(name))
+                        .ok_or_else(|| anyhow!("no hub named '{name}' in this instance"))?,
+                    None => inst.hubs.first().ok_or_else(|| anyhow!("the instance has no hub"))?,
+                };
+                (hub.connection_string.clone(), Some(PathBuf::from(&inst.ca_certificate)))
+            }
+        };
+        let conn: ConnectionString = conn.parse().map_err(|e: String| anyhow!("invalid hub connection string: {e}"))?;
+        let ca = match self.ca_cert.clone().or(ca_default) {
+            Some(p) => Some(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?),
+            None => None,
+        };
+        Ok(HubServiceClient::new(conn, ca.as_deref())?)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum HubCommand {
+    /// List the hubs linked to the local instance.
+    List {
+        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+        data_dir: PathBuf,
+    },
+    /// Add a hub to the local instance (takes effect at once; restart `serve` with a matching
+    /// `--hostname` if devices will dial this name).
+    Create {
+        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        hostname: String,
+    },
+    /// Device identities (`az iot hub device-identity`).
+    #[command(subcommand)]
+    DeviceIdentity(DeviceIdentity),
+    /// Device twins (`az iot hub device-twin`).
+    #[command(subcommand)]
+    DeviceTwin(DeviceTwin),
+    /// Invoke a direct method on a connected device.
+    InvokeDeviceMethod {
+        #[command(flatten)]
+        target: HubTarget,
+        #[arg(long)]
+        device_id: String,
+        #[arg(long)]
+        method_name: String,
+        /// JSON payload.
+        #[arg(long, default_value = "{}")]
+        method_payload: String,
+        /// Seconds to wait for the device (5 to 300).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Cloud-to-device messages (`az iot device c2d-message`).
+    #[command(subcommand)]
+    C2dMessage(C2dMessage),
+    /// Print device-to-cloud messages as they arrive, one JSON object per message.
+    MonitorEvents {
+        #[command(flatten)]
+        target: HubTarget,
+        #[arg(long)]
+        device_id: Option<String>,
+        /// Extra sections to show: sys, app, anno, all.
+        #[arg(long, value_delimiter = ' ', num_args = 0..)]
+        properties: Vec<String>,
+        /// Stop after this many seconds without ending early.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Replay from this stream position (1 = the beginning) before following live.
+        #[arg(long)]
+        from: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DeviceIdentity {
+    List {
+        #[command(flatten)]
+        target: HubTarget,
+        #[arg(long)]
+        top: Option<usize>,
+    },
+    Show {
+        #[command(flatten)]
+        target: HubTarget,
+        #[arg(long)]
+        device_id: String,
+    },
+    Create {
+        #[command(flatten)]
+        target: HubTarget,
+        #[arg(long)]
+        device_id: String,
+        #[arg(long)]
+        primary_key: Option<String>,
+        #[arg(long)]
+        secondary_key: Option<String>,
+        #[arg(long, default_value = "enabled", value_parser = ["enabled", "disabled"])]
+        status: String,
+    },
+    /// Enable or disable a device (disabling disconnects it).
+    Update {
+        #[command(flatten)]
+        target: HubTarget,
+        #[arg(long)]
+        device_id: String,
+        #[arg(long, value_parser = ["enabled", "disabled"])]
+        status: String,
+    },
+    Delete {
+        #[command(flatten)]
+        target: HubTarget,
+        #[arg(long)]
+        device_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DeviceTwin {
+    Show {
+        #[command(flatten)]
+        target: HubTarget,
+        #[arg(long)]
+        device_id: String,
+    },
+    /// Patch desired properties and/or tags.
+    Update {
+        #[command(flatten)]
+        target: HubTarget,
+        #[arg(long)]
+        device_id: String,
+        /// Desired properties patch (JSON object; null removes a property).
+        #[arg(long)]
+        desired: Option<String>,
+        /// Tags patch (JSON object).
+        #[arg(long)]
+        tags: Option<String>,
+        #[arg(long)]
+        etag: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum C2dMessage {
+    Send {
+        #[command(flatten)]
+        target: HubTarget,
+        #[arg(long)]
+        device_id: String,
+        #[arg(long, default_value = "Ping from Fleetgate CLI")]
+        data: String,
+        #[arg(long)]
+        message_id: Option<String>,
+        #[arg(long)]
+        correlation_id: Option<String>,
+        #[arg(long)]
+        content_type: Option<String>,
+        #[arg(long)]
+        content_encoding: Option<String>,
+        /// Application properties as `k1=v1;k2=v2`.
+        #[arg(long)]
+        props: Option<String>,
+        /// Time to live in seconds (default 1 hour, at most 2 days).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+}
+
+fn parse_json(flag: &str, s: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(s).with_context(|| format!("{flag} is not valid JSON"))
+}
+
+pub async fn run(cmd: HubCommand) -> anyhow::Result<()> {
+    match cmd {
+        HubCommand::List { data_dir } => {
+            let inst = fleetgate_server::Instance::read(&data_dir).context("run `fleetgate serve` once first")?;
+            print_json(&serde_json::to_value(&inst.hubs)?);
+        }
+        HubCommand::Create { data_dir, hostname } => {
+            let hub = fleetgate_server::datadir::add_hub(&data_dir, &hostname).await?;
+            print_json(&serde_json::to_value(hub)?);
+        }
+        HubCommand::DeviceIdentity(c) => device_identity(c).await?,
+        HubCommand::DeviceTwin(c) => device_twin(c).await?,
+        HubCommand::InvokeDeviceMethod { target, device_id, method_name, method_payload, timeout } => {
+            let payload = parse_json("--method-payload", &method_payload)?;
+            let r =
+                target.client()?.invoke_method(&device_id, &method_name, payload, timeout).await.map_err(describe)?;
+            print_json(&r);
+        }
+        HubCommand::C2dMessage(C2dMessage::Send {
+            target,
+            device_id,
+            data,
+            message_id,
+            correlation_id,
+            content_type,
+            content_encoding,
+            props,
+            ttl,
+        }) => {
+            let mut properties = Vec::new();
+            for pair in props.as_deref().unwrap_or("").split(';').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').ok_or_else(|| anyhow!("--props entry '{pair}' is not k=v"))?;
+                properties.push((k.to_owned(), v.to_owned()));
+            }
+            let o = C2dOptions {
+                message_id,
+                correlation_id,
+                content_type,
+                content_encoding,
+                ttl: ttl.map(Duration::from_secs),
+                properties,
+            };
+            target.client()?.send_c2d(&device_id, data.into_bytes(), &o).await.map_err(describe)?;
+        }
+        HubCommand::MonitorEvents { target, device_id, properties, timeout, from } => {
+            let show = |s: &str| properties.iter().any(|p| p == s || p == "all");
+            let (sys, app, anno) = (show("sys"), show("app"), show("anno"));
+            eprintln!("Starting event monitor, use ctrl-c to stop...");
+            target
+                .client()?
+                .monitor_events(from, device_id.as_deref(), timeout.map(Duration::from_secs), |v| {
+                    println!("{}", serde_json::to_string_pretty(&shape_event(v, sys, app, anno)).expect("JSON prints"));
+                    true
+                })
+                .await
+                .map_err(describe)?;
+        }
+    }
+    Ok(())
+}
+
+/// az's shape: origin/module/interface/component/payload, with the requested sections.
+fn shape_event(v: Value, sys: bool, app: bool, anno: bool) -> Value {
+    let e = &v["event"];
+    let mut out = json!({
+        "origin": e["origin"], "module": e["module"], "interface": e["interface"], "component": e["component"],
+    });
+    if sys || app {
+        let mut p = serde_json::Map::new();
+        if sys {
+            p.insert("system".into(), e["properties"]["system"].clone());
+        }
+        if app {
+            p.insert("application".into(), e["properties"]["application"].clone());
+        }
+        out["properties"] = Value::Object(p);
+    }
+    if anno {
+        out["annotations"] = e["annotations"].clone();
+    }
+    out["payload"] = e["payload"].clone();
+    json!({ "event": out })
+}
+
+async fn device_identity(c: DeviceIdentity) -> anyhow::Result<()> {
+    match c {
+        DeviceIdentity::List { target, top } => {
+            print_json(&target.client()?.list_devices(top).await.map_err(describe)?)
+        }
+        DeviceIdentity::Show { target, device_id } => {
+            print_json(&target.client()?.get_device(&device_id).await.map_err(describe)?)
+        }
+        DeviceIdentity::Create { target, device_id, primary_key, secondary_key, status } => {
+            let mut d =
+                json!({"deviceId": device_id, "status": status, "authentication": {"type": "sas", "symmetricKey": {}}});
+            if let Some(k) = primary_key {
+                d["authentication"]["symmetricKey"]["primaryKey"] = k.into();
+            }
+            if let Some(k) = secondary_key {
+                d["authentication"]["symmetricKey"]["secondaryKey"] = k.into();
+            }
+            print_json(&target.client()?.create_device(&d).await.map_err(describe)?);
+        }
+        DeviceIdentity::Update { target, device_id, status } => {
+            let c = target.client()?;
+            let mut d = c.get_device(&device_id).await.map_err(describe)?;
+            let etag = d["etag"].as_str().unwrap_or("*").to_owned();
+            d["status"] = status.into();
+            print_json(&c.update_device(&d, &etag).await.map_err(describe)?);
+        }
+        DeviceIdentity::Delete { target, device_id } => {
+            target.client()?.delete_device(&device_id).await.map_err(describe)?
+        }
+    }
+    Ok(())
+}
+
+async fn device_twin(c: DeviceTwin) -> anyhow::Result<()> {
+    match c {
+        DeviceTwin::Show { target, device_id } => {
+            print_json(&target.client()?.get_twin(&device_id).await.map_err(describe)?)
+        }
+        DeviceTwin::Update { target, device_id, desired, tags, etag } => {
+            if desired.is_none() && tags.is_none() {
+                bail!("give --desired and/or --tags");
+            }
+            let mut patch = json!({});
+            if let Some(d) = desired {
+                patch["properties"] = json!({"desired": parse_json("--desired", &d)?});
+            }
+            if let Some(t) = tags {
+                patch["tags"] = parse_json("--tags", &t)?;
+            }
+            print_json(&target.client()?.patch_twin(&device_id, &patch, etag.as_deref()).await.map_err(describe)?);
+        }
+    }
+    Ok(())
+}
