@@ -1,23 +1,10 @@
 //! The `fleetgate` binary as a user runs it.
 
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fleetgate");
+use std::process::{Command, Stdio};
 
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("FLEETGATE_CONNECTION_STRING")
-        .env_remove("FLEETGATE_DATA_DIR")
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
+use common::{run, serve, stdout};
 
 #[test]
 fn compute_device_key_matches_az_and_the_published_vector() {
@@ -82,39 +69,10 @@ fn compute_device_keys_for_a_factory_file() {
     assert!(!o.status.success());
 }
 
-struct Served {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve() -> Served {
-    let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--data-dir", dir.path().to_str().unwrap(), "--mqtt-port", "0", "--https-port", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !dir.path().join("instance.json").exists() {
-        assert!(started.elapsed() < Duration::from_secs(20), "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    Served { child, dir }
-}
-
 #[test]
 fn enrollment_group_and_registration_verbs_against_a_server() {
     let s = serve();
-    let d = s.dir.path().to_str().unwrap();
+    let d = s.dir();
     let info = stdout(&run(&["info", "--data-dir", d]));
     assert!(info.contains("ID scope:") && info.contains("provisioningserviceowner"));
 

@@ -1,64 +1,8 @@
 //! `fleetgate simulate` against a `fleetgate serve` child process.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fleetgate");
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("FLEETGATE_CONNECTION_STRING")
-        .env_remove("FLEETGATE_DATA_DIR")
-        .env_remove("FLEETGATE_GROUP_KEY")
-        .env_remove("FLEETGATE_MQTT_PORT")
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-struct Served {
-    child: Child,
-    dir: tempfile::TempDir,
-    mqtt_port: u16,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts a server on random ports and reads the MQTT port from its banner.
-fn serve() -> Served {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--data-dir", dir.path().to_str().unwrap(), "--mqtt-port", "0", "--https-port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    // Keeps draining stdout so the server never blocks on it.
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(rest) = line.trim().strip_prefix("MQTT/TLS on ") {
-                let addr = rest.split(',').next().unwrap_or_default();
-                let _ = tx.send(addr.rsplit(':').next().unwrap_or_default().parse::<u16>().unwrap());
-            }
-        }
-    });
-    let mqtt_port = rx.recv_timeout(Duration::from_secs(20)).expect("server banner with the MQTT port");
-    Served { child, dir, mqtt_port }
-}
+use common::{run, serve, stdout};
 
 #[test]
 fn simulate_provisions_a_group_of_devices() {

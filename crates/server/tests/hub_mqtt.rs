@@ -453,3 +453,40 @@ async fn a_provisioned_device_connects_with_either_derived_key_and_sees_its_init
         .unwrap();
     assert_eq!(twin["tags"], json!({"site": "lab"}));
 }
+
+#[tokio::test]
+async fn a_connect_flood_does_not_starve_a_well_behaved_device() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-ok").await;
+    let addr = s.mqtt_addr();
+    // 300 connections that never speak TLS, and 50 clients hammering CONNECT with bad keys.
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let bad = SymmetricKey::generate();
+    let mut hammer = Vec::new();
+    for _ in 0..50 {
+        let s2 = &s;
+        let bad = bad.clone();
+        hammer.push(async move {
+            for _ in 0..4 {
+                assert_eq!(s2.hub_device("dev-ok", &bad).await.err(), Some(ConnectReturnCode::NotAuthorized));
+            }
+        });
+    }
+    let flood = futures_util::future::join_all(hammer);
+    let good = async {
+        let started = std::time::Instant::now();
+        let mut m = s.hub_device("dev-ok", &key).await.expect("the good device still connects");
+        m.publish("devices/dev-ok/messages/events/", QoS::AtLeastOnce, 1, b"through the flood").await;
+        assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
+        started.elapsed()
+    };
+    let (_, elapsed) = tokio::join!(flood, good);
+    // Not a timing assertion on speed, only that it was served while the flood was going on
+    // (the silent connections are only dropped at the 700 ms handshake deadline).
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    drop(silent);
+    assert_eq!(s.stored_events().await.len(), 1);
+}
