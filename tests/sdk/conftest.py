@@ -327,6 +327,13 @@ class FleetgateServer:
             self._service = ServiceApi(self.instance["serviceConnectionString"], self.ca_path)
         return self._service
 
+    @property
+    def hub_service(self) -> "HubServiceApi":
+        """A fresh client for the hub service API of the first hub (fresh: pooled connections
+        do not survive a restart)."""
+        hub = self.instance["hubs"][0]
+        return HubServiceApi(hub["connectionString"], self.ca_path, self.address, self.https_port)
+
     # ---- device-side helpers
     def register(self, registration_id: str, key: str, timeout: float = REGISTER_TIMEOUT_S):
         return register_device(self.address, self.id_scope, self.ca_pem, registration_id, key, timeout)
@@ -437,3 +444,212 @@ def pytest_runtest_makereport(item, call):
         for srv in _ALL_SERVERS:
             if srv.stderr_path.exists():
                 rep.sections.append((f"fleetgate '{srv.name}' log ({srv.stderr_path})", srv.log_tail()))
+
+
+# --------------------------------------------------------------------------- hub: service API and device side
+
+HUB_API_VERSION = "2021-04-12"
+HUB_OP_TIMEOUT_S = 15.0  # any single device-client call (connect, send, twin, ...) must finish within this
+
+
+class HubServiceApi:
+    """Minimal client for the hub service REST API (devices, twins, methods, C2D, telemetry).
+
+    The hub's connection string names the hub (``HostName=localhost:PORT``): that name goes into
+    the SAS token, while the HTTPS requests go to the server's own loopback address.
+    """
+
+    def __init__(self, connection_string: str, ca_path: str, address: str, port: int):
+        cs = parse_connection_string(connection_string)
+        self.host = cs["HostName"]  # the hub name (plus ":port"), signed into `sr`
+        self.key_name = cs["SharedAccessKeyName"]
+        self.key = cs["SharedAccessKey"]
+        self.ca_path = ca_path
+        self.base_url = f"https://{address}:{port}"
+        self.session = requests.Session()
+
+    def sas_token(self, ttl_s: int = 3600, key: str | None = None, key_name: str | None = None) -> str:
+        se = int(time.time()) + ttl_s
+        sr = urllib.parse.quote(self.host, safe="")
+        mac = hmac.new(base64.b64decode(key or self.key), f"{sr}\n{se}".encode("utf-8"), hashlib.sha256)
+        sig = base64.b64encode(mac.digest()).decode("ascii")
+        return (
+            f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig, safe='')}"
+            f"&se={se}&skn={key_name or self.key_name}"
+        )
+
+    def request(self, method: str, path: str, *, json_body=None, data=None, headers=None, params=None,
+                token: str | None = None, timeout: float = 15):
+        hdrs = {"Authorization": token or self.sas_token()}
+        if headers:
+            hdrs.update(headers)
+        query = {"api-version": HUB_API_VERSION}
+        if params:
+            query.update(params)
+        return self.session.request(method, f"{self.base_url}{path}", params=query, headers=hdrs,
+                                    json=json_body, data=data, verify=self.ca_path, timeout=timeout)
+
+    @staticmethod
+    def _q(device_id: str) -> str:
+        return urllib.parse.quote(device_id, safe="")
+
+    # device identities
+    def get_device(self, device_id: str):
+        return self.request("GET", f"/devices/{self._q(device_id)}")
+
+    def list_devices(self):
+        return self.request("GET", "/devices")
+
+    def put_device(self, device_id: str, body: dict, if_match: str | None = None):
+        return self.request("PUT", f"/devices/{self._q(device_id)}", json_body=body,
+                            headers={"If-Match": if_match} if if_match else None)
+
+    def delete_device(self, device_id: str, if_match: str | None = None):
+        return self.request("DELETE", f"/devices/{self._q(device_id)}",
+                            headers={"If-Match": if_match} if if_match else None)
+
+    # twins
+    def get_twin(self, device_id: str):
+        return self.request("GET", f"/twins/{self._q(device_id)}")
+
+    def patch_twin(self, device_id: str, patch: dict, if_match: str | None = None):
+        return self.request("PATCH", f"/twins/{self._q(device_id)}", json_body=patch,
+                            headers={"If-Match": if_match} if if_match else None)
+
+    # direct methods
+    def invoke_method(self, device_id: str, method_name: str, payload=None, response_timeout_s: int = 5):
+        body = {"methodName": method_name, "payload": payload, "responseTimeoutInSeconds": response_timeout_s}
+        return self.request("POST", f"/twins/{self._q(device_id)}/methods", json_body=body,
+                            timeout=response_timeout_s + 15)
+
+    # cloud-to-device (Fleetgate extension of the REST API)
+    def send_c2d(self, device_id: str, body: bytes | str, *, message_id: str | None = None,
+                 correlation_id: str | None = None, content_type: str | None = None,
+                 content_encoding: str | None = None, ttl_s: int | None = None,
+                 properties: dict[str, str] | None = None):
+        headers = {}
+        for name, value in (("iothub-messageid", message_id), ("iothub-correlationid", correlation_id),
+                            ("iothub-contenttype", content_type), ("iothub-contentencoding", content_encoding),
+                            ("iothub-ttl", None if ttl_s is None else str(ttl_s))):
+            if value is not None:
+                headers[name] = value
+        for name, value in (properties or {}).items():
+            headers[f"iothub-app-{name}"] = value
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        return self.request("POST", f"/devices/{self._q(device_id)}/messages/deviceBound", data=body,
+                            headers=headers)
+
+    # telemetry (Fleetgate extension: what Azure offers over the Event Hubs endpoint)
+    def events(self, device_id: str | None = None, from_seq: int = 0) -> list[dict]:
+        params = {"from": str(from_seq), "format": "json"}
+        if device_id is not None:
+            params["deviceId"] = device_id
+        r = self.request("GET", "/messages/events", params=params)
+        assert r.status_code == 200, f"GET /messages/events: {r.status_code} {r.text}"
+        items = r.json()
+        assert isinstance(items, list), items
+        return items
+
+    def wait_for_events(self, device_id: str, count: int, timeout: float = 10.0) -> list[dict]:
+        """Events of one device once there are at least `count` (or whatever is there at the deadline)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            items = self.events(device_id)
+            if len(items) >= count or time.monotonic() > deadline:
+                return items
+            time.sleep(0.1)
+
+
+class CallOutcome:
+    def __init__(self):
+        self.result = None
+        self.error: BaseException | None = None
+        self.elapsed: float | None = None
+
+
+def call_with_timeout(fn, *args, timeout: float = HUB_OP_TIMEOUT_S, what: str = "call", **kwargs) -> CallOutcome:
+    """Run fn in a daemon thread; fail the test (instead of hanging) if it does not return in time."""
+    outcome = CallOutcome()
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            outcome.result = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            outcome.error = e
+        finally:
+            outcome.elapsed = time.monotonic() - t0
+
+    t = threading.Thread(target=run, name=f"call-{what}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        pytest.fail(f"{what} did not return within {timeout}s", pytrace=False)
+    return outcome
+
+
+class HubDevice:
+    """An IoTHubDeviceClient (MQTT) for one device, every call guarded by a timeout.
+
+    The client connects to the server's loopback address (``gateway_hostname``) while its
+    username and SAS token name the hub (``hostname`` = the assigned hub).
+    """
+
+    def __init__(self, server: "FleetgateServer", device_id: str, key: str, hub_hostname: str | None = None,
+                 **client_kwargs):
+        from azure.iot.device import IoTHubDeviceClient
+
+        self.server = server
+        self.device_id = device_id
+        self.key = key
+        client_kwargs.setdefault("connection_retry_interval", 1)
+        self.client = IoTHubDeviceClient.create_from_symmetric_key(
+            symmetric_key=key,
+            hostname=hub_hostname or server.hub_hostname,
+            device_id=device_id,
+            server_verification_cert=server.ca_pem,
+            gateway_hostname=server.address,
+            **client_kwargs,
+        )
+        self._shut_down = False
+
+    def try_call(self, method: str, *args, timeout: float = HUB_OP_TIMEOUT_S, **kwargs) -> CallOutcome:
+        return call_with_timeout(getattr(self.client, method), *args, timeout=timeout,
+                                 what=f"{self.device_id}.{method}()", **kwargs)
+
+    def call(self, method: str, *args, timeout: float = HUB_OP_TIMEOUT_S, **kwargs):
+        """The call's result; its exception is re-raised."""
+        out = self.try_call(method, *args, timeout=timeout, **kwargs)
+        if out.error is not None:
+            raise out.error
+        return out.result
+
+    def connect(self):
+        return self.call("connect")
+
+    def send(self, message):
+        return self.call("send_message", message)
+
+    def shutdown(self):
+        if not self._shut_down:
+            self._shut_down = True
+            call_with_timeout(self.client.shutdown, timeout=HUB_OP_TIMEOUT_S, what=f"{self.device_id}.shutdown()")
+
+
+@pytest.fixture
+def hub_devices():
+    """Factory for HubDevice clients; every client is shut down when the test ends."""
+    made: list[HubDevice] = []
+
+    def make(server: "FleetgateServer", device_id: str, key: str, **kw) -> HubDevice:
+        dev = HubDevice(server, device_id, key, **kw)
+        made.append(dev)
+        return dev
+
+    yield make
+    for dev in made:
+        try:
+            dev.shutdown()
+        except BaseException:  # noqa: BLE001 - best effort; a hung shutdown must not mask the test result
+            pass
