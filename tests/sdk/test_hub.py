@@ -494,14 +494,10 @@ def test_c2d_queued_while_offline_is_delivered(server, hub_group, hub_devices):
     assert_hub_error(hub.send_c2d(idle_id, "one too many"), 403, 403004)
 
 
-PERSISTENT_SESSION_BUG = (
-    "server bug: the SDK connects with CleanSession=0 and never re-subscribes after a reconnect, relying on "
-    "IoT Hub keeping the session's subscriptions; Fleetgate answers CONNACK session-present=0 and drops them, "
-    "so after disconnect()/connect() (or any automatic reconnect) nothing is pushed to the device any more"
-)
+# The SDK connects with CleanSession=0 and does not subscribe again after reconnecting: it relies on
+# the hub keeping the session's subscriptions (and Fleetgate keeps them, across restarts too).
 
 
-@pytest.mark.xfail(reason=PERSISTENT_SESSION_BUG, strict=True)
 def test_c2d_sent_after_disconnect_is_delivered_on_reconnect(server, hub_group, hub_devices):
     _, primary = hub_group
     device_id = unique("c2d-reconn")
@@ -523,7 +519,6 @@ def test_c2d_sent_after_disconnect_is_delivered_on_reconnect(server, hub_group, 
     assert (msg.data, msg.message_id, msg.custom_properties) == (b"offline", "c2d-b", {"n": "2"})
 
 
-@pytest.mark.xfail(reason=PERSISTENT_SESSION_BUG, strict=True)
 def test_direct_method_after_reconnect(server, hub_group, hub_devices):
     _, primary = hub_group
     device_id = unique("method-reconn")

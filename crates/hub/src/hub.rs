@@ -17,6 +17,7 @@ use fleetgate_store::{LinkedHub, Store, StoreError};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+use crate::mqtt::Subscription;
 use crate::sessions::{Outbound, SessionHandle, Sessions};
 use crate::telemetry::EventWriter;
 
@@ -181,6 +182,27 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert((d.hub.to_ascii_lowercase(), d.device_id.to_ascii_lowercase()), Timestamp::now().to_azure_string());
+    }
+
+    /// The subscriptions a CleanSession-0 device left behind (stream, granted QoS 0 or 1).
+    /// Devices rely on them: the SDKs do not subscribe again after reconnecting.
+    pub async fn load_subscriptions(&self, d: &HubDevice) -> Result<Option<Vec<(Subscription, u8)>>, DpsError> {
+        let Some(state) = self.store.mqtt_session(&d.hub, &d.device_id).await.map_err(store_err)? else {
+            return Ok(None);
+        };
+        let map: serde_json::Map<String, Value> = serde_json::from_str(&state).unwrap_or_default();
+        Ok(Some(
+            map.iter()
+                .filter_map(|(k, v)| Some((Subscription::from_name(k)?, v.as_u64().unwrap_or(1).min(1) as u8)))
+                .collect(),
+        ))
+    }
+
+    /// Persists (Some) or forgets (None) a device's subscriptions.
+    pub async fn save_subscriptions(&self, d: &HubDevice, subs: Option<&[(Subscription, u8)]>) -> Result<(), DpsError> {
+        let state =
+            subs.map(|s| Value::Object(s.iter().map(|(k, q)| (k.name().to_owned(), json!(q))).collect()).to_string());
+        self.store.set_mqtt_session(&d.hub, &d.device_id, state.as_deref()).await.map_err(store_err)
     }
 
     /// Validates and durably appends one telemetry message; resolves once it is on disk.

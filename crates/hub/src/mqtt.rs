@@ -114,6 +114,24 @@ pub enum Subscription {
     Methods,
 }
 
+impl Subscription {
+    /// A stable name, for persisting a device's session.
+    pub fn name(self) -> &'static str {
+        match self {
+            Subscription::CloudToDevice => "c2d",
+            Subscription::TwinResponses => "twin",
+            Subscription::DesiredPatches => "desired",
+            Subscription::Methods => "methods",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        [Subscription::CloudToDevice, Subscription::TwinResponses, Subscription::DesiredPatches, Subscription::Methods]
+            .into_iter()
+            .find(|x| x.name() == s)
+    }
+}
+
 /// The documented filters only, and only the device's own C2D topic.
 pub fn subscription(filter: &str, device_id: &str) -> Option<Subscription> {
     match filter {

@@ -265,11 +265,11 @@ async fn c2d_is_queued_offline_delivered_and_redelivered_until_acked() {
     assert!(p.topic.starts_with("devices/dev-1/messages/devicebound/"), "{}", p.topic);
     assert!(p.topic.contains("%24.mid=c2d-42") && p.topic.contains("priority=high"), "{}", p.topic);
     assert_eq!(&p.payload[..], b"reboot please");
-    // Not acknowledged: it comes again on the next connection.
+    // Not acknowledged: it comes again on the next connection (the session, CleanSession 0,
+    // still holds the subscription).
     drop(m);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut m = s.hub_device("dev-1", &key).await.unwrap();
-    m.subscribe("devices/dev-1/messages/devicebound/#", QoS::AtLeastOnce, 1).await;
     let p = m.next_publish().await;
     assert_eq!(&p.payload[..], b"reboot please");
     m.send(Packet::PubAck(PubAck::new(p.pkid))).await;
@@ -281,7 +281,6 @@ async fn c2d_is_queued_offline_delivered_and_redelivered_until_acked() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(m);
     let mut m = s.hub_device("dev-1", &key).await.unwrap();
-    m.subscribe("devices/dev-1/messages/devicebound/#", QoS::AtLeastOnce, 1).await;
     m.send(Packet::PingReq).await;
     assert!(matches!(m.recv().await, Some(Packet::PingResp)), "acknowledged messages are not redelivered");
 
@@ -489,4 +488,63 @@ async fn a_connect_flood_does_not_starve_a_well_behaved_device() {
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
     drop(silent);
     assert_eq!(s.stored_events().await.len(), 1);
+}
+
+#[tokio::test]
+async fn clean_session_0_subscriptions_survive_reconnects_and_restarts() {
+    let mut s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let (mut m, present) = s.hub_device_session("dev-1", &key, false).await.unwrap();
+    assert!(!present, "no session yet");
+    m.subscribe("devices/dev-1/messages/devicebound/#", QoS::AtLeastOnce, 1).await;
+    m.subscribe("$iothub/methods/POST/#", QoS::AtLeastOnce, 2).await;
+    drop(m);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Queued while offline; the SDKs reconnect without subscribing again.
+    assert_eq!(send_c2d(&s, "dev-1", "while away", "c1").await.status(), 204);
+    let (mut m, present) = s.hub_device_session("dev-1", &key, false).await.unwrap();
+    assert!(present, "CleanSession 0 resumes the session");
+    let p = m.next_publish().await;
+    assert_eq!(&p.payload[..], b"while away");
+    m.send(Packet::PubAck(PubAck::new(p.pkid))).await;
+    // Methods reach it too (answered as the SDK would).
+    let call = tokio::spawn({
+        let (http, url, token) = (s.http(), s.url(&format!("/twins/dev-1/methods{V}")), s.hub_token());
+        async move {
+            http.post(url)
+                .header("Authorization", token)
+                .json(&json!({"methodName": "ping", "responseTimeoutInSeconds": 10}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let p = m.next_publish().await;
+    let rid = p.topic.rsplit("$rid=").next().unwrap().to_owned();
+    m.publish(&format!("$iothub/methods/res/200/?$rid={rid}"), QoS::AtLeastOnce, 5, b"null").await;
+    assert_eq!(call.await.unwrap(), 200);
+    drop(m);
+
+    // Across a restart as well.
+    s.stop().await;
+    s.server = Some(fleetgate_server::start(s.config.clone()).await.unwrap());
+    assert_eq!(send_c2d(&s, "dev-1", "after restart", "c2").await.status(), 204);
+    let (mut m, present) = s.hub_device_session("dev-1", &key, false).await.unwrap();
+    assert!(present);
+    assert_eq!(&m.next_publish().await.payload[..], b"after restart");
+    drop(m);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // CleanSession 1 throws the session away.
+    let (mut m, present) = s.hub_device_session("dev-1", &key, true).await.unwrap();
+    assert!(!present);
+    assert_eq!(invoke(&s, "dev-1", 5).await.1["errorCode"], 404103);
+    m.send(Packet::PingReq).await;
+    assert!(matches!(m.recv().await, Some(Packet::PingResp)), "nothing delivered without a subscription");
+    drop(m);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, present) = s.hub_device_session("dev-1", &key, false).await.unwrap();
+    assert!(!present, "the clean connection removed the stored session");
 }

@@ -108,6 +108,12 @@ pub trait Store: Send + Sync + 'static {
     async fn pending_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<Vec<C2dMessage>>;
     /// Removes a delivered message. `Ok(false)` when it was not queued.
     async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool>;
+
+    /// A device's persistent MQTT session state (opaque to the store), kept across connections
+    /// and restarts for clients that connect with CleanSession 0.
+    async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>>;
+    /// Replaces (Some) or forgets (None) a device's persistent MQTT session state.
+    async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()>;
 }
 
 /// Read-modify-write of one device and its twin inside the store's transaction.

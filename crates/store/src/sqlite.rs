@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS c2d (
     body TEXT NOT NULL, UNIQUE (hub_key, device_key, id)
 );
 CREATE INDEX IF NOT EXISTS c2d_by_device ON c2d (hub_key, device_key, seq);
+CREATE TABLE IF NOT EXISTS mqtt_sessions (
+    hub_key TEXT NOT NULL, device_key TEXT NOT NULL, state TEXT NOT NULL,
+    PRIMARY KEY (hub_key, device_key)
+);
 "#;
 
 /// Telemetry lives in its own file and connection, so appends never wait behind registry writes.
@@ -391,6 +395,8 @@ impl Store for SqliteStore {
                 None => {
                     tx.execute("DELETE FROM devices WHERE hub_key = ?1 AND device_key = ?2", params![h, d])
                         .map_err(backend)?;
+                    tx.execute("DELETE FROM mqtt_sessions WHERE hub_key = ?1 AND device_key = ?2", params![h, d])
+                        .map_err(backend)?;
                     tx.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2", params![h, d])
                         .map_err(backend)?;
                 }
@@ -499,6 +505,33 @@ impl Store for SqliteStore {
             c.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2 AND id = ?3", params![h, d, id])
                 .map(|n| n > 0)
                 .map_err(backend)
+        })
+        .await
+    }
+
+    async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>> {
+        let (h, d) = (key(hub), key(device_id));
+        self.with(move |c| {
+            c.query_row("SELECT state FROM mqtt_sessions WHERE hub_key = ?1 AND device_key = ?2", [h, d], |r| r.get(0))
+                .optional()
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()> {
+        let (h, d, state) = (key(hub), key(device_id), state.map(str::to_owned));
+        self.with(move |c| {
+            match state {
+                Some(s) => c.execute(
+                    "INSERT INTO mqtt_sessions (hub_key, device_key, state) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(hub_key, device_key) DO UPDATE SET state = ?3",
+                    params![h, d, s],
+                ),
+                None => c.execute("DELETE FROM mqtt_sessions WHERE hub_key = ?1 AND device_key = ?2", params![h, d]),
+            }
+            .map(|_| ())
+            .map_err(backend)
         })
         .await
     }

@@ -41,6 +41,17 @@ struct Session<S> {
     subscriptions: HashMap<Subscription, QoS>,
     /// Our QoS 1 C2D publishes awaiting the device's PUBACK: packet id → message id.
     c2d_in_flight: HashMap<u16, String>,
+    /// CleanSession 0: subscriptions are saved as they change.
+    persistent: bool,
+}
+
+fn set_flag(flags: &fleetgate_hub::SessionFlags, sub: Subscription, on: bool) {
+    match sub {
+        Subscription::Methods => flags.methods.store(on, Ordering::Relaxed),
+        Subscription::DesiredPatches => flags.desired.store(on, Ordering::Relaxed),
+        Subscription::CloudToDevice => flags.c2d.store(on, Ordering::Relaxed),
+        Subscription::TwinResponses => {}
+    }
 }
 
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
@@ -78,9 +89,23 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     conn.set_max_packet(hub.config().max_message_bytes + 16 * 1024);
+    // CleanSession 0: the device's subscriptions outlive the connection (and a restart); the
+    // SDKs count on that and do not subscribe again when they reconnect.
+    let persistent = !connect.clean_session;
+    let restored = if persistent {
+        hub.load_subscriptions(&device).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not load the device's session; starting clean");
+            None
+        })
+    } else {
+        if let Err(e) = hub.save_subscriptions(&device, None).await {
+            tracing::warn!(error = %e, "could not clear the device's session");
+        }
+        None
+    };
     let mut handle = hub.connect_session(&device);
-    conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
-    tracing::info!(hub = %device.hub, device = %device.device_id, "device connected");
+    conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, restored.is_some()))).await?;
+    tracing::info!(hub = %device.hub, device = %device.device_id, session_present = restored.is_some(), "device connected");
 
     let idle = match connect.keep_alive {
         0 => limits.idle_timeout,
@@ -93,7 +118,16 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         next_packet_id: 0,
         subscriptions: HashMap::new(),
         c2d_in_flight: HashMap::new(),
+        persistent,
     };
+    for (sub, qos) in restored.unwrap_or_default() {
+        s.subscriptions.insert(sub, if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce });
+        set_flag(&handle.flags, sub, true);
+    }
+    if let Err(e) = s.deliver_c2d().await {
+        hub.disconnect_session(&device, handle.id);
+        return Err(e);
+    }
     let result = loop {
         tokio::select! {
             r = tokio::time::timeout(idle, s.conn.read_packet()) => {
@@ -142,6 +176,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(pkid)
     }
 
+    /// Persists the subscriptions of a CleanSession-0 device before they are acknowledged.
+    async fn save_subscriptions(&mut self) {
+        if !self.persistent {
+            return;
+        }
+        let subs: Vec<_> =
+            self.subscriptions.iter().map(|(s, q)| (*s, if *q == QoS::AtMostOnce { 0 } else { 1 })).collect();
+        if let Err(e) = self.hub.save_subscriptions(&self.device, Some(&subs)).await {
+            tracing::warn!(error = %e, "could not persist the device's subscriptions");
+        }
+    }
+
     fn qos_for(&self, s: Subscription) -> QoS {
         self.subscriptions.get(&s).copied().unwrap_or(QoS::AtLeastOnce)
     }
@@ -163,15 +209,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             if self.subscriptions.len() < MAX_SUBSCRIPTIONS || self.subscriptions.contains_key(&s) =>
                         {
                             self.subscriptions.insert(s, granted);
-                            match s {
-                                Subscription::Methods => flags.methods.store(true, Ordering::Relaxed),
-                                Subscription::DesiredPatches => flags.desired.store(true, Ordering::Relaxed),
-                                Subscription::CloudToDevice => {
-                                    flags.c2d.store(true, Ordering::Relaxed);
-                                    deliver_c2d = true;
-                                }
-                                Subscription::TwinResponses => {}
-                            }
+                            set_flag(flags, s, true);
+                            deliver_c2d |= s == Subscription::CloudToDevice;
                             codes.push(SubscribeReasonCode::Success(granted));
                         }
                         _ => {
@@ -180,6 +219,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         }
                     }
                 }
+                self.save_subscriptions().await;
                 self.conn.write_packet(Packet::SubAck(SubAck::new(sub.pkid, codes))).await?;
                 if deliver_c2d {
                     self.deliver_c2d().await?;
@@ -190,14 +230,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 for f in &u.topics {
                     if let Some(s) = subscription(f, &self.device.device_id) {
                         self.subscriptions.remove(&s);
-                        match s {
-                            Subscription::Methods => flags.methods.store(false, Ordering::Relaxed),
-                            Subscription::DesiredPatches => flags.desired.store(false, Ordering::Relaxed),
-                            Subscription::CloudToDevice => flags.c2d.store(false, Ordering::Relaxed),
-                            Subscription::TwinResponses => {}
-                        }
+                        set_flag(flags, s, false);
                     }
                 }
+                self.save_subscriptions().await;
                 self.conn.write_packet(Packet::UnsubAck(UnsubAck::new(u.pkid))).await?;
                 Ok(true)
             }

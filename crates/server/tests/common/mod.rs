@@ -243,12 +243,24 @@ impl TestServer {
         id: &str,
         key: &SymmetricKey,
     ) -> Result<Mqtt, rumqttc::mqttbytes::v4::ConnectReturnCode> {
+        self.hub_device_session(id, key, false).await.map(|(m, _)| m)
+    }
+
+    /// Like `hub_device`, choosing CleanSession; also returns CONNACK's session-present flag.
+    pub async fn hub_device_session(
+        &self,
+        id: &str,
+        key: &SymmetricKey,
+        clean: bool,
+    ) -> Result<(Mqtt, bool), rumqttc::mqttbytes::v4::ConnectReturnCode> {
         let hub = self.hub();
         let token = build_token(key, &format!("{hub}/devices/{id}"), Timestamp::now().unix_seconds() + 3600, None);
         let mut m = self.mqtt().await;
         let user = format!("{hub}/{id}/?api-version=2019-10-01&DeviceClientType=test");
-        match m.connect(id, &user, Some(&token), false, 60).await {
-            Packet::ConnAck(a) if a.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success => Ok(m),
+        match m.connect(id, &user, Some(&token), clean, 60).await {
+            Packet::ConnAck(a) if a.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success => {
+                Ok((m, a.session_present))
+            }
             Packet::ConnAck(a) => Err(a.code),
             other => panic!("{other:?}"),
         }
