@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{DpsError, ErrorCode};
-use crate::ids::EnrollmentGroupId;
+use crate::ids::{EnrollmentGroupId, RegistrationId};
 use crate::keys::SymmetricKey;
 use crate::time::Timestamp;
 
@@ -84,12 +84,11 @@ pub struct AttestationMechanism {
     pub tpm: Option<Value>,
 }
 
-/// Azure's `EnrollmentGroup`, as stored and as returned by the service API.
+/// What enrollment groups and individual enrollments have in common: how a device attests,
+/// where it goes, what it starts with. Flattened into both JSON shapes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct EnrollmentGroup {
-    #[serde(default)]
-    pub enrollment_group_id: String,
+pub struct EnrollmentSettings {
     pub attestation: AttestationMechanism,
     #[serde(default)]
     pub capabilities: Capabilities,
@@ -112,7 +111,44 @@ pub struct EnrollmentGroup {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iot_hubs: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub custom_allocation_definition: Option<Value>,
+    pub custom_allocation_definition: Option<CustomAllocationDefinition>,
+}
+
+/// Where a custom allocation webhook lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomAllocationDefinition {
+    pub webhook_url: String,
+    pub api_version: String,
+}
+
+/// Azure's `EnrollmentGroup`, as stored and as returned by the service API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentGroup {
+    #[serde(default)]
+    pub enrollment_group_id: String,
+    #[serde(flatten)]
+    pub settings: EnrollmentSettings,
+}
+
+/// Azure's `IndividualEnrollment`: one device, by registration id. It takes precedence over any
+/// group the device's key might also match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IndividualEnrollment {
+    #[serde(default)]
+    pub registration_id: String,
+    /// The hub device id to create; the registration id when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional_device_information: Option<Value>,
+    /// Read-only: the device's registration state, filled in on reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_state: Option<Value>,
+    #[serde(flatten)]
+    pub settings: EnrollmentSettings,
 }
 
 /// A new opaque etag in the quoted form Azure uses (`"\"…\""`).
@@ -141,38 +177,25 @@ pub fn check_if_match(if_match: Option<&str>, current: Option<&str>) -> Result<(
     }
 }
 
-impl EnrollmentGroup {
-    /// Parses a PUT body. Unknown fields are ignored, as Azure does.
-    pub fn from_request_body(body: &[u8]) -> Result<Self, DpsError> {
-        serde_json::from_slice(body).map_err(|e| DpsError::bad_request(format!("Malformed enrollment group JSON: {e}")))
-    }
-
+impl EnrollmentSettings {
     /// Validates a create-or-update request and fills in the server-owned fields.
     ///
-    /// `existing` is the stored group with the same id, if any: its creation time is kept and,
-    /// when the request leaves the keys out (a client that did GET then PUT never saw them), its
-    /// keys are kept rather than regenerated. Keys that are absent on create are generated.
-    pub fn prepare_upsert(
-        mut self,
-        path_id: &str,
-        existing: Option<&EnrollmentGroup>,
+    /// `existing` are the stored settings of the same enrollment, if any: the creation time is
+    /// kept and, when the request leaves the keys out (a client that did GET then PUT never saw
+    /// them), its keys are kept rather than regenerated. Keys absent on create are generated.
+    fn prepare(
+        &mut self,
+        existing: Option<&EnrollmentSettings>,
         linked_hubs: &[String],
         now: Timestamp,
-    ) -> Result<Self, DpsError> {
-        let id = EnrollmentGroupId::parse(path_id)?;
-        if !self.enrollment_group_id.is_empty() && !self.enrollment_group_id.eq_ignore_ascii_case(id.as_str()) {
-            return Err(DpsError::bad_request("enrollmentGroupId in the body does not match the id in the path."));
-        }
-        self.enrollment_group_id =
-            existing.map(|g| g.enrollment_group_id.clone()).unwrap_or_else(|| id.as_str().to_owned());
-
+    ) -> Result<(), DpsError> {
         match self.attestation.kind {
             AttestationType::SymmetricKey => {}
             AttestationType::X509 => {
                 return Err(DpsError::bad_request("X.509 attestation is not supported by this Fleetgate version yet."))
             }
             AttestationType::Tpm | AttestationType::None => {
-                return Err(DpsError::bad_request("Enrollment groups support symmetricKey or x509 attestation."))
+                return Err(DpsError::bad_request("Fleetgate supports symmetricKey attestation (x509 is coming)."))
             }
         }
         let requested = self.attestation.symmetric_key.take().unwrap_or_default();
@@ -191,13 +214,18 @@ impl EnrollmentGroup {
         self.attestation.tpm = None;
 
         match self.allocation_policy {
-            Some(AllocationPolicy::GeoLatency) | Some(AllocationPolicy::Custom) => {
-                return Err(DpsError::bad_request(
-                    "Allocation policies geoLatency and custom are not supported by this Fleetgate version yet; use static or hashed.",
-                ))
-            }
             Some(AllocationPolicy::Static) if self.iot_hub_host_name.is_none() => {
                 return Err(DpsError::bad_request("The static allocation policy needs iotHubHostName."))
+            }
+            Some(AllocationPolicy::Custom) => {
+                let Some(def) = &self.custom_allocation_definition else {
+                    return Err(DpsError::bad_request(
+                        "The custom allocation policy needs customAllocationDefinition.",
+                    ));
+                };
+                if !(def.webhook_url.starts_with("https://") || def.webhook_url.starts_with("http://")) {
+                    return Err(DpsError::bad_request("customAllocationDefinition.webhookUrl must be an http(s) URL."));
+                }
             }
             _ => {}
         }
@@ -214,30 +242,23 @@ impl EnrollmentGroup {
             validate_initial_twin(twin)?;
             crate::twin::Twin::from_initial(Some(twin))?;
         }
-
         let now_s = now.to_azure_string();
         self.created_date_time_utc =
             Some(existing.and_then(|g| g.created_date_time_utc.clone()).unwrap_or_else(|| now_s.clone()));
         self.last_updated_date_time_utc = Some(now_s);
         self.etag = Some(new_etag());
-        Ok(self)
+        Ok(())
     }
 
-    /// The view returned by GET and query: keys are left out (fetch them with the
-    /// attestation-mechanism call), as Azure's service API does.
-    pub fn redacted(&self) -> Self {
-        let mut g = self.clone();
-        if let Some(k) = g.attestation.symmetric_key.as_mut() {
+    fn redact(&mut self) {
+        if let Some(k) = self.attestation.symmetric_key.as_mut() {
             *k = SymmetricKeyAttestation::default();
         }
-        g
     }
 
-    /// The group's primary and secondary keys (both always present once stored).
+    /// The enrollment's primary and secondary keys (both always present once stored).
     pub fn keys(&self) -> Vec<SymmetricKey> {
-        let Some(sk) = &self.attestation.symmetric_key else {
-            return Vec::new();
-        };
+        let Some(sk) = &self.attestation.symmetric_key else { return Vec::new() };
         [&sk.primary_key, &sk.secondary_key]
             .into_iter()
             .flatten()
@@ -247,6 +268,92 @@ impl EnrollmentGroup {
 
     pub fn is_enabled(&self) -> bool {
         self.provisioning_status == ProvisioningStatus::Enabled
+    }
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, DpsError> {
+    serde_json::from_slice(body).map_err(|e| DpsError::bad_request(format!("Malformed {what} JSON: {e}")))
+}
+
+impl EnrollmentGroup {
+    /// Parses a PUT body. Unknown fields are ignored, as Azure does.
+    pub fn from_request_body(body: &[u8]) -> Result<Self, DpsError> {
+        parse_body(body, "enrollment group")
+    }
+
+    /// Validates a create-or-update of group `path_id` against the stored one (see
+    /// [`EnrollmentSettings`] for what is kept).
+    pub fn prepare_upsert(
+        mut self,
+        path_id: &str,
+        existing: Option<&EnrollmentGroup>,
+        linked_hubs: &[String],
+        now: Timestamp,
+    ) -> Result<Self, DpsError> {
+        let id = EnrollmentGroupId::parse(path_id)?;
+        if !self.enrollment_group_id.is_empty() && !self.enrollment_group_id.eq_ignore_ascii_case(id.as_str()) {
+            return Err(DpsError::bad_request("enrollmentGroupId in the body does not match the id in the path."));
+        }
+        self.enrollment_group_id =
+            existing.map(|g| g.enrollment_group_id.clone()).unwrap_or_else(|| id.as_str().to_owned());
+        self.settings.prepare(existing.map(|g| &g.settings), linked_hubs, now)?;
+        Ok(self)
+    }
+
+    /// The view returned by GET and query: keys are left out (fetch them with the
+    /// attestation-mechanism call), as Azure's service API does.
+    pub fn redacted(&self) -> Self {
+        let mut g = self.clone();
+        g.settings.redact();
+        g
+    }
+
+    pub fn keys(&self) -> Vec<SymmetricKey> {
+        self.settings.keys()
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.settings.is_enabled()
+    }
+}
+
+impl IndividualEnrollment {
+    pub fn from_request_body(body: &[u8]) -> Result<Self, DpsError> {
+        parse_body(body, "individual enrollment")
+    }
+
+    /// Validates a create-or-update of the enrollment for `path_id` (a registration id).
+    pub fn prepare_upsert(
+        mut self,
+        path_id: &str,
+        existing: Option<&IndividualEnrollment>,
+        linked_hubs: &[String],
+        now: Timestamp,
+    ) -> Result<Self, DpsError> {
+        let id = RegistrationId::parse(path_id)?;
+        if !self.registration_id.is_empty() && !self.registration_id.eq_ignore_ascii_case(id.as_str()) {
+            return Err(DpsError::bad_request("registrationId in the body does not match the id in the path."));
+        }
+        self.registration_id = existing.map(|e| e.registration_id.clone()).unwrap_or_else(|| id.as_str().to_owned());
+        if let Some(d) = self.device_id.as_deref().filter(|d| !d.is_empty()) {
+            RegistrationId::parse(d)
+                .map_err(|e| DpsError::new(ErrorCode::InvalidId, e.message.replace("registration id", "device id")))?;
+        } else {
+            self.device_id = None;
+        }
+        self.registration_state = None;
+        self.settings.prepare(existing.map(|e| &e.settings), linked_hubs, now)?;
+        Ok(self)
+    }
+
+    pub fn redacted(&self) -> Self {
+        let mut e = self.clone();
+        e.settings.redact();
+        e
+    }
+
+    pub fn keys(&self) -> Vec<SymmetricKey> {
+        self.settings.keys()
     }
 }
 
@@ -295,9 +402,9 @@ mod tests {
         assert_eq!(g.enrollment_group_id, "grp-1");
         assert_eq!(g.keys().len(), 2);
         assert!(g.keys().iter().all(|k| k.as_bytes().len() == 64));
-        assert!(g.etag.as_deref().unwrap().starts_with('"'));
-        assert_eq!(g.provisioning_status, ProvisioningStatus::Enabled);
-        assert_eq!(g.created_date_time_utc.as_deref(), Some("1970-01-01T00:00:00.0000000Z"));
+        assert!(g.settings.etag.as_deref().unwrap().starts_with('"'));
+        assert_eq!(g.settings.provisioning_status, ProvisioningStatus::Enabled);
+        assert_eq!(g.settings.created_date_time_utc.as_deref(), Some("1970-01-01T00:00:00.0000000Z"));
         let json = serde_json::to_value(&g).unwrap();
         assert_eq!(json["attestation"]["type"], "symmetricKey");
         assert_eq!(json["reprovisionPolicy"]["updateHubAssignment"], true);
@@ -312,8 +419,8 @@ mod tests {
             .prepare_upsert("grp-1", Some(&g1), &hubs(), Timestamp::from_unix_seconds(10))
             .unwrap();
         assert_eq!(g2.keys(), g1.keys());
-        assert_eq!(g2.created_date_time_utc, g1.created_date_time_utc);
-        assert_ne!(g2.etag, g1.etag);
+        assert_eq!(g2.settings.created_date_time_utc, g1.settings.created_date_time_utc);
+        assert_ne!(g2.settings.etag, g1.settings.etag);
         assert!(!g2.is_enabled());
         assert_eq!(g2.enrollment_group_id, "grp-1");
     }

@@ -19,6 +19,10 @@ pub enum ErrorCode {
     NoHubForAllocation,
     /// 400209: the enrollment names a hub that is not linked to this instance.
     HubNotLinked,
+    /// 400210: the custom allocation webhook failed (unreachable, slow, bad answer).
+    CustomAllocationFailed,
+    /// 404204: no individual enrollment with that registration id.
+    EnrollmentNotFound,
     /// 401002: authentication failed (bad, expired or unknown credentials).
     Unauthorized,
     /// 404201: no registration record with that id.
@@ -64,6 +68,8 @@ impl ErrorCode {
             ErrorCode::InvalidId => 400005,
             ErrorCode::NoHubForAllocation => 400208,
             ErrorCode::HubNotLinked => 400209,
+            ErrorCode::CustomAllocationFailed => 400210,
+            ErrorCode::EnrollmentNotFound => 404204,
             ErrorCode::Unauthorized => 401002,
             ErrorCode::RegistrationNotFound => 404201,
             ErrorCode::EnrollmentGroupNotFound => 404202,

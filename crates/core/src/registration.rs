@@ -47,13 +47,75 @@ pub struct RegistrationRecord {
     pub etag: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
-    /// The group the device attested through. Not part of Azure's service JSON; stored with the
-    /// record and reported to the device inside `symmetricKey`.
+    /// The group the device attested through (`None`: its individual enrollment). Not part of
+    /// Azure's service JSON; stored with the record and reported to the device inside
+    /// `symmetricKey`.
     #[serde(skip)]
     pub enrollment_group_id: Option<String>,
     /// The operation that produced this state, so a device can poll it.
     #[serde(skip)]
     pub operation_id: String,
+    /// Internal: the hub of the first assignment, and the payload the device sent last.
+    #[serde(skip)]
+    pub internal: RecordInternal,
+}
+
+/// What Fleetgate keeps about a registration beyond Azure's JSON.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordInternal {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_hub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_payload: Option<Value>,
+}
+
+/// What happens to a device's hub assignment when it registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignment {
+    /// Stay on the current hub (same hub allocated, or the policy never re-provisions).
+    Keep { hub: String, substatus: Substatus },
+    /// Assign to `hub`; `from` is the hub the identity leaves (removed in the same commit);
+    /// `migrate_twin` carries the twin over, otherwise it starts from the initial twin.
+    Move { hub: String, substatus: Substatus, from: Option<String>, migrate_twin: bool },
+}
+
+/// Azure's reprovisioning rules: `updateHubAssignment` false never moves an assigned device;
+/// otherwise a device allocated elsewhere moves, with its twin (`migrateDeviceData`) or reset to
+/// the initial twin. Moving back to the hub of the first assignment reports
+/// `reprovisionedToInitialAssignment`.
+pub fn decide_assignment(
+    existing: Option<&RegistrationRecord>,
+    policy: crate::enrollment::ReprovisionPolicy,
+    allocated: &str,
+) -> Assignment {
+    let current = existing.filter(|r| r.status == RegistrationStatus::Assigned).and_then(|r| r.assigned_hub.clone());
+    let Some(current) = current else {
+        return Assignment::Move {
+            hub: allocated.to_owned(),
+            substatus: Substatus::InitialAssignment,
+            from: None,
+            migrate_twin: false,
+        };
+    };
+    let kept = existing.and_then(|r| r.substatus).unwrap_or(Substatus::InitialAssignment);
+    if current.eq_ignore_ascii_case(allocated) || !policy.update_hub_assignment {
+        return Assignment::Keep { hub: current, substatus: kept };
+    }
+    let initial = existing.and_then(|r| r.internal.initial_hub.clone());
+    let substatus = if initial.is_some_and(|h| h.eq_ignore_ascii_case(allocated)) {
+        Substatus::ReprovisionedToInitialAssignment
+    } else if policy.migrate_device_data {
+        Substatus::DeviceDataMigrated
+    } else {
+        Substatus::DeviceDataReset
+    };
+    Assignment::Move {
+        hub: allocated.to_owned(),
+        substatus,
+        from: Some(current),
+        migrate_twin: policy.migrate_device_data,
+    }
 }
 
 /// A new registration etag: base64 of a quoted GUID, the form the real service uses.
@@ -68,32 +130,27 @@ pub fn new_operation_id() -> String {
 
 impl RegistrationRecord {
     /// The record after a successful assignment. An existing record for the same device keeps its
-    /// creation time; being assigned again to the same hub keeps its substatus (Azure reports the
-    /// same assignment to a device that registers again).
+    /// creation time and first hub.
+    #[allow(clippy::too_many_arguments)]
     pub fn assigned(
         existing: Option<&RegistrationRecord>,
         registration_id: &RegistrationId,
-        enrollment_group_id: &str,
+        enrollment_group_id: Option<&str>,
+        device_id: &str,
         hub: &str,
+        substatus: Substatus,
         payload: Option<Value>,
+        device_payload: Option<Value>,
         now: Timestamp,
     ) -> Self {
         let now_s = now.to_azure_string();
-        let substatus = match existing {
-            Some(prev) if prev.status == RegistrationStatus::Assigned && prev.assigned_hub.as_deref() == Some(hub) => {
-                prev.substatus.unwrap_or(Substatus::InitialAssignment)
-            }
-            _ => Substatus::InitialAssignment,
-        };
         RegistrationRecord {
             registration_id: existing
                 .map(|r| r.registration_id.clone())
                 .unwrap_or_else(|| registration_id.as_str().to_owned()),
             created_date_time_utc: existing.map(|r| r.created_date_time_utc.clone()).unwrap_or_else(|| now_s.clone()),
             assigned_hub: Some(hub.to_owned()),
-            device_id: Some(
-                existing.and_then(|r| r.device_id.clone()).unwrap_or_else(|| registration_id.as_str().to_owned()),
-            ),
+            device_id: Some(device_id.to_owned()),
             status: RegistrationStatus::Assigned,
             substatus: Some(substatus),
             error_code: None,
@@ -101,8 +158,47 @@ impl RegistrationRecord {
             last_updated_date_time_utc: now_s,
             etag: new_registration_etag(),
             payload,
-            enrollment_group_id: Some(enrollment_group_id.to_owned()),
+            enrollment_group_id: enrollment_group_id.map(str::to_owned),
             operation_id: new_operation_id(),
+            internal: RecordInternal {
+                initial_hub: Some(
+                    existing.and_then(|r| r.internal.initial_hub.clone()).unwrap_or_else(|| hub.to_owned()),
+                ),
+                device_payload,
+            },
+        }
+    }
+
+    /// A record for an assignment still being decided (custom allocation): the previous
+    /// assignment, if any, stays in place until the decision is committed.
+    pub fn assigning(
+        existing: Option<&RegistrationRecord>,
+        registration_id: &RegistrationId,
+        enrollment_group_id: Option<&str>,
+        device_payload: Option<Value>,
+        now: Timestamp,
+    ) -> Self {
+        let now_s = now.to_azure_string();
+        RegistrationRecord {
+            registration_id: existing
+                .map(|r| r.registration_id.clone())
+                .unwrap_or_else(|| registration_id.as_str().to_owned()),
+            created_date_time_utc: existing.map(|r| r.created_date_time_utc.clone()).unwrap_or_else(|| now_s.clone()),
+            assigned_hub: existing.and_then(|r| r.assigned_hub.clone()),
+            device_id: existing.and_then(|r| r.device_id.clone()),
+            status: RegistrationStatus::Assigning,
+            substatus: existing.and_then(|r| r.substatus),
+            error_code: None,
+            error_message: None,
+            last_updated_date_time_utc: now_s,
+            etag: new_registration_etag(),
+            payload: None,
+            enrollment_group_id: enrollment_group_id.map(str::to_owned),
+            operation_id: new_operation_id(),
+            internal: RecordInternal {
+                initial_hub: existing.and_then(|r| r.internal.initial_hub.clone()),
+                device_payload,
+            },
         }
     }
 
@@ -111,7 +207,7 @@ impl RegistrationRecord {
     pub fn failed(
         existing: Option<&RegistrationRecord>,
         registration_id: &RegistrationId,
-        enrollment_group_id: &str,
+        enrollment_group_id: Option<&str>,
         status: RegistrationStatus,
         error: &crate::DpsError,
         now: Timestamp,
@@ -132,8 +228,9 @@ impl RegistrationRecord {
             last_updated_date_time_utc: now_s,
             etag: new_registration_etag(),
             payload: None,
-            enrollment_group_id: Some(enrollment_group_id.to_owned()),
+            enrollment_group_id: enrollment_group_id.map(str::to_owned),
             operation_id: new_operation_id(),
+            internal: existing.map(|r| r.internal.clone()).unwrap_or_default(),
         }
     }
 
@@ -141,8 +238,12 @@ impl RegistrationRecord {
     /// the attestation sub-object naming the enrollment group.
     pub fn device_result(&self) -> Value {
         let mut v = serde_json::to_value(self).expect("record serializes");
-        if let (Some(obj), Some(g)) = (v.as_object_mut(), &self.enrollment_group_id) {
-            obj.insert("symmetricKey".into(), json!({ "enrollmentGroupId": g }));
+        if let Some(obj) = v.as_object_mut() {
+            let attestation = match &self.enrollment_group_id {
+                Some(g) => json!({ "enrollmentGroupId": g }),
+                None => json!({}),
+            };
+            obj.insert("symmetricKey".into(), attestation);
         }
         v
     }
@@ -170,23 +271,128 @@ pub fn assigning_status(operation_id: &str, registration_id: &str) -> Value {
 mod tests {
     use super::*;
 
+    use crate::enrollment::ReprovisionPolicy;
+
+    fn rec(hub: &str, initial: &str) -> RegistrationRecord {
+        let id = RegistrationId::parse("dev-1").unwrap();
+        let mut r = RegistrationRecord::assigned(
+            None,
+            &id,
+            Some("g"),
+            "dev-1",
+            hub,
+            Substatus::InitialAssignment,
+            None,
+            None,
+            Timestamp::from_unix_seconds(0),
+        );
+        r.internal.initial_hub = Some(initial.into());
+        r
+    }
+
     #[test]
-    fn first_assignment_then_same_again() {
+    fn assignment_decisions_follow_the_reprovision_policy() {
+        let both = ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: true };
+        let reset = ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: false };
+        let never = ReprovisionPolicy { update_hub_assignment: false, migrate_device_data: false };
+        assert_eq!(
+            decide_assignment(None, both, "a"),
+            Assignment::Move {
+                hub: "a".into(),
+                substatus: Substatus::InitialAssignment,
+                from: None,
+                migrate_twin: false
+            }
+        );
+        let on_a = rec("a", "a");
+        assert_eq!(
+            decide_assignment(Some(&on_a), both, "A"),
+            Assignment::Keep { hub: "a".into(), substatus: Substatus::InitialAssignment }
+        );
+        assert_eq!(
+            decide_assignment(Some(&on_a), never, "b"),
+            Assignment::Keep { hub: "a".into(), substatus: Substatus::InitialAssignment }
+        );
+        assert_eq!(
+            decide_assignment(Some(&on_a), both, "b"),
+            Assignment::Move {
+                hub: "b".into(),
+                substatus: Substatus::DeviceDataMigrated,
+                from: Some("a".into()),
+                migrate_twin: true
+            }
+        );
+        assert_eq!(
+            decide_assignment(Some(&on_a), reset, "b"),
+            Assignment::Move {
+                hub: "b".into(),
+                substatus: Substatus::DeviceDataReset,
+                from: Some("a".into()),
+                migrate_twin: false
+            }
+        );
+        let moved = rec("b", "a");
+        assert_eq!(
+            decide_assignment(Some(&moved), both, "a"),
+            Assignment::Move {
+                hub: "a".into(),
+                substatus: Substatus::ReprovisionedToInitialAssignment,
+                from: Some("b".into()),
+                migrate_twin: true
+            }
+        );
+        // A failed record has no hub to keep.
+        let mut failed = rec("a", "a");
+        failed.status = RegistrationStatus::Failed;
+        assert!(matches!(decide_assignment(Some(&failed), both, "b"), Assignment::Move { from: None, .. }));
+    }
+
+    #[test]
+    fn re_registration_keeps_creation_time_and_first_hub() {
         let id = RegistrationId::parse("Dev-1").unwrap();
-        let r1 = RegistrationRecord::assigned(None, &id, "grp", "hub", None, Timestamp::from_unix_seconds(0));
-        assert_eq!(r1.device_id.as_deref(), Some("Dev-1"));
-        assert_eq!(r1.substatus, Some(Substatus::InitialAssignment));
-        let r2 = RegistrationRecord::assigned(Some(&r1), &id, "grp", "hub", None, Timestamp::from_unix_seconds(5));
+        let r1 = RegistrationRecord::assigned(
+            None,
+            &id,
+            Some("grp"),
+            "Dev-1",
+            "hub",
+            Substatus::InitialAssignment,
+            None,
+            None,
+            Timestamp::from_unix_seconds(0),
+        );
+        assert_eq!(r1.internal.initial_hub.as_deref(), Some("hub"));
+        let r2 = RegistrationRecord::assigned(
+            Some(&r1),
+            &id,
+            Some("grp"),
+            "Dev-1",
+            "hub2",
+            Substatus::DeviceDataMigrated,
+            None,
+            None,
+            Timestamp::from_unix_seconds(5),
+        );
         assert_eq!(r2.created_date_time_utc, r1.created_date_time_utc);
         assert_ne!(r2.last_updated_date_time_utc, r1.last_updated_date_time_utc);
         assert_ne!(r2.etag, r1.etag);
-        assert_eq!(r2.assigned_hub, r1.assigned_hub);
+        assert_eq!(r2.internal.initial_hub.as_deref(), Some("hub"));
     }
 
     #[test]
     fn device_result_shape() {
         let id = RegistrationId::parse("dev-1").unwrap();
-        let r = RegistrationRecord::assigned(None, &id, "grp", "hub", None, Timestamp::from_unix_seconds(0));
+        let r = RegistrationRecord::assigned(
+            None,
+            &id,
+            Some("grp"),
+            "dev-1",
+            "hub",
+            Substatus::InitialAssignment,
+            None,
+            None,
+            Timestamp::from_unix_seconds(0),
+        );
         let s = r.operation_status();
         assert_eq!(s["status"], "assigned");
         assert_eq!(s["operationId"], r.operation_id);
@@ -198,7 +404,20 @@ mod tests {
         assert!(st.get("payload").is_none());
         // The service view has no attestation sub-object and no internal fields.
         let svc = serde_json::to_value(&r).unwrap();
-        assert!(svc.get("symmetricKey").is_none() && svc.get("operationId").is_none());
+        assert!(svc.get("symmetricKey").is_none() && svc.get("operationId").is_none() && svc.get("internal").is_none());
+        // Individual enrollments report an empty symmetricKey object.
+        let ind = RegistrationRecord::assigned(
+            None,
+            &id,
+            None,
+            "dev-1",
+            "hub",
+            Substatus::InitialAssignment,
+            None,
+            None,
+            Timestamp::from_unix_seconds(0),
+        );
+        assert_eq!(ind.device_result()["symmetricKey"], json!({}));
     }
 
     #[test]

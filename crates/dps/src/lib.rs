@@ -2,8 +2,13 @@
 //! the DPS service REST API. Protocol front ends (MQTT here, HTTPS later) translate wire
 //! messages into calls on [`Provisioning`] and its answers back into wire messages.
 
+pub mod answer;
+pub mod device_api;
+mod management;
 pub mod mqtt;
+mod registration;
 pub mod service;
 pub mod service_api;
+mod webhook;
 
-pub use service::{DeviceAuth, Provisioning, ProvisioningConfig, RegisterOutcome};
+pub use service::{DeviceAuth, EnrollmentRef, Provisioning, ProvisioningConfig, RegisterOutcome};

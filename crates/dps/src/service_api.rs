@@ -26,6 +26,10 @@ pub fn router(dps: Arc<Provisioning>) -> Router {
         .route("/enrollmentgroups/query", post(query_groups))
         .route("/enrollmentgroups/{id}", put(put_group).get(get_group).delete(delete_group))
         .route("/enrollmentgroups/{id}/attestationmechanism", post(group_attestation))
+        .route("/enrollments", post(bulk_enrollments))
+        .route("/enrollments/query", post(query_enrollments))
+        .route("/enrollments/{id}", put(put_enrollment).get(get_enrollment).delete(delete_enrollment))
+        .route("/enrollments/{id}/attestationmechanism", post(enrollment_attestation))
         .route("/registrations/{id}", get(get_registration).delete(delete_registration))
         .route("/registrations/{id}/query", post(query_registrations))
         .method_not_allowed_fallback(|| async {
@@ -68,7 +72,7 @@ async fn delete_group(
 }
 
 async fn group_attestation(State(dps): State<Arc<Provisioning>>, Path(id): Path<String>) -> ApiResult<Response> {
-    Ok(json(dps.group(&id).await?.attestation))
+    Ok(json(dps.group(&id).await?.settings.attestation))
 }
 
 /// The query language is SQL-like; Fleetgate answers the form every client sends
@@ -97,6 +101,51 @@ async fn query_groups(
     let items: Vec<_> =
         dps.groups().await?.into_iter().skip(page.offset).take(page.size + 1).map(|g| g.redacted()).collect();
     Ok(page.respond(items, "enrollmentGroup"))
+}
+
+async fn put_enrollment(
+    State(dps): State<Arc<Provisioning>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let b = body(b)?;
+    Ok(json(dps.put_enrollment(&id, &b, if_match(&headers), false).await?))
+}
+
+async fn get_enrollment(State(dps): State<Arc<Provisioning>>, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(json(dps.enrollment(&id).await?.redacted()))
+}
+
+async fn delete_enrollment(
+    State(dps): State<Arc<Provisioning>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    dps.delete_enrollment(&id, if_match(&headers).as_deref()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn enrollment_attestation(State(dps): State<Arc<Provisioning>>, Path(id): Path<String>) -> ApiResult<Response> {
+    Ok(json(dps.enrollment(&id).await?.settings.attestation))
+}
+
+async fn query_enrollments(
+    State(dps): State<Arc<Provisioning>>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    check_query(&body(b)?, "enrollments")?;
+    let page = Page::from_headers(&headers)?;
+    let items: Vec<_> = dps.enrollments(page.offset, page.size + 1).await?.iter().map(|e| e.redacted()).collect();
+    Ok(page.respond(items, "enrollment"))
+}
+
+async fn bulk_enrollments(
+    State(dps): State<Arc<Provisioning>>,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    Ok(json(dps.bulk_enrollments(&body(b)?).await?))
 }
 
 async fn get_registration(State(dps): State<Arc<Provisioning>>, Path(id): Path<String>) -> ApiResult<Response> {

@@ -8,7 +8,7 @@ mod sqlite;
 
 use async_trait::async_trait;
 use fleetgate_core::device::DeviceIdentity;
-use fleetgate_core::enrollment::EnrollmentGroup;
+use fleetgate_core::enrollment::{EnrollmentGroup, IndividualEnrollment};
 use fleetgate_core::message::{C2dMessage, TelemetryEvent};
 use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::twin::Twin;
@@ -28,11 +28,44 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// A linked IoT hub and its `iothubowner` policy key.
+/// A linked IoT hub, its `iothubowner` policy key and its allocation settings.
 #[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LinkedHub {
     pub host_name: String,
     pub owner_key: String,
+    #[serde(default)]
+    pub allocation: HubAllocation,
+}
+
+impl LinkedHub {
+    pub fn new(host_name: impl Into<String>, owner_key: impl Into<String>) -> Self {
+        Self { host_name: host_name.into(), owner_key: owner_key.into(), allocation: HubAllocation::default() }
+    }
+
+    /// The hub as allocation sees it.
+    pub fn candidate(&self) -> fleetgate_core::allocation::HubCandidate {
+        fleetgate_core::allocation::HubCandidate {
+            host_name: self.host_name.clone(),
+            allocation_weight: self.allocation.allocation_weight,
+            apply_allocation_policy: self.allocation.apply_allocation_policy,
+            latency_ms: self.allocation.latency_ms,
+        }
+    }
+}
+
+/// Azure's per-linked-hub allocation settings (and Fleetgate's latency estimate for geoLatency).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HubAllocation {
+    pub allocation_weight: u32,
+    pub apply_allocation_policy: bool,
+    pub latency_ms: u32,
+}
+
+impl Default for HubAllocation {
+    fn default() -> Self {
+        Self { allocation_weight: 1, apply_allocation_policy: true, latency_ms: 0 }
+    }
 }
 
 impl std::fmt::Debug for LinkedHub {
@@ -54,6 +87,19 @@ pub trait Store: Send + Sync + 'static {
     async fn hubs(&self) -> StoreResult<Vec<LinkedHub>>;
     /// Adds a hub; an existing hub with the same host name (case-insensitive) is left as it is.
     async fn add_hub(&self, hub: &LinkedHub) -> StoreResult<()>;
+    /// Changes a hub's allocation settings. `Ok(false)` when there is no such hub.
+    async fn set_hub_allocation(&self, host_name: &str, allocation: &HubAllocation) -> StoreResult<bool>;
+
+    async fn enrollment(&self, registration_id: &str) -> StoreResult<Option<IndividualEnrollment>>;
+    /// Individual enrollments, oldest first, paged.
+    async fn enrollments(&self, offset: usize, limit: usize) -> StoreResult<Vec<IndividualEnrollment>>;
+    /// Atomically applies `update` to the individual enrollment of `registration_id`.
+    async fn upsert_enrollment(
+        &self,
+        registration_id: &str,
+        update: EnrollmentUpdate,
+    ) -> StoreResult<IndividualEnrollment>;
+    async fn delete_enrollment(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool>;
 
     async fn group(&self, id: &str) -> StoreResult<Option<EnrollmentGroup>>;
     /// All groups, oldest first.
@@ -76,11 +122,14 @@ pub trait Store: Send + Sync + 'static {
     async fn put_registration(&self, record: &RegistrationRecord) -> StoreResult<()>;
     /// Stores an assignment: the registration record, the device identity and (when `twin` is
     /// given) its twin, in one transaction. `twin: None` keeps the device's existing twin.
+    /// `moved_from` (hub, device id) is removed in the same transaction: a device re-provisioned
+    /// to another hub is never on two hubs and never on none.
     async fn commit_assignment(
         &self,
         record: &RegistrationRecord,
         device: &DeviceIdentity,
         twin: Option<&Twin>,
+        moved_from: Option<(&str, &str)>,
     ) -> StoreResult<()>;
 
     async fn device(&self, hub: &str, device_id: &str) -> StoreResult<Option<DeviceIdentity>>;
@@ -115,6 +164,10 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces (Some) or forgets (None) a device's persistent MQTT session state.
     async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()>;
 }
+
+/// Read-modify-write of an individual enrollment inside the store's transaction.
+pub type EnrollmentUpdate =
+    Box<dyn FnOnce(Option<&IndividualEnrollment>) -> Result<IndividualEnrollment, DpsError> + Send>;
 
 /// Read-modify-write of one device and its twin inside the store's transaction.
 pub type DeviceUpdate =

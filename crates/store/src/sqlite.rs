@@ -9,26 +9,30 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use fleetgate_core::device::DeviceIdentity;
-use fleetgate_core::enrollment::{check_if_match, EnrollmentGroup};
+use fleetgate_core::enrollment::{check_if_match, EnrollmentGroup, IndividualEnrollment};
 use fleetgate_core::message::{C2dMessage, TelemetryEvent};
 use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::twin::Twin;
 use fleetgate_core::DpsError;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{DeviceUpdate, GroupUpdate, LinkedHub, Store, StoreError, StoreResult};
+use crate::{DeviceUpdate, EnrollmentUpdate, GroupUpdate, HubAllocation, LinkedHub, Store, StoreError, StoreResult};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS hubs (
-    host_key TEXT PRIMARY KEY, host_name TEXT NOT NULL, owner_key TEXT NOT NULL
+    host_key TEXT PRIMARY KEY, host_name TEXT NOT NULL, owner_key TEXT NOT NULL,
+    allocation TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS enrollments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, reg_key TEXT NOT NULL UNIQUE, body TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS enrollment_groups (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id_key TEXT NOT NULL UNIQUE, body TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS registrations (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, reg_key TEXT NOT NULL UNIQUE, group_key TEXT,
-    operation_id TEXT NOT NULL, body TEXT NOT NULL
+    operation_id TEXT NOT NULL, body TEXT NOT NULL, internal TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS registrations_by_group ON registrations (group_key, seq);
 CREATE TABLE IF NOT EXISTS devices (
@@ -89,6 +93,7 @@ impl SqliteStore {
             c.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
             c.execute_batch(schema).map_err(backend)?;
         }
+        migrate(&conn)?;
         Ok(Self { conn: Arc::new(Mutex::new(conn)), events: Arc::new(Mutex::new(events)) })
     }
 
@@ -122,23 +127,58 @@ impl SqliteStore {
     }
 }
 
+/// Brings a data directory from an earlier version up to the current schema.
+fn migrate(c: &Connection) -> StoreResult<()> {
+    let has_allocation: bool = c
+        .prepare("SELECT 1 FROM pragma_table_info('hubs') WHERE name = 'allocation'")
+        .and_then(|mut st| st.exists([]))
+        .map_err(backend)?;
+    if !has_allocation {
+        c.execute_batch("ALTER TABLE hubs ADD COLUMN allocation TEXT NOT NULL DEFAULT '{}'").map_err(backend)?;
+    }
+    let has_internal: bool = c
+        .prepare("SELECT 1 FROM pragma_table_info('registrations') WHERE name = 'internal'")
+        .and_then(|mut st| st.exists([]))
+        .map_err(backend)?;
+    if !has_internal {
+        c.execute_batch("ALTER TABLE registrations ADD COLUMN internal TEXT NOT NULL DEFAULT '{}'").map_err(backend)?;
+    }
+    Ok(())
+}
+
 fn parse<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
     serde_json::from_str(s).map_err(backend)
 }
 
-fn read_registration(body: &str, group: Option<String>, operation_id: String) -> StoreResult<RegistrationRecord> {
-    let mut r: RegistrationRecord = parse(body)?;
+/// The columns a registration row is read from: body, group, operation id, internal.
+const REGISTRATION_COLUMNS: &str = "body, group_key, operation_id, internal";
+
+fn read_registration(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Option<String>, String, String)> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+}
+
+fn registration_from(
+    (body, group, operation_id, internal): (String, Option<String>, String, String),
+) -> StoreResult<RegistrationRecord> {
+    let mut r: RegistrationRecord = parse(&body)?;
     r.enrollment_group_id = group;
     r.operation_id = operation_id;
+    r.internal = serde_json::from_str(&internal).unwrap_or_default();
     Ok(r)
 }
 
 fn write_registration(tx: &rusqlite::Transaction<'_>, r: &RegistrationRecord) -> StoreResult<()> {
     let body = serde_json::to_string(r).map_err(backend)?;
     tx.execute(
-        "INSERT INTO registrations (reg_key, group_key, operation_id, body) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(reg_key) DO UPDATE SET group_key = ?2, operation_id = ?3, body = ?4",
-        params![key(&r.registration_id), r.enrollment_group_id.as_deref().map(key), r.operation_id, body],
+        "INSERT INTO registrations (reg_key, group_key, operation_id, body, internal) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(reg_key) DO UPDATE SET group_key = ?2, operation_id = ?3, body = ?4, internal = ?5",
+        params![
+            key(&r.registration_id),
+            r.enrollment_group_id.as_deref().map(key),
+            r.operation_id,
+            body,
+            serde_json::to_string(&r.internal).map_err(backend)?
+        ],
     )
     .map_err(backend)?;
     Ok(())
@@ -169,10 +209,20 @@ impl Store for SqliteStore {
 
     async fn hubs(&self) -> StoreResult<Vec<LinkedHub>> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT host_name, owner_key FROM hubs ORDER BY rowid").map_err(backend)?;
-            let rows =
-                st.query_map([], |r| Ok(LinkedHub { host_name: r.get(0)?, owner_key: r.get(1)? })).map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+            let mut st =
+                c.prepare("SELECT host_name, owner_key, allocation FROM hubs ORDER BY rowid").map_err(backend)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+                .map_err(backend)?;
+            rows.map(|row| {
+                let (host_name, owner_key, allocation) = row.map_err(backend)?;
+                Ok(LinkedHub {
+                    host_name,
+                    owner_key,
+                    allocation: serde_json::from_str(&allocation).unwrap_or_default(),
+                })
+            })
+            .collect()
         })
         .await
     }
@@ -181,11 +231,93 @@ impl Store for SqliteStore {
         let hub = hub.clone();
         self.with(move |c| {
             c.execute(
-                "INSERT INTO hubs (host_key, host_name, owner_key) VALUES (?1, ?2, ?3) ON CONFLICT(host_key) DO NOTHING",
-                params![key(&hub.host_name), hub.host_name, hub.owner_key],
+                "INSERT INTO hubs (host_key, host_name, owner_key, allocation) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(host_key) DO NOTHING",
+                params![
+                    key(&hub.host_name),
+                    hub.host_name,
+                    hub.owner_key,
+                    serde_json::to_string(&hub.allocation).map_err(backend)?
+                ],
             )
             .map(|_| ())
             .map_err(backend)
+        })
+        .await
+    }
+
+    async fn set_hub_allocation(&self, host_name: &str, allocation: &HubAllocation) -> StoreResult<bool> {
+        let (h, a) = (key(host_name), serde_json::to_string(allocation).map_err(backend)?);
+        self.with(move |c| {
+            c.execute("UPDATE hubs SET allocation = ?2 WHERE host_key = ?1", params![h, a])
+                .map(|n| n > 0)
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn enrollment(&self, registration_id: &str) -> StoreResult<Option<IndividualEnrollment>> {
+        let id = key(registration_id);
+        self.with(move |c| {
+            let body: Option<String> = c
+                .query_row("SELECT body FROM enrollments WHERE reg_key = ?1", [id], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            body.map(|b| parse(&b)).transpose()
+        })
+        .await
+    }
+
+    async fn enrollments(&self, offset: usize, limit: usize) -> StoreResult<Vec<IndividualEnrollment>> {
+        self.with(move |c| {
+            let mut st = c.prepare("SELECT body FROM enrollments ORDER BY seq LIMIT ?1 OFFSET ?2").map_err(backend)?;
+            let bodies =
+                st.query_map(params![limit as i64, offset as i64], |r| r.get::<_, String>(0)).map_err(backend)?;
+            bodies.map(|b| parse(&b.map_err(backend)?)).collect()
+        })
+        .await
+    }
+
+    async fn upsert_enrollment(
+        &self,
+        registration_id: &str,
+        update: EnrollmentUpdate,
+    ) -> StoreResult<IndividualEnrollment> {
+        let id = key(registration_id);
+        self.with(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let current: Option<String> = tx
+                .query_row("SELECT body FROM enrollments WHERE reg_key = ?1", [&id], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            let current: Option<IndividualEnrollment> = current.map(|b| parse(&b)).transpose()?;
+            let next = update(current.as_ref())?;
+            let body = serde_json::to_string(&next).map_err(backend)?;
+            tx.execute(
+                "INSERT INTO enrollments (reg_key, body) VALUES (?1, ?2) ON CONFLICT(reg_key) DO UPDATE SET body = ?2",
+                params![id, body],
+            )
+            .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(next)
+        })
+        .await
+    }
+
+    async fn delete_enrollment(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool> {
+        let (id, if_match) = (key(registration_id), if_match.map(str::to_owned));
+        self.with(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let current: Option<String> = tx
+                .query_row("SELECT body FROM enrollments WHERE reg_key = ?1", [&id], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            let Some(current) = current else { return Ok(false) };
+            let current: IndividualEnrollment = parse(&current)?;
+            check_if_match(if_match.as_deref(), current.settings.etag.as_deref())?;
+            tx.execute("DELETE FROM enrollments WHERE reg_key = ?1", [&id]).map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(true)
         })
         .await
     }
@@ -245,7 +377,7 @@ impl Store for SqliteStore {
                 return Ok(false);
             };
             let current: EnrollmentGroup = parse(&current)?;
-            check_if_match(if_match.as_deref(), current.etag.as_deref())?;
+            check_if_match(if_match.as_deref(), current.settings.etag.as_deref())?;
             tx.execute("DELETE FROM enrollment_groups WHERE id_key = ?1", [&id]).map_err(backend)?;
             tx.commit().map_err(backend)?;
             Ok(true)
@@ -256,13 +388,9 @@ impl Store for SqliteStore {
     async fn registration(&self, registration_id: &str) -> StoreResult<Option<RegistrationRecord>> {
         let id = key(registration_id);
         self.with(move |c| {
-            let row: Option<(String, Option<String>, String)> = c
-                .query_row("SELECT body, group_key, operation_id FROM registrations WHERE reg_key = ?1", [id], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()
-                .map_err(backend)?;
-            row.map(|(b, g, o)| read_registration(&b, g, o)).transpose()
+            let sql = format!("SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE reg_key = ?1");
+            let row = c.query_row(&sql, [id], read_registration).optional().map_err(backend)?;
+            row.map(registration_from).transpose()
         })
         .await
     }
@@ -275,17 +403,12 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<RegistrationRecord>> {
         let g = key(group_id);
         self.with(move |c| {
-            let mut st = c
-                .prepare("SELECT body, group_key, operation_id FROM registrations WHERE group_key = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3")
-                .map_err(backend)?;
-            let rows = st
-                .query_map(params![g, limit as i64, offset as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .map_err(backend)?;
-            rows.map(|row| {
-                let (b, g, o): (String, Option<String>, String) = row.map_err(backend)?;
-                read_registration(&b, g, o)
-            })
-            .collect()
+            let sql = format!(
+                "SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE group_key = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3"
+            );
+            let mut st = c.prepare(&sql).map_err(backend)?;
+            let rows = st.query_map(params![g, limit as i64, offset as i64], read_registration).map_err(backend)?;
+            rows.map(|row| registration_from(row.map_err(backend)?)).collect()
         })
         .await
     }
@@ -325,11 +448,19 @@ impl Store for SqliteStore {
         record: &RegistrationRecord,
         device: &DeviceIdentity,
         twin: Option<&Twin>,
+        moved_from: Option<(&str, &str)>,
     ) -> StoreResult<()> {
         let (record, device, twin) = (record.clone(), device.clone(), twin.cloned());
+        let moved_from = moved_from.map(|(h, d)| (key(h), key(d)));
         self.with(move |c| {
             let tx = c.transaction().map_err(backend)?;
             write_registration(&tx, &record)?;
+            if let Some((h, d)) = &moved_from {
+                for table in ["devices", "c2d", "mqtt_sessions"] {
+                    tx.execute(&format!("DELETE FROM {table} WHERE hub_key = ?1 AND device_key = ?2"), params![h, d])
+                        .map_err(backend)?;
+                }
+            }
             let body = serde_json::to_string(&device).map_err(backend)?;
             let (hub, id) = (key(&device.hub), key(&device.device_id));
             let twin = match twin {

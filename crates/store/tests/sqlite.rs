@@ -43,7 +43,7 @@ fn rand_u64() -> u64 {
 async fn groups_crud_with_etags_and_case_insensitive_ids() {
     let (path, s) = temp_db();
     let g = s.upsert_group("Grp-1", new_group("Grp-1")).await.unwrap();
-    assert_eq!(s.group("grp-1").await.unwrap().unwrap().etag, g.etag);
+    assert_eq!(s.group("grp-1").await.unwrap().unwrap().settings.etag, g.settings.etag);
     s.upsert_group("b", new_group("b")).await.unwrap();
     let ids: Vec<_> = s.groups().await.unwrap().into_iter().map(|g| g.enrollment_group_id).collect();
     assert_eq!(ids, ["Grp-1", "b"]);
@@ -52,12 +52,12 @@ async fn groups_crud_with_etags_and_case_insensitive_ids() {
     let refused =
         s.upsert_group("grp-1", Box::new(|_| Err(fleetgate_core::DpsError::bad_request("no")))).await.unwrap_err();
     assert!(matches!(refused, StoreError::Rejected(_)));
-    assert_eq!(s.group("GRP-1").await.unwrap().unwrap().etag, g.etag);
+    assert_eq!(s.group("GRP-1").await.unwrap().unwrap().settings.etag, g.settings.etag);
 
     // Delete with a stale etag is refused; with the right one it works.
     let e = s.delete_group("grp-1", Some("\"stale\"")).await.unwrap_err();
     assert!(matches!(e, StoreError::Rejected(ref d) if d.status() == 412));
-    assert!(s.delete_group("grp-1", g.etag.as_deref()).await.unwrap());
+    assert!(s.delete_group("grp-1", g.settings.etag.as_deref()).await.unwrap());
     assert!(!s.delete_group("grp-1", None).await.unwrap());
 
     // Survives reopening.
@@ -69,14 +69,24 @@ async fn groups_crud_with_etags_and_case_insensitive_ids() {
 #[tokio::test]
 async fn assignment_commits_record_and_identity_together() {
     let (_p, s) = temp_db();
-    s.add_hub(&LinkedHub { host_name: "localhost".into(), owner_key: "k".into() }).await.unwrap();
-    s.add_hub(&LinkedHub { host_name: "LOCALHOST".into(), owner_key: "other".into() }).await.unwrap();
+    s.add_hub(&LinkedHub::new("localhost", "k")).await.unwrap();
+    s.add_hub(&LinkedHub::new("LOCALHOST", "other")).await.unwrap();
     assert_eq!(s.hubs().await.unwrap().len(), 1);
 
     let id = RegistrationId::parse("Dev-1").unwrap();
-    let rec = RegistrationRecord::assigned(None, &id, "grp", "localhost", None, Timestamp::now());
+    let rec = RegistrationRecord::assigned(
+        None,
+        &id,
+        Some("grp"),
+        "Dev-1",
+        "localhost",
+        fleetgate_core::registration::Substatus::InitialAssignment,
+        None,
+        None,
+        Timestamp::now(),
+    );
     let dev = DeviceIdentity::provisioned(None, "localhost", "Dev-1", &[SymmetricKey::generate()], Timestamp::now());
-    s.commit_assignment(&rec, &dev, Some(&fleetgate_core::twin::Twin::default())).await.unwrap();
+    s.commit_assignment(&rec, &dev, Some(&fleetgate_core::twin::Twin::default()), None).await.unwrap();
 
     let got = s.registration("dev-1").await.unwrap().unwrap();
     assert_eq!(got, rec);
