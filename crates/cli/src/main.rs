@@ -45,6 +45,12 @@ enum Command {
     /// Manage enrollment groups (`az iot dps enrollment-group`).
     #[command(subcommand)]
     EnrollmentGroup(commands::groups::GroupCommand),
+    /// Manage individual enrollments (`az iot dps enrollment`).
+    #[command(subcommand)]
+    Enrollment(commands::enrollments::EnrollmentCommand),
+    /// Linked hubs and their allocation settings (`az iot dps linked-hub`).
+    #[command(subcommand)]
+    LinkedHub(commands::linked_hubs::LinkedHubCommand),
     /// Inspect and delete registration records (`az iot dps enrollment-group registration`).
     #[command(subcommand)]
     Registration(commands::registrations::RegistrationCommand),
@@ -65,6 +71,8 @@ fn main() -> std::process::ExitCode {
             Command::ComputeDeviceKey(args) => commands::keys::run(args),
             Command::EnrollmentGroup(cmd) => commands::groups::run(cmd).await,
             Command::Registration(cmd) => commands::registrations::run(cmd).await,
+            Command::Enrollment(cmd) => commands::enrollments::run(cmd).await,
+            Command::LinkedHub(cmd) => commands::linked_hubs::run(cmd).await,
             Command::Simulate(args) => commands::simulate::run(args).await,
             Command::Hub(cmd) => commands::hub::run(cmd).await,
         }

@@ -112,6 +112,36 @@ impl DpsServiceClient {
         }
     }
 
+    pub async fn put_enrollment(&self, enrollment: &Value, if_match: Option<&str>) -> Result<Value, ServiceError> {
+        let id = enrollment.get("registrationId").and_then(Value::as_str).unwrap_or_default();
+        let headers: Vec<_> = if_match.map(|e| ("If-Match", e.to_owned())).into_iter().collect();
+        Ok(self.call(Method::PUT, &format!("/enrollments/{}", seg(id)), Some(enrollment), &headers).await?.1)
+    }
+
+    pub async fn get_enrollment(&self, id: &str) -> Result<Value, ServiceError> {
+        Ok(self.call(Method::GET, &format!("/enrollments/{}", seg(id)), None, &[]).await?.1)
+    }
+
+    pub async fn enrollment_attestation(&self, id: &str) -> Result<Value, ServiceError> {
+        Ok(self.call(Method::POST, &format!("/enrollments/{}/attestationmechanism", seg(id)), None, &[]).await?.1)
+    }
+
+    pub async fn delete_enrollment(&self, id: &str, if_match: Option<&str>) -> Result<(), ServiceError> {
+        let headers: Vec<_> = if_match.map(|e| ("If-Match", e.to_owned())).into_iter().collect();
+        self.call(Method::DELETE, &format!("/enrollments/{}", seg(id)), None, &headers).await.map(|_| ())
+    }
+
+    /// Every individual enrollment, following continuation tokens.
+    pub async fn list_enrollments(&self) -> Result<Vec<Value>, ServiceError> {
+        self.collect("/enrollments/query".into(), serde_json::json!({"query": "SELECT * FROM enrollments"})).await
+    }
+
+    /// Azure's bulk operation (`mode`: create, update, updateIfMatchETag, delete; at most 10).
+    pub async fn bulk_enrollments(&self, mode: &str, enrollments: Vec<Value>) -> Result<Value, ServiceError> {
+        let body = serde_json::json!({"mode": mode, "enrollments": enrollments});
+        Ok(self.call(Method::POST, "/enrollments", Some(&body), &[]).await?.1)
+    }
+
     pub async fn get_registration(&self, id: &str) -> Result<Value, ServiceError> {
         Ok(self.call(Method::GET, &format!("/registrations/{}", seg(id)), None, &[]).await?.1)
     }

@@ -20,6 +20,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Hub limits (message sizes, C2D queue depth and TTL).
     pub hub: fleetgate_hub::HubConfig,
+    /// How long a custom allocation webhook may take.
+    pub webhook_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -34,6 +36,7 @@ impl ServerConfig {
             immediate_assignment: true,
             limits: Limits::default(),
             hub: fleetgate_hub::HubConfig::default(),
+            webhook_timeout: Duration::from_secs(10),
         }
     }
 }

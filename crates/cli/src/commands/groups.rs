@@ -1,9 +1,11 @@
 //! `fleetgate enrollment-group ...`, mirroring `az iot dps enrollment-group`.
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use clap::Subcommand;
+use fleetgate_core::keys::SymmetricKey;
 use serde_json::{json, Value};
 
+use super::enrollment_args::EnrollmentArgs;
 use super::{client, describe, print_json};
 use crate::Target;
 
@@ -15,34 +17,28 @@ pub enum GroupCommand {
         target: Target,
         #[arg(long)]
         group_id: String,
-        #[arg(long)]
-        primary_key: Option<String>,
-        #[arg(long)]
-        secondary_key: Option<String>,
-        /// Hub to assign devices to (static allocation); default: any linked hub.
-        #[arg(long)]
-        iot_hub: Option<String>,
-        /// Initial twin JSON: {"tags":{...},"properties":{"desired":{...}}}.
-        #[arg(long)]
-        initial_twin: Option<String>,
-        #[arg(long, default_value = "enabled", value_parser = ["enabled", "disabled"])]
-        provisioning_status: String,
+        #[command(flatten)]
+        options: EnrollmentArgs,
     },
-    /// Change a group (provisioning status, hub, initial twin); keys are kept.
+    /// Change a group; options not given are kept (keys included).
     Update {
         #[command(flatten)]
         target: Target,
         #[arg(long)]
         group_id: String,
-        #[arg(long, value_parser = ["enabled", "disabled"])]
-        provisioning_status: Option<String>,
-        #[arg(long)]
-        iot_hub: Option<String>,
-        #[arg(long)]
-        initial_twin: Option<String>,
+        #[command(flatten)]
+        options: EnrollmentArgs,
         /// Only update if the group still has this etag.
         #[arg(long)]
         etag: Option<String>,
+    },
+    /// Roll the keys: a new primary key, the old primary becomes the secondary. Devices whose
+    /// keys derive from the old primary keep working until the next roll.
+    RollKeys {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        group_id: String,
     },
     /// Show a group; `--show-keys` adds its keys.
     Show {
@@ -69,40 +65,12 @@ pub enum GroupCommand {
     },
 }
 
-fn parse_twin(s: &Option<String>) -> anyhow::Result<Option<Value>> {
-    s.as_deref().map(|t| serde_json::from_str(t).context("--initial-twin is not valid JSON")).transpose()
-}
-
 pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
     match cmd {
-        GroupCommand::Create {
-            target,
-            group_id,
-            primary_key,
-            secondary_key,
-            iot_hub,
-            initial_twin,
-            provisioning_status,
-        } => {
-            let mut sk = serde_json::Map::new();
-            if let Some(k) = primary_key {
-                sk.insert("primaryKey".into(), k.into());
-            }
-            if let Some(k) = secondary_key {
-                sk.insert("secondaryKey".into(), k.into());
-            }
-            let mut g = json!({
-                "enrollmentGroupId": group_id,
-                "attestation": {"type": "symmetricKey", "symmetricKey": sk},
-                "provisioningStatus": provisioning_status,
-            });
-            if let Some(h) = iot_hub {
-                g["iotHubHostName"] = h.into();
-                g["allocationPolicy"] = "static".into();
-            }
-            if let Some(t) = parse_twin(&initial_twin)? {
-                g["initialTwin"] = t;
-            }
+        GroupCommand::Create { target, group_id, mut options } => {
+            options.provisioning_status.get_or_insert_with(|| "enabled".into());
+            let mut g = json!({ "enrollmentGroupId": group_id });
+            options.apply(&mut g)?;
             let c = client(&target)?;
             // Create means create: refuse to overwrite an existing group.
             match c.get_enrollment_group(&group_id).await {
@@ -112,21 +80,24 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
             }
             print_json(&c.put_enrollment_group(&g, None).await.map_err(describe)?);
         }
-        GroupCommand::Update { target, group_id, provisioning_status, iot_hub, initial_twin, etag } => {
+        GroupCommand::Update { target, group_id, options, etag } => {
             let c = client(&target)?;
             let mut g = c.get_enrollment_group(&group_id).await.map_err(describe)?;
             let etag = etag.or_else(|| g.get("etag").and_then(Value::as_str).map(str::to_owned));
-            if let Some(s) = provisioning_status {
-                g["provisioningStatus"] = s.into();
-            }
-            if let Some(h) = iot_hub {
-                g["iotHubHostName"] = h.into();
-                g["allocationPolicy"] = "static".into();
-            }
-            if let Some(t) = parse_twin(&initial_twin)? {
-                g["initialTwin"] = t;
-            }
-            print_json(&c.put_enrollment_group(&g, etag.as_deref()).await.map_err(describe)?.clone());
+            options.apply(&mut g)?;
+            print_json(&c.put_enrollment_group(&g, etag.as_deref()).await.map_err(describe)?);
+        }
+        GroupCommand::RollKeys { target, group_id } => {
+            let c = client(&target)?;
+            let mut g = c.get_enrollment_group(&group_id).await.map_err(describe)?;
+            let etag = g.get("etag").and_then(Value::as_str).map(str::to_owned);
+            let keys = c.enrollment_group_attestation(&group_id).await.map_err(describe)?;
+            let old_primary = keys["symmetricKey"]["primaryKey"].clone();
+            g["attestation"] = json!({"type": "symmetricKey", "symmetricKey": {
+                "primaryKey": SymmetricKey::generate().to_base64(),
+                "secondaryKey": old_primary,
+            }});
+            print_json(&c.put_enrollment_group(&g, etag.as_deref()).await.map_err(describe)?);
         }
         GroupCommand::Show { target, group_id, show_keys } => {
             let c = client(&target)?;
@@ -145,7 +116,9 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
             let orphans = c.list_registrations(&group_id).await.map(|r| r.len()).unwrap_or(0);
             c.delete_enrollment_group(&group_id, etag.as_deref()).await.map_err(describe)?;
             if orphans > 0 {
-                eprintln!("warning: {orphans} registration record(s) of '{group_id}' remain; delete them with `fleetgate registration delete`.");
+                eprintln!(
+                    "warning: {orphans} registration record(s) of '{group_id}' remain; delete them with `fleetgate registration delete`."
+                );
             }
         }
     }

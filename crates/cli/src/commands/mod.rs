@@ -1,8 +1,11 @@
 //! One file per verb group.
 
+pub mod enrollment_args;
+pub mod enrollments;
 pub mod groups;
 pub mod hub;
 pub mod keys;
+pub mod linked_hubs;
 pub mod registrations;
 pub mod serve;
 pub mod simulate;

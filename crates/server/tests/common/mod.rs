@@ -299,3 +299,61 @@ impl Mqtt {
         }
     }
 }
+
+impl TestServer {
+    /// Registers `reg` over DPS MQTT with `key` (Python-style token), following 202 + polling,
+    /// and returns the final `RegistrationOperationStatus` body (or the error body).
+    pub async fn register(&self, reg: &str, key: &SymmetricKey, payload: Option<Value>) -> (String, Value) {
+        let mut m = self.mqtt().await;
+        m.connect(reg, &dps_username(&self.scope(), reg), Some(&device_token(key, &self.scope(), reg)), true, 60).await;
+        m.subscribe_dps().await;
+        let body = json!({"payload": payload, "registrationId": reg}).to_string();
+        m.publish("$dps/registrations/PUT/iotdps-register/?$rid=r0", QoS::AtMostOnce, 0, body.as_bytes()).await;
+        for i in 1..=40 {
+            let (topic, body) = m.expect_publish().await;
+            if !topic.starts_with("$dps/registrations/res/202/") {
+                return (topic, body);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            let op = body["operationId"].as_str().unwrap().to_owned();
+            m.publish(
+                &format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=r{i}&operationId={op}"),
+                QoS::AtMostOnce,
+                0,
+                b" ",
+            )
+            .await;
+        }
+        panic!("registration of {reg} never finished");
+    }
+
+    /// Links another hub to the instance (as `fleetgate hub create`), with a weight.
+    pub async fn add_hub(&self, host: &str, weight: u32) {
+        fleetgate_server::datadir::add_hub(self.dir.path(), host).await.unwrap();
+        let store = fleetgate_store::SqliteStore::open(&self.dir.path().join("fleetgate.db")).unwrap();
+        let a = fleetgate_store::HubAllocation { allocation_weight: weight, ..Default::default() };
+        assert!(fleetgate_store::Store::set_hub_allocation(&store, host, &a).await.unwrap());
+    }
+
+    pub fn store(&self) -> fleetgate_store::SqliteStore {
+        fleetgate_store::SqliteStore::open(&self.dir.path().join("fleetgate.db")).unwrap()
+    }
+}
+
+impl TestServer {
+    /// A TLS 1.2 connection to `addr` (e.g. the HTTPS port), trusting the instance CA.
+    pub async fn tls_to(&self, addr: SocketAddr) -> TlsStream<TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut self.ca_pem().as_slice()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        TlsConnector::from(Arc::new(cfg)).connect("localhost".try_into().unwrap(), tcp).await.unwrap()
+    }
+}

@@ -1,0 +1,106 @@
+//! `fleetgate enrollment ...`: individual enrollments, mirroring `az iot dps enrollment`.
+
+use anyhow::anyhow;
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use super::enrollment_args::EnrollmentArgs;
+use super::{client, describe, print_json};
+use crate::Target;
+
+#[derive(Subcommand)]
+pub enum EnrollmentCommand {
+    /// Create a symmetric-key individual enrollment (keys are generated unless given).
+    Create {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        registration_id: String,
+        /// The device id to create in the hub (default: the registration id).
+        #[arg(long)]
+        device_id: Option<String>,
+        #[command(flatten)]
+        options: EnrollmentArgs,
+    },
+    /// Change an enrollment; options not given are kept (keys included).
+    Update {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        registration_id: String,
+        #[arg(long)]
+        device_id: Option<String>,
+        #[command(flatten)]
+        options: EnrollmentArgs,
+        #[arg(long)]
+        etag: Option<String>,
+    },
+    Show {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        registration_id: String,
+        #[arg(long)]
+        show_keys: bool,
+    },
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    Delete {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        registration_id: String,
+        #[arg(long)]
+        etag: Option<String>,
+    },
+}
+
+pub async fn run(cmd: EnrollmentCommand) -> anyhow::Result<()> {
+    match cmd {
+        EnrollmentCommand::Create { target, registration_id, device_id, mut options } => {
+            options.provisioning_status.get_or_insert_with(|| "enabled".into());
+            let mut e = json!({ "registrationId": registration_id });
+            if let Some(d) = device_id {
+                e["deviceId"] = d.into();
+            }
+            options.apply(&mut e)?;
+            let c = client(&target)?;
+            match c.get_enrollment(&registration_id).await {
+                Ok(_) => return Err(anyhow!("an enrollment for '{registration_id}' already exists")),
+                Err(err) if fleetgate_client::service::is_not_found(&err) => {}
+                Err(err) => return Err(describe(err)),
+            }
+            print_json(&c.put_enrollment(&e, None).await.map_err(describe)?);
+        }
+        EnrollmentCommand::Update { target, registration_id, device_id, options, etag } => {
+            let c = client(&target)?;
+            let mut e = c.get_enrollment(&registration_id).await.map_err(describe)?;
+            let etag = etag.or_else(|| e.get("etag").and_then(Value::as_str).map(str::to_owned));
+            if let Some(d) = device_id {
+                e["deviceId"] = d.into();
+            }
+            if let Some(obj) = e.as_object_mut() {
+                obj.remove("registrationState");
+            }
+            options.apply(&mut e)?;
+            print_json(&c.put_enrollment(&e, etag.as_deref()).await.map_err(describe)?);
+        }
+        EnrollmentCommand::Show { target, registration_id, show_keys } => {
+            let c = client(&target)?;
+            let mut e = c.get_enrollment(&registration_id).await.map_err(describe)?;
+            if show_keys {
+                e["attestation"] = c.enrollment_attestation(&registration_id).await.map_err(describe)?;
+            }
+            print_json(&e);
+        }
+        EnrollmentCommand::List { target } => {
+            print_json(&Value::Array(client(&target)?.list_enrollments().await.map_err(describe)?));
+        }
+        EnrollmentCommand::Delete { target, registration_id, etag } => {
+            client(&target)?.delete_enrollment(&registration_id, etag.as_deref()).await.map_err(describe)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! `fleetgate linked-hub ...`: the hubs linked to the local instance and their allocation
+//! settings (`az iot dps linked-hub`). Linked hubs belong to Azure's control plane, so these
+//! verbs work on the data directory rather than through the service API; a running server picks
+//! changes up at the next registration.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context};
+use clap::Subcommand;
+use fleetgate_store::{SqliteStore, Store};
+use serde_json::json;
+
+use super::print_json;
+
+#[derive(Subcommand)]
+pub enum LinkedHubCommand {
+    /// List linked hubs with their allocation settings.
+    List {
+        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+        data_dir: PathBuf,
+    },
+    /// Link a new hub (same as `fleetgate hub create`).
+    Create {
+        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        hostname: String,
+    },
+    /// Change a hub's allocation weight, whether it applies allocation policies, and the latency
+    /// estimate geoLatency allocation uses.
+    Update {
+        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        hostname: String,
+        #[arg(long)]
+        allocation_weight: Option<u32>,
+        #[arg(long)]
+        apply_allocation_policy: Option<bool>,
+        #[arg(long)]
+        latency_ms: Option<u32>,
+    },
+}
+
+fn open(data_dir: &std::path::Path) -> anyhow::Result<SqliteStore> {
+    fleetgate_server::Instance::read(data_dir).context("run `fleetgate serve` once first")?;
+    Ok(SqliteStore::open(&data_dir.join("fleetgate.db"))?)
+}
+
+pub async fn run(cmd: LinkedHubCommand) -> anyhow::Result<()> {
+    match cmd {
+        LinkedHubCommand::List { data_dir } => {
+            let hubs = open(&data_dir)?.hubs().await?;
+            let list: Vec<_> = hubs
+                .iter()
+                .map(|h| {
+                    json!({
+                        "name": h.host_name,
+                        "allocationWeight": h.allocation.allocation_weight,
+                        "applyAllocationPolicy": h.allocation.apply_allocation_policy,
+                        "latencyMs": h.allocation.latency_ms,
+                    })
+                })
+                .collect();
+            print_json(&serde_json::Value::Array(list));
+        }
+        LinkedHubCommand::Create { data_dir, hostname } => {
+            let hub = fleetgate_server::datadir::add_hub(&data_dir, &hostname).await?;
+            print_json(&serde_json::to_value(hub)?);
+        }
+        LinkedHubCommand::Update { data_dir, hostname, allocation_weight, apply_allocation_policy, latency_ms } => {
+            let store = open(&data_dir)?;
+            let hub = store
+                .hubs()
+                .await?
+                .into_iter()
+                .find(|h| h.host_name.eq_ignore_ascii_case(&hostname))
+                .ok_or_else(|| anyhow!("no linked hub named '{hostname}'"))?;
+            let mut a = hub.allocation.clone();
+            if let Some(w) = allocation_weight {
+                a.allocation_weight = w;
+            }
+            if let Some(p) = apply_allocation_policy {
+                a.apply_allocation_policy = p;
+            }
+            if let Some(l) = latency_ms {
+                a.latency_ms = l;
+            }
+            store.set_hub_allocation(&hub.host_name, &a).await?;
+            print_json(&json!({
+                "name": hub.host_name,
+                "allocationWeight": a.allocation_weight,
+                "applyAllocationPolicy": a.apply_allocation_policy,
+                "latencyMs": a.latency_ms,
+            }));
+        }
+    }
+    Ok(())
+}

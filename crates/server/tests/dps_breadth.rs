@@ -1,0 +1,291 @@
+//! DPS beyond the tutorial: individual enrollments, allocation policies across hubs,
+//! reprovisioning, custom allocation webhooks, key rolling.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestServer;
+use fleetgate_core::keys::SymmetricKey;
+use fleetgate_store::Store;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn an_individual_enrollment_takes_precedence_over_a_group() {
+    let s = TestServer::start().await;
+    let (group_key, _) = s.create_group("grp", json!({})).await;
+    let e = s
+        .service()
+        .put_enrollment(
+            &json!({"registrationId": "dev-x", "deviceId": "custom-dev", "attestation": {"type": "symmetricKey"},
+                    "initialTwin": {"properties": {"desired": {"mode": "solo"}}}}),
+            None,
+        )
+        .await
+        .unwrap();
+    let own = SymmetricKey::from_base64(e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap();
+
+    // The group-derived key no longer opens registration for this id.
+    let (topic, body) = s.register("dev-x", &group_key.derive_device_key("dev-x"), None).await;
+    assert!(topic.contains("/401/"), "{topic} {body}");
+    // The enrollment's own key does, with its device id and an empty symmetricKey attestation.
+    let (topic, body) = s.register("dev-x", &own, None).await;
+    assert!(topic.contains("/200/"), "{topic} {body}");
+    let st = &body["registrationState"];
+    assert_eq!(st["deviceId"], "custom-dev");
+    assert_eq!(st["symmetricKey"], json!({}));
+    // The hub identity uses the enrollment's keys, with its initial twin.
+    let (dev, twin) = s.store().twin(&s.hub(), "custom-dev").await.unwrap().unwrap();
+    assert_eq!(dev.primary_key, own.to_base64());
+    assert_eq!(twin.desired["mode"], "solo");
+    // GET shows the registration state; the key stays hidden.
+    let got = s.service().get_enrollment("DEV-X").await.unwrap();
+    assert_eq!(got["registrationState"]["assignedHub"], s.hub());
+    assert_eq!(got["attestation"]["symmetricKey"], json!({}));
+
+    // Disabling the individual enrollment stops the device.
+    let mut upd = got.clone();
+    upd.as_object_mut().unwrap().remove("registrationState");
+    upd["provisioningStatus"] = "disabled".into();
+    s.service().put_enrollment(&upd, Some("*")).await.unwrap();
+    let (_, body) = s.register("dev-x", &own, None).await;
+    assert_eq!(body["status"], "disabled");
+}
+
+#[tokio::test]
+async fn bulk_enrollment_operations_report_each_failure() {
+    let s = TestServer::start().await;
+    let svc = s.service();
+    let e = |id: &str| json!({"registrationId": id, "attestation": {"type": "symmetricKey"}});
+    let r = svc.bulk_enrollments("create", vec![e("a"), e("b")]).await.unwrap();
+    assert_eq!(r, json!({"isSuccessful": true, "errors": []}));
+    let r = svc.bulk_enrollments("create", vec![e("b"), e("c"), e("bad id!")]).await.unwrap();
+    assert_eq!(r["isSuccessful"], false);
+    let failed: Vec<_> =
+        r["errors"].as_array().unwrap().iter().map(|x| (x["registrationId"].clone(), x["errorCode"].clone())).collect();
+    assert_eq!(failed, vec![(json!("b"), json!(409201)), (json!("bad id!"), json!(400005))]);
+    let r = svc.bulk_enrollments("updateIfMatchETag", vec![e("a")]).await.unwrap();
+    assert_eq!(r["errors"][0]["errorCode"], 412002, "no etag, no update");
+    let r = svc.bulk_enrollments("delete", vec![e("a"), e("zzz")]).await.unwrap();
+    assert_eq!(r["errors"][0]["registrationId"], "zzz");
+    let ids: Vec<_> = svc
+        .list_enrollments()
+        .await
+        .unwrap()
+        .iter()
+        .map(|x| x["registrationId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["b", "c"]);
+    let too_many: Vec<_> = (0..11).map(|i| e(&format!("d{i}"))).collect();
+    assert_eq!(svc.bulk_enrollments("create", too_many).await.unwrap_err().status(), Some(400));
+}
+
+#[tokio::test]
+async fn hashed_allocation_follows_hub_weights() {
+    let s = TestServer::start().await;
+    s.add_hub("hub-b", 1).await;
+    s.add_hub("hub-c", 2).await;
+    let (primary, _) = s.create_group("grp", json!({"allocationPolicy": "hashed"})).await;
+    let mut counts = std::collections::HashMap::<String, u32>::new();
+    for i in 0..200 {
+        let reg = format!("dev-{i}");
+        let (_, body) = s.register(&reg, &primary.derive_device_key(&reg), None).await;
+        *counts.entry(body["registrationState"]["assignedHub"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    // 1:1:2 over 200 devices.
+    for (hub, expect) in [(s.hub(), 50.0), ("hub-b".to_owned(), 50.0), ("hub-c".to_owned(), 100.0)] {
+        let got = f64::from(*counts.get(&hub).unwrap_or(&0));
+        assert!((got - expect).abs() / expect <= 0.25, "{counts:?}");
+    }
+}
+
+async fn reported(s: &TestServer, hub: &str, dev: &str) -> Option<Value> {
+    s.store().twin(hub, dev).await.unwrap().map(|(_, t)| Value::Object(t.reported))
+}
+
+#[tokio::test]
+async fn reprovisioning_policies_move_identities_atomically() {
+    let s = TestServer::start().await;
+    s.add_hub("hub-b", 1).await;
+    let a = s.hub();
+    for (policy, substatus, keeps_data) in [
+        (json!({"updateHubAssignment": true, "migrateDeviceData": true}), "deviceDataMigrated", true),
+        (json!({"updateHubAssignment": true, "migrateDeviceData": false}), "deviceDataReset", false),
+        (json!({"updateHubAssignment": false, "migrateDeviceData": false}), "initialAssignment", true),
+    ] {
+        let group = format!("grp-{substatus}");
+        let dev = format!("dev-{substatus}").to_lowercase();
+        let (primary, _) = s
+            .create_group(
+                &group,
+                json!({"iotHubHostName": a, "allocationPolicy": "static", "reprovisionPolicy": policy,
+                                          "initialTwin": {"properties": {"desired": {"v": 1}}}}),
+            )
+            .await;
+        let key = primary.derive_device_key(&dev);
+        let (_, body) = s.register(&dev, &key, None).await;
+        assert_eq!(body["registrationState"]["assignedHub"], a);
+        // The device reports something on hub A.
+        s.store()
+            .update_device(
+                &a,
+                &dev,
+                Box::new(|cur| {
+                    let (d, mut t) = cur.unwrap();
+                    t.reported.insert("fw".into(), json!("1.2"));
+                    Ok(Some((d, t)))
+                }),
+            )
+            .await
+            .unwrap();
+        // The operator moves the group to hub B; the device registers again.
+        let mut g = s.service().get_enrollment_group(&group).await.unwrap();
+        g["iotHubHostName"] = "hub-b".into();
+        s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+        let (_, body) = s.register(&dev, &key, None).await;
+        let st = &body["registrationState"];
+        assert_eq!(st["substatus"], substatus, "{body}");
+        if substatus == "initialAssignment" {
+            assert_eq!(st["assignedHub"], a, "never re-provision");
+            assert!(reported(&s, &a, &dev).await.is_some());
+            continue;
+        }
+        assert_eq!(st["assignedHub"], "hub-b");
+        assert!(s.store().device(&a, &dev).await.unwrap().is_none(), "the identity left hub A");
+        let on_b = reported(&s, "hub-b", &dev).await.expect("and is on hub B");
+        assert_eq!(on_b.get("fw").is_some(), keeps_data, "{on_b}");
+        let (_, twin) = s.store().twin("hub-b", &dev).await.unwrap().unwrap();
+        assert_eq!(twin.desired["v"], 1);
+        // Back to A: reported as a return to the initial assignment.
+        if keeps_data {
+            g["iotHubHostName"] = a.clone().into();
+            s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+            let (_, body) = s.register(&dev, &key, None).await;
+            assert_eq!(body["registrationState"]["substatus"], "reprovisionedToInitialAssignment");
+            assert!(s.store().device("hub-b", &dev).await.unwrap().is_none());
+        }
+    }
+}
+
+/// A tiny allocation webhook: routes by the device payload's `tier`, echoes a payload back, and
+/// can be told to misbehave.
+async fn webhook() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+    use axum::routing::post;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let app = axum::Router::new().route(
+        "/alloc",
+        post(move |axum::Json(req): axum::Json<Value>| {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push(req.clone());
+                let tier = req["deviceRuntimeContext"]["payload"]["tier"].as_str().unwrap_or("").to_owned();
+                match tier.as_str() {
+                    "slow" => {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        (axum::http::StatusCode::OK, axum::Json(json!({"iotHubHostName": "hub-b"})))
+                    }
+                    "broken" => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({}))),
+                    "rogue" => (axum::http::StatusCode::OK, axum::Json(json!({"iotHubHostName": "elsewhere.example"}))),
+                    t => {
+                        // Gold devices go to hub-b, everyone else to the other linked hub.
+                        let others: Vec<String> = req["linkedHubs"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .filter_map(|h| h.as_str().filter(|h| *h != "hub-b").map(str::to_owned))
+                            .collect();
+                        let hub = if t == "gold" { "hub-b".to_owned() } else { others[0].clone() };
+                        (
+                            axum::http::StatusCode::OK,
+                            axum::Json(json!({"iotHubHostName": hub, "payload": {"routedBy": "webhook", "tier": t},
+                                              "initialTwin": {"tags": {"tier": t}}})),
+                        )
+                    }
+                }
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/alloc?code=secret", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn custom_allocation_webhook_routes_by_payload_and_fails_clearly() {
+    let s = TestServer::start_with(|c| c.webhook_timeout = Duration::from_millis(800)).await;
+    s.add_hub("hub-b", 1).await;
+    let (url, seen) = webhook().await;
+    let (primary, _) = s
+        .create_group("grp", json!({"allocationPolicy": "custom", "customAllocationDefinition": {"webhookUrl": url, "apiVersion": "2021-10-01"}}))
+        .await;
+
+    let (topic, body) =
+        s.register("dev-gold", &primary.derive_device_key("dev-gold"), Some(json!({"tier": "gold"}))).await;
+    assert!(topic.contains("/200/"), "{topic}");
+    let st = &body["registrationState"];
+    assert_eq!(st["assignedHub"], "hub-b");
+    assert_eq!(st["payload"], json!({"routedBy": "webhook", "tier": "gold"}));
+    let (_, twin) = s.store().twin("hub-b", "dev-gold").await.unwrap().unwrap();
+    assert_eq!(twin.tags["tier"], "gold", "the webhook's initial twin applies");
+    {
+        let req = &seen.lock().unwrap()[0];
+        assert_eq!(req["deviceRuntimeContext"]["registrationId"], "dev-gold");
+        assert_eq!(req["enrollmentGroup"]["enrollmentGroupId"], "grp");
+        assert_eq!(req["enrollmentGroup"]["attestation"]["symmetricKey"], json!({}), "keys never leave");
+        assert_eq!(req["linkedHubs"].as_array().unwrap().len(), 2);
+    }
+    let (_, body) =
+        s.register("dev-plain", &primary.derive_device_key("dev-plain"), Some(json!({"tier": "basic"}))).await;
+    assert_eq!(body["registrationState"]["assignedHub"], s.hub());
+
+    for (dev, tier, code) in
+        [("dev-slow", "slow", 400210), ("dev-broken", "broken", 400210), ("dev-rogue", "rogue", 400209)]
+    {
+        let (topic, body) = s.register(dev, &primary.derive_device_key(dev), Some(json!({"tier": tier}))).await;
+        assert!(topic.contains("/200/"), "{topic}");
+        assert_eq!(body["status"], "failed", "{dev}: {body}");
+        assert_eq!(body["registrationState"]["errorCode"], code, "{dev}");
+        let rec = s.service().get_registration(dev).await.unwrap();
+        assert_eq!(rec["status"], "failed");
+        assert!(rec["errorMessage"].as_str().unwrap().len() > 10, "the record says why: {rec}");
+    }
+}
+
+#[tokio::test]
+async fn a_webhook_that_is_down_fails_the_registration() {
+    let s = TestServer::start().await;
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/alloc", dead.local_addr().unwrap());
+    drop(dead);
+    let (primary, _) = s
+        .create_group("grp", json!({"allocationPolicy": "custom", "customAllocationDefinition": {"webhookUrl": url, "apiVersion": "2021-10-01"}}))
+        .await;
+    let (_, body) = s.register("dev-1", &primary.derive_device_key("dev-1"), None).await;
+    assert_eq!(body["status"], "failed");
+    assert_eq!(body["registrationState"]["errorCode"], 400210);
+    assert!(s.store().device(&s.hub(), "dev-1").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn rolled_keys_keep_old_devices_working_while_the_old_key_is_secondary() {
+    let s = TestServer::start().await;
+    let (old_primary, _) = s.create_group("grp", json!({})).await;
+    let new_primary = SymmetricKey::generate();
+    let mut g = s.service().get_enrollment_group("grp").await.unwrap();
+    g["attestation"] = json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": new_primary.to_base64(), "secondaryKey": old_primary.to_base64()}});
+    s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+    for key in [old_primary.derive_device_key("dev-1"), new_primary.derive_device_key("dev-1")] {
+        let (_, body) = s.register("dev-1", &key, None).await;
+        assert_eq!(body["status"], "assigned");
+    }
+    // The hub identity follows the roll: both current derived keys authenticate there.
+    let dev = s.store().device(&s.hub(), "dev-1").await.unwrap().unwrap();
+    assert_eq!(dev.primary_key, new_primary.derive_device_key("dev-1").to_base64());
+    assert_eq!(dev.secondary_key, old_primary.derive_device_key("dev-1").to_base64());
+    // A third key, never in the group, is refused.
+    let (topic, _) = s.register("dev-1", &SymmetricKey::generate().derive_device_key("dev-1"), None).await;
+    assert!(topic.contains("/401/"));
+}
