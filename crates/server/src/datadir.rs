@@ -160,10 +160,7 @@ impl DataDir {
         };
         if store.hubs().await?.is_empty() {
             store
-                .add_hub(&LinkedHub {
-                    host_name: config.hub_hostname.clone(),
-                    owner_key: SymmetricKey::generate().to_base64(),
-                })
+                .add_hub(&LinkedHub::new(config.hub_hostname.clone(), SymmetricKey::generate().to_base64()))
                 .await?;
         }
         let dir = Self {
@@ -301,7 +298,7 @@ pub async fn add_hub(data_dir: &Path, host_name: &str) -> Result<InstanceHub, Da
     if store.hubs().await?.iter().any(|h| h.host_name.eq_ignore_ascii_case(host_name)) {
         return Err(DataDirError::Corrupt(format!("hub '{host_name}' already exists")));
     }
-    let hub = LinkedHub { host_name: host_name.to_owned(), owner_key: SymmetricKey::generate().to_base64() };
+    let hub = LinkedHub::new(host_name, SymmetricKey::generate().to_base64());
     store.add_hub(&hub).await?;
     // Same HTTPS port as the service endpoint the instance was last started with.
     let port = instance
