@@ -1,5 +1,5 @@
-//! The HTTPS listener (port 443): the DPS and hub service REST APIs (and, later, device HTTPS),
-//! routed by path on one TLS port.
+//! The HTTPS listener (port 443): the DPS and hub service REST APIs, DPS over HTTPS for devices,
+//! and MQTT over WebSockets (see [`crate::websocket`]), routed by path on one TLS port.
 
 use std::sync::Arc;
 
@@ -71,7 +71,8 @@ fn canonicalize<B>(mut req: http::Request<B>) -> http::Request<B> {
 pub fn app(dps: Arc<Provisioning>, hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .merge(service_api::router(dps))
+        .merge(service_api::router(dps.clone()))
+        .merge(fleetgate_dps::device_api::device_router(dps))
         .merge(fleetgate_hub::service_api::router(hub))
         .fallback(|| async { ApiError(DpsError::new(ErrorCode::NotFound, "No such resource.")).into_response() })
 }
@@ -87,7 +88,7 @@ pub async fn serve(
     let mut tls = (*tls).clone();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let app = app(dps, hub);
+    let app = app(dps.clone(), hub.clone()).merge(crate::websocket::router(dps, hub, limits.clone(), shutdown.clone()));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let permit = tokio::select! {
@@ -107,7 +108,8 @@ pub async fn serve(
         };
         let (acceptor, app, limits) = (acceptor.clone(), app.clone(), limits.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            // Shared with the requests, so an upgraded WebSocket keeps the connection's slot.
+            let permit = crate::websocket::ConnectionPermit(Arc::new(permit));
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -119,14 +121,17 @@ pub async fn serve(
                     return;
                 }
             };
-            let svc = TowerToHyperService::new(app.map_request(canonicalize));
+            let svc = TowerToHyperService::new(app.map_request(move |mut req: http::Request<_>| {
+                req.extensions_mut().insert(permit.clone());
+                canonicalize(req)
+            }));
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.http_header_timeout)
                 .max_buf_size(64 * 1024);
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
+            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).await {
                 tracing::debug!(%peer, error = %e, "https connection error");
             }
         });

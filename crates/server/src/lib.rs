@@ -9,6 +9,7 @@ pub mod datadir;
 pub mod https;
 pub mod mqtt;
 pub mod tls;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

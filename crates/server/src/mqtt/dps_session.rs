@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fleetgate_core::registration::assigning_status;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::DpsError;
+use fleetgate_dps::answer::{self, Answer};
 use fleetgate_dps::mqtt::{
     parse_request_topic, register_payload, response_topic, DpsRequest, DpsUsername, TopicError, RESPONSE_FILTER,
 };
@@ -26,9 +26,6 @@ use tokio::sync::watch;
 use super::{printable, Connection, ConnectionError};
 use crate::config::Limits;
 
-/// Seconds a device is told to wait before polling an operation still in progress. Two, since C#
-/// raises anything lower to two and Python waits two before its first poll anyway.
-const POLL_RETRY_AFTER_SECS: u32 = 2;
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
 const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);
 
@@ -168,8 +165,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 (rid, status, retry, body)
             }
             DpsRequest::OperationStatus { rid, operation_id } => {
-                let (status, body) = self.operation_status(&operation_id).await;
-                (rid, status, None, body)
+                let (status, retry, body) = self.operation_status(&operation_id).await;
+                (rid, status, retry, body)
             }
         };
         if status >= 300 {
@@ -188,32 +185,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(p) => p,
             Err(why) => return error(&DpsError::bad_request(why)),
         };
-        match self.dps.register(&auth, payload).await {
-            Ok(outcome) if self.dps.config().immediate_assignment => (200, None, outcome.record.operation_status()),
-            Ok(outcome) => (
-                202,
-                Some(POLL_RETRY_AFTER_SECS),
-                assigning_status(&outcome.record.operation_id, &outcome.record.registration_id),
-            ),
-            Err(e) => error(&e),
-        }
+        answered(answer::register(&self.dps, &auth, payload).await)
     }
 
-    async fn operation_status(&mut self, operation_id: &str) -> (u16, Value) {
+    async fn operation_status(&mut self, operation_id: &str) -> (u16, Option<u32>, Value) {
         let auth = match &self.auth {
             Ok(a) => a.clone(),
-            Err(e) => {
-                let (s, _, b) = error(e);
-                return (s, b);
-            }
+            Err(e) => return error(e),
         };
-        match self.dps.operation_status(&auth, operation_id).await {
-            Ok(record) => (200, record.operation_status()),
-            Err(e) => {
-                let (s, _, b) = error(&e);
-                (s, b)
-            }
-        }
+        answered(answer::operation_status(&self.dps, &auth, operation_id).await)
     }
 
     async fn respond(
@@ -230,9 +210,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
+fn answered(a: Result<Answer, DpsError>) -> (u16, Option<u32>, Value) {
+    match a {
+        Ok(a) => (a.status, a.retry_after, a.body),
+        Err(e) => error(&e),
+    }
+}
+
 /// An error answer: status from the error, Azure's error body. 429 and 5xx carry a retry-after.
 fn error(e: &DpsError) -> (u16, Option<u32>, Value) {
-    let status = e.status();
-    let retry = (status == 429 || status >= 500).then_some(POLL_RETRY_AFTER_SECS);
-    (status, retry, e.to_body(&uuid::Uuid::new_v4().to_string(), Timestamp::now()))
+    (e.status(), answer::error_retry_after(e), e.to_body(&uuid::Uuid::new_v4().to_string(), Timestamp::now()))
 }

@@ -1,5 +1,6 @@
 //! The MQTT/TLS listener (port 8883): accepts connections, reads CONNECT, and hands the
-//! connection to the DPS session or the hub session, told apart by the username.
+//! connection to the DPS session or the hub session, told apart by the username. MQTT over
+//! WebSockets (HTTPS port) enters at [`serve_stream`] and is served by the same sessions.
 
 mod connection;
 mod dps_session;
@@ -13,6 +14,7 @@ use fleetgate_hub::mqtt::HubUsername;
 use fleetgate_hub::Hub;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::{Error as CodecError, Protocol};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -63,6 +65,9 @@ pub async fn serve(
     }
 }
 
+/// One connection from the MQTT port: TLS, then the MQTT conversation. The TLS handshake and the
+/// CONNECT share one deadline, so a client that stalls anywhere before it has identified itself
+/// is dropped.
 async fn handle(
     tcp: tokio::net::TcpStream,
     acceptor: TlsAcceptor,
@@ -71,13 +76,36 @@ async fn handle(
     limits: Arc<Limits>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
-    // The TLS handshake and the CONNECT share one deadline, so a client that stalls anywhere
-    // before it has identified itself is dropped.
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
     let tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-    let mut conn = Connection::new(tls, MAX_CONNECT_BYTES);
+    serve_until(tls, deadline, dps, hub, limits, shutdown).await
+}
+
+/// Serves one MQTT connection over an already established byte stream (TLS on the MQTT port,
+/// a WebSocket on the HTTPS port): reads CONNECT within the handshake deadline and hands the
+/// connection to the DPS or the hub session.
+pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    dps: Arc<Provisioning>,
+    hub: Arc<Hub>,
+    limits: Arc<Limits>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+    serve_until(stream, deadline, dps, hub, limits, shutdown).await
+}
+
+async fn serve_until<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    deadline: tokio::time::Instant,
+    dps: Arc<Provisioning>,
+    hub: Arc<Hub>,
+    limits: Arc<Limits>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    let mut conn = Connection::new(stream, MAX_CONNECT_BYTES);
     let first = tokio::time::timeout_at(deadline, conn.read_packet())
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no CONNECT in time"))?;
