@@ -159,9 +159,7 @@ impl DataDir {
             }
         };
         if store.hubs().await?.is_empty() {
-            store
-                .add_hub(&LinkedHub::new(config.hub_hostname.clone(), SymmetricKey::generate().to_base64()))
-                .await?;
+            store.add_hub(&LinkedHub::new(config.hub_hostname.clone(), SymmetricKey::generate().to_base64())).await?;
         }
         let dir = Self {
             path,

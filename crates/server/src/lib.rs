@@ -81,15 +81,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         https_listener.local_addr().map_err(|source| StartError::Bind { addr: bind(config.https_port), source })?;
 
     let instance = data.write_instance_file(https_addr.port()).await?;
-    let dps = Arc::new(Provisioning::new(
+    let dps = Provisioning::new(
         store,
         ProvisioningConfig {
             id_scope: data.id_scope.clone(),
             service_host_names: config.hostnames.clone(),
             policies: data.dps_policies.clone(),
             immediate_assignment: config.immediate_assignment,
+            webhook_timeout: config.webhook_timeout,
         },
-    ));
+    );
 
     let hub = Arc::new(Hub::new(data.store.clone(), config.hub.clone()));
 
