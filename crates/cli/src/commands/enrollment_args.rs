@@ -13,7 +13,7 @@ pub struct EnrollmentArgs {
     #[arg(long)]
     pub secondary_key: Option<String>,
     /// Hub to assign devices to (static allocation).
-    #[arg(long)]
+    #[arg(long = "iot-hub", visible_alias = "iot-hub-host-name")]
     pub iot_hub_host_name: Option<String>,
     /// Hubs this enrollment may use (comma-separated); default: every linked hub.
     #[arg(long, value_delimiter = ',')]
