@@ -13,6 +13,7 @@ pub mod keys;
 pub mod message;
 pub mod registration;
 pub mod sas;
+pub mod throttle;
 pub mod time;
 pub mod twin;
 

@@ -25,6 +25,7 @@ pub struct Answer {
 /// answers immediately, else `202 assigning` and the operation id to poll. A decision still
 /// pending (the record says `assigning`) is always a 202.
 pub async fn register(dps: &Provisioning, auth: &DeviceAuth, payload: Option<Value>) -> Result<Answer, DpsError> {
+    dps.admit_registration()?;
     let outcome = dps.register(auth, payload).await?;
     let record = &outcome.record;
     Ok(if record.status == RegistrationStatus::Assigning {

@@ -1,15 +1,16 @@
 //! [`Provisioning`]: the DPS instance's state and configuration. The decisions live beside it:
 //! `registration.rs` (what devices ask) and `management.rs` (what the service API asks).
 
-use std::sync::{Arc, RwLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use fleetgate_core::attestation::KeySlot;
 use fleetgate_core::enrollment::EnrollmentGroup;
 use fleetgate_core::ids::{IdScope, RegistrationId};
 use fleetgate_core::registration::RegistrationRecord;
+use fleetgate_core::throttle::{Rate, TokenBucket};
 use fleetgate_core::time::Timestamp;
-use fleetgate_core::DpsError;
+use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_store::{Store, StoreError};
 
 /// What the provisioning service needs to know about its instance.
@@ -25,6 +26,8 @@ pub struct ProvisioningConfig {
     pub immediate_assignment: bool,
     /// How long a custom allocation webhook may take before the registration fails.
     pub webhook_timeout: Duration,
+    /// Registrations admitted per ID scope (Azure: 1,000 a minute per unit); `None` = no limit.
+    pub registration_rate: Option<Rate>,
 }
 
 impl ProvisioningConfig {
@@ -35,6 +38,7 @@ impl ProvisioningConfig {
             policies: Vec::new(),
             immediate_assignment: true,
             webhook_timeout: Duration::from_secs(10),
+            registration_rate: None,
         }
     }
 }
@@ -71,6 +75,9 @@ pub struct Provisioning {
     pub(crate) http: reqwest::Client,
     /// Lets a request hand work (a webhook call) to a task that outlives it.
     pub(crate) me: Weak<Provisioning>,
+    /// The ID scope's registration quota.
+    throttle: Option<Mutex<TokenBucket>>,
+    started: Instant,
 }
 
 pub(crate) fn store_err(e: StoreError) -> DpsError {
@@ -95,7 +102,28 @@ impl Provisioning {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("an HTTP client with default TLS settings builds");
-        Arc::new_cyclic(|me| Self { store, config, groups: RwLock::new(None), http, me: me.clone() })
+        let throttle = config.registration_rate.map(|r| Mutex::new(TokenBucket::new(r, 0.0)));
+        Arc::new_cyclic(|me| Self {
+            store,
+            config,
+            groups: RwLock::new(None),
+            http,
+            me: me.clone(),
+            throttle,
+            started: Instant::now(),
+        })
+    }
+
+    /// Admits one registration under the ID scope's quota, or answers 429 (the device retries
+    /// after `retry-after`, as every SDK does). Polls are not counted, as in Azure.
+    pub fn admit_registration(&self) -> Result<(), DpsError> {
+        let Some(bucket) = &self.throttle else { return Ok(()) };
+        let now = self.started.elapsed().as_secs_f64();
+        let admitted = bucket.lock().unwrap_or_else(|p| p.into_inner()).try_take(now);
+        admitted.map_err(|_| {
+            tracing::info!("registration throttled");
+            DpsError::new(ErrorCode::Throttled, "Too many registrations for this ID scope; retry later.")
+        })
     }
 
     pub fn config(&self) -> &ProvisioningConfig {

@@ -10,6 +10,7 @@ use fleetgate_core::device::{DeviceIdentity, DeviceStatus};
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::message::{C2dMessage, Properties, TelemetryEvent};
 use fleetgate_core::sas::SasToken;
+use fleetgate_core::throttle::{Rate, TokenBucket};
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::twin::{parse_patch, Twin};
 use fleetgate_core::{DpsError, ErrorCode};
@@ -35,6 +36,11 @@ pub struct HubConfig {
     pub c2d_max_ttl: Duration,
     /// Largest direct method payload: 128 KB.
     pub max_method_payload_bytes: usize,
+    /// Device connects admitted per hub; over it, CONNACK 3 (server unavailable: the SDKs retry).
+    pub connect_rate: Option<Rate>,
+    /// Device-to-cloud messages per hub; over it, acknowledgements are delayed (traffic shaping,
+    /// as IoT Hub does) rather than refused.
+    pub message_rate: Option<Rate>,
 }
 
 impl Default for HubConfig {
@@ -46,6 +52,8 @@ impl Default for HubConfig {
             c2d_default_ttl: Duration::from_secs(3600),
             c2d_max_ttl: Duration::from_secs(2 * 24 * 3600),
             max_method_payload_bytes: 128 * 1024,
+            connect_rate: None,
+            message_rate: None,
         }
     }
 }
@@ -77,6 +85,9 @@ pub struct Hub {
     next_rid: AtomicU64,
     /// Last activity per device, kept in memory (Azure reports it eventually consistent too).
     activity: Mutex<HashMap<(String, String), String>>,
+    /// Per-hub connect and message quotas, keyed by (hub, "connect" | "message").
+    throttles: Mutex<HashMap<(String, &'static str), TokenBucket>>,
+    started: std::time::Instant,
 }
 
 pub(crate) fn store_err(e: StoreError) -> DpsError {
@@ -112,6 +123,36 @@ impl Hub {
             methods: Mutex::new(HashMap::new()),
             next_rid: AtomicU64::new(0),
             activity: Mutex::new(HashMap::new()),
+            throttles: Mutex::new(HashMap::new()),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn take(&self, hub: &str, kind: &'static str, rate: Rate) -> Result<(), Duration> {
+        let now = self.started.elapsed().as_secs_f64();
+        let mut map = self.throttles.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((hub.to_ascii_lowercase(), kind)).or_insert_with(|| TokenBucket::new(rate, now)).try_take(now)
+    }
+
+    /// Admits one device connect under the hub's quota.
+    pub fn admit_connect(&self, hub: &str) -> bool {
+        match self.config.connect_rate {
+            None => true,
+            Some(rate) => {
+                let ok = self.take(hub, "connect", rate).is_ok();
+                if !ok {
+                    tracing::info!(hub = %hub, "device connect throttled");
+                }
+                ok
+            }
+        }
+    }
+
+    /// Waits until the hub's message quota admits one more message.
+    async fn admit_message(&self, hub: &str) {
+        let Some(rate) = self.config.message_rate else { return };
+        while let Err(wait) = self.take(hub, "message", rate) {
+            tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
         }
     }
 
@@ -211,6 +252,7 @@ impl Hub {
             return Err(DpsError::new(ErrorCode::MessageTooLarge, "The message is larger than 256 KB."));
         }
         let properties = Properties::from_bag(bag).map_err(|e| DpsError::bad_request(e.to_string()))?;
+        self.admit_message(&d.hub).await;
         self.touch(d);
         let event = TelemetryEvent {
             seq: 0,

@@ -22,6 +22,8 @@ pub struct ServerConfig {
     pub hub: fleetgate_hub::HubConfig,
     /// How long a custom allocation webhook may take.
     pub webhook_timeout: Duration,
+    /// The ID scope's registration quota (`None`: unlimited).
+    pub registration_rate: Option<fleetgate_core::throttle::Rate>,
 }
 
 impl ServerConfig {
@@ -37,6 +39,7 @@ impl ServerConfig {
             limits: Limits::default(),
             hub: fleetgate_hub::HubConfig::default(),
             webhook_timeout: Duration::from_secs(10),
+            registration_rate: None,
         }
     }
 }

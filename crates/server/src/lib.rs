@@ -89,6 +89,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             policies: data.dps_policies.clone(),
             immediate_assignment: config.immediate_assignment,
             webhook_timeout: config.webhook_timeout,
+            registration_rate: config.registration_rate,
         },
     );
 

@@ -31,6 +31,16 @@ pub struct ServeArgs {
     /// (202, then the device polls the operation status).
     #[arg(long, default_value = "immediate", value_parser = ["immediate", "polling"])]
     registration_response: String,
+    /// Registrations admitted per minute for the ID scope (Azure's default quota is 1000); over
+    /// it devices get 429 and retry. 0 = no limit.
+    #[arg(long, env = "FLEETGATE_DPS_REGISTRATIONS_PER_MINUTE", default_value_t = 0)]
+    dps_registrations_per_minute: u32,
+    /// Device connects admitted per second per hub; over it, CONNACK 3 and the SDKs retry. 0 = no limit.
+    #[arg(long, env = "FLEETGATE_HUB_CONNECTS_PER_SECOND", default_value_t = 0)]
+    hub_connects_per_second: u32,
+    /// Device-to-cloud messages per second per hub; over it, acknowledgements slow down. 0 = no limit.
+    #[arg(long, env = "FLEETGATE_HUB_MESSAGES_PER_SECOND", default_value_t = 0)]
+    hub_messages_per_second: u32,
     /// Log format.
     #[arg(long, env = "FLEETGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -53,6 +63,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     config.hub_hostname = args.hub_hostname;
     config.immediate_assignment = args.registration_response == "immediate";
+    use fleetgate_core::throttle::Rate;
+    let nonzero = |n: u32, f: fn(u32) -> Rate| (n > 0).then(|| f(n));
+    config.registration_rate = nonzero(args.dps_registrations_per_minute, Rate::per_minute);
+    config.hub.connect_rate = nonzero(args.hub_connects_per_second, Rate::per_second);
+    config.hub.message_rate = nonzero(args.hub_messages_per_second, Rate::per_second);
 
     let server = fleetgate_server::start(config).await.context("starting fleetgate")?;
     println!("{}", server.instance.banner());

@@ -73,6 +73,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         conn.write_packet(refuse(ConnectReturnCode::BadClientId)).await?;
         return Ok(());
     }
+    if !hub.admit_connect(&user.host_name) {
+        conn.write_packet(refuse(ConnectReturnCode::ServiceUnavailable)).await?;
+        return Ok(());
+    }
     let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
     let device = match hub.authenticate(&user.host_name, &user.device_id, password).await {
         Ok(d) => d,
