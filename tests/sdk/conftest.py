@@ -653,3 +653,106 @@ def hub_devices():
             dev.shutdown()
         except BaseException:  # noqa: BLE001 - best effort; a hung shutdown must not mask the test result
             pass
+
+
+# --------------------------------------------------------------------------- DPS breadth (additions)
+# Individual enrollments, several linked hubs, device payloads. Only additions: nothing above changes.
+
+
+def _enrollment_path(registration_id: str) -> str:
+    return f"/enrollments/{urllib.parse.quote(registration_id, safe='')}"
+
+
+def _group_path(group_id: str) -> str:
+    return f"/enrollmentGroups/{urllib.parse.quote(group_id, safe='')}"
+
+
+class EnrollmentServiceApi(ServiceApi):
+    """The DPS service API with individual enrollments, full-body group PUTs and record deletion."""
+
+    @classmethod
+    def of(cls, server: "FleetgateServer") -> "EnrollmentServiceApi":
+        return cls(server.instance["serviceConnectionString"], server.ca_path)
+
+    def put_enrollment(self, body: dict, etag: str | None = None):
+        """PUT /enrollments/{registrationId} with a full enrollment body (If-Match when etag is given)."""
+        return self.request("PUT", _enrollment_path(body["registrationId"]), json_body=body,
+                            headers={"If-Match": etag} if etag else None)
+
+    def get_enrollment(self, registration_id: str):
+        return self.request("GET", _enrollment_path(registration_id))
+
+    def delete_enrollment(self, registration_id: str, etag: str | None = None):
+        return self.request("DELETE", _enrollment_path(registration_id),
+                            headers={"If-Match": etag} if etag else None)
+
+    def query_enrollments(self, page_size: int = 100):
+        return self.request("POST", "/enrollments/query", json_body={"query": "SELECT * FROM enrollments"},
+                            headers={"x-ms-max-item-count": str(page_size)})
+
+    def bulk_enrollments(self, mode: str, enrollments: list[dict]):
+        return self.request("POST", "/enrollments", json_body={"mode": mode, "enrollments": enrollments})
+
+    def put_group_body(self, body: dict, etag: str | None = None):
+        """PUT /enrollmentGroups/{id} with a full group body (allocation fields, twin, policies, ...)."""
+        return self.request("PUT", _group_path(body["enrollmentGroupId"]), json_body=body,
+                            headers={"If-Match": etag} if etag else None)
+
+    def delete_registration(self, registration_id: str, etag: str | None = None):
+        return self.request("DELETE", f"/registrations/{urllib.parse.quote(registration_id, safe='')}",
+                            headers={"If-Match": etag} if etag else None)
+
+
+def run_cli(server: "FleetgateServer", *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """`fleetgate <args> --data-dir <the server's data dir>`; fails the test on a non-zero exit."""
+    cmd = [FLEETGATE_BIN, *args, "--data-dir", str(server.data_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, NO_COLOR="1"))
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    return proc
+
+
+def reload_instance(server: "FleetgateServer") -> dict:
+    """instance.json read afresh (`fleetgate hub create` adds hubs to it while the server runs)."""
+    server._instance = None
+    return server.instance
+
+
+def hub_service_for(server: "FleetgateServer", hub_hostname: str) -> HubServiceApi:
+    """A hub service API client for one linked hub, from its connection string in instance.json."""
+    for hub in reload_instance(server)["hubs"]:
+        if hub["hostName"].lower() == hub_hostname.lower():
+            return HubServiceApi(hub["connectionString"], server.ca_path, server.address, server.https_port)
+    raise AssertionError(f"hub {hub_hostname!r} not in instance.json: {server.instance['hubs']}")
+
+
+def register_device_with(host: str, id_scope: str, ca_pem: str, registration_id: str, key: str, *,
+                         payload=None, timeout: float = REGISTER_TIMEOUT_S) -> RegisterOutcome:
+    """Like register_device, with an optional `provisioning_payload` sent along with the request."""
+    from azure.iot.device import ProvisioningDeviceClient
+
+    outcome = RegisterOutcome()
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            client = ProvisioningDeviceClient.create_from_symmetric_key(
+                provisioning_host=host,
+                registration_id=registration_id,
+                id_scope=id_scope,
+                symmetric_key=key,
+                server_verification_cert=ca_pem,
+            )
+            if payload is not None:
+                client.provisioning_payload = payload
+            outcome.result = client.register()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            outcome.error = e
+        finally:
+            outcome.elapsed = time.monotonic() - t0
+
+    t = threading.Thread(target=run, name=f"register-{registration_id}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        pytest.fail(f"register({registration_id!r}) did not return within {timeout}s", pytrace=False)
+    return outcome
