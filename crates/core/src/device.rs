@@ -13,7 +13,22 @@ pub enum DeviceStatus {
     Disabled,
 }
 
-/// A hub device identity. Keys are the derived device keys; `Debug` never shows them.
+/// How a device authenticates to the hub (Azure's `authentication.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthenticationType {
+    /// A SAS token signed with the primary or secondary key.
+    #[default]
+    Sas,
+    /// A client certificate whose thumbprint is the primary or secondary thumbprint.
+    SelfSigned,
+    /// A client certificate chain leading to one of the identity's CA certificates, with the
+    /// device id as the leaf's common name.
+    CertificateAuthority,
+}
+
+/// A hub device identity. Keys are the derived device keys; `Debug` never shows them. X.509
+/// identities have no keys (empty strings) and record their thumbprints or CA certificates.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceIdentity {
@@ -25,6 +40,29 @@ pub struct DeviceIdentity {
     pub etag: String,
     pub generation_id: String,
     pub created_date_time_utc: String,
+    /// Absent in identities stored before X.509 existed: those are SAS.
+    #[serde(default)]
+    pub authentication_type: AuthenticationType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_thumbprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_thumbprint: Option<String>,
+    /// `certificateAuthority`: the CA certificates (base64 DER) the device's chain must lead to,
+    /// copied from its enrollment group at assignment (as an Azure hub holds its own verified
+    /// CAs, independent of DPS).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_certificates: Vec<String>,
+}
+
+/// What a device identity authenticates with.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DeviceCredentials {
+    /// Primary and secondary symmetric keys (the first is used for both when only one is given).
+    Keys(Vec<SymmetricKey>),
+    /// Primary and secondary certificate thumbprints (upper-case hex).
+    SelfSigned { primary: Option<String>, secondary: Option<String> },
+    /// CA certificates (base64 DER).
+    CertificateAuthority(Vec<String>),
 }
 
 impl std::fmt::Debug for DeviceIdentity {
@@ -33,6 +71,7 @@ impl std::fmt::Debug for DeviceIdentity {
             .field("hub", &self.hub)
             .field("device_id", &self.device_id)
             .field("status", &self.status)
+            .field("authentication_type", &self.authentication_type)
             .finish_non_exhaustive()
     }
 }
@@ -47,12 +86,44 @@ impl DeviceIdentity {
         keys: &[SymmetricKey],
         now: Timestamp,
     ) -> Self {
-        let key = |i: usize| keys.get(i).or(keys.first()).map(SymmetricKey::to_base64).unwrap_or_default();
+        Self::provisioned_with(existing, hub, device_id, DeviceCredentials::Keys(keys.to_vec()), now)
+    }
+
+    /// Like [`DeviceIdentity::provisioned`], with any kind of credentials: the identity's
+    /// authentication type follows them (an X.509 device has no keys).
+    pub fn provisioned_with(
+        existing: Option<&DeviceIdentity>,
+        hub: &str,
+        device_id: &str,
+        credentials: DeviceCredentials,
+        now: Timestamp,
+    ) -> Self {
+        let (mut primary_key, mut secondary_key) = (String::new(), String::new());
+        let (mut primary_thumbprint, mut secondary_thumbprint, mut ca_certificates) = (None, None, Vec::new());
+        let authentication_type = match credentials {
+            DeviceCredentials::Keys(keys) => {
+                let key = |i: usize| keys.get(i).or(keys.first()).map(SymmetricKey::to_base64).unwrap_or_default();
+                (primary_key, secondary_key) = (key(0), key(1));
+                AuthenticationType::Sas
+            }
+            DeviceCredentials::SelfSigned { primary, secondary } => {
+                (primary_thumbprint, secondary_thumbprint) = (primary, secondary);
+                AuthenticationType::SelfSigned
+            }
+            DeviceCredentials::CertificateAuthority(cas) => {
+                ca_certificates = cas;
+                AuthenticationType::CertificateAuthority
+            }
+        };
         DeviceIdentity {
             hub: hub.to_owned(),
             device_id: existing.map(|d| d.device_id.clone()).unwrap_or_else(|| device_id.to_owned()),
-            primary_key: key(0),
-            secondary_key: key(1),
+            primary_key,
+            secondary_key,
+            authentication_type,
+            primary_thumbprint,
+            secondary_thumbprint,
+            ca_certificates,
             status: existing.map(|d| d.status).unwrap_or_default(),
             etag: crate::registration::new_registration_etag(),
             generation_id: existing
@@ -62,5 +133,43 @@ impl DeviceIdentity {
                 .map(|d| d.created_date_time_utc.clone())
                 .unwrap_or_else(|| now.to_azure_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_stored_before_x509_are_sas_and_x509_identities_have_no_keys() {
+        let old = r#"{"hub":"h","deviceId":"d","primaryKey":"a2V5","secondaryKey":"a2V5","status":"enabled",
+            "etag":"e","generationId":"1","createdDateTimeUtc":"t"}"#;
+        let d: DeviceIdentity = serde_json::from_str(old).unwrap();
+        assert_eq!(d.authentication_type, AuthenticationType::Sas);
+        let now = Timestamp::from_unix_seconds(0);
+        let ss = DeviceIdentity::provisioned_with(
+            Some(&d),
+            "h",
+            "d",
+            DeviceCredentials::SelfSigned { primary: Some("AB".into()), secondary: None },
+            now,
+        );
+        assert_eq!((ss.authentication_type, ss.primary_key.as_str()), (AuthenticationType::SelfSigned, ""));
+        assert_eq!(ss.primary_thumbprint.as_deref(), Some("AB"));
+        assert_eq!(ss.generation_id, d.generation_id);
+        let json = serde_json::to_value(&ss).unwrap();
+        assert_eq!(json["authenticationType"], "selfSigned");
+        let ca = DeviceIdentity::provisioned_with(
+            None,
+            "h",
+            "d",
+            DeviceCredentials::CertificateAuthority(vec!["x".into()]),
+            now,
+        );
+        assert_eq!(ca.authentication_type, AuthenticationType::CertificateAuthority);
+        // Back to keys: the X.509 fields go.
+        let k = DeviceIdentity::provisioned(Some(&ca), "h", "d", &[SymmetricKey::generate()], now);
+        assert_eq!((k.authentication_type, k.ca_certificates.len()), (AuthenticationType::Sas, 0));
+        assert_eq!(k.primary_key, k.secondary_key);
     }
 }

@@ -8,6 +8,7 @@ use crate::error::{DpsError, ErrorCode};
 use crate::ids::{EnrollmentGroupId, RegistrationId};
 use crate::keys::SymmetricKey;
 use crate::time::Timestamp;
+use crate::x509::{Certificate, CertificateInfo};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -79,9 +80,189 @@ pub struct AttestationMechanism {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeyAttestation>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub x509: Option<Value>,
+    pub x509: Option<X509Attestation>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<Value>,
+}
+
+/// Azure's `X509Attestation`: a group trusts CA certificates (`signingCertificates`, or
+/// `caReferences`), an individual enrollment pins the device's own certificates
+/// (`clientCertificates`) or trusts a CA (`caReferences`).
+///
+/// Fleetgate has no separate certificate store for `caReferences` to name, so a reference holds
+/// the CA certificate itself (PEM or base64 DER).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct X509Attestation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificates: Option<X509Certificates>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificates: Option<X509Certificates>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_references: Option<X509CaReferences>,
+}
+
+/// Azure's `X509Certificates`: a primary and an optional secondary certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct X509Certificates {
+    #[serde(default)]
+    pub primary: Option<X509CertificateWithInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<X509CertificateWithInfo>,
+}
+
+/// Azure's `X509CertificateWithInfo`: the certificate as given, and what the server read from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct X509CertificateWithInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<CertificateInfo>,
+}
+
+/// Azure's `X509CAReferences`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct X509CaReferences {
+    #[serde(default)]
+    pub primary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<String>,
+}
+
+/// How an X.509 enrollment decides whether to trust a device's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum X509Trust {
+    /// The device's own certificates, primary and secondary (individual enrollments).
+    Pinned(Vec<Option<Certificate>>),
+    /// CA certificates, primary and secondary: the device's chain must lead to one of them.
+    CertificateAuthority(Vec<Option<Certificate>>),
+}
+
+/// Which kind of enrollment is being prepared: they accept different X.509 shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EnrollmentKind {
+    Group,
+    Individual,
+}
+
+impl X509Attestation {
+    /// The certificates this attestation trusts. Stored attestations always parse (they were
+    /// checked when written); anything unreadable is left out.
+    pub fn trust(&self) -> Option<X509Trust> {
+        let pair = |c: &X509Certificates| {
+            [&c.primary, &c.secondary]
+                .into_iter()
+                .map(|s| s.as_ref().and_then(|s| s.certificate.as_deref()).and_then(|t| Certificate::parse(t).ok()))
+                .collect::<Vec<_>>()
+        };
+        if let Some(c) = &self.client_certificates {
+            return Some(X509Trust::Pinned(pair(c)));
+        }
+        if let Some(c) = &self.signing_certificates {
+            return Some(X509Trust::CertificateAuthority(pair(c)));
+        }
+        self.ca_references.as_ref().map(|r| {
+            X509Trust::CertificateAuthority(
+                [&r.primary, &r.secondary]
+                    .into_iter()
+                    .map(|t| t.as_deref().and_then(|t| Certificate::parse(t).ok()))
+                    .collect(),
+            )
+        })
+    }
+
+    /// Validates a create-or-update: exactly one of the shapes the enrollment kind accepts,
+    /// every certificate readable (PEM or base64 DER), CA certificates marked as CAs; fills in
+    /// `info`. A slot given without its certificate (a client that did GET, then PUT, never saw
+    /// it) keeps the stored one.
+    fn prepare(&mut self, existing: Option<&X509Attestation>, kind: EnrollmentKind) -> Result<(), DpsError> {
+        let bad = |m: String| Err(DpsError::bad_request(m));
+        let shapes =
+            [self.client_certificates.is_some(), self.signing_certificates.is_some(), self.ca_references.is_some()];
+        if shapes.iter().filter(|s| **s).count() != 1 {
+            return bad(
+                "x509 attestation needs exactly one of clientCertificates, signingCertificates or caReferences.".into(),
+            );
+        }
+        match kind {
+            EnrollmentKind::Group if self.client_certificates.is_some() => {
+                return bad(
+                    "An enrollment group trusts CA certificates (signingCertificates or caReferences), not clientCertificates."
+                        .into(),
+                )
+            }
+            EnrollmentKind::Individual if self.signing_certificates.is_some() => {
+                return bad(
+                    "An individual enrollment takes the device's clientCertificates (or caReferences), not signingCertificates."
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+        let must_be_ca = self.client_certificates.is_none();
+        let check = |what: &str, text: &str| -> Result<Certificate, DpsError> {
+            let cert = Certificate::parse(text)
+                .map_err(|e| DpsError::bad_request(format!("The {what} certificate is invalid: {e}.")))?;
+            if must_be_ca && !cert.is_ca() {
+                return Err(DpsError::bad_request(format!(
+                    "The {what} certificate is not a CA certificate (basic constraints CA:TRUE)."
+                )));
+            }
+            Ok(cert)
+        };
+        if let Some(refs) = &mut self.ca_references {
+            for (what, slot) in [("primary", &mut refs.primary), ("secondary", &mut refs.secondary)] {
+                *slot = match slot.as_deref().filter(|s| !s.trim().is_empty()) {
+                    Some(text) => Some(check(what, text)?.to_pem()),
+                    None => None,
+                };
+            }
+            if refs.primary.is_none() {
+                return bad("caReferences needs a primary CA certificate.".into());
+            }
+            return Ok(());
+        }
+        let (given, kept) = match (&mut self.client_certificates, &mut self.signing_certificates) {
+            (Some(c), _) => (c, existing.and_then(|e| e.client_certificates.clone())),
+            (None, Some(c)) => (c, existing.and_then(|e| e.signing_certificates.clone())),
+            (None, None) => unreachable!("one shape is present"),
+        };
+        let kept = kept.unwrap_or_default();
+        for (what, slot, old) in
+            [("primary", &mut given.primary, kept.primary), ("secondary", &mut given.secondary, kept.secondary)]
+        {
+            let text = slot.as_ref().and_then(|s| s.certificate.clone()).filter(|t| !t.trim().is_empty());
+            // A slot sent back with its info but without its certificate keeps the stored one.
+            let text = match (text, slot.is_some()) {
+                (Some(t), _) => Some(t),
+                (None, true) => old.and_then(|o| o.certificate),
+                (None, false) => None,
+            };
+            *slot = match text {
+                Some(t) => {
+                    let cert = check(what, &t)?;
+                    Some(X509CertificateWithInfo { certificate: Some(cert.to_pem()), info: Some(cert.info()) })
+                }
+                None => None,
+            };
+        }
+        if given.primary.is_none() {
+            return bad("x509 attestation needs a primary certificate.".into());
+        }
+        Ok(())
+    }
+
+    /// The view returned by GET and query: certificate info, not the certificates (as Azure).
+    fn redact(&mut self) {
+        for c in [&mut self.client_certificates, &mut self.signing_certificates].into_iter().flatten() {
+            for slot in [&mut c.primary, &mut c.secondary].into_iter().flatten() {
+                slot.certificate = None;
+            }
+        }
+    }
 }
 
 /// What enrollment groups and individual enrollments have in common: how a device attests,
@@ -188,29 +369,39 @@ impl EnrollmentSettings {
         existing: Option<&EnrollmentSettings>,
         linked_hubs: &[String],
         now: Timestamp,
+        kind: EnrollmentKind,
     ) -> Result<(), DpsError> {
         match self.attestation.kind {
-            AttestationType::SymmetricKey => {}
+            AttestationType::SymmetricKey => {
+                let requested = self.attestation.symmetric_key.take().unwrap_or_default();
+                let kept = existing.and_then(|g| g.attestation.symmetric_key.clone()).unwrap_or_default();
+                let pick = |given: Option<String>, old: Option<String>| -> Result<String, DpsError> {
+                    match given.filter(|s| !s.trim().is_empty()) {
+                        Some(k) => Ok(SymmetricKey::parse_user_key(&k)?.to_base64()),
+                        None => Ok(old.unwrap_or_else(|| SymmetricKey::generate().to_base64())),
+                    }
+                };
+                self.attestation.symmetric_key = Some(SymmetricKeyAttestation {
+                    primary_key: Some(pick(requested.primary_key, kept.primary_key)?),
+                    secondary_key: Some(pick(requested.secondary_key, kept.secondary_key)?),
+                });
+                self.attestation.x509 = None;
+            }
             AttestationType::X509 => {
-                return Err(DpsError::bad_request("X.509 attestation is not supported by this Fleetgate version yet."))
+                let mut x509 = self
+                    .attestation
+                    .x509
+                    .take()
+                    .ok_or_else(|| DpsError::bad_request("x509 attestation needs an x509 object."))?;
+                let kept = existing.and_then(|e| e.attestation.x509.as_ref());
+                x509.prepare(kept, kind)?;
+                self.attestation.x509 = Some(x509);
+                self.attestation.symmetric_key = None;
             }
             AttestationType::Tpm | AttestationType::None => {
-                return Err(DpsError::bad_request("Fleetgate supports symmetricKey attestation (x509 is coming)."))
+                return Err(DpsError::bad_request("Fleetgate supports symmetricKey and x509 attestation."))
             }
         }
-        let requested = self.attestation.symmetric_key.take().unwrap_or_default();
-        let kept = existing.and_then(|g| g.attestation.symmetric_key.clone()).unwrap_or_default();
-        let pick = |given: Option<String>, old: Option<String>| -> Result<String, DpsError> {
-            match given.filter(|s| !s.trim().is_empty()) {
-                Some(k) => Ok(SymmetricKey::parse_user_key(&k)?.to_base64()),
-                None => Ok(old.unwrap_or_else(|| SymmetricKey::generate().to_base64())),
-            }
-        };
-        self.attestation.symmetric_key = Some(SymmetricKeyAttestation {
-            primary_key: Some(pick(requested.primary_key, kept.primary_key)?),
-            secondary_key: Some(pick(requested.secondary_key, kept.secondary_key)?),
-        });
-        self.attestation.x509 = None;
         self.attestation.tpm = None;
 
         match self.allocation_policy {
@@ -254,6 +445,17 @@ impl EnrollmentSettings {
         if let Some(k) = self.attestation.symmetric_key.as_mut() {
             *k = SymmetricKeyAttestation::default();
         }
+        if let Some(x) = self.attestation.x509.as_mut() {
+            x.redact();
+        }
+    }
+
+    /// What an X.509 enrollment trusts; `None` for other attestation types.
+    pub fn x509_trust(&self) -> Option<X509Trust> {
+        match self.attestation.kind {
+            AttestationType::X509 => self.attestation.x509.as_ref().and_then(X509Attestation::trust),
+            _ => None,
+        }
     }
 
     /// The enrollment's primary and secondary keys (both always present once stored).
@@ -296,7 +498,7 @@ impl EnrollmentGroup {
         }
         self.enrollment_group_id =
             existing.map(|g| g.enrollment_group_id.clone()).unwrap_or_else(|| id.as_str().to_owned());
-        self.settings.prepare(existing.map(|g| &g.settings), linked_hubs, now)?;
+        self.settings.prepare(existing.map(|g| &g.settings), linked_hubs, now, EnrollmentKind::Group)?;
         Ok(self)
     }
 
@@ -342,7 +544,7 @@ impl IndividualEnrollment {
             self.device_id = None;
         }
         self.registration_state = None;
-        self.settings.prepare(existing.map(|e| &e.settings), linked_hubs, now)?;
+        self.settings.prepare(existing.map(|e| &e.settings), linked_hubs, now, EnrollmentKind::Individual)?;
         Ok(self)
     }
 
@@ -431,6 +633,7 @@ mod tests {
         let cases = [
             (r#"{"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"short"}}}"#, "grp", 400),
             (r#"{"attestation":{"type":"tpm"}}"#, "grp", 400),
+            (r#"{"attestation":{"type":"x509"}}"#, "grp", 400),
             (r#"{"enrollmentGroupId":"other","attestation":{"type":"symmetricKey"}}"#, "grp", 400),
             (r#"{"attestation":{"type":"symmetricKey"},"iotHubHostName":"elsewhere"}"#, "grp", 400),
             (r#"{"attestation":{"type":"symmetricKey"},"allocationPolicy":"static"}"#, "grp", 400),
@@ -456,6 +659,76 @@ mod tests {
             assert!(!s.contains(&k.to_base64()));
         }
         assert!(!format!("{g:?}").contains(&g.keys()[0].to_base64()));
+    }
+
+    #[test]
+    fn x509_groups_take_ca_certificates_and_fill_in_info() {
+        use crate::x509::tests::{ca, leaf};
+        let t = Timestamp::from_unix_seconds(0);
+        let root = ca("root");
+        let body = json_body(&serde_json::json!({"attestation": {"type": "x509", "x509": {
+            "signingCertificates": {"primary": {"certificate": root.pem()}}}}}));
+        let g = EnrollmentGroup::from_request_body(&body).unwrap().prepare_upsert("g", None, &hubs(), t).unwrap();
+        let info = &g.settings.attestation.x509.as_ref().unwrap().signing_certificates.as_ref().unwrap().primary;
+        assert_eq!(info.as_ref().unwrap().info.as_ref().unwrap().subject_name, "CN=root");
+        assert!(g.keys().is_empty());
+        assert!(
+            matches!(g.settings.x509_trust(), Some(X509Trust::CertificateAuthority(c)) if c[0].is_some() && c[1].is_none())
+        );
+        // Reads leave the certificate out; a PUT of what was read keeps it.
+        let read = serde_json::to_vec(&g.redacted()).unwrap();
+        assert!(!String::from_utf8_lossy(&read).contains("BEGIN CERTIFICATE"));
+        let g2 = EnrollmentGroup::from_request_body(&read).unwrap().prepare_upsert("g", Some(&g), &hubs(), t).unwrap();
+        assert_eq!(g2.settings.x509_trust(), g.settings.x509_trust());
+        // base64 DER in caReferences works too.
+        let der = crate::x509::Certificate::parse(&root.pem()).unwrap().to_base64();
+        let body = json_body(
+            &serde_json::json!({"attestation": {"type": "x509", "x509": {"caReferences": {"primary": der}}}}),
+        );
+        let g3 = EnrollmentGroup::from_request_body(&body).unwrap().prepare_upsert("g3", None, &hubs(), t).unwrap();
+        assert_eq!(g3.settings.x509_trust(), g.settings.x509_trust());
+
+        let dev = leaf("dev-1", &root);
+        let bad = [
+            // A device certificate is not a CA.
+            serde_json::json!({"signingCertificates": {"primary": {"certificate": dev.pem()}}}),
+            serde_json::json!({"clientCertificates": {"primary": {"certificate": dev.pem()}}}),
+            serde_json::json!({"signingCertificates": {"primary": {"certificate": "garbage"}}}),
+            serde_json::json!({"signingCertificates": {"secondary": {"certificate": root.pem()}}}),
+            serde_json::json!({}),
+        ];
+        for x in bad {
+            let body = json_body(&serde_json::json!({"attestation": {"type": "x509", "x509": x}}));
+            let e = EnrollmentGroup::from_request_body(&body).unwrap().prepare_upsert("g", None, &hubs(), t);
+            assert_eq!(e.unwrap_err().status(), 400, "{x}");
+        }
+    }
+
+    #[test]
+    fn x509_individual_enrollments_pin_the_device_certificate() {
+        use crate::x509::tests::{ca, leaf};
+        let t = Timestamp::from_unix_seconds(0);
+        let root = ca("root");
+        let (a, b) = (leaf("dev-1", &root), leaf("dev-1", &root));
+        let body = json_body(&serde_json::json!({"registrationId": "dev-1", "attestation": {"type": "x509", "x509": {
+            "clientCertificates": {"primary": {"certificate": a.pem()}, "secondary": {"certificate": b.pem()}}}}}));
+        let e =
+            IndividualEnrollment::from_request_body(&body).unwrap().prepare_upsert("dev-1", None, &hubs(), t).unwrap();
+        match e.settings.x509_trust() {
+            Some(X509Trust::Pinned(c)) => {
+                assert_eq!(c[0].as_ref().unwrap().der(), a.cert.der().as_ref());
+                assert_eq!(c[1].as_ref().unwrap().der(), b.cert.der().as_ref());
+            }
+            other => panic!("{other:?}"),
+        }
+        let body = json_body(&serde_json::json!({"registrationId": "dev-1", "attestation": {"type": "x509", "x509": {
+            "signingCertificates": {"primary": {"certificate": root.pem()}}}}}));
+        let err = IndividualEnrollment::from_request_body(&body).unwrap().prepare_upsert("dev-1", None, &hubs(), t);
+        assert_eq!(err.unwrap_err().status(), 400);
+    }
+
+    fn json_body(v: &serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(v).unwrap()
     }
 
     #[test]

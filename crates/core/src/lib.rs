@@ -16,5 +16,6 @@ pub mod sas;
 pub mod throttle;
 pub mod time;
 pub mod twin;
+pub mod x509;
 
 pub use error::{DpsError, ErrorCode};

@@ -68,6 +68,23 @@ pub struct RecordInternal {
     pub initial_hub: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_payload: Option<Value>,
+    /// Set when the device attested with a certificate: reported inside `x509` instead of
+    /// `symmetricKey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509RegistrationInfo>,
+}
+
+/// What an X.509 registration reports about the certificates involved (Azure's
+/// `X509RegistrationResult`, without the group id, which the record holds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509RegistrationInfo {
+    /// The device's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_info: Option<crate::x509::CertificateInfo>,
+    /// The enrollment group's CA certificate the chain led to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificate_info: Option<crate::x509::CertificateInfo>,
 }
 
 /// What happens to a device's hub assignment when it registers.
@@ -165,6 +182,7 @@ impl RegistrationRecord {
                     existing.and_then(|r| r.internal.initial_hub.clone()).unwrap_or_else(|| hub.to_owned()),
                 ),
                 device_payload,
+                x509: None,
             },
         }
     }
@@ -198,6 +216,7 @@ impl RegistrationRecord {
             internal: RecordInternal {
                 initial_hub: existing.and_then(|r| r.internal.initial_hub.clone()),
                 device_payload,
+                x509: None,
             },
         }
     }
@@ -235,15 +254,28 @@ impl RegistrationRecord {
     }
 
     /// The `registrationState` sent to the device (`DeviceRegistrationResult`): the record plus
-    /// the attestation sub-object naming the enrollment group.
+    /// the attestation sub-object naming the enrollment group: `symmetricKey`, or `x509` with the
+    /// certificate information when the device attested with a certificate.
     pub fn device_result(&self) -> Value {
         let mut v = serde_json::to_value(self).expect("record serializes");
         if let Some(obj) = v.as_object_mut() {
-            let attestation = match &self.enrollment_group_id {
+            let mut attestation = match &self.enrollment_group_id {
                 Some(g) => json!({ "enrollmentGroupId": g }),
                 None => json!({}),
             };
-            obj.insert("symmetricKey".into(), attestation);
+            match &self.internal.x509 {
+                Some(x) => {
+                    if let (Some(a), Value::Object(info)) =
+                        (attestation.as_object_mut(), serde_json::to_value(x).expect("info serializes"))
+                    {
+                        a.extend(info);
+                    }
+                    obj.insert("x509".into(), attestation);
+                }
+                None => {
+                    obj.insert("symmetricKey".into(), attestation);
+                }
+            }
         }
         v
     }
@@ -418,6 +450,12 @@ mod tests {
             Timestamp::from_unix_seconds(0),
         );
         assert_eq!(ind.device_result()["symmetricKey"], json!({}));
+        // X.509 attestations report `x509` instead.
+        let mut x = r.clone();
+        x.internal.x509 = Some(X509RegistrationInfo { certificate_info: None, signing_certificate_info: None });
+        let st = x.device_result();
+        assert_eq!(st["x509"], json!({"enrollmentGroupId": "grp"}));
+        assert!(st.get("symmetricKey").is_none());
     }
 
     #[test]
