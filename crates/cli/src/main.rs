@@ -51,6 +51,11 @@ enum Command {
     /// Linked hubs and their allocation settings (`az iot dps linked-hub`).
     #[command(subcommand)]
     LinkedHub(commands::linked_hubs::LinkedHubCommand),
+    /// Shared access policies and their keys (`az iot dps policy` / `az iot hub policy`).
+    #[command(subcommand)]
+    Policy(commands::policies::PolicyCommand),
+    /// The audit trail: attestation attempts, hub connections, service-side changes.
+    Audit(commands::audit::AuditArgs),
     /// Inspect and delete registration records (`az iot dps enrollment-group registration`).
     #[command(subcommand)]
     Registration(commands::registrations::RegistrationCommand),
@@ -73,6 +78,8 @@ fn main() -> std::process::ExitCode {
             Command::Registration(cmd) => commands::registrations::run(cmd).await,
             Command::Enrollment(cmd) => commands::enrollments::run(cmd).await,
             Command::LinkedHub(cmd) => commands::linked_hubs::run(cmd).await,
+            Command::Policy(cmd) => commands::policies::run(cmd).await,
+            Command::Audit(args) => commands::audit::run(args).await,
             Command::Simulate(args) => commands::simulate::run(args).await,
             Command::Hub(cmd) => commands::hub::run(cmd).await,
         }

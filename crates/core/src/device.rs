@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::SymmetricKey;
 use crate::time::Timestamp;
+use crate::x509::{
+    check_leaf, match_thumbprint, require_common_name, verify_chain, Certificate, CertificateChain, CertificateRefusal,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -136,6 +139,37 @@ impl DeviceIdentity {
     }
 }
 
+impl DeviceIdentity {
+    /// Checks the TLS client certificate chain of a device whose identity is X.509: the leaf
+    /// must be valid and usable for client authentication, and either have one of the
+    /// identity's thumbprints (`selfSigned`) or name the device id as its common name and chain
+    /// to one of `cas` (`certificateAuthority`; the identity's own CA certificates, else those
+    /// the caller trusts for the hub).
+    pub fn check_certificate(
+        &self,
+        chain: Option<&CertificateChain>,
+        fallback_cas: &[Certificate],
+        now: i64,
+    ) -> Result<(), CertificateRefusal> {
+        let chain = chain.ok_or(CertificateRefusal::NoCertificate)?;
+        let leaf = check_leaf(chain, now)?;
+        match self.authentication_type {
+            AuthenticationType::Sas => Err(CertificateRefusal::UnknownCertificate),
+            AuthenticationType::SelfSigned => {
+                let thumbprints = [self.primary_thumbprint.as_deref(), self.secondary_thumbprint.as_deref()];
+                match_thumbprint(&leaf, &thumbprints).map(|_| ()).ok_or(CertificateRefusal::UnknownCertificate)
+            }
+            AuthenticationType::CertificateAuthority => {
+                require_common_name(&leaf, &self.device_id)?;
+                let own: Vec<Certificate> =
+                    self.ca_certificates.iter().filter_map(|c| Certificate::parse(c).ok()).collect();
+                let cas = if own.is_empty() { fallback_cas } else { &own };
+                verify_chain(chain, cas, now).map(|_| ())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +205,51 @@ mod tests {
         let k = DeviceIdentity::provisioned(Some(&ca), "h", "d", &[SymmetricKey::generate()], now);
         assert_eq!((k.authentication_type, k.ca_certificates.len()), (AuthenticationType::Sas, 0));
         assert_eq!(k.primary_key, k.secondary_key);
+    }
+
+    #[test]
+    fn x509_identities_check_thumbprints_or_the_chain_to_their_ca() {
+        use crate::x509::tests::{ca, chain, leaf};
+        let now = Timestamp::now();
+        let (root, other_root) = (ca("root"), ca("other"));
+        let dev = leaf("dev-1", &root);
+        let presented = chain(&[&dev]);
+        let pinned = DeviceIdentity::provisioned_with(
+            None,
+            "h",
+            "dev-1",
+            DeviceCredentials::SelfSigned { primary: None, secondary: Some(dev.certificate().sha1_thumbprint()) },
+            now,
+        );
+        let t = now.unix_seconds();
+        assert!(pinned.check_certificate(Some(&presented), &[], t).is_ok());
+        assert_eq!(pinned.check_certificate(None, &[], t), Err(CertificateRefusal::NoCertificate));
+        let stranger = chain(&[&leaf("dev-1", &root)]);
+        assert_eq!(pinned.check_certificate(Some(&stranger), &[], t), Err(CertificateRefusal::UnknownCertificate));
+
+        let by_ca = DeviceIdentity::provisioned_with(
+            None,
+            "h",
+            "dev-1",
+            DeviceCredentials::CertificateAuthority(vec![root.certificate().to_base64()]),
+            now,
+        );
+        assert!(by_ca.check_certificate(Some(&presented), &[], t).is_ok());
+        assert!(by_ca.check_certificate(Some(&stranger), &[], t).is_ok());
+        // Another CA's device with the same name, or another name under the right CA: refused.
+        let foreign = chain(&[&leaf("dev-1", &other_root)]);
+        assert!(matches!(by_ca.check_certificate(Some(&foreign), &[], t), Err(CertificateRefusal::UnknownCa(_))));
+        let renamed = chain(&[&leaf("dev-2", &root)]);
+        assert!(matches!(
+            by_ca.check_certificate(Some(&renamed), &[], t),
+            Err(CertificateRefusal::CommonNameMismatch { .. })
+        ));
+        // Without CA certificates of its own, the caller's are used.
+        let manual =
+            DeviceIdentity::provisioned_with(None, "h", "dev-1", DeviceCredentials::CertificateAuthority(vec![]), now);
+        assert!(manual.check_certificate(Some(&presented), &[], t).is_err());
+        assert!(manual.check_certificate(Some(&presented), &[root.certificate()], t).is_ok());
+        let sas = DeviceIdentity::provisioned(None, "h", "dev-1", &[SymmetricKey::generate()], now);
+        assert!(sas.check_certificate(Some(&presented), &[root.certificate()], t).is_err());
     }
 }

@@ -5,12 +5,14 @@
 
 pub mod allocation;
 pub mod attestation;
+pub mod audit;
 pub mod device;
 pub mod enrollment;
 pub mod error;
 pub mod ids;
 pub mod keys;
 pub mod message;
+pub mod policy;
 pub mod registration;
 pub mod sas;
 pub mod throttle;

@@ -17,11 +17,12 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::Router;
+use fleetgate_core::x509::CertificateChain;
 use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_rest::{body, json, ApiError};
 
@@ -66,28 +67,35 @@ fn path_error(r: PathRejection) -> DpsError {
     DpsError::bad_request(format!("Malformed request path: {}", r.body_text()))
 }
 
-/// Authenticates the request's SAS token for `{scope}/registrations/{registration_id}`.
+/// The client certificate chain of the request's TLS connection, if the device presented one
+/// (the HTTPS front end puts it in the request's extensions).
+type PeerCertificates = Option<Extension<CertificateChain>>;
+
+/// Authenticates the request's SAS token for `{scope}/registrations/{registration_id}`, or,
+/// without one, the TLS client certificate.
 async fn authenticate(
     dps: &Provisioning,
     scope: &str,
     registration_id: &str,
     headers: &HeaderMap,
+    peer: &PeerCertificates,
 ) -> Result<DeviceAuth, DpsError> {
     let token =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::trim).filter(|t| !t.is_empty());
-    dps.authenticate(scope, registration_id, token).await
+    dps.authenticate(scope, registration_id, token, peer.as_ref().map(|Extension(c)| c)).await
 }
 
 async fn register(
     State(dps): State<Arc<Provisioning>>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
+    peer: PeerCertificates,
     b: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
         let Path((scope, registration_id)) = path.map_err(path_error)?;
         let b = body(b).map_err(|e| e.0)?;
-        let auth = authenticate(&dps, &scope, &registration_id, &headers).await?;
+        let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer).await?;
         let payload = register_payload(&b).map_err(DpsError::bad_request)?;
         answer::register(&dps, &auth, payload).await
     }
@@ -99,11 +107,12 @@ async fn operation_status(
     State(dps): State<Arc<Provisioning>>,
     path: Result<Path<(String, String, String)>, PathRejection>,
     headers: HeaderMap,
+    peer: PeerCertificates,
 ) -> Response {
     // Node sends `{}` as the body of this GET; it is not read.
     let result = async {
         let Path((scope, registration_id, operation_id)) = path.map_err(path_error)?;
-        let auth = authenticate(&dps, &scope, &registration_id, &headers).await?;
+        let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer).await?;
         answer::operation_status(&dps, &auth, &operation_id).await
     }
     .await;
@@ -116,10 +125,11 @@ async fn status_lookup(
     State(dps): State<Arc<Provisioning>>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
+    peer: PeerCertificates,
 ) -> Response {
     let result = async {
         let Path((scope, registration_id)) = path.map_err(path_error)?;
-        let auth = authenticate(&dps, &scope, &registration_id, &headers).await?;
+        let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer).await?;
         let record = dps.registration(auth.registration_id.as_str()).await?;
         Ok::<_, DpsError>(json(record.device_result()))
     }

@@ -2,6 +2,7 @@
 //! individual enrollments and registration records.
 
 use fleetgate_core::enrollment::{EnrollmentGroup, IndividualEnrollment};
+use fleetgate_core::policy::{authorize, Right};
 use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::sas::SasToken;
 use fleetgate_core::time::Timestamp;
@@ -10,11 +11,15 @@ use fleetgate_core::{DpsError, ErrorCode};
 use crate::service::{store_err, unix_now};
 use crate::Provisioning;
 
+/// Where the instance's policies live in the store.
+const POLICY_OWNER: &str = "dps";
+
 impl Provisioning {
-    /// Checks a service API `Authorization` header: a SAS token signed with the key of the
-    /// policy it names (`skn`), for one of this instance's host names (a `:port` is ignored).
-    /// Returns the policy name.
-    pub fn authorize_service(&self, authorization: Option<&str>) -> Result<String, DpsError> {
+    /// Checks a service API `Authorization` header: a SAS token for one of this instance's host
+    /// names (any port), signed with a key of the policy it names (`skn`), which must have one of
+    /// `needed`. Policies are read from the store on each call, so a renewed key takes effect at
+    /// once. Returns the policy name.
+    pub async fn authorize_service(&self, authorization: Option<&str>, needed: &[Right]) -> Result<String, DpsError> {
         let refuse = |why: &str| {
             tracing::info!(reason = why, "service API request refused");
             DpsError::unauthorized()
@@ -22,10 +27,6 @@ impl Provisioning {
         let header = authorization.ok_or_else(|| refuse("no Authorization header"))?;
         let token = SasToken::parse(header).map_err(|e| refuse(&e.to_string()))?;
         token.check_expiry(unix_now()).map_err(|e| refuse(&e.to_string()))?;
-        let name = token.key_name.clone().ok_or_else(|| refuse("token names no policy (skn)"))?;
-        let Some((policy, key)) = self.config.policies.iter().find(|(n, _)| n.eq_ignore_ascii_case(&name)) else {
-            return Err(refuse("unknown policy"));
-        };
         let host = token.resource.split('/').next().unwrap_or("");
         let host =
             host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
@@ -38,10 +39,9 @@ impl Provisioning {
         {
             return Err(refuse("token is for another host"));
         }
-        if !token.signed_with(key) {
-            return Err(refuse("signature does not match"));
-        }
-        Ok(policy.clone())
+        let policies = self.store.policies(POLICY_OWNER).await.map_err(store_err)?;
+        let policy = authorize(&policies, &token, needed).map_err(|e| refuse(&e.to_string()))?;
+        Ok(policy.key_name.clone())
     }
 
     pub async fn put_group(

@@ -5,16 +5,18 @@ use std::sync::Arc;
 
 use fleetgate_core::allocation::{allocate, check_custom_choice, Allocation, CustomAllocationResult, HubCandidate};
 use fleetgate_core::attestation::{derived_device_keys, find_group, KeySlot};
-use fleetgate_core::device::DeviceIdentity;
+use fleetgate_core::device::{DeviceCredentials, DeviceIdentity};
 use fleetgate_core::enrollment::{
-    CustomAllocationDefinition, EnrollmentGroup, EnrollmentSettings, IndividualEnrollment,
+    CustomAllocationDefinition, EnrollmentGroup, EnrollmentSettings, IndividualEnrollment, X509Trust,
 };
 use fleetgate_core::ids::RegistrationId;
-use fleetgate_core::keys::SymmetricKey;
-use fleetgate_core::registration::{decide_assignment, Assignment, RegistrationRecord, RegistrationStatus};
+use fleetgate_core::registration::{
+    decide_assignment, Assignment, RegistrationRecord, RegistrationStatus, X509RegistrationInfo,
+};
 use fleetgate_core::sas::{SasError, SasToken};
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::twin::Twin;
+use fleetgate_core::x509::{check_leaf, require_common_name, verify_chain, Certificate, CertificateChain};
 use fleetgate_core::{DpsError, ErrorCode};
 use serde_json::Value;
 
@@ -42,11 +44,22 @@ impl Enrollment {
         }
     }
 
-    /// The keys the hub identity gets: derived from the group's, or the enrollment's own.
-    fn device_keys(&self, registration_id: &str) -> Vec<SymmetricKey> {
-        match self {
-            Enrollment::Group(g) => derived_device_keys(g, registration_id),
-            Enrollment::Individual(e) => e.keys(),
+    /// What the hub identity authenticates with: keys derived from the group's, or the
+    /// enrollment's own; for X.509, the enrollment's device certificate thumbprints
+    /// (`selfSigned`) or its CA certificates (`certificateAuthority`).
+    fn device_credentials(&self, registration_id: &str) -> DeviceCredentials {
+        match self.settings().x509_trust() {
+            Some(X509Trust::Pinned(certs)) => {
+                let thumbprint = |i: usize| certs.get(i).and_then(Option::as_ref).map(Certificate::sha256_thumbprint);
+                DeviceCredentials::SelfSigned { primary: thumbprint(0), secondary: thumbprint(1) }
+            }
+            Some(X509Trust::CertificateAuthority(cas)) => {
+                DeviceCredentials::CertificateAuthority(cas.iter().flatten().map(Certificate::to_base64).collect())
+            }
+            None => DeviceCredentials::Keys(match self {
+                Enrollment::Group(g) => derived_device_keys(g, registration_id),
+                Enrollment::Individual(e) => e.keys(),
+            }),
         }
     }
 
@@ -64,13 +77,16 @@ impl Enrollment {
 impl Provisioning {
     /// Checks a device's SAS token for `{idScope}/registrations/{registrationId}`: against the
     /// individual enrollment of that registration id if there is one (it takes precedence, as in
-    /// Azure), else against every enrollment group's keys derived for the id. Any failure is the
-    /// same 401 to the device; the reason is only logged.
+    /// Azure), else against every enrollment group's keys derived for the id. Without a token,
+    /// the client certificate chain of its TLS connection is checked instead (see
+    /// [`Provisioning::authenticate_x509`]). Any failure is the same 401 to the device; the
+    /// reason is only logged.
     pub async fn authenticate(
         &self,
         scope: &str,
         registration_id: &str,
         password: Option<&str>,
+        certificates: Option<&CertificateChain>,
     ) -> Result<DeviceAuth, DpsError> {
         let registration_id = RegistrationId::parse(registration_id)?;
         let refuse = |why: &str| {
@@ -81,7 +97,10 @@ impl Provisioning {
             return Err(refuse("unknown ID scope"));
         }
         let Some(password) = password else {
-            return Err(refuse("no SAS token"));
+            return match certificates {
+                Some(chain) => self.authenticate_x509(registration_id, chain).await,
+                None => Err(refuse("neither a SAS token nor a client certificate")),
+            };
         };
         let token = SasToken::parse(password).map_err(|e| refuse(&e.to_string()))?;
         let expected = format!("{}/registrations/{}", self.config.id_scope, registration_id);
@@ -96,9 +115,12 @@ impl Provisioning {
                 .zip(individual.keys())
                 .find(|(_, k)| token.signed_with(k));
             return match slot {
-                Some((slot, _)) => {
-                    Ok(DeviceAuth { registration_id, enrollment: EnrollmentRef::Individual, key_slot: slot })
-                }
+                Some((slot, _)) => Ok(DeviceAuth {
+                    registration_id,
+                    enrollment: EnrollmentRef::Individual,
+                    key_slot: slot,
+                    x509: None,
+                }),
                 None => Err(refuse("the individual enrollment's keys do not match the signature")),
             };
         }
@@ -110,8 +132,103 @@ impl Provisioning {
                 registration_id: registration_id.clone(),
                 enrollment: EnrollmentRef::Group(group.enrollment_group_id.clone()),
                 key_slot: slot,
+                x509: None,
             }),
             None => Err(refuse("no enrollment group key matches the signature")),
+        }
+    }
+
+    /// X.509 attestation with the chain the device presented in its TLS handshake (which
+    /// proved it holds the leaf's key). The leaf must be valid now, usable for client
+    /// authentication, and name the registration id as its common name. Then, as for keys, the
+    /// individual enrollment of the registration id decides alone if there is one: disabled, it
+    /// blocks the device (Azure's way to revoke one device of a group); enabled, the leaf must be
+    /// one of its certificates (or chain to its CA). Otherwise the chain must lead to an X.509
+    /// group's CA certificate; the most specific CA (an intermediate over its root) wins.
+    async fn authenticate_x509(
+        &self,
+        registration_id: RegistrationId,
+        chain: &CertificateChain,
+    ) -> Result<DeviceAuth, DpsError> {
+        let refuse = |why: &dyn std::fmt::Display| {
+            tracing::info!(registration_id = %registration_id, reason = %why, "device X.509 attestation refused");
+            DpsError::unauthorized()
+        };
+        let now = unix_now();
+        let leaf = check_leaf(chain, now).map_err(|e| refuse(&e))?;
+        require_common_name(&leaf, registration_id.as_str()).map_err(|e| refuse(&e))?;
+        let certificate_info = Some(leaf.info());
+        let slots = |certs: Vec<Option<Certificate>>| -> Vec<(KeySlot, Certificate)> {
+            [KeySlot::Primary, KeySlot::Secondary].into_iter().zip(certs).filter_map(|(s, c)| Some((s, c?))).collect()
+        };
+
+        if let Some(individual) = self.store.enrollment(registration_id.as_str()).await.map_err(store_err)? {
+            if !individual.settings.is_enabled() {
+                return Err(refuse(&"the registration id's individual enrollment is disabled (revoked)"));
+            }
+            let (key_slot, signing_certificate_info) = match individual.settings.x509_trust() {
+                None => return Err(refuse(&"the individual enrollment does not use X.509 attestation")),
+                Some(X509Trust::Pinned(certs)) => {
+                    let pinned = slots(certs);
+                    match pinned.iter().find(|(_, c)| c.der() == leaf.der()) {
+                        Some((slot, _)) => (*slot, None),
+                        None => return Err(refuse(&"the certificate is not one of the individual enrollment's")),
+                    }
+                }
+                Some(X509Trust::CertificateAuthority(cas)) => {
+                    let cas = slots(cas);
+                    let only: Vec<Certificate> = cas.iter().map(|(_, c)| c.clone()).collect();
+                    let m = verify_chain(chain, &only, now).map_err(|e| refuse(&e))?;
+                    (cas[m.ca_index].0, Some(cas[m.ca_index].1.info()))
+                }
+            };
+            return Ok(DeviceAuth {
+                registration_id,
+                enrollment: EnrollmentRef::Individual,
+                key_slot,
+                x509: Some(X509RegistrationInfo { certificate_info, signing_certificate_info }),
+            });
+        }
+
+        let previous = self.store.registration(registration_id.as_str()).await.map_err(store_err)?;
+        let preferred = previous.as_ref().and_then(|r| r.enrollment_group_id.clone());
+        let groups = self.cached_groups().await?;
+        // (intermediates on the path, not the preferred group, group, slot, CA)
+        let mut best: Option<(usize, bool, &EnrollmentGroup, KeySlot, Certificate)> = None;
+        let mut refusal: Option<fleetgate_core::x509::CertificateRefusal> = None;
+        for group in groups.iter() {
+            let Some(X509Trust::CertificateAuthority(cas)) = group.settings.x509_trust() else { continue };
+            let cas = slots(cas);
+            let only: Vec<Certificate> = cas.iter().map(|(_, c)| c.clone()).collect();
+            match verify_chain(chain, &only, now) {
+                Ok(m) => {
+                    let other =
+                        !preferred.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(&group.enrollment_group_id));
+                    let rank = (m.intermediates, other);
+                    if best.as_ref().map_or(true, |b| rank < (b.0, b.1)) {
+                        let (slot, ca) = cas[m.ca_index].clone();
+                        best = Some((m.intermediates, other, group, slot, ca));
+                    }
+                }
+                Err(e) => {
+                    // Keep the most telling reason: an unknown issuer is what every other group says.
+                    if refusal.is_none() || !matches!(e, fleetgate_core::x509::CertificateRefusal::UnknownCa(_)) {
+                        refusal = Some(e);
+                    }
+                }
+            }
+        }
+        match best {
+            Some((_, _, group, key_slot, ca)) => Ok(DeviceAuth {
+                registration_id: registration_id.clone(),
+                enrollment: EnrollmentRef::Group(group.enrollment_group_id.clone()),
+                key_slot,
+                x509: Some(X509RegistrationInfo { certificate_info, signing_certificate_info: Some(ca.info()) }),
+            }),
+            None => match refusal {
+                Some(e) => Err(refuse(&format!("no X.509 enrollment group trusts the chain: {e}"))),
+                None => Err(refuse(&"there is no X.509 enrollment group")),
+            },
         }
     }
 
@@ -145,7 +262,7 @@ impl Provisioning {
         if !enrollment.settings().is_enabled() {
             tracing::info!(registration_id = %id, "enrollment disabled");
             let err = DpsError::new(ErrorCode::Unauthorized, "The enrollment is disabled.");
-            let record = RegistrationRecord::failed(
+            let mut record = RegistrationRecord::failed(
                 existing.as_ref(),
                 id,
                 enrollment.group_id(),
@@ -153,6 +270,7 @@ impl Provisioning {
                 &err,
                 now,
             );
+            record.internal.x509 = auth.x509.clone();
             return Ok(RegisterOutcome { record });
         }
         let hubs = self.hub_candidates().await?;
@@ -162,8 +280,9 @@ impl Provisioning {
                 Ok(RegisterOutcome { record })
             }
             Ok(Allocation::Custom(def)) => {
-                let record =
+                let mut record =
                     RegistrationRecord::assigning(existing.as_ref(), id, enrollment.group_id(), payload.clone(), now);
+                record.internal.x509 = auth.x509.clone();
                 self.store.put_registration(&record).await.map_err(store_err)?;
                 let Some(me) = self.me.upgrade() else { return Err(DpsError::internal()) };
                 let (auth, op) = (auth.clone(), record.operation_id.clone());
@@ -172,7 +291,7 @@ impl Provisioning {
             }
             Err(err) => {
                 tracing::warn!(registration_id = %id, error = %err, "allocation failed");
-                let record = RegistrationRecord::failed(
+                let mut record = RegistrationRecord::failed(
                     existing.as_ref(),
                     id,
                     enrollment.group_id(),
@@ -180,6 +299,7 @@ impl Provisioning {
                     &err,
                     now,
                 );
+                record.internal.x509 = auth.x509.clone();
                 self.store.put_registration(&record).await.map_err(store_err)?;
                 Ok(RegisterOutcome { record })
             }
@@ -244,6 +364,7 @@ impl Provisioning {
                 Timestamp::now(),
             );
             record.operation_id = operation_id;
+            record.internal.x509 = auth.x509.clone();
             if let Err(e) = self.store.put_registration(&record).await {
                 tracing::error!(error = %e, "could not record a failed custom allocation");
             }
@@ -275,7 +396,7 @@ impl Provisioning {
         .or_else(|| existing.and_then(|r| r.device_id.clone()))
         .unwrap_or_else(|| id.as_str().to_owned());
         let initial = || Twin::from_initial(initial_twin_override.or(settings.initial_twin.as_ref()));
-        let keys = enrollment.device_keys(id.as_str());
+        let credentials = enrollment.device_credentials(id.as_str());
 
         let (hub, substatus, twin, moved_from) =
             match decide_assignment(existing, settings.reprovision_policy, allocated) {
@@ -314,8 +435,9 @@ impl Provisioning {
         if let Some(op) = operation_id {
             record.operation_id = op.to_owned();
         }
+        record.internal.x509 = auth.x509.clone();
         let present = self.store.device(&hub, &device_id).await.map_err(store_err)?;
-        let device = DeviceIdentity::provisioned(present.as_ref(), &hub, &device_id, &keys, now);
+        let device = DeviceIdentity::provisioned_with(present.as_ref(), &hub, &device_id, credentials, now);
         self.store
             .commit_assignment(
                 &record,

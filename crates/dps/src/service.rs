@@ -11,7 +11,7 @@ use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::throttle::{Rate, TokenBucket};
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::{DpsError, ErrorCode};
-use fleetgate_store::{Store, StoreError};
+use fleetgate_store::{AuditLog, Store, StoreError};
 
 /// What the provisioning service needs to know about its instance.
 #[derive(Clone, Debug)]
@@ -19,8 +19,6 @@ pub struct ProvisioningConfig {
     pub id_scope: IdScope,
     /// Host names the service API answers to (a token's `sr` must name one of them).
     pub service_host_names: Vec<String>,
-    /// Shared access policies of the service API: (name, key).
-    pub policies: Vec<(String, fleetgate_core::keys::SymmetricKey)>,
     /// Answer a register request with the final 200 straight away (all SDKs accept it) rather
     /// than 202 + operation-status polling.
     pub immediate_assignment: bool,
@@ -35,7 +33,6 @@ impl ProvisioningConfig {
         Self {
             id_scope,
             service_host_names: vec!["localhost".into()],
-            policies: Vec::new(),
             immediate_assignment: true,
             webhook_timeout: Duration::from_secs(10),
             registration_rate: None,
@@ -50,12 +47,16 @@ pub enum EnrollmentRef {
     Individual,
 }
 
-/// A device that proved it holds an enrollment's key (or one derived from a group's).
+/// A device that proved it holds an enrollment's key (or one derived from a group's), or a
+/// certificate the enrollment trusts.
 #[derive(Debug, Clone)]
 pub struct DeviceAuth {
     pub registration_id: RegistrationId,
     pub enrollment: EnrollmentRef,
+    /// Which key, or which certificate (pinned or CA), matched.
     pub key_slot: KeySlot,
+    /// Set when the device attested with a client certificate.
+    pub x509: Option<fleetgate_core::registration::X509RegistrationInfo>,
 }
 
 /// The result of a register request: a record to report (assigned, assigning, failed or
@@ -78,6 +79,8 @@ pub struct Provisioning {
     /// The ID scope's registration quota.
     throttle: Option<Mutex<TokenBucket>>,
     started: Instant,
+    /// Attestation attempts and service-side changes.
+    pub(crate) audit: AuditLog,
 }
 
 pub(crate) fn store_err(e: StoreError) -> DpsError {
@@ -103,7 +106,9 @@ impl Provisioning {
             .build()
             .expect("an HTTP client with default TLS settings builds");
         let throttle = config.registration_rate.map(|r| Mutex::new(TokenBucket::new(r, 0.0)));
+        let audit = AuditLog::start(store.clone());
         Arc::new_cyclic(|me| Self {
+            audit,
             store,
             config,
             groups: RwLock::new(None),
@@ -132,6 +137,10 @@ impl Provisioning {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     pub(crate) fn invalidate_groups(&self) {

@@ -14,6 +14,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
+use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
+use fleetgate_core::policy::Right;
 use fleetgate_core::{DpsError, ErrorCode};
 pub use fleetgate_rest::ApiError;
 use fleetgate_rest::{body, if_match, json, ApiResult, Page};
@@ -41,9 +43,46 @@ pub fn router(dps: Arc<Provisioning>) -> Router {
 
 async fn authorize(State(dps): State<Arc<Provisioning>>, req: Request, next: Next) -> Response {
     let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match dps.authorize_service(auth) {
-        Ok(_policy) => next.run(req).await,
-        Err(e) => ApiError(e).into_response(),
+    let needed = required_rights(req.method(), req.uri().path());
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    match dps.authorize_service(auth, needed).await {
+        Ok(policy) => {
+            let resp = next.run(req).await;
+            // Reads are not audited; every change (or attempted change) is.
+            if method != axum::http::Method::GET
+                && !path.ends_with("/query")
+                && !path.ends_with("/attestationmechanism")
+            {
+                dps.audit().record(service_entry(&method, &path, &policy, resp.status().as_u16()));
+            }
+            resp
+        }
+        Err(e) => {
+            dps.audit().record(service_entry(&method, &path, "(unauthenticated)", 401).reason("SAS token refused"));
+            ApiError(e).into_response()
+        }
+    }
+}
+
+/// An audit entry for a service API call: operation `METHOD /path`, the policy as actor.
+pub fn service_entry(method: &axum::http::Method, path: &str, policy: &str, status: u16) -> AuditEntry {
+    let outcome = if status < 400 { Outcome::Success } else { Outcome::Failure };
+    let target =
+        path.rsplit('/').find(|s| !s.is_empty() && *s != "query" && *s != "attestationmechanism").unwrap_or("");
+    AuditEntry::new(AuditCategory::ServiceOperations, &format!("{method} {path}"), policy, outcome)
+        .target(target)
+        .status(status)
+}
+
+/// The rights a call needs, as Azure's DPS policies grant them: reads and queries need the read
+/// right of their collection, everything else the write right.
+fn required_rights(method: &axum::http::Method, path: &str) -> &'static [Right] {
+    let read = method == axum::http::Method::GET || path.ends_with("/query") || path.ends_with("/attestationmechanism");
+    match (path.starts_with("/registrations"), read) {
+        (true, true) => &[Right::RegistrationStatusRead],
+        (true, false) => &[Right::RegistrationStatusWrite],
+        (false, true) => &[Right::EnrollmentRead],
+        (false, false) => &[Right::EnrollmentWrite],
     }
 }
 

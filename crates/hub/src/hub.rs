@@ -6,13 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use fleetgate_core::device::{DeviceIdentity, DeviceStatus};
+use fleetgate_core::device::{AuthenticationType, DeviceCredentials, DeviceIdentity, DeviceStatus};
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::message::{C2dMessage, Properties, TelemetryEvent};
 use fleetgate_core::sas::SasToken;
 use fleetgate_core::throttle::{Rate, TokenBucket};
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::twin::{parse_patch, Twin};
+use fleetgate_core::x509::{Certificate, CertificateChain};
 use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_store::{LinkedHub, Store, StoreError};
 use serde_json::{json, Value};
@@ -88,6 +89,8 @@ pub struct Hub {
     /// Per-hub connect and message quotas, keyed by (hub, "connect" | "message").
     throttles: Mutex<HashMap<(String, &'static str), TokenBucket>>,
     started: std::time::Instant,
+    /// Device connections and service-side changes.
+    pub(crate) audit: fleetgate_store::AuditLog,
 }
 
 pub(crate) fn store_err(e: StoreError) -> DpsError {
@@ -115,6 +118,7 @@ pub fn twin_etag(twin: &Twin) -> String {
 impl Hub {
     pub fn new(store: Arc<dyn Store>, config: HubConfig) -> Self {
         let events = EventWriter::start(store.clone());
+        let audit = fleetgate_store::AuditLog::start(store.clone());
         Self {
             store,
             config,
@@ -125,6 +129,7 @@ impl Hub {
             activity: Mutex::new(HashMap::new()),
             throttles: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
+            audit,
         }
     }
 
@@ -164,18 +169,24 @@ impl Hub {
         &self.store
     }
 
+    pub fn audit(&self) -> &fleetgate_store::AuditLog {
+        &self.audit
+    }
+
     pub async fn hub_named(&self, host: &str) -> Result<Option<LinkedHub>, DpsError> {
         let hubs = self.store.hubs().await.map_err(store_err)?;
         Ok(hubs.into_iter().find(|h| h.host_name.eq_ignore_ascii_case(host)))
     }
 
     /// Checks a device's CONNECT: its SAS token for `{hub}/devices/{id}` signed with one of the
-    /// device's keys. Reasons are logged, never sent.
+    /// device's keys, or, for an X.509 identity, the client certificate chain of its TLS
+    /// connection (see [`DeviceIdentity::check_certificate`]). Reasons are logged, never sent.
     pub async fn authenticate(
         &self,
         host: &str,
         device_id: &str,
         password: Option<&str>,
+        certificates: Option<&CertificateChain>,
     ) -> Result<HubDevice, ConnectRefusal> {
         let refuse = |r: ConnectRefusal| {
             tracing::info!(hub = %host, device = %device_id.chars().take(140).collect::<String>(), reason = ?r, "hub connection refused");
@@ -188,6 +199,17 @@ impl Hub {
         let Ok(Some(device)) = self.store.device(&hub.host_name, device_id).await else {
             return Err(refuse(ConnectRefusal::UnknownDevice));
         };
+        if device.authentication_type != AuthenticationType::Sas {
+            let fallback = if device.ca_certificates.is_empty() { self.group_cas().await } else { Vec::new() };
+            if let Err(why) = device.check_certificate(certificates, &fallback, Timestamp::now().unix_seconds()) {
+                tracing::info!(hub = %host, device = %device.device_id, reason = %why, "X.509 device certificate refused");
+                return Err(refuse(ConnectRefusal::BadCredentials));
+            }
+            if device.status == DeviceStatus::Disabled {
+                return Err(refuse(ConnectRefusal::Disabled));
+            }
+            return Ok(HubDevice { hub: hub.host_name, device_id: device.device_id });
+        }
         let Some(token) = password.and_then(|p| SasToken::parse(p).ok()) else {
             return Err(refuse(ConnectRefusal::BadCredentials));
         };
@@ -197,6 +219,7 @@ impl Hub {
         let signed = [&device.primary_key, &device.secondary_key]
             .iter()
             .filter_map(|k| SymmetricKey::from_base64(k).ok())
+            .filter(|k| !k.as_bytes().is_empty())
             .any(|k| token.signed_with(&k));
         if !(resource_ok && fresh && signed) {
             return Err(refuse(ConnectRefusal::BadCredentials));
@@ -205,6 +228,22 @@ impl Hub {
             return Err(refuse(ConnectRefusal::Disabled));
         }
         Ok(HubDevice { hub: hub.host_name, device_id: device.device_id })
+    }
+
+    /// The CA certificates a `certificateAuthority` identity created through the service API
+    /// (with no CA certificates of its own) is checked against: those of the instance's X.509
+    /// enrollment groups, the CAs this deployment has verified.
+    async fn group_cas(&self) -> Vec<Certificate> {
+        let groups = self.store.groups().await.unwrap_or_default();
+        groups
+            .iter()
+            .filter_map(|g| match g.settings.x509_trust() {
+                Some(fleetgate_core::enrollment::X509Trust::CertificateAuthority(cas)) => Some(cas),
+                _ => None,
+            })
+            .flatten()
+            .flatten()
+            .collect()
     }
 
     /// Marks the device connected; the returned handle receives what the service sends it.
@@ -480,11 +519,7 @@ impl Hub {
             "statusUpdatedTime": dev.created_date_time_utc,
             "lastActivityTime": activity.unwrap_or_else(|| "0001-01-01T00:00:00Z".into()),
             "cloudToDeviceMessageCount": 0,
-            "authentication": {
-                "symmetricKey": {"primaryKey": dev.primary_key, "secondaryKey": dev.secondary_key},
-                "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null},
-                "type": "sas",
-            },
+            "authentication": authentication_json(dev),
             "capabilities": {"iotEdge": false},
         })
     }
@@ -502,8 +537,8 @@ impl Hub {
             "connectionState": d["connectionState"],
             "lastActivityTime": d["lastActivityTime"],
             "cloudToDeviceMessageCount": 0,
-            "authenticationType": "sas",
-            "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null},
+            "authenticationType": d["authentication"]["type"],
+            "x509Thumbprint": d["authentication"]["x509Thumbprint"],
             "version": twin.version,
             "tags": tags,
             "properties": properties,
@@ -543,6 +578,7 @@ impl Hub {
             }
         };
         let (primary, secondary) = (key("primaryKey")?, key("secondaryKey")?);
+        let x509 = x509_credentials(&v)?;
         let (hub_s, id) = (hub.to_owned(), device_id.to_owned());
         let now = Timestamp::now();
         let result = self
@@ -566,14 +602,27 @@ impl Hub {
                             "A device with this id already exists.",
                         ));
                     }
-                    let keys: Vec<SymmetricKey> = [
-                        primary.clone().or_else(|| existing.map(|d| d.primary_key.clone())),
-                        secondary.clone().or_else(|| existing.map(|d| d.secondary_key.clone())),
-                    ]
-                    .into_iter()
-                    .map(|k| k.and_then(|k| SymmetricKey::from_base64(&k).ok()).unwrap_or_else(SymmetricKey::generate))
-                    .collect();
-                    let mut dev = DeviceIdentity::provisioned(existing, &hub_s, &id, &keys, now);
+                    let credentials = match &x509 {
+                        // An update of a certificateAuthority identity keeps the CAs it was provisioned with.
+                        Some(DeviceCredentials::CertificateAuthority(_)) => DeviceCredentials::CertificateAuthority(
+                            existing.map(|d| d.ca_certificates.clone()).unwrap_or_default(),
+                        ),
+                        Some(c) => c.clone(),
+                        None => DeviceCredentials::Keys(
+                            [
+                                primary.clone().or_else(|| existing.map(|d| d.primary_key.clone())),
+                                secondary.clone().or_else(|| existing.map(|d| d.secondary_key.clone())),
+                            ]
+                            .into_iter()
+                            .map(|k| {
+                                k.and_then(|k| SymmetricKey::from_base64(&k).ok())
+                                    .filter(|k| !k.as_bytes().is_empty())
+                                    .unwrap_or_else(SymmetricKey::generate)
+                            })
+                            .collect(),
+                        ),
+                    };
+                    let mut dev = DeviceIdentity::provisioned_with(existing, &hub_s, &id, credentials, now);
                     dev.status = status;
                     let twin = cur.map(|(_, t)| t).unwrap_or_default();
                     Ok(Some((dev, twin)))
@@ -620,4 +669,53 @@ impl Hub {
     pub async fn devices(&self, hub: &str, offset: usize, limit: usize) -> Result<Vec<DeviceIdentity>, DpsError> {
         self.store.devices(hub, offset, limit).await.map_err(store_err)
     }
+}
+
+/// Azure's `AuthenticationMechanism` of a device identity.
+fn authentication_json(dev: &DeviceIdentity) -> Value {
+    let key = |k: &str| if k.is_empty() { Value::Null } else { Value::String(k.to_owned()) };
+    let kind = match dev.authentication_type {
+        AuthenticationType::Sas => "sas",
+        AuthenticationType::SelfSigned => "selfSigned",
+        AuthenticationType::CertificateAuthority => "certificateAuthority",
+    };
+    json!({
+        "symmetricKey": {"primaryKey": key(&dev.primary_key), "secondaryKey": key(&dev.secondary_key)},
+        "x509Thumbprint": {"primaryThumbprint": dev.primary_thumbprint, "secondaryThumbprint": dev.secondary_thumbprint},
+        "type": kind,
+    })
+}
+
+/// The X.509 credentials of a service API device body (`authentication.type` `selfSigned` with
+/// `x509Thumbprint`, or `certificateAuthority`); `None` for SAS.
+fn x509_credentials(v: &Value) -> Result<Option<DeviceCredentials>, DpsError> {
+    let kind = v.pointer("/authentication/type").and_then(Value::as_str).unwrap_or("sas");
+    if kind.eq_ignore_ascii_case("sas") {
+        return Ok(None);
+    }
+    if kind.eq_ignore_ascii_case("certificateAuthority") {
+        return Ok(Some(DeviceCredentials::CertificateAuthority(Vec::new())));
+    }
+    if !kind.eq_ignore_ascii_case("selfSigned") {
+        return Err(DpsError::bad_request("authentication.type must be sas, selfSigned or certificateAuthority."));
+    }
+    let thumbprint = |name: &str| -> Result<Option<String>, DpsError> {
+        let Some(t) = v
+            .pointer(&format!("/authentication/x509Thumbprint/{name}"))
+            .and_then(Value::as_str)
+            .map(|t| t.replace(':', ""))
+            .filter(|t| !t.is_empty())
+        else {
+            return Ok(None);
+        };
+        if !(t.len() == 40 || t.len() == 64) || !t.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(DpsError::bad_request(format!("{name} must be a SHA-1 or SHA-256 thumbprint in hex.")));
+        }
+        Ok(Some(t.to_ascii_uppercase()))
+    };
+    let (primary, secondary) = (thumbprint("primaryThumbprint")?, thumbprint("secondaryThumbprint")?);
+    if primary.is_none() && secondary.is_none() {
+        return Err(DpsError::bad_request("A selfSigned device needs x509Thumbprint.primaryThumbprint."));
+    }
+    Ok(Some(DeviceCredentials::SelfSigned { primary, secondary }))
 }

@@ -15,8 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Router};
 use base64::Engine;
-use fleetgate_core::keys::SymmetricKey;
+use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
 use fleetgate_core::message::{Properties, TelemetryEvent};
+use fleetgate_core::policy::{self, Right};
 use fleetgate_core::sas::SasToken;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::{DpsError, ErrorCode};
@@ -29,9 +30,6 @@ use crate::Hub;
 /// The hub a service request is for, decided by its token's `sr`.
 #[derive(Clone, Debug)]
 pub struct TargetHub(pub String);
-
-/// The policy every hub has, with all rights.
-pub const OWNER_POLICY: &str = "iothubowner";
 
 pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
@@ -62,18 +60,59 @@ async fn authorize(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) ->
     if token.check_expiry(Timestamp::now().unix_seconds()).is_err() {
         return refuse("token expired");
     }
-    if !token.key_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(OWNER_POLICY)) {
-        return refuse("unknown policy");
-    }
     let host = token.resource.split('/').next().unwrap_or("");
     let host = host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
     let Ok(Some(linked)) = hub.hub_named(host).await else { return refuse("token names no hub of this instance") };
-    let Ok(key) = SymmetricKey::from_base64(&linked.owner_key) else { return refuse("hub key unreadable") };
-    if !token.signed_with(&key) {
-        return refuse("signature does not match");
-    }
+    let Ok(policies) = hub.store().policies(&format!("hub:{}", linked.host_name.to_ascii_lowercase())).await else {
+        return refuse("hub policies unreadable");
+    };
+    let needed = required_rights(req.method(), req.uri().path());
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let name = match policy::authorize(&policies, &token, needed) {
+        Ok(p) => p.key_name.clone(),
+        Err(e) => {
+            hub.audit().record(service_entry(&method, &path, "(unauthenticated)", 401).reason(e.to_string()));
+            return refuse(&e.to_string());
+        }
+    };
     req.extensions_mut().insert(TargetHub(linked.host_name));
-    next.run(req).await
+    let resp = next.run(req).await;
+    // Reads are not audited; changes, method calls and C2D sends are.
+    if method != axum::http::Method::GET {
+        hub.audit().record(service_entry(&method, &path, &name, resp.status().as_u16()));
+    }
+    resp
+}
+
+fn service_entry(method: &axum::http::Method, path: &str, policy: &str, status: u16) -> AuditEntry {
+    let outcome = if status < 400 { Outcome::Success } else { Outcome::Failure };
+    let target = path.split('/').nth(2).unwrap_or("");
+    AuditEntry::new(AuditCategory::ServiceOperations, &format!("{method} {path}"), policy, outcome)
+        .target(target)
+        .status(status)
+}
+
+/// The rights a call needs, as IoT Hub's policies grant them: the registry (devices) needs
+/// registry read/write; twins are readable with registry read or service connect and writable
+/// with service connect; methods, C2D and the event stream need service connect. `DeviceConnect`
+/// (the `device` policy) opens nothing here.
+fn required_rights(method: &axum::http::Method, path: &str) -> &'static [Right] {
+    use axum::http::Method;
+    if path.starts_with("/twins") && path.ends_with("/methods") {
+        &[Right::ServiceConnect]
+    } else if path.starts_with("/twins") {
+        if method == Method::GET {
+            &[Right::RegistryRead, Right::ServiceConnect]
+        } else {
+            &[Right::ServiceConnect]
+        }
+    } else if path.ends_with("/messages/devicebound") || path.starts_with("/messages") {
+        &[Right::ServiceConnect]
+    } else if method == Method::GET {
+        &[Right::RegistryRead]
+    } else {
+        &[Right::RegistryWrite]
+    }
 }
 
 #[derive(Deserialize)]

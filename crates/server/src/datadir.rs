@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use fleetgate_core::ids::IdScope;
 use fleetgate_core::keys::SymmetricKey;
+use fleetgate_core::policy::{default_dps_policies, default_hub_policies, AccessPolicy};
 use fleetgate_store::{LinkedHub, SqliteStore, Store, StoreError};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -84,7 +85,6 @@ pub struct DataDir {
     pub path: PathBuf,
     pub store: Arc<SqliteStore>,
     pub id_scope: IdScope,
-    pub dps_policies: Vec<(String, SymmetricKey)>,
     hostnames: Vec<String>,
 }
 
@@ -150,24 +150,21 @@ impl DataDir {
                 s
             }
         };
-        let dps_key = match store.setting("policy.provisioningserviceowner").await? {
-            Some(k) => SymmetricKey::from_base64(&k).map_err(|e| DataDirError::Corrupt(e.to_string()))?,
-            None => {
-                let k = SymmetricKey::generate();
-                store.set_setting("policy.provisioningserviceowner", &k.to_base64()).await?;
-                k
+        if store.policies(DPS_POLICIES).await?.is_empty() {
+            let mut policies = default_dps_policies();
+            // A data directory from before policies kept only the owner key: keep it valid.
+            if let Some(k) = store.setting("policy.provisioningserviceowner").await? {
+                policies[0].primary_key = k;
             }
-        };
+            store.set_policies(DPS_POLICIES, &policies).await?;
+        }
         if store.hubs().await?.is_empty() {
             store.add_hub(&LinkedHub::new(config.hub_hostname.clone(), SymmetricKey::generate().to_base64())).await?;
         }
-        let dir = Self {
-            path,
-            store,
-            id_scope,
-            dps_policies: vec![(DPS_OWNER_POLICY.to_owned(), dps_key)],
-            hostnames: config.hostnames.clone(),
-        };
+        for hub in store.hubs().await? {
+            ensure_hub_policies(store.as_ref(), &hub).await?;
+        }
+        let dir = Self { path, store, id_scope, hostnames: config.hostnames.clone() };
         dir.ensure_certificates().await?;
         Ok(dir)
     }
@@ -254,33 +251,122 @@ impl DataDir {
     /// Writes `instance.json` for this start (ports can change between starts) and returns it.
     pub async fn write_instance_file(&self, https_port: u16) -> Result<Instance, DataDirError> {
         let endpoint = self.hostnames.first().cloned().unwrap_or_else(|| "localhost".into());
-        let (policy, key) = &self.dps_policies[0];
-        let hubs = self.store.hubs().await?;
-        let instance = Instance {
-            id_scope: self.id_scope.to_string(),
-            global_device_endpoint: endpoint.clone(),
-            service_connection_string: format!(
-                "HostName={};SharedAccessKeyName={policy};SharedAccessKey={}",
-                with_port(&endpoint, https_port),
-                key.to_base64()
-            ),
-            ca_certificate: self.ca_cert_path().display().to_string(),
-            hubs: hubs
-                .iter()
-                .map(|h| InstanceHub {
-                    host_name: h.host_name.clone(),
-                    connection_string: format!(
-                        "HostName={};SharedAccessKeyName={HUB_OWNER_POLICY};SharedAccessKey={}",
-                        with_port(&h.host_name, https_port),
-                        h.owner_key
-                    ),
-                })
-                .collect(),
-        };
-        let json = serde_json::to_vec_pretty(&instance).map_err(|e| DataDirError::Corrupt(e.to_string()))?;
-        write_private(&self.path.join("instance.json"), &json)?;
-        Ok(instance)
+        write_instance(&self.path, self.store.as_ref(), &self.id_scope.to_string(), &endpoint, https_port).await
     }
+}
+
+/// The policy owner key of the DPS instance's policies in the store.
+pub const DPS_POLICIES: &str = "dps";
+
+/// The policy owner key of a hub's policies in the store.
+pub fn hub_policies(host_name: &str) -> String {
+    format!("hub:{}", host_name.to_ascii_lowercase())
+}
+
+/// Gives a hub Azure's default policies once; `iothubowner` keeps the key the hub was created with.
+async fn ensure_hub_policies(store: &dyn Store, hub: &LinkedHub) -> Result<(), DataDirError> {
+    if store.policies(&hub_policies(&hub.host_name)).await?.is_empty() {
+        let mut policies = default_hub_policies();
+        policies[0].primary_key = hub.owner_key.clone();
+        store.set_policies(&hub_policies(&hub.host_name), &policies).await?;
+    }
+    Ok(())
+}
+
+fn owner_key(policies: &[AccessPolicy], name: &str) -> Result<String, DataDirError> {
+    policies
+        .iter()
+        .find(|p| p.key_name == name)
+        .map(|p| p.primary_key.clone())
+        .ok_or_else(|| DataDirError::Corrupt(format!("policy {name} is missing")))
+}
+
+/// Writes `instance.json` from the store: connection strings carry the owner policies' primary
+/// keys and the HTTPS port when it is not 443.
+async fn write_instance(
+    dir: &Path,
+    store: &dyn Store,
+    id_scope: &str,
+    endpoint: &str,
+    https_port: u16,
+) -> Result<Instance, DataDirError> {
+    let dps_key = owner_key(&store.policies(DPS_POLICIES).await?, DPS_OWNER_POLICY)?;
+    let mut hubs = Vec::new();
+    for h in store.hubs().await? {
+        let key = owner_key(&store.policies(&hub_policies(&h.host_name)).await?, HUB_OWNER_POLICY)?;
+        hubs.push(InstanceHub {
+            host_name: h.host_name.clone(),
+            connection_string: format!(
+                "HostName={};SharedAccessKeyName={HUB_OWNER_POLICY};SharedAccessKey={key}",
+                with_port(&h.host_name, https_port)
+            ),
+        });
+    }
+    let instance = Instance {
+        id_scope: id_scope.to_owned(),
+        global_device_endpoint: endpoint.to_owned(),
+        service_connection_string: format!(
+            "HostName={};SharedAccessKeyName={DPS_OWNER_POLICY};SharedAccessKey={dps_key}",
+            with_port(endpoint, https_port)
+        ),
+        ca_certificate: dir.join("ca.pem").display().to_string(),
+        hubs,
+    };
+    let json = serde_json::to_vec_pretty(&instance).map_err(|e| DataDirError::Corrupt(e.to_string()))?;
+    write_private(&dir.join("instance.json"), &json)?;
+    Ok(instance)
+}
+
+/// `instance.json` rewritten after a change made outside a running server (a new hub, a renewed
+/// key), keeping the endpoint and HTTPS port it was last started with.
+async fn rewrite_instance(data_dir: &Path, store: &dyn Store) -> Result<Instance, DataDirError> {
+    let instance = Instance::read(data_dir)?;
+    let host = instance.service_connection_string.split(';').find_map(|p| p.strip_prefix("HostName=")).unwrap_or("");
+    let port = host.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(443);
+    write_instance(data_dir, store, &instance.id_scope, &instance.global_device_endpoint, port).await
+}
+
+/// Which of a policy's keys to renew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Primary,
+    Secondary,
+}
+
+/// The policies of the DPS instance (`hub: None`) or of a hub, from the data directory.
+pub async fn list_policies(data_dir: &Path, hub: Option<&str>) -> Result<Vec<AccessPolicy>, DataDirError> {
+    Instance::read(data_dir)?;
+    let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
+    let owner = hub.map(hub_policies).unwrap_or_else(|| DPS_POLICIES.to_owned());
+    Ok(store.policies(&owner).await?)
+}
+
+/// Replaces one key of a policy with a fresh one (`fleetgate policy renew-key`). Tokens signed
+/// with the old key stop working at once; `instance.json` follows.
+pub async fn renew_policy_key(
+    data_dir: &Path,
+    hub: Option<&str>,
+    name: &str,
+    which: KeyKind,
+) -> Result<AccessPolicy, DataDirError> {
+    Instance::read(data_dir)?;
+    let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
+    let owner = hub.map(hub_policies).unwrap_or_else(|| DPS_POLICIES.to_owned());
+    let mut policies = store.policies(&owner).await?;
+    let policy = policies
+        .iter_mut()
+        .find(|p| p.key_name.eq_ignore_ascii_case(name))
+        .ok_or_else(|| DataDirError::Corrupt(format!("no policy named '{name}'")))?;
+    let fresh = SymmetricKey::generate().to_base64();
+    match which {
+        KeyKind::Primary => policy.primary_key = fresh,
+        KeyKind::Secondary => policy.secondary_key = fresh,
+    }
+    let renewed = policy.clone();
+    store.set_policies(&owner, &policies).await?;
+    rewrite_instance(data_dir, &store).await?;
+    tracing::info!(policy = %renewed.key_name, ?which, "policy key renewed");
+    Ok(renewed)
 }
 
 /// Links a new hub to the instance in `data_dir` (CLI `fleetgate hub create`): stored with a
@@ -291,32 +377,20 @@ pub async fn add_hub(data_dir: &Path, host_name: &str) -> Result<InstanceHub, Da
     if host_name.is_empty() || host_name.contains(|c: char| c.is_whitespace() || c == '/' || c == ';') {
         return Err(DataDirError::Corrupt(format!("'{host_name}' is not a valid host name")));
     }
-    let mut instance = Instance::read(data_dir)?;
+    Instance::read(data_dir)?;
     let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
     if store.hubs().await?.iter().any(|h| h.host_name.eq_ignore_ascii_case(host_name)) {
         return Err(DataDirError::Corrupt(format!("hub '{host_name}' already exists")));
     }
     let hub = LinkedHub::new(host_name, SymmetricKey::generate().to_base64());
     store.add_hub(&hub).await?;
-    // Same HTTPS port as the service endpoint the instance was last started with.
-    let port = instance
-        .service_connection_string
-        .split(';')
-        .find_map(|p| p.strip_prefix("HostName="))
-        .and_then(|h| h.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()))
-        .unwrap_or(443);
-    let entry = InstanceHub {
-        host_name: hub.host_name.clone(),
-        connection_string: format!(
-            "HostName={};SharedAccessKeyName={HUB_OWNER_POLICY};SharedAccessKey={}",
-            with_port(&hub.host_name, port),
-            hub.owner_key
-        ),
-    };
-    instance.hubs.push(entry.clone());
-    let json = serde_json::to_vec_pretty(&instance).map_err(|e| DataDirError::Corrupt(e.to_string()))?;
-    write_private(&data_dir.join("instance.json"), &json)?;
-    Ok(entry)
+    ensure_hub_policies(&store, &hub).await?;
+    let instance = rewrite_instance(data_dir, &store).await?;
+    instance
+        .hubs
+        .into_iter()
+        .find(|h| h.host_name.eq_ignore_ascii_case(host_name))
+        .ok_or_else(|| DataDirError::Corrupt("the new hub is missing from instance.json".into()))
 }
 
 #[cfg(test)]

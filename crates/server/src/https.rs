@@ -121,8 +121,13 @@ pub async fn serve(
                     return;
                 }
             };
+            // An X.509 device's chain, for DPS over HTTPS and MQTT over WebSockets.
+            let client_chain = crate::tls::peer_certificates(tls.get_ref().1);
             let svc = TowerToHyperService::new(app.map_request(move |mut req: http::Request<_>| {
                 req.extensions_mut().insert(permit.clone());
+                if let Some(chain) = &client_chain {
+                    req.extensions_mut().insert(chain.clone());
+                }
                 canonicalize(req)
             }));
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

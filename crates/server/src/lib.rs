@@ -86,7 +86,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         ProvisioningConfig {
             id_scope: data.id_scope.clone(),
             service_host_names: config.hostnames.clone(),
-            policies: data.dps_policies.clone(),
             immediate_assignment: config.immediate_assignment,
             webhook_timeout: config.webhook_timeout,
             registration_rate: config.registration_rate,

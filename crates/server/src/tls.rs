@@ -1,10 +1,20 @@
 //! TLS for every listener: TLS 1.2 (the Python SDK pins it) and 1.3, modern AEAD suites only.
+//!
+//! Client certificates are requested but optional: SAS devices send none, X.509 devices send
+//! their chain. The handshake only proves that the client holds the leaf's private key (rustls
+//! checks its signature over the handshake); *whether* the chain is trusted depends on the
+//! enrollment or hub identity the device then claims, so that is decided by DPS and the hub
+//! (`fleetgate_core::x509`), not here. The chain reaches them through [`peer_certificates`].
 
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::ServerConfig;
+use fleetgate_core::x509::{CertificateChain, MAX_CERTIFICATE_BYTES, MAX_CHAIN_CERTIFICATES};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
 
 pub fn server_config(cert_pem: &Path, key_pem: &Path) -> Result<Arc<ServerConfig>, String> {
     let certs: Vec<CertificateDer<'static>> = {
@@ -21,11 +31,79 @@ pub fn server_config(cert_pem: &Path, key_pem: &Path) -> Result<Arc<ServerConfig
     };
     // ring's defaults are ECDHE with AES-GCM / ChaCha20-Poly1305 only: no CBC, no RSA key exchange.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(DeviceCertificates { algorithms: provider.signature_verification_algorithms });
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| e.to_string())?;
     Ok(Arc::new(config))
+}
+
+/// The client certificate chain of an established TLS connection, if the client sent one.
+pub fn peer_certificates(conn: &rustls::ServerConnection) -> Option<CertificateChain> {
+    CertificateChain::new(conn.peer_certificates()?.iter().map(|c| c.as_ref().to_vec()).collect())
+}
+
+/// Optional client authentication that accepts any well-formed chain of bounded size: trust is
+/// decided per device after CONNECT (see the module comment). Handshake signatures are verified
+/// as usual, so a client that presents a certificate holds its key.
+#[derive(Debug)]
+struct DeviceCertificates {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for DeviceCertificates {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    /// No hints: a client then sends whatever certificate it has.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let bad = || rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding);
+        if intermediates.len() + 1 > MAX_CHAIN_CERTIFICATES
+            || std::iter::once(end_entity).chain(intermediates).any(|c| c.len() > MAX_CERTIFICATE_BYTES)
+        {
+            return Err(bad());
+        }
+        // The leaf must at least parse: its key verifies the handshake signature.
+        webpki::EndEntityCert::try_from(end_entity).map_err(|_| bad())?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }

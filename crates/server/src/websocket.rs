@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use bytes::{Buf, Bytes};
+use fleetgate_core::x509::CertificateChain;
 use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_dps::Provisioning;
 use fleetgate_hub::Hub;
@@ -76,6 +77,7 @@ fn bad_request(message: impl Into<String>) -> Response {
 async fn upgrade(
     State(st): State<WsState>,
     permit: Option<Extension<ConnectionPermit>>,
+    peer: Option<Extension<CertificateChain>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
@@ -96,8 +98,10 @@ async fn upgrade(
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| async move {
             let _permit = permit;
+            // The HTTPS connection's client certificate chain, if the device presented one.
+            let peer = peer.map(|Extension(c)| c);
             if let Err(e) =
-                crate::mqtt::serve_stream(WsStream::new(socket), st.dps, st.hub, st.limits, st.shutdown).await
+                crate::mqtt::serve_stream(WsStream::new(socket), peer, st.dps, st.hub, st.limits, st.shutdown).await
             {
                 tracing::debug!(error = %e, "MQTT over WebSocket ended with an error");
             }

@@ -4,16 +4,20 @@
 //! changes more than one thing does so in a single transaction: a registration record and the
 //! device identity it creates are committed together or not at all.
 
+mod audit_log;
 mod sqlite;
 
 use async_trait::async_trait;
+use fleetgate_core::audit::{AuditEntry, AuditQuery};
 use fleetgate_core::device::DeviceIdentity;
 use fleetgate_core::enrollment::{EnrollmentGroup, IndividualEnrollment};
 use fleetgate_core::message::{C2dMessage, TelemetryEvent};
+use fleetgate_core::policy::AccessPolicy;
 use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::twin::Twin;
 use fleetgate_core::DpsError;
 
+pub use audit_log::AuditLog;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +161,25 @@ pub trait Store: Send + Sync + 'static {
     async fn pending_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<Vec<C2dMessage>>;
     /// Removes a delivered message. `Ok(false)` when it was not queued.
     async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool>;
+
+    /// The shared access policies of `owner` (`"dps"` or `"hub:{host}"`), empty when none are
+    /// stored yet.
+    async fn policies(&self, owner: &str) -> StoreResult<Vec<AccessPolicy>> {
+        match self.setting(&format!("policies.{}", owner.to_ascii_lowercase())).await? {
+            Some(json) => serde_json::from_str(&json).map_err(|e| StoreError::Backend(e.to_string())),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn set_policies(&self, owner: &str, policies: &[AccessPolicy]) -> StoreResult<()> {
+        let json = serde_json::to_string(policies).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.set_setting(&format!("policies.{}", owner.to_ascii_lowercase()), &json).await
+    }
+
+    /// Appends audit entries in one transaction.
+    async fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreResult<()>;
+    /// Audit entries matching `query`, oldest first.
+    async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
 
     /// A device's persistent MQTT session state (opaque to the store), kept across connections
     /// and restarts for clients that connect with CleanSession 0.

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use fleetgate_core::audit::{AuditEntry, AuditQuery};
 use fleetgate_core::device::DeviceIdentity;
 use fleetgate_core::enrollment::{check_if_match, EnrollmentGroup, IndividualEnrollment};
 use fleetgate_core::message::{C2dMessage, TelemetryEvent};
@@ -58,6 +59,10 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, hub_key TEXT NOT NULL, body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_hub ON events (hub_key, seq);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 "#;
 
 #[derive(Clone)]
@@ -636,6 +641,44 @@ impl Store for SqliteStore {
             c.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2 AND id = ?3", params![h, d, id])
                 .map(|n| n > 0)
                 .map_err(backend)
+        })
+        .await
+    }
+
+    async fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreResult<()> {
+        self.with_events(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            {
+                let mut st = tx.prepare_cached("INSERT INTO audit (time, body) VALUES (?1, ?2)").map_err(backend)?;
+                for e in &entries {
+                    st.execute(params![e.time, serde_json::to_string(e).map_err(backend)?]).map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
+        let q = query.clone();
+        self.with_events(move |c| {
+            let since = q.since.clone().unwrap_or_default();
+            let mut st =
+                c.prepare_cached("SELECT seq, body FROM audit WHERE time >= ?1 ORDER BY seq").map_err(backend)?;
+            let rows = st.query_map([since], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))).map_err(backend)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, body) = row.map_err(backend)?;
+                let mut e: AuditEntry = parse(&body)?;
+                e.seq = seq as u64;
+                if q.matches(&e) {
+                    out.push(e);
+                    if q.limit > 0 && out.len() >= q.limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
         })
         .await
     }

@@ -1,11 +1,13 @@
 //! One file per verb group.
 
+pub mod audit;
 pub mod enrollment_args;
 pub mod enrollments;
 pub mod groups;
 pub mod hub;
 pub mod keys;
 pub mod linked_hubs;
+pub mod policies;
 pub mod registrations;
 pub mod serve;
 pub mod simulate;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleetgate_core::time::Timestamp;
+use fleetgate_core::x509::CertificateChain;
 use fleetgate_core::DpsError;
 use fleetgate_dps::answer::{self, Answer};
 use fleetgate_dps::mqtt::{
@@ -45,6 +46,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut conn: Connection<S>,
     connect: Connect,
     user: DpsUsername,
+    peer: Option<CertificateChain>,
     dps: Arc<Provisioning>,
     limits: Arc<Limits>,
     mut shutdown: watch::Receiver<bool>,
@@ -56,7 +58,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(());
     }
     let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
-    let auth = dps.authenticate(&user.id_scope, &user.registration_id, password).await;
+    // X.509 devices send no password: their TLS client certificate chain attests instead.
+    let auth = dps.authenticate(&user.id_scope, &user.registration_id, password, peer.as_ref()).await;
     conn.set_max_packet(limits.max_dps_packet_bytes);
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
 

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetgate_core::x509::CertificateChain;
 use fleetgate_core::DpsError;
 use fleetgate_hub::hub::ConnectRefusal;
 use fleetgate_hub::mqtt::{
@@ -58,6 +59,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut conn: Connection<S>,
     connect: Connect,
     user: HubUsername,
+    peer: Option<CertificateChain>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
     mut shutdown: watch::Receiver<bool>,
@@ -78,7 +80,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(());
     }
     let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
-    let device = match hub.authenticate(&user.host_name, &user.device_id, password).await {
+    let device = match hub.authenticate(&user.host_name, &user.device_id, password, peer.as_ref()).await {
         Ok(d) => d,
         // Bad key, unknown device and disabled device all get "not authorized": the SDKs stop
         // retrying on it, and it tells a stranger nothing about which devices exist.

@@ -8,6 +8,7 @@ mod hub_session;
 
 use std::sync::Arc;
 
+use fleetgate_core::x509::CertificateChain;
 use fleetgate_dps::mqtt::DpsUsername;
 use fleetgate_dps::Provisioning;
 use fleetgate_hub::mqtt::HubUsername;
@@ -80,26 +81,31 @@ async fn handle(
     let tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-    serve_until(tls, deadline, dps, hub, limits, shutdown).await
+    // An X.509 device's chain: who it is is decided by the DPS or hub session.
+    let peer = crate::tls::peer_certificates(tls.get_ref().1);
+    serve_until(tls, deadline, peer, dps, hub, limits, shutdown).await
 }
 
 /// Serves one MQTT connection over an already established byte stream (TLS on the MQTT port,
 /// a WebSocket on the HTTPS port): reads CONNECT within the handshake deadline and hands the
-/// connection to the DPS or the hub session.
+/// connection to the DPS or the hub session. `peer` is the client certificate chain of the TLS
+/// connection underneath, if the client presented one.
 pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
+    peer: Option<CertificateChain>,
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-    serve_until(stream, deadline, dps, hub, limits, shutdown).await
+    serve_until(stream, deadline, peer, dps, hub, limits, shutdown).await
 }
 
 async fn serve_until<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     deadline: tokio::time::Instant,
+    peer: Option<CertificateChain>,
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
@@ -123,10 +129,10 @@ async fn serve_until<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let username = connect.login.as_ref().map(|l| l.username.clone()).unwrap_or_default();
     if let Some(dps_user) = DpsUsername::parse(&username) {
-        return dps_session::run(conn, connect, dps_user, dps, limits, shutdown).await;
+        return dps_session::run(conn, connect, dps_user, peer, dps, limits, shutdown).await;
     }
     if let Some(hub_user) = HubUsername::parse(&username) {
-        return hub_session::run(conn, connect, hub_user, hub, limits, shutdown).await;
+        return hub_session::run(conn, connect, hub_user, peer, hub, limits, shutdown).await;
     }
     tracing::info!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: neither a DPS nor a hub username");
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))).await?;

@@ -1,0 +1,61 @@
+//! Recording audit entries without slowing the work they describe: callers hand entries to a
+//! writer task that stores them in batches. If the writer falls far behind (a flood of failed
+//! attempts), entries beyond the queue are counted and reported in the log instead of blocking
+//! devices.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use fleetgate_core::audit::AuditEntry;
+use tokio::sync::mpsc;
+
+use crate::Store;
+
+const QUEUE: usize = 16_384;
+const MAX_BATCH: usize = 1024;
+
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<AuditEntry>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AuditLog {
+    pub fn start(store: Arc<dyn Store>) -> Self {
+        let (tx, mut rx) = mpsc::channel::<AuditEntry>(QUEUE);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(e) => batch.push(e),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = store.append_audit(batch).await {
+                    tracing::error!(error = %e, "audit entries could not be stored");
+                }
+            }
+        });
+        Self { tx, dropped: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// Records an entry (and mirrors it to the structured log).
+    pub fn record(&self, entry: AuditEntry) {
+        tracing::info!(
+            target: "audit",
+            category = ?entry.category,
+            operation = %entry.operation,
+            actor = %entry.actor,
+            target_id = entry.target.as_deref().unwrap_or(""),
+            outcome = ?entry.outcome,
+            reason = entry.reason.as_deref().unwrap_or(""),
+        );
+        if self.tx.try_send(entry).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n, "audit queue full; entries dropped from the store (still logged)");
+            }
+        }
+    }
+}
