@@ -25,9 +25,42 @@ pub struct Answer {
 /// answers immediately, else `202 assigning` and the operation id to poll. A decision still
 /// pending (the record says `assigning`) is always a 202.
 pub async fn register(dps: &Provisioning, auth: &DeviceAuth, payload: Option<Value>) -> Result<Answer, DpsError> {
-    dps.admit_registration()?;
-    let outcome = dps.register(auth, payload).await?;
+    let metrics = &fleetgate_metrics::METRICS;
+    if let Err(e) = dps.admit_registration() {
+        metrics.registration("throttled");
+        metrics.throttle("registration");
+        return Err(e);
+    }
+    let started = std::time::Instant::now();
+    let outcome = dps.register(auth, payload).await;
+    metrics.registration_seconds.observe(started.elapsed().as_secs_f64());
+    let outcome = outcome.inspect_err(|_| metrics.registration("error"))?;
     let record = &outcome.record;
+    let outcome_label = match record.status {
+        RegistrationStatus::Assigned => "assigned",
+        RegistrationStatus::Assigning => "assigning",
+        RegistrationStatus::Disabled => "disabled",
+        _ => "failed",
+    };
+    {
+        use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
+        let ok = matches!(record.status, RegistrationStatus::Assigned | RegistrationStatus::Assigning);
+        let mut e = AuditEntry::new(
+            AuditCategory::DeviceOperations,
+            "register",
+            &record.registration_id,
+            if ok { Outcome::Success } else { Outcome::Failure },
+        )
+        .reason(format!(
+            "{outcome_label}{}",
+            record.assigned_hub.as_deref().map(|h| format!(" to {h}")).unwrap_or_default()
+        ));
+        if let Some(m) = &record.error_message {
+            e = e.reason(format!("{outcome_label}: {m}"));
+        }
+        dps.audit().record(e);
+    }
+    metrics.registration(outcome_label);
     Ok(if record.status == RegistrationStatus::Assigning {
         still_assigning(record)
     } else if dps.config().immediate_assignment {

@@ -75,6 +75,16 @@ impl Enrollment {
 }
 
 impl Provisioning {
+    /// Records a refused attestation (the reason is Fleetgate's, never a key or signature).
+    fn audit_refusal(&self, registration_id: &str, why: &str) {
+        use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
+        self.audit.record(
+            AuditEntry::new(AuditCategory::DeviceOperations, "attest", registration_id, Outcome::Failure)
+                .reason(why)
+                .status(401),
+        );
+    }
+
     /// Checks a device's SAS token for `{idScope}/registrations/{registrationId}`: against the
     /// individual enrollment of that registration id if there is one (it takes precedence, as in
     /// Azure), else against every enrollment group's keys derived for the id. Without a token,
@@ -91,6 +101,7 @@ impl Provisioning {
         let registration_id = RegistrationId::parse(registration_id)?;
         let refuse = |why: &str| {
             tracing::info!(registration_id = %registration_id, reason = why, "device attestation refused");
+            self.audit_refusal(registration_id.as_str(), why);
             DpsError::unauthorized()
         };
         if !self.config.id_scope.matches(scope) {
@@ -152,6 +163,7 @@ impl Provisioning {
     ) -> Result<DeviceAuth, DpsError> {
         let refuse = |why: &dyn std::fmt::Display| {
             tracing::info!(registration_id = %registration_id, reason = %why, "device X.509 attestation refused");
+            self.audit_refusal(registration_id.as_str(), &why.to_string());
             DpsError::unauthorized()
         };
         let now = unix_now();

@@ -147,6 +147,7 @@ impl Hub {
                 let ok = self.take(hub, "connect", rate).is_ok();
                 if !ok {
                     tracing::info!(hub = %hub, "device connect throttled");
+                    fleetgate_metrics::METRICS.throttle("connect");
                 }
                 ok
             }
@@ -156,7 +157,11 @@ impl Hub {
     /// Waits until the hub's message quota admits one more message.
     async fn admit_message(&self, hub: &str) {
         let Some(rate) = self.config.message_rate else { return };
+        let mut counted = false;
         while let Err(wait) = self.take(hub, "message", rate) {
+            if !std::mem::replace(&mut counted, true) {
+                fleetgate_metrics::METRICS.throttle("message");
+            }
             tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
         }
     }
@@ -190,6 +195,12 @@ impl Hub {
     ) -> Result<HubDevice, ConnectRefusal> {
         let refuse = |r: ConnectRefusal| {
             tracing::info!(hub = %host, device = %device_id.chars().take(140).collect::<String>(), reason = ?r, "hub connection refused");
+            use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
+            self.audit.record(
+                AuditEntry::new(AuditCategory::DeviceOperations, "connect", device_id, Outcome::Failure)
+                    .target(host)
+                    .reason(format!("{r:?}")),
+            );
             r
         };
         let hub = match self.hub_named(host).await {
@@ -250,11 +261,14 @@ impl Hub {
     pub fn connect_session(&self, d: &HubDevice) -> SessionHandle {
         let now = Timestamp::now().to_azure_string();
         self.touch(d);
-        self.sessions.register(&d.hub, &d.device_id, now)
+        let handle = self.sessions.register(&d.hub, &d.device_id, now);
+        fleetgate_metrics::METRICS.hub_sessions.set(self.sessions.count() as i64);
+        handle
     }
 
     pub fn disconnect_session(&self, d: &HubDevice, id: u64) {
         self.sessions.unregister(&d.hub, &d.device_id, id);
+        fleetgate_metrics::METRICS.hub_sessions.set(self.sessions.count() as i64);
     }
 
     fn touch(&self, d: &HubDevice) {
@@ -302,7 +316,9 @@ impl Hub {
             properties,
             body: body.to_vec(),
         };
-        self.events.append(event).await
+        let seq = self.events.append(event).await?;
+        fleetgate_metrics::METRICS.messages.inc();
+        Ok(seq)
     }
 
     pub fn event_notifications(&self) -> tokio::sync::broadcast::Receiver<u64> {

@@ -69,8 +69,31 @@ fn canonicalize<B>(mut req: http::Request<B>) -> http::Request<B> {
 }
 
 pub fn app(dps: Arc<Provisioning>, hub: Arc<Hub>) -> Router {
+    let store = dps.store().clone();
     Router::new()
+        // Liveness: the process answers. Readiness: the store answers too.
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let store = store.clone();
+                async move {
+                    match store.setting("id_scope").await {
+                        Ok(Some(_)) => (http::StatusCode::OK, "ready"),
+                        _ => (http::StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(|| async {
+                (
+                    [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    fleetgate_metrics::METRICS.render(),
+                )
+            }),
+        )
         .merge(service_api::router(dps.clone()))
         .merge(fleetgate_dps::device_api::device_router(dps))
         .merge(fleetgate_hub::service_api::router(hub))
@@ -110,6 +133,7 @@ pub async fn serve(
         tokio::spawn(async move {
             // Shared with the requests, so an upgraded WebSocket keeps the connection's slot.
             let permit = crate::websocket::ConnectionPermit(Arc::new(permit));
+            let _counted = fleetgate_metrics::METRICS.connection("https");
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {

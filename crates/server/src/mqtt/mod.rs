@@ -59,6 +59,7 @@ pub async fn serve(
             (acceptor.clone(), dps.clone(), hub.clone(), limits.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            let _counted = fleetgate_metrics::METRICS.connection("mqtt");
             if let Err(e) = handle(tcp, acceptor, dps, hub, limits, shutdown).await {
                 tracing::debug!(%peer, error = %e, "mqtt connection ended with an error");
             }

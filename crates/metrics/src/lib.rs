@@ -1,0 +1,100 @@
+//! Prometheus metrics (`GET /metrics`), through the Prometheus project's own Rust client.
+//!
+//! One process-wide set, so that any layer can count what it does without threading a handle
+//! through every constructor; the names follow Prometheus conventions.
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    /// Registrations by outcome: assigned, assigning, failed, disabled, unauthorized, throttled, error.
+    pub registrations: Family<Labels, Counter>,
+    /// Time to decide a registration (authenticated request to answer).
+    pub registration_seconds: Histogram,
+    /// Open connections by listener (mqtt, https) — includes ones still in the handshake.
+    pub connections: Family<Labels, Gauge>,
+    /// Devices with a live hub session.
+    pub hub_sessions: Gauge,
+    /// Device-to-cloud messages durably appended.
+    pub messages: Counter,
+    /// Requests slowed or refused by a quota: registration, connect, message.
+    pub throttled: Family<Labels, Counter>,
+    registry: Registry,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let registrations = Family::<Labels, Counter>::default();
+    let registration_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+    let connections = Family::<Labels, Gauge>::default();
+    let hub_sessions = Gauge::default();
+    let messages = Counter::default();
+    let throttled = Family::<Labels, Counter>::default();
+    let mut registry = Registry::with_prefix("fleetgate");
+    registry.register("registrations", "Device registrations by outcome", registrations.clone());
+    registry.register("registration_seconds", "Time to decide a registration", registration_seconds.clone());
+    registry.register("connections", "Open connections by listener", connections.clone());
+    registry.register("hub_sessions", "Devices connected to a hub", hub_sessions.clone());
+    registry.register("messages", "Device-to-cloud messages durably appended", messages.clone());
+    registry.register("throttled", "Requests slowed or refused by a quota", throttled.clone());
+    Metrics { registrations, registration_seconds, connections, hub_sessions, messages, throttled, registry }
+});
+
+impl Metrics {
+    pub fn registration(&self, outcome: &str) {
+        self.registrations.get_or_create(&vec![("outcome", outcome.to_owned())]).inc();
+    }
+
+    pub fn throttle(&self, kind: &str) {
+        self.throttled.get_or_create(&vec![("kind", kind.to_owned())]).inc();
+    }
+
+    /// Counts a connection open until the guard drops.
+    pub fn connection(&'static self, listener: &'static str) -> ConnectionGuard {
+        let g = self.connections.get_or_create(&vec![("listener", listener.to_owned())]).clone();
+        g.inc();
+        ConnectionGuard(g)
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_what_was_counted() {
+        METRICS.registration("assigned");
+        METRICS.throttle("connect");
+        {
+            let _c = METRICS.connection("mqtt");
+            assert!(METRICS.render().contains("fleetgate_connections{listener=\"mqtt\"} 1"));
+        }
+        let text = METRICS.render();
+        assert!(text.contains("fleetgate_registrations_total{outcome=\"assigned\"}"), "{text}");
+        assert!(text.contains("fleetgate_throttled_total{kind=\"connect\"}"));
+        assert!(text.contains("fleetgate_connections{listener=\"mqtt\"} 0"));
+        assert!(text.contains("# EOF"));
+    }
+}
