@@ -64,6 +64,9 @@ enum Command {
     /// IoT hub: linked hubs, device identities, twins, methods, C2D, monitor-events (`az iot hub`).
     #[command(subcommand)]
     Hub(commands::hub::HubCommand),
+    /// Test certificates for X.509 attestation: a CA, intermediates, device certificates.
+    #[command(subcommand)]
+    Cert(commands::cert::CertCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -82,6 +85,7 @@ fn main() -> std::process::ExitCode {
             Command::Audit(args) => commands::audit::run(args).await,
             Command::Simulate(args) => commands::simulate::run(args).await,
             Command::Hub(cmd) => commands::hub::run(cmd).await,
+            Command::Cert(cmd) => commands::cert::run(cmd),
         }
     });
     match result {

@@ -129,7 +129,7 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let (acceptor, app, limits) = (acceptor.clone(), app.clone(), limits.clone());
+        let (acceptor, app, limits, mut stop) = (acceptor.clone(), app.clone(), limits.clone(), shutdown.clone());
         tokio::spawn(async move {
             // Shared with the requests, so an upgraded WebSocket keeps the connection's slot.
             let permit = crate::websocket::ConnectionPermit(Arc::new(permit));
@@ -160,11 +160,22 @@ pub async fn serve(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.http_header_timeout)
                 .max_buf_size(64 * 1024);
-            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).await {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                // Shutdown: finish the request in flight, then close (idle keep-alives at once).
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "https connection error");
             }
         });
     }
+    crate::drain(&permits, limits.max_connections, "https").await;
 }
 
 #[cfg(test)]

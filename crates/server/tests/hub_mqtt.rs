@@ -548,3 +548,27 @@ async fn clean_session_0_subscriptions_survive_reconnects_and_restarts() {
     let (_, present) = s.hub_device_session("dev-1", &key, false).await.unwrap();
     assert!(!present, "the clean connection removed the stored session");
 }
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_work_and_closes_connections() {
+    let mut s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    let idle_http = s.http();
+    // An idle keep-alive HTTPS connection must not hold the shutdown up.
+    assert_eq!(idle_http.get(s.url("/healthz")).send().await.unwrap().status(), 200);
+    m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 1, b"in flight").await;
+    let addr = s.mqtt_addr();
+    let started = std::time::Instant::now();
+    s.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(9), "drained well within the grace period");
+    // The message sent before the stop was acknowledged, then the connection closed cleanly.
+    assert!(matches!(m.recv().await, Some(Packet::PubAck(a)) if a.pkid == 1));
+    assert!(m.recv().await.is_none());
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no longer accepting");
+    drop(idle_http);
+    s.server = Some(fleetgate_server::start(s.config.clone()).await.unwrap());
+    let events = s.stored_events().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["event"]["payload"], "in flight");
+}

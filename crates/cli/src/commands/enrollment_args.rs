@@ -12,6 +12,13 @@ pub struct EnrollmentArgs {
     /// Secondary symmetric key (base64); generated when creating without one.
     #[arg(long)]
     pub secondary_key: Option<String>,
+    /// X.509 attestation: PEM (or base64 DER) file of the primary certificate — a group's root
+    /// or intermediate CA, an individual enrollment's device certificate (the first one in the file).
+    #[arg(long, conflicts_with_all = ["primary_key", "secondary_key"])]
+    pub certificate_path: Option<std::path::PathBuf>,
+    /// X.509 attestation: the secondary certificate.
+    #[arg(long, conflicts_with_all = ["primary_key", "secondary_key"])]
+    pub secondary_certificate_path: Option<std::path::PathBuf>,
     /// Hub to assign devices to (static allocation).
     #[arg(long = "iot-hub", visible_alias = "iot-hub-host-name")]
     pub iot_hub_host_name: Option<String>,
@@ -40,6 +47,7 @@ pub struct EnrollmentArgs {
 impl EnrollmentArgs {
     /// Writes the options given into an enrollment's JSON (creating or updating it).
     pub fn apply(&self, e: &mut Value) -> anyhow::Result<()> {
+        self.apply_certificates(e)?;
         if e.get("attestation").is_none() {
             e["attestation"] = json!({"type": "symmetricKey", "symmetricKey": {}});
         }
@@ -80,6 +88,30 @@ impl EnrollmentArgs {
                 _ => (false, false),
             };
             e["reprovisionPolicy"] = json!({"updateHubAssignment": update, "migrateDeviceData": migrate});
+        }
+        Ok(())
+    }
+
+    /// `--certificate-path` / `--secondary-certificate-path`: X.509 attestation. A group (its
+    /// JSON has `enrollmentGroupId`) trusts them as CA certificates (`signingCertificates`), an
+    /// individual enrollment pins them (`clientCertificates`). A slot not given keeps its
+    /// certificate when updating.
+    fn apply_certificates(&self, e: &mut Value) -> anyhow::Result<()> {
+        if self.certificate_path.is_none() && self.secondary_certificate_path.is_none() {
+            return Ok(());
+        }
+        let field = if e.get("enrollmentGroupId").is_some() { "signingCertificates" } else { "clientCertificates" };
+        if e["attestation"]["type"] != "x509" || e["attestation"]["x509"].get(field).is_none() {
+            e["attestation"] = json!({"type": "x509", "x509": {field: {}}});
+        }
+        for (slot, path) in [("primary", &self.certificate_path), ("secondary", &self.secondary_certificate_path)] {
+            if let Some(path) = path {
+                let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                e["attestation"]["x509"][field][slot] = json!({ "certificate": pem });
+            }
+        }
+        if e["attestation"]["x509"][field].get("primary").is_none() {
+            bail!("X.509 attestation needs --certificate-path (the primary certificate)");
         }
         Ok(())
     }

@@ -10,7 +10,8 @@ use crate::Target;
 
 #[derive(Subcommand)]
 pub enum EnrollmentCommand {
-    /// Create a symmetric-key individual enrollment (keys are generated unless given).
+    /// Create an individual enrollment: symmetric keys (generated unless given), or X.509 with
+    /// `--certificate-path` (the device's own certificate, matched by thumbprint).
     Create {
         #[command(flatten)]
         target: Target,

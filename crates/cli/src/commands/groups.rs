@@ -11,7 +11,8 @@ use crate::Target;
 
 #[derive(Subcommand)]
 pub enum GroupCommand {
-    /// Create a symmetric-key enrollment group (keys are generated unless given).
+    /// Create an enrollment group: symmetric keys (generated unless given), or X.509 with
+    /// `--certificate-path` (the root or intermediate CA the devices' certificates chain to).
     Create {
         #[command(flatten)]
         target: Target,
@@ -90,6 +91,9 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
         GroupCommand::RollKeys { target, group_id } => {
             let c = client(&target)?;
             let mut g = c.get_enrollment_group(&group_id).await.map_err(describe)?;
+            if g["attestation"]["type"] != "symmetricKey" {
+                return Err(anyhow!("'{group_id}' does not use symmetric keys; replace its certificates with `update --certificate-path`"));
+            }
             let etag = g.get("etag").and_then(Value::as_str).map(str::to_owned);
             let keys = c.enrollment_group_attestation(&group_id).await.map_err(describe)?;
             let old_primary = keys["symmetricKey"]["primaryKey"].clone();

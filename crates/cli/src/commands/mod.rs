@@ -1,6 +1,7 @@
 //! One file per verb group.
 
 pub mod audit;
+pub mod cert;
 pub mod enrollment_args;
 pub mod enrollments;
 pub mod groups;

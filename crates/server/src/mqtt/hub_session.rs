@@ -30,6 +30,8 @@ use crate::config::Limits;
 
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
 const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);
+/// On shutdown, how long to wait for packets the device already sent.
+const SHUTDOWN_READ: Duration = Duration::from_millis(100);
 /// Azure allows five subscriptions per device.
 const MAX_SUBSCRIPTIONS: usize = 5;
 
@@ -157,7 +159,16 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     Err(e) => break Err(e),
                 }
             }
-            _ = shutdown.changed() => break Ok(()),
+            _ = shutdown.changed() => {
+                // A graceful stop still serves what the device already sent (a message in the
+                // socket gets its append and PUBACK), then closes.
+                while let Ok(Ok(Some(p))) = tokio::time::timeout(SHUTDOWN_READ, s.conn.read_packet()).await {
+                    if !matches!(s.on_packet(p, &handle.flags).await, Ok(true)) {
+                        break;
+                    }
+                }
+                break Ok(());
+            }
         }
     };
     hub.disconnect_session(&device, handle.id);

@@ -65,6 +65,7 @@ pub async fn serve(
             }
         });
     }
+    crate::drain(&permits, limits.max_connections, "mqtt").await;
 }
 
 /// One connection from the MQTT port: TLS, then the MQTT conversation. The TLS handshake and the
