@@ -278,3 +278,41 @@ async fn tls_1_2_and_1_3_are_served_and_old_versions_refused() {
     // Either an alert record (0x15) or a closed connection, never a ServerHello (0x16).
     assert!(n == 0 || buf[0] == 0x15, "got {:?}", &buf[..n]);
 }
+
+#[tokio::test]
+async fn weak_ciphers_and_old_protocols_are_refused() {
+    let s = TestServer::start().await;
+    let addr = s.https_addr().to_string();
+    let ca = s.dir.path().join("ca.pem");
+    let probe = move |args: Vec<String>| {
+        let mut cmd = std::process::Command::new("openssl");
+        cmd.arg("s_client").arg("-connect").arg(&addr).arg("-CAfile").arg(&ca).args(args);
+        cmd.stdin(std::process::Stdio::null());
+        let out = cmd.output().expect("openssl is needed for this check");
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // A modern TLS 1.2 suite works (what the Python SDK negotiates).
+    let ok = tokio::task::spawn_blocking({
+        let probe = probe.clone();
+        move || probe(a(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]))
+    })
+    .await
+    .unwrap();
+    assert!(ok.contains("Cipher is ECDHE-ECDSA-AES128-GCM-SHA256"), "{ok}");
+    // CBC and RSA key exchange suites, and TLS 1.1, get no session.
+    for args in [
+        a(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]),
+        a(&["-tls1_2", "-cipher", "AES128-GCM-SHA256"]),
+        a(&["-tls1_1"]),
+    ] {
+        let out = tokio::task::spawn_blocking({
+            let probe = probe.clone();
+            let args = args.clone();
+            move || probe(args)
+        })
+        .await
+        .unwrap();
+        assert!(!out.contains("Cipher is ECDHE") && !out.contains("Cipher is AES"), "{args:?} negotiated: {out}");
+    }
+}
