@@ -236,6 +236,8 @@ class FleetgateServer:
         self.died_unexpectedly = False
         self._instance: dict | None = None
         self._service: ServiceApi | None = None
+        # More `fleetgate serve` flags (e.g. quotas) for servers a test configures itself.
+        self.extra_args: list[str] = []
         _ALL_SERVERS.append(self)
 
     # ---- lifecycle
@@ -252,6 +254,7 @@ class FleetgateServer:
             "--https-port", str(self.https_port),
             "--hostname", self.address,
             "--registration-response", self.registration_response,
+            *self.extra_args,
         ]
         env = dict(os.environ, NO_COLOR="1")
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
