@@ -156,8 +156,9 @@ def assert_assigned(outcome, server, registration_id: str):
     return res
 
 
-def assert_refused(server, outcome, registration_id: str):
-    """register() fails fast with the SDK's ServiceError for status 401, and nothing is stored."""
+def assert_refused(server, outcome, registration_id: str, reason: str):
+    """register() fails fast with the SDK's ServiceError for status 401, nothing is stored, and the
+    server logged the precise reason."""
     assert outcome.result is None, f"expected a refusal, got {outcome.result}"
     assert outcome.elapsed < REFUSED_FAST_S, f"refusal took {outcome.elapsed:.1f}s"
     err = outcome.error
@@ -167,6 +168,9 @@ def assert_refused(server, outcome, registration_id: str):
     r = server.service.get_registration(registration_id)
     assert r.status_code == 404, f"a record was stored for {registration_id}: {r.status_code} {r.text}"
     assert server.hub_service.get_device(registration_id).status_code == 404
+    logged = [line for line in server.log_tail(2000).splitlines()
+              if "attestation refused" in line and registration_id in line]
+    assert logged and reason in logged[-1], f"expected {reason!r} in the log: {logged}"
 
 
 def connect_and_send(server, client, device_id: str, text: str) -> None:
@@ -225,17 +229,20 @@ def test_individual_enrollment_device_provisions_and_sends_telemetry(server, pki
 
 def test_unknown_ca_is_refused(server, pki, groups):
     rid = unique("x509-unknown-ca")
-    assert_refused(server, register_x509(server, rid, pki.device(pki.stranger, rid)), rid)
+    assert_refused(server, register_x509(server, rid, pki.device(pki.stranger, rid)), rid,
+                   "does not lead to a trusted CA")
 
 
 def test_expired_certificate_is_refused(server, pki, groups):
     rid = unique("x509-expired")
-    assert_refused(server, register_x509(server, rid, pki.expired_device(pki.intermediate, rid)), rid)
+    assert_refused(server, register_x509(server, rid, pki.expired_device(pki.intermediate, rid)), rid,
+                   "has expired")
 
 
 def test_common_name_not_matching_the_registration_id_is_refused(server, pki, groups):
     rid = unique("x509-cn")
-    assert_refused(server, register_x509(server, rid, pki.device(pki.intermediate, unique("someone-else"))), rid)
+    assert_refused(server, register_x509(server, rid, pki.device(pki.intermediate, unique("someone-else"))), rid,
+                   "common name")
 
 
 def test_disabled_individual_enrollment_under_a_group_is_refused(server, pki, groups):
@@ -243,7 +250,7 @@ def test_disabled_individual_enrollment_under_a_group_is_refused(server, pki, gr
     device = pki.device(pki.intermediate, rid)
     run_cli(server, "enrollment", "create", "--registration-id", rid, "--certificate-path", str(device / "cert.pem"),
             "--provisioning-status", "disabled")
-    assert_refused(server, register_x509(server, rid, device), rid)
+    assert_refused(server, register_x509(server, rid, device), rid, "disabled (revoked)")
     # Its group still provisions the others.
     other = unique("x509-neighbour")
     assert_assigned(register_x509(server, other, pki.device(pki.intermediate, other)), server, other)
@@ -254,7 +261,8 @@ def test_certificate_from_another_groups_ca_is_refused(server, pki, groups):
     rid = unique("x509-pinned")
     own = pki.device(pki.root, rid)
     run_cli(server, "enrollment", "create", "--registration-id", rid, "--certificate-path", str(own / "cert.pem"))
-    assert_refused(server, register_x509(server, rid, pki.device(pki.other_root, rid)), rid)
+    assert_refused(server, register_x509(server, rid, pki.device(pki.other_root, rid)), rid,
+                   "not one of the individual enrollment's")
 
 
 def test_hub_refuses_a_certificate_from_another_groups_ca(server, pki, groups):

@@ -368,6 +368,9 @@ fn map_webpki_error(e: &webpki::Error) -> CertificateRefusal {
             CertificateRefusal::UnknownCa("the path is longer than the CAs allow".into())
         }
         E::UnknownIssuer => CertificateRefusal::UnknownCa("unknown issuer".into()),
+        E::InvalidSignatureForPublicKey => CertificateRefusal::UnknownCa(
+            "the signature does not verify with the CA's key (another CA of the same name?)".into(),
+        ),
         other => CertificateRefusal::UnknownCa(format!("{other:?}")),
     }
 }

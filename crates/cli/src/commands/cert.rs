@@ -118,7 +118,7 @@ fn device_params(registration_id: &str, days: u32) -> anyhow::Result<Certificate
     RegistrationId::parse(registration_id).map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let mut p = base_params(registration_id, days)?;
     p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     Ok(p)
 }
