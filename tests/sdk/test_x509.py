@@ -23,8 +23,11 @@ import pytest
 from azure.iot.device import X509
 from azure.iot.device.exceptions import ClientError, CredentialError, ServiceError
 
+import conftest
 from conftest import (
     FLEETGATE_BIN,
+    _can_bind,
+    free_port,
     HUB_OP_TIMEOUT_S,
     REGISTER_TIMEOUT_S,
     call_with_timeout,
@@ -113,7 +116,7 @@ def groups(server, pki) -> dict[str, str]:
 # --------------------------------------------------------------------------- device side
 
 
-def register_x509(server, registration_id: str, device_dir: Path):
+def register_x509(server, registration_id: str, device_dir: Path, **kwargs):
     from azure.iot.device import ProvisioningDeviceClient
 
     def run():
@@ -123,13 +126,14 @@ def register_x509(server, registration_id: str, device_dir: Path):
             id_scope=server.id_scope,
             x509=x509_of(device_dir),
             server_verification_cert=server.ca_pem,
+            **kwargs,
         )
         return client.register()
 
     return call_with_timeout(run, timeout=REGISTER_TIMEOUT_S, what=f"register({registration_id})")
 
 
-def hub_client(server, device_id: str, device_dir: Path, hub_hostname: str | None = None):
+def hub_client(server, device_id: str, device_dir: Path, hub_hostname: str | None = None, **kwargs):
     from azure.iot.device import IoTHubDeviceClient
 
     return IoTHubDeviceClient.create_from_x509_certificate(
@@ -139,6 +143,7 @@ def hub_client(server, device_id: str, device_dir: Path, hub_hostname: str | Non
         server_verification_cert=server.ca_pem,
         gateway_hostname=server.address,
         connection_retry_interval=1,
+        **kwargs,
     )
 
 
@@ -282,3 +287,41 @@ def test_hub_refuses_a_certificate_from_another_groups_ca(server, pki, groups):
         connect_and_send(server, client, rid, "still me")
     finally:
         shutdown(client)
+
+
+# --------------------------------------------------------------------------- MQTT over WebSockets
+
+
+@pytest.fixture(scope="module")
+def ws_x509_server(server_factory):
+    """A server whose HTTPS port is 443 (the SDK's websocket port) and whose MQTT port is not 8883:
+    whatever works here went over the WebSocket, authenticated by the HTTPS connection's certificate."""
+    srv = server_factory("x509-websockets")
+    if not _can_bind(srv.address, 443):
+        pytest.fail(f"port 443 is not bindable on {srv.address} (the SDK's websocket port)", pytrace=False)
+    srv.https_port = 443
+    saved = conftest.MQTT_PORT
+    conftest.MQTT_PORT = free_port(srv.address)
+    try:
+        srv.start()
+    finally:
+        conftest.MQTT_PORT = saved
+    return srv
+
+
+def test_group_ca_device_provisions_and_sends_telemetry_over_websockets(ws_x509_server, pki):
+    srv = ws_x509_server
+    group = unique("x509-ws")
+    run_cli(srv, "enrollment-group", "create", "--group-id", group, "--certificate-path", str(pki.root / "cert.pem"))
+    rid = unique("x509-ws-dev")
+    device = pki.device(pki.intermediate, rid)
+    assert_assigned(register_x509(srv, rid, device, websockets=True), srv, rid)
+    client = hub_client(srv, rid, device, websockets=True)
+    try:
+        connect_and_send(srv, client, rid, f"over websockets from {rid}")
+    finally:
+        shutdown(client)
+    # Refusals look the same over WebSockets.
+    stranger = unique("x509-ws-stranger")
+    assert_refused(srv, register_x509(srv, stranger, pki.device(pki.stranger, stranger), websockets=True), stranger,
+                   "does not lead to a trusted CA")
