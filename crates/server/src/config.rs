@@ -24,6 +24,11 @@ pub struct ServerConfig {
     pub webhook_timeout: Duration,
     /// The ID scope's registration quota (`None`: unlimited).
     pub registration_rate: Option<fleetgate_core::throttle::Rate>,
+    /// An operator-supplied server certificate chain and key (PEM) instead of the generated one.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// How often the certificate files are checked for a replacement.
+    pub cert_check_interval: Duration,
 }
 
 impl ServerConfig {
@@ -40,6 +45,9 @@ impl ServerConfig {
             hub: fleetgate_hub::HubConfig::default(),
             webhook_timeout: Duration::from_secs(10),
             registration_rate: None,
+            tls_cert: None,
+            tls_key: None,
+            cert_check_interval: Duration::from_secs(5),
         }
     }
 }

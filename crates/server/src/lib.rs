@@ -4,6 +4,7 @@
 //! Dependency direction: listeners → protocol sessions → [`fleetgate_dps::Provisioning`] →
 //! store. Nothing here decides a DPS outcome; it only translates.
 
+pub mod cert_reload;
 pub mod config;
 pub mod datadir;
 pub mod https;
@@ -79,10 +80,46 @@ pub(crate) async fn drain(permits: &tokio::sync::Semaphore, total: usize, listen
     }
 }
 
+/// Reloads the server certificate when its files change (checked every `every`) or on SIGHUP.
+async fn watch_certificate(
+    cert: Arc<cert_reload::ReloadingCert>,
+    every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = hangup => tracing::info!("SIGHUP: checking the server certificate"),
+            _ = shutdown.changed() => return,
+        }
+        cert.reload_if_changed();
+    }
+}
+
 /// Initializes (or reopens) the data directory and starts every listener.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let data = DataDir::open_or_init(&config).await?;
-    let tls = tls::server_config(&data.server_cert_path(), &data.server_key_path()).map_err(StartError::Tls)?;
+    // The operator's certificate if given, else the one generated in the data directory.
+    let (cert_path, key_path) = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        (None, None) => (data.server_cert_path(), data.server_key_path()),
+        _ => return Err(StartError::Tls("--tls-cert and --tls-key go together".into())),
+    };
+    let cert = cert_reload::ReloadingCert::new(&cert_path, &key_path).map_err(StartError::Tls)?;
+    let tls = tls::server_config(cert.clone()).map_err(StartError::Tls)?;
     let store: Arc<dyn Store> = data.store.clone();
 
     let bind = |port: u16| SocketAddr::new(config.listen, port);
@@ -112,11 +149,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let hub = Arc::new(Hub::new(data.store.clone(), config.hub.clone()));
 
     let (shutdown, rx) = watch::channel(false);
+    let rx_reload = rx.clone();
     let limits = Arc::new(config.limits.clone());
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(mqtt::serve(mqtt_listener, tls.clone(), dps.clone(), hub.clone(), limits.clone(), rx.clone())),
         tokio::spawn(https::serve(https_listener, tls, dps, hub, limits, rx)),
     ];
+    tasks.push(tokio::spawn(watch_certificate(cert, config.cert_check_interval, rx_reload)));
     tracing::info!(%mqtt_addr, %https_addr, id_scope = %instance.id_scope, "fleetgate serving");
     Ok(RunningServer { mqtt_addr, https_addr, instance, shutdown, tasks })
 }

@@ -6,29 +6,18 @@
 //! enrollment or hub identity the device then claims, so that is decided by DPS and the hub
 //! (`fleetgate_core::x509`), not here. The chain reaches them through [`peer_certificates`].
 
-use std::path::Path;
 use std::sync::Arc;
 
 use fleetgate_core::x509::{CertificateChain, MAX_CERTIFICATE_BYTES, MAX_CHAIN_CERTIFICATES};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
 
-pub fn server_config(cert_pem: &Path, key_pem: &Path) -> Result<Arc<ServerConfig>, String> {
-    let certs: Vec<CertificateDer<'static>> = {
-        let data = std::fs::read(cert_pem).map_err(|e| format!("{}: {e}", cert_pem.display()))?;
-        rustls_pemfile::certs(&mut data.as_slice())
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("{}: {e}", cert_pem.display()))?
-    };
-    let key: PrivateKeyDer<'static> = {
-        let data = std::fs::read(key_pem).map_err(|e| format!("{}: {e}", key_pem.display()))?;
-        rustls_pemfile::private_key(&mut data.as_slice())
-            .map_err(|e| format!("{}: {e}", key_pem.display()))?
-            .ok_or_else(|| format!("{}: no private key", key_pem.display()))?
-    };
+/// The TLS configuration of every listener, with the server certificate resolved per handshake
+/// from `cert` (so it can be replaced while serving).
+pub fn server_config(cert: Arc<crate::cert_reload::ReloadingCert>) -> Result<Arc<ServerConfig>, String> {
     // ring's defaults are ECDHE with AES-GCM / ChaCha20-Poly1305 only: no CBC, no RSA key exchange.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(DeviceCertificates { algorithms: provider.signature_verification_algorithms });
@@ -36,8 +25,7 @@ pub fn server_config(cert_pem: &Path, key_pem: &Path) -> Result<Arc<ServerConfig
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| e.to_string())?;
+        .with_cert_resolver(cert);
     Ok(Arc::new(config))
 }
 

@@ -41,6 +41,13 @@ pub struct ServeArgs {
     /// Device-to-cloud messages per second per hub; over it, acknowledgements slow down. 0 = no limit.
     #[arg(long, env = "FLEETGATE_HUB_MESSAGES_PER_SECOND", default_value_t = 0)]
     hub_messages_per_second: u32,
+    /// PEM certificate chain to serve instead of the generated one (reloaded when the file changes
+    /// or on SIGHUP, without dropping connections).
+    #[arg(long, env = "FLEETGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "FLEETGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "FLEETGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -63,6 +70,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     config.hub_hostname = args.hub_hostname;
     config.immediate_assignment = args.registration_response == "immediate";
+    config.tls_cert = args.tls_cert;
+    config.tls_key = args.tls_key;
     use fleetgate_core::throttle::Rate;
     let nonzero = |n: u32, f: fn(u32) -> Rate| (n > 0).then(|| f(n));
     config.registration_rate = nonzero(args.dps_registrations_per_minute, Rate::per_minute);

@@ -402,3 +402,15 @@ impl Mqtt {
         Mqtt { stream, buf: BytesMut::new() }
     }
 }
+
+impl Mqtt {
+    /// CONNECT as a hub device with a SAS for `key`; panics unless accepted.
+    pub async fn connect_hub(&mut self, s: &TestServer, id: &str, key: &SymmetricKey) {
+        let hub = s.hub();
+        let token = build_token(key, &format!("{hub}/devices/{id}"), Timestamp::now().unix_seconds() + 3600, None);
+        match self.connect(id, &format!("{hub}/{id}/?api-version=2019-10-01"), Some(&token), true, 60).await {
+            Packet::ConnAck(a) => assert_eq!(a.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success),
+            other => panic!("{other:?}"),
+        }
+    }
+}
