@@ -132,6 +132,66 @@ impl SqliteStore {
     }
 }
 
+/// A table of JSON documents under a case-folded id, kept in insertion order: enrollment groups
+/// and individual enrollments are stored the same way.
+#[derive(Clone, Copy)]
+struct Documents {
+    table: &'static str,
+    key: &'static str,
+}
+
+const GROUPS: Documents = Documents { table: "enrollment_groups", key: "id_key" };
+const ENROLLMENTS: Documents = Documents { table: "enrollments", key: "reg_key" };
+
+impl Documents {
+    fn get<T: serde::de::DeserializeOwned>(self, c: &Connection, id: &str) -> StoreResult<Option<T>> {
+        let sql = format!("SELECT body FROM {} WHERE {} = ?1", self.table, self.key);
+        let body: Option<String> = c.query_row(&sql, [id], |r| r.get(0)).optional().map_err(backend)?;
+        body.map(|b| parse(&b)).transpose()
+    }
+
+    fn page<T: serde::de::DeserializeOwned>(self, c: &Connection, offset: usize, limit: usize) -> StoreResult<Vec<T>> {
+        let sql = format!("SELECT body FROM {} ORDER BY seq LIMIT ?1 OFFSET ?2", self.table);
+        let mut st = c.prepare(&sql).map_err(backend)?;
+        let bodies = st.query_map(params![limit as i64, offset as i64], |r| r.get::<_, String>(0)).map_err(backend)?;
+        bodies.map(|b| parse(&b.map_err(backend)?)).collect()
+    }
+
+    /// Read-modify-write in one transaction; a refused update writes nothing.
+    fn upsert<T: serde::Serialize + serde::de::DeserializeOwned>(
+        self,
+        c: &mut Connection,
+        id: &str,
+        update: Box<dyn FnOnce(Option<&T>) -> Result<T, DpsError> + Send>,
+    ) -> StoreResult<T> {
+        let tx = c.transaction().map_err(backend)?;
+        let current: Option<T> = self.get(&tx, id)?;
+        let next = update(current.as_ref())?;
+        let sql = format!(
+            "INSERT INTO {} ({}, body) VALUES (?1, ?2) ON CONFLICT({}) DO UPDATE SET body = ?2",
+            self.table, self.key, self.key
+        );
+        tx.execute(&sql, params![id, serde_json::to_string(&next).map_err(backend)?]).map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(next)
+    }
+
+    /// Deletes the document if `check` (an etag precondition) accepts it; `Ok(false)` if absent.
+    fn delete<T: serde::de::DeserializeOwned>(
+        self,
+        c: &mut Connection,
+        id: &str,
+        check: impl FnOnce(&T) -> Result<(), DpsError>,
+    ) -> StoreResult<bool> {
+        let tx = c.transaction().map_err(backend)?;
+        let Some(current) = self.get::<T>(&tx, id)? else { return Ok(false) };
+        check(&current)?;
+        tx.execute(&format!("DELETE FROM {} WHERE {} = ?1", self.table, self.key), [id]).map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        Ok(true)
+    }
+}
+
 /// Brings a data directory from an earlier version up to the current schema.
 fn migrate(c: &Connection) -> StoreResult<()> {
     let has_allocation: bool = c
@@ -263,24 +323,11 @@ impl Store for SqliteStore {
 
     async fn enrollment(&self, registration_id: &str) -> StoreResult<Option<IndividualEnrollment>> {
         let id = key(registration_id);
-        self.with(move |c| {
-            let body: Option<String> = c
-                .query_row("SELECT body FROM enrollments WHERE reg_key = ?1", [id], |r| r.get(0))
-                .optional()
-                .map_err(backend)?;
-            body.map(|b| parse(&b)).transpose()
-        })
-        .await
+        self.with(move |c| ENROLLMENTS.get(c, &id)).await
     }
 
     async fn enrollments(&self, offset: usize, limit: usize) -> StoreResult<Vec<IndividualEnrollment>> {
-        self.with(move |c| {
-            let mut st = c.prepare("SELECT body FROM enrollments ORDER BY seq LIMIT ?1 OFFSET ?2").map_err(backend)?;
-            let bodies =
-                st.query_map(params![limit as i64, offset as i64], |r| r.get::<_, String>(0)).map_err(backend)?;
-            bodies.map(|b| parse(&b.map_err(backend)?)).collect()
-        })
-        .await
+        self.with(move |c| ENROLLMENTS.page(c, offset, limit)).await
     }
 
     async fn upsert_enrollment(
@@ -289,103 +336,37 @@ impl Store for SqliteStore {
         update: EnrollmentUpdate,
     ) -> StoreResult<IndividualEnrollment> {
         let id = key(registration_id);
-        self.with(move |c| {
-            let tx = c.transaction().map_err(backend)?;
-            let current: Option<String> = tx
-                .query_row("SELECT body FROM enrollments WHERE reg_key = ?1", [&id], |r| r.get(0))
-                .optional()
-                .map_err(backend)?;
-            let current: Option<IndividualEnrollment> = current.map(|b| parse(&b)).transpose()?;
-            let next = update(current.as_ref())?;
-            let body = serde_json::to_string(&next).map_err(backend)?;
-            tx.execute(
-                "INSERT INTO enrollments (reg_key, body) VALUES (?1, ?2) ON CONFLICT(reg_key) DO UPDATE SET body = ?2",
-                params![id, body],
-            )
-            .map_err(backend)?;
-            tx.commit().map_err(backend)?;
-            Ok(next)
-        })
-        .await
+        self.with(move |c| ENROLLMENTS.upsert(c, &id, update)).await
     }
 
     async fn delete_enrollment(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool> {
         let (id, if_match) = (key(registration_id), if_match.map(str::to_owned));
         self.with(move |c| {
-            let tx = c.transaction().map_err(backend)?;
-            let current: Option<String> = tx
-                .query_row("SELECT body FROM enrollments WHERE reg_key = ?1", [&id], |r| r.get(0))
-                .optional()
-                .map_err(backend)?;
-            let Some(current) = current else { return Ok(false) };
-            let current: IndividualEnrollment = parse(&current)?;
-            check_if_match(if_match.as_deref(), current.settings.etag.as_deref())?;
-            tx.execute("DELETE FROM enrollments WHERE reg_key = ?1", [&id]).map_err(backend)?;
-            tx.commit().map_err(backend)?;
-            Ok(true)
+            ENROLLMENTS.delete(c, &id, |e: &IndividualEnrollment| {
+                check_if_match(if_match.as_deref(), e.settings.etag.as_deref())
+            })
         })
         .await
     }
 
     async fn group(&self, id: &str) -> StoreResult<Option<EnrollmentGroup>> {
         let id = key(id);
-        self.with(move |c| {
-            let body: Option<String> = c
-                .query_row("SELECT body FROM enrollment_groups WHERE id_key = ?1", [id], |r| r.get(0))
-                .optional()
-                .map_err(backend)?;
-            body.map(|b| parse(&b)).transpose()
-        })
-        .await
+        self.with(move |c| GROUPS.get(c, &id)).await
     }
 
     async fn groups(&self) -> StoreResult<Vec<EnrollmentGroup>> {
-        self.with(|c| {
-            let mut st = c.prepare("SELECT body FROM enrollment_groups ORDER BY seq").map_err(backend)?;
-            let bodies = st.query_map([], |r| r.get::<_, String>(0)).map_err(backend)?;
-            bodies.map(|b| parse(&b.map_err(backend)?)).collect()
-        })
-        .await
+        self.with(|c| GROUPS.page(c, 0, usize::MAX >> 1)).await
     }
 
     async fn upsert_group(&self, id: &str, update: GroupUpdate) -> StoreResult<EnrollmentGroup> {
         let id = key(id);
-        self.with(move |c| {
-            let tx = c.transaction().map_err(backend)?;
-            let current: Option<String> = tx
-                .query_row("SELECT body FROM enrollment_groups WHERE id_key = ?1", [&id], |r| r.get(0))
-                .optional()
-                .map_err(backend)?;
-            let current: Option<EnrollmentGroup> = current.map(|b| parse(&b)).transpose()?;
-            let next = update(current.as_ref())?;
-            let body = serde_json::to_string(&next).map_err(backend)?;
-            tx.execute(
-                "INSERT INTO enrollment_groups (id_key, body) VALUES (?1, ?2) ON CONFLICT(id_key) DO UPDATE SET body = ?2",
-                params![id, body],
-            )
-            .map_err(backend)?;
-            tx.commit().map_err(backend)?;
-            Ok(next)
-        })
-        .await
+        self.with(move |c| GROUPS.upsert(c, &id, update)).await
     }
 
     async fn delete_group(&self, id: &str, if_match: Option<&str>) -> StoreResult<bool> {
         let (id, if_match) = (key(id), if_match.map(str::to_owned));
         self.with(move |c| {
-            let tx = c.transaction().map_err(backend)?;
-            let current: Option<String> = tx
-                .query_row("SELECT body FROM enrollment_groups WHERE id_key = ?1", [&id], |r| r.get(0))
-                .optional()
-                .map_err(backend)?;
-            let Some(current) = current else {
-                return Ok(false);
-            };
-            let current: EnrollmentGroup = parse(&current)?;
-            check_if_match(if_match.as_deref(), current.settings.etag.as_deref())?;
-            tx.execute("DELETE FROM enrollment_groups WHERE id_key = ?1", [&id]).map_err(backend)?;
-            tx.commit().map_err(backend)?;
-            Ok(true)
+            GROUPS.delete(c, &id, |g: &EnrollmentGroup| check_if_match(if_match.as_deref(), g.settings.etag.as_deref()))
         })
         .await
     }
