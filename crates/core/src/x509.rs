@@ -29,6 +29,9 @@ use crate::time::Timestamp;
 /// limit; five covers a leaf under two intermediates and a root with room to spare, and bounds
 /// the path building work an unauthenticated client can cause.
 pub const MAX_CHAIN_CERTIFICATES: usize = 5;
+/// The most certificates the TLS layer takes at all: a longer chain is refused (with a 401, and
+/// logged) by DPS and the hub, not dropped in the handshake; beyond this it is abuse.
+pub const MAX_PRESENTED_CERTIFICATES: usize = 2 * MAX_CHAIN_CERTIFICATES;
 /// The largest certificate accepted, in DER bytes (RSA-4096 certificates are about 1.5 KB).
 pub const MAX_CERTIFICATE_BYTES: usize = 16 * 1024;
 

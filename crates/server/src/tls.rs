@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use fleetgate_core::x509::{CertificateChain, MAX_CERTIFICATE_BYTES, MAX_CHAIN_CERTIFICATES};
+use fleetgate_core::x509::{CertificateChain, MAX_CERTIFICATE_BYTES, MAX_PRESENTED_CERTIFICATES};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -63,7 +63,7 @@ impl ClientCertVerifier for DeviceCertificates {
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let bad = || rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding);
-        if intermediates.len() + 1 > MAX_CHAIN_CERTIFICATES
+        if intermediates.len() + 1 > MAX_PRESENTED_CERTIFICATES
             || std::iter::once(end_entity).chain(intermediates).any(|c| c.len() > MAX_CERTIFICATE_BYTES)
         {
             return Err(bad());

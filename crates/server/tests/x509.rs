@@ -336,19 +336,26 @@ async fn a_certificate_from_another_groups_ca_is_refused_where_the_device_is_enr
 }
 
 #[tokio::test]
-async fn chains_longer_than_the_limit_are_refused_in_the_handshake() {
+async fn chains_longer_than_the_limit_are_refused() {
     let s = TestServer::start().await;
     let ca = root("root");
+    x509_group(&s, "grp", &ca).await;
     let mut issuers = vec![ca];
-    for i in 0..5 {
+    for i in 0..10 {
         let next = intermediate(&format!("i{i}"), issuers.last().unwrap());
         issuers.push(next);
     }
-    let dev = device("x-long", issuers.last().unwrap());
+    // Leaf + five CAs under the enrolled root: a valid chain, but longer than DPS accepts.
+    let dev = device("x-long", &issuers[5]);
     let mut certs: Vec<&Issued> = vec![&dev];
-    certs.extend(issuers.iter().rev());
+    certs.extend(issuers[1..=5].iter().rev());
+    assert_refused(&s, "x-long", register_with(&s, "x-long", &chain(&certs), &dev.key).await).await;
+    // Far beyond the limit, the handshake itself fails.
+    let dev = device("x-longer", issuers.last().unwrap());
+    let mut certs: Vec<&Issued> = vec![&dev];
+    certs.extend(issuers[1..].iter().rev());
     let refused = s.tls_with_cert(s.mqtt_addr(), &chain(&certs), &dev.key.serialize_pem(), false).await;
-    assert!(refused.is_err(), "a six-certificate chain was accepted");
+    assert!(refused.is_err(), "an eleven-certificate chain was accepted");
 }
 
 // ---------------------------------------------------------------------------------------------
