@@ -538,6 +538,44 @@ pub(crate) mod tests {
         assert_eq!(verify_chain(&chain(&[&d]), &[old.certificate()], now).unwrap_err(), CertificateRefusal::CaNotValid);
     }
 
+    proptest::proptest! {
+        /// Certificates come from service API bodies and TLS peers: no input may panic a parser.
+        #[test]
+        fn parsers_never_panic(text in ".{0,300}", der in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = Certificate::parse(&text);
+            let _ = Certificate::parse(&format!("{PEM_BEGIN}\n{text}\n{PEM_END}"));
+            let _ = Certificate::from_der(&der);
+            if let Some(chain) = CertificateChain::new(vec![der.clone(), der]) {
+                let _ = check_leaf(&chain, 0);
+                let _ = verify_chain(&chain, &[], 0);
+            }
+        }
+
+        /// A real certificate with bytes changed: still no panic, and never trusted by accident.
+        #[test]
+        fn mutated_certificates_never_panic(at in 0usize..2000, byte in proptest::num::u8::ANY) {
+            static CA: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+            let (ca_der, leaf_der) = CA.get_or_init(|| {
+                let ca = ca("root");
+                (ca.cert.der().to_vec(), leaf("dev", &ca).cert.der().to_vec())
+            });
+            let mut der = leaf_der.clone();
+            let i = at % der.len();
+            proptest::prop_assume!(der[i] != byte);
+            der[i] = byte;
+            let now = Timestamp::now().unix_seconds();
+            if let Ok(c) = Certificate::from_der(&der) {
+                let _ = (c.info(), c.common_name(), c.is_ca());
+            }
+            let chain = CertificateChain::new(vec![der]).unwrap();
+            let _ = check_leaf(&chain, now);
+            let ca = Certificate::from_der(ca_der).unwrap();
+            // Any change to the signed part breaks the signature; a change to the signature itself
+            // too (DER-level changes that leave both intact do not exist for ECDSA here).
+            proptest::prop_assert!(verify_chain(&chain, &[ca], now).is_err());
+        }
+    }
+
     #[test]
     fn thumbprints_match_sha1_or_sha256_in_any_case() {
         let root = ca("root");
