@@ -73,3 +73,59 @@ pub fn serve() -> Served {
     let mqtt_port = rx.recv_timeout(Duration::from_secs(20)).expect("server banner with the MQTT port");
     Served { child, dir, mqtt_port }
 }
+
+/// A `fleetgate serve` child on a data directory the caller owns, so it can be killed and started
+/// again on the same directory (each start gets new random ports).
+pub struct Server {
+    pub child: Child,
+    pub mqtt_port: u16,
+    pub https_port: u16,
+}
+
+impl Server {
+    /// Starts `fleetgate serve` on `dir` (created on first use); returns once the banner names
+    /// both ports.
+    pub fn start(dir: &std::path::Path) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--data-dir", dir.to_str().unwrap(), "--mqtt-port", "0", "--https-port", "0"])
+            .env_remove("FLEETGATE_DATA_DIR")
+            .env_remove("FLEETGATE_MQTT_PORT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        // Keeps draining stdout so the server never blocks on it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(rest) = line.trim().strip_prefix("MQTT/TLS on ") {
+                    let port = |addr: &str| addr.trim().rsplit(':').next().unwrap_or_default().parse::<u16>().ok();
+                    let (mqtt, https) = rest.split_once(", HTTPS on ").unwrap_or((rest, ""));
+                    let _ = tx.send((port(mqtt), port(https)));
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((Some(mqtt_port), Some(https_port))) => Server { child, mqtt_port, https_port },
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no server banner with both ports: {other:?}");
+            }
+        }
+    }
+
+    /// SIGKILL (no graceful shutdown), and reaps the process.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
