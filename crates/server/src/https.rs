@@ -12,7 +12,7 @@ use fleetgate_hub::Hub;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
@@ -106,34 +106,18 @@ pub async fn serve(
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let mut tls = (*tls).clone();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let app = app(dps.clone(), hub.clone()).merge(crate::websocket::router(dps, hub, limits.clone(), shutdown.clone()));
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.changed() => break,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "https accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    let max = limits.max_connections;
+    crate::listener::accept_loop(listener, "https", max, shutdown.clone(), move |tcp, peer, permit| {
         let (acceptor, app, limits, mut stop) = (acceptor.clone(), app.clone(), limits.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        async move {
             // Shared with the requests, so an upgraded WebSocket keeps the connection's slot.
             let permit = crate::websocket::ConnectionPermit(Arc::new(permit));
-            let _counted = fleetgate_metrics::METRICS.connection("https");
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -173,9 +157,9 @@ pub async fn serve(
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "https connection error");
             }
-        });
-    }
-    crate::drain(&permits, limits.max_connections, "https").await;
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod cert_reload;
 pub mod config;
 pub mod datadir;
 pub mod https;
+mod listener;
 pub mod mqtt;
 pub mod tls;
 pub mod websocket;
@@ -60,23 +61,6 @@ impl RunningServer {
 
     pub fn shutdown_signal(&self) -> watch::Sender<bool> {
         self.shutdown.clone()
-    }
-}
-
-/// How long a shutdown waits for in-flight work (registrations, appends, open sessions closing).
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// After a listener stops accepting: waits until every connection it admitted has finished (each
-/// holds one of `total` permits), at most [`SHUTDOWN_GRACE`].
-pub(crate) async fn drain(permits: &tokio::sync::Semaphore, total: usize, listener: &str) {
-    let all = u32::try_from(total).unwrap_or(u32::MAX);
-    match tokio::time::timeout(SHUTDOWN_GRACE, permits.acquire_many(all)).await {
-        Ok(_) => tracing::info!(listener, "all connections closed"),
-        Err(_) => tracing::warn!(
-            listener,
-            in_flight = total - permits.available_permits(),
-            "shutdown grace expired; closing the rest"
-        ),
     }
 }
 

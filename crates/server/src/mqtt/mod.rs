@@ -17,7 +17,7 @@ use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::{Error as CodecError, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 pub use connection::{Connection, ConnectionError};
@@ -33,39 +33,21 @@ pub async fn serve(
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.changed() => break,
-        };
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "mqtt accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = tcp.set_nodelay(true);
+    let max = limits.max_connections;
+    crate::listener::accept_loop(listener, "mqtt", max, shutdown.clone(), move |tcp, peer, permit| {
         let (acceptor, dps, hub, limits, shutdown) =
             (acceptor.clone(), dps.clone(), hub.clone(), limits.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        async move {
             let _permit = permit;
-            let _counted = fleetgate_metrics::METRICS.connection("mqtt");
             if let Err(e) = handle(tcp, acceptor, dps, hub, limits, shutdown).await {
                 tracing::debug!(%peer, error = %e, "mqtt connection ended with an error");
             }
-        });
-    }
-    crate::drain(&permits, limits.max_connections, "mqtt").await;
+        }
+    })
+    .await;
 }
 
 /// One connection from the MQTT port: TLS, then the MQTT conversation. The TLS handshake and the
