@@ -477,8 +477,10 @@ def test_c2d_queued_while_offline_is_delivered(server, hub_group, hub_devices):
     assert hub.send_c2d(device_id, "offline again", message_id="c2d-3", properties={"n": "3"}).status_code == 204
     dev2 = hub_devices(server, device_id, key, hub_hostname=hub_name)
     received2 = queue.Queue()
-    dev2.connect()
+    # The handler goes on before connecting, as the SDK documents: the hub keeps the session's
+    # C2D subscription (CleanSession 0), so the queued message arrives right after CONNACK.
     dev2.client.on_message_received = received2.put
+    dev2.connect()
     msg = received2.get(timeout=10)
     assert (msg.data, msg.message_id, msg.custom_properties) == (b"offline again", "c2d-3", {"n": "3"})
     time.sleep(0.3)
