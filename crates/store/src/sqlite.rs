@@ -65,11 +65,31 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 "#;
 
+/// The store: SQLite in WAL mode with one writer and several readers.
+///
+/// Every change goes to one writer thread, which takes all the changes waiting (up to
+/// [`MAX_WRITE_BATCH`]), applies each in its own savepoint (a refused change is rolled back
+/// alone) and commits them together: one fsync for the batch (group commit), and a caller learns
+/// its result only after that commit, so nothing is acknowledged before it is on disk. Reads use a
+/// small pool of read-only connections, which WAL lets proceed while the writer commits.
 #[derive(Clone)]
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    writer: std::sync::mpsc::Sender<WriteJob>,
+    readers: Arc<Vec<Mutex<Connection>>>,
+    next_reader: Arc<std::sync::atomic::AtomicUsize>,
     events: Arc<Mutex<Connection>>,
 }
+
+/// One change for the writer thread, and where to send its result.
+struct WriteJob {
+    run: Box<dyn FnOnce(&Connection) -> StoreResult<Box<dyn std::any::Any + Send>> + Send>,
+    reply: tokio::sync::oneshot::Sender<StoreResult<Box<dyn std::any::Any + Send>>>,
+}
+
+/// The most changes committed together.
+const MAX_WRITE_BATCH: usize = 256;
+/// Read-only connections to the registry.
+const READERS: usize = 4;
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -79,56 +99,139 @@ fn key(s: &str) -> String {
     s.to_ascii_lowercase()
 }
 
+fn configure(c: &Connection) -> StoreResult<()> {
+    c.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+    c.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
+    c.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens `path` (the registry) and `telemetry.db` beside it (the event stream).
     pub fn open(path: &Path) -> StoreResult<Self> {
-        let events = path.with_file_name("telemetry.db");
-        Self::init(Connection::open(path).map_err(backend)?, Connection::open(events).map_err(backend)?)
-    }
-
-    /// A private in-memory database, for tests.
-    pub fn in_memory() -> StoreResult<Self> {
-        Self::init(Connection::open_in_memory().map_err(backend)?, Connection::open_in_memory().map_err(backend)?)
-    }
-
-    fn init(conn: Connection, events: Connection) -> StoreResult<Self> {
-        for (c, schema) in [(&conn, SCHEMA), (&events, EVENTS_SCHEMA)] {
-            c.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
-            c.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
-            c.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
-            c.execute_batch(schema).map_err(backend)?;
-        }
+        let conn = Connection::open(path).map_err(backend)?;
+        configure(&conn)?;
+        conn.execute_batch(SCHEMA).map_err(backend)?;
         migrate(&conn)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), events: Arc::new(Mutex::new(events)) })
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let r = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(backend)?;
+            r.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+            readers.push(Mutex::new(r));
+        }
+        let events = Connection::open(path.with_file_name("telemetry.db")).map_err(backend)?;
+        configure(&events)?;
+        events.execute_batch(EVENTS_SCHEMA).map_err(backend)?;
+        let (writer, jobs) = std::sync::mpsc::channel::<WriteJob>();
+        std::thread::Builder::new()
+            .name("fleetgate-store-writer".into())
+            .spawn(move || write_loop(conn, jobs))
+            .map_err(backend)?;
+        Ok(Self {
+            writer,
+            readers: Arc::new(readers),
+            next_reader: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            events: Arc::new(Mutex::new(events)),
+        })
     }
 
-    /// Runs `f` with the registry connection on the blocking pool.
+    /// A private database in a fresh temporary directory, for tests.
+    pub fn in_memory() -> StoreResult<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "fleetgate-store-{}-{}",
+            std::process::id(),
+            NEXT_TEMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).map_err(backend)?;
+        Self::open(&dir.join("fleetgate.db"))
+    }
+
+    /// Runs a read on one of the read-only connections, on the blocking pool.
     async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
-        Self::run(self.conn.clone(), f).await
+        let i = self.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.readers.len();
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic in another call poisons the mutex; the connection itself is still sound.
+            let mut guard = readers[i].lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(backend)?
+    }
+
+    /// Runs a change on the writer thread; resolves once its batch is committed.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        let run = Box::new(move |c: &Connection| f(c).map(|v| Box::new(v) as Box<dyn std::any::Any + Send>));
+        self.writer.send(WriteJob { run, reply }).map_err(|_| backend("the store's writer has stopped"))?;
+        let value = result.await.map_err(|_| backend("the store's writer dropped a change"))??;
+        Ok(*value.downcast::<T>().expect("the writer returns what the job produced"))
     }
 
     async fn with_events<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
-        Self::run(self.events.clone(), f).await
-    }
-
-    async fn run<T: Send + 'static>(
-        conn: Arc<Mutex<Connection>>,
-        f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
-    ) -> StoreResult<T> {
+        let conn = self.events.clone();
         tokio::task::spawn_blocking(move || {
-            // A panic in another call poisons the mutex; the connection itself is still sound
-            // (SQLite rolls back an unfinished transaction), so keep serving.
             let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
             f(&mut guard)
         })
         .await
         .map_err(backend)?
+    }
+}
+
+static NEXT_TEMP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The writer thread: group commit with a savepoint per change.
+fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<WriteJob>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_WRITE_BATCH {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut tx = match conn.transaction() {
+            Ok(tx) => tx,
+            Err(e) => {
+                for j in batch {
+                    let _ = j.reply.send(Err(backend(&e)));
+                }
+                continue;
+            }
+        };
+        let mut done = Vec::with_capacity(batch.len());
+        for job in batch {
+            let result = match tx.savepoint() {
+                Ok(mut sp) => {
+                    let r = (job.run)(&sp);
+                    let settled = if r.is_ok() { sp.commit() } else { sp.rollback() };
+                    match settled {
+                        Ok(()) => r,
+                        Err(e) => Err(backend(e)),
+                    }
+                }
+                Err(e) => Err(backend(e)),
+            };
+            done.push((job.reply, result));
+        }
+        let committed = tx.commit();
+        for (reply, result) in done {
+            let _ = reply.send(match (&committed, result) {
+                (Ok(()), r) => r,
+                (Err(e), Ok(_)) => Err(backend(e)),
+                (Err(_), Err(e)) => Err(e),
+            });
+        }
     }
 }
 
@@ -157,37 +260,33 @@ impl Documents {
         bodies.map(|b| parse(&b.map_err(backend)?)).collect()
     }
 
-    /// Read-modify-write in one transaction; a refused update writes nothing.
+    /// Read-modify-write, inside the caller's transaction; a refused update writes nothing.
     fn upsert<T: serde::Serialize + serde::de::DeserializeOwned>(
         self,
-        c: &mut Connection,
+        tx: &Connection,
         id: &str,
         update: Box<dyn FnOnce(Option<&T>) -> Result<T, DpsError> + Send>,
     ) -> StoreResult<T> {
-        let tx = c.transaction().map_err(backend)?;
-        let current: Option<T> = self.get(&tx, id)?;
+        let current: Option<T> = self.get(tx, id)?;
         let next = update(current.as_ref())?;
         let sql = format!(
             "INSERT INTO {} ({}, body) VALUES (?1, ?2) ON CONFLICT({}) DO UPDATE SET body = ?2",
             self.table, self.key, self.key
         );
         tx.execute(&sql, params![id, serde_json::to_string(&next).map_err(backend)?]).map_err(backend)?;
-        tx.commit().map_err(backend)?;
         Ok(next)
     }
 
     /// Deletes the document if `check` (an etag precondition) accepts it; `Ok(false)` if absent.
     fn delete<T: serde::de::DeserializeOwned>(
         self,
-        c: &mut Connection,
+        tx: &Connection,
         id: &str,
         check: impl FnOnce(&T) -> Result<(), DpsError>,
     ) -> StoreResult<bool> {
-        let tx = c.transaction().map_err(backend)?;
-        let Some(current) = self.get::<T>(&tx, id)? else { return Ok(false) };
+        let Some(current) = self.get::<T>(tx, id)? else { return Ok(false) };
         check(&current)?;
         tx.execute(&format!("DELETE FROM {} WHERE {} = ?1", self.table, self.key), [id]).map_err(backend)?;
-        tx.commit().map_err(backend)?;
         Ok(true)
     }
 }
@@ -232,7 +331,7 @@ fn registration_from(
     Ok(r)
 }
 
-fn write_registration(tx: &rusqlite::Transaction<'_>, r: &RegistrationRecord) -> StoreResult<()> {
+fn write_registration(tx: &Connection, r: &RegistrationRecord) -> StoreResult<()> {
     let body = serde_json::to_string(r).map_err(backend)?;
     tx.execute(
         "INSERT INTO registrations (reg_key, group_key, operation_id, body, internal) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -261,7 +360,7 @@ impl Store for SqliteStore {
 
     async fn set_setting(&self, k: &str, v: &str) -> StoreResult<()> {
         let (k, v) = (k.to_owned(), v.to_owned());
-        self.with(move |c| {
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
                 [k, v],
@@ -294,7 +393,7 @@ impl Store for SqliteStore {
 
     async fn add_hub(&self, hub: &LinkedHub) -> StoreResult<()> {
         let hub = hub.clone();
-        self.with(move |c| {
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO hubs (host_key, host_name, owner_key, allocation) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(host_key) DO NOTHING",
@@ -313,7 +412,7 @@ impl Store for SqliteStore {
 
     async fn set_hub_allocation(&self, host_name: &str, allocation: &HubAllocation) -> StoreResult<bool> {
         let (h, a) = (key(host_name), serde_json::to_string(allocation).map_err(backend)?);
-        self.with(move |c| {
+        self.write(move |c| {
             c.execute("UPDATE hubs SET allocation = ?2 WHERE host_key = ?1", params![h, a])
                 .map(|n| n > 0)
                 .map_err(backend)
@@ -336,12 +435,12 @@ impl Store for SqliteStore {
         update: EnrollmentUpdate,
     ) -> StoreResult<IndividualEnrollment> {
         let id = key(registration_id);
-        self.with(move |c| ENROLLMENTS.upsert(c, &id, update)).await
+        self.write(move |c| ENROLLMENTS.upsert(c, &id, update)).await
     }
 
     async fn delete_enrollment(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool> {
         let (id, if_match) = (key(registration_id), if_match.map(str::to_owned));
-        self.with(move |c| {
+        self.write(move |c| {
             ENROLLMENTS.delete(c, &id, |e: &IndividualEnrollment| {
                 check_if_match(if_match.as_deref(), e.settings.etag.as_deref())
             })
@@ -360,12 +459,12 @@ impl Store for SqliteStore {
 
     async fn upsert_group(&self, id: &str, update: GroupUpdate) -> StoreResult<EnrollmentGroup> {
         let id = key(id);
-        self.with(move |c| GROUPS.upsert(c, &id, update)).await
+        self.write(move |c| GROUPS.upsert(c, &id, update)).await
     }
 
     async fn delete_group(&self, id: &str, if_match: Option<&str>) -> StoreResult<bool> {
         let (id, if_match) = (key(id), if_match.map(str::to_owned));
-        self.with(move |c| {
+        self.write(move |c| {
             GROUPS.delete(c, &id, |g: &EnrollmentGroup| check_if_match(if_match.as_deref(), g.settings.etag.as_deref()))
         })
         .await
@@ -401,8 +500,8 @@ impl Store for SqliteStore {
 
     async fn delete_registration(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool> {
         let (id, if_match) = (key(registration_id), if_match.map(str::to_owned));
-        self.with(move |c| {
-            let tx = c.transaction().map_err(backend)?;
+        self.write(move |c| {
+            let tx = c;
             let current: Option<String> = tx
                 .query_row("SELECT body FROM registrations WHERE reg_key = ?1", [&id], |r| r.get(0))
                 .optional()
@@ -413,7 +512,6 @@ impl Store for SqliteStore {
             let current: RegistrationRecord = parse(&current)?;
             check_if_match(if_match.as_deref(), Some(&current.etag))?;
             tx.execute("DELETE FROM registrations WHERE reg_key = ?1", [&id]).map_err(backend)?;
-            tx.commit().map_err(backend)?;
             Ok(true)
         })
         .await
@@ -421,10 +519,10 @@ impl Store for SqliteStore {
 
     async fn put_registration(&self, record: &RegistrationRecord) -> StoreResult<()> {
         let record = record.clone();
-        self.with(move |c| {
-            let tx = c.transaction().map_err(backend)?;
-            write_registration(&tx, &record)?;
-            tx.commit().map_err(backend)
+        self.write(move |c| {
+            let tx = c;
+            write_registration(tx, &record)?;
+            Ok(())
         })
         .await
     }
@@ -438,9 +536,9 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         let (record, device, twin) = (record.clone(), device.clone(), twin.cloned());
         let moved_from = moved_from.map(|(h, d)| (key(h), key(d)));
-        self.with(move |c| {
-            let tx = c.transaction().map_err(backend)?;
-            write_registration(&tx, &record)?;
+        self.write(move |c| {
+            let tx = c;
+            write_registration(tx, &record)?;
             if let Some((h, d)) = &moved_from {
                 for table in ["devices", "c2d", "mqtt_sessions"] {
                     tx.execute(&format!("DELETE FROM {table} WHERE hub_key = ?1 AND device_key = ?2"), params![h, d])
@@ -460,7 +558,7 @@ impl Store for SqliteStore {
                 params![hub, id, body, twin],
             )
             .map_err(backend)?;
-            tx.commit().map_err(backend)
+            Ok(())
         })
         .await
     }
@@ -494,8 +592,8 @@ impl Store for SqliteStore {
         update: DeviceUpdate,
     ) -> StoreResult<Option<(DeviceIdentity, Twin)>> {
         let (h, d) = (key(hub), key(device_id));
-        self.with(move |c| {
-            let tx = c.transaction().map_err(backend)?;
+        self.write(move |c| {
+            let tx = c;
             let current = read_device(&tx, &h, &d)?;
             let next = update(current)?;
             match &next {
@@ -518,7 +616,6 @@ impl Store for SqliteStore {
                         .map_err(backend)?;
                 }
             }
-            tx.commit().map_err(backend)?;
             Ok(next)
         })
         .await
@@ -577,8 +674,8 @@ impl Store for SqliteStore {
 
     async fn enqueue_c2d(&self, message: &C2dMessage, max_depth: usize) -> StoreResult<()> {
         let m = message.clone();
-        self.with(move |c| {
-            let tx = c.transaction().map_err(backend)?;
+        self.write(move |c| {
+            let tx = c;
             let (h, d) = (key(&m.hub), key(&m.device_id));
             let depth: i64 = tx
                 .query_row("SELECT COUNT(*) FROM c2d WHERE hub_key = ?1 AND device_key = ?2", params![h, d], |r| {
@@ -597,14 +694,14 @@ impl Store for SqliteStore {
                 params![h, d, m.id, m.expiry, body],
             )
             .map_err(backend)?;
-            tx.commit().map_err(backend)
+            Ok(())
         })
         .await
     }
 
     async fn pending_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<Vec<C2dMessage>> {
         let (h, d) = (key(hub), key(device_id));
-        self.with(move |c| {
+        self.write(move |c| {
             c.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2 AND expiry < ?3", params![h, d, now])
                 .map_err(backend)?;
             let mut st = c
@@ -618,7 +715,7 @@ impl Store for SqliteStore {
 
     async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool> {
         let (h, d, id) = (key(hub), key(device_id), id.to_owned());
-        self.with(move |c| {
+        self.write(move |c| {
             c.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2 AND id = ?3", params![h, d, id])
                 .map(|n| n > 0)
                 .map_err(backend)
@@ -676,7 +773,7 @@ impl Store for SqliteStore {
 
     async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()> {
         let (h, d, state) = (key(hub), key(device_id), state.map(str::to_owned));
-        self.with(move |c| {
+        self.write(move |c| {
             match state {
                 Some(s) => c.execute(
                     "INSERT INTO mqtt_sessions (hub_key, device_key, state) VALUES (?1, ?2, ?3)
