@@ -246,7 +246,15 @@ impl Provisioning {
 
     async fn enrollment_of(&self, auth: &DeviceAuth) -> Result<Option<Enrollment>, DpsError> {
         Ok(match &auth.enrollment {
-            EnrollmentRef::Group(id) => self.store.group(id).await.map_err(store_err)?.map(Enrollment::Group),
+            // The in-memory copy: every change to a group goes through this process's service
+            // API, which refreshes it, so a disabled group is seen at once.
+            EnrollmentRef::Group(id) => self
+                .cached_groups()
+                .await?
+                .iter()
+                .find(|g| g.enrollment_group_id.eq_ignore_ascii_case(id))
+                .cloned()
+                .map(Enrollment::Group),
             EnrollmentRef::Individual => self
                 .store
                 .enrollment(auth.registration_id.as_str())
@@ -410,29 +418,30 @@ impl Provisioning {
         let initial = || Twin::from_initial(initial_twin_override.or(settings.initial_twin.as_ref()));
         let credentials = enrollment.device_credentials(id.as_str());
 
-        let (hub, substatus, twin, moved_from) =
-            match decide_assignment(existing, settings.reprovision_policy, allocated) {
-                Assignment::Keep { hub, substatus } => {
-                    let present = self.store.device(&hub, &device_id).await.map_err(store_err)?;
-                    // An identity the operator deleted is created again, from the initial twin.
-                    let twin = if present.is_none() { Some(initial()?) } else { None };
-                    (hub, substatus, twin, None)
-                }
-                Assignment::Move { hub, substatus, from, migrate_twin } => {
-                    let old_device = existing.and_then(|r| r.device_id.clone()).unwrap_or_else(|| device_id.clone());
-                    let carried = match (&from, migrate_twin) {
-                        (Some(from), true) => {
-                            self.store.twin(from, &old_device).await.map_err(store_err)?.map(|(_, t)| t)
-                        }
-                        _ => None,
-                    };
-                    let twin = match carried {
-                        Some(t) => t,
-                        None => initial()?,
-                    };
-                    (hub, substatus, Some(twin), from.map(|f| (f, old_device)))
-                }
-            };
+        let decision = decide_assignment(existing, settings.reprovision_policy, allocated);
+        let target = match &decision {
+            Assignment::Keep { hub, .. } | Assignment::Move { hub, .. } => hub.clone(),
+        };
+        let present = self.store.device(&target, &device_id).await.map_err(store_err)?;
+        let (hub, substatus, twin, moved_from) = match decision {
+            Assignment::Keep { hub, substatus } => {
+                // An identity the operator deleted is created again, from the initial twin.
+                let twin = if present.is_none() { Some(initial()?) } else { None };
+                (hub, substatus, twin, None)
+            }
+            Assignment::Move { hub, substatus, from, migrate_twin } => {
+                let old_device = existing.and_then(|r| r.device_id.clone()).unwrap_or_else(|| device_id.clone());
+                let carried = match (&from, migrate_twin) {
+                    (Some(from), true) => self.store.twin(from, &old_device).await.map_err(store_err)?.map(|(_, t)| t),
+                    _ => None,
+                };
+                let twin = match carried {
+                    Some(t) => t,
+                    None => initial()?,
+                };
+                (hub, substatus, Some(twin), from.map(|f| (f, old_device)))
+            }
+        };
         let mut record = RegistrationRecord::assigned(
             existing,
             id,
@@ -448,7 +457,6 @@ impl Provisioning {
             record.operation_id = op.to_owned();
         }
         record.internal.x509 = auth.x509.clone();
-        let present = self.store.device(&hub, &device_id).await.map_err(store_err)?;
         let device = DeviceIdentity::provisioned_with(present.as_ref(), &hub, &device_id, credentials, now);
         self.store
             .commit_assignment(
