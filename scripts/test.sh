@@ -17,3 +17,4 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 cargo build --locked -p fleetgate
 FLEETGATE_BIN="$PWD/target/debug/fleetgate" .venv/bin/python -m pytest -q tests/sdk
+./scripts/bench --smoke  # benchmarks: every scenario tiny (seconds), no timing checks
