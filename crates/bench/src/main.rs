@@ -81,6 +81,10 @@ struct Options {
     /// idle: connections held open.
     #[arg(long, default_value_t = 20_000)]
     idle_connections: usize,
+    /// idle: connections per loopback source address; beyond it, 127.0.0.2, .3, ... are bound
+    /// before connecting (one address has about 28,000 ephemeral ports).
+    #[arg(long, default_value_t = scenarios::PER_SOURCE_ADDRESS)]
+    per_source_address: usize,
     /// cold-start: restarts measured.
     #[arg(long, default_value_t = 5)]
     cold_starts: usize,
@@ -125,6 +129,7 @@ impl Options {
             self.telemetry_devices = 8;
             self.seconds = 1.0;
             self.idle_connections = 40;
+            self.per_source_address = 16; // exercises binding source addresses
             self.cold_starts = 1;
             self.handshakes = 40;
         }
@@ -434,6 +439,7 @@ async fn run(plan: Plan, opts: Options, nofile: u64) -> anyhow::Result<Report> {
         let k = o.idle_connections;
         println!("== idle: {k} TLS device connections");
         let settle = Duration::from_secs(if o.smoke { 0 } else { 2 });
+        let per_source = o.per_source_address;
         {
             let server = ctx.fleetgate().await?;
             ctx.provision_up_to(&server, k).await?;
@@ -441,7 +447,9 @@ async fn run(plan: Plan, opts: Options, nofile: u64) -> anyhow::Result<Report> {
         }
         // A fresh process, so the memory measured is the connections' and not the provisioning's.
         let server = ctx.fleetgate().await?;
-        let r = scenarios::idle(&server, scenarios::IdleLogin::Fleetgate(ctx.instance().clone()), k, settle).await?;
+        let r =
+            scenarios::idle(&server, scenarios::IdleLogin::Fleetgate(ctx.instance().clone()), k, per_source, settle)
+                .await?;
         print_idle(&r);
         report.idle.push(r);
         server.stop().await;
@@ -449,7 +457,7 @@ async fn run(plan: Plan, opts: Options, nofile: u64) -> anyhow::Result<Report> {
             let server = ctx.mosquitto(false).await?;
             let login =
                 scenarios::IdleLogin::Mosquitto(ctx.instance().group_key.clone(), ctx.mosquitto_files().ca_pem.clone());
-            let r = scenarios::idle(&server, login, k, settle).await?;
+            let r = scenarios::idle(&server, login, k, per_source, settle).await?;
             print_idle(&r);
             report.idle.push(r);
             server.stop().await;

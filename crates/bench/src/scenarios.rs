@@ -640,12 +640,21 @@ impl IdleLogin {
 }
 
 /// Connections per source address: below the 28k ephemeral ports one address has.
-const PER_SOURCE_ADDRESS: usize = 25_000;
+pub const PER_SOURCE_ADDRESS: usize = 25_000;
 
 /// `count` device connections (TLS + CONNECT, CONNACK accepted) held open; the server's RSS
 /// before and after, per connection.
-pub async fn idle(server: &Server, login: IdleLogin, count: usize, settle: Duration) -> anyhow::Result<IdleResult> {
-    let sources = count.div_ceil(PER_SOURCE_ADDRESS).max(1);
+pub async fn idle(
+    server: &Server,
+    login: IdleLogin,
+    count: usize,
+    per_source: usize,
+    settle: Duration,
+) -> anyhow::Result<IdleResult> {
+    let sources = count.div_ceil(per_source.max(1)).max(1);
+    if sources > 250 {
+        bail!("{count} connections at {per_source} per source address need more than 127.0.0.2-127.0.0.251");
+    }
     let tls = TlsConnector::from(crate::tls::client_config(login.ca_pem(), false)?);
     let login = Arc::new(login);
     let (rss_before, _) = server.memory_kib()?;
