@@ -249,7 +249,8 @@ const ENROLLMENTS: Documents = Documents { table: "enrollments", key: "reg_key" 
 impl Documents {
     fn get<T: serde::de::DeserializeOwned>(self, c: &Connection, id: &str) -> StoreResult<Option<T>> {
         let sql = format!("SELECT body FROM {} WHERE {} = ?1", self.table, self.key);
-        let body: Option<String> = c.query_row(&sql, [id], |r| r.get(0)).optional().map_err(backend)?;
+        let body: Option<String> =
+            c.prepare_cached(&sql).map_err(backend)?.query_row([id], |r| r.get(0)).optional().map_err(backend)?;
         body.map(|b| parse(&b)).transpose()
     }
 
@@ -333,17 +334,18 @@ fn registration_from(
 
 fn write_registration(tx: &Connection, r: &RegistrationRecord) -> StoreResult<()> {
     let body = serde_json::to_string(r).map_err(backend)?;
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO registrations (reg_key, group_key, operation_id, body, internal) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT(reg_key) DO UPDATE SET group_key = ?2, operation_id = ?3, body = ?4, internal = ?5",
-        params![
-            key(&r.registration_id),
-            r.enrollment_group_id.as_deref().map(key),
-            r.operation_id,
-            body,
-            serde_json::to_string(&r.internal).map_err(backend)?
-        ],
     )
+    .map_err(backend)?
+    .execute(params![
+        key(&r.registration_id),
+        r.enrollment_group_id.as_deref().map(key),
+        r.operation_id,
+        body,
+        serde_json::to_string(&r.internal).map_err(backend)?
+    ])
     .map_err(backend)?;
     Ok(())
 }
@@ -353,7 +355,11 @@ impl Store for SqliteStore {
     async fn setting(&self, k: &str) -> StoreResult<Option<String>> {
         let k = k.to_owned();
         self.with(move |c| {
-            c.query_row("SELECT value FROM settings WHERE key = ?1", [k], |r| r.get(0)).optional().map_err(backend)
+            c.prepare_cached("SELECT value FROM settings WHERE key = ?1")
+                .map_err(backend)?
+                .query_row([k], |r| r.get(0))
+                .optional()
+                .map_err(backend)
         })
         .await
     }
@@ -373,8 +379,9 @@ impl Store for SqliteStore {
 
     async fn hubs(&self) -> StoreResult<Vec<LinkedHub>> {
         self.with(|c| {
-            let mut st =
-                c.prepare("SELECT host_name, owner_key, allocation FROM hubs ORDER BY rowid").map_err(backend)?;
+            let mut st = c
+                .prepare_cached("SELECT host_name, owner_key, allocation FROM hubs ORDER BY rowid")
+                .map_err(backend)?;
             let rows = st
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
                 .map_err(backend)?;
@@ -474,7 +481,12 @@ impl Store for SqliteStore {
         let id = key(registration_id);
         self.with(move |c| {
             let sql = format!("SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE reg_key = ?1");
-            let row = c.query_row(&sql, [id], read_registration).optional().map_err(backend)?;
+            let row = c
+                .prepare_cached(&sql)
+                .map_err(backend)?
+                .query_row([id], read_registration)
+                .optional()
+                .map_err(backend)?;
             row.map(registration_from).transpose()
         })
         .await
@@ -764,7 +776,9 @@ impl Store for SqliteStore {
     async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>> {
         let (h, d) = (key(hub), key(device_id));
         self.with(move |c| {
-            c.query_row("SELECT state FROM mqtt_sessions WHERE hub_key = ?1 AND device_key = ?2", [h, d], |r| r.get(0))
+            c.prepare_cached("SELECT state FROM mqtt_sessions WHERE hub_key = ?1 AND device_key = ?2")
+                .map_err(backend)?
+                .query_row([h, d], |r| r.get(0))
                 .optional()
                 .map_err(backend)
         })
@@ -791,9 +805,9 @@ impl Store for SqliteStore {
 
 fn read_device(c: &Connection, hub: &str, device: &str) -> StoreResult<Option<(DeviceIdentity, Twin)>> {
     let row: Option<(String, String)> = c
-        .query_row("SELECT body, twin FROM devices WHERE hub_key = ?1 AND device_key = ?2", [hub, device], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .prepare_cached("SELECT body, twin FROM devices WHERE hub_key = ?1 AND device_key = ?2")
+        .map_err(backend)?
+        .query_row([hub, device], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
         .map_err(backend)?;
     row.map(|(b, t)| Ok((parse(&b)?, parse(&t)?))).transpose()

@@ -18,6 +18,11 @@ pub enum ConnectionError {
     TruncatedPacket,
 }
 
+/// How much is read at a time.
+const READ_CHUNK: usize = 1024;
+/// Buffers larger than this (after a big packet) are released once empty.
+const KEEP_BYTES: usize = 8 * 1024;
+
 pub struct Connection<S> {
     stream: S,
     read_buf: BytesMut,
@@ -27,7 +32,9 @@ pub struct Connection<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn new(stream: S, max_packet: usize) -> Self {
-        Self { stream, read_buf: BytesMut::with_capacity(4096), write_buf: BytesMut::with_capacity(4096), max_packet }
+        // Small to start: most of a device's packets are small, and an idle connection should
+        // cost little. Buffers grow for a large packet and are given back after it.
+        Self { stream, read_buf: BytesMut::with_capacity(READ_CHUNK), write_buf: BytesMut::new(), max_packet }
     }
 
     pub fn set_max_packet(&mut self, max_packet: usize) {
@@ -44,6 +51,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Err(e) => return Err(ConnectionError::Protocol(e)),
                 }
             }
+            if self.read_buf.is_empty() && self.read_buf.capacity() > KEEP_BYTES {
+                self.read_buf = BytesMut::with_capacity(READ_CHUNK);
+            }
+            if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 2 {
+                self.read_buf.reserve(READ_CHUNK);
+            }
             if self.stream.read_buf(&mut self.read_buf).await? == 0 {
                 return if self.read_buf.is_empty() { Ok(None) } else { Err(ConnectionError::TruncatedPacket) };
             }
@@ -55,6 +68,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         packet.write(&mut self.write_buf, usize::MAX).map_err(ConnectionError::Protocol)?;
         self.stream.write_all(&self.write_buf).await?;
         self.stream.flush().await?;
+        if self.write_buf.capacity() > KEEP_BYTES {
+            self.write_buf = BytesMut::new();
+        }
         Ok(())
     }
 

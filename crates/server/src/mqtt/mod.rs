@@ -113,10 +113,12 @@ async fn serve_until<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let username = connect.login.as_ref().map(|l| l.username.clone()).unwrap_or_default();
     if let Some(dps_user) = DpsUsername::parse(&username) {
-        return dps_session::run(conn, connect, dps_user, peer, dps, limits, shutdown).await;
+        // Boxed: the two sessions are large futures, and an idle connection should only pay for
+        // the one it runs.
+        return Box::pin(dps_session::run(conn, connect, dps_user, peer, dps, limits, shutdown)).await;
     }
     if let Some(hub_user) = HubUsername::parse(&username) {
-        return hub_session::run(conn, connect, hub_user, peer, hub, limits, shutdown).await;
+        return Box::pin(hub_session::run(conn, connect, hub_user, peer, hub, limits, shutdown)).await;
     }
     tracing::info!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: neither a DPS nor a hub username");
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))).await?;
