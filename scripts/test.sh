@@ -18,3 +18,4 @@ fi
 cargo build --locked -p fleetgate
 FLEETGATE_BIN="$PWD/target/debug/fleetgate" .venv/bin/python -m pytest -q tests/sdk
 ./scripts/bench --smoke  # benchmarks: every scenario tiny (seconds), no timing checks
+./scripts/fuzz --smoke  # fuzzing: every cargo-fuzz target for 3 s from the checked-in seeds

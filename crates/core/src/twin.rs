@@ -135,7 +135,11 @@ impl Twin {
         let mut t = Twin::default();
         if let Some(init) = initial {
             if let Some(tags) = init.get("tags").and_then(Value::as_object) {
-                t.tags = patched(&Map::new(), tags, MAX_TAGS_BYTES, "tag")?;
+                // Tag names follow the same rules as property names (as a service tags patch).
+                let mut tags = tags.clone();
+                tags.retain(|k, _| !k.starts_with('$'));
+                check_value(&Value::Object(tags.clone()), 1)?;
+                t.tags = patched(&Map::new(), &tags, MAX_TAGS_BYTES, "tag")?;
             }
             if let Some(d) = init.pointer("/properties/desired").and_then(Value::as_object) {
                 let mut d = d.clone();
@@ -242,5 +246,19 @@ mod tests {
         }
         assert_eq!(t.patch_reported(&big).unwrap_err().status(), 413);
         assert_eq!(t.reported_version, 1, "a refused patch changes nothing");
+    }
+
+    #[test]
+    fn initial_twin_tags_follow_the_property_name_rules() {
+        // Found by fuzz/fuzz_targets/twin_patch.rs: an enrollment's or a webhook's initialTwin
+        // stored tags that no tags patch could have written.
+        for bad in [json!({"tags": {".ite": "lab"}}), json!({"tags": {"x": {"desire a": 30}}})] {
+            assert_eq!(Twin::from_initial(Some(&bad)).unwrap_err().status(), 400, "{bad}");
+        }
+        let deep = (0..12).fold(json!(1), |v, i| json!({ format!("k{i}"): v }));
+        assert!(Twin::from_initial(Some(&json!({ "tags": deep }))).is_err());
+        // `$` members at the top are dropped, as in a patch.
+        let t = Twin::from_initial(Some(&json!({"tags": {"site": "lab", "$version": 3}}))).unwrap();
+        assert_eq!(t.tags, obj(json!({"site": "lab"})));
     }
 }
