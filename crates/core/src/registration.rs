@@ -146,6 +146,37 @@ pub fn new_operation_id() -> String {
 }
 
 impl RegistrationRecord {
+    /// The next state of a device's record: what carries over from the previous record (the id's
+    /// first spelling, creation time, current assignment, substatus, internal data) with a fresh
+    /// etag, operation id and update time. The constructors below adjust the rest.
+    fn next(
+        existing: Option<&RegistrationRecord>,
+        registration_id: &RegistrationId,
+        enrollment_group_id: Option<&str>,
+        status: RegistrationStatus,
+        now: Timestamp,
+    ) -> Self {
+        let now_s = now.to_azure_string();
+        RegistrationRecord {
+            registration_id: existing
+                .map(|r| r.registration_id.clone())
+                .unwrap_or_else(|| registration_id.as_str().to_owned()),
+            created_date_time_utc: existing.map(|r| r.created_date_time_utc.clone()).unwrap_or_else(|| now_s.clone()),
+            assigned_hub: existing.and_then(|r| r.assigned_hub.clone()),
+            device_id: existing.and_then(|r| r.device_id.clone()),
+            status,
+            substatus: existing.and_then(|r| r.substatus),
+            error_code: None,
+            error_message: None,
+            last_updated_date_time_utc: now_s,
+            etag: new_registration_etag(),
+            payload: None,
+            enrollment_group_id: enrollment_group_id.map(str::to_owned),
+            operation_id: new_operation_id(),
+            internal: existing.map(|r| r.internal.clone()).unwrap_or_default(),
+        }
+    }
+
     /// The record after a successful assignment. An existing record for the same device keeps its
     /// creation time and first hub.
     #[allow(clippy::too_many_arguments)]
@@ -160,31 +191,17 @@ impl RegistrationRecord {
         device_payload: Option<Value>,
         now: Timestamp,
     ) -> Self {
-        let now_s = now.to_azure_string();
-        RegistrationRecord {
-            registration_id: existing
-                .map(|r| r.registration_id.clone())
-                .unwrap_or_else(|| registration_id.as_str().to_owned()),
-            created_date_time_utc: existing.map(|r| r.created_date_time_utc.clone()).unwrap_or_else(|| now_s.clone()),
-            assigned_hub: Some(hub.to_owned()),
-            device_id: Some(device_id.to_owned()),
-            status: RegistrationStatus::Assigned,
-            substatus: Some(substatus),
-            error_code: None,
-            error_message: None,
-            last_updated_date_time_utc: now_s,
-            etag: new_registration_etag(),
-            payload,
-            enrollment_group_id: enrollment_group_id.map(str::to_owned),
-            operation_id: new_operation_id(),
-            internal: RecordInternal {
-                initial_hub: Some(
-                    existing.and_then(|r| r.internal.initial_hub.clone()).unwrap_or_else(|| hub.to_owned()),
-                ),
-                device_payload,
-                x509: None,
-            },
-        }
+        let mut r = Self::next(existing, registration_id, enrollment_group_id, RegistrationStatus::Assigned, now);
+        r.assigned_hub = Some(hub.to_owned());
+        r.device_id = Some(device_id.to_owned());
+        r.substatus = Some(substatus);
+        r.payload = payload;
+        r.internal = RecordInternal {
+            initial_hub: Some(existing.and_then(|e| e.internal.initial_hub.clone()).unwrap_or_else(|| hub.to_owned())),
+            device_payload,
+            x509: None,
+        };
+        r
     }
 
     /// A record for an assignment still being decided (custom allocation): the previous
@@ -196,33 +213,15 @@ impl RegistrationRecord {
         device_payload: Option<Value>,
         now: Timestamp,
     ) -> Self {
-        let now_s = now.to_azure_string();
-        RegistrationRecord {
-            registration_id: existing
-                .map(|r| r.registration_id.clone())
-                .unwrap_or_else(|| registration_id.as_str().to_owned()),
-            created_date_time_utc: existing.map(|r| r.created_date_time_utc.clone()).unwrap_or_else(|| now_s.clone()),
-            assigned_hub: existing.and_then(|r| r.assigned_hub.clone()),
-            device_id: existing.and_then(|r| r.device_id.clone()),
-            status: RegistrationStatus::Assigning,
-            substatus: existing.and_then(|r| r.substatus),
-            error_code: None,
-            error_message: None,
-            last_updated_date_time_utc: now_s,
-            etag: new_registration_etag(),
-            payload: None,
-            enrollment_group_id: enrollment_group_id.map(str::to_owned),
-            operation_id: new_operation_id(),
-            internal: RecordInternal {
-                initial_hub: existing.and_then(|r| r.internal.initial_hub.clone()),
-                device_payload,
-                x509: None,
-            },
-        }
+        let mut r = Self::next(existing, registration_id, enrollment_group_id, RegistrationStatus::Assigning, now);
+        r.internal.device_payload = device_payload;
+        r.internal.x509 = None;
+        r
     }
 
     /// A record for a device whose registration failed after it authenticated (Azure keeps one,
-    /// with the error, so the operator can see why).
+    /// with the error, so the operator can see why). A failed attempt does not undo an earlier
+    /// assignment: the device identity stays.
     pub fn failed(
         existing: Option<&RegistrationRecord>,
         registration_id: &RegistrationId,
@@ -231,26 +230,10 @@ impl RegistrationRecord {
         error: &crate::DpsError,
         now: Timestamp,
     ) -> Self {
-        let now_s = now.to_azure_string();
-        RegistrationRecord {
-            registration_id: existing
-                .map(|r| r.registration_id.clone())
-                .unwrap_or_else(|| registration_id.as_str().to_owned()),
-            created_date_time_utc: existing.map(|r| r.created_date_time_utc.clone()).unwrap_or_else(|| now_s.clone()),
-            // A failed attempt does not undo an earlier assignment: the device identity stays.
-            assigned_hub: existing.and_then(|r| r.assigned_hub.clone()),
-            device_id: existing.and_then(|r| r.device_id.clone()),
-            status,
-            substatus: existing.and_then(|r| r.substatus),
-            error_code: Some(error.code.code()),
-            error_message: Some(error.message.clone()),
-            last_updated_date_time_utc: now_s,
-            etag: new_registration_etag(),
-            payload: None,
-            enrollment_group_id: enrollment_group_id.map(str::to_owned),
-            operation_id: new_operation_id(),
-            internal: existing.map(|r| r.internal.clone()).unwrap_or_default(),
-        }
+        let mut r = Self::next(existing, registration_id, enrollment_group_id, status, now);
+        r.error_code = Some(error.code.code());
+        r.error_message = Some(error.message.clone());
+        r
     }
 
     /// The `registrationState` sent to the device (`DeviceRegistrationResult`): the record plus
