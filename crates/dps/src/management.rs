@@ -27,10 +27,7 @@ impl Provisioning {
         let header = authorization.ok_or_else(|| refuse("no Authorization header"))?;
         let token = SasToken::parse(header).map_err(|e| refuse(&e.to_string()))?;
         token.check_expiry(unix_now()).map_err(|e| refuse(&e.to_string()))?;
-        let host = token.resource.split('/').next().unwrap_or("");
-        let host =
-            host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let host = fleetgate_rest::token_host(&token.resource);
         if !self
             .config
             .service_host_names

@@ -14,7 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
-use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
+use fleetgate_core::audit::AuditEntry;
 use fleetgate_core::policy::Right;
 use fleetgate_core::{DpsError, ErrorCode};
 pub use fleetgate_rest::ApiError;
@@ -64,14 +64,11 @@ async fn authorize(State(dps): State<Arc<Provisioning>>, req: Request, next: Nex
     }
 }
 
-/// An audit entry for a service API call: operation `METHOD /path`, the policy as actor.
-pub fn service_entry(method: &axum::http::Method, path: &str, policy: &str, status: u16) -> AuditEntry {
-    let outcome = if status < 400 { Outcome::Success } else { Outcome::Failure };
+/// An audit entry for a DPS service API call; the target is the id in the path.
+fn service_entry(method: &axum::http::Method, path: &str, policy: &str, status: u16) -> AuditEntry {
     let target =
         path.rsplit('/').find(|s| !s.is_empty() && *s != "query" && *s != "attestationmechanism").unwrap_or("");
-    AuditEntry::new(AuditCategory::ServiceOperations, &format!("{method} {path}"), policy, outcome)
-        .target(target)
-        .status(status)
+    fleetgate_rest::service_audit_entry(method, path, policy, target, status)
 }
 
 /// The rights a call needs, as Azure's DPS policies grant them: reads and queries need the read

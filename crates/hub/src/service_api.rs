@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Router};
 use base64::Engine;
-use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
+use fleetgate_core::audit::AuditEntry;
 use fleetgate_core::message::{Properties, TelemetryEvent};
 use fleetgate_core::policy::{self, Right};
 use fleetgate_core::sas::SasToken;
@@ -60,8 +60,7 @@ async fn authorize(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) ->
     if token.check_expiry(Timestamp::now().unix_seconds()).is_err() {
         return refuse("token expired");
     }
-    let host = token.resource.split('/').next().unwrap_or("");
-    let host = host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
+    let host = fleetgate_rest::token_host(&token.resource);
     let Ok(Some(linked)) = hub.hub_named(host).await else { return refuse("token names no hub of this instance") };
     let Ok(policies) = hub.store().policies(&format!("hub:{}", linked.host_name.to_ascii_lowercase())).await else {
         return refuse("hub policies unreadable");
@@ -84,12 +83,9 @@ async fn authorize(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) ->
     resp
 }
 
+/// An audit entry for a hub service API call; the target is the device id in the path.
 fn service_entry(method: &axum::http::Method, path: &str, policy: &str, status: u16) -> AuditEntry {
-    let outcome = if status < 400 { Outcome::Success } else { Outcome::Failure };
-    let target = path.split('/').nth(2).unwrap_or("");
-    AuditEntry::new(AuditCategory::ServiceOperations, &format!("{method} {path}"), policy, outcome)
-        .target(target)
-        .status(status)
+    fleetgate_rest::service_audit_entry(method, path, policy, path.split('/').nth(2).unwrap_or(""), status)
 }
 
 /// The rights a call needs, as IoT Hub's policies grant them: the registry (devices) needs

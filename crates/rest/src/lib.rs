@@ -111,3 +111,51 @@ impl Page {
         resp
     }
 }
+
+/// The host a service token's `sr` names: its first path segment, without a `:port` and without
+/// IPv6 brackets (clients sign `host`, `host:port` or `[::1]:port` alike).
+pub fn token_host(resource: &str) -> &str {
+    let host = resource.split('/').next().unwrap_or("");
+    let host = host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map_or(host, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The audit entry of a service API call: operation `METHOD /path`, the policy as actor, the
+/// resource id as target, the outcome from the status.
+pub fn service_audit_entry(
+    method: &axum::http::Method,
+    path: &str,
+    policy: &str,
+    target: &str,
+    status: u16,
+) -> fleetgate_core::audit::AuditEntry {
+    use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
+    let outcome = if status < 400 { Outcome::Success } else { Outcome::Failure };
+    AuditEntry::new(AuditCategory::ServiceOperations, &format!("{method} {path}"), policy, outcome)
+        .target(target)
+        .status(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_hosts() {
+        assert_eq!(token_host("localhost"), "localhost");
+        assert_eq!(token_host("localhost:8443"), "localhost");
+        assert_eq!(token_host("LocalHost:8443/devices/x"), "LocalHost");
+        assert_eq!(token_host("[::1]:443"), "::1");
+        // A bare IPv6 address is ambiguous with a port; clients bracket it, as in a URL.
+        assert_eq!(token_host("[::1]"), "::1");
+        assert_eq!(token_host(""), "");
+    }
+
+    #[test]
+    fn audit_entries() {
+        let e = service_audit_entry(&axum::http::Method::PUT, "/devices/d1", "iothubowner", "d1", 412);
+        assert_eq!(e.operation, "PUT /devices/d1");
+        assert_eq!(e.outcome, fleetgate_core::audit::Outcome::Failure);
+        assert_eq!((e.target.as_deref(), e.status), (Some("d1"), Some(412)));
+    }
+}
