@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use common::{json, run, Server};
 use fleetgate_client::device::{register, HubClient, HubOptions, RegisterOptions};
 use fleetgate_core::keys::SymmetricKey;
-use fleetgate_core::message::{Properties, TelemetryEvent};
+use fleetgate_core::message::{Properties, ReceivedEvent, TelemetryEvent};
+use fleetgate_core::time::Timestamp;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -412,12 +413,27 @@ async fn flood(
 fn check_stream(fleet: &Fleet, acked: &AckedMessages) -> (usize, usize) {
     let c = open_read_only(&fleet.dir.join("telemetry.db"));
     let mut seen: HashMap<String, Vec<TelemetryEvent>> = HashMap::new();
-    let mut st = c.prepare("SELECT seq, body FROM events ORDER BY seq").unwrap();
+    // Events are stored as received: hub key, device, time, property bag, body bytes.
+    let mut st = c.prepare("SELECT seq, hub_key, device, time, bag, data FROM events ORDER BY seq").unwrap();
     let mut events = 0;
-    for row in st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))).unwrap() {
-        let (seq, body) = row.unwrap();
-        let mut e: TelemetryEvent = serde_json::from_str(&body).unwrap();
-        e.seq = seq as u64;
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                ReceivedEvent {
+                    hub: String::new(),
+                    device_id: r.get(2)?,
+                    enqueued_time: Timestamp::from_ticks(r.get(3)?),
+                    bag: r.get(4)?,
+                    body: r.get(5)?,
+                },
+            ))
+        })
+        .unwrap();
+    for row in rows {
+        let (seq, hub, received) = row.unwrap();
+        let e = TelemetryEvent::from_received(seq as u64, &hub, received).unwrap();
         seen.entry(String::from_utf8(e.body.clone()).unwrap()).or_default().push(e);
         events += 1;
     }

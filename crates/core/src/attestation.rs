@@ -15,28 +15,35 @@ pub enum KeySlot {
     Secondary,
 }
 
-/// The group (and key) whose derived key signed `token`, trying `preferred` first (the group the
-/// device used last time) and then the others in order. Returns `None` when no key matches.
+/// Every group (with the key) whose derived key signed `token`, in the groups' order. More than
+/// one only when groups share a key; [`prefer_group`] then picks one.
 ///
 /// The registration id is used exactly as the device sent it: derivation is byte-exact.
-pub fn find_group<'a>(
+pub fn find_groups<'a>(
     token: &SasToken,
     registration_id: &str,
     groups: &'a [EnrollmentGroup],
+) -> Vec<(&'a EnrollmentGroup, KeySlot)> {
+    groups
+        .iter()
+        .filter_map(|group| {
+            [KeySlot::Primary, KeySlot::Secondary]
+                .into_iter()
+                .zip(group.keys())
+                .find(|(_, key)| token.signed_with(&key.derive_device_key(registration_id)))
+                .map(|(slot, _)| (group, slot))
+        })
+        .collect()
+}
+
+/// Of the matching groups, `preferred` (the group the device used last time) if it is one of
+/// them, else the first.
+pub fn prefer_group<'a>(
+    matches: &[(&'a EnrollmentGroup, KeySlot)],
     preferred: Option<&str>,
 ) -> Option<(&'a EnrollmentGroup, KeySlot)> {
-    let ordered = groups
-        .iter()
-        .filter(|g| preferred.is_some_and(|p| g.enrollment_group_id.eq_ignore_ascii_case(p)))
-        .chain(groups.iter().filter(|g| !preferred.is_some_and(|p| g.enrollment_group_id.eq_ignore_ascii_case(p))));
-    for group in ordered {
-        for (slot, key) in [KeySlot::Primary, KeySlot::Secondary].into_iter().zip(group.keys()) {
-            if token.signed_with(&key.derive_device_key(registration_id)) {
-                return Some((group, slot));
-            }
-        }
-    }
-    None
+    let preferred = |g: &EnrollmentGroup| preferred.is_some_and(|p| g.enrollment_group_id.eq_ignore_ascii_case(p));
+    matches.iter().find(|(g, _)| preferred(g)).or(matches.first()).copied()
 }
 
 /// The derived (primary, secondary) device keys a device registered through `group` gets in the
@@ -65,14 +72,31 @@ mod tests {
         for (i, slot) in [KeySlot::Primary, KeySlot::Secondary].into_iter().enumerate() {
             let dk = keys[i].derive_device_key("dev-1");
             let tok = SasToken::parse(&build_token(&dk, "s/registrations/dev-1", 9_999_999_999, None)).unwrap();
-            let (g, s) = find_group(&tok, "dev-1", &groups, None).unwrap();
-            assert_eq!((g.enrollment_group_id.as_str(), s), ("b", slot));
-            assert_eq!(find_group(&tok, "dev-1", &groups, Some("B")).unwrap().0.enrollment_group_id, "b");
+            let found = find_groups(&tok, "dev-1", &groups);
+            assert_eq!(found.len(), 1);
+            assert_eq!((found[0].0.enrollment_group_id.as_str(), found[0].1), ("b", slot));
             // Derivation is byte-exact: another spelling of the id does not match.
-            assert!(find_group(&tok, "DEV-1", &groups, None).is_none());
+            assert!(find_groups(&tok, "DEV-1", &groups).is_empty());
         }
         let stranger = SymmetricKey::generate();
         let tok = SasToken::parse(&build_token(&stranger, "s/registrations/dev-1", 9_999_999_999, None)).unwrap();
-        assert!(find_group(&tok, "dev-1", &groups, None).is_none());
+        assert!(find_groups(&tok, "dev-1", &groups).is_empty());
+    }
+
+    #[test]
+    fn groups_sharing_a_key_all_match_and_the_previous_one_is_preferred() {
+        let a = group("a");
+        let mut b = group("b");
+        b.settings = a.settings.clone();
+        let groups = vec![a, b, group("c")];
+        let dk = groups[0].keys()[1].derive_device_key("dev-1");
+        let tok = SasToken::parse(&build_token(&dk, "s/registrations/dev-1", 9_999_999_999, None)).unwrap();
+        let found = find_groups(&tok, "dev-1", &groups);
+        let ids: Vec<_> = found.iter().map(|(g, s)| (g.enrollment_group_id.as_str(), *s)).collect();
+        assert_eq!(ids, [("a", KeySlot::Secondary), ("b", KeySlot::Secondary)]);
+        assert_eq!(prefer_group(&found, None).unwrap().0.enrollment_group_id, "a");
+        assert_eq!(prefer_group(&found, Some("B")).unwrap().0.enrollment_group_id, "b");
+        assert_eq!(prefer_group(&found, Some("c")).unwrap().0.enrollment_group_id, "a");
+        assert!(prefer_group(&[], Some("a")).is_none());
     }
 }

@@ -4,6 +4,7 @@
 //! of system keys as `%24` (so `%24.mid` and `$.mid` are the same key); a key without `=` has no
 //! value, `key=` an empty one.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode};
@@ -52,15 +53,15 @@ pub struct Properties {
     pub application: BTreeMap<String, String>,
 }
 
-fn decode(s: &str) -> Result<String, BagError> {
-    percent_decode_str(s).decode_utf8().map(|c| c.into_owned()).map_err(|_| BagError::NotUtf8)
+fn decode(s: &str) -> Result<Cow<'_, str>, BagError> {
+    percent_decode_str(s).decode_utf8().map_err(|_| BagError::NotUtf8)
 }
 
-/// Parses `k=v&k2&k3=` into ordered pairs; a key without `=` has value `None`.
-pub fn parse_bag(bag: &str) -> Result<Vec<(String, Option<String>)>, BagError> {
-    let mut out = Vec::new();
-    for part in bag.split('&').filter(|p| !p.is_empty()) {
-        if out.len() == MAX_PROPERTIES {
+/// The pairs of `k=v&k2&k3=`, decoded (borrowed unless percent-encoded); a key without `=` has
+/// value `None`.
+fn bag_pairs(bag: &str) -> impl Iterator<Item = Result<(Cow<'_, str>, Option<Cow<'_, str>>), BagError>> {
+    bag.split('&').filter(|p| !p.is_empty()).enumerate().map(|(i, part)| {
+        if i == MAX_PROPERTIES {
             return Err(BagError::TooMany);
         }
         let (k, v) = match part.split_once('=') {
@@ -70,9 +71,34 @@ pub fn parse_bag(bag: &str) -> Result<Vec<(String, Option<String>)>, BagError> {
         if k.is_empty() {
             return Err(BagError::EmptyKey);
         }
-        out.push((k, v));
+        Ok((k, v))
+    })
+}
+
+/// Parses `k=v&k2&k3=` into ordered pairs; a key without `=` has value `None`.
+pub fn parse_bag(bag: &str) -> Result<Vec<(String, Option<String>)>, BagError> {
+    bag_pairs(bag).map(|r| r.map(|(k, v)| (k.into_owned(), v.map(Cow::into_owned)))).collect()
+}
+
+/// The stream name of a system property's short key (after `$.`).
+fn system_property_name(short: &str) -> Result<&'static str, BagError> {
+    SYSTEM_PROPERTIES
+        .iter()
+        .find(|(s, _)| *s == short)
+        .map(|(_, n)| *n)
+        .ok_or_else(|| BagError::UnknownSystemProperty(short.chars().take(32).collect()))
+}
+
+/// Checks a device's telemetry property bag as [`Properties::from_bag`] would, without building
+/// it: telemetry is stored with the bag as sent and decoded when read.
+pub fn check_bag(bag: &str) -> Result<(), BagError> {
+    for pair in bag_pairs(bag) {
+        let (k, _) = pair?;
+        if let Some(short) = k.strip_prefix("$.") {
+            system_property_name(short)?;
+        }
     }
-    Ok(out)
+    Ok(())
 }
 
 impl Properties {
@@ -80,17 +106,13 @@ impl Properties {
     /// typos or attempts to set hub-owned properties.
     pub fn from_bag(bag: &str) -> Result<Self, BagError> {
         let mut p = Properties::default();
-        for (k, v) in parse_bag(bag)? {
-            let v = v.unwrap_or_default();
+        for pair in bag_pairs(bag) {
+            let (k, v) = pair?;
+            let v = v.map(Cow::into_owned).unwrap_or_default();
             if let Some(short) = k.strip_prefix("$.") {
-                let name = SYSTEM_PROPERTIES
-                    .iter()
-                    .find(|(s, _)| *s == short)
-                    .map(|(_, n)| *n)
-                    .ok_or_else(|| BagError::UnknownSystemProperty(short.chars().take(32).collect()))?;
-                p.system.insert(name.to_owned(), v);
+                p.system.insert(system_property_name(short)?.to_owned(), v);
             } else {
-                p.application.insert(k, v);
+                p.application.insert(k.into_owned(), v);
             }
         }
         Ok(p)
@@ -164,10 +186,42 @@ mod tests {
         assert_eq!(Properties::from_bag(&bag).unwrap(), p);
     }
 
+    #[test]
+    fn check_bag_refuses_what_from_bag_refuses() {
+        for bag in ["%24.bogus=1", "=1", "a=%ff", "%ff=1", "$.mid=1&&x&$.nope"] {
+            assert!(check_bag(bag).is_err(), "{bag}");
+        }
+        assert_eq!(check_bag("%24.mid=m%201&%24.ct=application%2Fjson&temp%20alert=a%2Fb%26c&x"), Ok(()));
+    }
+
+    #[test]
+    fn a_received_event_reads_back_decoded() {
+        let received = ReceivedEvent {
+            hub: "h.example".into(),
+            device_id: "Dev-1".into(),
+            enqueued_time: crate::time::Timestamp::from_unix_seconds(0),
+            bag: "%24.mid=m%201&x=1".into(),
+            body: b"{}".to_vec(),
+        };
+        let e = TelemetryEvent::from_received(7, "h.example", received).unwrap();
+        assert_eq!(
+            (e.seq, e.device_id.as_str(), e.enqueued_time.as_str()),
+            (7, "Dev-1", "1970-01-01T00:00:00.0000000Z")
+        );
+        assert_eq!(e.properties.system["message-id"], "m 1");
+        assert_eq!(e.properties.application["x"], "1");
+        assert_eq!(e.body, b"{}");
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(s in "\\PC{0,200}") {
             let _ = Properties::from_bag(&s);
+        }
+
+        #[test]
+        fn check_bag_agrees_with_from_bag(s in "[a-z$.%0-9=&]{0,60}") {
+            proptest::prop_assert_eq!(check_bag(&s).is_ok(), Properties::from_bag(&s).is_ok());
         }
 
         #[test]
@@ -193,6 +247,32 @@ pub struct TelemetryEvent {
     pub properties: Properties,
     #[serde(with = "body_b64")]
     pub body: Vec<u8>,
+}
+
+/// A device-to-cloud message as received, before it has a position: stored as it came (the
+/// property bag as sent, already checked with [`check_bag`]) and decoded only when read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedEvent {
+    pub hub: String,
+    pub device_id: String,
+    pub enqueued_time: crate::time::Timestamp,
+    pub bag: String,
+    pub body: Vec<u8>,
+}
+
+impl TelemetryEvent {
+    /// The event a stored [`ReceivedEvent`] is read back as, at position `seq` of `hub`.
+    pub fn from_received(seq: u64, hub: &str, received: ReceivedEvent) -> Result<Self, BagError> {
+        Ok(TelemetryEvent {
+            seq,
+            hub: hub.to_owned(),
+            device_id: received.device_id,
+            module_id: None,
+            enqueued_time: received.enqueued_time.to_azure_string(),
+            properties: Properties::from_bag(&received.bag)?,
+            body: received.body,
+        })
+    }
 }
 
 /// A cloud-to-device message waiting for (or in) delivery.

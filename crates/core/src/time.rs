@@ -23,6 +23,15 @@ impl Timestamp {
         Self { ticks: secs * 10_000_000 }
     }
 
+    /// Ticks of 100 ns since the Unix epoch (for storing; [`Timestamp::from_ticks`] reverses it).
+    pub fn ticks(self) -> i64 {
+        self.ticks
+    }
+
+    pub fn from_ticks(ticks: i64) -> Self {
+        Self { ticks }
+    }
+
     pub fn unix_seconds(self) -> i64 {
         self.ticks.div_euclid(10_000_000)
     }

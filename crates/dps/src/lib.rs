@@ -3,6 +3,7 @@
 //! messages into calls on [`Provisioning`] and its answers back into wire messages.
 
 pub mod answer;
+mod cache;
 pub mod device_api;
 mod management;
 pub mod mqtt;

@@ -147,6 +147,7 @@ impl Provisioning {
         create_only: bool,
     ) -> Result<IndividualEnrollment, DpsError> {
         let hubs = self.linked_hubs().await?;
+        self.individual_enrollment_may_exist(registration_id);
         let path_id = registration_id.to_owned();
         let e = self
             .store
@@ -196,6 +197,7 @@ impl Provisioning {
 
     pub async fn delete_enrollment(&self, registration_id: &str, if_match: Option<&str>) -> Result<(), DpsError> {
         if self.store.delete_enrollment(registration_id, if_match).await.map_err(store_err)? {
+            self.individual_enrollment_deleted(registration_id);
             tracing::info!(registration_id = %printable(registration_id), "individual enrollment deleted");
             Ok(())
         } else {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use fleetgate_core::allocation::{allocate, check_custom_choice, Allocation, CustomAllocationResult, HubCandidate};
-use fleetgate_core::attestation::{derived_device_keys, find_group, KeySlot};
+use fleetgate_core::attestation::{derived_device_keys, find_groups, prefer_group, KeySlot};
 use fleetgate_core::device::{DeviceCredentials, DeviceIdentity};
 use fleetgate_core::enrollment::{
     CustomAllocationDefinition, EnrollmentGroup, EnrollmentSettings, IndividualEnrollment, X509Trust,
@@ -120,7 +120,7 @@ impl Provisioning {
         if !token.resource.trim_end_matches('/').eq_ignore_ascii_case(&expected) {
             return Err(refuse(&SasError::WrongResource.to_string()));
         }
-        if let Some(individual) = self.store.enrollment(registration_id.as_str()).await.map_err(store_err)? {
+        if let Some(individual) = self.individual_enrollment(&registration_id).await? {
             let slot = [KeySlot::Primary, KeySlot::Secondary]
                 .into_iter()
                 .zip(individual.keys())
@@ -135,10 +135,17 @@ impl Provisioning {
                 None => Err(refuse("the individual enrollment's keys do not match the signature")),
             };
         }
-        let previous = self.store.registration(registration_id.as_str()).await.map_err(store_err)?;
         let groups = self.cached_groups().await?;
-        let preferred = previous.as_ref().and_then(|r| r.enrollment_group_id.as_deref());
-        match find_group(&token, registration_id.as_str(), &groups, preferred) {
+        let matches = find_groups(&token, registration_id.as_str(), &groups);
+        // Only when several groups' keys sign alike does the group used last time decide.
+        let chosen = match matches.as_slice() {
+            [] | [_] => matches.first().copied(),
+            _ => {
+                let previous = self.store.registration(registration_id.as_str()).await.map_err(store_err)?;
+                prefer_group(&matches, previous.as_ref().and_then(|r| r.enrollment_group_id.as_deref()))
+            }
+        };
+        match chosen {
             Some((group, slot)) => Ok(DeviceAuth {
                 registration_id: registration_id.clone(),
                 enrollment: EnrollmentRef::Group(group.enrollment_group_id.clone()),
@@ -174,7 +181,7 @@ impl Provisioning {
             [KeySlot::Primary, KeySlot::Secondary].into_iter().zip(certs).filter_map(|(s, c)| Some((s, c?))).collect()
         };
 
-        if let Some(individual) = self.store.enrollment(registration_id.as_str()).await.map_err(store_err)? {
+        if let Some(individual) = self.individual_enrollment(&registration_id).await? {
             if !individual.settings.is_enabled() {
                 return Err(refuse(&"the registration id's individual enrollment is disabled (revoked)"));
             }
@@ -244,6 +251,14 @@ impl Provisioning {
         }
     }
 
+    /// The registration id's individual enrollment, read only if it has one.
+    async fn individual_enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, DpsError> {
+        if !self.has_individual_enrollment(id.as_str()).await? {
+            return Ok(None);
+        }
+        self.store.enrollment(id.as_str()).await.map_err(store_err)
+    }
+
     async fn enrollment_of(&self, auth: &DeviceAuth) -> Result<Option<Enrollment>, DpsError> {
         Ok(match &auth.enrollment {
             // The in-memory copy: every change to a group goes through this process's service
@@ -278,7 +293,7 @@ impl Provisioning {
             tracing::info!(registration_id = %id, "enrollment deleted since authentication");
             return Err(DpsError::unauthorized());
         };
-        let existing = self.store.registration(id.as_str()).await.map_err(store_err)?;
+        let (existing, hubs) = self.store.assignment_inputs(id.as_str()).await.map_err(store_err)?;
         if !enrollment.settings().is_enabled() {
             tracing::info!(registration_id = %id, "enrollment disabled");
             let err = DpsError::new(ErrorCode::Unauthorized, "The enrollment is disabled.");
@@ -293,7 +308,7 @@ impl Provisioning {
             record.internal.x509 = auth.x509.clone();
             return Ok(RegisterOutcome { record });
         }
-        let hubs = self.hub_candidates().await?;
+        let hubs: Vec<HubCandidate> = hubs.iter().map(|h| h.candidate()).collect();
         match allocate(enrollment.settings(), &hubs, &id.key()) {
             Ok(Allocation::Hub(hub)) => {
                 let record = self.commit(auth, &enrollment, existing.as_ref(), &hub, None, payload, None, None).await?;
@@ -415,20 +430,14 @@ impl Provisioning {
         }
         .or_else(|| existing.and_then(|r| r.device_id.clone()))
         .unwrap_or_else(|| id.as_str().to_owned());
-        let initial = || Twin::from_initial(initial_twin_override.or(settings.initial_twin.as_ref()));
+        let initial = initial_twin_override.or(settings.initial_twin.as_ref()).cloned();
         let credentials = enrollment.device_credentials(id.as_str());
 
         let decision = decide_assignment(existing, settings.reprovision_policy, allocated);
-        let target = match &decision {
-            Assignment::Keep { hub, .. } | Assignment::Move { hub, .. } => hub.clone(),
-        };
-        let present = self.store.device(&target, &device_id).await.map_err(store_err)?;
+        // `twin`: what a moved device's twin becomes; `None` keeps the twin already on the hub
+        // (made from the initial twin when the identity is not there).
         let (hub, substatus, twin, moved_from) = match decision {
-            Assignment::Keep { hub, substatus } => {
-                // An identity the operator deleted is created again, from the initial twin.
-                let twin = if present.is_none() { Some(initial()?) } else { None };
-                (hub, substatus, twin, None)
-            }
+            Assignment::Keep { hub, substatus } => (hub, substatus, None, None),
             Assignment::Move { hub, substatus, from, migrate_twin } => {
                 let old_device = existing.and_then(|r| r.device_id.clone()).unwrap_or_else(|| device_id.clone());
                 let carried = match (&from, migrate_twin) {
@@ -437,7 +446,7 @@ impl Provisioning {
                 };
                 let twin = match carried {
                     Some(t) => t,
-                    None => initial()?,
+                    None => Twin::from_initial(initial.as_ref())?,
                 };
                 (hub, substatus, Some(twin), from.map(|f| (f, old_device)))
             }
@@ -457,17 +466,29 @@ impl Provisioning {
             record.operation_id = op.to_owned();
         }
         record.internal.x509 = auth.x509.clone();
-        let device = DeviceIdentity::provisioned_with(present.as_ref(), &hub, &device_id, credentials, now);
+        let (target, target_id) = (hub.clone(), device_id.clone());
+        // Decided in the store's transaction from the identity present there: an identity the
+        // operator deleted is created again, from the initial twin.
+        let device = Box::new(move |present: Option<(DeviceIdentity, Twin)>| {
+            let (present, kept) = present.map_or((None, None), |(d, t)| (Some(d), Some(t)));
+            let twin = match (twin, kept) {
+                (Some(t), _) | (None, Some(t)) => t,
+                (None, None) => Twin::from_initial(initial.as_ref())?,
+            };
+            Ok((DeviceIdentity::provisioned_with(present.as_ref(), &target, &target_id, credentials, now), twin))
+        });
         self.store
             .commit_assignment(
                 &record,
-                &device,
-                twin.as_ref(),
+                &hub,
+                &device_id,
+                device,
                 moved_from.as_ref().map(|(h, d)| (h.as_str(), d.as_str())),
             )
             .await
             .map_err(store_err)?;
-        tracing::info!(registration_id = %id, hub = %hub, substatus = ?substatus, "device assigned");
+        // Every assignment is in the audit trail; the log line is for debugging.
+        tracing::debug!(registration_id = %id, hub = %hub, substatus = ?substatus, "device assigned");
         Ok(record)
     }
 

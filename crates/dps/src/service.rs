@@ -1,7 +1,8 @@
 //! [`Provisioning`]: the DPS instance's state and configuration. The decisions live beside it:
 //! `registration.rs` (what devices ask) and `management.rs` (what the service API asks).
 
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fleetgate_core::attestation::KeySlot;
@@ -12,6 +13,8 @@ use fleetgate_core::throttle::{Rate, TokenBucket};
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_store::{AuditLog, Store, StoreError};
+
+use crate::cache::Cached;
 
 /// What the provisioning service needs to know about its instance.
 #[derive(Clone, Debug)]
@@ -69,9 +72,11 @@ pub struct RegisterOutcome {
 pub struct Provisioning {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) config: ProvisioningConfig,
-    /// Enrollment groups, read on every device authentication; refreshed after each change made
-    /// through this process. `None` = reload from the store.
-    groups: RwLock<Option<Arc<Vec<EnrollmentGroup>>>>,
+    /// Enrollment groups, read on every device authentication.
+    groups: Cached<Vec<EnrollmentGroup>>,
+    /// The registration ids (lower-cased) with an individual enrollment: a device without one
+    /// is authenticated without a store read.
+    individuals: Cached<HashSet<String>>,
     /// For custom allocation webhooks.
     pub(crate) http: reqwest::Client,
     /// Lets a request hand work (a webhook call) to a task that outlives it.
@@ -111,7 +116,8 @@ impl Provisioning {
             audit,
             store,
             config,
-            groups: RwLock::new(None),
+            groups: Cached::new(),
+            individuals: Cached::new(),
             http,
             me: me.clone(),
             throttle,
@@ -144,16 +150,36 @@ impl Provisioning {
     }
 
     pub(crate) fn invalidate_groups(&self) {
-        *self.groups.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.groups.invalidate();
     }
 
     pub(crate) async fn cached_groups(&self) -> Result<Arc<Vec<EnrollmentGroup>>, DpsError> {
-        if let Some(g) = self.groups.read().unwrap_or_else(|p| p.into_inner()).clone() {
-            return Ok(g);
-        }
-        let fresh = Arc::new(self.store.groups().await.map_err(store_err)?);
-        *self.groups.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
-        Ok(fresh)
+        self.groups.get(|| async { self.store.groups().await.map_err(store_err) }).await
+    }
+
+    /// Whether `registration_id` has an individual enrollment (from memory).
+    pub(crate) async fn has_individual_enrollment(&self, registration_id: &str) -> Result<bool, DpsError> {
+        let ids = self
+            .individuals
+            .get(|| async { Ok(self.store.enrollment_ids().await.map_err(store_err)?.into_iter().collect()) })
+            .await?;
+        Ok(ids.contains(&registration_id.to_ascii_lowercase()))
+    }
+
+    /// Records that `registration_id` may have an individual enrollment from now on. Called
+    /// before the enrollment is written, so a device never misses it (an extra read if the
+    /// write then fails).
+    pub(crate) fn individual_enrollment_may_exist(&self, registration_id: &str) {
+        self.individuals.update(|ids| {
+            ids.insert(registration_id.to_ascii_lowercase());
+        });
+    }
+
+    /// Records that `registration_id`'s individual enrollment was deleted.
+    pub(crate) fn individual_enrollment_deleted(&self, registration_id: &str) {
+        self.individuals.update(|ids| {
+            ids.remove(&registration_id.to_ascii_lowercase());
+        });
     }
 
     pub async fn linked_hubs(&self) -> Result<Vec<String>, DpsError> {

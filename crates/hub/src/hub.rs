@@ -1,14 +1,14 @@
 //! [`Hub`]: every hub decision, independent of the wire.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
 use fleetgate_core::device::{AuthenticationType, DeviceCredentials, DeviceIdentity, DeviceStatus};
 use fleetgate_core::keys::SymmetricKey;
-use fleetgate_core::message::{C2dMessage, Properties, TelemetryEvent};
+use fleetgate_core::message::{check_bag, C2dMessage, Properties, ReceivedEvent, TelemetryEvent};
 use fleetgate_core::sas::SasToken;
 use fleetgate_core::throttle::{Rate, TokenBucket};
 use fleetgate_core::time::Timestamp;
@@ -64,6 +64,15 @@ impl Default for HubConfig {
 pub struct HubDevice {
     pub hub: String,
     pub device_id: String,
+    /// When the device was last active (ticks), shared with [`Hub::device_json`].
+    last_activity: Arc<AtomicI64>,
+}
+
+impl HubDevice {
+    /// Records activity: an atomic store, since it happens on every message.
+    fn touch(&self, now: Timestamp) {
+        self.last_activity.store(now.ticks(), Ordering::Relaxed);
+    }
 }
 
 /// Why a hub CONNECT was refused (all map to CONNACK "not authorized").
@@ -84,8 +93,9 @@ pub struct Hub {
     events: EventWriter,
     methods: Mutex<HashMap<String, MethodWaiter>>,
     next_rid: AtomicU64,
-    /// Last activity per device, kept in memory (Azure reports it eventually consistent too).
-    activity: Mutex<HashMap<(String, String), String>>,
+    /// Last activity per device (ticks; 0 = none), kept in memory (Azure reports it eventually
+    /// consistent too). Each connection holds its device's entry.
+    activity: Mutex<HashMap<(String, String), Arc<AtomicI64>>>,
     /// Per-hub connect and message quotas, keyed by (hub, "connect" | "message").
     throttles: Mutex<HashMap<(String, &'static str), TokenBucket>>,
     started: std::time::Instant,
@@ -219,7 +229,7 @@ impl Hub {
             if device.status == DeviceStatus::Disabled {
                 return Err(refuse(ConnectRefusal::Disabled));
             }
-            return Ok(HubDevice { hub: hub.host_name, device_id: device.device_id });
+            return Ok(self.connected_device(hub.host_name, device.device_id));
         }
         let Some(token) = password.and_then(|p| SasToken::parse(p).ok()) else {
             return Err(refuse(ConnectRefusal::BadCredentials));
@@ -238,7 +248,18 @@ impl Hub {
         if device.status == DeviceStatus::Disabled {
             return Err(refuse(ConnectRefusal::Disabled));
         }
-        Ok(HubDevice { hub: hub.host_name, device_id: device.device_id })
+        Ok(self.connected_device(hub.host_name, device.device_id))
+    }
+
+    fn connected_device(&self, hub: String, device_id: String) -> HubDevice {
+        let last_activity = self
+            .activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((hub.to_ascii_lowercase(), device_id.to_ascii_lowercase()))
+            .or_default()
+            .clone();
+        HubDevice { hub, device_id, last_activity }
     }
 
     /// The CA certificates a `certificateAuthority` identity created through the service API
@@ -260,7 +281,7 @@ impl Hub {
     /// Marks the device connected; the returned handle receives what the service sends it.
     pub fn connect_session(&self, d: &HubDevice) -> SessionHandle {
         let now = Timestamp::now().to_azure_string();
-        self.touch(d);
+        d.touch(Timestamp::now());
         let handle = self.sessions.register(&d.hub, &d.device_id, now);
         fleetgate_metrics::METRICS.hub_sessions.set(self.sessions.count() as i64);
         handle
@@ -269,13 +290,6 @@ impl Hub {
     pub fn disconnect_session(&self, d: &HubDevice, id: u64) {
         self.sessions.unregister(&d.hub, &d.device_id, id);
         fleetgate_metrics::METRICS.hub_sessions.set(self.sessions.count() as i64);
-    }
-
-    fn touch(&self, d: &HubDevice) {
-        self.activity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((d.hub.to_ascii_lowercase(), d.device_id.to_ascii_lowercase()), Timestamp::now().to_azure_string());
     }
 
     /// The subscriptions a CleanSession-0 device left behind (stream, granted QoS 0 or 1).
@@ -304,16 +318,15 @@ impl Hub {
         if body.len() + bag.len() > self.config.max_message_bytes {
             return Err(DpsError::new(ErrorCode::MessageTooLarge, "The message is larger than 256 KB."));
         }
-        let properties = Properties::from_bag(bag).map_err(|e| DpsError::bad_request(e.to_string()))?;
+        check_bag(bag).map_err(|e| DpsError::bad_request(e.to_string()))?;
         self.admit_message(&d.hub).await;
-        self.touch(d);
-        let event = TelemetryEvent {
-            seq: 0,
+        let now = Timestamp::now();
+        d.touch(now);
+        let event = ReceivedEvent {
             hub: d.hub.clone(),
             device_id: d.device_id.clone(),
-            module_id: None,
-            enqueued_time: Timestamp::now().to_azure_string(),
-            properties,
+            enqueued_time: now,
+            bag: bag.to_owned(),
             body: body.to_vec(),
         };
         let seq = self.events.append(event).await?;
@@ -355,7 +368,7 @@ impl Hub {
             )
             .await
             .map_err(store_err)?;
-        self.touch(d);
+        d.touch(Timestamp::now());
         Ok(updated.map(|(_, t)| t.reported_version).unwrap_or_default())
     }
 
@@ -523,7 +536,9 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&(dev.hub.to_ascii_lowercase(), dev.device_id.to_ascii_lowercase()))
-            .cloned();
+            .map(|t| t.load(Ordering::Relaxed))
+            .filter(|&t| t != 0)
+            .map(|t| Timestamp::from_ticks(t).to_azure_string());
         json!({
             "deviceId": dev.device_id,
             "generationId": dev.generation_id,

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use fleetgate_core::message::TelemetryEvent;
+use fleetgate_core::message::ReceivedEvent;
 use fleetgate_core::DpsError;
 use fleetgate_store::{Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -20,7 +20,7 @@ type Waiter = oneshot::Sender<Result<u64, DpsError>>;
 
 #[derive(Clone)]
 pub struct EventWriter {
-    tx: mpsc::Sender<(TelemetryEvent, Waiter)>,
+    tx: mpsc::Sender<(ReceivedEvent, Waiter)>,
     appended: broadcast::Sender<u64>,
 }
 
@@ -33,7 +33,7 @@ impl EventWriter {
     }
 
     /// Appends one event; resolves with its position once it is on disk.
-    pub async fn append(&self, event: TelemetryEvent) -> Result<u64, DpsError> {
+    pub async fn append(&self, event: ReceivedEvent) -> Result<u64, DpsError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send((event, tx)).await.map_err(|_| DpsError::internal())?;
         rx.await.map_err(|_| DpsError::internal())?
@@ -47,7 +47,7 @@ impl EventWriter {
 
 async fn write_loop(
     store: Arc<dyn Store>,
-    mut rx: mpsc::Receiver<(TelemetryEvent, Waiter)>,
+    mut rx: mpsc::Receiver<(ReceivedEvent, Waiter)>,
     appended: broadcast::Sender<u64>,
 ) {
     while let Some(first) = rx.recv().await {

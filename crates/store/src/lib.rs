@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use fleetgate_core::audit::{AuditEntry, AuditQuery};
 use fleetgate_core::device::DeviceIdentity;
 use fleetgate_core::enrollment::{EnrollmentGroup, IndividualEnrollment};
-use fleetgate_core::message::{C2dMessage, TelemetryEvent};
+use fleetgate_core::message::{C2dMessage, ReceivedEvent, TelemetryEvent};
 use fleetgate_core::policy::AccessPolicy;
 use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::twin::Twin;
@@ -95,6 +95,8 @@ pub trait Store: Send + Sync + 'static {
     async fn set_hub_allocation(&self, host_name: &str, allocation: &HubAllocation) -> StoreResult<bool>;
 
     async fn enrollment(&self, registration_id: &str) -> StoreResult<Option<IndividualEnrollment>>;
+    /// The registration ids (lower-cased) that have an individual enrollment.
+    async fn enrollment_ids(&self) -> StoreResult<Vec<String>>;
     /// Individual enrollments, oldest first, paged.
     async fn enrollments(&self, offset: usize, limit: usize) -> StoreResult<Vec<IndividualEnrollment>>;
     /// Atomically applies `update` to the individual enrollment of `registration_id`.
@@ -114,6 +116,14 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_group(&self, id: &str, if_match: Option<&str>) -> StoreResult<bool>;
 
     async fn registration(&self, registration_id: &str) -> StoreResult<Option<RegistrationRecord>>;
+    /// What an assignment is decided from, read together: the device's registration record (if
+    /// any) and the linked hubs.
+    async fn assignment_inputs(
+        &self,
+        registration_id: &str,
+    ) -> StoreResult<(Option<RegistrationRecord>, Vec<LinkedHub>)> {
+        Ok((self.registration(registration_id).await?, self.hubs().await?))
+    }
     /// Records of one enrollment group, oldest first, paged.
     async fn registrations_of_group(
         &self,
@@ -124,15 +134,17 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_registration(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool>;
     /// Stores a record that assigns nothing new (a failure after authentication).
     async fn put_registration(&self, record: &RegistrationRecord) -> StoreResult<()>;
-    /// Stores an assignment: the registration record, the device identity and (when `twin` is
-    /// given) its twin, in one transaction. `twin: None` keeps the device's existing twin.
-    /// `moved_from` (hub, device id) is removed in the same transaction: a device re-provisioned
-    /// to another hub is never on two hubs and never on none.
+    /// Stores an assignment in one transaction: the registration record, and the identity and
+    /// twin of device `device_id` on `hub` as `device` makes them from the ones stored there now
+    /// (`None` when absent; it decides in the transaction, so a concurrent change is never
+    /// overwritten unseen). `moved_from` (hub, device id) is removed in the same transaction: a
+    /// device re-provisioned to another hub is never on two hubs and never on none.
     async fn commit_assignment(
         &self,
         record: &RegistrationRecord,
-        device: &DeviceIdentity,
-        twin: Option<&Twin>,
+        hub: &str,
+        device_id: &str,
+        device: AssignedDevice,
         moved_from: Option<(&str, &str)>,
     ) -> StoreResult<()>;
 
@@ -149,7 +161,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<(DeviceIdentity, Twin)>>;
 
     /// Appends telemetry in one durable transaction; returns each event's stream position.
-    async fn append_events(&self, events: Vec<TelemetryEvent>) -> StoreResult<Vec<u64>>;
+    async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>>;
     /// Events of a hub from position `from` (inclusive), oldest first.
     async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<Vec<TelemetryEvent>>;
     /// Position of the newest event of a hub, 0 when there is none.
@@ -191,6 +203,11 @@ pub trait Store: Send + Sync + 'static {
 /// Read-modify-write of an individual enrollment inside the store's transaction.
 pub type EnrollmentUpdate =
     Box<dyn FnOnce(Option<&IndividualEnrollment>) -> Result<IndividualEnrollment, DpsError> + Send>;
+
+/// The identity and twin an assignment stores, made from the ones present (if any) inside the
+/// store's transaction.
+pub type AssignedDevice =
+    Box<dyn FnOnce(Option<(DeviceIdentity, Twin)>) -> Result<(DeviceIdentity, Twin), DpsError> + Send>;
 
 /// Read-modify-write of one device and its twin inside the store's transaction.
 pub type DeviceUpdate =

@@ -11,13 +11,16 @@ use async_trait::async_trait;
 use fleetgate_core::audit::{AuditEntry, AuditQuery};
 use fleetgate_core::device::DeviceIdentity;
 use fleetgate_core::enrollment::{check_if_match, EnrollmentGroup, IndividualEnrollment};
-use fleetgate_core::message::{C2dMessage, TelemetryEvent};
+use fleetgate_core::message::{C2dMessage, ReceivedEvent, TelemetryEvent};
 use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::twin::Twin;
 use fleetgate_core::DpsError;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{DeviceUpdate, EnrollmentUpdate, GroupUpdate, HubAllocation, LinkedHub, Store, StoreError, StoreResult};
+use crate::{
+    AssignedDevice, DeviceUpdate, EnrollmentUpdate, GroupUpdate, HubAllocation, LinkedHub, Store, StoreError,
+    StoreResult,
+};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -54,9 +57,12 @@ CREATE TABLE IF NOT EXISTS mqtt_sessions (
 "#;
 
 /// Telemetry lives in its own file and connection, so appends never wait behind registry writes.
+/// An event is stored as received (device, enqueued time in ticks, property bag as sent, body
+/// bytes) and decoded when read; rows written before that have only `body`, the event as JSON.
 const EVENTS_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, hub_key TEXT NOT NULL, body TEXT NOT NULL
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, hub_key TEXT NOT NULL, body TEXT NOT NULL DEFAULT '',
+    device TEXT, time INTEGER, bag TEXT, data BLOB
 );
 CREATE INDEX IF NOT EXISTS events_by_hub ON events (hub_key, seq);
 CREATE TABLE IF NOT EXISTS audit (
@@ -122,6 +128,7 @@ impl SqliteStore {
         let events = Connection::open(path.with_file_name("telemetry.db")).map_err(backend)?;
         configure(&events)?;
         events.execute_batch(EVENTS_SCHEMA).map_err(backend)?;
+        migrate_events(&events)?;
         let (writer, jobs) = std::sync::mpsc::channel::<WriteJob>();
         std::thread::Builder::new()
             .name("fleetgate-store-writer".into())
@@ -311,6 +318,42 @@ fn migrate(c: &Connection) -> StoreResult<()> {
     Ok(())
 }
 
+/// An events row: the event as received, or (rows from before that) as JSON.
+enum StoredEvent {
+    Received(ReceivedEvent),
+    Json(String),
+}
+
+fn read_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, StoredEvent)> {
+    let seq = r.get::<_, i64>(0)? as u64;
+    let stored = match r.get::<_, Option<Vec<u8>>>(5)? {
+        Some(body) => StoredEvent::Received(ReceivedEvent {
+            hub: String::new(),
+            device_id: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+            enqueued_time: fleetgate_core::time::Timestamp::from_ticks(r.get::<_, Option<i64>>(3)?.unwrap_or_default()),
+            bag: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+            body,
+        }),
+        None => StoredEvent::Json(r.get(1)?),
+    };
+    Ok((seq, stored))
+}
+
+fn migrate_events(c: &Connection) -> StoreResult<()> {
+    let has_data: bool = c
+        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = 'data'")
+        .and_then(|mut st| st.exists([]))
+        .map_err(backend)?;
+    if !has_data {
+        c.execute_batch(
+            "ALTER TABLE events ADD COLUMN device TEXT; ALTER TABLE events ADD COLUMN time INTEGER;
+             ALTER TABLE events ADD COLUMN bag TEXT; ALTER TABLE events ADD COLUMN data BLOB;",
+        )
+        .map_err(backend)?;
+    }
+    Ok(())
+}
+
 fn parse<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
     serde_json::from_str(s).map_err(backend)
 }
@@ -330,6 +373,26 @@ fn registration_from(
     r.operation_id = operation_id;
     r.internal = serde_json::from_str(&internal).unwrap_or_default();
     Ok(r)
+}
+
+fn read_registration_of(c: &Connection, id: &str) -> StoreResult<Option<RegistrationRecord>> {
+    let sql = format!("SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE reg_key = ?1");
+    let row =
+        c.prepare_cached(&sql).map_err(backend)?.query_row([id], read_registration).optional().map_err(backend)?;
+    row.map(registration_from).transpose()
+}
+
+fn read_hubs(c: &Connection) -> StoreResult<Vec<LinkedHub>> {
+    let mut st =
+        c.prepare_cached("SELECT host_name, owner_key, allocation FROM hubs ORDER BY rowid").map_err(backend)?;
+    let rows = st
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+        .map_err(backend)?;
+    rows.map(|row| {
+        let (host_name, owner_key, allocation) = row.map_err(backend)?;
+        Ok(LinkedHub { host_name, owner_key, allocation: serde_json::from_str(&allocation).unwrap_or_default() })
+    })
+    .collect()
 }
 
 fn write_registration(tx: &Connection, r: &RegistrationRecord) -> StoreResult<()> {
@@ -378,24 +441,7 @@ impl Store for SqliteStore {
     }
 
     async fn hubs(&self) -> StoreResult<Vec<LinkedHub>> {
-        self.with(|c| {
-            let mut st = c
-                .prepare_cached("SELECT host_name, owner_key, allocation FROM hubs ORDER BY rowid")
-                .map_err(backend)?;
-            let rows = st
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
-                .map_err(backend)?;
-            rows.map(|row| {
-                let (host_name, owner_key, allocation) = row.map_err(backend)?;
-                Ok(LinkedHub {
-                    host_name,
-                    owner_key,
-                    allocation: serde_json::from_str(&allocation).unwrap_or_default(),
-                })
-            })
-            .collect()
-        })
-        .await
+        self.with(|c| read_hubs(c)).await
     }
 
     async fn add_hub(&self, hub: &LinkedHub) -> StoreResult<()> {
@@ -430,6 +476,15 @@ impl Store for SqliteStore {
     async fn enrollment(&self, registration_id: &str) -> StoreResult<Option<IndividualEnrollment>> {
         let id = key(registration_id);
         self.with(move |c| ENROLLMENTS.get(c, &id)).await
+    }
+
+    async fn enrollment_ids(&self) -> StoreResult<Vec<String>> {
+        self.with(|c| {
+            let mut st = c.prepare_cached("SELECT reg_key FROM enrollments").map_err(backend)?;
+            let ids = st.query_map([], |r| r.get::<_, String>(0)).map_err(backend)?;
+            ids.map(|r| r.map_err(backend)).collect()
+        })
+        .await
     }
 
     async fn enrollments(&self, offset: usize, limit: usize) -> StoreResult<Vec<IndividualEnrollment>> {
@@ -479,17 +534,16 @@ impl Store for SqliteStore {
 
     async fn registration(&self, registration_id: &str) -> StoreResult<Option<RegistrationRecord>> {
         let id = key(registration_id);
-        self.with(move |c| {
-            let sql = format!("SELECT {REGISTRATION_COLUMNS} FROM registrations WHERE reg_key = ?1");
-            let row = c
-                .prepare_cached(&sql)
-                .map_err(backend)?
-                .query_row([id], read_registration)
-                .optional()
-                .map_err(backend)?;
-            row.map(registration_from).transpose()
-        })
-        .await
+        self.with(move |c| read_registration_of(c, &id)).await
+    }
+
+    async fn assignment_inputs(
+        &self,
+        registration_id: &str,
+    ) -> StoreResult<(Option<RegistrationRecord>, Vec<LinkedHub>)> {
+        // One trip to the blocking pool for both: they are read on every registration.
+        let id = key(registration_id);
+        self.with(move |c| Ok((read_registration_of(c, &id)?, read_hubs(c)?))).await
     }
 
     async fn registrations_of_group(
@@ -542,33 +596,33 @@ impl Store for SqliteStore {
     async fn commit_assignment(
         &self,
         record: &RegistrationRecord,
-        device: &DeviceIdentity,
-        twin: Option<&Twin>,
+        hub: &str,
+        device_id: &str,
+        device: AssignedDevice,
         moved_from: Option<(&str, &str)>,
     ) -> StoreResult<()> {
-        let (record, device, twin) = (record.clone(), device.clone(), twin.cloned());
+        let record = record.clone();
+        let (hub, id) = (key(hub), key(device_id));
         let moved_from = moved_from.map(|(h, d)| (key(h), key(d)));
-        self.write(move |c| {
-            let tx = c;
+        self.write(move |tx| {
             write_registration(tx, &record)?;
             if let Some((h, d)) = &moved_from {
                 for table in ["devices", "c2d", "mqtt_sessions"] {
-                    tx.execute(&format!("DELETE FROM {table} WHERE hub_key = ?1 AND device_key = ?2"), params![h, d])
+                    tx.prepare_cached(&format!("DELETE FROM {table} WHERE hub_key = ?1 AND device_key = ?2"))
+                        .map_err(backend)?
+                        .execute(params![h, d])
                         .map_err(backend)?;
                 }
             }
+            let (device, twin) = device(read_device(tx, &hub, &id)?).map_err(StoreError::Rejected)?;
             let body = serde_json::to_string(&device).map_err(backend)?;
-            let (hub, id) = (key(&device.hub), key(&device.device_id));
-            let twin = match twin {
-                Some(t) => t,
-                None => read_device(&tx, &hub, &id)?.map(|(_, t)| t).unwrap_or_default(),
-            };
             let twin = serde_json::to_string(&twin).map_err(backend)?;
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO devices (hub_key, device_key, body, twin) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(hub_key, device_key) DO UPDATE SET body = ?3, twin = ?4",
-                params![hub, id, body, twin],
             )
+            .map_err(backend)?
+            .execute(params![hub, id, body, twin])
             .map_err(backend)?;
             Ok(())
         })
@@ -633,18 +687,21 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn append_events(&self, events: Vec<TelemetryEvent>) -> StoreResult<Vec<u64>> {
+    async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>> {
         self.with_events(move |c| {
             let tx = c.transaction().map_err(backend)?;
             let mut seqs = Vec::with_capacity(events.len());
             {
-                let mut st =
-                    tx.prepare_cached("INSERT INTO events (hub_key, body) VALUES (?1, ?2)").map_err(backend)?;
-                for mut e in events {
-                    // The body is stored with seq 0; the row id is the position.
-                    e.seq = 0;
-                    let body = serde_json::to_string(&e).map_err(backend)?;
-                    st.execute(params![key(&e.hub), body]).map_err(backend)?;
+                let mut st = tx
+                    .prepare_cached(
+                        // `body` is set for tables created before the received columns, where it
+                        // has no default.
+                        "INSERT INTO events (hub_key, body, device, time, bag, data) VALUES (?1, '', ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(backend)?;
+                for e in &events {
+                    st.execute(params![key(&e.hub), e.device_id, e.enqueued_time.ticks(), e.bag, e.body])
+                        .map_err(backend)?;
                     seqs.push(tx.last_insert_rowid() as u64);
                 }
             }
@@ -655,19 +712,27 @@ impl Store for SqliteStore {
     }
 
     async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<Vec<TelemetryEvent>> {
-        let h = key(hub);
+        let (hub, h) = (hub.to_owned(), key(hub));
         self.with_events(move |c| {
             let mut st = c
-                .prepare_cached("SELECT seq, body FROM events WHERE hub_key = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3")
+                .prepare_cached(
+                    "SELECT seq, body, device, time, bag, data FROM events
+                     WHERE hub_key = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+                )
                 .map_err(backend)?;
-            let rows = st
-                .query_map(params![h, from as i64, limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
-                .map_err(backend)?;
+            let rows = st.query_map(params![h, from as i64, limit as i64], read_event).map_err(backend)?;
             rows.map(|row| {
-                let (seq, body) = row.map_err(backend)?;
-                let mut e: TelemetryEvent = parse(&body)?;
-                e.seq = seq as u64;
-                Ok(e)
+                let (seq, stored) = row.map_err(backend)?;
+                match stored {
+                    StoredEvent::Received(received) => {
+                        TelemetryEvent::from_received(seq, &hub, received).map_err(backend)
+                    }
+                    StoredEvent::Json(body) => {
+                        let mut e: TelemetryEvent = parse(&body)?;
+                        e.seq = seq;
+                        Ok(e)
+                    }
+                }
             })
             .collect()
         })

@@ -86,7 +86,37 @@ async fn assignment_commits_record_and_identity_together() {
         Timestamp::now(),
     );
     let dev = DeviceIdentity::provisioned(None, "localhost", "Dev-1", &[SymmetricKey::generate()], Timestamp::now());
-    s.commit_assignment(&rec, &dev, Some(&fleetgate_core::twin::Twin::default()), None).await.unwrap();
+    let stored = dev.clone();
+    s.commit_assignment(
+        &rec,
+        "localhost",
+        "Dev-1",
+        Box::new(move |present| {
+            assert!(present.is_none());
+            Ok((stored, fleetgate_core::twin::Twin::default()))
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    // The assignment decides from what is stored, inside the transaction; a refusal rolls the
+    // whole assignment back, the record included.
+    let mut refused = rec.clone();
+    refused.operation_id = "refused-op".into();
+    let e = s
+        .commit_assignment(
+            &refused,
+            "LOCALHOST",
+            "dev-1",
+            Box::new(|present| {
+                assert_eq!(present.map(|(d, _)| d.device_id).as_deref(), Some("Dev-1"));
+                Err(fleetgate_core::DpsError::bad_request("no"))
+            }),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Rejected(_)));
 
     let got = s.registration("dev-1").await.unwrap().unwrap();
     assert_eq!(got, rec);
@@ -111,4 +141,67 @@ async fn settings_round_trip() {
     s.set_setting("a", "1").await.unwrap();
     s.set_setting("a", "2").await.unwrap();
     assert_eq!(s.setting("a").await.unwrap().as_deref(), Some("2"));
+}
+
+/// Telemetry is stored as received and read back decoded; rows an earlier version stored as JSON
+/// (before the table had the received columns) still read back after the upgrade.
+#[tokio::test]
+async fn events_read_back_across_the_row_format_upgrade() {
+    use fleetgate_core::message::{Properties, ReceivedEvent, TelemetryEvent};
+    let dir = std::env::temp_dir().join(format!("fg-store-{}", uuid_like()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let old = TelemetryEvent {
+        seq: 0,
+        hub: "hub.example".into(),
+        device_id: "Old-Dev".into(),
+        module_id: None,
+        enqueued_time: "2026-01-01T00:00:00.0000000Z".into(),
+        properties: Properties::from_bag("%24.mid=m1&a=b").unwrap(),
+        body: b"old".to_vec(),
+    };
+    {
+        let c = rusqlite::Connection::open(dir.join("telemetry.db")).unwrap();
+        c.execute_batch(
+            "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, hub_key TEXT NOT NULL, body TEXT NOT NULL);",
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO events (hub_key, body) VALUES ('hub.example', ?1)",
+            [serde_json::to_string(&old).unwrap()],
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&dir.join("t.db")).unwrap();
+    let now = Timestamp::now();
+    let seqs = s
+        .append_events(vec![
+            ReceivedEvent {
+                hub: "HUB.example".into(),
+                device_id: "New-Dev".into(),
+                enqueued_time: now,
+                bag: "%24.ct=application%2Fjson&x=%20y".into(),
+                body: vec![0, 159, 255],
+            },
+            ReceivedEvent {
+                hub: "other.example".into(),
+                device_id: "Elsewhere".into(),
+                enqueued_time: now,
+                bag: String::new(),
+                body: Vec::new(),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(seqs, [2, 3]);
+    let got = s.events("Hub.Example", 0, 10).await.unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0], TelemetryEvent { seq: 1, ..old });
+    let new = &got[1];
+    assert_eq!((new.seq, new.hub.as_str(), new.device_id.as_str()), (2, "Hub.Example", "New-Dev"));
+    assert_eq!(new.enqueued_time, now.to_azure_string());
+    assert_eq!(new.properties.system["content-type"], "application/json");
+    assert_eq!(new.properties.application["x"], " y");
+    assert_eq!(new.body, [0, 159, 255]);
+    assert_eq!(s.events("other.example", 3, 10).await.unwrap()[0].device_id, "Elsewhere");
+    assert_eq!(s.last_event_seq("hub.example").await.unwrap(), 2);
 }

@@ -64,9 +64,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     pub async fn write_packet(&mut self, packet: Packet) -> Result<(), ConnectionError> {
-        self.write_buf.clear();
+        self.queue_packet(packet)?;
+        self.flush().await
+    }
+
+    /// Encodes a packet to be sent with the next [`Connection::flush`]: packets that answer one
+    /// request together (a PUBACK and its response) then share one TLS record and one write.
+    pub fn queue_packet(&mut self, packet: Packet) -> Result<(), ConnectionError> {
         packet.write(&mut self.write_buf, usize::MAX).map_err(ConnectionError::Protocol)?;
-        self.stream.write_all(&self.write_buf).await?;
+        Ok(())
+    }
+
+    /// Sends what is queued.
+    pub async fn flush(&mut self) -> Result<(), ConnectionError> {
+        if !self.write_buf.is_empty() {
+            self.stream.write_all(&self.write_buf).await?;
+            self.write_buf.clear();
+        }
         self.stream.flush().await?;
         if self.write_buf.capacity() > KEEP_BYTES {
             self.write_buf = BytesMut::new();

@@ -159,8 +159,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(false);
             }
         };
+        // The PUBACK goes out with the response, ahead of it as the SDKs need: one TLS record
+        // and one write instead of two.
         if p.qos == QoS::AtLeastOnce {
-            self.conn.write_packet(Packet::PubAck(PubAck::new(p.pkid))).await?;
+            self.conn.queue_packet(Packet::PubAck(PubAck::new(p.pkid)))?;
         }
         let (rid, status, retry_after, body) = match request {
             DpsRequest::Register { rid } => {

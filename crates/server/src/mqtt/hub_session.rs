@@ -304,7 +304,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             },
             DeviceRequest::TwinGet { rid } => {
-                self.ack(&p).await?;
+                self.ack(&p)?;
                 let (status, body) = match self.hub.twin(&self.device.hub, &self.device.device_id).await {
                     Ok((_, twin)) => (200, twin.device_view().to_string().into_bytes()),
                     Err(e) => (e.status(), twin_error(&e)),
@@ -314,7 +314,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(true)
             }
             DeviceRequest::TwinPatchReported { rid } => {
-                self.ack(&p).await?;
+                self.ack(&p)?;
                 let (topic, body) = match self.hub.patch_reported(&self.device, &p.payload).await {
                     Ok(version) => (twin_response_topic(204, &rid, Some(version)), Vec::new()),
                     Err(e) => (twin_response_topic(e.status(), &rid, None), twin_error(&e)),
@@ -324,16 +324,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(true)
             }
             DeviceRequest::MethodResponse { status, rid } => {
-                self.ack(&p).await?;
+                self.ack(&p)?;
+                self.conn.flush().await?;
                 self.hub.method_response(&rid, status, &p.payload);
                 Ok(true)
             }
         }
     }
 
-    async fn ack(&mut self, p: &Publish) -> Result<(), ConnectionError> {
+    /// Queues the PUBACK of a request: it goes out with the response (ahead of it), or with the
+    /// next flush.
+    fn ack(&mut self, p: &Publish) -> Result<(), ConnectionError> {
         if p.qos == QoS::AtLeastOnce {
-            self.conn.write_packet(Packet::PubAck(PubAck::new(p.pkid))).await?;
+            self.conn.queue_packet(Packet::PubAck(PubAck::new(p.pkid)))?;
         }
         Ok(())
     }
