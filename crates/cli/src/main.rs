@@ -69,6 +69,11 @@ enum Command {
     Cert(commands::cert::CertCommand),
 }
 
+/// mimalloc instead of glibc's malloc: see docs/architecture.md (dependencies) for the figures.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::mqtt::Subscription;
-use crate::sessions::{Outbound, SessionHandle, Sessions};
+use crate::sessions::{DesiredPatch, MethodCall, Outbound, SessionHandle, Sessions};
 use crate::telemetry::EventWriter;
 
 /// Azure's limits and defaults that a deployment may tune.
@@ -428,7 +428,10 @@ impl Hub {
                 if flags.desired.load(Ordering::Relaxed) {
                     let body = Twin::desired_notification(&patch, twin.desired_version);
                     // A device too slow to take it re-reads the twin on reconnect (the SDKs do).
-                    let _ = tx.try_send(Outbound::DesiredPatch { body, version: twin.desired_version });
+                    let _ = tx.try_send(Outbound::DesiredPatch(Box::new(DesiredPatch {
+                        body,
+                        version: twin.desired_version,
+                    })));
                 }
             }
         }
@@ -461,7 +464,10 @@ impl Hub {
         let rid = format!("{}", self.next_rid.fetch_add(1, Ordering::Relaxed) + 1);
         let (wtx, wrx) = oneshot::channel();
         self.methods.lock().unwrap_or_else(|p| p.into_inner()).insert(rid.clone(), wtx);
-        if tx.try_send(Outbound::Method { rid: rid.clone(), name: name.to_owned(), payload }).is_err() {
+        if tx
+            .try_send(Outbound::Method(Box::new(MethodCall { rid: rid.clone(), name: name.to_owned(), payload })))
+            .is_err()
+        {
             self.methods.lock().unwrap_or_else(|p| p.into_inner()).remove(&rid);
             return Err(offline());
         }

@@ -10,4 +10,4 @@ pub mod sessions;
 pub mod telemetry;
 
 pub use hub::{Hub, HubConfig, HubDevice};
-pub use sessions::{Outbound, SessionFlags};
+pub use sessions::{DesiredPatch, MethodCall, Outbound, SessionFlags};

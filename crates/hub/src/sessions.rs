@@ -4,24 +4,38 @@
 //! bounded sender to each session task plus what the device subscribed to, so the service API
 //! can tell "not online" from "online but not listening".
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
-/// What the hub asks a device's session to send.
+/// What the hub asks a device's session to send. Large variants are boxed: tokio allocates a
+/// session's queue 32 slots at a time up front, so the slot size is paid by every connection.
 #[derive(Debug)]
 pub enum Outbound {
     /// A desired-properties patch; the body already carries `$version`.
-    DesiredPatch { body: Value, version: u64 },
+    DesiredPatch(Box<DesiredPatch>),
     /// A direct method call, answered through [`crate::Hub::method_response`].
-    Method { rid: String, name: String, payload: Value },
+    Method(Box<MethodCall>),
     /// New cloud-to-device messages are queued for this device.
     CloudToDevice,
     /// Another connection for the same device took over.
     Close,
+}
+
+#[derive(Debug)]
+pub struct DesiredPatch {
+    pub body: Value,
+    pub version: u64,
+}
+
+#[derive(Debug)]
+pub struct MethodCall {
+    pub rid: String,
+    pub name: String,
+    pub payload: Value,
 }
 
 /// What the device subscribed to, readable without asking the session task.
@@ -32,9 +46,53 @@ pub struct SessionFlags {
     pub c2d: AtomicBool,
 }
 
+/// A session's queue of [`Outbound`] requests, bounded. A mutex-guarded deque and a `Notify`
+/// rather than a tokio channel, which allocates about 1 KB per session up front (a 32-slot block
+/// and cache-padded state): an idle connection should cost little.
+#[derive(Default)]
+pub struct Inbox {
+    queue: Mutex<VecDeque<Outbound>>,
+    ready: Notify,
+}
+
+impl Inbox {
+    /// Queues a request; gives it back when the session already has [`OUTBOUND_QUEUE`] waiting.
+    pub fn try_send(&self, out: Outbound) -> Result<(), Outbound> {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.len() >= OUTBOUND_QUEUE {
+            return Err(out);
+        }
+        queue.push_back(out);
+        drop(queue);
+        // Stores a permit if the session is not waiting: its next `recv` returns at once.
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next request (for the session task, the only receiver).
+    pub async fn recv(&self) -> Outbound {
+        loop {
+            if let Some(out) = self.pop() {
+                return out;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    fn pop(&self) -> Option<Outbound> {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let out = queue.pop_front();
+        // Queue memory is given back once drained, so an idle session holds none.
+        if queue.is_empty() {
+            queue.shrink_to_fit();
+        }
+        out
+    }
+}
+
 struct Entry {
     id: u64,
-    tx: mpsc::Sender<Outbound>,
+    tx: Arc<Inbox>,
     flags: Arc<SessionFlags>,
     connected_since: String,
 }
@@ -51,7 +109,7 @@ pub struct Sessions {
 
 pub struct SessionHandle {
     pub id: u64,
-    pub rx: mpsc::Receiver<Outbound>,
+    pub rx: Arc<Inbox>,
     pub flags: Arc<SessionFlags>,
 }
 
@@ -63,7 +121,8 @@ impl Sessions {
     /// Registers a new session for a device, closing the previous one if any.
     pub fn register(&self, hub: &str, device: &str, now: String) -> SessionHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let tx = Arc::new(Inbox::default());
+        let rx = tx.clone();
         let flags = Arc::new(SessionFlags::default());
         let old = self
             .map
@@ -86,7 +145,7 @@ impl Sessions {
     }
 
     /// The session's sender and flags, if the device is connected.
-    pub fn get(&self, hub: &str, device: &str) -> Option<(mpsc::Sender<Outbound>, Arc<SessionFlags>)> {
+    pub fn get(&self, hub: &str, device: &str) -> Option<(Arc<Inbox>, Arc<SessionFlags>)> {
         self.map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -101,5 +160,33 @@ impl Sessions {
 
     pub fn count(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn inbox_is_bounded_ordered_and_wakes_its_session() {
+        let inbox = Arc::new(Inbox::default());
+        for _ in 0..OUTBOUND_QUEUE {
+            inbox.try_send(Outbound::CloudToDevice).unwrap();
+        }
+        assert!(matches!(inbox.try_send(Outbound::Close), Err(Outbound::Close)), "full");
+        for _ in 0..OUTBOUND_QUEUE {
+            assert!(matches!(inbox.recv().await, Outbound::CloudToDevice));
+        }
+        assert_eq!(inbox.queue.lock().unwrap().capacity(), 0, "drained queue memory is given back");
+        // A session waiting on an empty inbox wakes for the next request.
+        let waiting = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.recv().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        inbox.try_send(Outbound::Close).unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert!(matches!(got, Outbound::Close));
     }
 }

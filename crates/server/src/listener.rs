@@ -12,6 +12,13 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 /// How long a shutdown waits for in-flight work (registrations, appends, open sessions closing).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// What an accepted connection holds until it ends: its place under the connection limit and
+/// in the open-connections gauge.
+pub(crate) struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _counted: fleetgate_metrics::ConnectionGuard,
+}
+
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     name: &'static str,
@@ -19,7 +26,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     mut shutdown: watch::Receiver<bool>,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Admission) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(max));
@@ -41,11 +48,9 @@ pub(crate) async fn accept_loop<F, Fut>(
             _ = shutdown.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
-        let work = handle(tcp, peer, permit);
-        tokio::spawn(async move {
-            let _counted = fleetgate_metrics::METRICS.connection(name);
-            work.await
-        });
+        let admission = Admission { _permit: permit, _counted: fleetgate_metrics::METRICS.connection(name) };
+        // Spawned as it is: wrapping it in another async block would store it twice.
+        tokio::spawn(handle(tcp, peer, admission));
     }
     drain(&permits, max, name).await;
 }

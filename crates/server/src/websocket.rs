@@ -24,7 +24,7 @@ use fleetgate_hub::Hub;
 use fleetgate_rest::ApiError;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 
 use crate::config::Limits;
 
@@ -36,7 +36,7 @@ pub const PATHS: [&str; 2] = ["/$iothub/websocket", "/"];
 /// The HTTPS connection's slot under the listener's connection cap, shared by the requests of
 /// that connection; an upgraded WebSocket keeps it until the MQTT session ends.
 #[derive(Clone)]
-pub(crate) struct ConnectionPermit(#[allow(dead_code)] pub(crate) Arc<OwnedSemaphorePermit>);
+pub(crate) struct ConnectionPermit(#[allow(dead_code)] pub(crate) Arc<crate::listener::Admission>);
 
 #[derive(Clone)]
 struct WsState {

@@ -20,8 +20,9 @@ pub enum ConnectionError {
 
 /// How much is read at a time.
 const READ_CHUNK: usize = 1024;
-/// Buffers larger than this (after a big packet) are released once empty.
-const KEEP_BYTES: usize = 8 * 1024;
+/// Buffers larger than this (after a big packet) are released once empty: what an idle
+/// connection holds is paid per connection.
+const KEEP_BYTES: usize = 2 * READ_CHUNK;
 
 pub struct Connection<S> {
     stream: S,

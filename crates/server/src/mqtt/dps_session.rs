@@ -59,7 +59,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
     // X.509 devices send no password: their TLS client certificate chain attests instead.
-    let auth = dps.authenticate(&user.id_scope, &user.registration_id, password, peer.as_ref()).await;
+    let auth = Box::pin(dps.authenticate(&user.id_scope, &user.registration_id, password, peer.as_ref())).await;
     conn.set_max_packet(limits.max_dps_packet_bytes);
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
 
@@ -90,7 +90,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             _ = shutdown.changed() => break,
         };
         let Some(packet) = packet else { break };
-        if !session.handle(packet).await? {
+        // Boxed: the session future then holds only what waiting for a packet needs.
+        if !Box::pin(session.handle(packet)).await? {
             break;
         }
     }

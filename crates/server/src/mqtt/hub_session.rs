@@ -82,7 +82,9 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(());
     }
     let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
-    let device = match hub.authenticate(&user.host_name, &user.device_id, password, peer.as_ref()).await {
+    // Every await but the loop's read is boxed: the session future is what an idle connection
+    // keeps, so it should hold only what the loop needs.
+    let device = match Box::pin(hub.authenticate(&user.host_name, &user.device_id, password, peer.as_ref())).await {
         Ok(d) => d,
         // Bad key, unknown device and disabled device all get "not authorized": the SDKs stop
         // retrying on it, and it tells a stranger nothing about which devices exist.
@@ -101,17 +103,17 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     // SDKs count on that and do not subscribe again when they reconnect.
     let persistent = !connect.clean_session;
     let restored = if persistent {
-        hub.load_subscriptions(&device).await.unwrap_or_else(|e| {
+        Box::pin(hub.load_subscriptions(&device)).await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "could not load the device's session; starting clean");
             None
         })
     } else {
-        if let Err(e) = hub.save_subscriptions(&device, None).await {
+        if let Err(e) = Box::pin(hub.save_subscriptions(&device, None)).await {
             tracing::warn!(error = %e, "could not clear the device's session");
         }
         None
     };
-    let mut handle = hub.connect_session(&device);
+    let handle = hub.connect_session(&device);
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, restored.is_some()))).await?;
     tracing::info!(hub = %device.hub, device = %device.device_id, session_present = restored.is_some(), "device connected");
 
@@ -119,6 +121,9 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         0 => limits.idle_timeout,
         k => Duration::from_millis(u64::from(k) * 1500).min(MAX_KEEP_ALIVE_TIMEOUT),
     };
+    // What the connection keeps for its life should be small: the CONNECT (with its SAS token),
+    // the username and the certificate chain are not needed any more.
+    drop((connect, user, peer));
     let mut s = Session {
         conn,
         hub: hub.clone(),
@@ -132,7 +137,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         s.subscriptions.insert(sub, if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce });
         set_flag(&handle.flags, sub, true);
     }
-    if let Err(e) = s.deliver_c2d().await {
+    if let Err(e) = Box::pin(s.deliver_c2d()).await {
         hub.disconnect_session(&device, handle.id);
         return Err(e);
     }
@@ -145,15 +150,14 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(Ok(None)) => break Ok(()),
                     Ok(Ok(Some(p))) => p,
                 };
-                match s.on_packet(packet, &handle.flags).await {
+                match Box::pin(s.on_packet(packet, &handle.flags)).await {
                     Ok(true) => {}
                     Ok(false) => break Ok(()),
                     Err(e) => break Err(e),
                 }
             }
             out = handle.rx.recv() => {
-                let Some(out) = out else { break Ok(()) };
-                match s.on_outbound(out).await {
+                match Box::pin(s.on_outbound(out)).await {
                     Ok(true) => {}
                     Ok(false) => break Ok(()),
                     Err(e) => break Err(e),
@@ -163,7 +167,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 // A graceful stop still serves what the device already sent (a message in the
                 // socket gets its append and PUBACK), then closes.
                 while let Ok(Ok(Some(p))) = tokio::time::timeout(SHUTDOWN_READ, s.conn.read_packet()).await {
-                    if !matches!(s.on_packet(p, &handle.flags).await, Ok(true)) {
+                    if !matches!(Box::pin(s.on_packet(p, &handle.flags)).await, Ok(true)) {
                         break;
                     }
                 }
@@ -347,17 +351,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 tracing::info!(device = %self.device.device_id, "closing: replaced by a new connection or identity changed");
                 Ok(false)
             }
-            Outbound::DesiredPatch { body, version } => {
+            Outbound::DesiredPatch(patch) => {
                 if self.subscriptions.contains_key(&Subscription::DesiredPatches) {
                     let qos = self.qos_for(Subscription::DesiredPatches);
-                    self.publish(desired_patch_topic(version), qos, body.to_string().into_bytes()).await?;
+                    self.publish(desired_patch_topic(patch.version), qos, patch.body.to_string().into_bytes()).await?;
                 }
                 Ok(true)
             }
-            Outbound::Method { rid, name, payload } => {
+            Outbound::Method(call) => {
                 let qos = self.qos_for(Subscription::Methods);
-                let body = if payload.is_null() { Vec::new() } else { payload.to_string().into_bytes() };
-                self.publish(method_request_topic(&name, &rid), qos, body).await?;
+                let body = if call.payload.is_null() { Vec::new() } else { call.payload.to_string().into_bytes() };
+                self.publish(method_request_topic(&call.name, &call.rid), qos, body).await?;
                 Ok(true)
             }
             Outbound::CloudToDevice => {

@@ -13,7 +13,7 @@ use fleetgate_dps::mqtt::DpsUsername;
 use fleetgate_dps::Provisioning;
 use fleetgate_hub::mqtt::HubUsername;
 use fleetgate_hub::Hub;
-use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::{Error as CodecError, Protocol};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -62,12 +62,15 @@ async fn handle(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-    let tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
+    // Memory per idle connection is what a connection keeps for its life, so every phase's state
+    // is boxed and freed when the phase ends, and the TLS stream (a rustls connection, 1.2 KB) is
+    // boxed once so the futures that carry it stay small.
+    let tls = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(tcp)))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
     // An X.509 device's chain: who it is is decided by the DPS or hub session.
     let peer = crate::tls::peer_certificates(tls.get_ref().1);
-    serve_until(tls, deadline, peer, dps, hub, limits, shutdown).await
+    Box::pin(serve_until(Box::new(tls), deadline, peer, dps, hub, limits, shutdown)).await
 }
 
 /// Serves one MQTT connection over an already established byte stream (TLS on the MQTT port,
@@ -95,6 +98,28 @@ async fn serve_until<S: AsyncRead + AsyncWrite + Unpin>(
     limits: Arc<Limits>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
+    // Reading CONNECT is a phase of its own, boxed and freed before the session starts.
+    let Some((conn, connect, route)) = Box::pin(read_connect(stream, deadline)).await? else { return Ok(()) };
+    // Boxed: the two sessions are different futures, and a connection should only pay for the
+    // one it runs.
+    match route {
+        Route::Dps(user) => Box::pin(dps_session::run(conn, connect, user, peer, dps, limits, shutdown)).await,
+        Route::Hub(user) => Box::pin(hub_session::run(conn, connect, user, peer, hub, limits, shutdown)).await,
+    }
+}
+
+/// Which session a CONNECT's username asks for.
+enum Route {
+    Dps(DpsUsername),
+    Hub(HubUsername),
+}
+
+/// Reads CONNECT within the handshake deadline and tells which session it is for. `None` when
+/// the connection was refused (and answered) or closed.
+async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    deadline: tokio::time::Instant,
+) -> Result<Option<(Connection<S>, Connect, Route)>, ConnectionError> {
     let mut conn = Connection::new(stream, MAX_CONNECT_BYTES);
     let first = tokio::time::timeout_at(deadline, conn.read_packet())
         .await
@@ -106,24 +131,22 @@ async fn serve_until<S: AsyncRead + AsyncWrite + Unpin>(
         | Err(ConnectionError::Protocol(CodecError::InvalidProtocolLevel(_) | CodecError::InvalidProtocol)) => {
             tracing::info!("refused MQTT CONNECT: protocol is not MQTT 3.1.1");
             conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false))).await?;
-            return Ok(());
+            return Ok(None);
         }
-        Ok(Some(_)) | Ok(None) => return Ok(()), // MQTT: anything but CONNECT first closes the connection.
+        Ok(Some(_)) | Ok(None) => return Ok(None), // MQTT: anything but CONNECT first closes the connection.
         Err(e) => return Err(e),
     };
-    let username = connect.login.as_ref().map(|l| l.username.clone()).unwrap_or_default();
-    if let Some(dps_user) = DpsUsername::parse(&username) {
-        // Boxed: the two sessions are large futures, and an idle connection should only pay for
-        // the one it runs.
-        return Box::pin(dps_session::run(conn, connect, dps_user, peer, dps, limits, shutdown)).await;
+    let username = connect.login.as_ref().map(|l| l.username.as_str()).unwrap_or_default();
+    if let Some(user) = DpsUsername::parse(username) {
+        return Ok(Some((conn, connect, Route::Dps(user))));
     }
-    if let Some(hub_user) = HubUsername::parse(&username) {
-        return Box::pin(hub_session::run(conn, connect, hub_user, peer, hub, limits, shutdown)).await;
+    if let Some(user) = HubUsername::parse(username) {
+        return Ok(Some((conn, connect, Route::Hub(user))));
     }
     tracing::info!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: neither a DPS nor a hub username");
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))).await?;
     conn.shutdown().await;
-    Ok(())
+    Ok(None)
 }
 
 /// Untrusted text bounded and stripped of control characters, for logs.
