@@ -16,6 +16,7 @@ use fleetgate_hub::mqtt::{
     c2d_topic, desired_patch_topic, method_request_topic, parse_publish_topic, subscription, twin_response_topic,
     DeviceRequest, HubUsername, Subscription, TopicError,
 };
+use fleetgate_hub::sessions::SessionHandle;
 use fleetgate_hub::{Hub, HubDevice, Outbound};
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
@@ -58,28 +59,45 @@ fn set_flag(flags: &fleetgate_hub::SessionFlags, sub: Subscription, on: bool) {
 }
 
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
-    mut conn: Connection<S>,
+    conn: Connection<S>,
     connect: Connect,
     user: HubUsername,
     peer: Option<CertificateChain>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
+    // Two phases, each boxed: what a connection keeps while idle is the second one's state only.
+    let Some((session, handle, idle)) = Box::pin(open(conn, connect, user, peer, &hub, &limits)).await? else {
+        return Ok(());
+    };
+    Box::pin(serve(session, handle, idle, shutdown)).await
+}
+
+/// CONNECT to CONNACK: authentication, the device's stored session, pending C2D messages.
+/// `None` when the device was refused (and told so).
+async fn open<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: Connection<S>,
+    connect: Connect,
+    user: HubUsername,
+    peer: Option<CertificateChain>,
+    hub: &Arc<Hub>,
+    limits: &Limits,
+) -> Result<Option<(Session<S>, SessionHandle, Duration)>, ConnectionError> {
     let refuse = |code| Packet::ConnAck(ConnAck::new(code, false));
     if user.module_id.is_some() {
         tracing::info!("module identities are not supported yet; refusing");
         conn.write_packet(refuse(ConnectReturnCode::NotAuthorized)).await?;
-        return Ok(());
+        return Ok(None);
     }
     if connect.client_id != user.device_id {
         tracing::info!(client_id = %printable(&connect.client_id), "refused hub CONNECT: client id is not the device id");
         conn.write_packet(refuse(ConnectReturnCode::BadClientId)).await?;
-        return Ok(());
+        return Ok(None);
     }
     if !hub.admit_connect(&user.host_name) {
         conn.write_packet(refuse(ConnectReturnCode::ServiceUnavailable)).await?;
-        return Ok(());
+        return Ok(None);
     }
     let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
     // Every await but the loop's read is boxed: the session future is what an idle connection
@@ -95,7 +113,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             | ConnectRefusal::Disabled,
         ) => {
             conn.write_packet(refuse(ConnectReturnCode::NotAuthorized)).await?;
-            return Ok(());
+            return Ok(None);
         }
     };
     conn.set_max_packet(hub.config().max_message_bytes + 16 * 1024);
@@ -141,6 +159,17 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         hub.disconnect_session(&device, handle.id);
         return Err(e);
     }
+    Ok(Some((s, handle, idle)))
+}
+
+/// The connected device's session until it disconnects, goes idle past its keep-alive, is
+/// replaced, or the server stops.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: Session<S>,
+    handle: SessionHandle,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
     let result = loop {
         tokio::select! {
             r = tokio::time::timeout(idle, s.conn.read_packet()) => {
@@ -175,9 +204,9 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    hub.disconnect_session(&device, handle.id);
+    s.hub.disconnect_session(&s.device, handle.id);
     s.conn.shutdown().await;
-    tracing::info!(hub = %device.hub, device = %device.device_id, "device disconnected");
+    tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "device disconnected");
     result
 }
 

@@ -65,12 +65,14 @@ async fn handle(
     // Memory per idle connection is what a connection keeps for its life, so every phase's state
     // is boxed and freed when the phase ends, and the TLS stream (a rustls connection, 1.2 KB) is
     // boxed once so the futures that carry it stay small.
-    let tls = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(tcp)))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    let tls = Box::new(
+        Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(tcp)))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??,
+    );
     // An X.509 device's chain: who it is is decided by the DPS or hub session.
     let peer = crate::tls::peer_certificates(tls.get_ref().1);
-    Box::pin(serve_until(Box::new(tls), deadline, peer, dps, hub, limits, shutdown)).await
+    Box::pin(serve_until(tls, deadline, peer, dps, hub, limits, shutdown)).await
 }
 
 /// Serves one MQTT connection over an already established byte stream (TLS on the MQTT port,
