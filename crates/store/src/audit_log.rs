@@ -6,13 +6,30 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use fleetgate_core::audit::AuditEntry;
+use fleetgate_core::audit::{AuditEntry, Outcome};
 use tokio::sync::mpsc;
 
 use crate::Store;
 
 const QUEUE: usize = 16_384;
 const MAX_BATCH: usize = 1024;
+
+/// One audit entry as a log event at `$level`.
+macro_rules! mirror {
+    ($level:expr, $entry:expr) => {{
+        let e: &AuditEntry = $entry;
+        tracing::event!(
+            target: "audit",
+            $level,
+            category = ?e.category,
+            operation = %e.operation,
+            actor = %e.actor,
+            target_id = e.target.as_deref().unwrap_or(""),
+            outcome = ?e.outcome,
+            reason = e.reason.as_deref().unwrap_or(""),
+        )
+    }};
+}
 
 #[derive(Clone)]
 pub struct AuditLog {
@@ -40,18 +57,21 @@ impl AuditLog {
         Self { tx, dropped: Arc::new(AtomicU64::new(0)) }
     }
 
-    /// Records an entry (and mirrors it to the structured log).
+    /// Records an entry and mirrors it to the structured log: refusals at `info` (what an
+    /// operator watches for), successes at `debug` (a line per registration or connection is
+    /// noise at fleet scale, and they are in the store), and any entry the store could not take
+    /// at `warn`, so nothing is lost from both.
     pub fn record(&self, entry: AuditEntry) {
-        tracing::info!(
-            target: "audit",
-            category = ?entry.category,
-            operation = %entry.operation,
-            actor = %entry.actor,
-            target_id = entry.target.as_deref().unwrap_or(""),
-            outcome = ?entry.outcome,
-            reason = entry.reason.as_deref().unwrap_or(""),
-        );
-        if self.tx.try_send(entry).is_err() {
+        if entry.outcome == Outcome::Failure {
+            mirror!(tracing::Level::INFO, &entry);
+        } else {
+            mirror!(tracing::Level::DEBUG, &entry);
+        }
+        if let Err(e) = self.tx.try_send(entry) {
+            let entry = e.into_inner();
+            if entry.outcome != Outcome::Failure {
+                mirror!(tracing::Level::WARN, &entry);
+            }
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::warn!(dropped = n, "audit queue full; entries dropped from the store (still logged)");
