@@ -53,6 +53,34 @@ async fn an_individual_enrollment_takes_precedence_over_a_group() {
     assert_eq!(body["status"], "disabled");
 }
 
+/// Which registration ids have an individual enrollment is kept in memory once a device has
+/// registered; an enrollment added or deleted afterwards must still take effect at once.
+#[tokio::test]
+async fn individual_enrollments_added_or_deleted_later_take_effect_at_once() {
+    let s = TestServer::start().await;
+    let (group_key, _) = s.create_group("grp", json!({})).await;
+    let derived = group_key.derive_device_key("dev-y");
+    let (topic, body) = s.register("dev-y", &derived, None).await;
+    assert!(topic.contains("/200/"), "{topic} {body}");
+
+    let e = s
+        .service()
+        .put_enrollment(&json!({"registrationId": "DEV-Y", "attestation": {"type": "symmetricKey"}}), None)
+        .await
+        .unwrap();
+    let own = SymmetricKey::from_base64(e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap();
+    let (topic, body) = s.register("dev-y", &derived, None).await;
+    assert!(topic.contains("/401/"), "the new individual enrollment takes precedence: {topic} {body}");
+    let (topic, body) = s.register("dev-y", &own, None).await;
+    assert!(topic.contains("/200/"), "{topic} {body}");
+
+    s.service().delete_enrollment("dev-y", None).await.unwrap();
+    let (topic, body) = s.register("dev-y", &own, None).await;
+    assert!(topic.contains("/401/"), "the deleted enrollment's key no longer works: {topic} {body}");
+    let (topic, body) = s.register("dev-y", &derived, None).await;
+    assert!(topic.contains("/200/"), "the group applies again: {topic} {body}");
+}
+
 #[tokio::test]
 async fn bulk_enrollment_operations_report_each_failure() {
     let s = TestServer::start().await;
