@@ -301,19 +301,28 @@ impl Documents {
 
 /// Brings a data directory from an earlier version up to the current schema.
 fn migrate(c: &Connection) -> StoreResult<()> {
-    let has_allocation: bool = c
-        .prepare("SELECT 1 FROM pragma_table_info('hubs') WHERE name = 'allocation'")
-        .and_then(|mut st| st.exists([]))
+    add_column_if_missing(
+        c,
+        "hubs",
+        "allocation",
+        "ALTER TABLE hubs ADD COLUMN allocation TEXT NOT NULL DEFAULT '{}'",
+    )?;
+    add_column_if_missing(
+        c,
+        "registrations",
+        "internal",
+        "ALTER TABLE registrations ADD COLUMN internal TEXT NOT NULL DEFAULT '{}'",
+    )
+}
+
+/// Runs `alter` (statements adding columns) unless `table` already has `column`.
+fn add_column_if_missing(c: &Connection, table: &str, column: &str, alter: &str) -> StoreResult<()> {
+    let present = c
+        .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")
+        .and_then(|mut st| st.exists([table, column]))
         .map_err(backend)?;
-    if !has_allocation {
-        c.execute_batch("ALTER TABLE hubs ADD COLUMN allocation TEXT NOT NULL DEFAULT '{}'").map_err(backend)?;
-    }
-    let has_internal: bool = c
-        .prepare("SELECT 1 FROM pragma_table_info('registrations') WHERE name = 'internal'")
-        .and_then(|mut st| st.exists([]))
-        .map_err(backend)?;
-    if !has_internal {
-        c.execute_batch("ALTER TABLE registrations ADD COLUMN internal TEXT NOT NULL DEFAULT '{}'").map_err(backend)?;
+    if !present {
+        c.execute_batch(alter).map_err(backend)?;
     }
     Ok(())
 }
@@ -340,18 +349,13 @@ fn read_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, StoredEvent)> {
 }
 
 fn migrate_events(c: &Connection) -> StoreResult<()> {
-    let has_data: bool = c
-        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = 'data'")
-        .and_then(|mut st| st.exists([]))
-        .map_err(backend)?;
-    if !has_data {
-        c.execute_batch(
-            "ALTER TABLE events ADD COLUMN device TEXT; ALTER TABLE events ADD COLUMN time INTEGER;
-             ALTER TABLE events ADD COLUMN bag TEXT; ALTER TABLE events ADD COLUMN data BLOB;",
-        )
-        .map_err(backend)?;
-    }
-    Ok(())
+    add_column_if_missing(
+        c,
+        "events",
+        "data",
+        "ALTER TABLE events ADD COLUMN device TEXT; ALTER TABLE events ADD COLUMN time INTEGER;
+         ALTER TABLE events ADD COLUMN bag TEXT; ALTER TABLE events ADD COLUMN data BLOB;",
+    )
 }
 
 fn parse<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
