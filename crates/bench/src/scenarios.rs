@@ -279,6 +279,12 @@ async fn mosquitto_cycle(addr: SocketAddr, ca: &[u8], id: &str, password: &str) 
             _ => {}
         }
     }
+    disconnect(&client, &mut el).await;
+    Ok(())
+}
+
+/// Sends DISCONNECT and drives the event loop until it is out (at most a second).
+async fn disconnect(client: &AsyncClient, el: &mut EventLoop) {
     if client.try_disconnect().is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             while let Ok(ev) = el.poll().await {
@@ -289,7 +295,6 @@ async fn mosquitto_cycle(addr: SocketAddr, ca: &[u8], id: &str, password: &str) 
         })
         .await;
     }
-    Ok(())
 }
 
 /// A rumqttc client for Mosquitto, configured like the device client's connections (fresh
@@ -561,18 +566,7 @@ pub async fn telemetry_mosquitto(
     let result = telemetry_result(server, variant, n, connected, seconds, body_bytes, m, lat, failures);
     let mut closing = JoinSet::new();
     for (client, mut el) in conns {
-        closing.spawn(async move {
-            if client.try_disconnect().is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while let Ok(ev) = el.poll().await {
-                        if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
-                            break;
-                        }
-                    }
-                })
-                .await;
-            }
-        });
+        closing.spawn(async move { disconnect(&client, &mut el).await });
     }
     while closing.join_next().await.is_some() {}
     result

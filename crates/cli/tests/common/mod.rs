@@ -31,8 +31,9 @@ pub fn json(o: &Output) -> serde_json::Value {
     serde_json::from_str(&stdout(o)).expect("JSON output")
 }
 
+/// A server on its own temporary data directory (stopped before the directory is removed).
 pub struct Served {
-    pub child: Child,
+    pub server: Server,
     pub dir: tempfile::TempDir,
     pub mqtt_port: u16,
 }
@@ -43,35 +44,13 @@ impl Served {
     }
 }
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts a server on random ports; returns once its banner names the MQTT port.
+/// Starts a server on random ports in a fresh data directory; returns once its banner names
+/// them.
 pub fn serve() -> Served {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--data-dir", dir.path().to_str().unwrap(), "--mqtt-port", "0", "--https-port", "0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    // Keeps draining stdout so the server never blocks on it.
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(rest) = line.trim().strip_prefix("MQTT/TLS on ") {
-                let addr = rest.split(',').next().unwrap_or_default();
-                let _ = tx.send(addr.rsplit(':').next().unwrap_or_default().parse::<u16>().unwrap());
-            }
-        }
-    });
-    let mqtt_port = rx.recv_timeout(Duration::from_secs(20)).expect("server banner with the MQTT port");
-    Served { child, dir, mqtt_port }
+    let server = Server::start(dir.path());
+    let mqtt_port = server.mqtt_port;
+    Served { server, dir, mqtt_port }
 }
 
 /// A `fleetgate serve` child on a data directory the caller owns, so it can be killed and started
