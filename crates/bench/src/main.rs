@@ -411,6 +411,11 @@ async fn run(plan: Plan, opts: Options, nofile: u64) -> anyhow::Result<Report> {
         println!("== telemetry: {d} devices, QoS 1, {} B bodies, {} s", o.body_bytes, o.seconds);
         let server = ctx.fleetgate().await?;
         ctx.provision_up_to(&server, d).await?;
+        let login = scenarios::Login::Fleetgate(ctx.instance().clone());
+        let r = scenarios::telemetry_mqtt(&server, &login, "durable append", 0..d, o.seconds, o.body_bytes).await?;
+        print_telemetry(&r);
+        report.telemetry.push(r);
+        // The same load through the project's device client (its own task per connection).
         let r = scenarios::telemetry_fleetgate(&server, ctx.instance(), 0..d, o.seconds, o.body_bytes).await?;
         print_telemetry(&r);
         report.telemetry.push(r);
@@ -418,16 +423,9 @@ async fn run(plan: Plan, opts: Options, nofile: u64) -> anyhow::Result<Report> {
         if !o.skip_mosquitto {
             for (persistence, variant) in [(false, "persistence off"), (true, "persistence on, autosave 1 s")] {
                 let server = ctx.mosquitto(persistence).await?;
-                let r = scenarios::telemetry_mosquitto(
-                    &server,
-                    ctx.mosquitto_files(),
-                    &ctx.instance().group_key,
-                    variant,
-                    0..d,
-                    o.seconds,
-                    o.body_bytes,
-                )
-                .await?;
+                let login =
+                    scenarios::Login::Mosquitto(ctx.instance().group_key.clone(), ctx.mosquitto_files().ca_pem.clone());
+                let r = scenarios::telemetry_mqtt(&server, &login, variant, 0..d, o.seconds, o.body_bytes).await?;
                 print_telemetry(&r);
                 report.telemetry.push(r);
                 server.stop().await;
@@ -448,7 +446,7 @@ async fn run(plan: Plan, opts: Options, nofile: u64) -> anyhow::Result<Report> {
         // A fresh process, so the memory measured is the connections' and not the provisioning's.
         let server = ctx.fleetgate().await?;
         let r =
-            scenarios::idle(&server, scenarios::IdleLogin::Fleetgate(ctx.instance().clone()), k, per_source, settle)
+            scenarios::idle(&server, scenarios::Login::Fleetgate(ctx.instance().clone()), k, per_source, settle)
                 .await?;
         print_idle(&r);
         report.idle.push(r);
@@ -456,7 +454,7 @@ async fn run(plan: Plan, opts: Options, nofile: u64) -> anyhow::Result<Report> {
         if !o.skip_mosquitto {
             let server = ctx.mosquitto(false).await?;
             let login =
-                scenarios::IdleLogin::Mosquitto(ctx.instance().group_key.clone(), ctx.mosquitto_files().ca_pem.clone());
+                scenarios::Login::Mosquitto(ctx.instance().group_key.clone(), ctx.mosquitto_files().ca_pem.clone());
             let r = scenarios::idle(&server, login, k, per_source, settle).await?;
             print_idle(&r);
             report.idle.push(r);
@@ -487,7 +485,7 @@ fn print_storm(r: &scenarios::StormResult) {
 
 fn print_telemetry(r: &scenarios::TelemetryResult) {
     println!(
-        "  {:10} ({}) {} acked in {:.1} s: {:.0} msg/s; ack p50 {:.1} ms, p99 {:.1} ms; server CPU {:.1} µs/msg; others' CPU {:.1} s; failures: {}",
+        "  {:10} ({}) {} acked in {:.1} s: {:.0} msg/s; ack p50 {:.1} ms, p99 {:.1} ms; server CPU {:.1} µs/msg, generator {:.1}; others' CPU {:.1} s; failures: {}",
         r.server,
         r.variant,
         r.acked,
@@ -496,6 +494,7 @@ fn print_telemetry(r: &scenarios::TelemetryResult) {
         r.latency.p50_ms,
         r.latency.p99_ms,
         r.server_cpu_per_msg_us,
+        scenarios::per_op(r.m.generator_cpu_s * 1e6, r.acked),
         r.m.others_cpu_s,
         r.failures.describe()
     );

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::scenarios::{IdleResult, StormResult, TelemetryResult};
+use crate::scenarios::{per_op, IdleResult, StormResult, TelemetryResult};
 use crate::Report;
 
 fn num(x: f64) -> String {
@@ -73,8 +73,13 @@ pub fn markdown(r: &Report) -> String {
     let tel = |server: &str, variant: Option<&str>| {
         find(&r.telemetry, server, |t: &TelemetryResult| (&t.server, &t.variant), variant)
     };
-    let (tel_fg, tel_off, tel_on) =
-        (tel("fleetgate", None), tel("mosquitto", Some("persistence off")), tel("mosquitto", Some("persistence on")));
+    // Fleetgate's figures for the comparison come from the same client loop as Mosquitto's.
+    let (tel_fg, tel_off, tel_on) = (
+        tel("fleetgate", Some("durable append")),
+        tel("mosquitto", Some("persistence off")),
+        tel("mosquitto", Some("persistence on")),
+    );
+    let tel_client = tel("fleetgate", Some("fleetgate-client"));
     let idle_fg = find(&r.idle, "fleetgate", |i: &IdleResult| (&i.server, ""), None);
     let idle_mq = find(&r.idle, "mosquitto", |i: &IdleResult| (&i.server, ""), None);
 
@@ -193,6 +198,22 @@ pub fn markdown(r: &Report) -> String {
             ref_mq.map(|m| format!("{} (persistence off)", num(m.server_cpu_per_msg_us))).unwrap_or_else(|| "–".into()),
             ref_mq.map(|m| ratio(fg.server_cpu_per_msg_us, m.server_cpu_per_msg_us)).unwrap_or_default()
         );
+        let gen = |t: &TelemetryResult| per_op(t.m.generator_cpu_s * 1e6, t.acked);
+        let _ = writeln!(
+            md,
+            "| | generator CPU per message (µs) | {} | {} | |",
+            num(gen(fg)),
+            ref_mq.map(|m| format!("{} (persistence off)", num(gen(m)))).unwrap_or_else(|| "–".into()),
+        );
+        if let Some(c) = tel_client {
+            let _ = writeln!(
+                md,
+                "| | with the project's device client (`HubClient`): messages per second; generator CPU per message (µs) | {}; {} | | {} (rate) |",
+                num(c.per_s),
+                num(gen(c)),
+                ref_mq.map(|m| ratio(c.per_s, m.per_s)).unwrap_or_default()
+            );
+        }
     }
     if let Some(fg) = idle_fg {
         let mq = idle_mq;

@@ -134,7 +134,7 @@ fn per_second(n: usize, secs: f64) -> f64 {
     }
 }
 
-fn per_op(total: f64, n: usize) -> f64 {
+pub fn per_op(total: f64, n: usize) -> f64 {
     if n > 0 {
         total / n as f64
     } else {
@@ -251,7 +251,7 @@ pub async fn storm_mosquitto(
 }
 
 async fn mosquitto_cycle(addr: SocketAddr, ca: &[u8], id: &str, password: &str) -> Result<(), String> {
-    let (client, mut el) = mqtt_client(addr, ca, id, password, true)?;
+    let (client, mut el) = mqtt_client(addr, ca, id, (id, password), true)?;
     let reason = |e: rumqttc::ConnectionError| DeviceError::from(e).reason();
     let closed = |_| DeviceError::Disconnected.reason();
     loop {
@@ -303,12 +303,12 @@ fn mqtt_client(
     addr: SocketAddr,
     ca: &[u8],
     id: &str,
-    password: &str,
+    (username, password): (&str, &str),
     clean_session: bool,
 ) -> Result<(AsyncClient, EventLoop), String> {
     let tls = crate::tls::client_config(ca, false).map_err(|e| e.to_string())?;
     let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    o.set_credentials(id, password)
+    o.set_credentials(username, password)
         .set_keep_alive(Duration::from_secs(60))
         .set_clean_session(clean_session)
         .set_max_packet_size(272 * 1024, 272 * 1024)
@@ -454,7 +454,7 @@ pub async fn telemetry_fleetgate(
         hubs.push(hub);
     }
     let m = meter.stop(server)?;
-    let result = telemetry_result(server, "durable append", n, connected, seconds, body_bytes, m, lat, failures);
+    let result = telemetry_result(server, "fleetgate-client, durable append", n, connected, seconds, body_bytes, m, lat, failures);
     let mut closing = JoinSet::new();
     for hub in hubs {
         closing.spawn(async move {
@@ -465,11 +465,12 @@ pub async fn telemetry_fleetgate(
     result
 }
 
-/// The same load on Mosquitto: the same topics (with the property bag), bodies and QoS.
-pub async fn telemetry_mosquitto(
+/// The same load through one plain MQTT client loop (rumqttc, the publish and its PUBACK on the
+/// device's own task), for Fleetgate and Mosquitto alike: the same topics (with the property
+/// bag), bodies and QoS, so the generator's cost per message is the same for both servers.
+pub async fn telemetry_mqtt(
     server: &Server,
-    files: &MosquittoFiles,
-    key: &fleetgate_core::keys::SymmetricKey,
+    login: &Login,
     variant: &str,
     devices: Range<usize>,
     seconds: f64,
@@ -481,14 +482,15 @@ pub async fn telemetry_mosquitto(
     let limit = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut tasks = JoinSet::new();
     for i in devices {
-        let (limit, ca, addr) = (limit.clone(), files.ca_pem.clone(), server.addr());
-        let (password, ready_tx, mut start_rx) = (mosquitto_password(key, i), ready_tx.clone(), start_rx.clone());
+        let (limit, ca, addr) = (limit.clone(), login.ca_pem().to_vec(), server.addr());
+        let (credentials, ready_tx, mut start_rx) = (login.credentials(i), ready_tx.clone(), start_rx.clone());
         tasks.spawn(async move {
             let (mut lat, mut fail) = (Latencies::default(), Failures::default());
             let id = device_id(i);
             let permit = limit.acquire_owned().await.expect("never closed");
             let connected = async {
-                let (client, mut el) = mqtt_client(addr, &ca, &id, &password, false)?;
+                let (username, password) = (&credentials.0, &credentials.1);
+                let (client, mut el) = mqtt_client(addr, &ca, &id, (username, password), false)?;
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
                 loop {
                     match tokio::time::timeout_at(deadline, el.poll()).await {
@@ -596,39 +598,45 @@ pub struct IdleResult {
     pub m: Measured,
 }
 
-/// How one idle device identifies itself.
-pub enum IdleLogin {
+/// How a bench device identifies itself to the server under test.
+pub enum Login {
     /// The hub's username and SAS token, derived like the device client's.
     Fleetgate(FleetgateInstance),
     /// The device id and its Mosquitto password.
     Mosquitto(fleetgate_core::keys::SymmetricKey, Vec<u8>),
 }
 
-impl IdleLogin {
-    fn connect_packet(&self, i: usize) -> Connect {
+impl Login {
+    /// Device `i`'s MQTT username and password.
+    fn credentials(&self, i: usize) -> (String, String) {
         let id = device_id(i);
-        let mut c = Connect::new(id.clone());
-        c.keep_alive = 1200; // no PINGREQs while we measure
-        c.clean_session = false; // as the device SDKs connect to the hub
         match self {
-            IdleLogin::Fleetgate(inst) => {
+            Login::Fleetgate(inst) => {
                 let key = inst.group_key.derive_device_key(&id);
                 let expiry = fleetgate_core::time::Timestamp::now().unix_seconds() + device::TOKEN_TTL_SECS;
-                c.set_login(
-                    device::hub::username(&inst.hub_host_name, &id),
-                    device::hub::password(&key, &inst.hub_host_name, &id, expiry),
-                );
+                let password = device::hub::password(&key, &inst.hub_host_name, &id, expiry);
+                (device::hub::username(&inst.hub_host_name, &id), password)
             }
-            IdleLogin::Mosquitto(key, _) => {
-                c.set_login(id, mosquitto_password(key, i));
+            Login::Mosquitto(key, _) => {
+                let password = mosquitto_password(key, i);
+                (id, password)
             }
         }
+    }
+
+    fn connect_packet(&self, i: usize) -> Connect {
+        let mut c = Connect::new(device_id(i));
+        c.keep_alive = 1200; // no PINGREQs while we measure
+        c.clean_session = false; // as the device SDKs connect to the hub
+        let (username, password) = self.credentials(i);
+        c.set_login(username, password);
         c
     }
+
     fn ca_pem(&self) -> &[u8] {
         match self {
-            IdleLogin::Fleetgate(inst) => &inst.ca_pem,
-            IdleLogin::Mosquitto(_, ca) => ca,
+            Login::Fleetgate(inst) => &inst.ca_pem,
+            Login::Mosquitto(_, ca) => ca,
         }
     }
 }
@@ -640,7 +648,7 @@ pub const PER_SOURCE_ADDRESS: usize = 25_000;
 /// before and after, per connection.
 pub async fn idle(
     server: &Server,
-    login: IdleLogin,
+    login: Login,
     count: usize,
     per_source: usize,
     settle: Duration,

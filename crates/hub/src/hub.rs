@@ -8,14 +8,14 @@ use std::time::Duration;
 use base64::Engine;
 use fleetgate_core::device::{AuthenticationType, DeviceCredentials, DeviceIdentity, DeviceStatus};
 use fleetgate_core::keys::SymmetricKey;
-use fleetgate_core::message::{check_bag, C2dMessage, Properties, ReceivedEvent, TelemetryEvent};
+use fleetgate_core::message::{check_bag, C2dMessage, Properties, ReceivedEvent};
 use fleetgate_core::sas::SasToken;
 use fleetgate_core::throttle::{Rate, TokenBucket};
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::twin::{parse_patch, Twin};
 use fleetgate_core::x509::{Certificate, CertificateChain};
 use fleetgate_core::{DpsError, ErrorCode};
-use fleetgate_store::{LinkedHub, Store, StoreError};
+use fleetgate_store::{EventPage, LinkedHub, Store, StoreError};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
@@ -338,13 +338,14 @@ impl Hub {
         self.events.subscribe()
     }
 
-    pub async fn events(&self, hub: &str, from: u64, limit: usize) -> Result<Vec<TelemetryEvent>, DpsError> {
+    /// A hub's events from position `from`; the page says where to continue.
+    pub async fn events(&self, hub: &str, from: u64, limit: usize) -> Result<EventPage, DpsError> {
         self.store.events(hub, from, limit).await.map_err(store_err)
     }
 
-    /// Position of the newest event of a hub (0 when it has none).
-    pub async fn last_event_seq(&self, hub: &str) -> Result<u64, DpsError> {
-        self.store.last_event_seq(hub).await.map_err(store_err)
+    /// Position of the newest event in the stream (any hub; 0 when there is none).
+    pub async fn last_event_seq(&self) -> Result<u64, DpsError> {
+        self.store.last_event_seq().await.map_err(store_err)
     }
 
     pub async fn twin(&self, hub: &str, device_id: &str) -> Result<(DeviceIdentity, Twin), DpsError> {

@@ -293,14 +293,16 @@ async fn events(
     let filter = q.device_id.clone();
     let keep = move |e: &TelemetryEvent| filter.as_deref().is_none_or(|d| d == e.device_id);
     if q.format.as_deref() == Some("json") {
-        let items = hub.events(&t.0, q.from.unwrap_or(0), 10_000).await?;
-        return Ok(json(items.iter().filter(|e| keep(e)).map(event_json).collect::<Vec<_>>()));
+        // Up to 10,000 events from `from` (a scan of the stream is bounded, so fewer may come
+        // back; `from` = the last one's sequence number + 1 continues).
+        let page = hub.events(&t.0, q.from.unwrap_or(0), 10_000).await?;
+        return Ok(json(page.events.iter().filter(|e| keep(e)).map(event_json).collect::<Vec<_>>()));
     }
     // Subscribe before reading the tail so nothing appended in between is missed.
     let notices = hub.event_notifications();
     let start = match q.from {
         Some(f) => f,
-        None => hub.last_event_seq(&t.0).await? + 1,
+        None => hub.last_event_seq().await? + 1,
     };
     let deadline = q.timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     let state = (hub, t.0, start, notices, std::collections::VecDeque::<TelemetryEvent>::new());
@@ -313,9 +315,10 @@ async fn events(
                     return Some((Ok::<_, std::convert::Infallible>(ev), (hub, name, pos, notices, buf)));
                 }
                 match hub.events(&name, pos, 256).await {
-                    Ok(batch) if !batch.is_empty() => {
-                        pos = batch.last().map_or(pos, |e| e.seq + 1);
-                        buf.extend(batch.into_iter().filter(|e| keep(e)));
+                    // Positions are shared by all hubs: a page can be empty yet move on.
+                    Ok(page) if page.next > pos => {
+                        pos = page.next;
+                        buf.extend(page.events.into_iter().filter(|e| keep(e)));
                         continue;
                     }
                     Ok(_) => {}

@@ -5,6 +5,7 @@
 //! device identity it creates are committed together or not at all.
 
 mod audit_log;
+pub mod event_log;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -18,6 +19,7 @@ use fleetgate_core::twin::Twin;
 use fleetgate_core::DpsError;
 
 pub use audit_log::AuditLog;
+pub use event_log::{EventLog, EventLogOptions};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,14 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A read of the telemetry stream.
+#[derive(Debug, Default)]
+pub struct EventPage {
+    pub events: Vec<TelemetryEvent>,
+    /// Where the next read continues (the position after the last event looked at).
+    pub next: u64,
+}
 
 /// A linked IoT hub, its `iothubowner` policy key and its allocation settings.
 #[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -160,12 +170,13 @@ pub trait Store: Send + Sync + 'static {
         update: DeviceUpdate,
     ) -> StoreResult<Option<(DeviceIdentity, Twin)>>;
 
-    /// Appends telemetry in one durable transaction; returns each event's stream position.
+    /// Appends telemetry durably, all or nothing; returns each event's stream position.
     async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>>;
-    /// Events of a hub from position `from` (inclusive), oldest first.
-    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<Vec<TelemetryEvent>>;
-    /// Position of the newest event of a hub, 0 when there is none.
-    async fn last_event_seq(&self, hub: &str) -> StoreResult<u64>;
+    /// Events of a hub from position `from` (inclusive), oldest first, at most `limit`. Positions
+    /// are shared by all hubs: the page says where to continue, which may be past its last event.
+    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<EventPage>;
+    /// Position of the newest event in the stream (any hub), 0 when there is none.
+    async fn last_event_seq(&self) -> StoreResult<u64>;
 
     /// Queues a cloud-to-device message unless the device already has `max_depth` pending.
     async fn enqueue_c2d(&self, message: &C2dMessage, max_depth: usize) -> StoreResult<()>;

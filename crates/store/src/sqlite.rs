@@ -4,7 +4,7 @@
 //! on the blocking pool so the async runtime never waits on disk. `synchronous=FULL`: a commit
 //! that returned is on disk, which is what lets us acknowledge a device only after it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -13,13 +13,15 @@ use fleetgate_core::device::DeviceIdentity;
 use fleetgate_core::enrollment::{check_if_match, EnrollmentGroup, IndividualEnrollment};
 use fleetgate_core::message::{C2dMessage, ReceivedEvent, TelemetryEvent};
 use fleetgate_core::registration::RegistrationRecord;
+use fleetgate_core::time::Timestamp;
 use fleetgate_core::twin::Twin;
 use fleetgate_core::DpsError;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::event_log::{EventLog, EventLogOptions};
 use crate::{
-    AssignedDevice, DeviceUpdate, EnrollmentUpdate, GroupUpdate, HubAllocation, LinkedHub, Store, StoreError,
-    StoreResult,
+    AssignedDevice, DeviceUpdate, EnrollmentUpdate, EventPage, GroupUpdate, HubAllocation, LinkedHub, Store,
+    StoreError, StoreResult,
 };
 
 const SCHEMA: &str = r#"
@@ -56,15 +58,10 @@ CREATE TABLE IF NOT EXISTS mqtt_sessions (
 );
 "#;
 
-/// Telemetry lives in its own file and connection, so appends never wait behind registry writes.
-/// An event is stored as received (device, enqueued time in ticks, property bag as sent, body
-/// bytes) and decoded when read; rows written before that have only `body`, the event as JSON.
+/// The audit trail lives in its own file and connection, so its writes never wait behind
+/// registry writes. (Telemetry was an `events` table here; it is now the event log, and an
+/// existing table is moved into the log the first time the log is opened.)
 const EVENTS_SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, hub_key TEXT NOT NULL, body TEXT NOT NULL DEFAULT '',
-    device TEXT, time INTEGER, bag TEXT, data BLOB
-);
-CREATE INDEX IF NOT EXISTS events_by_hub ON events (hub_key, seq);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, body TEXT NOT NULL
 );
@@ -84,6 +81,15 @@ pub struct SqliteStore {
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<std::sync::atomic::AtomicUsize>,
     events: Arc<Mutex<Connection>>,
+    /// The telemetry stream, opened on first use: tools that open the store beside a running
+    /// server (`fleetgate linked-hub`, `fleetgate audit`) never touch it.
+    event_log: Arc<LazyEventLog>,
+}
+
+struct LazyEventLog {
+    dir: PathBuf,
+    options: EventLogOptions,
+    log: Mutex<Option<Arc<EventLog>>>,
 }
 
 /// One change for the writer thread, and where to send its result.
@@ -113,8 +119,14 @@ fn configure(c: &Connection) -> StoreResult<()> {
 }
 
 impl SqliteStore {
-    /// Opens `path` (the registry) and `telemetry.db` beside it (the event stream).
+    /// Opens `path` (the registry), `telemetry.db` beside it (the audit trail) and, on first
+    /// use, the telemetry stream in `events/` beside it, with the default retention.
     pub fn open(path: &Path) -> StoreResult<Self> {
+        Self::open_with(path, EventLogOptions::default())
+    }
+
+    /// [`SqliteStore::open`] with the telemetry stream's retention and segment size.
+    pub fn open_with(path: &Path, event_log: EventLogOptions) -> StoreResult<Self> {
         let conn = Connection::open(path).map_err(backend)?;
         configure(&conn)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
@@ -128,7 +140,6 @@ impl SqliteStore {
         let events = Connection::open(path.with_file_name("telemetry.db")).map_err(backend)?;
         configure(&events)?;
         events.execute_batch(EVENTS_SCHEMA).map_err(backend)?;
-        migrate_events(&events)?;
         let (writer, jobs) = std::sync::mpsc::channel::<WriteJob>();
         std::thread::Builder::new()
             .name("fleetgate-store-writer".into())
@@ -139,7 +150,34 @@ impl SqliteStore {
             readers: Arc::new(readers),
             next_reader: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             events: Arc::new(Mutex::new(events)),
+            event_log: Arc::new(LazyEventLog {
+                dir: path.with_file_name("events"),
+                options: event_log,
+                log: Mutex::new(None),
+            }),
         })
+    }
+
+    /// The telemetry stream; opened (and an older `events` table moved into it) on first use.
+    fn event_log(&self) -> StoreResult<Arc<EventLog>> {
+        let mut slot = self.event_log.log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(log) = slot.as_ref() {
+            return Ok(log.clone());
+        }
+        let log = Arc::new(EventLog::open(&self.event_log.dir, self.event_log.options.clone()).map_err(backend)?);
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        move_events_table(&events, &log)?;
+        *slot = Some(log.clone());
+        Ok(log)
+    }
+
+    /// Runs `f` with the telemetry stream on the blocking pool.
+    async fn with_event_log<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EventLog) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&*this.event_log()?)).await.map_err(backend)?
     }
 
     /// A private database in a fresh temporary directory, for tests.
@@ -348,14 +386,65 @@ fn read_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, StoredEvent)> {
     Ok((seq, stored))
 }
 
-fn migrate_events(c: &Connection) -> StoreResult<()> {
+/// Moves the telemetry of an earlier version (the `events` table of `telemetry.db`, in either
+/// of its row formats) into the event log, keeping every position, then drops the table. Safe
+/// to repeat after a crash part way: rows the log already has are skipped.
+fn move_events_table(c: &Connection, log: &EventLog) -> StoreResult<()> {
+    let exists: bool = c
+        .query_row("SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'events'", [], |r| r.get(0))
+        .map_err(backend)?;
+    if !exists {
+        return Ok(());
+    }
+    // The first format had only `body` (the event as JSON).
     add_column_if_missing(
         c,
         "events",
         "data",
         "ALTER TABLE events ADD COLUMN device TEXT; ALTER TABLE events ADD COLUMN time INTEGER;
          ALTER TABLE events ADD COLUMN bag TEXT; ALTER TABLE events ADD COLUMN data BLOB;",
-    )
+    )?;
+    let mut after = log.last_seq();
+    let mut moved = 0usize;
+    loop {
+        let mut st = c
+            .prepare("SELECT seq, body, device, time, bag, data, hub_key FROM events WHERE seq > ?1 ORDER BY seq LIMIT 1000")
+            .map_err(backend)?;
+        let rows = st
+            .query_map([after as i64], |r| Ok((read_event(r)?, r.get::<_, String>(6)?)))
+            .map_err(backend)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(backend)?;
+        let Some(((last, _), _)) = rows.last() else { break };
+        after = *last;
+        let batch = rows
+            .into_iter()
+            .map(|((seq, stored), hub)| {
+                let mut event = match stored {
+                    StoredEvent::Received(e) => e,
+                    StoredEvent::Json(body) => {
+                        let e: TelemetryEvent = parse(&body)?;
+                        ReceivedEvent {
+                            hub: String::new(),
+                            device_id: e.device_id,
+                            enqueued_time: Timestamp::parse_azure(&e.enqueued_time).unwrap_or_else(Timestamp::now),
+                            bag: e.properties.to_bag(),
+                            body: e.body,
+                        }
+                    }
+                };
+                event.hub = hub;
+                Ok((seq, event))
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        moved += batch.len();
+        log.import(&batch).map_err(backend)?;
+    }
+    c.execute_batch("DROP TABLE events").map_err(backend)?;
+    if moved > 0 {
+        tracing::info!(events = moved, "moved stored telemetry from telemetry.db into the event log");
+    }
+    Ok(())
 }
 
 fn parse<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
@@ -692,65 +781,25 @@ impl Store for SqliteStore {
     }
 
     async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>> {
-        self.with_events(move |c| {
-            let tx = c.transaction().map_err(backend)?;
-            let mut seqs = Vec::with_capacity(events.len());
-            {
-                let mut st = tx
-                    .prepare_cached(
-                        // `body` is set for tables created before the received columns, where it
-                        // has no default.
-                        "INSERT INTO events (hub_key, body, device, time, bag, data) VALUES (?1, '', ?2, ?3, ?4, ?5)",
-                    )
-                    .map_err(backend)?;
-                for e in &events {
-                    st.execute(params![key(&e.hub), e.device_id, e.enqueued_time.ticks(), e.bag, e.body])
-                        .map_err(backend)?;
-                    seqs.push(tx.last_insert_rowid() as u64);
-                }
-            }
-            tx.commit().map_err(backend)?;
-            Ok(seqs)
+        self.with_event_log(move |log| log.append(&events).map_err(backend)).await
+    }
+
+    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<EventPage> {
+        let hub = hub.to_owned();
+        self.with_event_log(move |log| {
+            let page = log.read(&hub, from, limit).map_err(backend)?;
+            let events = page
+                .events
+                .into_iter()
+                .map(|(seq, e)| TelemetryEvent::from_received(seq, &hub, e).map_err(backend))
+                .collect::<StoreResult<_>>()?;
+            Ok(EventPage { events, next: page.next })
         })
         .await
     }
 
-    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<Vec<TelemetryEvent>> {
-        let (hub, h) = (hub.to_owned(), key(hub));
-        self.with_events(move |c| {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT seq, body, device, time, bag, data FROM events
-                     WHERE hub_key = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
-                )
-                .map_err(backend)?;
-            let rows = st.query_map(params![h, from as i64, limit as i64], read_event).map_err(backend)?;
-            rows.map(|row| {
-                let (seq, stored) = row.map_err(backend)?;
-                match stored {
-                    StoredEvent::Received(received) => {
-                        TelemetryEvent::from_received(seq, &hub, received).map_err(backend)
-                    }
-                    StoredEvent::Json(body) => {
-                        let mut e: TelemetryEvent = parse(&body)?;
-                        e.seq = seq;
-                        Ok(e)
-                    }
-                }
-            })
-            .collect()
-        })
-        .await
-    }
-
-    async fn last_event_seq(&self, hub: &str) -> StoreResult<u64> {
-        let h = key(hub);
-        self.with_events(move |c| {
-            c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events WHERE hub_key = ?1", [h], |r| r.get::<_, i64>(0))
-                .map(|n| n as u64)
-                .map_err(backend)
-        })
-        .await
+    async fn last_event_seq(&self) -> StoreResult<u64> {
+        self.with_event_log(|log| Ok(log.last_seq())).await
     }
 
     async fn enqueue_c2d(&self, message: &C2dMessage, max_depth: usize) -> StoreResult<()> {

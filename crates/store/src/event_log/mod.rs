@@ -1,0 +1,354 @@
+//! The telemetry stream of the embedded store: an append-only log of segment files.
+//!
+//! Telemetry is written once, read in order and dropped by age, which is what a log does best
+//! (Kafka's and NATS JetStream's file stores have this shape). A batch of events is encoded into
+//! one buffer, written with one `pwrite` and made durable with one `fdatasync` before anyone is
+//! told its position; a B-tree insert per event, a WAL copy of every touched page and deletes
+//! for retention are what the SQLite table it replaces cost.
+//!
+//! - Positions are global (all hubs) and increase; a record carries its own position and hub.
+//! - A segment is `NNNN….events`, named after the lowest position it may hold. A new one is
+//!   started when the current one reaches [`EventLogOptions::segment_bytes`] or its first event
+//!   is older than an eighth of the retention; whole segments older than the retention are
+//!   deleted (never the one being written).
+//! - A crash can leave a torn record at the end of the segment being written: opening the log
+//!   cuts it off. It was never acknowledged (acknowledgement waits for the sync).
+//! - One process owns the log (an advisory lock on `lock` in its directory).
+
+mod record;
+mod segment;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use fleetgate_core::message::ReceivedEvent;
+
+use segment::{file_name, parse_name, scan, Segment, INDEX_EVERY};
+
+/// The most bytes one read scans (matching or not), so a reader of a quiet hub among busy ones
+/// comes back (with where to continue) instead of reading the whole log in one call.
+const MAX_SCAN_BYTES: usize = 8 * 1024 * 1024;
+/// How often appends look for segments past the retention.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct EventLogOptions {
+    /// Events older than this are dropped, a whole segment at a time (Azure's built-in endpoint
+    /// keeps one day by default).
+    pub retention: Duration,
+    /// A new segment is started past this size.
+    pub segment_bytes: u64,
+}
+
+impl Default for EventLogOptions {
+    fn default() -> Self {
+        Self { retention: Duration::from_secs(24 * 3600), segment_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventLogError {
+    #[error("event log: {0}")]
+    Io(#[from] io::Error),
+    #[error("event log: {0}")]
+    Invalid(String),
+}
+
+/// Events read from the log and where the next read continues.
+#[derive(Debug, Default)]
+pub struct LogPage {
+    pub events: Vec<(u64, ReceivedEvent)>,
+    /// The position after the last record looked at: pass it as `from` to continue.
+    pub next: u64,
+}
+
+pub struct EventLog {
+    dir: PathBuf,
+    options: EventLogOptions,
+    writer: Mutex<Writer>,
+    /// Oldest first; the last one is being written.
+    segments: RwLock<Vec<Arc<Segment>>>,
+    /// Held for the log's life: the advisory lock.
+    _lock: File,
+}
+
+struct Writer {
+    file: File,
+    active: Arc<Segment>,
+    /// Bytes of the active segment that are written and synced.
+    len: u64,
+    next_seq: u64,
+    /// Offset of the active segment's last index entry.
+    last_indexed: Option<u64>,
+    /// When the active segment's first event was appended (for rolling by age).
+    first_append: Option<Instant>,
+    last_sweep: Instant,
+    /// A sync failed: what is on disk is unknown, so nothing more is appended until a restart
+    /// (which reads back what is really there).
+    broken: bool,
+    buf: Vec<u8>,
+}
+
+impl EventLog {
+    /// Opens (or creates) the log in `dir`, cutting off a torn record left by a crash.
+    pub fn open(dir: &Path, options: EventLogOptions) -> Result<Self, EventLogError> {
+        std::fs::create_dir_all(dir)?;
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        if lock.try_lock().is_err() {
+            return Err(EventLogError::Invalid(format!("{} is in use by another process", dir.display())));
+        }
+        let mut firsts = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            if let Some(first) = entry?.file_name().to_str().and_then(parse_name) {
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+        if firsts.is_empty() {
+            File::create_new(dir.join(file_name(1)))?.sync_all()?;
+            sync_dir(dir)?;
+            firsts.push(1);
+        }
+        let mut segments = Vec::with_capacity(firsts.len());
+        for pair in firsts.windows(2) {
+            segments.push(Arc::new(Segment::sealed(dir.join(file_name(pair[0])), pair[0], pair[1])?));
+        }
+        let first = *firsts.last().expect("at least one segment");
+        let (writer, active) = recover(dir, first)?;
+        segments.push(active);
+        let log = EventLog { dir: dir.to_owned(), options, writer: Mutex::new(writer), segments: RwLock::new(segments), _lock: lock };
+        log.sweep()?;
+        Ok(log)
+    }
+
+    /// Appends `events` durably; returns their positions.
+    pub fn append(&self, events: &[ReceivedEvent]) -> Result<Vec<u64>, EventLogError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let first = w.next_seq;
+        let seqs: Vec<u64> = (first..first + events.len() as u64).collect();
+        self.write(&mut w, events.iter().zip(seqs.iter().copied()))?;
+        Ok(seqs)
+    }
+
+    /// Appends events that already have positions (higher than any in the log, increasing):
+    /// for moving an older store's events into the log.
+    pub fn import(&self, events: &[(u64, ReceivedEvent)]) -> Result<(), EventLogError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = w.next_seq.saturating_sub(1);
+        for (seq, _) in events {
+            if *seq <= last {
+                return Err(EventLogError::Invalid(format!("position {seq} is not after {last}")));
+            }
+            last = *seq;
+        }
+        self.write(&mut w, events.iter().map(|(seq, e)| (e, *seq)))
+    }
+
+    fn write<'a>(
+        &self,
+        w: &mut Writer,
+        events: impl Iterator<Item = (&'a ReceivedEvent, u64)>,
+    ) -> Result<(), EventLogError> {
+        if w.broken {
+            return Err(EventLogError::Invalid("an earlier sync failed; restart to recover the log".into()));
+        }
+        self.maybe_roll(w)?;
+        let mut buf = std::mem::take(&mut w.buf);
+        buf.clear();
+        let mut new_index = Vec::new();
+        let mut last_indexed = w.last_indexed;
+        let mut end_seq = w.next_seq;
+        for (event, seq) in events {
+            let offset = w.len + buf.len() as u64;
+            if last_indexed.is_none_or(|last| offset >= last + INDEX_EVERY) {
+                new_index.push((seq, offset));
+                last_indexed = Some(offset);
+            }
+            record::encode(seq, event, &mut buf).map_err(|e| EventLogError::Invalid(e.into()))?;
+            end_seq = seq + 1;
+        }
+        if buf.is_empty() {
+            w.buf = buf;
+            return Ok(());
+        }
+        if let Err(e) = w.file.write_all_at(&buf, w.len) {
+            // Nothing of this batch counts; cut back what reached the file.
+            let _ = w.file.set_len(w.len);
+            return Err(e.into());
+        }
+        if let Err(e) = w.file.sync_data() {
+            w.broken = true;
+            tracing::error!(error = %e, "syncing the event log failed; telemetry is refused until a restart");
+            return Err(e.into());
+        }
+        w.len += buf.len() as u64;
+        w.next_seq = end_seq;
+        w.last_indexed = last_indexed;
+        w.first_append.get_or_insert_with(Instant::now);
+        w.active.publish(w.len, end_seq, &new_index);
+        // Keep a normal batch's buffer for the next one, not a huge one.
+        if buf.capacity() <= 4 * 1024 * 1024 {
+            w.buf = buf;
+        }
+        Ok(())
+    }
+
+    /// Starts a new segment when the active one is full or old enough, and drops expired ones.
+    fn maybe_roll(&self, w: &mut Writer) -> Result<(), EventLogError> {
+        let roll_age = self.options.retention / 8;
+        let full = w.len >= self.options.segment_bytes;
+        let old = w.first_append.is_some_and(|t| t.elapsed() >= roll_age);
+        if full || old {
+            // Everything in the active segment is synced already (each append syncs).
+            let path = self.dir.join(file_name(w.next_seq));
+            let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+            sync_dir(&self.dir)?;
+            let active = Arc::new(Segment::active(path, w.next_seq, 0, w.next_seq, Vec::new())?);
+            self.segments.write().unwrap_or_else(|p| p.into_inner()).push(active.clone());
+            *w = Writer {
+                file,
+                active,
+                len: 0,
+                next_seq: w.next_seq,
+                last_indexed: None,
+                first_append: None,
+                last_sweep: w.last_sweep,
+                broken: false,
+                buf: std::mem::take(&mut w.buf),
+            };
+        }
+        if full || old || w.last_sweep.elapsed() >= SWEEP_EVERY {
+            w.last_sweep = Instant::now();
+            self.sweep()?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest segments whose last write is past the retention.
+    fn sweep(&self) -> Result<(), EventLogError> {
+        let cutoff = SystemTime::now().checked_sub(self.options.retention).unwrap_or(SystemTime::UNIX_EPOCH);
+        loop {
+            let expired = {
+                let segments = self.segments.read().unwrap_or_else(|p| p.into_inner());
+                match segments.first() {
+                    Some(s) if segments.len() > 1 => {
+                        let modified = std::fs::metadata(&s.path)?.modified()?;
+                        (modified < cutoff).then(|| s.clone())
+                    }
+                    _ => None,
+                }
+            };
+            let Some(expired) = expired else { return Ok(()) };
+            self.segments.write().unwrap_or_else(|p| p.into_inner()).retain(|s| !Arc::ptr_eq(s, &expired));
+            // Readers that hold the segment keep reading their open file.
+            std::fs::remove_file(&expired.path)?;
+            tracing::info!(segment = %expired.path.display(), "dropped telemetry past the retention");
+        }
+    }
+
+    /// Events of hub `hub` (any case) from position `from` on, at most `limit`, oldest first.
+    pub fn read(&self, hub: &str, from: u64, limit: usize) -> Result<LogPage, EventLogError> {
+        let segments = self.segments.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let key = hub.to_ascii_lowercase();
+        let mut page = LogPage { events: Vec::new(), next: from };
+        // Events before the oldest segment are gone: continue from there.
+        if let Some(oldest) = segments.first() {
+            page.next = page.next.max(oldest.first_seq);
+        }
+        let start = segments.partition_point(|s| s.first_seq <= page.next).saturating_sub(1);
+        let mut scanned = 0usize;
+        let mut failed = None;
+        for s in &segments[start..] {
+            if s.end_seq() <= page.next {
+                continue;
+            }
+            let offset = s.start_offset(page.next)?;
+            let mut stop = false;
+            s.read(offset, |r, _| {
+                if r.seq < page.next {
+                    return true;
+                }
+                if r.hub_key == key.as_bytes() {
+                    match r.to_event(hub) {
+                        Ok(e) => page.events.push((r.seq, e)),
+                        Err(why) => {
+                            failed = Some(format!("{}: position {}: {why}", s.path.display(), r.seq));
+                            stop = true;
+                            return false;
+                        }
+                    }
+                }
+                page.next = r.seq + 1;
+                scanned += r.body.len() + r.bag.len() + 64;
+                stop = page.events.len() >= limit || scanned >= MAX_SCAN_BYTES;
+                !stop
+            })?;
+            if stop {
+                break;
+            }
+        }
+        match failed {
+            Some(why) => Err(EventLogError::Invalid(why)),
+            None => Ok(page),
+        }
+    }
+
+    /// The newest position in the log (any hub); 0 when nothing was ever appended.
+    pub fn last_seq(&self) -> u64 {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).next_seq - 1
+    }
+}
+
+/// Reads the segment being written: cuts off a torn tail, checks the positions increase, and
+/// builds its index.
+fn recover(dir: &Path, first_seq: u64) -> Result<(Writer, Arc<Segment>), EventLogError> {
+    let path = dir.join(file_name(first_seq));
+    let file = OpenOptions::new().read(true).write(true).open(&path)?;
+    let file_len = file.metadata()?.len();
+    let (mut index, mut last, mut misordered) = (Vec::<(u64, u64)>::new(), None::<u64>, None);
+    let end = scan(&file, 0, file_len, |r, offset| {
+        if r.seq < first_seq || last.is_some_and(|l| r.seq <= l) {
+            misordered = Some((r.seq, offset));
+            return false;
+        }
+        if index.last().is_none_or(|(_, at)| offset >= at + INDEX_EVERY) {
+            index.push((r.seq, offset));
+        }
+        last = Some(r.seq);
+        true
+    })?;
+    if let Some((seq, offset)) = misordered {
+        return Err(EventLogError::Invalid(format!("{}: position {seq} at byte {offset} is out of order", path.display())));
+    }
+    if let Some(why) = end.bad {
+        // Only the end of what was being written can be torn; anything after it was never synced.
+        tracing::warn!(segment = %path.display(), at = end.offset, dropped_bytes = file_len - end.offset, reason = why,
+            "cut off an incomplete record at the end of the event log (an unacknowledged write cut short by a crash)");
+        file.set_len(end.offset)?;
+        file.sync_all()?;
+    }
+    let next_seq = last.map_or(first_seq, |l| l + 1);
+    let active = Arc::new(Segment::active(path, first_seq, end.offset, next_seq, index.clone())?);
+    let writer = Writer {
+        file,
+        active: active.clone(),
+        len: end.offset,
+        next_seq,
+        last_indexed: index.last().map(|(_, at)| *at),
+        // Its age is unknown: count from now.
+        first_append: (end.offset > 0).then(Instant::now),
+        last_sweep: Instant::now(),
+        broken: false,
+        buf: Vec::new(),
+    };
+    Ok((writer, active))
+}
+
+/// Makes a created or removed file name durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}

@@ -1,0 +1,174 @@
+//! One telemetry event on disk: a length, a CRC-32 of the payload, and the payload.
+//!
+//! ```text
+//! u32 payload length | u32 CRC-32 (IEEE) of the payload | payload
+//! payload: u64 seq | i64 enqueued ticks | u16 hub key length | hub key
+//!          | u16 device id length | device id | u32 bag length | bag | body (the rest)
+//! ```
+//! All integers little-endian. The CRC tells a record torn by a crash (or damaged on disk) from a
+//! whole one; the explicit `seq` makes every record self-describing when a segment is scanned.
+
+use fleetgate_core::message::ReceivedEvent;
+use fleetgate_core::time::Timestamp;
+
+pub const HEADER: usize = 8;
+/// Fixed part of the payload: seq, ticks, and the three lengths.
+const FIXED: usize = 8 + 8 + 2 + 2 + 4;
+/// Largest payload accepted when reading: a message is at most 256 KiB plus its names and bag.
+pub const MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Why bytes are not a whole record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Fewer bytes than the record needs: the end of what was written (or a torn write).
+    Incomplete { needed: usize },
+    /// A length out of bounds or a checksum mismatch.
+    Corrupt(&'static str),
+}
+
+/// Appends the record of `event` at position `seq` to `out`. Fails (writing nothing) when a
+/// field does not fit its length prefix.
+pub fn encode(seq: u64, event: &ReceivedEvent, out: &mut Vec<u8>) -> Result<(), &'static str> {
+    // The hub is stored as its key (ASCII lower case), like every other table keys hubs.
+    let (hub, device, bag) = (event.hub.as_bytes(), event.device_id.as_bytes(), event.bag.as_bytes());
+    let hub_len = u16::try_from(hub.len()).map_err(|_| "hub name too long")?;
+    let device_len = u16::try_from(device.len()).map_err(|_| "device id too long")?;
+    let bag_len = u32::try_from(bag.len()).map_err(|_| "property bag too long")?;
+    let len = FIXED + hub.len() + device.len() + bag.len() + event.body.len();
+    if len > MAX_PAYLOAD {
+        return Err("event too large");
+    }
+    let start = out.len();
+    out.reserve(HEADER + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]); // the CRC, filled in below
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&event.enqueued_time.ticks().to_le_bytes());
+    out.extend_from_slice(&hub_len.to_le_bytes());
+    out.extend(hub.iter().map(u8::to_ascii_lowercase));
+    out.extend_from_slice(&device_len.to_le_bytes());
+    out.extend_from_slice(device);
+    out.extend_from_slice(&bag_len.to_le_bytes());
+    out.extend_from_slice(bag);
+    out.extend_from_slice(&event.body);
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// A record read back, borrowing the buffer it was read from.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub seq: u64,
+    pub ticks: i64,
+    pub hub_key: &'a [u8],
+    pub device: &'a [u8],
+    pub bag: &'a [u8],
+    pub body: &'a [u8],
+}
+
+impl RecordRef<'_> {
+    /// The event, with `hub` as the name it is read under. Fails on text that is not UTF-8
+    /// (which [`encode`] never writes).
+    pub fn to_event(&self, hub: &str) -> Result<ReceivedEvent, &'static str> {
+        let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| "text field is not UTF-8");
+        Ok(ReceivedEvent {
+            hub: hub.to_owned(),
+            device_id: text(self.device)?,
+            enqueued_time: Timestamp::from_ticks(self.ticks),
+            bag: text(self.bag)?,
+            body: self.body.to_vec(),
+        })
+    }
+}
+
+/// The record at the start of `buf` and its total size.
+pub fn decode(buf: &[u8]) -> Result<(RecordRef<'_>, usize), DecodeError> {
+    if buf.len() < HEADER {
+        return Err(DecodeError::Incomplete { needed: HEADER });
+    }
+    let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+    if !(FIXED..=MAX_PAYLOAD).contains(&len) {
+        return Err(DecodeError::Corrupt("record length out of bounds"));
+    }
+    let total = HEADER + len;
+    if buf.len() < total {
+        return Err(DecodeError::Incomplete { needed: total });
+    }
+    let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+    let p = &buf[HEADER..total];
+    if crc32fast::hash(p) != crc {
+        return Err(DecodeError::Corrupt("record checksum mismatch"));
+    }
+    let mut at = 0;
+    let mut take = |n: usize| -> Result<&[u8], DecodeError> {
+        let s = p.get(at..at + n).ok_or(DecodeError::Corrupt("field runs past the record"))?;
+        at += n;
+        Ok(s)
+    };
+    let seq = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+    let ticks = i64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+    let hub_len = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+    let hub_key = take(hub_len)?;
+    let device_len = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+    let device = take(device_len)?;
+    let bag_len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+    let bag = take(bag_len)?;
+    let body = &p[at..];
+    Ok((RecordRef { seq, ticks, hub_key, device, bag, body }, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(body: &[u8]) -> ReceivedEvent {
+        ReceivedEvent {
+            hub: "Hub.Example".into(),
+            device_id: "dev-1".into(),
+            enqueued_time: Timestamp::from_ticks(17_000_000_001_234_567),
+            bag: "%24.mid=1&a=b".into(),
+            body: body.to_vec(),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_folds_the_hub_name() {
+        let mut buf = Vec::new();
+        encode(7, &event(b"{\"t\":1}"), &mut buf).unwrap();
+        encode(8, &event(b""), &mut buf).unwrap();
+        let (r, n) = decode(&buf).unwrap();
+        assert_eq!((r.seq, r.hub_key, r.device, r.body), (7, &b"hub.example"[..], &b"dev-1"[..], &b"{\"t\":1}"[..]));
+        assert_eq!(r.to_event("Hub.Example").unwrap(), event(b"{\"t\":1}"));
+        let (r2, n2) = decode(&buf[n..]).unwrap();
+        assert_eq!((r2.seq, r2.body.len(), n + n2), (8, 0, buf.len()));
+    }
+
+    #[test]
+    fn a_torn_record_is_incomplete_and_a_damaged_one_corrupt() {
+        let mut buf = Vec::new();
+        encode(1, &event(b"hello"), &mut buf).unwrap();
+        for cut in 0..buf.len() {
+            assert!(matches!(decode(&buf[..cut]), Err(DecodeError::Incomplete { .. })), "cut at {cut}");
+        }
+        for i in HEADER..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x40;
+            assert_eq!(decode(&bad).unwrap_err(), DecodeError::Corrupt("record checksum mismatch"), "byte {i}");
+        }
+        let mut huge = buf.clone();
+        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(&huge).unwrap_err(), DecodeError::Corrupt("record length out of bounds"));
+    }
+
+    #[test]
+    fn lengths_inside_the_payload_are_checked() {
+        // A whole record (checksum right) whose hub length points past its end.
+        let mut buf = Vec::new();
+        encode(1, &event(b""), &mut buf).unwrap();
+        buf[HEADER + 16..HEADER + 18].copy_from_slice(&u16::MAX.to_le_bytes());
+        let crc = crc32fast::hash(&buf[HEADER..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode(&buf).unwrap_err(), DecodeError::Corrupt("field runs past the record"));
+    }
+}
