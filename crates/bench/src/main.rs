@@ -445,9 +445,8 @@ async fn run(plan: Plan, opts: Options, nofile: u64) -> anyhow::Result<Report> {
         }
         // A fresh process, so the memory measured is the connections' and not the provisioning's.
         let server = ctx.fleetgate().await?;
-        let r =
-            scenarios::idle(&server, scenarios::Login::Fleetgate(ctx.instance().clone()), k, per_source, settle)
-                .await?;
+        let r = scenarios::idle(&server, scenarios::Login::Fleetgate(ctx.instance().clone()), k, per_source, settle)
+            .await?;
         print_idle(&r);
         report.idle.push(r);
         server.stop().await;

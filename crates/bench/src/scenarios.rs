@@ -454,7 +454,17 @@ pub async fn telemetry_fleetgate(
         hubs.push(hub);
     }
     let m = meter.stop(server)?;
-    let result = telemetry_result(server, "fleetgate-client, durable append", n, connected, seconds, body_bytes, m, lat, failures);
+    let result = telemetry_result(
+        server,
+        "fleetgate-client, durable append",
+        n,
+        connected,
+        seconds,
+        body_bytes,
+        m,
+        lat,
+        failures,
+    );
     let mut closing = JoinSet::new();
     for hub in hubs {
         closing.spawn(async move {

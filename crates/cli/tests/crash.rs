@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use common::{json, run, Server};
 use fleetgate_client::device::{register, HubClient, HubOptions, RegisterOptions};
 use fleetgate_core::keys::SymmetricKey;
-use fleetgate_core::message::{Properties, ReceivedEvent, TelemetryEvent};
-use fleetgate_core::time::Timestamp;
+use fleetgate_core::message::Properties;
+use fleetgate_store::EventLog;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -409,36 +409,33 @@ async fn flood(
 }
 
 /// Every acknowledged body is in the stream exactly once, from its device on its hub; no body
-/// (acknowledged or not) is there twice. Returns (messages checked, events in the stream).
+/// (acknowledged or not) is there twice. The event log is read from disk beside the restarted
+/// server. Returns (messages checked, events in the stream).
 fn check_stream(fleet: &Fleet, acked: &AckedMessages) -> (usize, usize) {
-    let c = open_read_only(&fleet.dir.join("telemetry.db"));
-    let mut seen: HashMap<String, Vec<TelemetryEvent>> = HashMap::new();
-    // Events are stored as received: hub key, device, time, property bag, body bytes.
-    let mut st = c.prepare("SELECT seq, hub_key, device, time, bag, data FROM events ORDER BY seq").unwrap();
+    let log = EventLog::open_read_only(&fleet.dir.join("events")).unwrap();
+    let mut hubs: Vec<String> = acked.values().map(|a| a.hub.to_ascii_lowercase()).collect();
+    hubs.push(SECOND_HUB.into());
+    hubs.sort();
+    hubs.dedup();
+    // body -> (hub, device, position) of each copy
+    let mut seen: HashMap<String, Vec<(String, String, u64)>> = HashMap::new();
     let mut events = 0;
-    let rows = st
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                ReceivedEvent {
-                    hub: String::new(),
-                    device_id: r.get(2)?,
-                    enqueued_time: Timestamp::from_ticks(r.get(3)?),
-                    bag: r.get(4)?,
-                    body: r.get(5)?,
-                },
-            ))
-        })
-        .unwrap();
-    for row in rows {
-        let (seq, hub, received) = row.unwrap();
-        let e = TelemetryEvent::from_received(seq as u64, &hub, received).unwrap();
-        seen.entry(String::from_utf8(e.body.clone()).unwrap()).or_default().push(e);
-        events += 1;
+    for hub in &hubs {
+        let mut from = 0;
+        loop {
+            let page = log.read(hub, from, usize::MAX).unwrap();
+            for (seq, e) in page.events {
+                seen.entry(String::from_utf8(e.body).unwrap()).or_default().push((hub.clone(), e.device_id, seq));
+                events += 1;
+            }
+            if page.next == from {
+                break;
+            }
+            from = page.next;
+        }
     }
     for (body, copies) in &seen {
-        let seqs: Vec<u64> = copies.iter().map(|e| e.seq).collect();
+        let seqs: Vec<u64> = copies.iter().map(|c| c.2).collect();
         assert_eq!(copies.len(), 1, "message {body} is in the stream {} times (positions {seqs:?})", copies.len());
     }
     let mut missing: Vec<&String> = acked.keys().filter(|b| !seen.contains_key(*b)).collect();
@@ -450,9 +447,9 @@ fn check_stream(fleet: &Fleet, acked: &AckedMessages) -> (usize, usize) {
         &missing[..missing.len().min(5)]
     );
     for (body, d) in acked {
-        let e = &seen[body][0];
-        assert_eq!(e.device_id, d.device_id, "{body}: stored under another device");
-        assert!(e.hub.eq_ignore_ascii_case(&d.hub), "{body}: stored on hub {} instead of {}", e.hub, d.hub);
+        let (hub, device, _) = &seen[body][0];
+        assert_eq!(device, &d.device_id, "{body}: stored under another device");
+        assert!(hub.eq_ignore_ascii_case(&d.hub), "{body}: stored on hub {hub} instead of {}", d.hub);
     }
     (acked.len(), events)
 }

@@ -29,6 +29,8 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     /// How often the certificate files are checked for a replacement.
     pub cert_check_interval: Duration,
+    /// How long device-to-cloud messages are kept in the event stream.
+    pub event_retention: Duration,
 }
 
 impl ServerConfig {
@@ -48,6 +50,7 @@ impl ServerConfig {
             tls_cert: None,
             tls_key: None,
             cert_check_interval: Duration::from_secs(5),
+            event_retention: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use fleetgate_core::ids::IdScope;
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::policy::{default_dps_policies, default_hub_policies, AccessPolicy};
-use fleetgate_store::{LinkedHub, SqliteStore, Store, StoreError};
+use fleetgate_store::{EventLogOptions, LinkedHub, SqliteStore, Store, StoreError};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -139,7 +139,8 @@ impl DataDir {
         if !db.exists() {
             write_private(&db, b"")?;
         }
-        let store = Arc::new(SqliteStore::open(&db)?);
+        let events = EventLogOptions { retention: config.event_retention, ..EventLogOptions::default() };
+        let store = Arc::new(SqliteStore::open_with(&db, events)?);
 
         let id_scope = match store.setting("id_scope").await? {
             Some(s) => IdScope::parse(&s).map_err(|e| DataDirError::Corrupt(e.to_string()))?,

@@ -408,7 +408,9 @@ fn move_events_table(c: &Connection, log: &EventLog) -> StoreResult<()> {
     let mut moved = 0usize;
     loop {
         let mut st = c
-            .prepare("SELECT seq, body, device, time, bag, data, hub_key FROM events WHERE seq > ?1 ORDER BY seq LIMIT 1000")
+            .prepare(
+                "SELECT seq, body, device, time, bag, data, hub_key FROM events WHERE seq > ?1 ORDER BY seq LIMIT 1000",
+            )
             .map_err(backend)?;
         let rows = st
             .query_map([after as i64], |r| Ok((read_event(r)?, r.get::<_, String>(6)?)))

@@ -143,10 +143,11 @@ async fn settings_round_trip() {
     assert_eq!(s.setting("a").await.unwrap().as_deref(), Some("2"));
 }
 
-/// Telemetry is stored as received and read back decoded; rows an earlier version stored as JSON
-/// (before the table had the received columns) still read back after the upgrade.
+/// Telemetry is stored as received and read back decoded. Telemetry an earlier version kept in
+/// `telemetry.db` (both of its row formats: the event as JSON, and as received) is moved into
+/// the event log with its positions, the table is dropped, and new events continue after it.
 #[tokio::test]
-async fn events_read_back_across_the_row_format_upgrade() {
+async fn events_of_the_older_table_move_into_the_log() {
     use fleetgate_core::message::{Properties, ReceivedEvent, TelemetryEvent};
     let dir = std::env::temp_dir().join(format!("fg-store-{}", uuid_like()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -155,12 +156,14 @@ async fn events_read_back_across_the_row_format_upgrade() {
         hub: "hub.example".into(),
         device_id: "Old-Dev".into(),
         module_id: None,
-        enqueued_time: "2026-01-01T00:00:00.0000000Z".into(),
+        enqueued_time: "2026-01-01T00:00:00.1200000Z".into(),
         properties: Properties::from_bag("%24.mid=m1&a=b").unwrap(),
         body: b"old".to_vec(),
     };
+    let received_at = Timestamp::parse_azure("2026-02-01T00:00:00.0000000Z").unwrap();
     {
         let c = rusqlite::Connection::open(dir.join("telemetry.db")).unwrap();
+        // The first format, one row; then the second format's columns and a row in it.
         c.execute_batch(
             "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, hub_key TEXT NOT NULL, body TEXT NOT NULL);",
         )
@@ -168,6 +171,16 @@ async fn events_read_back_across_the_row_format_upgrade() {
         c.execute(
             "INSERT INTO events (hub_key, body) VALUES ('hub.example', ?1)",
             [serde_json::to_string(&old).unwrap()],
+        )
+        .unwrap();
+        c.execute_batch(
+            "ALTER TABLE events ADD COLUMN device TEXT; ALTER TABLE events ADD COLUMN time INTEGER;
+             ALTER TABLE events ADD COLUMN bag TEXT; ALTER TABLE events ADD COLUMN data BLOB;",
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO events (seq, hub_key, body, device, time, bag, data) VALUES (5, 'hub.example', '', 'Mid-Dev', ?1, '', X'01')",
+            [received_at.ticks()],
         )
         .unwrap();
     }
@@ -192,16 +205,34 @@ async fn events_read_back_across_the_row_format_upgrade() {
         ])
         .await
         .unwrap();
-    assert_eq!(seqs, [2, 3]);
-    let got = s.events("Hub.Example", 0, 10).await.unwrap();
-    assert_eq!(got.len(), 2, "{got:?}");
-    assert_eq!(got[0], TelemetryEvent { seq: 1, ..old });
-    let new = &got[1];
-    assert_eq!((new.seq, new.hub.as_str(), new.device_id.as_str()), (2, "Hub.Example", "New-Dev"));
-    assert_eq!(new.enqueued_time, now.to_azure_string());
-    assert_eq!(new.properties.system["content-type"], "application/json");
-    assert_eq!(new.properties.application["x"], " y");
-    assert_eq!(new.body, [0, 159, 255]);
-    assert_eq!(s.events("other.example", 3, 10).await.unwrap()[0].device_id, "Elsewhere");
-    assert_eq!(s.last_event_seq("hub.example").await.unwrap(), 2);
+    assert_eq!(seqs, [6, 7], "new events come after the moved ones");
+    // Events are read back under the hub name asked for.
+    let check = |hub: &str, got: Vec<TelemetryEvent>| {
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], TelemetryEvent { seq: 1, hub: hub.into(), ..old.clone() });
+        assert_eq!((got[1].seq, got[1].device_id.as_str(), got[1].body.as_slice()), (5, "Mid-Dev", &[1u8][..]));
+        assert_eq!(got[1].enqueued_time, received_at.to_azure_string());
+        let new = &got[2];
+        assert_eq!((new.seq, new.hub.as_str(), new.device_id.as_str()), (6, hub, "New-Dev"));
+        assert_eq!(new.enqueued_time, now.to_azure_string());
+        assert_eq!(new.properties.system["content-type"], "application/json");
+        assert_eq!(new.properties.application["x"], " y");
+        assert_eq!(new.body, [0, 159, 255]);
+    };
+    let page = s.events("Hub.Example", 0, 10).await.unwrap();
+    assert_eq!(page.next, 8);
+    check("Hub.Example", page.events);
+    let other = s.events("other.example", 2, 10).await.unwrap();
+    assert_eq!((other.events.len(), other.events[0].seq, other.events[0].device_id.as_str()), (1, 7, "Elsewhere"));
+    assert_eq!(s.last_event_seq().await.unwrap(), 7);
+    drop(s);
+
+    // Reopened: the table is gone and nothing is moved twice.
+    let c = rusqlite::Connection::open(dir.join("telemetry.db")).unwrap();
+    let tables: i64 =
+        c.query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'events'", [], |r| r.get(0)).unwrap();
+    assert_eq!(tables, 0);
+    let s = SqliteStore::open(&dir.join("t.db")).unwrap();
+    check("hub.example", s.events("hub.example", 0, 10).await.unwrap().events);
+    assert_eq!(s.last_event_seq().await.unwrap(), 7);
 }

@@ -41,6 +41,11 @@ pub struct ServeArgs {
     /// Device-to-cloud messages per second per hub; over it, acknowledgements slow down. 0 = no limit.
     #[arg(long, env = "FLEETGATE_HUB_MESSAGES_PER_SECOND", default_value_t = 0)]
     hub_messages_per_second: u32,
+    /// Hours device-to-cloud messages are kept for monitor-events and replay (Azure's built-in
+    /// endpoint: 24 by default, up to 168); older ones are dropped a segment at a time.
+    #[arg(long, env = "FLEETGATE_EVENT_RETENTION_HOURS", default_value_t = 24,
+          value_parser = clap::value_parser!(u64).range(1..=8760))]
+    event_retention_hours: u64,
     /// PEM certificate chain to serve instead of the generated one (reloaded when the file changes
     /// or on SIGHUP, without dropping connections).
     #[arg(long, env = "FLEETGATE_TLS_CERT", requires = "tls_key")]
@@ -72,6 +77,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     config.hub_hostname = args.hub_hostname;
     config.immediate_assignment = args.registration_response == "immediate";
+    config.event_retention = std::time::Duration::from_secs(args.event_retention_hours * 3600);
     config.tls_cert = args.tls_cert;
     config.tls_key = args.tls_key;
     use fleetgate_core::throttle::Rate;

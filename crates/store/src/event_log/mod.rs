@@ -69,11 +69,12 @@ pub struct LogPage {
 pub struct EventLog {
     dir: PathBuf,
     options: EventLogOptions,
-    writer: Mutex<Writer>,
+    /// `None` when opened read-only.
+    writer: Option<Mutex<Writer>>,
     /// Oldest first; the last one is being written.
     segments: RwLock<Vec<Arc<Segment>>>,
-    /// Held for the log's life: the advisory lock.
-    _lock: File,
+    /// Held for the log's life: the advisory lock (`None` when read-only).
+    _lock: Option<File>,
 }
 
 struct Writer {
@@ -120,14 +121,62 @@ impl EventLog {
         let first = *firsts.last().expect("at least one segment");
         let (writer, active) = recover(dir, first)?;
         segments.push(active);
-        let log = EventLog { dir: dir.to_owned(), options, writer: Mutex::new(writer), segments: RwLock::new(segments), _lock: lock };
+        let log = EventLog {
+            dir: dir.to_owned(),
+            options,
+            writer: Some(Mutex::new(writer)),
+            segments: RwLock::new(segments),
+            _lock: Some(lock),
+        };
         log.sweep()?;
         Ok(log)
     }
 
+    /// Opens the log for reading beside the process that owns it (a tool, a test): takes no
+    /// lock, changes nothing, and reads up to the last whole record as of now.
+    pub fn open_read_only(dir: &Path) -> Result<Self, EventLogError> {
+        let mut firsts = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            if let Some(first) = entry?.file_name().to_str().and_then(parse_name) {
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+        let Some(&last) = firsts.last() else {
+            return Err(EventLogError::Invalid(format!("{} has no event log", dir.display())));
+        };
+        let mut segments = Vec::with_capacity(firsts.len());
+        for pair in firsts.windows(2) {
+            segments.push(Arc::new(Segment::sealed(dir.join(file_name(pair[0])), pair[0], pair[1])?));
+        }
+        let path = dir.join(file_name(last));
+        let file = File::open(&path)?;
+        let (mut index, mut next) = (Vec::<(u64, u64)>::new(), last);
+        let end = scan(&file, 0, file.metadata()?.len(), |r, offset| {
+            if index.last().is_none_or(|(_, at)| offset >= at + INDEX_EVERY) {
+                index.push((r.seq, offset));
+            }
+            next = r.seq + 1;
+            true
+        })?;
+        segments.push(Arc::new(Segment::active(path, last, end.offset, next, index)?));
+        Ok(EventLog {
+            dir: dir.to_owned(),
+            options: EventLogOptions::default(),
+            writer: None,
+            segments: RwLock::new(segments),
+            _lock: None,
+        })
+    }
+
+    fn writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>, EventLogError> {
+        let w = self.writer.as_ref().ok_or_else(|| EventLogError::Invalid("opened read-only".into()))?;
+        Ok(w.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Appends `events` durably; returns their positions.
     pub fn append(&self, events: &[ReceivedEvent]) -> Result<Vec<u64>, EventLogError> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writer()?;
         let first = w.next_seq;
         let seqs: Vec<u64> = (first..first + events.len() as u64).collect();
         self.write(&mut w, events.iter().zip(seqs.iter().copied()))?;
@@ -137,7 +186,7 @@ impl EventLog {
     /// Appends events that already have positions (higher than any in the log, increasing):
     /// for moving an older store's events into the log.
     pub fn import(&self, events: &[(u64, ReceivedEvent)]) -> Result<(), EventLogError> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writer()?;
         let mut last = w.next_seq.saturating_sub(1);
         for (seq, _) in events {
             if *seq <= last {
@@ -299,7 +348,8 @@ impl EventLog {
 
     /// The newest position in the log (any hub); 0 when nothing was ever appended.
     pub fn last_seq(&self) -> u64 {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).next_seq - 1
+        let segments = self.segments.read().unwrap_or_else(|p| p.into_inner());
+        segments.last().map_or(0, |s| s.end_seq() - 1)
     }
 }
 
@@ -322,7 +372,10 @@ fn recover(dir: &Path, first_seq: u64) -> Result<(Writer, Arc<Segment>), EventLo
         true
     })?;
     if let Some((seq, offset)) = misordered {
-        return Err(EventLogError::Invalid(format!("{}: position {seq} at byte {offset} is out of order", path.display())));
+        return Err(EventLogError::Invalid(format!(
+            "{}: position {seq} at byte {offset} is out of order",
+            path.display()
+        )));
     }
     if let Some(why) = end.bad {
         // Only the end of what was being written can be torn; anything after it was never synced.

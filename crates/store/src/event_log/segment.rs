@@ -115,7 +115,13 @@ impl Segment {
     }
 
     /// The segment being written, with what is already in it.
-    pub fn active(path: PathBuf, first_seq: u64, len: u64, end_seq: u64, index: Vec<(u64, u64)>) -> io::Result<Segment> {
+    pub fn active(
+        path: PathBuf,
+        first_seq: u64,
+        len: u64,
+        end_seq: u64,
+        index: Vec<(u64, u64)>,
+    ) -> io::Result<Segment> {
         Ok(Segment {
             first_seq,
             file: File::open(&path)?,
