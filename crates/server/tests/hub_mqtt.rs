@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use common::TestServer;
 use fleetgate_core::keys::SymmetricKey;
+use fleetgate_core::sas::build_token;
+use fleetgate_core::time::Timestamp;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
 use serde_json::{json, Value};
@@ -296,6 +298,31 @@ async fn c2d_is_queued_offline_delivered_and_redelivered_until_acked() {
     let resp = send_c2d(&s, "dev-2", "x", "m51").await;
     assert_eq!(resp.status(), 403);
     assert_eq!(resp.json::<Value>().await.unwrap()["errorCode"], 403004);
+}
+
+/// The hub closes a connection silent for 1.5 x its keep-alive, as Azure does; every packet
+/// moves that deadline.
+#[tokio::test]
+async fn silence_past_the_keep_alive_closes_and_activity_extends_it() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let hub = s.hub();
+    let token = build_token(&key, &format!("{hub}/devices/dev-1"), Timestamp::now().unix_seconds() + 3600, None);
+    let mut m = s.mqtt().await;
+    let user = format!("{hub}/dev-1/?api-version=2019-10-01&DeviceClientType=test");
+    // Keep-alive 1 s: closed after 1.5 s of silence.
+    assert!(matches!(m.connect("dev-1", &user, Some(&token), true, 1).await, Packet::ConnAck(_)));
+    let started = std::time::Instant::now();
+    // 3 s of a packet every 0.5 s (twice the timeout): still open.
+    while started.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        m.send(Packet::PingReq).await;
+        assert!(matches!(m.recv().await, Some(Packet::PingResp)), "closed while active");
+    }
+    let quiet = std::time::Instant::now();
+    assert!(m.recv().await.is_none(), "closed when silent");
+    let waited = quiet.elapsed();
+    assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4), "closed after {waited:?}");
 }
 
 #[tokio::test]
