@@ -100,6 +100,12 @@ struct WriteJob {
 
 /// The most changes committed together.
 const MAX_WRITE_BATCH: usize = 256;
+/// When the writer is busy (its last batch held more than one change), it waits this long after
+/// a batch's first change for more before committing, like PostgreSQL's `commit_delay`: fewer,
+/// larger commits. A commit's fsync costs about 0.15 ms of CPU on the machines measured (and
+/// ~2 ms of waiting), so in a provisioning storm this halves the fsyncs for a millisecond of
+/// latency; a lone change (an idle server) is committed at once.
+const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
 /// Read-only connections to the registry.
 const READERS: usize = 4;
 
@@ -139,6 +145,11 @@ impl SqliteStore {
         }
         let events = Connection::open(path.with_file_name("telemetry.db")).map_err(backend)?;
         configure(&events)?;
+        // The audit trail is written after the work it records was answered, from a queue a
+        // process crash loses anyway; an fsync per audit batch would buy little and cost the
+        // storm a third of its fsyncs. NORMAL (in WAL mode) survives a process crash and stays
+        // consistent; a power loss can lose its last moments.
+        events.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
         events.execute_batch(EVENTS_SCHEMA).map_err(backend)?;
         let (writer, jobs) = std::sync::mpsc::channel::<WriteJob>();
         std::thread::Builder::new()
@@ -237,14 +248,22 @@ static NEXT_TEMP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsiz
 
 /// The writer thread: group commit with a savepoint per change.
 fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<WriteJob>) {
+    let mut busy = false;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
+        // Busy (the last batch had company): gather what arrives within COMMIT_DELAY too.
+        let deadline = busy.then(|| std::time::Instant::now() + COMMIT_DELAY);
         while batch.len() < MAX_WRITE_BATCH {
-            match jobs.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
+            let next = match deadline.map(|d| d.saturating_duration_since(std::time::Instant::now())) {
+                Some(left) if !left.is_zero() => jobs.recv_timeout(left).ok(),
+                _ => jobs.try_recv().ok(),
+            };
+            match next {
+                Some(j) => batch.push(j),
+                None => break,
             }
         }
+        busy = batch.len() > 1;
         let mut tx = match conn.transaction() {
             Ok(tx) => tx,
             Err(e) => {
