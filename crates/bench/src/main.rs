@@ -78,6 +78,10 @@ struct Options {
     /// telemetry: body size in bytes.
     #[arg(long, default_value_t = 256)]
     body_bytes: usize,
+    /// telemetry: rounds, each running every server variant once, interleaved (rates on a shared
+    /// machine drift by ±10% between runs); the report takes each variant's median round.
+    #[arg(long, default_value_t = 3)]
+    telemetry_rounds: usize,
     /// idle: connections held open.
     #[arg(long, default_value_t = 20_000)]
     idle_connections: usize,
@@ -128,6 +132,7 @@ impl Options {
             self.concurrency = 8;
             self.telemetry_devices = 8;
             self.seconds = 1.0;
+            self.telemetry_rounds = 1;
             self.idle_connections = 40;
             self.per_source_address = 16; // exercises binding source addresses
             self.cold_starts = 1;
@@ -408,27 +413,38 @@ async fn run(plan: Plan, opts: Options, nofile: u64) -> anyhow::Result<Report> {
 
     if plan.telemetry {
         let d = o.telemetry_devices;
-        println!("== telemetry: {d} devices, QoS 1, {} B bodies, {} s", o.body_bytes, o.seconds);
-        let server = ctx.fleetgate().await?;
-        ctx.provision_up_to(&server, d).await?;
-        let login = scenarios::Login::Fleetgate(ctx.instance().clone());
-        let r = scenarios::telemetry_mqtt(&server, &login, "durable append", 0..d, o.seconds, o.body_bytes).await?;
-        print_telemetry(&r);
-        report.telemetry.push(r);
-        // The same load through the project's device client (its own task per connection).
-        let r = scenarios::telemetry_fleetgate(&server, ctx.instance(), 0..d, o.seconds, o.body_bytes).await?;
-        print_telemetry(&r);
-        report.telemetry.push(r);
-        server.stop().await;
-        if !o.skip_mosquitto {
-            for (persistence, variant) in [(false, "persistence off"), (true, "persistence on, autosave 1 s")] {
-                let server = ctx.mosquitto(persistence).await?;
-                let login =
-                    scenarios::Login::Mosquitto(ctx.instance().group_key.clone(), ctx.mosquitto_files().ca_pem.clone());
-                let r = scenarios::telemetry_mqtt(&server, &login, variant, 0..d, o.seconds, o.body_bytes).await?;
+        let rounds = o.telemetry_rounds.max(1);
+        println!("== telemetry: {d} devices, QoS 1, {} B bodies, {} s, {rounds} round(s)", o.body_bytes, o.seconds);
+        for round in 1..=rounds {
+            let server = ctx.fleetgate().await?;
+            ctx.provision_up_to(&server, d).await?;
+            let login = scenarios::Login::Fleetgate(ctx.instance().clone());
+            let mut r =
+                scenarios::telemetry_mqtt(&server, &login, "durable append", 0..d, o.seconds, o.body_bytes).await?;
+            r.round = round;
+            print_telemetry(&r);
+            report.telemetry.push(r);
+            if round == 1 {
+                // The same load through the project's device client (its own task per connection).
+                let r = scenarios::telemetry_fleetgate(&server, ctx.instance(), 0..d, o.seconds, o.body_bytes).await?;
                 print_telemetry(&r);
                 report.telemetry.push(r);
-                server.stop().await;
+            }
+            server.stop().await;
+            if !o.skip_mosquitto {
+                for (persistence, variant) in [(false, "persistence off"), (true, "persistence on, autosave 1 s")] {
+                    let server = ctx.mosquitto(persistence).await?;
+                    let login = scenarios::Login::Mosquitto(
+                        ctx.instance().group_key.clone(),
+                        ctx.mosquitto_files().ca_pem.clone(),
+                    );
+                    let mut r =
+                        scenarios::telemetry_mqtt(&server, &login, variant, 0..d, o.seconds, o.body_bytes).await?;
+                    r.round = round;
+                    print_telemetry(&r);
+                    report.telemetry.push(r);
+                    server.stop().await;
+                }
             }
         }
     }
@@ -484,9 +500,10 @@ fn print_storm(r: &scenarios::StormResult) {
 
 fn print_telemetry(r: &scenarios::TelemetryResult) {
     println!(
-        "  {:10} ({}) {} acked in {:.1} s: {:.0} msg/s; ack p50 {:.1} ms, p99 {:.1} ms; server CPU {:.1} µs/msg, generator {:.1}; others' CPU {:.1} s; failures: {}",
+        "  {:10} ({}, round {}) {} acked in {:.1} s: {:.0} msg/s; ack p50 {:.1} ms, p99 {:.1} ms; server CPU {:.1} µs/msg, generator {:.1}; others' CPU {:.1} s; failures: {}",
         r.server,
         r.variant,
+        r.round,
         r.acked,
         r.m.wall_s,
         r.per_s,

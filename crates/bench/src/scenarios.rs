@@ -329,6 +329,8 @@ fn mqtt_client(
 pub struct TelemetryResult {
     pub server: String,
     pub variant: String,
+    /// Which of the interleaved rounds (1-based).
+    pub round: usize,
     pub devices: usize,
     pub connected: usize,
     pub seconds: f64,
@@ -376,6 +378,7 @@ fn telemetry_result(
     Ok(TelemetryResult {
         server: server.name.into(),
         variant: variant.into(),
+        round: 1,
         devices,
         connected,
         seconds,
