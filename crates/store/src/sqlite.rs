@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS mqtt_sessions (
 /// The audit trail lives in its own file and connection, so its writes never wait behind
 /// registry writes. (Telemetry was an `events` table here; it is now the event log, and an
 /// existing table is moved into the log the first time the log is opened.)
-const EVENTS_SCHEMA: &str = r#"
+const AUDIT_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, body TEXT NOT NULL
 );
@@ -80,7 +80,8 @@ pub struct SqliteStore {
     writer: std::sync::mpsc::Sender<WriteJob>,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<std::sync::atomic::AtomicUsize>,
-    events: Arc<Mutex<Connection>>,
+    /// `telemetry.db` (named for what it held first): the audit trail.
+    audit_db: Arc<Mutex<Connection>>,
     /// The telemetry stream, opened on first use: tools that open the store beside a running
     /// server (`fleetgate linked-hub`, `fleetgate audit`) never touch it.
     event_log: Arc<LazyEventLog>,
@@ -143,14 +144,14 @@ impl SqliteStore {
             r.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
             readers.push(Mutex::new(r));
         }
-        let events = Connection::open(path.with_file_name("telemetry.db")).map_err(backend)?;
-        configure(&events)?;
+        let audit_db = Connection::open(path.with_file_name("telemetry.db")).map_err(backend)?;
+        configure(&audit_db)?;
         // The audit trail is written after the work it records was answered, from a queue a
         // process crash loses anyway; an fsync per audit batch would buy little and cost the
         // storm a third of its fsyncs. NORMAL (in WAL mode) survives a process crash and stays
         // consistent; a power loss can lose its last moments.
-        events.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
-        events.execute_batch(EVENTS_SCHEMA).map_err(backend)?;
+        audit_db.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
+        audit_db.execute_batch(AUDIT_SCHEMA).map_err(backend)?;
         let (writer, jobs) = std::sync::mpsc::channel::<WriteJob>();
         std::thread::Builder::new()
             .name("fleetgate-store-writer".into())
@@ -160,7 +161,7 @@ impl SqliteStore {
             writer,
             readers: Arc::new(readers),
             next_reader: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            events: Arc::new(Mutex::new(events)),
+            audit_db: Arc::new(Mutex::new(audit_db)),
             event_log: Arc::new(LazyEventLog {
                 dir: path.with_file_name("events"),
                 options: event_log,
@@ -176,8 +177,8 @@ impl SqliteStore {
             return Ok(log.clone());
         }
         let log = Arc::new(EventLog::open(&self.event_log.dir, self.event_log.options.clone()).map_err(backend)?);
-        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        move_events_table(&events, &log)?;
+        let telemetry_db = self.audit_db.lock().unwrap_or_else(|p| p.into_inner());
+        move_events_table(&telemetry_db, &log)?;
         *slot = Some(log.clone());
         Ok(log)
     }
@@ -230,11 +231,12 @@ impl SqliteStore {
         Ok(*value.downcast::<T>().expect("the writer returns what the job produced"))
     }
 
-    async fn with_events<T: Send + 'static>(
+    /// Runs `f` on the audit trail's connection, on the blocking pool.
+    async fn with_audit_db<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
-        let conn = self.events.clone();
+        let conn = self.audit_db.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
             f(&mut guard)
@@ -875,7 +877,7 @@ impl Store for SqliteStore {
     }
 
     async fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreResult<()> {
-        self.with_events(move |c| {
+        self.with_audit_db(move |c| {
             let tx = c.transaction().map_err(backend)?;
             {
                 let mut st = tx.prepare_cached("INSERT INTO audit (time, body) VALUES (?1, ?2)").map_err(backend)?;
@@ -890,7 +892,7 @@ impl Store for SqliteStore {
 
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
         let q = query.clone();
-        self.with_events(move |c| {
+        self.with_audit_db(move |c| {
             let since = q.since.clone().unwrap_or_default();
             let mut st =
                 c.prepare_cached("SELECT seq, body FROM audit WHERE time >= ?1 ORDER BY seq").map_err(backend)?;
