@@ -161,6 +161,34 @@ mod tests {
         assert_eq!(decode(&huge).unwrap_err(), DecodeError::Corrupt("record length out of bounds"));
     }
 
+    /// Whatever is on disk, decoding answers (a record, incomplete or corrupt) without panicking,
+    /// also when the checksum happens to match (here: made to match).
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 96) as usize;
+            let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let _ = decode(&buf);
+            if len >= HEADER + FIXED {
+                let payload = (len - HEADER) as u32;
+                buf[0..4].copy_from_slice(&payload.to_le_bytes());
+                let crc = crc32fast::hash(&buf[HEADER..]);
+                buf[4..8].copy_from_slice(&crc.to_le_bytes());
+                if let Ok((r, n)) = decode(&buf) {
+                    assert_eq!(n, len);
+                    let _ = r.to_event("h");
+                }
+            }
+        }
+    }
+
     #[test]
     fn lengths_inside_the_payload_are_checked() {
         // A whole record (checksum right) whose hub length points past its end.
