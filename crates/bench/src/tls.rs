@@ -50,11 +50,12 @@ pub fn server_config(cert_pem: &Path, key_pem: &Path) -> anyhow::Result<Arc<Serv
     let data = std::fs::read(key_pem).with_context(|| key_pem.display().to_string())?;
     let key: PrivateKeyDer<'static> =
         rustls_pemfile::private_key(&mut data.as_slice())?.ok_or_else(|| anyhow!("no private key"))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
+    let provider = Arc::new(fleetgate_server::tls::crypto_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
+    fleetgate_server::tls::prefer_own_suite_order(&mut config);
     Ok(Arc::new(config))
 }
 

@@ -18,15 +18,38 @@ use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureSc
 /// The TLS configuration of every listener, with the server certificate resolved per handshake
 /// from `cert` (so it can be replaced while serving).
 pub fn server_config(cert: Arc<crate::cert_reload::ReloadingCert>) -> Result<Arc<ServerConfig>, String> {
-    // ring's defaults are ECDHE with AES-GCM / ChaCha20-Poly1305 only: no CBC, no RSA key exchange.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crypto_provider());
     let verifier = Arc::new(DeviceCertificates { algorithms: provider.signature_verification_algorithms });
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
+    prefer_own_suite_order(&mut config);
     Ok(Arc::new(config))
+}
+
+/// The listeners' crypto: ring's suites (ECDHE with AES-GCM or ChaCha20-Poly1305 only: no CBC,
+/// no RSA key exchange), the AES-128-GCM ones first.
+///
+/// Why AES-128 first: its suites hash with SHA-256, which CPUs with SHA extensions run in
+/// hardware, while TLS 1.3's AES-256 suite hashes with SHA-384, which has no such instructions:
+/// in a provisioning storm SHA-512's block function was ~4% of the server's CPU (perf; every
+/// device, SDK and this client list AES-256 first). TLS_AES_128_GCM_SHA256 is the suite every
+/// TLS 1.3 implementation must support (RFC 8446 §9.1).
+pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    use rustls::CipherSuite::*;
+    let mut provider = rustls::crypto::ring::default_provider();
+    let aes_128 =
+        [TLS13_AES_128_GCM_SHA256, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256];
+    // Stable: the others keep ring's order.
+    provider.cipher_suites.sort_by_key(|s| !aes_128.contains(&s.suite()));
+    provider
+}
+
+/// Choose by the server's suite order (see [`crypto_provider`]), not the client's.
+pub fn prefer_own_suite_order(config: &mut ServerConfig) {
+    config.ignore_client_order = true;
 }
 
 /// The client certificate chain of an established TLS connection, if the client sent one.

@@ -279,6 +279,36 @@ async fn tls_1_2_and_1_3_are_served_and_old_versions_refused() {
     assert!(n == 0 || buf[0] == 0x15, "got {:?}", &buf[..n]);
 }
 
+/// Clients list AES-256-GCM first (rustls, OpenSSL); the server picks AES-128-GCM, whose SHA-256
+/// runs on the CPU's SHA extensions, in TLS 1.3 and in TLS 1.2 (what the Python SDK speaks).
+#[tokio::test]
+async fn the_server_picks_aes_128_gcm_over_the_clients_order() {
+    let s = TestServer::start().await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut s.ca_pem().as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let roots = std::sync::Arc::new(roots);
+    for (version, want) in [
+        (&rustls::version::TLS13, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+        (&rustls::version::TLS12, rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+    ] {
+        let provider = rustls::crypto::ring::default_provider();
+        assert_ne!(provider.cipher_suites[0].suite(), want, "the client should prefer another suite");
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(s.mqtt_addr()).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.negotiated_cipher_suite().map(|c| c.suite()), Some(want), "{version:?}");
+    }
+}
+
 #[tokio::test]
 async fn weak_ciphers_and_old_protocols_are_refused() {
     let s = TestServer::start().await;
