@@ -248,21 +248,7 @@ async fn paths_are_case_insensitive_as_sdks_differ() {
 async fn tls_1_2_and_1_3_are_served_and_old_versions_refused() {
     let s = TestServer::start().await;
     for versions in [&[&rustls::version::TLS12][..], &[&rustls::version::TLS13][..]] {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut s.ca_pem().as_slice()) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let cfg =
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-                .with_protocol_versions(versions)
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(s.https_addr()).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
+        let tls = s.tls_to(s.https_addr(), versions).await;
         assert_eq!(tls.get_ref().1.protocol_version(), Some(versions[0].version));
     }
     // A TLS 1.0 ClientHello gets no handshake.
@@ -284,27 +270,13 @@ async fn tls_1_2_and_1_3_are_served_and_old_versions_refused() {
 #[tokio::test]
 async fn the_server_picks_aes_128_gcm_over_the_clients_order() {
     let s = TestServer::start().await;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut s.ca_pem().as_slice()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let roots = std::sync::Arc::new(roots);
+    let client_first = rustls::crypto::ring::default_provider().cipher_suites[0].suite();
     for (version, want) in [
         (&rustls::version::TLS13, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
         (&rustls::version::TLS12, rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
     ] {
-        let provider = rustls::crypto::ring::default_provider();
-        assert_ne!(provider.cipher_suites[0].suite(), want, "the client should prefer another suite");
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(s.mqtt_addr()).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
+        assert_ne!(client_first, want, "the client should prefer another suite");
+        let tls = s.tls_to(s.mqtt_addr(), &[version]).await;
         assert_eq!(tls.get_ref().1.negotiated_cipher_suite().map(|c| c.suite()), Some(want), "{version:?}");
     }
 }

@@ -259,7 +259,7 @@ type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
 /// Opens a WebSocket to `path` on the HTTPS port, offering `protocols`.
 async fn ws_connect(s: &TestServer, path: &str, protocols: Option<&str>) -> Result<(Ws, Option<String>), WsError> {
-    let tls = s.tls_to(s.https_addr()).await;
+    let tls = s.tls_to(s.https_addr(), &[&rustls::version::TLS12]).await;
     let mut req = format!("wss://localhost:{}{path}", s.https_addr().port()).into_client_request().unwrap();
     if let Some(p) = protocols {
         req.headers_mut().insert("Sec-WebSocket-Protocol", p.parse().unwrap());

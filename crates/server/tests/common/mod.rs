@@ -105,19 +105,29 @@ impl TestServer {
         }
     }
 
-    /// A TLS connection to the MQTT port, trusting the instance CA.
+    /// A TLS 1.2 connection to the MQTT port, trusting the instance CA.
     pub async fn tls(&self) -> TlsStream<TcpStream> {
+        self.tls_to(self.mqtt_addr(), &[&rustls::version::TLS12]).await
+    }
+
+    /// A TLS connection to `addr` with rustls' default client suites (in their order) and the
+    /// given versions, trusting the instance CA.
+    pub async fn tls_to(
+        &self,
+        addr: SocketAddr,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> TlsStream<TcpStream> {
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pemfile::certs(&mut self.ca_pem().as_slice()) {
             roots.add(c.unwrap()).unwrap();
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS12])
+            .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let tcp = TcpStream::connect(self.mqtt_addr()).await.unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
         TlsConnector::from(Arc::new(cfg)).connect("localhost".try_into().unwrap(), tcp).await.unwrap()
     }
 
@@ -253,11 +263,22 @@ impl TestServer {
         key: &SymmetricKey,
         clean: bool,
     ) -> Result<(Mqtt, bool), rumqttc::mqttbytes::v4::ConnectReturnCode> {
+        self.hub_connect(id, key, clean, 60).await
+    }
+
+    /// A raw MQTT connection to the hub as `id` with this CleanSession and keep-alive (seconds).
+    pub async fn hub_connect(
+        &self,
+        id: &str,
+        key: &SymmetricKey,
+        clean: bool,
+        keep_alive: u16,
+    ) -> Result<(Mqtt, bool), rumqttc::mqttbytes::v4::ConnectReturnCode> {
         let hub = self.hub();
         let token = build_token(key, &format!("{hub}/devices/{id}"), Timestamp::now().unix_seconds() + 3600, None);
         let mut m = self.mqtt().await;
         let user = format!("{hub}/{id}/?api-version=2019-10-01&DeviceClientType=test");
-        match m.connect(id, &user, Some(&token), clean, 60).await {
+        match m.connect(id, &user, Some(&token), clean, keep_alive).await {
             Packet::ConnAck(a) if a.code == rumqttc::mqttbytes::v4::ConnectReturnCode::Success => {
                 Ok((m, a.session_present))
             }
@@ -337,24 +358,6 @@ impl TestServer {
 
     pub fn store(&self) -> fleetgate_store::SqliteStore {
         fleetgate_store::SqliteStore::open(&self.dir.path().join("fleetgate.db")).unwrap()
-    }
-}
-
-impl TestServer {
-    /// A TLS 1.2 connection to `addr` (e.g. the HTTPS port), trusting the instance CA.
-    pub async fn tls_to(&self, addr: SocketAddr) -> TlsStream<TcpStream> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut self.ca_pem().as_slice()) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS12])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        TlsConnector::from(Arc::new(cfg)).connect("localhost".try_into().unwrap(), tcp).await.unwrap()
     }
 }
 
