@@ -102,22 +102,13 @@ impl EventLog {
         if lock.try_lock().is_err() {
             return Err(EventLogError::Invalid(format!("{} is in use by another process", dir.display())));
         }
-        let mut firsts = Vec::new();
-        for entry in std::fs::read_dir(dir)? {
-            if let Some(first) = entry?.file_name().to_str().and_then(parse_name) {
-                firsts.push(first);
-            }
-        }
-        firsts.sort_unstable();
+        let mut firsts = segment_firsts(dir)?;
         if firsts.is_empty() {
             File::create_new(dir.join(file_name(1)))?.sync_all()?;
             sync_dir(dir)?;
             firsts.push(1);
         }
-        let mut segments = Vec::with_capacity(firsts.len());
-        for pair in firsts.windows(2) {
-            segments.push(Arc::new(Segment::sealed(dir.join(file_name(pair[0])), pair[0], pair[1])?));
-        }
+        let mut segments = sealed_segments(dir, &firsts)?;
         let first = *firsts.last().expect("at least one segment");
         let (writer, active) = recover(dir, first)?;
         segments.push(active);
@@ -135,31 +126,16 @@ impl EventLog {
     /// Opens the log for reading beside the process that owns it (a tool, a test): takes no
     /// lock, changes nothing, and reads up to the last whole record as of now.
     pub fn open_read_only(dir: &Path) -> Result<Self, EventLogError> {
-        let mut firsts = Vec::new();
-        for entry in std::fs::read_dir(dir)? {
-            if let Some(first) = entry?.file_name().to_str().and_then(parse_name) {
-                firsts.push(first);
-            }
-        }
-        firsts.sort_unstable();
+        let firsts = segment_firsts(dir)?;
         let Some(&last) = firsts.last() else {
             return Err(EventLogError::Invalid(format!("{} has no event log", dir.display())));
         };
-        let mut segments = Vec::with_capacity(firsts.len());
-        for pair in firsts.windows(2) {
-            segments.push(Arc::new(Segment::sealed(dir.join(file_name(pair[0])), pair[0], pair[1])?));
-        }
+        let mut segments = sealed_segments(dir, &firsts)?;
         let path = dir.join(file_name(last));
         let file = File::open(&path)?;
-        let (mut index, mut next) = (Vec::<(u64, u64)>::new(), last);
-        let end = scan(&file, 0, file.metadata()?.len(), |r, offset| {
-            if index.last().is_none_or(|(_, at)| offset >= at + INDEX_EVERY) {
-                index.push((r.seq, offset));
-            }
-            next = r.seq + 1;
-            true
-        })?;
-        segments.push(Arc::new(Segment::active(path, last, end.offset, next, index)?));
+        // Up to the last whole record: one being written is left to its writer.
+        let tail = read_tail(&path, &file, last)?;
+        segments.push(Arc::new(Segment::active(path, last, tail.end.offset, tail.next_seq, tail.index)?));
         Ok(EventLog {
             dir: dir.to_owned(),
             options: EventLogOptions::default(),
@@ -353,14 +329,35 @@ impl EventLog {
     }
 }
 
-/// Reads the segment being written: cuts off a torn tail, checks the positions increase, and
-/// builds its index.
-fn recover(dir: &Path, first_seq: u64) -> Result<(Writer, Arc<Segment>), EventLogError> {
-    let path = dir.join(file_name(first_seq));
-    let file = OpenOptions::new().read(true).write(true).open(&path)?;
-    let file_len = file.metadata()?.len();
+/// The first positions of the segment files in `dir`, ascending.
+fn segment_firsts(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut firsts = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        if let Some(first) = entry?.file_name().to_str().and_then(parse_name) {
+            firsts.push(first);
+        }
+    }
+    firsts.sort_unstable();
+    Ok(firsts)
+}
+
+/// Every segment but the last (the one being written), each ending where the next begins.
+fn sealed_segments(dir: &Path, firsts: &[u64]) -> io::Result<Vec<Arc<Segment>>> {
+    firsts.windows(2).map(|p| Ok(Arc::new(Segment::sealed(dir.join(file_name(p[0])), p[0], p[1])?))).collect()
+}
+
+/// What a scan of the segment being written found.
+struct Tail {
+    end: segment::ScanEnd,
+    next_seq: u64,
+    index: Vec<(u64, u64)>,
+}
+
+/// Scans the segment being written: where its whole records end, the position after them, and
+/// its index. Positions must increase (and not be below the segment's first).
+fn read_tail(path: &Path, file: &File, first_seq: u64) -> Result<Tail, EventLogError> {
     let (mut index, mut last, mut misordered) = (Vec::<(u64, u64)>::new(), None::<u64>, None);
-    let end = scan(&file, 0, file_len, |r, offset| {
+    let end = scan(file, 0, file.metadata()?.len(), |r, offset| {
         if r.seq < first_seq || last.is_some_and(|l| r.seq <= l) {
             misordered = Some((r.seq, offset));
             return false;
@@ -377,14 +374,22 @@ fn recover(dir: &Path, first_seq: u64) -> Result<(Writer, Arc<Segment>), EventLo
             path.display()
         )));
     }
+    Ok(Tail { end, next_seq: last.map_or(first_seq, |l| l + 1), index })
+}
+
+/// Reads the segment being written and cuts off a torn tail (never acknowledged: acknowledgement
+/// waits for the sync).
+fn recover(dir: &Path, first_seq: u64) -> Result<(Writer, Arc<Segment>), EventLogError> {
+    let path = dir.join(file_name(first_seq));
+    let file = OpenOptions::new().read(true).write(true).open(&path)?;
+    let Tail { end, next_seq, index } = read_tail(&path, &file, first_seq)?;
     if let Some(why) = end.bad {
-        // Only the end of what was being written can be torn; anything after it was never synced.
-        tracing::warn!(segment = %path.display(), at = end.offset, dropped_bytes = file_len - end.offset, reason = why,
+        let dropped = file.metadata()?.len() - end.offset;
+        tracing::warn!(segment = %path.display(), at = end.offset, dropped_bytes = dropped, reason = why,
             "cut off an incomplete record at the end of the event log (an unacknowledged write cut short by a crash)");
         file.set_len(end.offset)?;
         file.sync_all()?;
     }
-    let next_seq = last.map_or(first_seq, |l| l + 1);
     let active = Arc::new(Segment::active(path, first_seq, end.offset, next_seq, index.clone())?);
     let writer = Writer {
         file,
