@@ -169,3 +169,17 @@ fn enrollment_group_and_registration_verbs_against_a_server() {
     assert!(run(&["enrollment-group", "delete", "--data-dir", d, "--group-id", "grp-1"]).status.success());
     assert!(!run(&["enrollment-group", "show", "--data-dir", d, "--group-id", "grp-1"]).status.success());
 }
+
+/// Telemetry retention is 1 hour to a year: zero, negative or absurd values are refused before
+/// anything starts.
+#[test]
+fn serve_refuses_a_retention_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    for bad in ["0", "-1", "8761", "a day"] {
+        let o = run(&["serve", "--data-dir", d.to_str().unwrap(), &format!("--event-retention-hours={bad}")]);
+        assert!(!o.status.success(), "{bad} accepted");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("--event-retention-hours"), "{bad}: names the flag");
+    }
+    assert!(!d.exists(), "nothing was created");
+}

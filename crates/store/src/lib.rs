@@ -1,6 +1,7 @@
 //! Fleetgate's persistent state behind one trait.
 //!
-//! The embedded default is SQLite in the data directory ([`SqliteStore`]). Every method that
+//! The embedded default is SQLite in the data directory ([`SqliteStore`]), with telemetry in an
+//! append-only segment log beside it ([`EventLog`]). Every method that
 //! changes more than one thing does so in a single transaction: a registration record and the
 //! device identity it creates are committed together or not at all.
 

@@ -1,8 +1,11 @@
-//! The embedded store: one SQLite file in WAL mode.
+//! The embedded store: the registry in one SQLite file in WAL mode, the audit trail in
+//! `telemetry.db` beside it, and telemetry in the event log (`events/`, see
+//! [`crate::event_log`]).
 //!
-//! One connection behind a mutex serializes writers (SQLite allows one anyway); each call runs
-//! on the blocking pool so the async runtime never waits on disk. `synchronous=FULL`: a commit
-//! that returned is on disk, which is what lets us acknowledge a device only after it.
+//! Registry changes go to one writer thread (group commit, see [`SqliteStore`]); reads use
+//! read-only connections on the blocking pool, so the async runtime never waits on disk.
+//! `synchronous=FULL` for the registry: a commit that returned is on disk, which is what lets
+//! us acknowledge a device only after it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -228,3 +228,17 @@ fn read_only_beside_the_owner() {
     assert!(reader.append(&[event("h", "d", 4, 8)]).is_err());
     assert_eq!(std::fs::read(&file).unwrap(), bytes, "the reader changed nothing");
 }
+
+/// A roll that failed after creating the next segment's file (say, at the directory sync) left
+/// it empty; the next append uses it instead of failing for ever.
+#[test]
+fn a_roll_retried_after_a_failure_reuses_the_empty_file() {
+    let dir = temp_dir("roll-retry");
+    let log = EventLog::open(&dir, EventLogOptions { segment_bytes: 1024, ..EventLogOptions::default() }).unwrap();
+    log.append(&[event("h", "d", 1, 2000)]).unwrap(); // the segment is full now
+    let next = log.last_seq() + 1;
+    std::fs::File::create(dir.join(format!("{next:020}.events"))).unwrap();
+    assert_eq!(log.append(&[event("h", "d", 2, 8)]).unwrap(), [next]);
+    assert_eq!(segment_files(&dir).len(), 2);
+    assert_eq!(log.read("h", 0, 10).unwrap().events.len(), 2);
+}

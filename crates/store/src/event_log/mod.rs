@@ -230,7 +230,9 @@ impl EventLog {
         if full || old {
             // Everything in the active segment is synced already (each append syncs).
             let path = self.dir.join(file_name(w.next_seq));
-            let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+            // Not `create_new`: a roll that failed after creating the file (at the directory
+            // sync) left it empty, and the retry must be able to use it.
+            let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
             sync_dir(&self.dir)?;
             let active = Arc::new(Segment::active(path, w.next_seq, 0, w.next_seq, Vec::new())?);
             self.segments.write().unwrap_or_else(|p| p.into_inner()).push(active.clone());
@@ -325,7 +327,7 @@ impl EventLog {
     /// The newest position in the log (any hub); 0 when nothing was ever appended.
     pub fn last_seq(&self) -> u64 {
         let segments = self.segments.read().unwrap_or_else(|p| p.into_inner());
-        segments.last().map_or(0, |s| s.end_seq() - 1)
+        segments.last().map_or(0, |s| s.end_seq().saturating_sub(1))
     }
 }
 
