@@ -370,3 +370,24 @@ async fn device_lists_page_through_instead_of_capping() {
     assert_eq!(client.list_devices(Some(1002)).await.unwrap().as_array().unwrap().len(), 1002);
     assert_eq!(client.list_devices(Some(100_000)).await.unwrap().as_array().unwrap().len(), n);
 }
+
+/// A request refused before its body was read says `Connection: close`: the server does not
+/// read an unauthenticated body, so the connection cannot be reused.
+#[tokio::test]
+async fn refused_requests_with_bodies_close_their_connection() {
+    let s = TestServer::start().await;
+    let resp = s
+        .http()
+        .put(s.url(&format!("/enrollmentGroups/g{V}")))
+        .header("Authorization", "SharedAccessSignature sr=x&sig=y&se=1&skn=z")
+        .json(&json!({"attestation": {"type": "symmetricKey"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers().get("connection").map(|v| v.to_str().unwrap()), Some("close"));
+    let get =
+        s.http().get(s.url(&format!("/enrollmentGroups/g{V}"))).header("Authorization", "x").send().await.unwrap();
+    assert_eq!(get.status(), 401);
+    assert!(get.headers().get("connection").is_none(), "a bodiless request keeps its connection");
+}
