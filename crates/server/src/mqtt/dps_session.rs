@@ -159,6 +159,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 tracing::info!(topic = %printable(&p.topic), parameter = name, "DPS request without a required parameter; closing");
                 return Ok(false);
             }
+            // A rid that cannot be echoed as it is, or a wildcard in the topic: a protocol
+            // violation, answered as Azure answers one, by closing the connection.
+            Err(TopicError::Malformed) => {
+                tracing::info!(topic = %printable(&p.topic), "DPS request with a wildcard topic or an unusable $rid; closing");
+                return Ok(false);
+            }
         };
         // The PUBACK goes out with the response, ahead of it as the SDKs need: one TLS record
         // and one write instead of two.

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetgate_core::time::Timestamp;
 use fleetgate_core::x509::CertificateChain;
 use fleetgate_core::DpsError;
 use fleetgate_hub::hub::ConnectRefusal;
@@ -40,6 +41,9 @@ struct Session<S> {
     conn: Connection<S>,
     hub: Arc<Hub>,
     device: HubDevice,
+    /// This connection's session id: answers to method calls count only when they come back on
+    /// the connection the call went out on.
+    id: u64,
     next_packet_id: u16,
     /// Granted QoS per stream the device subscribed to.
     subscriptions: HashMap<Subscription, QoS>,
@@ -146,6 +150,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         conn,
         hub: hub.clone(),
         device: device.clone(),
+        id: handle.id,
         next_packet_id: 0,
         subscriptions: HashMap::new(),
         c2d_in_flight: HashMap::new(),
@@ -163,7 +168,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// The connected device's session until it disconnects, goes idle past its keep-alive, is
-/// replaced, or the server stops.
+/// replaced or closed by the service side, its credentials expire, or the server stops.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: Session<S>,
     handle: SessionHandle,
@@ -175,7 +180,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // message). The idle deadline moves with each packet; the timer is only re-armed when it
     // fires early.
     let mut deadline = tokio::time::Instant::now() + idle;
-    let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+    // The same timer ends the session when the credentials it was opened with expire (a SAS
+    // token, a certificate), as Azure does; the SDKs reconnect with fresh ones. One timer, not
+    // two: an idle connection keeps it for its life.
+    let expires = s.device.credentials_expire().map(|e| tokio::time::Instant::now() + time_left(e, Timestamp::now()));
+    let wake = |deadline: tokio::time::Instant| expires.map_or(deadline, |e| e.min(deadline));
+    let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(wake(deadline)));
     let mut outbound = std::pin::pin!(handle.rx.recv());
     let mut stop = std::pin::pin!(shutdown.changed());
     let result = loop {
@@ -202,10 +212,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             () = &mut idle_timer => {
-                if tokio::time::Instant::now() >= deadline {
+                let now = tokio::time::Instant::now();
+                if expires.is_some_and(|e| now >= e) {
+                    tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "the device's credentials expired; closing");
+                    break Ok(());
+                }
+                if now >= deadline {
                     break Ok(()); // silent past 1.5 x keep-alive
                 }
-                idle_timer.as_mut().reset(deadline);
+                idle_timer.as_mut().reset(wake(deadline));
             }
             _ = &mut stop => {
                 // A graceful stop still serves what the device already sent (a message in the
@@ -223,6 +238,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     s.conn.shutdown().await;
     tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "device disconnected");
     result
+}
+
+/// How long from `now` until `expires` (zero once passed).
+fn time_left(expires: Timestamp, now: Timestamp) -> Duration {
+    let ticks = expires.ticks().saturating_sub(now.ticks()).max(0);
+    Duration::from_nanos(u64::try_from(ticks).unwrap_or(0).saturating_mul(100))
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -374,7 +395,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             DeviceRequest::MethodResponse { status, rid } => {
                 self.ack(&p)?;
                 self.conn.flush().await?;
-                self.hub.method_response(&rid, status, &p.payload);
+                self.hub.method_response(&self.device, self.id, &rid, status, &p.payload);
                 Ok(true)
             }
         }
@@ -392,7 +413,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn on_outbound(&mut self, out: Outbound) -> Result<bool, ConnectionError> {
         match out {
             Outbound::Close => {
-                tracing::info!(device = %self.device.device_id, "closing: replaced by a new connection or identity changed");
+                tracing::info!(device = %self.device.device_id, "closing: replaced by a new connection, or the identity was disabled, deleted or given new credentials");
                 Ok(false)
             }
             Outbound::DesiredPatch(patch) => {
@@ -446,4 +467,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 /// body has an `errorCode`.
 fn twin_error(e: &DpsError) -> Vec<u8> {
     json!({"errorCode": e.code.code(), "message": e.message}).to_string().into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_left_until_expiry() {
+        let now = Timestamp::from_unix_seconds(1_000);
+        assert_eq!(time_left(Timestamp::from_unix_seconds(1_003), now), Duration::from_secs(3));
+        assert_eq!(time_left(Timestamp::from_ticks(now.ticks() + 5), now), Duration::from_nanos(500));
+        assert_eq!(time_left(Timestamp::from_unix_seconds(999), now), Duration::ZERO, "already expired");
+    }
 }
