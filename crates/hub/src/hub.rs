@@ -9,7 +9,7 @@ use base64::Engine;
 use fleetgate_core::device::{AuthenticationType, DeviceCredentials, DeviceIdentity, DeviceStatus};
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::message::{check_bag, C2dMessage, Properties, ReceivedEvent};
-use fleetgate_core::sas::{SasToken, MAX_CLOCK_SKEW_SECS};
+use fleetgate_core::sas::SasToken;
 use fleetgate_core::throttle::{Rate, TokenBucket};
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::twin::{parse_patch, Twin};
@@ -284,7 +284,7 @@ impl Hub {
         // The first second `check_expiry` refuses the token is when the connection ends: a
         // token accepted at CONNECT (skew included) keeps it open exactly as long as it would
         // still be accepted.
-        let expires = token.expiry.saturating_add(MAX_CLOCK_SKEW_SECS).saturating_add(1);
+        let expires = token.accepted_until().saturating_add(1);
         Ok(self.connected_device(hub.host_name, device.device_id, Some(Timestamp::from_unix_seconds(expires))))
     }
 

@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetgate_core::time::Timestamp;
 use fleetgate_core::x509::CertificateChain;
 use fleetgate_core::DpsError;
 use fleetgate_hub::hub::ConnectRefusal;
@@ -27,7 +26,7 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use super::{printable, Connection, ConnectionError};
+use super::{deadline_of, printable, Connection, ConnectionError};
 use crate::config::Limits;
 
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
@@ -183,7 +182,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // The same timer ends the session when the credentials it was opened with expire (a SAS
     // token, a certificate), as Azure does; the SDKs reconnect with fresh ones. One timer, not
     // two: an idle connection keeps it for its life.
-    let expires = s.device.credentials_expire().map(|e| tokio::time::Instant::now() + time_left(e, Timestamp::now()));
+    let expires = s.device.credentials_expire().map(deadline_of);
     let wake = |deadline: tokio::time::Instant| expires.map_or(deadline, |e| e.min(deadline));
     let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(wake(deadline)));
     let mut outbound = std::pin::pin!(handle.rx.recv());
@@ -238,12 +237,6 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     s.conn.shutdown().await;
     tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "device disconnected");
     result
-}
-
-/// How long from `now` until `expires` (zero once passed).
-fn time_left(expires: Timestamp, now: Timestamp) -> Duration {
-    let ticks = expires.ticks().saturating_sub(now.ticks()).max(0);
-    Duration::from_nanos(u64::try_from(ticks).unwrap_or(0).saturating_mul(100))
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -467,17 +460,4 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 /// body has an `errorCode`.
 fn twin_error(e: &DpsError) -> Vec<u8> {
     json!({"errorCode": e.code.code(), "message": e.message}).to_string().into_bytes()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn time_left_until_expiry() {
-        let now = Timestamp::from_unix_seconds(1_000);
-        assert_eq!(time_left(Timestamp::from_unix_seconds(1_003), now), Duration::from_secs(3));
-        assert_eq!(time_left(Timestamp::from_ticks(now.ticks() + 5), now), Duration::from_nanos(500));
-        assert_eq!(time_left(Timestamp::from_unix_seconds(999), now), Duration::ZERO, "already expired");
-    }
 }

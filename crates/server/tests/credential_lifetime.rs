@@ -1,10 +1,10 @@
-//! A hub connection lives no longer than the credentials it was opened with: it is closed when
-//! its SAS token expires and when the device's keys are changed through the service API.
-//! (X.509 connections: crates/server/tests/x509.rs.)
+//! A connection lives no longer than the credentials it was opened with: a hub connection is
+//! closed when its SAS token expires and when the device's keys are changed through the service
+//! API; a DPS connection when its token expires. (X.509 connections: tests/x509.rs.)
 
 mod common;
 
-use common::{Mqtt, TestServer};
+use common::{dps_username, Mqtt, TestServer};
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::sas::{build_token, MAX_CLOCK_SKEW_SECS};
 use fleetgate_core::time::Timestamp;
@@ -83,4 +83,23 @@ async fn a_connection_is_closed_when_the_device_keys_change() {
         "primaryKey": new.to_base64(), "secondaryKey": SymmetricKey::generate().to_base64()}}});
     assert_eq!(put(body).await.unwrap().status(), 200);
     assert!(m.recv().await.is_none(), "closed when the secondary key changed");
+}
+
+#[tokio::test]
+async fn a_dps_connection_is_closed_when_its_token_expires() {
+    let s = TestServer::start().await;
+    let (group_key, _) = s.create_group("grp", json!({})).await;
+    let key = group_key.derive_device_key("dev-1");
+    // Accepted for about 5 s more (clock skew allowance included): time for one registration.
+    let expiry = Timestamp::now().unix_seconds() - MAX_CLOCK_SKEW_SECS + 5;
+    let token = build_token(&key, &format!("{}/registrations/dev-1", s.scope()), expiry, None);
+    let mut m = s.mqtt().await;
+    m.connect("dev-1", &dps_username(&s.scope(), "dev-1"), Some(&token), true, 60).await;
+    m.subscribe_dps().await;
+    m.publish("$dps/registrations/PUT/iotdps-register/?$rid=1", QoS::AtLeastOnce, 1, b" ").await;
+    assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
+    let (topic, body) = m.expect_publish().await;
+    assert!(topic.starts_with("$dps/registrations/res/200/"), "registered while the token is valid: {topic} {body}");
+    // Keep-alive 60 s: only the token's expiry can close it within `recv`'s 10 s.
+    assert!(m.recv().await.is_none(), "the server closed the connection at the token's expiry");
 }
