@@ -99,6 +99,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             _ = shutdown.changed() => break,
         };
         let Some(packet) = packet else { break };
+        // The expiry may be due with packets still arriving (select! picks among ready branches
+        // at random): no request is served once the credentials have expired.
+        if expires.is_some_and(|e| tokio::time::Instant::now() >= e) {
+            tracing::info!(registration_id = %printable(&session.registration_id), "the device's credentials expired; closing");
+            break;
+        }
         // Boxed: the session future then holds only what waiting for a packet needs.
         if !Box::pin(session.handle(packet)).await? {
             break;

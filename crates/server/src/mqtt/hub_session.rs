@@ -195,7 +195,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(None) => break Ok(()),
                     Ok(Some(p)) => p,
                 };
-                deadline = tokio::time::Instant::now() + idle;
+                let now = tokio::time::Instant::now();
+                // The timer may be due with packets still arriving (select! picks among ready
+                // branches at random): no packet is served once the credentials have expired.
+                if expires.is_some_and(|e| now >= e) {
+                    tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "the device's credentials expired; closing");
+                    break Ok(());
+                }
+                deadline = now + idle;
                 match Box::pin(s.on_packet(packet, &handle.flags)).await {
                     Ok(true) => {}
                     Ok(false) => break Ok(()),
