@@ -413,3 +413,32 @@ fn a_roll_retried_after_a_failure_reuses_the_empty_file() {
     assert_eq!(segment_files(&dir).len(), 2);
     assert_eq!(log.read("h", 0, 10).unwrap().events.len(), 2);
 }
+
+/// A device's message can hold any bytes, also a whole record naming another device. Damage in
+/// that message's record is stepped over to where the record ends (its length is intact), so the
+/// record-shaped body is never read as an event.
+#[test]
+fn a_record_shaped_body_in_a_damaged_record_is_not_read_as_a_record() {
+    let probe_dir = temp_dir("forged-probe");
+    let probe = EventLog::open(&probe_dir, EventLogOptions::default()).unwrap();
+    probe.import(&[(2, event("h", "intruder", 2, 8))]).unwrap();
+    let forged = std::fs::read(segment_files(&probe_dir).pop().unwrap()).unwrap();
+
+    let dir = temp_dir("forged");
+    let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
+    let mut carrier = event("h", "d", 2, 8);
+    carrier.body = [vec![0u8; 64], forged].concat();
+    log.append(&[event("h", "d", 1, 100), carrier, event("h", "d", 3, 100)]).unwrap();
+    drop(log);
+    let file = segment_files(&dir).pop().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    // The carrier's body starts after record 1 and the carrier's header and fields; damage one of
+    // its leading zeros.
+    let zeros = bytes.windows(64).position(|w| w.iter().all(|b| *b == 0)).unwrap();
+    bytes[zeros + 10] = 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
+    let events = log.read("h", 0, 10).unwrap().events;
+    let got: Vec<(u64, &str)> = events.iter().map(|(s, e)| (*s, e.device_id.as_str())).collect();
+    assert_eq!(got, [(1, "d"), (3, "d")]);
+}

@@ -126,6 +126,29 @@ pub fn find_next_record(file: &File, from: u64, end: u64, seqs: std::ops::Range<
     Ok(None)
 }
 
+/// Where the record at `at` would end, by its length field, if a whole record (at a position
+/// in `seqs`) starts there.
+fn whole_record_after(file: &File, at: u64, end: u64, seqs: &std::ops::Range<u64>) -> io::Result<Option<u64>> {
+    let mut len = [0u8; 4];
+    if end.saturating_sub(at) < 4 {
+        return Ok(None);
+    }
+    file.read_exact_at(&mut len, at)?;
+    let next = at + (HEADER as u64) + u64::from(u32::from_le_bytes(len));
+    if next <= at || end.saturating_sub(next) < MIN_RECORD as u64 {
+        return Ok(None);
+    }
+    let mut head = [0u8; HEADER + 8];
+    file.read_exact_at(&mut head, next)?;
+    let Some(total) = plausible(&head, seqs) else { return Ok(None) };
+    if next + total as u64 > end {
+        return Ok(None);
+    }
+    let mut record = vec![0u8; total];
+    file.read_exact_at(&mut record, next)?;
+    Ok(decode(&record).is_ok().then_some(next))
+}
+
 /// [`scan`] that steps over damaged ranges: when bytes are not a whole record and a whole record
 /// (at a later position, below `seqs_end`) follows, `damaged` is told and the scan goes on from
 /// there. The end says `bad` only when nothing whole follows the bad bytes (a torn tail, or
@@ -146,7 +169,14 @@ pub fn scan_skipping(
         })?;
         let Some(why) = scanned.bad else { return Ok((scanned, last)) };
         let from = last.map_or(seqs.start, |l| l.saturating_add(1));
-        match find_next_record(file, scanned.offset + 1, end, from..seqs.end)? {
+        // Damage inside a record (its length intact) ends where the record ends: look there
+        // first. That loses one record, and never reads a record-shaped body (a device's
+        // message can hold any bytes) as a record; only damage to a length needs the search.
+        let next = match whole_record_after(file, scanned.offset, end, &(from..seqs.end))? {
+            Some(at) => Some(at),
+            None => find_next_record(file, scanned.offset + 1, end, from..seqs.end)?,
+        };
+        match next {
             Some(next) => {
                 let mut head = [0u8; HEADER + 8];
                 file.read_exact_at(&mut head, next)?;
