@@ -199,16 +199,10 @@ fn serve_refuses_a_bad_size() {
     assert!(!d.exists(), "nothing was created");
 }
 
-/// `serve` on a data directory that lost its CA exits non-zero, naming the file and what to do,
-/// and makes no new CA.
-#[test]
-fn serve_stops_on_a_data_directory_missing_its_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = common::Server::start(dir.path());
-    server.kill9();
-    std::fs::remove_file(dir.path().join("ca.key")).unwrap();
+/// Runs `serve` on `dir`, which must stop by itself (a refused start); its status and stderr.
+fn serve_refused(dir: &std::path::Path) -> (std::process::ExitStatus, String) {
     let mut child = Command::new(common::BIN)
-        .args(["serve", "--data-dir", dir.path().to_str().unwrap(), "--mqtt-port", "0", "--https-port", "0"])
+        .args(["serve", "--data-dir", dir.to_str().unwrap(), "--mqtt-port", "0", "--https-port", "0"])
         .env_remove("FLEETGATE_DATA_DIR")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -221,15 +215,42 @@ fn serve_stops_on_a_data_directory_missing_its_ca() {
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            panic!("serve kept running on a data directory without its CA key");
+            let _ = child.wait();
+            panic!("serve kept running on a damaged data directory");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
+/// `serve` on a data directory that lost its CA exits non-zero, naming the file and what to do,
+/// and makes no new CA.
+#[test]
+fn serve_stops_on_a_data_directory_missing_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    common::Server::start(dir.path()).kill9();
+    std::fs::remove_file(dir.path().join("ca.key")).unwrap();
+    let (status, stderr) = serve_refused(dir.path());
     assert!(!status.success());
     assert!(stderr.contains("ca.key is missing") && stderr.contains("backup"), "{stderr}");
     assert!(!dir.path().join("ca.key").exists(), "no new CA");
+}
+
+/// The reproduction: killed, then the registry's -wal deleted (its changes never reached
+/// the database file): `serve` refuses instead of starting a new instance over the old one.
+#[test]
+fn serve_stops_on_a_registry_that_lost_its_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    common::Server::start(dir.path()).kill9();
+    let instance = std::fs::read(dir.path().join("instance.json")).unwrap();
+    std::fs::remove_file(dir.path().join("fleetgate.db-wal")).unwrap();
+    let _ = std::fs::remove_file(dir.path().join("fleetgate.db-shm"));
+    let (status, stderr) = serve_refused(dir.path());
+    assert!(!status.success());
+    assert!(stderr.contains("fleetgate.db has no instance settings"), "{stderr}");
+    assert_eq!(std::fs::read(dir.path().join("instance.json")).unwrap(), instance, "instance.json kept");
 }
 
 /// `fleetgate events repair` refuses while the log is owned (a running server), copies the intact

@@ -290,7 +290,9 @@ impl EventLog {
         if self.options.reserve_bytes == 0 {
             return Ok(());
         }
-        let free = disk::space(&self.dir)?.free;
+        // Not knowing is no reason to refuse: a write to a full disk fails by itself.
+        let Ok(space) = disk::space(&self.dir) else { return Ok(()) };
+        let free = space.free;
         let low = free < self.options.reserve_bytes;
         if low != w.refusing {
             w.refusing = low;

@@ -97,8 +97,10 @@ fn repair_segment(dir: &Path, path: &Path, seqs: std::ops::Range<u64>) -> Result
     }
     fresh.sync_all()?;
     drop(fresh);
+    // The original gets its second name before the clean copy replaces it (atomically): a crash
+    // in between leaves the original in place and a repair to run again, never a missing segment.
     let damaged_copy = free_name(dir, &format!("{name}.damaged"));
-    std::fs::rename(path, &damaged_copy)?;
+    std::fs::hard_link(path, &damaged_copy)?;
     std::fs::rename(&fresh_path, path)?;
     sync_dir(dir)?;
     let tail = end.bad.map(|_| (end.offset, len));
