@@ -170,13 +170,29 @@ fn stored_id_scope(dir: &Path) -> Result<String, DataDirError> {
     }
 }
 
-/// A data directory with a CA but no `instance.json`: its registry must still have an ID scope.
-fn check_registry_of_ca(dir: &Path) -> Result<(), DataDirError> {
+/// What shows that an instance was made here even without `instance.json`: the CA (made after
+/// the ID scope is stored) or telemetry (the log is opened only once a start has finished).
+/// Neither exists after a first start cut short before its ID scope was stored.
+fn earlier_instance(dir: &Path) -> Option<&'static str> {
+    if dir.join("ca.pem").exists() && dir.join("ca.key").exists() {
+        return Some("the CA devices trust (ca.pem, ca.key)");
+    }
+    let has_segments = std::fs::read_dir(dir.join("events")).ok().is_some_and(|entries| {
+        entries.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".events"))
+    });
+    has_segments.then_some("the telemetry log (events/)")
+}
+
+/// A data directory without `instance.json` that shows an earlier instance: its registry must
+/// still have an ID scope.
+fn check_registry_of_earlier_instance(dir: &Path, evidence: &str) -> Result<(), DataDirError> {
     match stored_id_scope(dir) {
         Err(DataDirError::Damaged { file, problem, .. }) => Err(DataDirError::Damaged {
             dir: dir.to_owned(),
             file,
-            problem: format!("{problem}, while the CA devices trust (ca.pem, ca.key) exists"),
+            problem: format!(
+                "{problem}, while {evidence} of an earlier instance exists (instance.json is missing too)"
+            ),
         }),
         other => other.map(|_| ()),
     }
@@ -236,10 +252,10 @@ impl DataDir {
         // Before anything is opened: opening would create what is missing.
         if path.join("instance.json").exists() {
             check_initialized(&path)?;
-        } else if path.join("ca.pem").exists() && path.join("ca.key").exists() {
-            // instance.json is gone too, but the CA is made after the ID scope is stored: a
-            // registry without one next to a CA was emptied, not a first start cut short.
-            check_registry_of_ca(&path)?;
+        } else if let Some(evidence) = earlier_instance(&path) {
+            // instance.json is gone too, but a registry without an ID scope next to a CA or
+            // telemetry was emptied: not a first start cut short.
+            check_registry_of_earlier_instance(&path, evidence)?;
         }
         // The database holds keys: SqliteStore creates it owner-only (and SQLite gives its
         // -wal/-shm the same mode).

@@ -112,6 +112,10 @@ async fn every_file_is_owner_only() {
 async fn an_initialized_directory_missing_a_piece_refuses_to_start() {
     let mut s = TestServer::start().await;
     s.create_group("g", serde_json::json!({})).await;
+    let key = s.create_device("dev-1").await;
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 1, b"t").await;
+    assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
     let scope = s.scope();
     s.stop().await;
     let dir = s.dir.path().to_owned();
@@ -174,6 +178,13 @@ async fn an_initialized_directory_missing_a_piece_refuses_to_start() {
     let err = refused("no instance.json, emptied registry").await;
     assert!(err.contains("fleetgate.db is empty") && err.contains("CA"), "{err}");
     assert!(!dir.join("instance.json").exists());
+
+    // ... and with the CA gone as well, the telemetry log still shows the earlier instance.
+    let ca_bytes = (read("ca.pem"), read("ca.key"));
+    std::fs::remove_file(dir.join("ca.pem")).unwrap();
+    let err = refused("no instance.json, no CA, emptied registry, telemetry kept").await;
+    assert!(err.contains("fleetgate.db is empty") && err.contains("events/"), "{err}");
+    std::fs::write(dir.join("ca.pem"), &ca_bytes.0).unwrap();
 
     // Everything put back: the same instance, its group still there.
     std::fs::write(dir.join("fleetgate.db"), &db).unwrap();
