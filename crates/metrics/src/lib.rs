@@ -156,4 +156,21 @@ mod tests {
         assert!(text.contains("fleetgate_connections{listener=\"mqtt\"} 0"));
         assert!(text.contains("# EOF"));
     }
+
+    #[test]
+    fn renders_the_storage_metrics() {
+        METRICS.segment_dropped("size");
+        METRICS.disk_reserve_refusal("telemetry");
+        METRICS.event_log_damaged_ranges.inc();
+        let text = METRICS.render();
+        for name in [
+            "fleetgate_event_log_dropped_segments_total{reason=\"size\"}",
+            "fleetgate_disk_reserve_refusals_total{kind=\"telemetry\"}",
+            "fleetgate_event_log_damaged_ranges_total",
+            "fleetgate_event_log_damaged_bytes_total",
+            "fleetgate_event_log_bytes",
+        ] {
+            assert!(text.contains(name), "{name}: {text}");
+        }
+    }
 }
