@@ -59,6 +59,9 @@ pub enum ErrorCode {
     QueueDepthExceeded,
     /// 413001 (IoT Hub): the message is larger than the hub accepts.
     MessageTooLarge,
+    /// 503000: the service cannot take the change now (its disk is below the free-space
+    /// reserve); nothing was changed, and the same request can succeed later.
+    ServiceUnavailable,
 }
 
 impl ErrorCode {
@@ -88,6 +91,7 @@ impl ErrorCode {
             ErrorCode::GatewayTimeout => 504101,
             ErrorCode::QueueDepthExceeded => 403004,
             ErrorCode::MessageTooLarge => 413001,
+            ErrorCode::ServiceUnavailable => 503000,
         }
     }
 
@@ -117,6 +121,12 @@ impl DpsError {
     }
     pub fn internal() -> Self {
         Self::new(ErrorCode::Internal, "Internal server error; the request was not applied.")
+    }
+    pub fn unavailable() -> Self {
+        Self::new(
+            ErrorCode::ServiceUnavailable,
+            "The service cannot take changes now; retry later. Nothing was applied.",
+        )
     }
     pub fn status(&self) -> u16 {
         self.code.status()
@@ -153,6 +163,7 @@ mod tests {
             ErrorCode::PreconditionFailed,
             ErrorCode::Throttled,
             ErrorCode::Internal,
+            ErrorCode::ServiceUnavailable,
         ] {
             assert_eq!(c.code() / 1000, c.status() as u32);
         }

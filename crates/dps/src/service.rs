@@ -95,6 +95,10 @@ pub(crate) fn store_err(e: StoreError) -> DpsError {
             tracing::error!(error = %msg, "store failure");
             DpsError::internal()
         }
+        StoreError::Unavailable(msg) => {
+            tracing::warn!(error = %msg, "store refused a change (retryable)");
+            DpsError::unavailable()
+        }
     }
 }
 
