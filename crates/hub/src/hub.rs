@@ -732,6 +732,12 @@ impl Hub {
         Ok(dev)
     }
 
+    /// Ends the device's live connection on `hub`, if any: its identity was changed outside the
+    /// hub's service API (DPS re-provisioning gave it other credentials or moved it away).
+    pub fn close_session(&self, hub: &str, device_id: &str) {
+        self.sessions.close(hub, device_id);
+    }
+
     pub async fn delete_device(&self, hub: &str, device_id: &str, if_match: Option<String>) -> Result<(), DpsError> {
         let id = device_id.to_owned();
         self.store
