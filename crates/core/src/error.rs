@@ -47,6 +47,8 @@ pub enum ErrorCode {
     Throttled,
     /// 500000: an internal error; nothing was changed.
     Internal,
+    /// 503000: the service cannot check or do this now (its storage failed); retry later.
+    ServiceUnavailable,
     /// 404001 (IoT Hub): no device with that id in the hub's registry.
     DeviceNotFound,
     /// 409001 (IoT Hub): a device with that id already exists.
@@ -82,6 +84,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => 415000,
             ErrorCode::Throttled => 429001,
             ErrorCode::Internal => 500000,
+            ErrorCode::ServiceUnavailable => 503000,
             ErrorCode::DeviceNotFound => 404001,
             ErrorCode::DeviceAlreadyExists => 409001,
             ErrorCode::DeviceNotOnline => 404103,
@@ -117,6 +120,10 @@ impl DpsError {
     }
     pub fn internal() -> Self {
         Self::new(ErrorCode::Internal, "Internal server error; the request was not applied.")
+    }
+    /// A fault on our side (storage) that a retry may not meet: every SDK retries a 503.
+    pub fn unavailable() -> Self {
+        Self::new(ErrorCode::ServiceUnavailable, "The service is temporarily unavailable; retry later.")
     }
     pub fn status(&self) -> u16 {
         self.code.status()

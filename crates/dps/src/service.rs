@@ -91,9 +91,11 @@ pub struct Provisioning {
 pub(crate) fn store_err(e: StoreError) -> DpsError {
     match e {
         StoreError::Rejected(d) => d,
+        // The store could not answer: "retry later" (every SDK retries a 503), never an answer
+        // that reads as the device's or the caller's fault.
         StoreError::Backend(msg) => {
             tracing::error!(error = %msg, "store failure");
-            DpsError::internal()
+            DpsError::unavailable()
         }
     }
 }
@@ -104,6 +106,13 @@ pub(crate) fn unix_now() -> i64 {
 
 impl Provisioning {
     pub fn new(store: Arc<dyn Store>, config: ProvisioningConfig) -> Arc<Self> {
+        let audit = AuditLog::start(store.clone());
+        Self::with_audit(store, config, audit)
+    }
+
+    /// [`Provisioning::new`] recording into `audit`, which the server shares with the hub so
+    /// that refusals are counted per source whichever service refused them.
+    pub fn with_audit(store: Arc<dyn Store>, config: ProvisioningConfig, audit: AuditLog) -> Arc<Self> {
         let http = reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(config.webhook_timeout)
@@ -111,7 +120,6 @@ impl Provisioning {
             .build()
             .expect("an HTTP client with default TLS settings builds");
         let throttle = config.registration_rate.map(|r| Mutex::new(TokenBucket::new(r, 0.0)));
-        let audit = AuditLog::start(store.clone());
         Arc::new_cyclic(|me| Self {
             audit,
             store,

@@ -45,6 +45,7 @@ async fn authorize(State(dps): State<Arc<Provisioning>>, req: Request, next: Nex
     let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let needed = required_rights(req.method(), req.uri().path());
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let source = fleetgate_rest::client_ip(&req);
     match dps.authorize_service(auth, needed).await {
         Ok(policy) => {
             let resp = next.run(req).await;
@@ -57,10 +58,12 @@ async fn authorize(State(dps): State<Arc<Provisioning>>, req: Request, next: Nex
             }
             resp
         }
-        Err(e) => {
-            dps.audit().record(service_entry(&method, &path, "(unauthenticated)", 401).reason("SAS token refused"));
+        Err(e) if e.status() == 401 => {
+            let refusal = service_entry(&method, &path, "(unauthenticated)", 401).reason("SAS token refused");
+            dps.audit().refused(source, refusal);
             ApiError(e).into_response()
         }
+        Err(e) => ApiError(e).into_response(),
     }
 }
 

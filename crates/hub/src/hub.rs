@@ -84,6 +84,17 @@ pub enum ConnectRefusal {
     Disabled,
 }
 
+/// What checking a device's CONNECT found: three ways, because the check can fail for two
+/// reasons, and a store outage must not read as a wrong key (the SDKs give up on "not
+/// authorized" for good, and retry "server unavailable").
+#[derive(Debug, Clone)]
+pub enum Authentication {
+    Identified(HubDevice),
+    Refused(ConnectRefusal),
+    /// The store could not be read: nothing is known about the device; it should retry.
+    CouldNotCheck,
+}
+
 type MethodWaiter = oneshot::Sender<(i32, Value)>;
 
 pub struct Hub {
@@ -127,8 +138,14 @@ pub fn twin_etag(twin: &Twin) -> String {
 
 impl Hub {
     pub fn new(store: Arc<dyn Store>, config: HubConfig) -> Self {
-        let events = EventWriter::start(store.clone());
         let audit = fleetgate_store::AuditLog::start(store.clone());
+        Self::with_audit(store, config, audit)
+    }
+
+    /// [`Hub::new`] recording into `audit`, which the server shares with the provisioning
+    /// service so that refusals are counted per source whichever service refused them.
+    pub fn with_audit(store: Arc<dyn Store>, config: HubConfig, audit: fleetgate_store::AuditLog) -> Self {
+        let events = EventWriter::start(store.clone());
         Self {
             store,
             config,
@@ -180,6 +197,11 @@ impl Hub {
         &self.config
     }
 
+    /// Whether telemetry can be taken: `false` while the event log's last append failed.
+    pub fn telemetry_healthy(&self) -> bool {
+        self.events.healthy()
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -195,44 +217,61 @@ impl Hub {
 
     /// Checks a device's CONNECT: its SAS token for `{hub}/devices/{id}` signed with one of the
     /// device's keys, or, for an X.509 identity, the client certificate chain of its TLS
-    /// connection (see [`DeviceIdentity::check_certificate`]). Reasons are logged, never sent.
+    /// connection (see [`DeviceIdentity::check_certificate`]). Reasons are recorded, never sent;
+    /// refusals are counted per `source` address (see [`fleetgate_store::AuditLog::refused`]).
     pub async fn authenticate(
         &self,
         host: &str,
         device_id: &str,
         password: Option<&str>,
         certificates: Option<&CertificateChain>,
-    ) -> Result<HubDevice, ConnectRefusal> {
+        source: Option<std::net::IpAddr>,
+    ) -> Authentication {
         let refuse = |r: ConnectRefusal| {
-            tracing::info!(hub = %host, device = %device_id.chars().take(140).collect::<String>(), reason = ?r, "hub connection refused");
             use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
-            self.audit.record(
+            tracing::debug!(hub = %host, device = %device_id.chars().take(140).collect::<String>(), reason = ?r, "hub connection refused");
+            self.audit.refused(
+                source,
                 AuditEntry::new(AuditCategory::DeviceOperations, "connect", device_id, Outcome::Failure)
                     .target(host)
                     .reason(format!("{r:?}")),
             );
-            r
+            Authentication::Refused(r)
+        };
+        let could_not_check = |e: &dyn std::fmt::Display| {
+            tracing::warn!(hub = %host, error = %e, "device connection could not be checked (store failure)");
+            Authentication::CouldNotCheck
         };
         let hub = match self.hub_named(host).await {
             Ok(Some(h)) => h,
-            _ => return Err(refuse(ConnectRefusal::UnknownHub)),
+            Ok(None) => return refuse(ConnectRefusal::UnknownHub),
+            Err(e) => return could_not_check(&e),
         };
-        let Ok(Some(device)) = self.store.device(&hub.host_name, device_id).await else {
-            return Err(refuse(ConnectRefusal::UnknownDevice));
+        let device = match self.store.device(&hub.host_name, device_id).await {
+            Ok(Some(d)) => d,
+            Ok(None) => return refuse(ConnectRefusal::UnknownDevice),
+            Err(e) => return could_not_check(&e),
         };
         if device.authentication_type != AuthenticationType::Sas {
-            let fallback = if device.ca_certificates.is_empty() { self.group_cas().await } else { Vec::new() };
+            let fallback = if device.ca_certificates.is_empty() {
+                match self.group_cas().await {
+                    Ok(cas) => cas,
+                    Err(e) => return could_not_check(&e),
+                }
+            } else {
+                Vec::new()
+            };
             if let Err(why) = device.check_certificate(certificates, &fallback, Timestamp::now().unix_seconds()) {
-                tracing::info!(hub = %host, device = %device.device_id, reason = %why, "X.509 device certificate refused");
-                return Err(refuse(ConnectRefusal::BadCredentials));
+                tracing::debug!(hub = %host, device = %device.device_id, reason = %why, "X.509 device certificate refused");
+                return refuse(ConnectRefusal::BadCredentials);
             }
             if device.status == DeviceStatus::Disabled {
-                return Err(refuse(ConnectRefusal::Disabled));
+                return refuse(ConnectRefusal::Disabled);
             }
-            return Ok(self.connected_device(hub.host_name, device.device_id));
+            return Authentication::Identified(self.connected_device(hub.host_name, device.device_id));
         }
         let Some(token) = password.and_then(|p| SasToken::parse(p).ok()) else {
-            return Err(refuse(ConnectRefusal::BadCredentials));
+            return refuse(ConnectRefusal::BadCredentials);
         };
         let expected = format!("{}/devices/{}", hub.host_name, device_id);
         let resource_ok = token.resource.trim_end_matches('/').eq_ignore_ascii_case(&expected);
@@ -243,12 +282,12 @@ impl Hub {
             .filter(|k| !k.as_bytes().is_empty())
             .any(|k| token.signed_with(&k));
         if !(resource_ok && fresh && signed) {
-            return Err(refuse(ConnectRefusal::BadCredentials));
+            return refuse(ConnectRefusal::BadCredentials);
         }
         if device.status == DeviceStatus::Disabled {
-            return Err(refuse(ConnectRefusal::Disabled));
+            return refuse(ConnectRefusal::Disabled);
         }
-        Ok(self.connected_device(hub.host_name, device.device_id))
+        Authentication::Identified(self.connected_device(hub.host_name, device.device_id))
     }
 
     fn connected_device(&self, hub: String, device_id: String) -> HubDevice {
@@ -265,9 +304,9 @@ impl Hub {
     /// The CA certificates a `certificateAuthority` identity created through the service API
     /// (with no CA certificates of its own) is checked against: those of the instance's X.509
     /// enrollment groups, the CAs this deployment has verified.
-    async fn group_cas(&self) -> Vec<Certificate> {
-        let groups = self.store.groups().await.unwrap_or_default();
-        groups
+    async fn group_cas(&self) -> Result<Vec<Certificate>, StoreError> {
+        let groups = self.store.groups().await?;
+        Ok(groups
             .iter()
             .filter_map(|g| match g.settings.x509_trust() {
                 Some(fleetgate_core::enrollment::X509Trust::CertificateAuthority(cas)) => Some(cas),
@@ -275,7 +314,7 @@ impl Hub {
             })
             .flatten()
             .flatten()
-            .collect()
+            .collect())
     }
 
     /// Marks the device connected; the returned handle receives what the service sends it.

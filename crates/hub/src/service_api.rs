@@ -48,10 +48,16 @@ pub fn router(hub: Arc<Hub>) -> Router {
 
 /// SAS with the hub's `iothubowner` key; the host in `sr` (any port) picks the hub.
 async fn authorize(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    // Every refusal is in the audit trail, counted per source address (a flood of them is one
+    // entry and one summary, not one row and one log line each).
+    let source = fleetgate_rest::client_ip(&req);
     let refuse = |why: &str| {
-        tracing::info!(reason = why, "hub service API request refused");
+        hub.audit().refused(source, service_entry(&method, &path, "(unauthenticated)", 401).reason(why));
         ApiError(DpsError::unauthorized()).into_response()
     };
+    // The store could not be read: "retry later", not "unauthorized".
+    let unavailable = || ApiError(DpsError::unavailable()).into_response();
     let Some(token) =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|t| SasToken::parse(t).ok())
     else {
@@ -61,18 +67,18 @@ async fn authorize(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) ->
         return refuse("token expired");
     }
     let host = fleetgate_rest::token_host(&token.resource);
-    let Ok(Some(linked)) = hub.hub_named(host).await else { return refuse("token names no hub of this instance") };
+    let linked = match hub.hub_named(host).await {
+        Ok(Some(linked)) => linked,
+        Ok(None) => return refuse("token names no hub of this instance"),
+        Err(_) => return unavailable(),
+    };
     let Ok(policies) = hub.store().policies(&format!("hub:{}", linked.host_name.to_ascii_lowercase())).await else {
-        return refuse("hub policies unreadable");
+        return unavailable();
     };
     let needed = required_rights(req.method(), req.uri().path());
-    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let name = match policy::authorize(&policies, &token, needed) {
         Ok(p) => p.key_name.clone(),
-        Err(e) => {
-            hub.audit().record(service_entry(&method, &path, "(unauthenticated)", 401).reason(e.to_string()));
-            return refuse(&e.to_string());
-        }
+        Err(e) => return refuse(&e.to_string()),
     };
     req.extensions_mut().insert(TargetHub(linked.host_name));
     let resp = next.run(req).await;

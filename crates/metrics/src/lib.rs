@@ -25,8 +25,11 @@ pub struct Metrics {
     pub hub_sessions: Gauge,
     /// Device-to-cloud messages durably appended.
     pub messages: Counter,
-    /// Requests slowed or refused by a quota: registration, connect, message.
+    /// Requests slowed or refused by a quota: registration, connect, message, auth_failures (a
+    /// source turned away after too many refused authentications).
     pub throttled: Family<Labels, Counter>,
+    /// Refused authentications (every one, including those only counted in the audit trail).
+    pub auth_refusals: Counter,
     registry: Registry,
 }
 
@@ -37,6 +40,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let hub_sessions = Gauge::default();
     let messages = Counter::default();
     let throttled = Family::<Labels, Counter>::default();
+    let auth_refusals = Counter::default();
     let mut registry = Registry::with_prefix("fleetgate");
     registry.register("registrations", "Device registrations by outcome", registrations.clone());
     registry.register("registration_seconds", "Time to decide a registration", registration_seconds.clone());
@@ -44,7 +48,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry.register("hub_sessions", "Devices connected to a hub", hub_sessions.clone());
     registry.register("messages", "Device-to-cloud messages durably appended", messages.clone());
     registry.register("throttled", "Requests slowed or refused by a quota", throttled.clone());
-    Metrics { registrations, registration_seconds, connections, hub_sessions, messages, throttled, registry }
+    registry.register("auth_refusals", "Refused authentications", auth_refusals.clone());
+    Metrics {
+        registrations,
+        registration_seconds,
+        connections,
+        hub_sessions,
+        messages,
+        throttled,
+        auth_refusals,
+        registry,
+    }
 });
 
 impl Metrics {
@@ -54,6 +68,10 @@ impl Metrics {
 
     pub fn throttle(&self, kind: &str) {
         self.throttled.get_or_create(&vec![("kind", kind.to_owned())]).inc();
+    }
+
+    pub fn auth_refused(&self) {
+        self.auth_refusals.inc();
     }
 
     /// Counts a connection open until the guard drops.

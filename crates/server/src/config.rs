@@ -1,6 +1,6 @@
 //! Server configuration: what `fleetgate serve` takes from flags and the environment.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,6 +31,18 @@ pub struct ServerConfig {
     pub cert_check_interval: Duration,
     /// How long device-to-cloud messages are kept in the event stream.
     pub event_retention: Duration,
+
+    // Audit trail, refused authentications, readiness and metrics (issue 12, storage faults).
+    /// The audit trail's retention and row cap, and how refused authentications are counted
+    /// and limited per source address.
+    pub audit: fleetgate_store::AuditOptions,
+    /// A plain-HTTP listener that serves `/metrics` without credentials, for a Prometheus on a
+    /// private network. `/metrics` on the HTTPS port always needs a DPS policy's token.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Tests: makes the store fail on demand (the server then runs on a [`FaultyStore`]).
+    ///
+    /// [`FaultyStore`]: fleetgate_store::FaultyStore
+    pub faults: Option<fleetgate_store::Faults>,
 }
 
 impl ServerConfig {
@@ -51,6 +63,9 @@ impl ServerConfig {
             tls_key: None,
             cert_check_interval: Duration::from_secs(5),
             event_retention: Duration::from_secs(24 * 3600),
+            audit: fleetgate_store::AuditOptions::default(),
+            metrics_listen: None,
+            faults: None,
         }
     }
 }

@@ -78,6 +78,7 @@ async fn upgrade(
     State(st): State<WsState>,
     permit: Option<Extension<ConnectionPermit>>,
     peer: Option<Extension<CertificateChain>>,
+    source: Option<Extension<fleetgate_rest::ClientAddr>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
@@ -100,8 +101,10 @@ async fn upgrade(
             let _permit = permit;
             // The HTTPS connection's client certificate chain, if the device presented one.
             let peer = peer.map(|Extension(c)| c);
+            let source = source.map(|Extension(a)| a.0.ip());
+            let stream = WsStream::new(socket);
             if let Err(e) =
-                crate::mqtt::serve_stream(WsStream::new(socket), peer, st.dps, st.hub, st.limits, st.shutdown).await
+                crate::mqtt::serve_stream(stream, peer, source, st.dps, st.hub, st.limits, st.shutdown).await
             {
                 tracing::debug!(error = %e, "MQTT over WebSocket ended with an error");
             }

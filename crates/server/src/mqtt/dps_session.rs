@@ -4,13 +4,15 @@
 //! Order matters to the SDKs: SUBACK right after SUBSCRIBE and PUBACK for a request *before* its
 //! response (C# fails otherwise); CONNACK never claims a stored session (C# aborts).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fleetgate_core::throttle::retry_after_secs;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::x509::CertificateChain;
-use fleetgate_core::DpsError;
+use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_dps::answer::{self, Answer};
 use fleetgate_dps::mqtt::{
     parse_request_topic, register_payload, response_topic, DpsRequest, DpsUsername, TopicError, RESPONSE_FILTER,
@@ -34,8 +36,12 @@ struct Session<S> {
     conn: Connection<S>,
     dps: Arc<Provisioning>,
     /// The device's authentication result, decided once at CONNECT; a failure is reported on the
-    /// first request (as a 401 body the SDKs surface) rather than as a refused CONNACK.
+    /// first request (as a 401 body the SDKs surface) rather than as a refused CONNACK. A check
+    /// that could not be made is a 503, and a source turned away a 429: the SDKs retry both.
     auth: Result<DeviceAuth, DpsError>,
+    /// The retry hint for `auth`'s error when it is not the usual one (a turned-away source is
+    /// told when its backoff ends).
+    auth_retry_after: Option<u32>,
     registration_id: String,
     next_packet_id: u16,
     failed_requests: u32,
@@ -47,6 +53,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     connect: Connect,
     user: DpsUsername,
     peer: Option<CertificateChain>,
+    source: Option<IpAddr>,
     dps: Arc<Provisioning>,
     limits: Arc<Limits>,
     mut shutdown: watch::Receiver<bool>,
@@ -59,7 +66,18 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
     // X.509 devices send no password: their TLS client certificate chain attests instead.
-    let auth = Box::pin(dps.authenticate(&user.id_scope, &user.registration_id, password, peer.as_ref())).await;
+    // A source that failed authentication too often is not checked at all until its backoff
+    // ends; its requests are answered 429 with the time left.
+    let (auth, auth_retry_after) = match dps.audit().admit(source) {
+        Ok(()) => {
+            let checked = dps.authenticate(&user.id_scope, &user.registration_id, password, peer.as_ref(), source);
+            (Box::pin(checked).await, None)
+        }
+        Err(wait) => (
+            Err(DpsError::new(ErrorCode::Throttled, "Too many failed authentications from this address; retry later.")),
+            Some(retry_after_secs(wait)),
+        ),
+    };
     conn.set_max_packet(limits.max_dps_packet_bytes);
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
 
@@ -73,6 +91,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         conn,
         dps,
         auth,
+        auth_retry_after,
         registration_id: user.registration_id,
         next_packet_id: 0,
         failed_requests: 0,
@@ -182,10 +201,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(self.failed_requests < self.limits.max_failed_requests)
     }
 
+    /// The answer to any request of a session whose CONNECT was not let in.
+    fn auth_error(&self, e: &DpsError) -> (u16, Option<u32>, Value) {
+        let (status, retry_after, body) = error(e);
+        (status, self.auth_retry_after.or(retry_after), body)
+    }
+
     async fn register(&mut self, payload: &Bytes) -> (u16, Option<u32>, Value) {
         let auth = match &self.auth {
             Ok(a) => a.clone(),
-            Err(e) => return error(e),
+            Err(e) => return self.auth_error(e),
         };
         let payload = match register_payload(payload) {
             Ok(p) => p,
@@ -197,7 +222,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn operation_status(&mut self, operation_id: &str) -> (u16, Option<u32>, Value) {
         let auth = match &self.auth {
             Ok(a) => a.clone(),
-            Err(e) => return error(e),
+            Err(e) => return self.auth_error(e),
         };
         answered(answer::operation_status(&self.dps, &auth, operation_id).await)
     }
