@@ -140,7 +140,8 @@ impl Provisioning {
         let now = self.started.elapsed().as_secs_f64();
         let admitted = bucket.lock().unwrap_or_else(|p| p.into_inner()).try_take(now);
         admitted.map_err(|_| {
-            tracing::info!("registration throttled");
+            // Debug: counted in the throttled metric; a line per refused request would be a flood.
+            tracing::debug!("registration throttled");
             DpsError::new(ErrorCode::Throttled, "Too many registrations for this ID scope; retry later.")
         })
     }

@@ -173,7 +173,8 @@ impl Hub {
             Some(rate) => {
                 let ok = self.take(hub, "connect", rate).is_ok();
                 if !ok {
-                    tracing::info!(hub = %hub, "device connect throttled");
+                    // Debug: counted in the throttled metric; a line per refused connect would be a flood.
+                    tracing::debug!(hub = %hub, "device connect throttled");
                     fleetgate_metrics::METRICS.throttle("connect");
                 }
                 ok

@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 use crate::config::Limits;
+use crate::log_limit::info_limited;
 
 /// The WebSocket subprotocols MQTT clients offer; whichever was offered is echoed.
 pub const SUBPROTOCOLS: [&str; 2] = ["mqtt", "MQTT"];
@@ -90,7 +91,7 @@ async fn upgrade(
     };
     let ws = ws.protocols(SUBPROTOCOLS);
     if ws.selected_protocol().is_none() {
-        tracing::info!("refused WebSocket upgrade: the client did not offer the mqtt subprotocol");
+        info_limited!("refused WebSocket upgrade: the client did not offer the mqtt subprotocol");
         return bad_request("MQTT over WebSockets requires the WebSocket subprotocol 'mqtt'.");
     }
     let max = max_message_bytes(&st.limits, &st.hub);

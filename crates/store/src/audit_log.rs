@@ -104,7 +104,7 @@ impl AuditLog {
             started: Instant::now(),
         };
         tokio::spawn(summarize(log.clone(), options.refusals.window));
-        tokio::spawn(prune(store, options, log.tx.downgrade()));
+        tokio::spawn(prune(Arc::downgrade(&store), options, log.tx.downgrade()));
         log
     }
 
@@ -202,15 +202,14 @@ async fn summarize(log: AuditLog, window: Duration) {
     }
 }
 
-/// Applies the retention period and the row cap now and then; stops with the log.
-async fn prune(store: Arc<dyn Store>, options: AuditOptions, alive: mpsc::WeakSender<AuditEntry>) {
+/// Applies the retention period and the row cap now and then; stops with the log. Holds the
+/// store only while pruning: a stopped server's store must close (a restarted one reopens it).
+async fn prune(store: std::sync::Weak<dyn Store>, options: AuditOptions, alive: mpsc::WeakSender<AuditEntry>) {
     let mut tick = tokio::time::interval(options.prune_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if alive.upgrade().is_none() {
-            return;
-        }
+        let (Some(store), Some(_)) = (store.upgrade(), alive.upgrade()) else { return };
         let cutoff = Timestamp::from_unix_seconds(
             Timestamp::now()
                 .unix_seconds()

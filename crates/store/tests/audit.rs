@@ -95,6 +95,7 @@ async fn refusals_from_one_source_are_one_entry_and_one_summary() {
         window: Duration::from_millis(300),
         max_failures: 0,
         backoff: Duration::from_secs(1),
+        recorded: 1,
         max_sources: 100,
     };
     let log = AuditLog::start_with(store.clone(), AuditOptions { refusals, ..AuditOptions::default() });
@@ -122,12 +123,7 @@ async fn refusals_from_one_source_are_one_entry_and_one_summary() {
 async fn a_source_with_too_many_refusals_is_turned_away_for_the_backoff() {
     let dir = temp_dir();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.0.join("fleetgate.db")).unwrap());
-    let refusals = RefusalLimits {
-        window: Duration::from_secs(60),
-        max_failures: 3,
-        backoff: Duration::from_secs(30),
-        max_sources: 100,
-    };
+    let refusals = RefusalLimits { max_failures: 3, backoff: Duration::from_secs(30), ..RefusalLimits::default() };
     let log = AuditLog::start_with(store, AuditOptions { refusals, ..AuditOptions::default() });
     let (a, b) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
     for _ in 0..3 {

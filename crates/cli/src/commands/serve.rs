@@ -63,10 +63,13 @@ pub struct ServeArgs {
     audit_max_rows: u64,
     /// Refused authentications from one address (an IPv6 /64) within --auth-failure-window-secs
     /// after which it is answered 429 / CONNACK 3 without a credential check for
-    /// --auth-backoff-secs. 0 = never. Only its first refusal of a window is recorded in full,
-    /// the rest as one summary entry.
+    /// --auth-backoff-secs. 0 = never.
     #[arg(long, env = "FLEETGATE_AUTH_FAILURE_LIMIT", default_value_t = 100)]
     auth_failure_limit: u32,
+    /// Refusals per source address and window recorded in full in the audit trail (and logged);
+    /// the rest of the window's are counted into one summary entry.
+    #[arg(long, env = "FLEETGATE_AUTH_FAILURES_RECORDED", default_value_t = 10)]
+    auth_failures_recorded: u32,
     /// The window refusals are counted (and summarized) in, per source address.
     #[arg(long, env = "FLEETGATE_AUTH_FAILURE_WINDOW_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=86400))]
@@ -108,6 +111,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.audit.retention = std::time::Duration::from_secs(args.audit_retention_days * 24 * 3600);
     config.audit.max_rows = args.audit_max_rows;
     config.audit.refusals.max_failures = args.auth_failure_limit;
+    config.audit.refusals.recorded = args.auth_failures_recorded;
     config.audit.refusals.window = std::time::Duration::from_secs(args.auth_failure_window_secs);
     config.audit.refusals.backoff = std::time::Duration::from_secs(args.auth_backoff_secs);
     config.metrics_listen = args.metrics_listen;

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 
 use super::{printable, Connection, ConnectionError};
 use crate::config::Limits;
+use crate::log_limit::info_limited;
 
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
 const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);
@@ -60,7 +61,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), ConnectionError> {
     // The client id is the registration id in every SDK; a mismatch is a confused or hostile client.
     if !connect.client_id.is_empty() && !connect.client_id.eq_ignore_ascii_case(&user.registration_id) {
-        tracing::info!(client_id = %printable(&connect.client_id), registration_id = %printable(&user.registration_id), "refused DPS CONNECT: client id is not the registration id");
+        info_limited!(client_id = %printable(&connect.client_id), registration_id = %printable(&user.registration_id), "refused DPS CONNECT: client id is not the registration id");
         conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))).await?;
         return Ok(());
     }
@@ -135,7 +136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                                 QoS::AtLeastOnce
                             })
                         } else {
-                            tracing::info!(filter = %printable(&f.path), "refused DPS subscription");
+                            info_limited!(filter = %printable(&f.path), "refused DPS subscription");
                             SubscribeReasonCode::Failure
                         }
                     })
@@ -156,7 +157,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => Ok(true),
             Packet::Disconnect => Ok(false),
             other => {
-                tracing::info!(packet = ?std::mem::discriminant(&other), "unexpected packet in DPS session; closing");
+                info_limited!(packet = ?std::mem::discriminant(&other), "unexpected packet in DPS session; closing");
                 Ok(false)
             }
         }
@@ -164,18 +165,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn on_publish(&mut self, p: Publish) -> Result<bool, ConnectionError> {
         if p.qos == QoS::ExactlyOnce {
-            tracing::info!("QoS 2 publish refused; closing");
+            info_limited!("QoS 2 publish refused; closing");
             return Ok(false);
         }
         let request = match parse_request_topic(&p.topic) {
             Ok(r) => r,
             Err(TopicError::Unknown) => {
                 // Azure closes the connection on a topic it does not serve.
-                tracing::info!(topic = %printable(&p.topic), "publish to an unknown DPS topic; closing");
+                info_limited!(topic = %printable(&p.topic), "publish to an unknown DPS topic; closing");
                 return Ok(false);
             }
             Err(TopicError::MissingParameter(name)) => {
-                tracing::info!(topic = %printable(&p.topic), parameter = name, "DPS request without a required parameter; closing");
+                info_limited!(topic = %printable(&p.topic), parameter = name, "DPS request without a required parameter; closing");
                 return Ok(false);
             }
         };

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 
 use super::{printable, Connection, ConnectionError};
 use crate::config::Limits;
+use crate::log_limit::info_limited;
 
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
 const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);
@@ -89,12 +90,12 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Option<(Session<S>, SessionHandle, Duration)>, ConnectionError> {
     let refuse = |code| Packet::ConnAck(ConnAck::new(code, false));
     if user.module_id.is_some() {
-        tracing::info!("module identities are not supported yet; refusing");
+        info_limited!("module identities are not supported yet; refusing");
         conn.write_packet(refuse(ConnectReturnCode::NotAuthorized)).await?;
         return Ok(None);
     }
     if connect.client_id != user.device_id {
-        tracing::info!(client_id = %printable(&connect.client_id), "refused hub CONNECT: client id is not the device id");
+        info_limited!(client_id = %printable(&connect.client_id), "refused hub CONNECT: client id is not the device id");
         conn.write_packet(refuse(ConnectReturnCode::BadClientId)).await?;
         return Ok(None);
     }

@@ -24,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 pub use connection::{Connection, ConnectionError};
 
 use crate::config::Limits;
+use crate::log_limit::info_limited;
 
 /// Largest CONNECT we read before we know who the client is.
 const MAX_CONNECT_BYTES: usize = 8 * 1024;
@@ -136,7 +137,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(Some(Packet::Connect(c))) if c.protocol == Protocol::V4 => c,
         Ok(Some(Packet::Connect(_)))
         | Err(ConnectionError::Protocol(CodecError::InvalidProtocolLevel(_) | CodecError::InvalidProtocol)) => {
-            tracing::info!("refused MQTT CONNECT: protocol is not MQTT 3.1.1");
+            info_limited!("refused MQTT CONNECT: protocol is not MQTT 3.1.1");
             conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false))).await?;
             return Ok(None);
         }
@@ -150,7 +151,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(user) = HubUsername::parse(username) {
         return Ok(Some((conn, connect, Route::Hub(user))));
     }
-    tracing::info!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: neither a DPS nor a hub username");
+    info_limited!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: neither a DPS nor a hub username");
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))).await?;
     conn.shutdown().await;
     Ok(None)
