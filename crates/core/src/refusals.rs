@@ -109,7 +109,7 @@ impl Window {
     }
 
     fn summary(&self, source: Option<IpAddr>) -> Option<Summary> {
-        (self.unrecorded > 0).then(|| Summary {
+        (self.unrecorded > 0).then_some(Summary {
             source,
             category: self.category,
             unrecorded: self.unrecorded,

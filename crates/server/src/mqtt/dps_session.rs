@@ -49,6 +49,9 @@ struct Session<S> {
     limits: Arc<Limits>,
 }
 
+// What a session starts from: the connection, its CONNECT, who (username, certificate chain,
+// address) and the shared state; grouping them would only move the list.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut conn: Connection<S>,
     connect: Connect,

@@ -60,6 +60,9 @@ fn set_flag(flags: &fleetgate_hub::SessionFlags, sub: Subscription, on: bool) {
     }
 }
 
+// What a session starts from: the connection, its CONNECT, who (username, certificate chain,
+// address) and the shared state; grouping them would only move the list.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     conn: Connection<S>,
     connect: Connect,
