@@ -210,3 +210,30 @@ async fn dps_mqtt_refusals_count_per_source_too() {
     let (topic, _) = m.expect_publish().await;
     assert!(topic.starts_with("$dps/registrations/res/429/?$rid=1&retry-after="), "{topic}");
 }
+
+#[tokio::test]
+async fn readyz_is_503_with_a_registry_damaged_mid_file() {
+    let mut s = TestServer::start().await;
+    assert_eq!(readyz(&s).await, 200);
+    s.stop().await;
+    let path = s.dir.path().join("fleetgate.db");
+    {
+        let store = fleetgate_store::SqliteStore::open(&path).unwrap();
+        for i in 0..400 {
+            store.set_setting(&format!("filler.{i:04}"), &"x".repeat(900)).await.unwrap();
+        }
+    }
+    // The last connection to close checkpoints the write-ahead log into the file.
+    eventually("the WAL checkpointed", async || !path.with_extension("db-wal").exists()).await;
+    let len = std::fs::metadata(&path).unwrap().len();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(len / 2)).unwrap();
+        f.write_all(&vec![0xA5; 3 * 4096]).unwrap();
+        f.sync_all().unwrap();
+    }
+    // It starts (the pages it reads at start are intact), but is not ready.
+    s.server = Some(fleetgate_server::start(s.config.clone()).await.unwrap());
+    eventually("not ready with a damaged registry", async || readyz(&s).await == 503).await;
+}
