@@ -94,7 +94,7 @@ pub(crate) fn store_err(e: StoreError) -> DpsError {
         // The store could not answer: "retry later" (every SDK retries a 503), never an answer
         // that reads as the device's or the caller's fault.
         StoreError::Backend(msg) => {
-            tracing::error!(error = %msg, "store failure");
+            fleetgate_metrics::log_limited!(tracing::Level::ERROR, error = %msg, "store failure");
             DpsError::unavailable()
         }
     }

@@ -118,7 +118,7 @@ pub(crate) fn store_err(e: StoreError) -> DpsError {
     match e {
         StoreError::Rejected(d) => d,
         StoreError::Backend(msg) => {
-            tracing::error!(error = %msg, "store failure");
+            fleetgate_metrics::log_limited!(tracing::Level::ERROR, error = %msg, "store failure");
             DpsError::internal()
         }
     }
@@ -228,19 +228,21 @@ impl Hub {
         certificates: Option<&CertificateChain>,
         source: Option<std::net::IpAddr>,
     ) -> Authentication {
-        let refuse = |r: ConnectRefusal| {
+        let refuse_because = |r: ConnectRefusal, why: &str| {
             use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
             tracing::debug!(hub = %host, device = %device_id.chars().take(140).collect::<String>(), reason = ?r, "hub connection refused");
+            let reason = if why.is_empty() { format!("{r:?}") } else { format!("{r:?}: {why}") };
             self.audit.refused(
                 source,
                 AuditEntry::new(AuditCategory::DeviceOperations, "connect", device_id, Outcome::Failure)
                     .target(host)
-                    .reason(format!("{r:?}")),
+                    .reason(reason),
             );
             Authentication::Refused(r)
         };
+        let refuse = |r: ConnectRefusal| refuse_because(r, "");
         let could_not_check = |e: &dyn std::fmt::Display| {
-            tracing::warn!(hub = %host, error = %e, "device connection could not be checked (store failure)");
+            fleetgate_metrics::log_limited!(tracing::Level::WARN, hub = %host, error = %e, "device connection could not be checked (store failure)");
             Authentication::CouldNotCheck
         };
         let hub = match self.hub_named(host).await {
@@ -263,8 +265,7 @@ impl Hub {
                 Vec::new()
             };
             if let Err(why) = device.check_certificate(certificates, &fallback, Timestamp::now().unix_seconds()) {
-                tracing::debug!(hub = %host, device = %device.device_id, reason = %why, "X.509 device certificate refused");
-                return refuse(ConnectRefusal::BadCredentials);
+                return refuse_because(ConnectRefusal::BadCredentials, &format!("X.509: {why}"));
             }
             if device.status == DeviceStatus::Disabled {
                 return refuse(ConnectRefusal::Disabled);

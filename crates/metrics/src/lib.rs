@@ -3,6 +3,8 @@
 //! One process-wide set, so that any layer can count what it does without threading a handle
 //! through every constructor; the names follow Prometheus conventions.
 
+pub mod log_limit;
+
 use std::sync::LazyLock;
 
 use prometheus_client::encoding::text::encode;

@@ -9,7 +9,6 @@ pub mod config;
 pub mod datadir;
 pub mod https;
 mod listener;
-mod log_limit;
 pub mod mqtt;
 pub mod readiness;
 pub mod tls;

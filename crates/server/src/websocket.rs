@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 use crate::config::Limits;
-use crate::log_limit::info_limited;
+use fleetgate_metrics::info_limited;
 
 /// The WebSocket subprotocols MQTT clients offer; whichever was offered is echoed.
 pub const SUBPROTOCOLS: [&str; 2] = ["mqtt", "MQTT"];

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 
 use super::{printable, Connection, ConnectionError};
 use crate::config::Limits;
-use crate::log_limit::info_limited;
+use fleetgate_metrics::info_limited;
 
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
 const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);

@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 pub use connection::{Connection, ConnectionError};
 
 use crate::config::Limits;
-use crate::log_limit::info_limited;
+use fleetgate_metrics::info_limited;
 
 /// Largest CONNECT we read before we know who the client is.
 const MAX_CONNECT_BYTES: usize = 8 * 1024;

@@ -1,20 +1,22 @@
-//! Log lines a stranger can cause (a refused CONNECT, a bad topic) limited per call site: at most
-//! [`LINES_PER_MINUTE`] a minute from each; the rest are counted, and the count rides on the
-//! next line that gets through (`suppressed = N`). A flood then costs a few lines a minute
-//! instead of one per packet. Refused authentications go through the audit trail's own
-//! per-source counting instead (see [`fleetgate_store::AuditLog::refused`]).
+//! Log lines a stranger (or an outage) can cause once per request — a refused CONNECT, a bad
+//! topic, a store failure — limited per call site: at most [`LINES_PER_MINUTE`] a minute from
+//! each; the rest are counted, and the count rides on the next line that gets through
+//! (`suppressed = N`). A flood then costs a few lines a minute instead of one per packet.
+//! Refused authentications go through the audit trail's own per-source counting instead.
+//!
+//! Here, beside the metrics, because every layer logs: it is observability, process-wide.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::LazyLock;
 use std::time::Instant;
 
 /// Lines per call site and minute.
-pub(crate) const LINES_PER_MINUTE: u32 = 20;
+pub const LINES_PER_MINUTE: u32 = 20;
 
 static STARTED: LazyLock<Instant> = LazyLock::new(Instant::now);
 
-/// One call site's allowance (a `static` made by [`info_limited!`]).
-pub(crate) struct Limiter {
+/// One call site's allowance (a `static` made by [`log_limited!`](crate::log_limited)).
+pub struct Limiter {
     /// The minute (since the process started) the count is for.
     minute: AtomicU64,
     in_minute: AtomicU32,
@@ -22,12 +24,12 @@ pub(crate) struct Limiter {
 }
 
 impl Limiter {
-    pub(crate) const fn new() -> Self {
+    pub const fn new() -> Self {
         Self { minute: AtomicU64::new(0), in_minute: AtomicU32::new(0), suppressed: AtomicU64::new(0) }
     }
 
     /// `Some(lines suppressed since the last one logged)` if this line may be logged now.
-    pub(crate) fn admit(&self) -> Option<u64> {
+    pub fn admit(&self) -> Option<u64> {
         self.admit_at(STARTED.elapsed().as_secs() / 60)
     }
 
@@ -46,17 +48,25 @@ impl Limiter {
     }
 }
 
-/// `tracing::info!` limited to [`LINES_PER_MINUTE`] lines a minute at this call site; lines
-/// dropped since the last one are reported in its `suppressed` field.
-macro_rules! info_limited {
-    ($($arg:tt)+) => {{
+/// `tracing::event!` at `$level` limited to [`LINES_PER_MINUTE`] lines a minute at this call
+/// site; lines dropped since the last one are reported in its `suppressed` field.
+#[macro_export]
+macro_rules! log_limited {
+    ($level:expr, $($arg:tt)+) => {{
         static LIMITER: $crate::log_limit::Limiter = $crate::log_limit::Limiter::new();
         if let Some(suppressed) = LIMITER.admit() {
-            tracing::info!(suppressed, $($arg)+);
+            tracing::event!($level, suppressed, $($arg)+);
         }
     }};
 }
-pub(crate) use info_limited;
+
+/// [`log_limited!`](crate::log_limited) at `info`.
+#[macro_export]
+macro_rules! info_limited {
+    ($($arg:tt)+) => {
+        $crate::log_limited!(tracing::Level::INFO, $($arg)+)
+    };
+}
 
 #[cfg(test)]
 mod tests {
@@ -74,6 +84,6 @@ mod tests {
         // The next minute's first line carries the count.
         assert_eq!(l.admit_at(6), Some(100));
         assert_eq!(l.admit_at(6), Some(0));
-        info_limited!(reason = "a test", "the macro expands");
+        crate::info_limited!(reason = "a test", "the macro expands");
     }
 }
