@@ -23,6 +23,12 @@ pub struct Limiter {
     suppressed: AtomicU64,
 }
 
+impl Default for Limiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Limiter {
     pub const fn new() -> Self {
         Self { minute: AtomicU64::new(0), in_minute: AtomicU32::new(0), suppressed: AtomicU64::new(0) }
