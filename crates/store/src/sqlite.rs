@@ -921,33 +921,37 @@ impl Store for SqliteStore {
     }
 
     async fn prune_audit(&self, before: &str, max_rows: u64) -> StoreResult<u64> {
-        let before = before.to_owned();
-        // In chunks, each its own transaction: a large first prune never holds the file long.
-        const CHUNK: usize = 10_000;
-        self.with_audit_db(move |c| {
-            let mut deleted = 0u64;
-            let mut delete = |sql: &str, bound: &dyn rusqlite::ToSql| -> StoreResult<()> {
-                loop {
-                    let n = c.execute(sql, params![bound, CHUNK as i64]).map_err(backend)?;
-                    deleted += n as u64;
-                    if n < CHUNK {
-                        return Ok(());
-                    }
-                }
-            };
-            delete("DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE time < ?1 LIMIT ?2)", &before)?;
-            // Sequence numbers only grow, so the newest `max_rows` are those above this floor.
-            let newest: Option<i64> = c.query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0)).map_err(backend)?;
-            if let Some(newest) = newest {
-                let floor = newest.saturating_sub(i64::try_from(max_rows).unwrap_or(i64::MAX));
-                delete(
-                    "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE seq <= ?1 ORDER BY seq LIMIT ?2)",
-                    &floor,
-                )?;
+        // In chunks, each its own transaction and its own turn on the connection: a large first
+        // prune never holds the file (or the audit writer) for long.
+        const CHUNK: i64 = 10_000;
+        let chunk = |sql: &'static str, bound: rusqlite::types::Value| {
+            self.with_audit_db(move |c| c.execute(sql, params![bound, CHUNK]).map_err(backend))
+        };
+        let mut deleted = 0u64;
+        let by_time = "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE time < ?1 LIMIT ?2)";
+        loop {
+            let n = chunk(by_time, before.to_owned().into()).await?;
+            deleted += n as u64;
+            if (n as i64) < CHUNK {
+                break;
             }
-            Ok(deleted)
-        })
-        .await
+        }
+        // Sequence numbers only grow, so the newest `max_rows` are those above this floor.
+        let newest: Option<i64> = self
+            .with_audit_db(|c| c.query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0)).map_err(backend))
+            .await?;
+        if let Some(newest) = newest {
+            let floor = newest.saturating_sub(i64::try_from(max_rows).unwrap_or(i64::MAX));
+            let by_seq = "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE seq <= ?1 ORDER BY seq LIMIT ?2)";
+            loop {
+                let n = chunk(by_seq, floor.into()).await?;
+                deleted += n as u64;
+                if (n as i64) < CHUNK {
+                    break;
+                }
+            }
+        }
+        Ok(deleted)
     }
 
     async fn integrity_check(&self) -> StoreResult<()> {

@@ -171,3 +171,17 @@ async fn a_registry_damaged_mid_file_fails_its_integrity_check() {
     let found = store.integrity_check().await.unwrap_err();
     assert!(found.to_string().contains("integrity") || found.to_string().contains("malformed"), "{found}");
 }
+
+#[tokio::test]
+async fn pruning_a_large_trail_goes_chunk_by_chunk_to_the_end() {
+    let dir = temp_dir();
+    let store = SqliteStore::open(&dir.0.join("fleetgate.db")).unwrap();
+    let old = (0..25_000).map(|i| entry(&format!("o{i}"), "2020-01-01T00:00:00.0000000Z")).collect();
+    store.append_audit(old).await.unwrap();
+    let new = (0..23_000).map(|i| entry(&format!("n{i}"), "2030-01-01T00:00:00.0000000Z")).collect();
+    store.append_audit(new).await.unwrap();
+    assert_eq!(store.prune_audit("2025-01-01T00:00:00Z", 1_000).await.unwrap(), 25_000 + 22_000);
+    let left = all(&store).await;
+    assert_eq!(left.len(), 1_000);
+    assert_eq!((left[0].actor.as_str(), left[999].actor.as_str()), ("n22000", "n22999"));
+}
