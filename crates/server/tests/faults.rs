@@ -45,6 +45,12 @@ async fn hub_connect_while_the_store_fails_is_server_unavailable_then_works() {
     faults.fail_reads(true);
     // Not "not authorized" (5): the SDKs would never retry, even after the store is repaired.
     assert_eq!(s.hub_device("dev-1", &key).await.err(), Some(ConnectReturnCode::ServiceUnavailable));
+    // The service APIs too: "retry later", not "unauthorized" (and no refusal is recorded).
+    let hub_api = s.http().get(s.url("/devices/dev-1?api-version=2021-04-12")).header("authorization", s.hub_token());
+    assert_eq!(hub_api.send().await.unwrap().status(), 503);
+    let dps_api =
+        s.http().get(s.url("/enrollmentgroups/g?api-version=2021-10-01")).header("authorization", s.service_token());
+    assert_eq!(dps_api.send().await.unwrap().status(), 503);
     faults.fail_reads(false);
     assert!(s.hub_device("dev-1", &key).await.is_ok());
     // A wrong key is still "not authorized".
