@@ -10,6 +10,7 @@ pub mod datadir;
 pub mod https;
 mod listener;
 pub mod mqtt;
+pub mod readiness;
 pub mod tls;
 pub mod websocket;
 
@@ -38,6 +39,8 @@ pub enum StartError {
 pub struct RunningServer {
     pub mqtt_addr: SocketAddr,
     pub https_addr: SocketAddr,
+    /// The plain-HTTP `/metrics` listener, when one was asked for.
+    pub metrics_addr: Option<SocketAddr>,
     pub instance: Instance,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -114,7 +117,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     };
     let cert = cert_reload::ReloadingCert::new(&cert_path, &key_path).map_err(StartError::Tls)?;
     let tls = tls::server_config(cert.clone()).map_err(StartError::Tls)?;
-    let store: Arc<dyn Store> = data.store.clone();
+    let store: Arc<dyn Store> = match &config.faults {
+        Some(faults) => Arc::new(fleetgate_store::FaultyStore::new(data.store.clone(), faults.clone())),
+        None => data.store.clone(),
+    };
 
     let bind = |port: u16| SocketAddr::new(config.listen, port);
     let mqtt_listener = tokio::net::TcpListener::bind(bind(config.mqtt_port))
@@ -128,10 +134,24 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let https_addr =
         https_listener.local_addr().map_err(|source| StartError::Bind { addr: bind(config.https_port), source })?;
 
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?)
+        }
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr().map_err(|source| StartError::Bind { addr: bind(0), source })?),
+        None => None,
+    };
+
     let instance = data.write_instance_file(https_addr.port()).await?;
-    let hub = Arc::new(Hub::new(data.store.clone(), config.hub.clone()));
-    let dps = Provisioning::new(
-        store,
+    // One audit log for both services: a source's refusals are counted together, whichever
+    // service (or protocol) refused them.
+    let audit = fleetgate_store::AuditLog::start_with(store.clone(), config.audit.clone());
+    let hub = Arc::new(Hub::with_audit(store.clone(), config.hub.clone(), audit.clone()));
+    let dps = Provisioning::with_audit(
+        store.clone(),
         ProvisioningConfig {
             id_scope: data.id_scope.clone(),
             service_host_names: config.hostnames.clone(),
@@ -140,16 +160,26 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             registration_rate: config.registration_rate,
         },
         Arc::new(HubSessions(hub.clone())),
+        audit,
     );
 
     let (shutdown, rx) = watch::channel(false);
     let rx_reload = rx.clone();
     let limits = Arc::new(config.limits.clone());
-    let mut tasks = vec![
-        tokio::spawn(mqtt::serve(mqtt_listener, tls.clone(), dps.clone(), hub.clone(), limits.clone(), rx.clone())),
-        tokio::spawn(https::serve(https_listener, tls, dps, hub, limits, rx)),
-    ];
+    let readiness = readiness::Readiness::start(store, hub.clone(), rx.clone());
+    let mut tasks = vec![tokio::spawn(mqtt::serve(
+        mqtt_listener,
+        tls.clone(),
+        dps.clone(),
+        hub.clone(),
+        limits.clone(),
+        rx.clone(),
+    ))];
+    if let Some(listener) = metrics_listener {
+        tasks.push(tokio::spawn(https::serve_metrics(listener, rx.clone())));
+    }
+    tasks.push(tokio::spawn(https::serve(https_listener, tls, dps, hub, readiness, limits, rx)));
     tasks.push(tokio::spawn(watch_certificate(cert, config.cert_check_interval, rx_reload)));
     tracing::info!(%mqtt_addr, %https_addr, id_scope = %instance.id_scope, "fleetgate serving");
-    Ok(RunningServer { mqtt_addr, https_addr, instance, shutdown, tasks })
+    Ok(RunningServer { mqtt_addr, https_addr, metrics_addr, instance, shutdown, tasks })
 }
