@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::mqtt::Subscription;
-use crate::sessions::{DesiredPatch, MethodCall, Outbound, SessionHandle, Sessions};
+use crate::sessions::{CloseCount, DesiredPatch, MethodCall, Outbound, SessionHandle, Sessions};
 use crate::telemetry::EventWriter;
 
 /// Azure's limits and defaults that a deployment may tune.
@@ -70,6 +70,9 @@ pub struct HubDevice {
     /// expiry (plus the clock skew a CONNECT is allowed), its certificate's notAfter. The
     /// connection must not outlive them (Azure closes it; the SDKs reconnect with new ones).
     expires: Option<Timestamp>,
+    /// The device's close requests before its identity was read: its session is refused if one
+    /// came since (see [`Sessions::register`]).
+    closes: CloseCount,
 }
 
 impl HubDevice {
@@ -278,6 +281,9 @@ impl Hub {
             fleetgate_metrics::log_limited!(tracing::Level::WARN, hub = %host, error = %e, "device connection could not be checked (store failure)");
             Authentication::CouldNotCheck
         };
+        // Before anything is read: a change committed after the reads below is then seen by
+        // `connect_session`, which refuses the session.
+        let closes = self.sessions.closes_before_auth(host, device_id);
         let hub = match self.hub_named(host).await {
             Ok(Some(h)) => h,
             Ok(None) => return refuse(ConnectRefusal::UnknownHub),
@@ -307,7 +313,12 @@ impl Hub {
             let not_after = certificates
                 .and_then(|c| Certificate::from_der(c.leaf()).ok())
                 .map(|leaf| Timestamp::from_unix_seconds(leaf.validity().1.saturating_add(1)));
-            return Authentication::Identified(self.connected_device(hub.host_name, device.device_id, not_after));
+            return Authentication::Identified(self.connected_device(
+                hub.host_name,
+                device.device_id,
+                not_after,
+                closes,
+            ));
         }
         let Some(token) = password.and_then(|p| SasToken::parse(p).ok()) else {
             return refuse(ConnectRefusal::BadCredentials);
@@ -330,14 +341,17 @@ impl Hub {
         // token accepted at CONNECT (skew included) keeps it open exactly as long as it would
         // still be accepted.
         let expires = token.accepted_until().saturating_add(1);
-        Authentication::Identified(self.connected_device(
-            hub.host_name,
-            device.device_id,
-            Some(Timestamp::from_unix_seconds(expires)),
-        ))
+        let expires = Some(Timestamp::from_unix_seconds(expires));
+        Authentication::Identified(self.connected_device(hub.host_name, device.device_id, expires, closes))
     }
 
-    fn connected_device(&self, hub: String, device_id: String, expires: Option<Timestamp>) -> HubDevice {
+    fn connected_device(
+        &self,
+        hub: String,
+        device_id: String,
+        expires: Option<Timestamp>,
+        closes: CloseCount,
+    ) -> HubDevice {
         let last_activity = self
             .activity
             .lock()
@@ -345,7 +359,7 @@ impl Hub {
             .entry((hub.to_ascii_lowercase(), device_id.to_ascii_lowercase()))
             .or_default()
             .clone();
-        HubDevice { hub, device_id, last_activity, expires }
+        HubDevice { hub, device_id, last_activity, expires, closes }
     }
 
     /// The CA certificates a `certificateAuthority` identity created through the service API
@@ -365,12 +379,19 @@ impl Hub {
     }
 
     /// Marks the device connected; the returned handle receives what the service sends it.
-    pub fn connect_session(&self, d: &HubDevice) -> SessionHandle {
+    /// `None` when the device was disabled, deleted or given other credentials after
+    /// [`Hub::authenticate`] read its identity (or, rarely, another device sharing its close
+    /// counter was): the connection must be refused, with an answer the device retries, since
+    /// its credentials may still be good.
+    pub fn connect_session(&self, d: &HubDevice) -> Option<SessionHandle> {
         let now = Timestamp::now().to_azure_string();
+        let Some(handle) = self.sessions.register(&d.hub, &d.device_id, d.closes, now) else {
+            tracing::info!(hub = %d.hub, device = %d.device_id, "device identity changed while it connected; refusing the connection");
+            return None;
+        };
         d.touch(Timestamp::now());
-        let handle = self.sessions.register(&d.hub, &d.device_id, now);
         fleetgate_metrics::METRICS.hub_sessions.set(self.sessions.count() as i64);
-        handle
+        Some(handle)
     }
 
     pub fn disconnect_session(&self, d: &HubDevice, id: u64) {
@@ -874,6 +895,58 @@ mod tests {
             assert!(rid.len() == 32 && rid.bytes().all(|b| b.is_ascii_hexdigit()), "{rid}");
             assert!(fleetgate_core::topic::request_id_ok(rid), "echoable as it is");
         }
+    }
+
+    /// Issue 12 item 4: a change committed while a CONNECT is between [`Hub::authenticate`] and
+    /// [`Hub::connect_session`] finds no session to close; the session must then be refused.
+    #[tokio::test]
+    async fn a_change_committed_while_a_device_connects_refuses_its_session() {
+        let store = Arc::new(fleetgate_store::SqliteStore::in_memory().unwrap());
+        let hub = Hub::new(store.clone(), HubConfig::default());
+        let host = "hub.example.net";
+        fleetgate_store::Store::add_hub(&*store, &LinkedHub::new(host, SymmetricKey::generate().to_base64()))
+            .await
+            .unwrap();
+        let key = SymmetricKey::generate();
+        let device = |key: &SymmetricKey, status: &str| {
+            json!({"deviceId": "dev", "status": status, "authentication": {"type": "sas", "symmetricKey": {
+                "primaryKey": key.to_base64(), "secondaryKey": key.to_base64()}}})
+            .to_string()
+        };
+        hub.put_device(host, "dev", device(&key, "enabled").as_bytes(), None).await.unwrap();
+        let token = || {
+            let expiry = Timestamp::now().unix_seconds() + 600;
+            fleetgate_core::sas::build_token(&key, &format!("{host}/devices/dev"), expiry, None)
+        };
+        let authenticate = || async {
+            match hub.authenticate(host, "dev", Some(&token()), None, None).await {
+                Authentication::Identified(d) => d,
+                other => panic!("not identified: {other:?}"),
+            }
+        };
+        for (what, change) in [
+            ("credentials changed", device(&SymmetricKey::generate(), "enabled")),
+            ("disabled", device(&key, "disabled")),
+        ] {
+            let connecting = authenticate().await;
+            hub.put_device(host, "dev", change.as_bytes(), Some("*".into())).await.unwrap();
+            assert!(hub.connect_session(&connecting).is_none(), "{what}: session refused");
+            assert!(hub.sessions.get(host, "dev").is_none(), "{what}");
+            hub.put_device(host, "dev", device(&key, "enabled").as_bytes(), Some("*".into())).await.unwrap();
+        }
+        // DPS re-provisioning reports its changes through `close_session`.
+        let connecting = authenticate().await;
+        hub.close_session(host, "dev");
+        assert!(hub.connect_session(&connecting).is_none(), "re-provisioned: session refused");
+        // Deleted.
+        let connecting = authenticate().await;
+        hub.delete_device(host, "dev", None).await.unwrap();
+        assert!(hub.connect_session(&connecting).is_none(), "deleted: session refused");
+        // Nothing changed: the session is registered.
+        hub.put_device(host, "dev", device(&key, "enabled").as_bytes(), None).await.unwrap();
+        let connecting = authenticate().await;
+        let handle = hub.connect_session(&connecting).expect("registered");
+        assert_eq!(hub.sessions.get(host, "dev").map(|l| l.id), Some(handle.id));
     }
 
     #[test]

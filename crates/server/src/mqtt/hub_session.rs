@@ -154,7 +154,13 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         }
         None
     };
-    let handle = hub.connect_session(&device);
+    let Some(handle) = hub.connect_session(&device) else {
+        // The device was disabled, deleted or given other credentials since `authenticate` read
+        // its identity. "Server unavailable": the SDKs retry, and the retry is authenticated on
+        // what the identity is now (refused if the credentials are gone).
+        conn.write_packet(refuse(ConnectReturnCode::ServiceUnavailable)).await?;
+        return Ok(None);
+    };
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, restored.is_some()))).await?;
     tracing::info!(hub = %device.hub, device = %device.device_id, session_present = restored.is_some(), "device connected");
 
