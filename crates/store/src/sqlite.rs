@@ -104,10 +104,15 @@ struct LazyEventLog {
     log: Mutex<Option<Arc<EventLog>>>,
 }
 
+/// What a change produced, whatever its type (the caller downcasts it back).
+type Produced = Box<dyn std::any::Any + Send>;
+/// A change, run by the writer thread inside its transaction.
+type Change = Box<dyn FnOnce(&Connection) -> StoreResult<Produced> + Send>;
+
 /// One change for the writer thread, and where to send its result.
 struct WriteJob {
-    run: Box<dyn FnOnce(&Connection) -> StoreResult<Box<dyn std::any::Any + Send>> + Send>,
-    reply: tokio::sync::oneshot::Sender<StoreResult<Box<dyn std::any::Any + Send>>>,
+    run: Change,
+    reply: tokio::sync::oneshot::Sender<StoreResult<Produced>>,
 }
 
 /// The most changes committed together.
@@ -264,7 +269,7 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
         let (reply, result) = tokio::sync::oneshot::channel();
-        let run = Box::new(move |c: &Connection| f(c).map(|v| Box::new(v) as Box<dyn std::any::Any + Send>));
+        let run = Box::new(move |c: &Connection| f(c).map(|v| Box::new(v) as Produced));
         self.writer.send(WriteJob { run, reply }).map_err(|_| backend("the store's writer has stopped"))?;
         let value = result.await.map_err(|_| backend("the store's writer dropped a change"))??;
         Ok(*value.downcast::<T>().expect("the writer returns what the job produced"))
@@ -372,6 +377,9 @@ fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<WriteJob>, d
     }
 }
 
+/// Read-modify-write of one document: the stored one (if any) in, the one to store out.
+type DocumentUpdate<T> = Box<dyn FnOnce(Option<&T>) -> Result<T, DpsError> + Send>;
+
 /// A table of JSON documents under a case-folded id, kept in insertion order: enrollment groups
 /// and individual enrollments are stored the same way.
 #[derive(Clone, Copy)]
@@ -403,7 +411,7 @@ impl Documents {
         self,
         tx: &Connection,
         id: &str,
-        update: Box<dyn FnOnce(Option<&T>) -> Result<T, DpsError> + Send>,
+        update: DocumentUpdate<T>,
     ) -> StoreResult<T> {
         let current: Option<T> = self.get(tx, id)?;
         let next = update(current.as_ref())?;
@@ -847,7 +855,7 @@ impl Store for SqliteStore {
         let (h, d) = (key(hub), key(device_id));
         self.write(move |c| {
             let tx = c;
-            let current = read_device(&tx, &h, &d)?;
+            let current = read_device(tx, &h, &d)?;
             let next = update(current)?;
             match &next {
                 Some((dev, twin)) => {
