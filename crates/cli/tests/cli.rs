@@ -253,6 +253,44 @@ fn serve_stops_on_a_registry_that_lost_its_wal() {
     assert_eq!(std::fs::read(dir.path().join("instance.json")).unwrap(), instance, "instance.json kept");
 }
 
+/// SIGTERM stops `serve` cleanly with its data in the `.db` files themselves: copies of
+/// `fleetgate.db` and `telemetry.db` without their `-wal` (a backup that took only the databases)
+/// hold the group created and its audit entry.
+#[test]
+fn sigterm_leaves_everything_in_the_db_files() {
+    use rusqlite::{Connection, OpenFlags};
+    let mut s = serve();
+    let d = s.dir().to_owned();
+    stdout(&run(&["enrollment-group", "create", "--data-dir", &d, "--group-id", "kept-group"]));
+    // Connections open beside the server (an operator's sqlite3 shell, a backup tool): SQLite's
+    // own checkpoint when the last connection closes cannot run, whatever the exit races.
+    let beside: Vec<Connection> = ["fleetgate.db", "telemetry.db"]
+        .iter()
+        .map(|f| {
+            let c = Connection::open_with_flags(s.dir.path().join(f), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            // A first read opens the WAL; the connection holds it (and a shared lock) from then on.
+            c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).unwrap();
+            c
+        })
+        .collect();
+    assert!(s.server.terminate().success(), "a clean stop exits 0");
+
+    let copy = tempfile::tempdir().unwrap();
+    for file in ["fleetgate.db", "telemetry.db"] {
+        std::fs::copy(s.dir.path().join(file), copy.path().join(file)).unwrap();
+    }
+    drop(beside);
+    let registry = Connection::open(copy.path().join("fleetgate.db")).unwrap();
+    let groups: i64 = registry
+        .query_row("SELECT COUNT(*) FROM enrollment_groups WHERE id_key = 'kept-group'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(groups, 1, "the group is in fleetgate.db itself");
+    let audit = Connection::open(copy.path().join("telemetry.db")).unwrap();
+    let entries: i64 =
+        audit.query_row("SELECT COUNT(*) FROM audit WHERE body LIKE '%kept-group%'", [], |r| r.get(0)).unwrap();
+    assert!(entries >= 1, "the group's audit entry is in telemetry.db itself");
+}
+
 /// `fleetgate events repair` refuses while the log is owned (a running server), copies the intact
 /// records out of a damaged segment, keeps the original as `.damaged` and says what it dropped.
 #[test]

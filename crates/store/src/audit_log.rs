@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fleetgate_core::audit::{AuditEntry, Outcome};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::Store;
 
@@ -33,24 +33,39 @@ macro_rules! mirror {
 
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<AuditEntry>,
+    tx: mpsc::Sender<Queued>,
     dropped: Arc<AtomicU64>,
+}
+
+/// What the writer task takes from its queue.
+enum Queued {
+    Entry(AuditEntry),
+    /// Answered once every entry queued before it has been handed to the store.
+    Flush(oneshot::Sender<()>),
 }
 
 impl AuditLog {
     pub fn start(store: Arc<dyn Store>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<AuditEntry>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Queued>(QUEUE);
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(e) => batch.push(e),
-                        Err(_) => break,
+                let mut batch = Vec::new();
+                let mut flushed = Vec::new();
+                let mut next = Some(first);
+                while let Some(queued) = next {
+                    match queued {
+                        Queued::Entry(e) => batch.push(e),
+                        Queued::Flush(done) => flushed.push(done),
+                    }
+                    next = if batch.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
+                }
+                if !batch.is_empty() {
+                    if let Err(e) = store.append_audit(batch).await {
+                        tracing::error!(error = %e, "audit entries could not be stored");
                     }
                 }
-                if let Err(e) = store.append_audit(batch).await {
-                    tracing::error!(error = %e, "audit entries could not be stored");
+                for done in flushed {
+                    let _ = done.send(());
                 }
             }
         });
@@ -67,15 +82,26 @@ impl AuditLog {
         } else {
             mirror!(tracing::Level::DEBUG, &entry);
         }
-        if let Err(e) = self.tx.try_send(entry) {
-            let entry = e.into_inner();
-            if entry.outcome != Outcome::Failure {
-                mirror!(tracing::Level::WARN, &entry);
+        if let Err(e) = self.tx.try_send(Queued::Entry(entry)) {
+            if let Queued::Entry(entry) = e.into_inner() {
+                if entry.outcome != Outcome::Failure {
+                    mirror!(tracing::Level::WARN, &entry);
+                }
             }
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::warn!(dropped = n, "audit queue full; entries dropped from the store (still logged)");
             }
+        }
+    }
+
+    /// Resolves once every entry recorded before the call has been stored (or its failure
+    /// logged): a stopping server waits for it before its final checkpoint, so the last
+    /// requests' entries are in `telemetry.db` itself.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.tx.send(Queued::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
         }
     }
 }

@@ -80,6 +80,8 @@ CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 /// small pool of read-only connections, which WAL lets proceed while the writer commits.
 #[derive(Clone)]
 pub struct SqliteStore {
+    /// The registry file, for [`SqliteStore::checkpoint`].
+    path: Arc<PathBuf>,
     writer: std::sync::mpsc::Sender<WriteJob>,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<std::sync::atomic::AtomicUsize>,
@@ -183,6 +185,7 @@ impl SqliteStore {
             .spawn(move || write_loop(conn, jobs, dir, reserve))
             .map_err(backend)?;
         Ok(Self {
+            path: Arc::new(path.to_owned()),
             writer,
             readers: Arc::new(readers),
             next_reader: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -212,6 +215,31 @@ impl SqliteStore {
             return Ok(None);
         }
         c.query_row("SELECT value FROM settings WHERE key = 'id_scope'", [], |r| r.get(0)).optional().map_err(backend)
+    }
+
+    /// Copies every committed change into the database files themselves and empties their WALs
+    /// (the registry's and the audit trail's), so `fleetgate.db` and `telemetry.db` alone hold
+    /// everything. A server calls it when it stops, after its last write: otherwise its data can
+    /// sit in `fleetgate.db-wal` (SQLite copies the WAL back only as it grows, or when the last
+    /// connection closes, which a process exit does not wait for), and a backup of the `.db`
+    /// alone, or a deleted `-wal`, loses it. A write after this goes to the WAL again, as durable
+    /// as any other. Fails when another connection kept a checkpoint from finishing within the
+    /// busy timeout (a reader in the middle of a long read).
+    pub async fn checkpoint(&self) -> StoreResult<()> {
+        let (path, audit_db) = (self.path.clone(), self.audit_db.clone());
+        tokio::task::spawn_blocking(move || {
+            // Its own connection rather than the writer's: the writer only runs changes inside a
+            // transaction, and a checkpoint must run outside one. FULL: the database file is
+            // synced before the WAL is emptied.
+            let registry = Connection::open_with_flags(&*path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+                .map_err(|e| backend(format!("{}: {e}", path.display())))?;
+            configure(&registry)?;
+            checkpoint_wal(&registry, &path)?;
+            let audit = audit_db.lock().unwrap_or_else(|p| p.into_inner());
+            checkpoint_wal(&audit, &path.with_file_name("telemetry.db"))
+        })
+        .await
+        .map_err(backend)?
     }
 
     /// The telemetry stream; opened (and an older `events` table moved into it) on first use.
@@ -288,6 +316,23 @@ impl SqliteStore {
         .await
         .map_err(backend)?
     }
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)` on `c` (the database at `path`): the WAL copied into the
+/// database file and truncated to nothing, or an error when another connection kept it from
+/// finishing (it waits for them up to the busy timeout).
+fn checkpoint_wal(c: &Connection, path: &Path) -> StoreResult<()> {
+    // One row: (1 when it could not finish, pages in the WAL, pages copied back).
+    let (busy, pages, copied): (i64, i64, i64) = c
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map_err(|e| backend(format!("{}: checkpoint: {e}", path.display())))?;
+    if busy != 0 {
+        return Err(backend(format!(
+            "{}: checkpoint left unfinished by another connection ({copied} of {pages} WAL pages copied back)",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 static NEXT_TEMP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
