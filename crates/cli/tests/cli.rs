@@ -291,6 +291,41 @@ fn sigterm_leaves_everything_in_the_db_files() {
     assert!(entries >= 1, "the group's audit entry is in telemetry.db itself");
 }
 
+/// The verbs that change the data directory directly (a server stopped) leave their change in
+/// `fleetgate.db` itself, not only in its `-wal`.
+#[test]
+fn offline_changes_are_in_the_db_file() {
+    use rusqlite::{Connection, OpenFlags};
+    let mut s = serve();
+    assert!(s.server.terminate().success());
+    let d = s.dir().to_owned();
+    // A connection open beside (as in the SIGTERM test above): SQLite's own checkpoint when the
+    // last connection closes cannot run, whatever the exit races.
+    let beside =
+        Connection::open_with_flags(s.dir.path().join("fleetgate.db"), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    beside.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).unwrap();
+    common::json(&run(&["hub", "create", "--data-dir", &d, "--hostname", "extra.test"]));
+    common::json(&run(&[
+        "linked-hub",
+        "update",
+        "--data-dir",
+        &d,
+        "--hostname",
+        "extra.test",
+        "--allocation-weight",
+        "7",
+    ]));
+
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(s.dir.path().join("fleetgate.db"), copy.path().join("fleetgate.db")).unwrap();
+    drop(beside);
+    let registry = Connection::open(copy.path().join("fleetgate.db")).unwrap();
+    let allocation: String = registry
+        .query_row("SELECT allocation FROM hubs WHERE host_key = 'extra.test'", [], |r| r.get(0))
+        .expect("the new hub is in fleetgate.db itself");
+    assert!(allocation.contains(r#""allocationWeight":7"#), "{allocation}");
+}
+
 /// `fleetgate events repair` refuses while the log is owned (a running server), copies the intact
 /// records out of a damaged segment, keeps the original as `.damaged` and says what it dropped.
 #[test]
