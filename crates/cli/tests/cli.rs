@@ -363,3 +363,42 @@ fn events_repair_is_offline_and_keeps_the_damaged_original() {
     drop(log);
     assert!(stdout(&run(&["events", "repair", "--data-dir", d])).contains("no damage found"));
 }
+
+/// `fleetgate events verify` runs beside the log's owner (a running server), exits 0 on a clean
+/// log, and on damage in a sealed segment exits non-zero naming the segment and bytes, changing
+/// nothing.
+#[test]
+fn events_verify_reports_damage_beside_the_owner_and_changes_nothing() {
+    use fleetgate_store::event_log::{EventLog, EventLogOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let events = dir.path().join("events");
+    let log = EventLog::open(&events, EventLogOptions { segment_bytes: 20_000, ..EventLogOptions::default() }).unwrap();
+    let event = |n: usize| fleetgate_core::message::ReceivedEvent {
+        hub: "h".into(),
+        device_id: "d".into(),
+        enqueued_time: fleetgate_core::time::Timestamp::now(),
+        bag: String::new(),
+        body: vec![n as u8; 1000],
+    };
+    for batch in 0..3 {
+        log.append(&(batch * 25..batch * 25 + 25).map(event).collect::<Vec<_>>()).unwrap();
+    }
+    let out = stdout(&run(&["events", "verify", "--data-dir", d]));
+    assert!(out.contains("no damage found") && out.contains("75 whole record(s)"), "{out}");
+
+    // Cut short the oldest segment (sealed: whole, and synced before the next was started).
+    let segment = events.join(format!("{:020}.events", 1));
+    let bytes = std::fs::read(&segment).unwrap();
+    std::fs::write(&segment, &bytes[..bytes.len() - 100]).unwrap();
+    let o = run(&["events", "verify", "--data-dir", d]);
+    assert!(!o.status.success(), "damage exits non-zero");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(segment.to_str().unwrap()) && out.contains("damaged") && out.contains("events repair"),
+        "{out}"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("damaged"));
+    assert_eq!(std::fs::read(&segment).unwrap(), &bytes[..bytes.len() - 100], "nothing changed");
+    assert_eq!(log.read("h", 0, 100).unwrap().events.len(), 74, "the log is still open and readable");
+}
