@@ -231,7 +231,7 @@ impl Provisioning {
                     let other =
                         !preferred.as_deref().is_some_and(|p| p.eq_ignore_ascii_case(&group.enrollment_group_id));
                     let rank = (m.intermediates, other);
-                    if best.as_ref().map_or(true, |b| rank < (b.0, b.1)) {
+                    if best.as_ref().is_none_or(|b| rank < (b.0, b.1)) {
                         let (slot, ca) = cas[m.ca_index].clone();
                         best = Some((m.intermediates, other, group, slot, ca));
                     }

@@ -229,7 +229,8 @@ async fn below_the_disk_reserve_writes_are_refused_retryably() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("503"), "{err}");
-    let metrics = s.http().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = s.http().get(s.url("/metrics")).header("Authorization", s.service_token()).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
     assert!(metrics.contains("fleetgate_disk_reserve_refusals_total{kind=\"telemetry\"}"), "{metrics}");
     s.stop().await;
 }

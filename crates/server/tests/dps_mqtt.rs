@@ -99,6 +99,9 @@ async fn polling_path_202_then_operation_status_200() {
     assert_eq!(body["errorCode"], 404203);
 }
 
+/// One SDK's style: client id, token builder, QoS, body, CleanSession, keep-alive.
+type Style<'a> = (&'a str, Box<dyn Fn(&SymmetricKey) -> String + 'a>, QoS, &'a [u8], bool, u16);
+
 #[tokio::test]
 async fn node_c_java_and_csharp_token_and_body_styles_all_work() {
     let s = TestServer::start().await;
@@ -106,7 +109,7 @@ async fn node_c_java_and_csharp_token_and_body_styles_all_work() {
     let scope = s.scope();
     let se = (Timestamp::now().unix_seconds() + 3600).to_string();
     let enc = |v: &str| utf8_percent_encode(v, URI_COMPONENT).to_string();
-    let cases: Vec<(&str, Box<dyn Fn(&SymmetricKey) -> String>, QoS, &[u8], bool, u16)> = vec![
+    let cases: Vec<Style> = vec![
         // Node: raw sr, skn=registration before se, CleanSession 1, keepalive 180.
         (
             "node-dev",
