@@ -43,6 +43,7 @@ struct WsState {
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    budget: Arc<crate::mqtt::PacketBudget>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -51,6 +52,7 @@ pub(crate) fn router(
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    budget: Arc<crate::mqtt::PacketBudget>,
     shutdown: watch::Receiver<bool>,
 ) -> Router {
     let mut r = Router::new();
@@ -60,7 +62,7 @@ pub(crate) fn router(
     r.method_not_allowed_fallback(|| async {
         ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
     })
-    .with_state(WsState { dps, hub, limits, shutdown })
+    .with_state(WsState { dps, hub, limits, budget, shutdown })
 }
 
 /// The largest WebSocket message (and frame) accepted: one MQTT packet of the largest kind either
@@ -100,8 +102,9 @@ async fn upgrade(
             let _permit = permit;
             // The HTTPS connection's client certificate chain, if the device presented one.
             let peer = peer.map(|Extension(c)| c);
+            let stream = WsStream::new(socket);
             if let Err(e) =
-                crate::mqtt::serve_stream(WsStream::new(socket), peer, st.dps, st.hub, st.limits, st.shutdown).await
+                crate::mqtt::serve_stream(stream, peer, st.dps, st.hub, st.limits, st.budget, st.shutdown).await
             {
                 tracing::debug!(error = %e, "MQTT over WebSocket ended with an error");
             }

@@ -29,6 +29,9 @@ use crate::config::Limits;
 
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
 const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);
+/// How long a session whose credentials were refused stays open once its 401 answer is sent:
+/// enough for the device to read it before the connection closes under it.
+const REFUSED_GRACE: Duration = Duration::from_secs(1);
 
 struct Session<S> {
     conn: Connection<S>,
@@ -40,6 +43,9 @@ struct Session<S> {
     next_packet_id: u16,
     failed_requests: u32,
     limits: Arc<Limits>,
+    /// When a session that failed to authenticate is closed, whatever it sends: it may not stay
+    /// open on PINGREQs, holding a connection it has no right to.
+    close_at: Option<tokio::time::Instant>,
 }
 
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
@@ -69,6 +75,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         0 => limits.idle_timeout,
         k => Duration::from_millis(u64::from(k) * 1500).min(MAX_KEEP_ALIVE_TIMEOUT),
     };
+    let close_at = auth.is_err().then(|| tokio::time::Instant::now() + limits.unauthenticated_timeout);
     let mut session = Session {
         conn,
         dps,
@@ -77,9 +84,15 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         next_packet_id: 0,
         failed_requests: 0,
         limits,
+        close_at,
     };
     loop {
+        let close_at = session.close_at;
         let packet = tokio::select! {
+            _ = sleep_until_some(close_at) => {
+                tracing::debug!(registration_id = %printable(&session.registration_id), "closing a DPS session that failed to authenticate");
+                break;
+            }
             r = tokio::time::timeout(idle, session.conn.read_packet()) => match r {
                 Err(_) => {
                     tracing::debug!(registration_id = %printable(&session.registration_id), "DPS client idle past keep-alive");
@@ -179,6 +192,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.failed_requests += 1;
         }
         self.respond(status, &rid, retry_after, body).await?;
+        if self.auth.is_err() {
+            let grace = tokio::time::Instant::now() + REFUSED_GRACE;
+            self.close_at = Some(self.close_at.map_or(grace, |at| at.min(grace)));
+        }
         Ok(self.failed_requests < self.limits.max_failed_requests)
     }
 
@@ -213,6 +230,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut publish = Publish::new(response_topic(status, rid, retry_after), QoS::AtLeastOnce, body.to_string());
         publish.pkid = self.next_packet_id;
         self.conn.write_packet(Packet::Publish(publish)).await
+    }
+}
+
+/// Waits until `at`; never, when `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -20,29 +20,31 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-pub use connection::{Connection, ConnectionError};
+pub use connection::{Connection, ConnectionError, PacketBudget};
 
 use crate::config::Limits;
 
 /// Largest CONNECT we read before we know who the client is.
 const MAX_CONNECT_BYTES: usize = 8 * 1024;
 
-pub async fn serve(
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    gate: Arc<crate::listener::Gate>,
+    budget: Arc<PacketBudget>,
     shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let max = limits.max_connections;
-    crate::listener::accept_loop(listener, "mqtt", max, shutdown.clone(), move |tcp, peer, permit| {
-        let (acceptor, dps, hub, limits, shutdown) =
-            (acceptor.clone(), dps.clone(), hub.clone(), limits.clone(), shutdown.clone());
+    crate::listener::accept_loop(listener, "mqtt", gate, shutdown.clone(), move |tcp, peer, permit| {
+        let (acceptor, dps, hub, limits, budget, shutdown) =
+            (acceptor.clone(), dps.clone(), hub.clone(), limits.clone(), budget.clone(), shutdown.clone());
         async move {
             let _permit = permit;
-            if let Err(e) = handle(tcp, acceptor, dps, hub, limits, shutdown).await {
+            if let Err(e) = handle(tcp, acceptor, dps, hub, limits, budget, shutdown).await {
                 tracing::debug!(%peer, error = %e, "mqtt connection ended with an error");
             }
         }
@@ -59,6 +61,7 @@ async fn handle(
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    budget: Arc<PacketBudget>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
@@ -72,7 +75,7 @@ async fn handle(
     );
     // An X.509 device's chain: who it is is decided by the DPS or hub session.
     let peer = crate::tls::peer_certificates(tls.get_ref().1);
-    Box::pin(serve_until(tls, deadline, peer, dps, hub, limits, shutdown)).await
+    Box::pin(serve_until(tls, deadline, peer, dps, hub, limits, budget, shutdown)).await
 }
 
 /// Serves one MQTT connection over an already established byte stream (TLS on the MQTT port,
@@ -85,12 +88,14 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    budget: Arc<PacketBudget>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-    serve_until(stream, deadline, peer, dps, hub, limits, shutdown).await
+    serve_until(stream, deadline, peer, dps, hub, limits, budget, shutdown).await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_until<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     deadline: tokio::time::Instant,
@@ -98,10 +103,13 @@ async fn serve_until<S: AsyncRead + AsyncWrite + Unpin>(
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    budget: Arc<PacketBudget>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
+    // Every packet still arriving, from CONNECT on, draws on the shared budget.
+    let conn = Connection::new(stream, MAX_CONNECT_BYTES).with_budget(budget, limits.partial_packet_timeout);
     // Reading CONNECT is a phase of its own, boxed and freed before the session starts.
-    let Some((conn, connect, route)) = Box::pin(read_connect(stream, deadline)).await? else { return Ok(()) };
+    let Some((conn, connect, route)) = Box::pin(read_connect(conn, deadline)).await? else { return Ok(()) };
     // Boxed: the two sessions are different futures, and a connection should only pay for the
     // one it runs.
     match route {
@@ -119,10 +127,9 @@ enum Route {
 /// Reads CONNECT within the handshake deadline and tells which session it is for. `None` when
 /// the connection was refused (and answered) or closed.
 async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
+    mut conn: Connection<S>,
     deadline: tokio::time::Instant,
 ) -> Result<Option<(Connection<S>, Connect, Route)>, ConnectionError> {
-    let mut conn = Connection::new(stream, MAX_CONNECT_BYTES);
     let first = tokio::time::timeout_at(deadline, conn.read_packet())
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no CONNECT in time"))?;
