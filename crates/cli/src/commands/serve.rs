@@ -56,8 +56,9 @@ pub struct ServeArgs {
     /// Concurrent connections, both ports together. Lowered at start to what the file-descriptor
     /// limit allows after a reserve for the store (a tenth of the limit plus 256); the figure in
     /// effect is logged.
-    #[arg(long, env = "FLEETGATE_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
-    max_connections: usize,
+    #[arg(long, env = "FLEETGATE_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
     /// Concurrent connections from one source address (an IPv6 /64 counts as one); over it, new
     /// connections are closed at once. 0 = no cap. Loopback clients are exempt unless
     /// --cap-loopback-sources.
@@ -126,7 +127,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.tls_key = args.tls_key;
     let secs = std::time::Duration::from_secs;
     let limits = &mut config.limits;
-    limits.max_connections = args.max_connections;
+    limits.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
     limits.max_connections_per_source = args.max_connections_per_source;
     limits.cap_loopback_sources = args.cap_loopback_sources;
     limits.unauthenticated_timeout = secs(args.unauthenticated_timeout_secs);
