@@ -182,6 +182,7 @@ fn serve_refuses_limits_that_admit_nothing() {
         ("--unauthenticated-timeout-secs", "0"),
         ("--http-header-timeout-secs", "0"),
         ("--http-body-timeout-secs", "0"),
+        ("--write-timeout-secs", "0"),
         ("--partial-packet-budget-mib", "0"),
         ("--partial-packet-timeout-secs", "0"),
         ("--http-body-timeout-secs", "forever"),

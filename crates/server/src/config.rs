@@ -85,6 +85,8 @@ pub struct Limits {
     pub http_header_timeout: Duration,
     /// Time allowed for reading one HTTP request's body, however it trickles in.
     pub http_body_timeout: Duration,
+    /// Time a write may wait for the peer to take data (a peer that stops reading is cut off).
+    pub write_timeout: Duration,
     /// Bytes all MQTT connections together may hold in packets that have not fully arrived.
     pub partial_packet_budget_bytes: usize,
     /// Time allowed for a large MQTT packet (more than a few KiB) to arrive once it has begun.
@@ -104,6 +106,7 @@ impl Default for Limits {
             unauthenticated_timeout: Duration::from_secs(10),
             http_header_timeout: Duration::from_secs(10),
             http_body_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             partial_packet_budget_bytes: 64 * 1024 * 1024,
             partial_packet_timeout: Duration::from_secs(60),
         }

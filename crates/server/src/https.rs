@@ -133,6 +133,7 @@ pub(crate) async fn serve(
         async move {
             // Shared with the requests, so an upgraded WebSocket keeps the connection's slot.
             let permit = crate::websocket::ConnectionPermit(Arc::new(permit));
+            let tcp = crate::write_deadline::WriteDeadline::new(tcp, limits.write_timeout);
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {

@@ -13,6 +13,7 @@ mod listener;
 pub mod mqtt;
 pub mod tls;
 pub mod websocket;
+mod write_deadline;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

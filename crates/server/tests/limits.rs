@@ -1,7 +1,8 @@
 //! Connections that would hold a slot, a file descriptor or memory without doing their part: a
 //! TLS connection that sends nothing, a body that trickles, a body sent with a bad token, HTTP/2,
 //! a DPS session with a refused token kept alive with PINGREQs, too many connections from one
-//! address, partial packets beyond the shared budget, a large packet that stalls. Each is shown
+//! address, partial packets beyond the shared budget, a large packet that stalls, a client that
+//! stops reading. Each is shown
 //! with small limits; every bound asserted is generous (seconds), the outcome is what is checked.
 
 mod common;
@@ -26,6 +27,11 @@ const REGISTER: &str = "$dps/registrations/PUT/iotdps-register/?$rid=1";
 
 /// A TLS connection to `addr` trusting the instance CA, or the error that stopped it.
 async fn try_tls(s: &TestServer, addr: std::net::SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
+    tls_over(s, TcpStream::connect(addr).await?).await
+}
+
+/// TLS over `tcp`, trusting the instance CA.
+async fn tls_over(s: &TestServer, tcp: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut s.ca_pem().as_slice()) {
         roots.add(c.unwrap()).unwrap();
@@ -36,7 +42,6 @@ async fn try_tls(s: &TestServer, addr: std::net::SocketAddr) -> std::io::Result<
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let tcp = TcpStream::connect(addr).await?;
     TlsConnector::from(Arc::new(cfg)).connect("localhost".try_into().unwrap(), tcp).await
 }
 
@@ -143,6 +148,34 @@ async fn a_trickled_body_is_refused_with_408() {
     assert!(text.contains("408000"), "{text}");
     // The device was not registered from a part of its body.
     assert!(s.service().get_registration("dev-slow").await.is_err());
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off() {
+    let s = TestServer::start_with(|c| {
+        c.limits.write_timeout = Duration::from_secs(1);
+        // Only the stalled writes may end this connection.
+        c.limits.http_header_timeout = Duration::from_secs(600);
+    })
+    .await;
+    // A small receive window, so the server's writes soon have to wait.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(s.https_addr()).await.unwrap();
+    let tls = tls_over(&s, tcp).await.unwrap();
+    let (mut rx, mut tx) = tokio::io::split(tls);
+    // Requests for answers it never reads: far more than the socket buffers hold.
+    let asking = tokio::spawn(async move {
+        for _ in 0..20_000 {
+            if tx.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").await.is_err() {
+                return;
+            }
+        }
+    });
+    // Long past the write timeout; then reading: what was sent arrives, then the end.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(read_until_closed(&mut rx).await.is_some(), "the server kept waiting for a reader that had stopped");
+    asking.abort();
 }
 
 // ---------------------------------------------------------------------------------------------

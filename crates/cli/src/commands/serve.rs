@@ -87,6 +87,12 @@ pub struct ServeArgs {
           default_value_t = Limits::default().http_body_timeout.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     http_body_timeout_secs: u64,
+    /// Seconds a write may wait for a peer that takes no data (it stopped reading); then the
+    /// connection is closed.
+    #[arg(long, env = "FLEETGATE_WRITE_TIMEOUT_SECS",
+          default_value_t = Limits::default().write_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    write_timeout_secs: u64,
     /// MiB that MQTT packets still arriving may hold, all connections together; a connection that
     /// would exceed it is closed.
     #[arg(long, env = "FLEETGATE_PARTIAL_PACKET_BUDGET_MIB",
@@ -133,6 +139,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     limits.unauthenticated_timeout = secs(args.unauthenticated_timeout_secs);
     limits.http_header_timeout = secs(args.http_header_timeout_secs);
     limits.http_body_timeout = secs(args.http_body_timeout_secs);
+    limits.write_timeout = secs(args.write_timeout_secs);
     limits.partial_packet_budget_bytes = usize::try_from(args.partial_packet_budget_mib << 20).unwrap_or(usize::MAX);
     limits.partial_packet_timeout = secs(args.partial_packet_timeout_secs);
     use fleetgate_core::throttle::Rate;

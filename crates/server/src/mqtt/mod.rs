@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 pub use connection::{Connection, ConnectionError, PacketBudget};
 
 use crate::config::Limits;
+use crate::write_deadline::WriteDeadline;
 
 /// Largest CONNECT we read before we know who the client is.
 const MAX_CONNECT_BYTES: usize = 8 * 1024;
@@ -69,7 +70,7 @@ async fn handle(
     // is boxed and freed when the phase ends, and the TLS stream (a rustls connection, 1.2 KB) is
     // boxed once so the futures that carry it stay small.
     let tls = Box::new(
-        Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(tcp)))
+        Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(WriteDeadline::new(tcp, limits.write_timeout))))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??,
     );
