@@ -36,12 +36,28 @@ impl HubServiceClient {
         Ok(Self { rest: RestClient::new(conn, ca_pem, API_VERSION)? })
     }
 
+    /// Up to `top` device identities (all of them without `top`), following the hub's
+    /// continuation tokens across pages.
     pub async fn list_devices(&self, top: Option<usize>) -> Result<Value, ServiceError> {
-        let path = match top {
-            Some(n) => format!("/devices?top={n}"),
-            None => "/devices".to_owned(),
-        };
-        Ok(self.rest.call(Method::GET, &path, None, &[]).await?.1)
+        const PAGE: usize = 1000;
+        let mut all = Vec::new();
+        let mut continuation: Option<String> = None;
+        if top == Some(0) {
+            return Ok(Value::Array(all));
+        }
+        loop {
+            let want = top.map_or(PAGE, |t| (t - all.len()).min(PAGE));
+            let headers: Vec<_> = continuation.iter().map(|c| ("x-ms-continuation", c.clone())).collect();
+            let (h, v) = self.rest.call(Method::GET, &format!("/devices?top={want}"), None, &headers).await?;
+            match v {
+                Value::Array(items) => all.extend(items),
+                other => return Err(ServiceError::Transport(format!("device list is not an array: {other}"))),
+            }
+            continuation = h.get("x-ms-continuation").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            if continuation.is_none() || top.is_some_and(|t| all.len() >= t) {
+                return Ok(Value::Array(all));
+            }
+        }
     }
 
     pub async fn get_device(&self, id: &str) -> Result<Value, ServiceError> {

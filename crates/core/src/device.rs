@@ -140,6 +140,18 @@ impl DeviceIdentity {
 }
 
 impl DeviceIdentity {
+    /// Whether `other` authenticates with exactly what this identity does: same type, keys,
+    /// thumbprints and CA certificates. When it does not, a connection opened with the old
+    /// credentials must not outlive the change.
+    pub fn same_credentials(&self, other: &DeviceIdentity) -> bool {
+        self.authentication_type == other.authentication_type
+            && self.primary_key == other.primary_key
+            && self.secondary_key == other.secondary_key
+            && self.primary_thumbprint == other.primary_thumbprint
+            && self.secondary_thumbprint == other.secondary_thumbprint
+            && self.ca_certificates == other.ca_certificates
+    }
+
     /// Checks the TLS client certificate chain of a device whose identity is X.509: the leaf
     /// must be valid and usable for client authentication, and either have one of the
     /// identity's thumbprints (`selfSigned`) or name the device id as its common name and chain
@@ -205,6 +217,23 @@ mod tests {
         let k = DeviceIdentity::provisioned(Some(&ca), "h", "d", &[SymmetricKey::generate()], now);
         assert_eq!((k.authentication_type, k.ca_certificates.len()), (AuthenticationType::Sas, 0));
         assert_eq!(k.primary_key, k.secondary_key);
+    }
+
+    #[test]
+    fn credential_changes_are_told_from_other_updates() {
+        let now = Timestamp::now();
+        let (k1, k2) = (SymmetricKey::generate(), SymmetricKey::generate());
+        let dev = DeviceIdentity::provisioned(None, "h", "d", &[k1.clone(), k2.clone()], now);
+        let mut disabled = DeviceIdentity::provisioned(Some(&dev), "h", "d", &[k1.clone(), k2.clone()], now);
+        disabled.status = DeviceStatus::Disabled;
+        assert!(dev.same_credentials(&disabled), "a new etag or status is not a credential change");
+        let rolled = DeviceIdentity::provisioned(Some(&dev), "h", "d", &[k1.clone(), SymmetricKey::generate()], now);
+        assert!(!dev.same_credentials(&rolled), "secondary key regenerated");
+        let thumb = |t: &str| DeviceCredentials::SelfSigned { primary: Some(t.into()), secondary: None };
+        let ss = DeviceIdentity::provisioned_with(Some(&dev), "h", "d", thumb("AB"), now);
+        assert!(!dev.same_credentials(&ss), "keys to X.509");
+        assert!(ss.same_credentials(&DeviceIdentity::provisioned_with(Some(&ss), "h", "d", thumb("AB"), now)));
+        assert!(!ss.same_credentials(&DeviceIdentity::provisioned_with(Some(&ss), "h", "d", thumb("CD"), now)));
     }
 
     #[test]

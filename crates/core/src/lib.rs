@@ -17,6 +17,7 @@ pub mod registration;
 pub mod sas;
 pub mod throttle;
 pub mod time;
+pub mod topic;
 pub mod twin;
 pub mod x509;
 

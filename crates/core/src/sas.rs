@@ -104,9 +104,15 @@ impl SasToken {
         Ok(Self { resource: decode(&sr_raw)?, sr_raw, se_raw, expiry, signature, key_name })
     }
 
+    /// The last Unix second [`SasToken::check_expiry`] accepts the token in: its expiry plus
+    /// [`MAX_CLOCK_SKEW_SECS`]. A connection opened with the token must not outlive it.
+    pub fn accepted_until(&self) -> i64 {
+        self.expiry.saturating_add(MAX_CLOCK_SKEW_SECS)
+    }
+
     /// Checks expiry against `now` (Unix seconds), allowing [`MAX_CLOCK_SKEW_SECS`].
     pub fn check_expiry(&self, now: i64) -> Result<(), SasError> {
-        if self.expiry.saturating_add(MAX_CLOCK_SKEW_SECS) < now {
+        if self.accepted_until() < now {
             Err(SasError::Expired)
         } else {
             Ok(())

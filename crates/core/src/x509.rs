@@ -94,7 +94,7 @@ impl Certificate {
             return Err(CertificateError::TooLarge);
         }
         match X509Certificate::from_der(der) {
-            Ok((rest, _)) if rest.is_empty() => Ok(Self { der: der.to_vec() }),
+            Ok(([], _)) => Ok(Self { der: der.to_vec() }),
             Ok(_) => Err(CertificateError::Malformed("trailing data after the certificate".into())),
             Err(e) => Err(CertificateError::Malformed(e.to_string())),
         }
@@ -339,7 +339,7 @@ pub fn verify_chain(chain: &CertificateChain, cas: &[Certificate], now: i64) -> 
         ) {
             Ok(path) => {
                 let found = ChainMatch { ca_index, intermediates: path.intermediate_certificates().count() };
-                if best.map_or(true, |b| found.intermediates < b.intermediates) {
+                if best.is_none_or(|b| found.intermediates < b.intermediates) {
                     best = Some(found);
                 }
             }

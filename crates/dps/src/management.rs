@@ -17,9 +17,15 @@ const POLICY_OWNER: &str = "dps";
 impl Provisioning {
     /// Checks a service API `Authorization` header: a SAS token for one of this instance's host
     /// names (any port), signed with a key of the policy it names (`skn`), which must have one of
-    /// `needed`. Policies are read from the store on each call, so a renewed key takes effect at
-    /// once. Returns the policy name.
-    pub async fn authorize_service(&self, authorization: Option<&str>, needed: &[Right]) -> Result<String, DpsError> {
+    /// `needed`, and whose `sr` covers `path` (a token may be limited to a path under the host).
+    /// Policies are read from the store on each call, so a renewed key takes effect at once.
+    /// Returns the policy name.
+    pub async fn authorize_service(
+        &self,
+        authorization: Option<&str>,
+        needed: &[Right],
+        path: &str,
+    ) -> Result<String, DpsError> {
         let refuse = |why: &str| {
             tracing::info!(reason = why, "service API request refused");
             DpsError::unauthorized()
@@ -35,6 +41,9 @@ impl Provisioning {
             .any(|h| h.trim_start_matches('[').trim_end_matches(']').eq_ignore_ascii_case(host))
         {
             return Err(refuse("token is for another host"));
+        }
+        if !fleetgate_rest::token_covers(&token.resource, path) {
+            return Err(refuse("token's resource does not cover this path"));
         }
         let policies = self.store.policies(POLICY_OWNER).await.map_err(store_err)?;
         let policy = authorize(&policies, &token, needed).map_err(|e| refuse(&e.to_string()))?;

@@ -4,6 +4,7 @@
 //! returns. Rules come from the official SDKs (see the wire-protocol notes): `$rid` first in the
 //! response query, an integer `retry-after`, percent-encoded query values accepted.
 
+use fleetgate_core::topic::{request_id_ok, topic_name_ok};
 use percent_encoding::percent_decode_str;
 
 /// The only topic filter a DPS client may subscribe to.
@@ -49,14 +50,24 @@ pub enum TopicError {
     Unknown,
     /// The right topic, but without a `$rid` (or an operation-status request without an id).
     MissingParameter(&'static str),
+    /// A wildcard in the topic name, or a `$rid` that would change the response topic when
+    /// echoed (a decoded `#`, `/`, `&`...).
+    Malformed,
 }
 
 /// Parses `$dps/registrations/PUT/iotdps-register/?$rid={rid}` and
 /// `$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={id}`.
 pub fn parse_request_topic(topic: &str) -> Result<DpsRequest, TopicError> {
+    if !topic_name_ok(topic) {
+        return Err(TopicError::Malformed);
+    }
     let (path, query) = topic.split_once('?').ok_or(TopicError::Unknown)?;
     let path = path.trim_end_matches('/');
-    let rid = || query_param(query, "$rid").filter(|r| !r.is_empty()).ok_or(TopicError::MissingParameter("$rid"));
+    let rid = || match query_param(query, "$rid").filter(|r| !r.is_empty()) {
+        None => Err(TopicError::MissingParameter("$rid")),
+        Some(r) if !request_id_ok(&r) => Err(TopicError::Malformed),
+        Some(r) => Ok(r),
+    };
     if path.eq_ignore_ascii_case("$dps/registrations/PUT/iotdps-register") {
         Ok(DpsRequest::Register { rid: rid()? })
     } else if path.eq_ignore_ascii_case("$dps/registrations/GET/iotdps-get-operationstatus") {
@@ -164,6 +175,24 @@ mod tests {
     }
 
     #[test]
+    fn rids_that_would_reshape_the_response_topic_and_wildcards_are_refused() {
+        for rid in ["%23", "a%2Fb", "a%26retry-after%3D0", "%2B", "a%3Fb", "a%25"] {
+            assert_eq!(
+                parse_request_topic(&format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}")),
+                Err(TopicError::Malformed),
+                "{rid}"
+            );
+        }
+        for topic in [
+            "$dps/registrations/PUT/iotdps-register/?$rid=1#",
+            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=1&operationId=+",
+            "$dps/registrations/PUT/+/?$rid=1",
+        ] {
+            assert_eq!(parse_request_topic(topic), Err(TopicError::Malformed), "{topic}");
+        }
+    }
+
+    #[test]
     fn response_topics_put_rid_first() {
         assert_eq!(response_topic(200, "1", None), "$dps/registrations/res/200/?$rid=1");
         assert_eq!(response_topic(202, "ab", Some(3)), "$dps/registrations/res/202/?$rid=ab&retry-after=3");
@@ -188,6 +217,7 @@ mod tests {
             let _ = DpsUsername::parse(&s);
             if let Ok(DpsRequest::Register { rid }) = parse_request_topic(&s) {
                 proptest::prop_assert!(response_topic(200, &rid, None).contains(&rid));
+                proptest::prop_assert!(fleetgate_core::topic::request_id_ok(&rid));
             }
             let _ = register_payload(&bytes);
             let _ = register_payload(s.as_bytes());

@@ -8,17 +8,17 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::{MatchedPath, Path, RawPathParams, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
-use fleetgate_core::audit::AuditEntry;
 use fleetgate_core::policy::Right;
 use fleetgate_core::{DpsError, ErrorCode};
 pub use fleetgate_rest::ApiError;
-use fleetgate_rest::{body, if_match, json, ApiResult, Page};
+use fleetgate_rest::{body, if_match, json, ApiResult, Page, RouteAccess};
 use serde_json::Value;
 
 use crate::Provisioning;
@@ -41,45 +41,67 @@ pub fn router(dps: Arc<Provisioning>) -> Router {
         .with_state(dps)
 }
 
-async fn authorize(State(dps): State<Arc<Provisioning>>, req: Request, next: Next) -> Response {
+/// Every route and method of the DPS service API with the right it needs, as Azure's DPS policies
+/// grant them: reads and queries need the read right of their collection, changes the write
+/// right. A route or method missing here is refused (405) after authentication, never served.
+pub const ACCESS: &[RouteAccess] = {
+    use Right::{
+        EnrollmentRead as ER, EnrollmentWrite as EW, RegistrationStatusRead as RR, RegistrationStatusWrite as RW,
+    };
+    const fn a(method: &'static str, route: &'static str, rights: &'static [Right], audited: bool) -> RouteAccess {
+        RouteAccess { method, route, rights, audited }
+    }
+    &[
+        a("POST", "/enrollmentgroups/query", &[ER], false),
+        a("PUT", "/enrollmentgroups/{id}", &[EW], true),
+        a("GET", "/enrollmentgroups/{id}", &[ER], false),
+        a("DELETE", "/enrollmentgroups/{id}", &[EW], true),
+        a("POST", "/enrollmentgroups/{id}/attestationmechanism", &[ER], false),
+        a("POST", "/enrollments", &[EW], true),
+        a("POST", "/enrollments/query", &[ER], false),
+        a("PUT", "/enrollments/{id}", &[EW], true),
+        a("GET", "/enrollments/{id}", &[ER], false),
+        a("DELETE", "/enrollments/{id}", &[EW], true),
+        a("POST", "/enrollments/{id}/attestationmechanism", &[ER], false),
+        a("GET", "/registrations/{id}", &[RR], false),
+        a("DELETE", "/registrations/{id}", &[RW], true),
+        a("POST", "/registrations/{id}/query", &[RR], false),
+    ]
+};
+
+/// Authenticates every call and checks the right its route and method need (see [`ACCESS`]);
+/// every call that changes state is audited, refused or not.
+async fn authorize(
+    State(dps): State<Arc<Provisioning>>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    req: Request,
+    next: Next,
+) -> Response {
     let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let needed = required_rights(req.method(), req.uri().path());
+    let matched = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
+    let access = fleetgate_rest::route_access(ACCESS, req.method(), matched).copied();
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    match dps.authorize_service(auth, needed).await {
+    let target = params.ok().and_then(|p| p.iter().find(|(k, _)| *k == "id").map(|(_, v)| v.to_owned()));
+    let target = target.unwrap_or_default();
+    // An unlisted route or method is refused below; authentication still comes first.
+    let needed = access.map_or(&[][..], |a| a.rights);
+    match dps.authorize_service(auth, needed, &path).await {
         Ok(policy) => {
+            let Some(access) = access else {
+                return ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed.")).into_response();
+            };
             let resp = next.run(req).await;
-            // Reads are not audited; every change (or attempted change) is.
-            if method != axum::http::Method::GET
-                && !path.ends_with("/query")
-                && !path.ends_with("/attestationmechanism")
-            {
-                dps.audit().record(service_entry(&method, &path, &policy, resp.status().as_u16()));
+            if access.audited {
+                let status = resp.status().as_u16();
+                dps.audit().record(fleetgate_rest::service_audit_entry(&method, &path, &policy, &target, status));
             }
             resp
         }
         Err(e) => {
-            dps.audit().record(service_entry(&method, &path, "(unauthenticated)", 401).reason("SAS token refused"));
+            let entry = fleetgate_rest::service_audit_entry(&method, &path, "(unauthenticated)", &target, e.status());
+            dps.audit().record(entry.reason("SAS token refused"));
             ApiError(e).into_response()
         }
-    }
-}
-
-/// An audit entry for a DPS service API call; the target is the id in the path.
-fn service_entry(method: &axum::http::Method, path: &str, policy: &str, status: u16) -> AuditEntry {
-    let target =
-        path.rsplit('/').find(|s| !s.is_empty() && *s != "query" && *s != "attestationmechanism").unwrap_or("");
-    fleetgate_rest::service_audit_entry(method, path, policy, target, status)
-}
-
-/// The rights a call needs, as Azure's DPS policies grant them: reads and queries need the read
-/// right of their collection, everything else the write right.
-fn required_rights(method: &axum::http::Method, path: &str) -> &'static [Right] {
-    let read = method == axum::http::Method::GET || path.ends_with("/query") || path.ends_with("/attestationmechanism");
-    match (path.starts_with("/registrations"), read) {
-        (true, true) => &[Right::RegistrationStatusRead],
-        (true, false) => &[Right::RegistrationStatusWrite],
-        (false, true) => &[Right::EnrollmentRead],
-        (false, false) => &[Right::EnrollmentWrite],
     }
 }
 

@@ -1,7 +1,7 @@
 //! [`Hub`]: every hub decision, independent of the wire.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,9 +66,18 @@ pub struct HubDevice {
     pub device_id: String,
     /// When the device was last active (ticks), shared with [`Hub::device_json`].
     last_activity: Arc<AtomicI64>,
+    /// When the credentials the device connected with stop being accepted: its SAS token's
+    /// expiry (plus the clock skew a CONNECT is allowed), its certificate's notAfter. The
+    /// connection must not outlive them (Azure closes it; the SDKs reconnect with new ones).
+    expires: Option<Timestamp>,
 }
 
 impl HubDevice {
+    /// See the `expires` field; `None` only for devices made without credentials (tests).
+    pub fn credentials_expire(&self) -> Option<Timestamp> {
+        self.expires
+    }
+
     /// Records activity: an atomic store, since it happens on every message.
     fn touch(&self, now: Timestamp) {
         self.last_activity.store(now.ticks(), Ordering::Relaxed);
@@ -86,13 +95,34 @@ pub enum ConnectRefusal {
 
 type MethodWaiter = oneshot::Sender<(i32, Value)>;
 
+/// A direct method call awaiting its answer, named by everything the answer must match: the
+/// hub, the device, the connection the request went out on and its unguessable request id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PendingMethod {
+    hub: String,
+    device: String,
+    session: u64,
+    rid: String,
+}
+
+impl PendingMethod {
+    fn new(hub: &str, device: &str, session: u64, rid: &str) -> Self {
+        Self { hub: hub.to_ascii_lowercase(), device: device.to_ascii_lowercase(), session, rid: rid.to_owned() }
+    }
+}
+
+/// A request id for a direct method: 128 random bits from the OS generator (UUID v4) in hex,
+/// so no device can answer a call it was not sent. The SDKs echo rids as opaque strings.
+fn new_method_rid() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
 pub struct Hub {
     store: Arc<dyn Store>,
     config: HubConfig,
     pub(crate) sessions: Sessions,
     events: EventWriter,
-    methods: Mutex<HashMap<String, MethodWaiter>>,
-    next_rid: AtomicU64,
+    methods: Mutex<HashMap<PendingMethod, MethodWaiter>>,
     /// Last activity per device (ticks; 0 = none), kept in memory (Azure reports it eventually
     /// consistent too). Each connection holds its device's entry.
     activity: Mutex<HashMap<(String, String), Arc<AtomicI64>>>,
@@ -135,7 +165,6 @@ impl Hub {
             sessions: Sessions::default(),
             events,
             methods: Mutex::new(HashMap::new()),
-            next_rid: AtomicU64::new(0),
             activity: Mutex::new(HashMap::new()),
             throttles: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
@@ -229,7 +258,11 @@ impl Hub {
             if device.status == DeviceStatus::Disabled {
                 return Err(refuse(ConnectRefusal::Disabled));
             }
-            return Ok(self.connected_device(hub.host_name, device.device_id));
+            // The leaf was parsed and checked above; its notAfter is the session's end.
+            let not_after = certificates
+                .and_then(|c| Certificate::from_der(c.leaf()).ok())
+                .map(|leaf| Timestamp::from_unix_seconds(leaf.validity().1.saturating_add(1)));
+            return Ok(self.connected_device(hub.host_name, device.device_id, not_after));
         }
         let Some(token) = password.and_then(|p| SasToken::parse(p).ok()) else {
             return Err(refuse(ConnectRefusal::BadCredentials));
@@ -248,10 +281,14 @@ impl Hub {
         if device.status == DeviceStatus::Disabled {
             return Err(refuse(ConnectRefusal::Disabled));
         }
-        Ok(self.connected_device(hub.host_name, device.device_id))
+        // The first second `check_expiry` refuses the token is when the connection ends: a
+        // token accepted at CONNECT (skew included) keeps it open exactly as long as it would
+        // still be accepted.
+        let expires = token.accepted_until().saturating_add(1);
+        Ok(self.connected_device(hub.host_name, device.device_id, Some(Timestamp::from_unix_seconds(expires))))
     }
 
-    fn connected_device(&self, hub: String, device_id: String) -> HubDevice {
+    fn connected_device(&self, hub: String, device_id: String, expires: Option<Timestamp>) -> HubDevice {
         let last_activity = self
             .activity
             .lock()
@@ -259,7 +296,7 @@ impl Hub {
             .entry((hub.to_ascii_lowercase(), device_id.to_ascii_lowercase()))
             .or_default()
             .clone();
-        HubDevice { hub, device_id, last_activity }
+        HubDevice { hub, device_id, last_activity, expires }
     }
 
     /// The CA certificates a `certificateAuthority` identity created through the service API
@@ -290,6 +327,9 @@ impl Hub {
     pub fn disconnect_session(&self, d: &HubDevice, id: u64) {
         self.sessions.unregister(&d.hub, &d.device_id, id);
         fleetgate_metrics::METRICS.hub_sessions.set(self.sessions.count() as i64);
+        // Calls sent on this connection can no longer be answered (an answer counts only on
+        // the connection the call went out on): their callers learn it now, not at timeout.
+        self.methods.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| k.session != id);
     }
 
     /// The subscriptions a CleanSession-0 device left behind (stream, granted QoS 0 or 1).
@@ -425,11 +465,11 @@ impl Hub {
             .map_err(store_err)?
             .ok_or_else(|| not_found(device_id))?;
         if let Some(patch) = desired {
-            if let Some((tx, flags)) = self.sessions.get(hub, device_id) {
-                if flags.desired.load(Ordering::Relaxed) {
+            if let Some(live) = self.sessions.get(hub, device_id) {
+                if live.flags.desired.load(Ordering::Relaxed) {
                     let body = Twin::desired_notification(&patch, twin.desired_version);
                     // A device too slow to take it re-reads the twin on reconnect (the SDKs do).
-                    let _ = tx.try_send(Outbound::DesiredPatch(Box::new(DesiredPatch {
+                    let _ = live.tx.try_send(Outbound::DesiredPatch(Box::new(DesiredPatch {
                         body,
                         version: twin.desired_version,
                     })));
@@ -458,39 +498,42 @@ impl Hub {
         let offline = || {
             DpsError::new(ErrorCode::DeviceNotOnline, "The device is not online or not listening for direct methods.")
         };
-        let (tx, flags) = self.sessions.get(hub, device_id).ok_or_else(offline)?;
-        if !flags.methods.load(Ordering::Relaxed) {
+        let live = self.sessions.get(hub, device_id).ok_or_else(offline)?;
+        if !live.flags.methods.load(Ordering::Relaxed) {
             return Err(offline());
         }
-        let rid = format!("{}", self.next_rid.fetch_add(1, Ordering::Relaxed) + 1);
+        let rid = new_method_rid();
+        let pending = PendingMethod::new(hub, device_id, live.id, &rid);
         let (wtx, wrx) = oneshot::channel();
-        self.methods.lock().unwrap_or_else(|p| p.into_inner()).insert(rid.clone(), wtx);
-        if tx
-            .try_send(Outbound::Method(Box::new(MethodCall { rid: rid.clone(), name: name.to_owned(), payload })))
-            .is_err()
-        {
-            self.methods.lock().unwrap_or_else(|p| p.into_inner()).remove(&rid);
+        self.methods.lock().unwrap_or_else(|p| p.into_inner()).insert(pending.clone(), wtx);
+        if live.tx.try_send(Outbound::Method(Box::new(MethodCall { rid, name: name.to_owned(), payload }))).is_err() {
+            self.methods.lock().unwrap_or_else(|p| p.into_inner()).remove(&pending);
             return Err(offline());
         }
         match tokio::time::timeout(timeout, wrx).await {
             Ok(Ok(answer)) => Ok(answer),
             _ => {
-                self.methods.lock().unwrap_or_else(|p| p.into_inner()).remove(&rid);
+                self.methods.lock().unwrap_or_else(|p| p.into_inner()).remove(&pending);
                 Err(DpsError::new(ErrorCode::GatewayTimeout, "The device did not answer the direct method in time."))
             }
         }
     }
 
-    /// A device's answer to a method call. Unknown or late rids are ignored.
-    pub fn method_response(&self, rid: &str, status: i32, body: &[u8]) {
+    /// A device's answer to a method call, from its connection `session`. It counts only if that
+    /// connection was sent a call with this rid and it is still waiting: an answer from another
+    /// device, hub or connection, or a late one, is ignored.
+    pub fn method_response(&self, d: &HubDevice, session: u64, rid: &str, status: i32, body: &[u8]) {
+        let key = PendingMethod::new(&d.hub, &d.device_id, session, rid);
+        let Some(waiter) = self.methods.lock().unwrap_or_else(|p| p.into_inner()).remove(&key) else {
+            tracing::info!(hub = %d.hub, device = %d.device_id, "method answer matches no call pending on this connection; ignored");
+            return;
+        };
         let payload = if body.iter().all(u8::is_ascii_whitespace) {
             Value::Null
         } else {
             serde_json::from_slice(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
         };
-        if let Some(w) = self.methods.lock().unwrap_or_else(|p| p.into_inner()).remove(rid) {
-            let _ = w.send((status, payload));
-        }
+        let _ = waiter.send((status, payload));
     }
 
     /// Queues a cloud-to-device message and wakes the device's session if it is connected.
@@ -521,8 +564,8 @@ impl Hub {
             body,
         };
         self.store.enqueue_c2d(&msg, self.config.c2d_queue_depth).await.map_err(store_err)?;
-        if let Some((tx, _)) = self.sessions.get(hub, device_id) {
-            let _ = tx.try_send(Outbound::CloudToDevice);
+        if let Some(live) = self.sessions.get(hub, device_id) {
+            let _ = live.tx.try_send(Outbound::CloudToDevice);
         }
         Ok(id)
     }
@@ -619,6 +662,9 @@ impl Hub {
         let x509 = x509_credentials(&v)?;
         let (hub_s, id) = (hub.to_owned(), device_id.to_owned());
         let now = Timestamp::now();
+        // Decided in the store's transaction, from the identity it replaces.
+        let credentials_changed = Arc::new(AtomicBool::new(false));
+        let changed = credentials_changed.clone();
         let result = self
             .store
             .update_device(
@@ -662,6 +708,7 @@ impl Hub {
                     };
                     let mut dev = DeviceIdentity::provisioned_with(existing, &hub_s, &id, credentials, now);
                     dev.status = status;
+                    changed.store(existing.is_some_and(|old| !old.same_credentials(&dev)), Ordering::Relaxed);
                     let twin = cur.map(|(_, t)| t).unwrap_or_default();
                     Ok(Some((dev, twin)))
                 }),
@@ -669,10 +716,14 @@ impl Hub {
             .await
             .map_err(store_err)?;
         let (dev, _) = result.ok_or_else(DpsError::internal)?;
-        if dev.status == DeviceStatus::Disabled {
-            if let Some((tx, _)) = self.sessions.get(hub, device_id) {
-                let _ = tx.try_send(Outbound::Close);
+        // A disabled device, or one whose keys, thumbprints or CAs changed, keeps no connection
+        // opened before: the old credentials may be the reason for the change.
+        let changed = credentials_changed.load(Ordering::Relaxed);
+        if dev.status == DeviceStatus::Disabled || changed {
+            if changed {
+                tracing::info!(hub = %hub, device = %dev.device_id, "device credentials changed; closing its connection");
             }
+            self.sessions.close(hub, device_id);
         }
         Ok(dev)
     }
@@ -698,9 +749,7 @@ impl Hub {
             )
             .await
             .map_err(store_err)?;
-        if let Some((tx, _)) = self.sessions.get(hub, device_id) {
-            let _ = tx.try_send(Outbound::Close);
-        }
+        self.sessions.close(hub, device_id);
         Ok(())
     }
 
@@ -756,4 +805,33 @@ fn x509_credentials(v: &Value) -> Result<Option<DeviceCredentials>, DpsError> {
         return Err(DpsError::bad_request("A selfSigned device needs x509Thumbprint.primaryThumbprint."));
     }
     Ok(Some(DeviceCredentials::SelfSigned { primary, secondary }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_rids_are_128_random_bits() {
+        let rids: std::collections::HashSet<String> = (0..1000).map(|_| new_method_rid()).collect();
+        assert_eq!(rids.len(), 1000);
+        for rid in &rids {
+            assert!(rid.len() == 32 && rid.bytes().all(|b| b.is_ascii_hexdigit()), "{rid}");
+            assert!(fleetgate_core::topic::request_id_ok(rid), "echoable as it is");
+        }
+    }
+
+    #[test]
+    fn a_pending_call_is_named_by_hub_device_connection_and_rid() {
+        let a = PendingMethod::new("Hub-A", "Dev-1", 7, "r");
+        assert_eq!(a, PendingMethod::new("hub-a", "dev-1", 7, "r"), "ids are case-insensitive");
+        for other in [
+            PendingMethod::new("hub-b", "dev-1", 7, "r"),
+            PendingMethod::new("hub-a", "dev-2", 7, "r"),
+            PendingMethod::new("hub-a", "dev-1", 8, "r"),
+            PendingMethod::new("hub-a", "dev-1", 7, "R"),
+        ] {
+            assert_ne!(a, other);
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! nothing after the rid in a method request topic (C copies the rest into the rid); device-bound
 //! topics end in `/` before the property bag (Node matches on it).
 
+use fleetgate_core::topic::{request_id_ok, topic_name_ok};
 use percent_encoding::percent_decode_str;
 
 /// A hub CONNECT username: `{hubHostName}/{deviceId}/?api-version=...&DeviceClientType=...`.
@@ -61,7 +62,8 @@ pub enum TopicError {
     Unknown,
     /// Another device's topic: a topic-authorization violation.
     Forbidden,
-    /// The right topic without a required `$rid` (or a bad status).
+    /// The right topic without a usable `$rid` (missing, or one that would change the response
+    /// topic when echoed), a bad status, or a wildcard in the topic name.
     Malformed,
 }
 
@@ -73,12 +75,17 @@ fn query_value(query: &str, name: &str) -> Option<String> {
     })
 }
 
+/// The decoded `$rid`, refused unless it can be echoed into a response topic unchanged (a
+/// `%23` would come back as a `#`, a `%2F` as a new topic level).
 fn rid_of(query: &str) -> Result<String, TopicError> {
-    query_value(query, "$rid").filter(|r| !r.is_empty() && r.len() <= 128).ok_or(TopicError::Malformed)
+    query_value(query, "$rid").filter(|r| request_id_ok(r)).ok_or(TopicError::Malformed)
 }
 
 /// Parses a PUBLISH topic from the device connected as `device_id`.
 pub fn parse_publish_topic(topic: &str, device_id: &str) -> Result<DeviceRequest, TopicError> {
+    if !topic_name_ok(topic) {
+        return Err(TopicError::Malformed);
+    }
     if let Some(rest) = topic.strip_prefix("devices/") {
         let (id, rest) = rest.split_once('/').ok_or(TopicError::Unknown)?;
         let bag = match rest {
@@ -223,6 +230,34 @@ mod tests {
             Err(TopicError::Unknown)
         );
         assert_eq!(parse_publish_topic("devices/d1/messages/devicebound/", "d1"), Err(TopicError::Unknown));
+    }
+
+    #[test]
+    fn rids_that_would_reshape_the_response_topic_and_wildcards_are_refused() {
+        for rid in ["%23", "a%2Fb", "a%26%24version%3D1", "%2B", "a%3Fb", "a%25", "a%20b", ""] {
+            for topic in [
+                format!("$iothub/twin/GET/?$rid={rid}"),
+                format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}"),
+                format!("$iothub/methods/res/200/?$rid={rid}"),
+            ] {
+                assert_eq!(parse_publish_topic(&topic, "d1"), Err(TopicError::Malformed), "{topic}");
+            }
+        }
+        for topic in [
+            "devices/d1/messages/events/#",
+            "devices/d1/messages/events/a=+",
+            "devices/d1/messages/events/+/x",
+            "$iothub/twin/GET/?$rid=1#",
+            "$iothub/methods/res/200/?$rid=+",
+        ] {
+            assert_eq!(parse_publish_topic(topic, "d1"), Err(TopicError::Malformed), "{topic}");
+        }
+        // Percent-encoded property values are fine: they are decoded into the message, never echoed.
+        assert!(parse_publish_topic("devices/d1/messages/events/a=%23%2B%2F", "d1").is_ok());
+        assert_eq!(
+            parse_publish_topic("$iothub/twin/GET/?$rid=6f1d3c0e-0b4e-4b7e-9b55-0d0d5c1e2f3a", "d1"),
+            Ok(DeviceRequest::TwinGet { rid: "6f1d3c0e-0b4e-4b7e-9b55-0d0d5c1e2f3a".into() })
+        );
     }
 
     #[test]

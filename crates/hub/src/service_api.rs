@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::{MatchedPath, Path, Query, RawPathParams, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -15,13 +16,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Router};
 use base64::Engine;
-use fleetgate_core::audit::AuditEntry;
 use fleetgate_core::message::{Properties, TelemetryEvent};
 use fleetgate_core::policy::{self, Right};
 use fleetgate_core::sas::SasToken;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::{DpsError, ErrorCode};
-use fleetgate_rest::{body, if_match, json, ApiError, ApiResult};
+use fleetgate_rest::{body, if_match, json, ApiError, ApiResult, RouteAccess};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -46,10 +46,47 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .with_state(hub)
 }
 
-/// SAS with the hub's `iothubowner` key; the host in `sr` (any port) picks the hub.
-async fn authorize(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) -> Response {
+/// Every route and method of the hub service API with the rights it needs, as IoT Hub's policies
+/// grant them: the registry (devices) needs registry read/write; twins are readable with registry
+/// read or service connect and writable with service connect; methods, C2D and the event stream
+/// need service connect. `DeviceConnect` (the `device` policy) opens nothing here. A route or
+/// method missing here is refused (405) after authentication, never served.
+pub const ACCESS: &[RouteAccess] = {
+    use Right::{RegistryRead as RR, RegistryWrite as RW, ServiceConnect as SC};
+    const fn a(method: &'static str, route: &'static str, rights: &'static [Right], audited: bool) -> RouteAccess {
+        RouteAccess { method, route, rights, audited }
+    }
+    &[
+        a("GET", "/devices", &[RR], false),
+        a("PUT", "/devices/{id}", &[RW], true),
+        a("GET", "/devices/{id}", &[RR], false),
+        a("DELETE", "/devices/{id}", &[RW], true),
+        a("POST", "/devices/{id}/messages/devicebound", &[SC], true),
+        a("GET", "/twins/{id}", &[RR, SC], false),
+        a("PATCH", "/twins/{id}", &[SC], true),
+        a("POST", "/twins/{id}/methods", &[SC], true),
+        a("GET", "/messages/events", &[SC], false),
+    ]
+};
+
+/// SAS with a policy of the hub the token's `sr` host names (any port); the rest of `sr` may
+/// limit the token to a path. The matched route and method decide the right (see [`ACCESS`]);
+/// changes, method calls and C2D sends are audited, refused or not.
+async fn authorize(
+    State(hub): State<Arc<Hub>>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let matched = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
+    let access = fleetgate_rest::route_access(ACCESS, req.method(), matched).copied();
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let target = params.ok().and_then(|p| p.iter().find(|(k, _)| *k == "id").map(|(_, v)| v.to_owned()));
+    let target = target.unwrap_or_default();
     let refuse = |why: &str| {
         tracing::info!(reason = why, "hub service API request refused");
+        let entry = fleetgate_rest::service_audit_entry(&method, &path, "(unauthenticated)", &target, 401);
+        hub.audit().record(entry.reason(why));
         ApiError(DpsError::unauthorized()).into_response()
     };
     let Some(token) =
@@ -61,54 +98,33 @@ async fn authorize(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) ->
         return refuse("token expired");
     }
     let host = fleetgate_rest::token_host(&token.resource);
-    let Ok(Some(linked)) = hub.hub_named(host).await else { return refuse("token names no hub of this instance") };
-    let Ok(policies) = hub.store().policies(&format!("hub:{}", linked.host_name.to_ascii_lowercase())).await else {
-        return refuse("hub policies unreadable");
+    let linked = match hub.hub_named(host).await {
+        Ok(Some(linked)) => linked,
+        Ok(None) => return refuse("token names no hub of this instance"),
+        Err(e) => return ApiError(e).into_response(),
     };
-    let needed = required_rights(req.method(), req.uri().path());
-    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    if !fleetgate_rest::token_covers(&token.resource, &path) {
+        return refuse("token's resource does not cover this path");
+    }
+    let policies = match hub.store().policies(&format!("hub:{}", linked.host_name.to_ascii_lowercase())).await {
+        Ok(p) => p,
+        Err(e) => return ApiError(crate::hub::store_err(e)).into_response(),
+    };
+    // An unlisted route or method is refused below; authentication still comes first.
+    let needed = access.map_or(&[][..], |a| a.rights);
     let name = match policy::authorize(&policies, &token, needed) {
         Ok(p) => p.key_name.clone(),
-        Err(e) => {
-            hub.audit().record(service_entry(&method, &path, "(unauthenticated)", 401).reason(e.to_string()));
-            return refuse(&e.to_string());
-        }
+        Err(e) => return refuse(&e.to_string()),
+    };
+    let Some(access) = access else {
+        return ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed.")).into_response();
     };
     req.extensions_mut().insert(TargetHub(linked.host_name));
     let resp = next.run(req).await;
-    // Reads are not audited; changes, method calls and C2D sends are.
-    if method != axum::http::Method::GET {
-        hub.audit().record(service_entry(&method, &path, &name, resp.status().as_u16()));
+    if access.audited {
+        hub.audit().record(fleetgate_rest::service_audit_entry(&method, &path, &name, &target, resp.status().as_u16()));
     }
     resp
-}
-
-/// An audit entry for a hub service API call; the target is the device id in the path.
-fn service_entry(method: &axum::http::Method, path: &str, policy: &str, status: u16) -> AuditEntry {
-    fleetgate_rest::service_audit_entry(method, path, policy, path.split('/').nth(2).unwrap_or(""), status)
-}
-
-/// The rights a call needs, as IoT Hub's policies grant them: the registry (devices) needs
-/// registry read/write; twins are readable with registry read or service connect and writable
-/// with service connect; methods, C2D and the event stream need service connect. `DeviceConnect`
-/// (the `device` policy) opens nothing here.
-fn required_rights(method: &axum::http::Method, path: &str) -> &'static [Right] {
-    use axum::http::Method;
-    if path.starts_with("/twins") && path.ends_with("/methods") {
-        &[Right::ServiceConnect]
-    } else if path.starts_with("/twins") {
-        if method == Method::GET {
-            &[Right::RegistryRead, Right::ServiceConnect]
-        } else {
-            &[Right::ServiceConnect]
-        }
-    } else if path.ends_with("/messages/devicebound") || path.starts_with("/messages") {
-        &[Right::ServiceConnect]
-    } else if method == Method::GET {
-        &[Right::RegistryRead]
-    } else {
-        &[Right::RegistryWrite]
-    }
 }
 
 #[derive(Deserialize)]
@@ -116,14 +132,27 @@ struct ListQuery {
     top: Option<usize>,
 }
 
+/// The largest page of `GET /devices`.
+const MAX_DEVICE_PAGE: usize = 1000;
+
+/// `GET /devices?top=N`: up to `top` identities (1,000 by default and at most, as in Azure). When
+/// more remain, `x-ms-continuation` says where the next page starts, so a client asking for more
+/// than a page can follow it instead of getting a silently shortened list.
 async fn list_devices(
     State(hub): State<Arc<Hub>>,
     Extension(t): Extension<TargetHub>,
     Query(q): Query<ListQuery>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let top = q.top.unwrap_or(1000).clamp(1, 10_000);
-    let devices = hub.devices(&t.0, 0, top).await?;
-    Ok(json(devices.iter().map(|d| hub.device_json(d)).collect::<Vec<_>>()))
+    let size = match q.top {
+        None => 1000,
+        Some(n) if n >= 1 => n.min(MAX_DEVICE_PAGE),
+        Some(_) => return Err(DpsError::bad_request("top must be a positive integer.").into()),
+    };
+    let offset = fleetgate_rest::Page::from_headers(&headers)?.offset;
+    let page = fleetgate_rest::Page { offset, size };
+    let devices = hub.devices(&t.0, offset, size + 1).await?;
+    Ok(page.respond(devices.iter().map(|d| hub.device_json(d)).collect::<Vec<_>>(), "device"))
 }
 
 async fn get_device(

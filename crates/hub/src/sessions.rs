@@ -21,7 +21,8 @@ pub enum Outbound {
     Method(Box<MethodCall>),
     /// New cloud-to-device messages are queued for this device.
     CloudToDevice,
-    /// Another connection for the same device took over.
+    /// The session must end: another connection for the device took over, or the device was
+    /// disabled, deleted or given new credentials.
     Close,
 }
 
@@ -53,6 +54,9 @@ pub struct SessionFlags {
 pub struct Inbox {
     queue: Mutex<VecDeque<Outbound>>,
     ready: Notify,
+    /// Set by [`Inbox::close`]: outside the bounded queue, so a session whose queue is full is
+    /// still told to close.
+    closing: AtomicBool,
 }
 
 impl Inbox {
@@ -69,9 +73,19 @@ impl Inbox {
         Ok(())
     }
 
-    /// The next request (for the session task, the only receiver).
+    /// Tells the session to close, ahead of anything queued and even when the queue is full.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    /// The next request (for the session task, the only receiver); [`Outbound::Close`] first
+    /// once the session was told to close.
     pub async fn recv(&self) -> Outbound {
         loop {
+            if self.closing.load(Ordering::Acquire) {
+                return Outbound::Close;
+            }
             if let Some(out) = self.pop() {
                 return out;
             }
@@ -107,6 +121,14 @@ pub struct Sessions {
     map: Mutex<HashMap<(String, String), Entry>>,
 }
 
+/// A connected device's session as the service side reaches it. `id` names the connection:
+/// an answer to a request sent through `tx` counts only when it comes back on that connection.
+pub struct Live {
+    pub id: u64,
+    pub tx: Arc<Inbox>,
+    pub flags: Arc<SessionFlags>,
+}
+
 pub struct SessionHandle {
     pub id: u64,
     pub rx: Arc<Inbox>,
@@ -131,7 +153,7 @@ impl Sessions {
             .insert(key(hub, device), Entry { id, tx, flags: flags.clone(), connected_since: now });
         if let Some(old) = old {
             tracing::info!(device = %device, "new connection for the device; closing the old one");
-            let _ = old.tx.try_send(Outbound::Close);
+            old.tx.close();
         }
         SessionHandle { id, rx, flags }
     }
@@ -144,13 +166,21 @@ impl Sessions {
         }
     }
 
-    /// The session's sender and flags, if the device is connected.
-    pub fn get(&self, hub: &str, device: &str) -> Option<(Arc<Inbox>, Arc<SessionFlags>)> {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key(hub, device))
-            .map(|e| (e.tx.clone(), e.flags.clone()))
+    /// The device's current session, if it is connected.
+    pub fn get(&self, hub: &str, device: &str) -> Option<Live> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&key(hub, device)).map(|e| Live {
+            id: e.id,
+            tx: e.tx.clone(),
+            flags: e.flags.clone(),
+        })
+    }
+
+    /// Asks the device's current session, if any, to close (the device was disabled, deleted or
+    /// its credentials changed).
+    pub fn close(&self, hub: &str, device: &str) {
+        if let Some(live) = self.get(hub, device) {
+            live.tx.close();
+        }
     }
 
     /// When the device's current connection started, if connected.
@@ -188,5 +218,13 @@ mod tests {
         inbox.try_send(Outbound::Close).unwrap();
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
         assert!(matches!(got, Outbound::Close));
+    }
+
+    #[tokio::test]
+    async fn close_reaches_a_session_whose_queue_is_full() {
+        let inbox = Inbox::default();
+        while inbox.try_send(Outbound::CloudToDevice).is_ok() {}
+        inbox.close();
+        assert!(matches!(inbox.recv().await, Outbound::Close), "ahead of the queued requests");
     }
 }

@@ -3,7 +3,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use fleetgate_core::time::Timestamp;
@@ -14,6 +14,9 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 /// Page size when the client sends no `x-ms-max-item-count`, and the most it may ask for.
 pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
+/// The largest continuation (an offset) accepted: far beyond any registry, and small enough that
+/// an offset plus a page never overflows nor leaves the store's signed 64-bit range.
+pub const MAX_CONTINUATION: usize = 1 << 48;
 
 /// A [`DpsError`] as an HTTP response: Azure's JSON error body and `x-ms-error-code`.
 pub struct ApiError(pub DpsError);
@@ -85,14 +88,14 @@ impl Page {
                 Some(Some(n)) if n >= 1 => n.min(MAX_PAGE),
                 Some(_) => return Err(DpsError::bad_request("x-ms-max-item-count must be a positive integer.").into()),
             };
-        let offset =
-            match h.get("x-ms-continuation").map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok())) {
-                None => 0,
-                Some(Some(n)) => n,
-                Some(None) => {
-                    return Err(DpsError::bad_request("x-ms-continuation is not a valid continuation token.").into())
-                }
-            };
+        let offset = match h
+            .get("x-ms-continuation")
+            .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()))
+        {
+            None => 0,
+            Some(Some(n)) if n <= MAX_CONTINUATION => n,
+            Some(_) => return Err(DpsError::bad_request("x-ms-continuation is not a valid continuation token.").into()),
+        };
         Ok(Self { offset, size })
     }
 
@@ -110,6 +113,71 @@ impl Page {
         }
         resp
     }
+}
+
+/// What one route and method of a service API needs: any one of `rights`, and whether a call is
+/// written to the audit trail (every call that changes state or reaches a device is).
+///
+/// Rights are decided from the route the router matched (its template, e.g.
+/// `/enrollmentgroups/{id}`) and the method, never from the text of the path: an id may equal any
+/// route word (`/enrollmentgroups/query` as a group id is a PUT on `{id}`, a write).
+#[derive(Debug, Clone, Copy)]
+pub struct RouteAccess {
+    pub method: &'static str,
+    pub route: &'static str,
+    pub rights: &'static [fleetgate_core::policy::Right],
+    pub audited: bool,
+}
+
+/// The entry of `table` for the matched route and method; `None` (a route or method the table
+/// does not list) means the call is not served.
+pub fn route_access<'t>(table: &'t [RouteAccess], method: &Method, matched: Option<&str>) -> Option<&'t RouteAccess> {
+    let matched = matched?;
+    table.iter().find(|a| a.route == matched && a.method == method.as_str())
+}
+
+/// Literal path segments matched case-insensitively: SDKs disagree on their case
+/// (`enrollmentGroups` vs `enrollmentgroups`). Routes are declared in lower case.
+const LITERAL_SEGMENTS: &[&str] = &[
+    "enrollmentgroups",
+    "enrollments",
+    "registrations",
+    "query",
+    "attestationmechanism",
+    "devices",
+    "twins",
+    "methods",
+    "messages",
+    "devicebound",
+    "events",
+];
+
+/// Folds the known literal segments of `path` to lower case; ids are left as sent.
+pub fn canonical_path(path: &str) -> String {
+    path.split('/')
+        .map(|seg| {
+            let lower = seg.to_ascii_lowercase();
+            if LITERAL_SEGMENTS.contains(&lower.as_str()) {
+                lower
+            } else {
+                seg.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Whether a service token whose decoded `sr` is `resource` covers a request for `path` (the
+/// percent-encoded request path). As in Azure, `sr` is the host, optionally followed by a path
+/// that limits the token to the requests under it: `host/devices/d1` covers `/devices/d1` and
+/// `/devices/d1/messages/devicebound`, not `/devices/d2` nor `/twins/d1`.
+pub fn token_covers(resource: &str, path: &str) -> bool {
+    let scope = resource.split_once('/').map_or("", |(_, p)| p);
+    if scope.trim_matches('/').is_empty() {
+        return true;
+    }
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    fleetgate_core::sas::resource_matches(&canonical_path(&format!("/{scope}")), &canonical_path(&decoded))
 }
 
 /// The host a service token's `sr` names: its first path segment, without a `:port` and without
@@ -149,6 +217,46 @@ mod tests {
         // A bare IPv6 address is ambiguous with a port; clients bracket it, as in a URL.
         assert_eq!(token_host("[::1]"), "::1");
         assert_eq!(token_host(""), "");
+    }
+
+    #[test]
+    fn continuations() {
+        let page = |c: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-ms-continuation", HeaderValue::from_str(c).unwrap());
+            Page::from_headers(&h).map(|p| p.offset).map_err(|e| e.0.status())
+        };
+        assert_eq!(page("200"), Ok(200));
+        assert_eq!(page(&MAX_CONTINUATION.to_string()), Ok(MAX_CONTINUATION));
+        // Past the bound, including usize::MAX, which wrapped into the first page.
+        assert_eq!(page(&(MAX_CONTINUATION + 1).to_string()), Err(400));
+        assert_eq!(page("18446744073709551615"), Err(400));
+        assert_eq!(page("-1"), Err(400));
+        assert_eq!(page("abc"), Err(400));
+    }
+
+    #[test]
+    fn token_scopes() {
+        assert!(token_covers("localhost", "/devices/d1"));
+        assert!(token_covers("localhost:8443/", "/devices/d1"));
+        assert!(token_covers("localhost/devices", "/devices/d1"));
+        assert!(token_covers("localhost/devices/d1", "/devices/d1"));
+        assert!(token_covers("localhost/Devices/d1", "/devices/d1/messages/deviceBound"));
+        assert!(token_covers("localhost/devices/a b", "/devices/a%20b"));
+        assert!(!token_covers("localhost/devices/other", "/devices/d1"));
+        assert!(!token_covers("localhost/devices/d", "/devices/d1"));
+        assert!(!token_covers("localhost/devices/d1", "/twins/d1"));
+        assert!(!token_covers("localhost/devices/d1", "/devices"));
+        assert!(!token_covers("localhost/registrations/xyz", "/enrollmentgroups/g"));
+        assert!(!token_covers("localhost/registrations/xyz", "/registrations/abc"));
+    }
+
+    #[test]
+    fn folds_literals_keeps_ids() {
+        assert_eq!(canonical_path("/enrollmentGroups/MyGroup"), "/enrollmentgroups/MyGroup");
+        assert_eq!(canonical_path("/EnrollmentGroups/query"), "/enrollmentgroups/query");
+        assert_eq!(canonical_path("/registrations/Dev-1/Query"), "/registrations/Dev-1/query");
+        assert_eq!(canonical_path("/devices/Dev-1/messages/deviceBound"), "/devices/Dev-1/messages/devicebound");
     }
 
     #[test]

@@ -23,40 +23,9 @@ use tower::ServiceExt;
 
 use crate::config::Limits;
 
-/// Literal path segments matched case-insensitively: SDKs disagree on their case
-/// (`enrollmentGroups` vs `enrollmentgroups`). Routes are declared in lower case.
-const LITERAL_SEGMENTS: &[&str] = &[
-    "enrollmentgroups",
-    "enrollments",
-    "registrations",
-    "query",
-    "attestationmechanism",
-    "devices",
-    "twins",
-    "methods",
-    "messages",
-    "devicebound",
-    "events",
-];
-
-/// Folds the known literal segments of `path` to lower case; ids are left as sent.
-pub fn canonical_path(path: &str) -> String {
-    path.split('/')
-        .map(|seg| {
-            let lower = seg.to_ascii_lowercase();
-            if LITERAL_SEGMENTS.contains(&lower.as_str()) {
-                lower
-            } else {
-                seg.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
 fn canonicalize<B>(mut req: http::Request<B>) -> http::Request<B> {
     let uri = req.uri();
-    let path = canonical_path(uri.path());
+    let path = fleetgate_rest::canonical_path(uri.path());
     if path != uri.path() {
         let pq = match uri.query() {
             Some(q) => format!("{path}?{q}"),
@@ -103,6 +72,24 @@ pub fn app(dps: Arc<Provisioning>, hub: Arc<Hub>) -> Router {
         .merge(fleetgate_dps::device_api::device_router(dps))
         .merge(fleetgate_hub::service_api::router(hub))
         .fallback(|| async { ApiError(DpsError::new(ErrorCode::NotFound, "No such resource.")).into_response() })
+        .layer(axum::middleware::from_fn(close_when_body_refused))
+}
+
+/// A request refused before its body was read (401, 405, 413...) leaves the body in the
+/// connection, so hyper closes the connection after the answer; saying so in the answer keeps a
+/// client from reusing the connection and seeing a reset on its next request.
+async fn close_when_body_refused(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let h = req.headers();
+    let has_body = h.contains_key(http::header::TRANSFER_ENCODING)
+        || h.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() != "0");
+    let mut resp = next.run(req).await;
+    if has_body && resp.status().is_client_error() {
+        resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -198,14 +185,14 @@ fn deadline_body(body: hyper::body::Incoming, timeout: Duration, expired: Arc<At
 }
 
 /// What the connection adds to the app's answer: a body that missed its deadline is answered
-/// 408 whatever the handler made of the unreadable body, and after a 408 or a refused credential
-/// the connection closes, so a client without valid credentials cannot keep it open with requests.
+/// 408 whatever the handler made of the unreadable body, and the connection closes (the rest of
+/// the body is not waited for).
 fn connection_rules(mut resp: axum::response::Response, expired: &AtomicBool) -> axum::response::Response {
     if expired.load(Ordering::Relaxed) {
         resp = ApiError(DpsError::new(ErrorCode::RequestTimeout, "The request body did not arrive in time."))
             .into_response();
     }
-    if matches!(resp.status(), http::StatusCode::REQUEST_TIMEOUT | http::StatusCode::UNAUTHORIZED) {
+    if resp.status() == http::StatusCode::REQUEST_TIMEOUT {
         resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
     }
     resp
@@ -243,18 +230,5 @@ impl hyper::body::Body for DeadlineBody {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::canonical_path;
-
-    #[test]
-    fn folds_literals_keeps_ids() {
-        assert_eq!(canonical_path("/enrollmentGroups/MyGroup"), "/enrollmentgroups/MyGroup");
-        assert_eq!(canonical_path("/EnrollmentGroups/query"), "/enrollmentgroups/query");
-        assert_eq!(canonical_path("/registrations/Dev-1/Query"), "/registrations/Dev-1/query");
-        assert_eq!(canonical_path("/devices/Dev-1/messages/deviceBound"), "/devices/Dev-1/messages/devicebound");
     }
 }

@@ -318,3 +318,76 @@ async fn weak_ciphers_and_old_protocols_are_refused() {
         assert!(!out.contains("Cipher is ECDHE") && !out.contains("Cipher is AES"), "{args:?} negotiated: {out}");
     }
 }
+
+/// `GET /devices` pages with `x-ms-continuation` (at most 1,000 a page, as Azure), and the
+/// service client follows it: `device-identity list --top N` returns N devices, not one page.
+#[tokio::test]
+async fn device_lists_page_through_instead_of_capping() {
+    use futures_util::StreamExt;
+    let s = TestServer::start().await;
+    let n = 1003;
+    futures_util::stream::iter(0..n)
+        .for_each_concurrent(8, |i| {
+            let s = &s;
+            async move {
+                let resp = s
+                    .http()
+                    .put(s.url(&format!("/devices/d{i:04}?api-version=2021-04-12")))
+                    .header("Authorization", s.hub_token())
+                    .json(&json!({"deviceId": format!("d{i:04}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+            }
+        })
+        .await;
+    let page = |top: &str, cont: Option<&str>| {
+        let mut req = s
+            .http()
+            .get(s.url(&format!("/devices?top={top}&api-version=2021-04-12")))
+            .header("Authorization", s.hub_token());
+        if let Some(c) = cont {
+            req = req.header("x-ms-continuation", c);
+        }
+        req.send()
+    };
+    let first = page("2", None).await.unwrap();
+    let cont = first.headers().get("x-ms-continuation").expect("more remain").to_str().unwrap().to_owned();
+    let first: Vec<Value> = first.json().await.unwrap();
+    let second: Vec<Value> = page("2", Some(&cont)).await.unwrap().json().await.unwrap();
+    assert_eq!((first.len(), second.len()), (2, 2));
+    assert!(second.iter().all(|d| !first.contains(d)), "the next page starts where the first ended");
+    let capped = page("5000", None).await.unwrap();
+    assert!(capped.headers().contains_key("x-ms-continuation"), "a capped page says more remain");
+    assert_eq!(capped.json::<Vec<Value>>().await.unwrap().len(), 1000);
+    assert_eq!(page("0", None).await.unwrap().status(), 400);
+
+    let conn = s.running().instance.hubs[0].connection_string.parse().unwrap();
+    let client = fleetgate_client::HubServiceClient::new(conn, Some(&s.ca_pem())).unwrap();
+    let all = client.list_devices(None).await.unwrap();
+    assert_eq!(all.as_array().unwrap().len(), n);
+    assert_eq!(client.list_devices(Some(1002)).await.unwrap().as_array().unwrap().len(), 1002);
+    assert_eq!(client.list_devices(Some(100_000)).await.unwrap().as_array().unwrap().len(), n);
+}
+
+/// A request refused before its body was read says `Connection: close`: the server does not
+/// read an unauthenticated body, so the connection cannot be reused.
+#[tokio::test]
+async fn refused_requests_with_bodies_close_their_connection() {
+    let s = TestServer::start().await;
+    let resp = s
+        .http()
+        .put(s.url(&format!("/enrollmentGroups/g{V}")))
+        .header("Authorization", "SharedAccessSignature sr=x&sig=y&se=1&skn=z")
+        .json(&json!({"attestation": {"type": "symmetricKey"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers().get("connection").map(|v| v.to_str().unwrap()), Some("close"));
+    let get =
+        s.http().get(s.url(&format!("/enrollmentGroups/g{V}"))).header("Authorization", "x").send().await.unwrap();
+    assert_eq!(get.status(), 401);
+    assert!(get.headers().get("connection").is_none(), "a bodiless request keeps its connection");
+}

@@ -395,6 +395,52 @@ async fn the_hub_refuses_missing_expired_and_misnamed_certificates() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A hub connection ends with the certificate that opened it
+
+/// Creates or replaces (`If-Match: *`) a `selfSigned` hub identity pinning `cert`.
+async fn put_self_signed(s: &TestServer, id: &str, cert: &Issued, replace: bool) {
+    let thumbprint = fleetgate_core::x509::Certificate::parse(&cert.pem()).unwrap().sha1_thumbprint();
+    let mut req = s
+        .http()
+        .put(s.url(&format!("/devices/{id}?api-version=2021-04-12")))
+        .header("Authorization", s.hub_token())
+        .json(&json!({"deviceId": id, "authentication": {"type": "selfSigned",
+            "x509Thumbprint": {"primaryThumbprint": thumbprint}}}));
+    if replace {
+        req = req.header("If-Match", "*");
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn a_certificate_connection_is_closed_when_the_identity_pins_another_certificate() {
+    let s = TestServer::start().await;
+    let (old, new) = (self_signed_device("x-pin"), self_signed_device("x-pin"));
+    put_self_signed(&s, "x-pin", &old, false).await;
+    let mut m = hub_connect(&s, "x-pin", &old.pem(), &old.key).await.expect("the pinned certificate connects");
+    send_telemetry(&s, &mut m, "x-pin", "before").await;
+    put_self_signed(&s, "x-pin", &new, true).await;
+    assert!(m.recv().await.is_none(), "closed when the thumbprint changed");
+    assert_eq!(hub_connect(&s, "x-pin", &old.pem(), &old.key).await.err(), Some(ConnectReturnCode::NotAuthorized));
+    assert!(hub_connect(&s, "x-pin", &new.pem(), &new.key).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_certificate_connection_is_closed_when_the_certificate_expires() {
+    let s = TestServer::start().await;
+    let key = KeyPair::generate().unwrap();
+    let mut p = params("x-exp", false, (-1, 1));
+    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let cert = Issued { cert: p.self_signed(&key).unwrap(), key };
+    put_self_signed(&s, "x-exp", &cert, false).await;
+    let mut m = hub_connect(&s, "x-exp", &cert.pem(), &cert.key).await.expect("valid for 2 s more");
+    send_telemetry(&s, &mut m, "x-exp", "while valid").await;
+    // Keep-alive 60 s: only the certificate's notAfter can close it within `recv`'s 10 s.
+    assert!(m.recv().await.is_none(), "closed when the certificate expired");
+}
+
+// ---------------------------------------------------------------------------------------------
 // MQTT over WebSockets: the HTTPS connection's client certificate attests
 
 #[tokio::test]

@@ -117,6 +117,7 @@ pub enum DeviceIdentity {
     List {
         #[command(flatten)]
         target: HubTarget,
+        /// At most this many identities (all of them without it), paged through 1,000 at a time.
         #[arg(long)]
         top: Option<usize>,
     },

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fleetgate_core::sas::SasToken;
 use fleetgate_core::time::Timestamp;
-use fleetgate_core::x509::CertificateChain;
+use fleetgate_core::x509::{Certificate, CertificateChain};
 use fleetgate_core::DpsError;
 use fleetgate_dps::answer::{self, Answer};
 use fleetgate_dps::mqtt::{
@@ -24,7 +25,7 @@ use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use super::{printable, Connection, ConnectionError};
+use super::{deadline_of, printable, Connection, ConnectionError};
 use crate::config::Limits;
 
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
@@ -66,6 +67,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
     // X.509 devices send no password: their TLS client certificate chain attests instead.
     let auth = Box::pin(dps.authenticate(&user.id_scope, &user.registration_id, password, peer.as_ref())).await;
+    // An authenticated session ends when what it authenticated with would be refused, as a hub
+    // session does: the SAS token's expiry (plus the skew a CONNECT allows), the certificate's
+    // notAfter. A refused one is closed sooner (`Session::close_at`).
+    let expires = auth.is_ok().then(|| credentials_expire(password, peer.as_ref())).flatten().map(deadline_of);
     conn.set_max_packet(limits.max_dps_packet_bytes);
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
 
@@ -89,8 +94,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         let close_at = session.close_at;
         let packet = tokio::select! {
-            _ = sleep_until_some(close_at) => {
+            () = tokio::time::sleep_until(close_at.unwrap_or_else(tokio::time::Instant::now)), if close_at.is_some() => {
                 tracing::debug!(registration_id = %printable(&session.registration_id), "closing a DPS session that failed to authenticate");
+                break;
+            }
+            () = tokio::time::sleep_until(expires.unwrap_or_else(tokio::time::Instant::now)), if expires.is_some() => {
+                tracing::info!(registration_id = %printable(&session.registration_id), "the device's credentials expired; closing");
                 break;
             }
             r = tokio::time::timeout(idle, session.conn.read_packet()) => match r {
@@ -103,6 +112,12 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             _ = shutdown.changed() => break,
         };
         let Some(packet) = packet else { break };
+        // The expiry may be due with packets still arriving (select! picks among ready branches
+        // at random): no request is served once the credentials have expired.
+        if expires.is_some_and(|e| tokio::time::Instant::now() >= e) {
+            tracing::info!(registration_id = %printable(&session.registration_id), "the device's credentials expired; closing");
+            break;
+        }
         // Boxed: the session future then holds only what waiting for a packet needs.
         if !Box::pin(session.handle(packet)).await? {
             break;
@@ -172,6 +187,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 tracing::info!(topic = %printable(&p.topic), parameter = name, "DPS request without a required parameter; closing");
                 return Ok(false);
             }
+            // A rid that cannot be echoed as it is, or a wildcard in the topic: a protocol
+            // violation, answered as Azure answers one, by closing the connection.
+            Err(TopicError::Malformed) => {
+                tracing::info!(topic = %printable(&p.topic), "DPS request with a wildcard topic or an unusable $rid; closing");
+                return Ok(false);
+            }
         };
         // The PUBACK goes out with the response, ahead of it as the SDKs need: one TLS record
         // and one write instead of two.
@@ -233,12 +254,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
-/// Waits until `at`; never, when `None`.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
+/// When the credentials a device authenticated with stop being accepted: its SAS token's, or
+/// else its client certificate's.
+fn credentials_expire(password: Option<&str>, peer: Option<&CertificateChain>) -> Option<Timestamp> {
+    let last_second = match password {
+        Some(p) => SasToken::parse(p).ok()?.accepted_until(),
+        None => Certificate::from_der(peer?.leaf()).ok()?.validity().1,
+    };
+    Some(Timestamp::from_unix_seconds(last_second.saturating_add(1)))
 }
 
 fn answered(a: Result<Answer, DpsError>) -> (u16, Option<u32>, Value) {

@@ -26,7 +26,7 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use super::{printable, Connection, ConnectionError};
+use super::{deadline_of, printable, Connection, ConnectionError};
 use crate::config::Limits;
 
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
@@ -40,6 +40,9 @@ struct Session<S> {
     conn: Connection<S>,
     hub: Arc<Hub>,
     device: HubDevice,
+    /// This connection's session id: answers to method calls count only when they come back on
+    /// the connection the call went out on.
+    id: u64,
     next_packet_id: u16,
     /// Granted QoS per stream the device subscribed to.
     subscriptions: HashMap<Subscription, QoS>,
@@ -146,6 +149,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         conn,
         hub: hub.clone(),
         device: device.clone(),
+        id: handle.id,
         next_packet_id: 0,
         subscriptions: HashMap::new(),
         c2d_in_flight: HashMap::new(),
@@ -163,7 +167,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// The connected device's session until it disconnects, goes idle past its keep-alive, is
-/// replaced, or the server stops.
+/// replaced or closed by the service side, its credentials expire, or the server stops.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: Session<S>,
     handle: SessionHandle,
@@ -175,7 +179,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // message). The idle deadline moves with each packet; the timer is only re-armed when it
     // fires early.
     let mut deadline = tokio::time::Instant::now() + idle;
-    let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+    // The same timer ends the session when the credentials it was opened with expire (a SAS
+    // token, a certificate), as Azure does; the SDKs reconnect with fresh ones. One timer, not
+    // two: an idle connection keeps it for its life.
+    let expires = s.device.credentials_expire().map(deadline_of);
+    let wake = |deadline: tokio::time::Instant| expires.map_or(deadline, |e| e.min(deadline));
+    let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(wake(deadline)));
     let mut outbound = std::pin::pin!(handle.rx.recv());
     let mut stop = std::pin::pin!(shutdown.changed());
     let result = loop {
@@ -186,7 +195,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(None) => break Ok(()),
                     Ok(Some(p)) => p,
                 };
-                deadline = tokio::time::Instant::now() + idle;
+                let now = tokio::time::Instant::now();
+                // The timer may be due with packets still arriving (select! picks among ready
+                // branches at random): no packet is served once the credentials have expired.
+                if expires.is_some_and(|e| now >= e) {
+                    tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "the device's credentials expired; closing");
+                    break Ok(());
+                }
+                deadline = now + idle;
                 match Box::pin(s.on_packet(packet, &handle.flags)).await {
                     Ok(true) => {}
                     Ok(false) => break Ok(()),
@@ -202,10 +218,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             () = &mut idle_timer => {
-                if tokio::time::Instant::now() >= deadline {
+                let now = tokio::time::Instant::now();
+                if expires.is_some_and(|e| now >= e) {
+                    tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "the device's credentials expired; closing");
+                    break Ok(());
+                }
+                if now >= deadline {
                     break Ok(()); // silent past 1.5 x keep-alive
                 }
-                idle_timer.as_mut().reset(deadline);
+                idle_timer.as_mut().reset(wake(deadline));
             }
             _ = &mut stop => {
                 // A graceful stop still serves what the device already sent (a message in the
@@ -374,7 +395,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             DeviceRequest::MethodResponse { status, rid } => {
                 self.ack(&p)?;
                 self.conn.flush().await?;
-                self.hub.method_response(&rid, status, &p.payload);
+                self.hub.method_response(&self.device, self.id, &rid, status, &p.payload);
                 Ok(true)
             }
         }
@@ -392,7 +413,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn on_outbound(&mut self, out: Outbound) -> Result<bool, ConnectionError> {
         match out {
             Outbound::Close => {
-                tracing::info!(device = %self.device.device_id, "closing: replaced by a new connection or identity changed");
+                tracing::info!(device = %self.device.device_id, "closing: replaced by a new connection, or the identity was disabled, deleted or given new credentials");
                 Ok(false)
             }
             Outbound::DesiredPatch(patch) => {

@@ -8,6 +8,7 @@ mod hub_session;
 
 use std::sync::Arc;
 
+use fleetgate_core::time::Timestamp;
 use fleetgate_core::x509::CertificateChain;
 use fleetgate_dps::mqtt::DpsUsername;
 use fleetgate_dps::Provisioning;
@@ -159,7 +160,33 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(None)
 }
 
+/// When, on tokio's clock, a connection opened with credentials that stop being accepted at
+/// `expires` (wall clock) must end.
+pub(crate) fn deadline_of(expires: Timestamp) -> tokio::time::Instant {
+    tokio::time::Instant::now() + time_left(expires, Timestamp::now())
+}
+
+/// How long from `now` until `expires` (zero once passed).
+fn time_left(expires: Timestamp, now: Timestamp) -> std::time::Duration {
+    let ticks = expires.ticks().saturating_sub(now.ticks()).max(0);
+    std::time::Duration::from_nanos(u64::try_from(ticks).unwrap_or(0).saturating_mul(100))
+}
+
 /// Untrusted text bounded and stripped of control characters, for logs.
 pub(crate) fn printable(s: &str) -> String {
     s.chars().take(160).map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn time_left_until_expiry() {
+        let now = Timestamp::from_unix_seconds(1_000);
+        assert_eq!(time_left(Timestamp::from_unix_seconds(1_003), now), Duration::from_secs(3));
+        assert_eq!(time_left(Timestamp::from_ticks(now.ticks() + 5), now), Duration::from_nanos(500));
+        assert_eq!(time_left(Timestamp::from_unix_seconds(999), now), Duration::ZERO, "already expired");
+    }
 }

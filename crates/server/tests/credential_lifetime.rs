@@ -1,0 +1,105 @@
+//! A connection lives no longer than the credentials it was opened with: a hub connection is
+//! closed when its SAS token expires and when the device's keys are changed through the service
+//! API; a DPS connection when its token expires. (X.509 connections: tests/x509.rs.)
+
+mod common;
+
+use common::{dps_username, Mqtt, TestServer};
+use fleetgate_core::keys::SymmetricKey;
+use fleetgate_core::sas::{build_token, MAX_CLOCK_SKEW_SECS};
+use fleetgate_core::time::Timestamp;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::QoS;
+use serde_json::json;
+
+const V: &str = "?api-version=2021-04-12";
+
+/// Connects `id` with a token expiring at `expiry` (Unix seconds).
+async fn connect_until(s: &TestServer, id: &str, key: &SymmetricKey, expiry: i64) -> Result<Mqtt, ConnectReturnCode> {
+    let hub = s.hub();
+    let token = build_token(key, &format!("{hub}/devices/{id}"), expiry, None);
+    let mut m = s.mqtt().await;
+    match m.connect(id, &format!("{hub}/{id}/?api-version=2019-10-01"), Some(&token), true, 60).await {
+        Packet::ConnAck(a) if a.code == ConnectReturnCode::Success => Ok(m),
+        Packet::ConnAck(a) => Err(a.code),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Telemetry at QoS 1 is acknowledged: the connection is open and serving.
+async fn assert_serving(m: &mut Mqtt, id: &str) {
+    m.publish(&format!("devices/{id}/messages/events/"), QoS::AtLeastOnce, 5, b"x").await;
+    assert!(matches!(m.recv().await, Some(Packet::PubAck(a)) if a.pkid == 5), "telemetry acknowledged");
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_when_its_token_expires() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    // A token that a CONNECT accepts for about 2 s more (clock skew allowance included).
+    let expiry = Timestamp::now().unix_seconds() - MAX_CLOCK_SKEW_SECS + 2;
+    let mut m = connect_until(&s, "dev-1", &key, expiry).await.expect("accepted while within its lifetime");
+    assert_serving(&mut m, "dev-1").await;
+    // Keep-alive 60 s: only the token's expiry can close it within `recv`'s 10 s.
+    assert!(m.recv().await.is_none(), "the server closed the connection at the token's expiry");
+    assert_eq!(connect_until(&s, "dev-1", &key, expiry).await.err(), Some(ConnectReturnCode::NotAuthorized));
+    // A fresh token connects again, as the SDKs do.
+    let mut m = connect_until(&s, "dev-1", &key, Timestamp::now().unix_seconds() + 3600).await.unwrap();
+    assert_serving(&mut m, "dev-1").await;
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_when_the_device_keys_change() {
+    let s = TestServer::start().await;
+    let old = s.create_device("dev-1").await;
+    let put = |body: serde_json::Value| {
+        s.http()
+            .put(s.url(&format!("/devices/dev-1{V}")))
+            .header("Authorization", s.hub_token())
+            .header("If-Match", "*")
+            .json(&body)
+            .send()
+    };
+    let mut m = connect_until(&s, "dev-1", &old, Timestamp::now().unix_seconds() + 3600).await.unwrap();
+    assert_serving(&mut m, "dev-1").await;
+    // An update that keeps the keys (status only, no keys given) leaves the connection open.
+    let resp = put(json!({"deviceId": "dev-1", "status": "enabled"})).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_serving(&mut m, "dev-1").await;
+
+    // Both keys regenerated: the connection opened with the old key is closed.
+    let new = SymmetricKey::generate();
+    let body = json!({"deviceId": "dev-1", "authentication": {"type": "sas", "symmetricKey": {
+        "primaryKey": new.to_base64(), "secondaryKey": SymmetricKey::generate().to_base64()}}});
+    assert_eq!(put(body).await.unwrap().status(), 200);
+    assert!(m.recv().await.is_none(), "closed when the keys changed");
+    let fresh = Timestamp::now().unix_seconds() + 3600;
+    assert_eq!(connect_until(&s, "dev-1", &old, fresh).await.err(), Some(ConnectReturnCode::NotAuthorized));
+    let mut m = connect_until(&s, "dev-1", &new, fresh).await.expect("the new key connects");
+    assert_serving(&mut m, "dev-1").await;
+
+    // Only the secondary key regenerated: closed too (the connection may have used it).
+    let body = json!({"deviceId": "dev-1", "authentication": {"type": "sas", "symmetricKey": {
+        "primaryKey": new.to_base64(), "secondaryKey": SymmetricKey::generate().to_base64()}}});
+    assert_eq!(put(body).await.unwrap().status(), 200);
+    assert!(m.recv().await.is_none(), "closed when the secondary key changed");
+}
+
+#[tokio::test]
+async fn a_dps_connection_is_closed_when_its_token_expires() {
+    let s = TestServer::start().await;
+    let (group_key, _) = s.create_group("grp", json!({})).await;
+    let key = group_key.derive_device_key("dev-1");
+    // Accepted for about 5 s more (clock skew allowance included): time for one registration.
+    let expiry = Timestamp::now().unix_seconds() - MAX_CLOCK_SKEW_SECS + 5;
+    let token = build_token(&key, &format!("{}/registrations/dev-1", s.scope()), expiry, None);
+    let mut m = s.mqtt().await;
+    m.connect("dev-1", &dps_username(&s.scope(), "dev-1"), Some(&token), true, 60).await;
+    m.subscribe_dps().await;
+    m.publish("$dps/registrations/PUT/iotdps-register/?$rid=1", QoS::AtLeastOnce, 1, b" ").await;
+    assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
+    let (topic, body) = m.expect_publish().await;
+    assert!(topic.starts_with("$dps/registrations/res/200/"), "registered while the token is valid: {topic} {body}");
+    // Keep-alive 60 s: only the token's expiry can close it within `recv`'s 10 s.
+    assert!(m.recv().await.is_none(), "the server closed the connection at the token's expiry");
+}
