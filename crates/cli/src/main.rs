@@ -67,6 +67,9 @@ enum Command {
     /// Test certificates for X.509 attestation: a CA, intermediates, device certificates.
     #[command(subcommand)]
     Cert(commands::cert::CertCommand),
+    /// The telemetry log: `repair` copies what is intact out of damaged segments.
+    #[command(subcommand)]
+    Events(commands::events::EventsCommand),
 }
 
 /// mimalloc instead of glibc's malloc: see docs/architecture.md (dependencies) for the figures.
@@ -91,6 +94,7 @@ fn main() -> std::process::ExitCode {
             Command::Simulate(args) => commands::simulate::run(args).await,
             Command::Hub(cmd) => commands::hub::run(cmd).await,
             Command::Cert(cmd) => commands::cert::run(cmd),
+            Command::Events(cmd) => commands::events::run(cmd),
         }
     });
     match result {

@@ -207,3 +207,110 @@ fn serve_refuses_a_retention_out_of_range() {
     }
     assert!(!d.exists(), "nothing was created");
 }
+
+/// Sizes are bytes or K/M/G/T; anything else is refused before anything starts, naming the flag.
+#[test]
+fn serve_refuses_a_bad_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    for (flag, bad) in
+        [("--event-retention-bytes", "lots"), ("--disk-reserve-bytes", "5X"), ("--disk-reserve-bytes", "-1")]
+    {
+        let o = run(&["serve", "--data-dir", d.to_str().unwrap(), &format!("{flag}={bad}")]);
+        assert!(!o.status.success(), "{flag}={bad} accepted");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(flag), "{bad}: names the flag");
+    }
+    assert!(!d.exists(), "nothing was created");
+}
+
+/// Runs `serve` on `dir`, which must stop by itself (a refused start); its status and stderr.
+fn serve_refused(dir: &std::path::Path) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(common::BIN)
+        .args(["serve", "--data-dir", dir.to_str().unwrap(), "--mqtt-port", "0", "--https-port", "0"])
+        .env_remove("FLEETGATE_DATA_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve kept running on a damaged data directory");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
+/// `serve` on a data directory that lost its CA exits non-zero, naming the file and what to do,
+/// and makes no new CA.
+#[test]
+fn serve_stops_on_a_data_directory_missing_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    common::Server::start(dir.path()).kill9();
+    std::fs::remove_file(dir.path().join("ca.key")).unwrap();
+    let (status, stderr) = serve_refused(dir.path());
+    assert!(!status.success());
+    assert!(stderr.contains("ca.key is missing") && stderr.contains("backup"), "{stderr}");
+    assert!(!dir.path().join("ca.key").exists(), "no new CA");
+}
+
+/// The reproduction: killed, then the registry's -wal deleted (its changes never reached
+/// the database file): `serve` refuses instead of starting a new instance over the old one.
+#[test]
+fn serve_stops_on_a_registry_that_lost_its_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    common::Server::start(dir.path()).kill9();
+    let instance = std::fs::read(dir.path().join("instance.json")).unwrap();
+    std::fs::remove_file(dir.path().join("fleetgate.db-wal")).unwrap();
+    let _ = std::fs::remove_file(dir.path().join("fleetgate.db-shm"));
+    let (status, stderr) = serve_refused(dir.path());
+    assert!(!status.success());
+    assert!(stderr.contains("fleetgate.db has no instance settings"), "{stderr}");
+    assert_eq!(std::fs::read(dir.path().join("instance.json")).unwrap(), instance, "instance.json kept");
+}
+
+/// `fleetgate events repair` refuses while the log is owned (a running server), copies the intact
+/// records out of a damaged segment, keeps the original as `.damaged` and says what it dropped.
+#[test]
+fn events_repair_is_offline_and_keeps_the_damaged_original() {
+    use fleetgate_store::event_log::{EventLog, EventLogOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let events = dir.path().join("events");
+    let log = EventLog::open(&events, EventLogOptions::default()).unwrap();
+    let event = |n: usize| fleetgate_core::message::ReceivedEvent {
+        hub: "h".into(),
+        device_id: "d".into(),
+        enqueued_time: fleetgate_core::time::Timestamp::now(),
+        bag: String::new(),
+        body: vec![n as u8; 1000],
+    };
+    log.append(&(0..50).map(event).collect::<Vec<_>>()).unwrap();
+    let segment = events.join(format!("{:020}.events", 1));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle..middle + 8].fill(0xee);
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let o = run(&["events", "repair", "--data-dir", d]);
+    assert!(!o.status.success(), "refused while the log is in use");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in use"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "nothing changed");
+    drop(log);
+
+    let out = stdout(&run(&["events", "repair", "--data-dir", d]));
+    assert!(out.contains("1 repaired") && out.contains("dropped damaged bytes") && out.contains(".damaged"), "{out}");
+    assert_eq!(std::fs::read(events.join(format!("{:020}.events.damaged", 1))).unwrap(), bytes);
+    let log = EventLog::open(&events, EventLogOptions::default()).unwrap();
+    assert_eq!(log.read("h", 0, 100).unwrap().events.len(), 49, "all but the damaged record");
+    drop(log);
+    assert!(stdout(&run(&["events", "repair", "--data-dir", d])).contains("no damage found"));
+}

@@ -61,6 +61,9 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// 408000: the request (its body) did not arrive in time.
     RequestTimeout,
+    /// 503000: the service cannot take the change now (its disk is below the free-space
+    /// reserve); nothing was changed, and the same request can succeed later.
+    ServiceUnavailable,
 }
 
 impl ErrorCode {
@@ -91,6 +94,7 @@ impl ErrorCode {
             ErrorCode::QueueDepthExceeded => 403004,
             ErrorCode::MessageTooLarge => 413001,
             ErrorCode::RequestTimeout => 408000,
+            ErrorCode::ServiceUnavailable => 503000,
         }
     }
 
@@ -120,6 +124,12 @@ impl DpsError {
     }
     pub fn internal() -> Self {
         Self::new(ErrorCode::Internal, "Internal server error; the request was not applied.")
+    }
+    pub fn unavailable() -> Self {
+        Self::new(
+            ErrorCode::ServiceUnavailable,
+            "The service cannot take changes now; retry later. Nothing was applied.",
+        )
     }
     pub fn status(&self) -> u16 {
         self.code.status()
@@ -156,6 +166,7 @@ mod tests {
             ErrorCode::PreconditionFailed,
             ErrorCode::Throttled,
             ErrorCode::Internal,
+            ErrorCode::ServiceUnavailable,
         ] {
             assert_eq!(c.code() / 1000, c.status() as u32);
         }

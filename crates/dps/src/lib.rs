@@ -12,4 +12,4 @@ pub mod service;
 pub mod service_api;
 mod webhook;
 
-pub use service::{DeviceAuth, EnrollmentRef, Provisioning, ProvisioningConfig, RegisterOutcome};
+pub use service::{DeviceAuth, EnrollmentRef, IdentityChanges, Provisioning, ProvisioningConfig, RegisterOutcome};

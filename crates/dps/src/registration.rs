@@ -1,6 +1,7 @@
 //! What devices ask of [`Provisioning`]: attestation, registration (allocation, reprovisioning,
 //! custom webhooks) and operation status.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fleetgate_core::allocation::{allocate, check_custom_choice, Allocation, CustomAllocationResult, HubCandidate};
@@ -467,6 +468,10 @@ impl Provisioning {
         }
         record.internal.x509 = auth.x509.clone();
         let (target, target_id) = (hub.clone(), device_id.clone());
+        // Set in the transaction when the identity already there gets other credentials (a
+        // rolled group key, an enrollment's new keys or certificates).
+        let replaced = Arc::new(AtomicBool::new(false));
+        let replaced_in_tx = replaced.clone();
         // Decided in the store's transaction from the identity present there: an identity the
         // operator deleted is created again, from the initial twin.
         let device = Box::new(move |present: Option<(DeviceIdentity, Twin)>| {
@@ -475,7 +480,9 @@ impl Provisioning {
                 (Some(t), _) | (None, Some(t)) => t,
                 (None, None) => Twin::from_initial(initial.as_ref())?,
             };
-            Ok((DeviceIdentity::provisioned_with(present.as_ref(), &target, &target_id, credentials, now), twin))
+            let next = DeviceIdentity::provisioned_with(present.as_ref(), &target, &target_id, credentials, now);
+            replaced_in_tx.store(present.is_some_and(|old| !old.same_credentials(&next)), Ordering::Relaxed);
+            Ok((next, twin))
         });
         self.store
             .commit_assignment(
@@ -487,6 +494,16 @@ impl Provisioning {
             )
             .await
             .map_err(store_err)?;
+        // Committed: a connection opened with what the identity had must end (on the hub it left,
+        // or with the credentials it lost).
+        if let Some((from, old_device)) = &moved_from {
+            tracing::info!(registration_id = %id, hub = %from, "device moved to another hub; closing its connection there");
+            self.identity_changes.credentials_revoked(from, old_device);
+        }
+        if replaced.load(Ordering::Relaxed) {
+            tracing::info!(registration_id = %id, hub = %hub, "device credentials replaced; closing its connection");
+            self.identity_changes.credentials_revoked(&hub, &device_id);
+        }
         // Every assignment is in the audit trail; the log line is for debugging.
         tracing::debug!(registration_id = %id, hub = %hub, substatus = ?substatus, "device assigned");
         Ok(record)

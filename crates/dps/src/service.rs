@@ -62,6 +62,17 @@ pub struct DeviceAuth {
     pub x509: Option<fleetgate_core::registration::X509RegistrationInfo>,
 }
 
+/// Where DPS reports that a device's hub identity no longer authenticates with what it did:
+/// re-provisioning gave it other keys, thumbprints or CA certificates, or moved it to another
+/// hub. A connection the device opened with the old credentials must not outlive them (Azure
+/// closes it too). The server connects this to the hub's sessions: dps and hub never import each
+/// other.
+pub trait IdentityChanges: Send + Sync {
+    /// Identity `device_id` on `hub` was given other credentials or removed from `hub`; called
+    /// after the change is committed.
+    fn credentials_revoked(&self, hub: &str, device_id: &str);
+}
+
 /// The result of a register request: a record to report (assigned, assigning, failed or
 /// disabled).
 #[derive(Debug, Clone)]
@@ -86,6 +97,8 @@ pub struct Provisioning {
     started: Instant,
     /// Attestation attempts and service-side changes.
     pub(crate) audit: AuditLog,
+    /// Told when a commit takes credentials away from a hub identity.
+    pub(crate) identity_changes: Arc<dyn IdentityChanges>,
 }
 
 pub(crate) fn store_err(e: StoreError) -> DpsError {
@@ -95,6 +108,10 @@ pub(crate) fn store_err(e: StoreError) -> DpsError {
             tracing::error!(error = %msg, "store failure");
             DpsError::internal()
         }
+        StoreError::Unavailable(msg) => {
+            tracing::warn!(error = %msg, "store refused a change (retryable)");
+            DpsError::unavailable()
+        }
     }
 }
 
@@ -103,7 +120,11 @@ pub(crate) fn unix_now() -> i64 {
 }
 
 impl Provisioning {
-    pub fn new(store: Arc<dyn Store>, config: ProvisioningConfig) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: ProvisioningConfig,
+        identity_changes: Arc<dyn IdentityChanges>,
+    ) -> Arc<Self> {
         let http = reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(config.webhook_timeout)
@@ -122,6 +143,7 @@ impl Provisioning {
             me: me.clone(),
             throttle,
             started: Instant::now(),
+            identity_changes,
         })
     }
 

@@ -140,6 +140,10 @@ pub(crate) fn store_err(e: StoreError) -> DpsError {
             tracing::error!(error = %msg, "store failure");
             DpsError::internal()
         }
+        StoreError::Unavailable(msg) => {
+            tracing::warn!(error = %msg, "store refused a change (retryable)");
+            DpsError::unavailable()
+        }
     }
 }
 
@@ -726,6 +730,12 @@ impl Hub {
             self.sessions.close(hub, device_id);
         }
         Ok(dev)
+    }
+
+    /// Ends the device's live connection on `hub`, if any: its identity was changed outside the
+    /// hub's service API (DPS re-provisioning gave it other credentials or moved it away).
+    pub fn close_session(&self, hub: &str, device_id: &str) {
+        self.sessions.close(hub, device_id);
     }
 
     pub async fn delete_device(&self, hub: &str, device_id: &str, if_match: Option<String>) -> Result<(), DpsError> {

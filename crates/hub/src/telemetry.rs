@@ -76,6 +76,8 @@ async fn write_loop(
                         tracing::error!(error = %msg, "telemetry append failed; devices get no PUBACK");
                         DpsError::internal()
                     }
+                    // Logged (once per change of state) by the store.
+                    StoreError::Unavailable(_) => DpsError::unavailable(),
                 };
                 for w in waiters {
                     let _ = w.send(Err(err.clone()));

@@ -27,6 +27,18 @@ pub struct Metrics {
     pub messages: Counter,
     /// Requests slowed or refused by a quota: registration, connect, message.
     pub throttled: Family<Labels, Counter>,
+    /// Damaged ranges found in the telemetry log (bytes that are not whole records, with whole
+    /// records after them), each counted once per process.
+    pub event_log_damaged_ranges: Counter,
+    /// Bytes in those ranges.
+    pub event_log_damaged_bytes: Counter,
+    /// Telemetry log segments deleted, by reason: age (past the retention), size (over the cap).
+    pub event_log_dropped_segments: Family<Labels, Counter>,
+    /// Bytes the telemetry log holds on disk now.
+    pub event_log_bytes: Gauge,
+    /// Writes refused because the data directory's filesystem is below its free-space reserve,
+    /// by what was refused: telemetry, registry.
+    pub disk_reserve_refusals: Family<Labels, Counter>,
     registry: Registry,
 }
 
@@ -37,6 +49,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let hub_sessions = Gauge::default();
     let messages = Counter::default();
     let throttled = Family::<Labels, Counter>::default();
+    let event_log_damaged_ranges = Counter::default();
+    let event_log_damaged_bytes = Counter::default();
+    let event_log_dropped_segments = Family::<Labels, Counter>::default();
+    let event_log_bytes = Gauge::default();
+    let disk_reserve_refusals = Family::<Labels, Counter>::default();
     let mut registry = Registry::with_prefix("fleetgate");
     registry.register("registrations", "Device registrations by outcome", registrations.clone());
     registry.register("registration_seconds", "Time to decide a registration", registration_seconds.clone());
@@ -44,7 +61,41 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry.register("hub_sessions", "Devices connected to a hub", hub_sessions.clone());
     registry.register("messages", "Device-to-cloud messages durably appended", messages.clone());
     registry.register("throttled", "Requests slowed or refused by a quota", throttled.clone());
-    Metrics { registrations, registration_seconds, connections, hub_sessions, messages, throttled, registry }
+    registry.register(
+        "event_log_damaged_ranges",
+        "Damaged ranges found in the telemetry log (skipped, never truncated)",
+        event_log_damaged_ranges.clone(),
+    );
+    registry.register(
+        "event_log_damaged_bytes",
+        "Bytes of damaged ranges found in the telemetry log",
+        event_log_damaged_bytes.clone(),
+    );
+    registry.register(
+        "event_log_dropped_segments",
+        "Telemetry log segments deleted, by reason (age, size)",
+        event_log_dropped_segments.clone(),
+    );
+    registry.register("event_log_bytes", "Bytes the telemetry log holds on disk", event_log_bytes.clone());
+    registry.register(
+        "disk_reserve_refusals",
+        "Writes refused because free disk space is below the reserve, by kind (telemetry, registry)",
+        disk_reserve_refusals.clone(),
+    );
+    Metrics {
+        registrations,
+        registration_seconds,
+        connections,
+        hub_sessions,
+        messages,
+        throttled,
+        event_log_damaged_ranges,
+        event_log_damaged_bytes,
+        event_log_dropped_segments,
+        event_log_bytes,
+        disk_reserve_refusals,
+        registry,
+    }
 });
 
 impl Metrics {
@@ -54,6 +105,14 @@ impl Metrics {
 
     pub fn throttle(&self, kind: &str) {
         self.throttled.get_or_create(&vec![("kind", kind.to_owned())]).inc();
+    }
+
+    pub fn segment_dropped(&self, reason: &str) {
+        self.event_log_dropped_segments.get_or_create(&vec![("reason", reason.to_owned())]).inc();
+    }
+
+    pub fn disk_reserve_refusal(&self, kind: &str) {
+        self.disk_reserve_refusals.get_or_create(&vec![("kind", kind.to_owned())]).inc();
     }
 
     /// Counts a connection open until the guard drops.
@@ -96,5 +155,22 @@ mod tests {
         assert!(text.contains("fleetgate_throttled_total{kind=\"connect\"}"));
         assert!(text.contains("fleetgate_connections{listener=\"mqtt\"} 0"));
         assert!(text.contains("# EOF"));
+    }
+
+    #[test]
+    fn renders_the_storage_metrics() {
+        METRICS.segment_dropped("size");
+        METRICS.disk_reserve_refusal("telemetry");
+        METRICS.event_log_damaged_ranges.inc();
+        let text = METRICS.render();
+        for name in [
+            "fleetgate_event_log_dropped_segments_total{reason=\"size\"}",
+            "fleetgate_disk_reserve_refusals_total{kind=\"telemetry\"}",
+            "fleetgate_event_log_damaged_ranges_total",
+            "fleetgate_event_log_damaged_bytes_total",
+            "fleetgate_event_log_bytes",
+        ] {
+            assert!(text.contains(name), "{name}: {text}");
+        }
     }
 }

@@ -31,6 +31,13 @@ pub struct ServerConfig {
     pub cert_check_interval: Duration,
     /// How long device-to-cloud messages are kept in the event stream.
     pub event_retention: Duration,
+    /// The most bytes the event stream keeps (oldest segments dropped first); `None`: derived
+    /// from the free space at start (`fleetgate_store::disk::default_event_cap`).
+    pub event_retention_bytes: Option<u64>,
+    /// Free space kept on the data directory's filesystem: telemetry is refused below it,
+    /// registry changes below half of it (retryably); `None`: derived from the filesystem's size
+    /// (`fleetgate_store::disk::default_reserve`); `Some(0)`: no reserve.
+    pub disk_reserve_bytes: Option<u64>,
 }
 
 impl ServerConfig {
@@ -51,6 +58,8 @@ impl ServerConfig {
             tls_key: None,
             cert_check_interval: Duration::from_secs(5),
             event_retention: Duration::from_secs(24 * 3600),
+            event_retention_bytes: None,
+            disk_reserve_bytes: None,
         }
     }
 }

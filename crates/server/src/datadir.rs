@@ -5,7 +5,17 @@
 //! DIR/ca.pem, ca.key   the self-signed CA devices trust (key 0600)
 //! DIR/server.pem/.key  server certificate for the configured host names, signed by the CA (key 0600)
 //! DIR/instance.json    what a user copies from the portal's Overview page (0600: has keys)
+//! DIR/telemetry.db     SQLite: the audit trail
+//! DIR/events/          the telemetry log (see fleetgate_store::event_log)
 //! ```
+//!
+//! Every file is owner-only (0600) and every directory 0700: the databases and keys are
+//! secrets, and nothing in the directory is for another user.
+//!
+//! Once `instance.json` exists the directory is initialized, and a missing or emptied piece is
+//! an error that stops the start, never a reason to create a new instance over the old one: a
+//! new ID scope and CA would cut off every device that was provisioned or trusts the old CA,
+//! while the old telemetry would still be served.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +47,16 @@ pub enum DataDirError {
     Certificate(String),
     #[error("data directory is inconsistent: {0}")]
     Corrupt(String),
+    /// An initialized data directory lost (or has an emptied) piece that cannot be made again
+    /// without starting a different instance.
+    #[error(
+        "data directory {dir} holds an instance (instance.json exists), but {file} {problem}. \
+         Refusing to start: a fresh one would be a new instance (new ID scope, new CA) that no \
+         provisioned device trusts. Restore {file} from a backup (stop the server first; for \
+         fleetgate.db restore its -wal too if the backup has one); to really start over, move the \
+         whole data directory away."
+    )]
+    Damaged { dir: PathBuf, file: PathBuf, problem: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
@@ -88,26 +108,125 @@ pub struct DataDir {
     hostnames: Vec<String>,
 }
 
-/// Writes a secret file readable by its owner only.
+/// Writes a file readable by its owner only (every file in the data directory is), replacing
+/// it whole.
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
     use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    let mut f = opts.open(&tmp).map_err(io(&tmp))?;
+    let mut f =
+        fleetgate_store::disk::private_file().write(true).create(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
+    // A left-over temporary file keeps its old mode when opened: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
     f.write_all(contents).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
-fn write_public(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+/// Makes every file under `dir` owner-only (0600) and every directory 0700: for a data
+/// directory made before everything was created that way. Symbolic links are left alone.
+fn tighten_modes(dir: &Path) -> Result<(), DataDirError> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let meta = std::fs::symlink_metadata(&path).map_err(io(&path))?;
+        let wanted = if meta.is_dir() {
+            tighten_modes(&path)?;
+            0o700
+        } else if meta.is_file() {
+            0o600
+        } else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o7777 != wanted {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(wanted)).map_err(io(&path))?;
+        }
+    }
+    Ok(())
+}
+
+fn damaged(dir: &Path, file: &str, problem: &str) -> DataDirError {
+    DataDirError::Damaged { dir: dir.to_owned(), file: dir.join(file), problem: problem.to_owned() }
+}
+
+/// The ID scope in the registry of an initialized data directory: an error naming the file when
+/// the registry is missing, empty, unreadable or has none.
+fn stored_id_scope(dir: &Path) -> Result<String, DataDirError> {
+    let db = dir.join("fleetgate.db");
+    match std::fs::metadata(&db) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(damaged(dir, "fleetgate.db", "is missing")),
+        Err(e) => return Err(DataDirError::Io { path: db, source: e }),
+        Ok(m) if m.len() == 0 => return Err(damaged(dir, "fleetgate.db", "is empty")),
+        Ok(_) => {}
+    }
+    match SqliteStore::stored_id_scope(&db) {
+        Err(e) => Err(damaged(dir, "fleetgate.db", &format!("cannot be read ({e})"))),
+        Ok(None) => Err(damaged(
+            dir,
+            "fleetgate.db",
+            "has no instance settings (no ID scope: it was replaced or emptied, or lost its -wal file with changes not yet saved into it)",
+        )),
+        Ok(Some(scope)) => Ok(scope),
+    }
+}
+
+/// What shows that an instance was made here even without `instance.json`: the CA (made after
+/// the ID scope is stored) or telemetry (the log is opened only once a start has finished).
+/// Neither exists after a first start cut short before its ID scope was stored.
+fn earlier_instance(dir: &Path) -> Option<&'static str> {
+    if dir.join("ca.pem").exists() && dir.join("ca.key").exists() {
+        return Some("the CA devices trust (ca.pem, ca.key)");
+    }
+    let has_segments = std::fs::read_dir(dir.join("events")).ok().is_some_and(|entries| {
+        entries.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().ends_with(".events"))
+    });
+    has_segments.then_some("the telemetry log (events/)")
+}
+
+/// A data directory without `instance.json` that shows an earlier instance: its registry must
+/// still have an ID scope.
+fn check_registry_of_earlier_instance(dir: &Path, evidence: &str) -> Result<(), DataDirError> {
+    match stored_id_scope(dir) {
+        Err(DataDirError::Damaged { file, problem, .. }) => Err(DataDirError::Damaged {
+            dir: dir.to_owned(),
+            file,
+            problem: format!(
+                "{problem}, while {evidence} of an earlier instance exists (instance.json is missing too)"
+            ),
+        }),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Checks that an initialized data directory (one with `instance.json`) still has what cannot
+/// be made again: the registry with this instance's ID scope, and the CA.
+fn check_initialized(dir: &Path) -> Result<(), DataDirError> {
+    let instance = Instance::read(dir)?;
+    match stored_id_scope(dir)? {
+        scope if scope != instance.id_scope => {
+            return Err(damaged(
+                dir,
+                "fleetgate.db",
+                &format!("belongs to another instance (ID scope {scope}, instance.json says {})", instance.id_scope),
+            ))
+        }
+        _ => {}
+    }
+    // The CA's certificate and key must both be there, not empty.
+    for file in ["ca.pem", "ca.key"] {
+        let path = dir.join(file);
+        match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(damaged(dir, file, "is missing (the CA devices trust cannot be made again)"))
+            }
+            Err(e) => return Err(DataDirError::Io { path, source: e }),
+            Ok(m) if m.len() == 0 => {
+                return Err(damaged(dir, file, "is empty (the CA devices trust cannot be made again)"))
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
 }
 
 fn cert_err(e: impl std::fmt::Display) -> DataDirError {
@@ -129,18 +248,19 @@ impl DataDir {
         let path = config.data_dir.clone();
         std::fs::create_dir_all(&path).map_err(io(&path))?;
         let path = std::fs::canonicalize(&path).map_err(io(&path))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(io(&path))?;
+        fleetgate_store::disk::create_private_dir(&path).map_err(io(&path))?;
+        // Before anything is opened: opening would create what is missing.
+        if path.join("instance.json").exists() {
+            check_initialized(&path)?;
+        } else if let Some(evidence) = earlier_instance(&path) {
+            // instance.json is gone too, but a registry without an ID scope next to a CA or
+            // telemetry was emptied: not a first start cut short.
+            check_registry_of_earlier_instance(&path, evidence)?;
         }
-        // The database holds keys: create it owner-only (SQLite gives its -wal/-shm the same mode).
+        // The database holds keys: SqliteStore creates it owner-only (and SQLite gives its
+        // -wal/-shm the same mode).
         let db = path.join("fleetgate.db");
-        if !db.exists() {
-            write_private(&db, b"")?;
-        }
-        let events = EventLogOptions { retention: config.event_retention, ..EventLogOptions::default() };
-        let store = Arc::new(SqliteStore::open_with(&db, events)?);
+        let store = Arc::new(SqliteStore::open_with(&db, event_log_options(config, &path)?)?);
 
         let id_scope = match store.setting("id_scope").await? {
             Some(s) => IdScope::parse(&s).map_err(|e| DataDirError::Corrupt(e.to_string()))?,
@@ -167,6 +287,7 @@ impl DataDir {
         }
         let dir = Self { path, store, id_scope, hostnames: config.hostnames.clone() };
         dir.ensure_certificates().await?;
+        tighten_modes(&dir.path)?;
         Ok(dir)
     }
 
@@ -200,7 +321,7 @@ impl DataDir {
             p.not_after = now + time::Duration::days(3650);
             let cert = p.self_signed(&key).map_err(cert_err)?;
             write_private(&ca_key_pem, key.serialize_pem().as_bytes())?;
-            write_public(&ca_pem, cert.pem().as_bytes())?;
+            write_private(&ca_pem, cert.pem().as_bytes())?;
             let _ = std::fs::remove_file(self.server_cert_path());
         }
 
@@ -233,7 +354,7 @@ impl DataDir {
         p.not_after = now + time::Duration::days(397);
         let cert = p.signed_by(&key, &ca, &ca_key).map_err(cert_err)?;
         write_private(&self.server_key_path(), key.serialize_pem().as_bytes())?;
-        write_public(&self.server_cert_path(), cert.pem().as_bytes())?;
+        write_private(&self.server_cert_path(), cert.pem().as_bytes())?;
         self.store.set_setting("server_cert_hostnames", &wanted).await?;
         tracing::info!(hostnames = %wanted, "issued server certificate");
         Ok(())
@@ -254,6 +375,37 @@ impl DataDir {
         let endpoint = self.hostnames.first().cloned().unwrap_or_else(|| "localhost".into());
         write_instance(&self.path, self.store.as_ref(), &self.id_scope.to_string(), &endpoint, https_port).await
     }
+}
+
+/// The telemetry log's retention, size cap and the free-space reserve: the configured ones, or
+/// defaults derived from the data directory's filesystem now (see `fleetgate_store::disk`).
+fn event_log_options(config: &ServerConfig, dir: &Path) -> Result<EventLogOptions, DataDirError> {
+    use fleetgate_store::disk;
+    let space = disk::space(dir).map_err(io(dir))?;
+    let reserve = config.disk_reserve_bytes.unwrap_or_else(|| disk::default_reserve(space));
+    let events = dir.join("events");
+    let cap = match config.event_retention_bytes {
+        Some(cap) => cap,
+        None => disk::default_event_cap(space, reserve, disk::dir_bytes(&events).map_err(io(&events))?),
+    };
+    tracing::info!(
+        event_retention_bytes = cap,
+        derived = config.event_retention_bytes.is_none(),
+        disk_reserve_bytes = reserve,
+        free_bytes = space.free,
+        "telemetry is kept up to {cap} bytes (oldest dropped first); telemetry is refused below {reserve} bytes free, registry changes below {} bytes free",
+        reserve / 2
+    );
+    if space.free < reserve {
+        tracing::error!(dir = %dir.display(), free_bytes = space.free, reserve_bytes = reserve,
+            "the data directory's filesystem is already below the free-space reserve: telemetry will be refused until space is freed (or --disk-reserve-bytes is lowered)");
+    }
+    Ok(EventLogOptions {
+        retention: config.event_retention,
+        max_bytes: Some(cap),
+        reserve_bytes: reserve,
+        ..EventLogOptions::default()
+    })
 }
 
 /// The policy owner key of the DPS instance's policies in the store.

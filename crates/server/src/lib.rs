@@ -18,7 +18,7 @@ mod write_deadline;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use fleetgate_dps::{Provisioning, ProvisioningConfig};
+use fleetgate_dps::{IdentityChanges, Provisioning, ProvisioningConfig};
 use fleetgate_hub::Hub;
 use fleetgate_store::Store;
 use tokio::sync::watch;
@@ -63,6 +63,16 @@ impl RunningServer {
 
     pub fn shutdown_signal(&self) -> watch::Sender<bool> {
         self.shutdown.clone()
+    }
+}
+
+/// DPS's changes to hub identities, delivered to the hub: a connection opened with credentials
+/// that re-provisioning replaced, or on a hub the device was moved away from, is closed.
+struct HubSessions(Arc<Hub>);
+
+impl IdentityChanges for HubSessions {
+    fn credentials_revoked(&self, hub: &str, device_id: &str) {
+        self.0.close_session(hub, device_id);
     }
 }
 
@@ -121,6 +131,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         https_listener.local_addr().map_err(|source| StartError::Bind { addr: bind(config.https_port), source })?;
 
     let instance = data.write_instance_file(https_addr.port()).await?;
+    let hub = Arc::new(Hub::new(data.store.clone(), config.hub.clone()));
     let dps = Provisioning::new(
         store,
         ProvisioningConfig {
@@ -130,9 +141,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             webhook_timeout: config.webhook_timeout,
             registration_rate: config.registration_rate,
         },
+        Arc::new(HubSessions(hub.clone())),
     );
-
-    let hub = Arc::new(Hub::new(data.store.clone(), config.hub.clone()));
 
     let (shutdown, rx) = watch::channel(false);
     let rx_reload = rx.clone();

@@ -1,6 +1,7 @@
 //! A connection lives no longer than the credentials it was opened with: a hub connection is
-//! closed when its SAS token expires and when the device's keys are changed through the service
-//! API; a DPS connection when its token expires. (X.509 connections: tests/x509.rs.)
+//! closed when its SAS token expires, when the device's keys are changed through the service
+//! API, and when DPS re-provisioning gives the identity other keys or moves it to another hub; a
+//! DPS connection when its token expires. (X.509 connections: tests/x509.rs.)
 
 mod common;
 
@@ -16,7 +17,17 @@ const V: &str = "?api-version=2021-04-12";
 
 /// Connects `id` with a token expiring at `expiry` (Unix seconds).
 async fn connect_until(s: &TestServer, id: &str, key: &SymmetricKey, expiry: i64) -> Result<Mqtt, ConnectReturnCode> {
-    let hub = s.hub();
+    connect_to(s, &s.hub(), id, key, expiry).await
+}
+
+/// Connects `id` to `hub` with a token expiring at `expiry` (Unix seconds).
+async fn connect_to(
+    s: &TestServer,
+    hub: &str,
+    id: &str,
+    key: &SymmetricKey,
+    expiry: i64,
+) -> Result<Mqtt, ConnectReturnCode> {
     let token = build_token(key, &format!("{hub}/devices/{id}"), expiry, None);
     let mut m = s.mqtt().await;
     match m.connect(id, &format!("{hub}/{id}/?api-version=2019-10-01"), Some(&token), true, 60).await {
@@ -102,4 +113,84 @@ async fn a_dps_connection_is_closed_when_its_token_expires() {
     assert!(topic.starts_with("$dps/registrations/res/200/"), "registered while the token is valid: {topic} {body}");
     // Keep-alive 60 s: only the token's expiry can close it within `recv`'s 10 s.
     assert!(m.recv().await.is_none(), "the server closed the connection at the token's expiry");
+}
+
+/// Rolls a group's keys as `fleetgate enrollment-group roll-keys` does: a new primary, the old
+/// primary becomes the secondary. Returns the new primary.
+async fn roll_group_keys(s: &TestServer, group: &str, old_primary: &SymmetricKey) -> SymmetricKey {
+    let mut g = s.service().get_enrollment_group(group).await.unwrap();
+    let new = SymmetricKey::generate();
+    g["attestation"] = json!({"type": "symmetricKey", "symmetricKey": {
+        "primaryKey": new.to_base64(), "secondaryKey": old_primary.to_base64()}});
+    s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+    new
+}
+
+#[tokio::test]
+async fn a_hub_connection_is_closed_when_reprovisioning_gives_the_device_new_keys() {
+    let s = TestServer::start().await;
+    let (primary, _) = s.create_group("grp", json!({})).await;
+    let old = primary.derive_device_key("dev-1");
+    let (_, body) = s.register("dev-1", &old, None).await;
+    assert_eq!(body["status"], "assigned", "{body}");
+    let fresh = Timestamp::now().unix_seconds() + 3600;
+    let mut m = connect_until(&s, "dev-1", &old, fresh).await.unwrap();
+    assert_serving(&mut m, "dev-1").await;
+    // Registering again with the same keys changes nothing the connection depends on.
+    let (_, body) = s.register("dev-1", &old, None).await;
+    assert_eq!(body["status"], "assigned", "{body}");
+    assert_serving(&mut m, "dev-1").await;
+
+    // The group's keys are rolled and the device registers with its new derived key: the hub
+    // identity gets the new keys, and the connection opened with the old one is closed. (The
+    // old key is the secondary now, so it may connect again until the next roll.)
+    let rolled = roll_group_keys(&s, "grp", &primary).await;
+    let new = rolled.derive_device_key("dev-1");
+    let (_, body) = s.register("dev-1", &new, None).await;
+    assert_eq!(body["status"], "assigned", "{body}");
+    assert!(m.recv().await.is_none(), "closed when re-provisioning replaced the keys");
+    let mut m = connect_until(&s, "dev-1", &old, fresh).await.expect("the old primary is the secondary now");
+    assert_serving(&mut m, "dev-1").await;
+
+    // Rolled again: the old key is gone from the group, and from the hub once the device
+    // registers; its connection ends with it.
+    let newest = roll_group_keys(&s, "grp", &rolled).await.derive_device_key("dev-1");
+    let (_, body) = s.register("dev-1", &newest, None).await;
+    assert_eq!(body["status"], "assigned", "{body}");
+    assert!(m.recv().await.is_none(), "closed when the key it was opened with left the identity");
+    assert_eq!(connect_until(&s, "dev-1", &old, fresh).await.err(), Some(ConnectReturnCode::NotAuthorized));
+    let mut m = connect_until(&s, "dev-1", &newest, fresh).await.expect("the newest key connects");
+    assert_serving(&mut m, "dev-1").await;
+}
+
+#[tokio::test]
+async fn a_hub_connection_is_closed_when_reprovisioning_moves_the_device_to_another_hub() {
+    let s = TestServer::start().await;
+    s.add_hub("hub-b", 1).await;
+    let a = s.hub();
+    let (primary, _) = s
+        .create_group(
+            "grp",
+            json!({"iotHubHostName": a, "allocationPolicy": "static",
+                   "reprovisionPolicy": {"updateHubAssignment": true, "migrateDeviceData": true}}),
+        )
+        .await;
+    let key = primary.derive_device_key("dev-1");
+    let (_, body) = s.register("dev-1", &key, None).await;
+    assert_eq!(body["registrationState"]["assignedHub"], a, "{body}");
+    let fresh = Timestamp::now().unix_seconds() + 3600;
+    let mut m = connect_to(&s, &a, "dev-1", &key, fresh).await.unwrap();
+    assert_serving(&mut m, "dev-1").await;
+
+    // The operator moves the group to hub B and the device registers again: its identity leaves
+    // hub A, and so does its connection there.
+    let mut g = s.service().get_enrollment_group("grp").await.unwrap();
+    g["iotHubHostName"] = "hub-b".into();
+    s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+    let (_, body) = s.register("dev-1", &key, None).await;
+    assert_eq!(body["registrationState"]["assignedHub"], "hub-b", "{body}");
+    assert!(m.recv().await.is_none(), "closed on the hub the device left");
+    assert_eq!(connect_to(&s, &a, "dev-1", &key, fresh).await.err(), Some(ConnectReturnCode::NotAuthorized));
+    let mut m = connect_to(&s, "hub-b", "dev-1", &key, fresh).await.expect("the device connects to hub B");
+    assert_serving(&mut m, "dev-1").await;
 }

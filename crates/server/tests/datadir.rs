@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{config, TestServer};
+use common::TestServer;
+use rumqttc::mqttbytes::v4::Packet;
+use rumqttc::mqttbytes::QoS;
 
 #[tokio::test]
 async fn second_start_reuses_instance_ca_and_keys() {
@@ -59,15 +61,175 @@ async fn instance_file_shape_and_ports_in_connection_strings() {
     assert!(v["hubs"][0]["connectionString"].as_str().unwrap().contains(";SharedAccessKeyName=iothubowner;"));
 }
 
+/// Every file in the data directory is owner-only (0600) and every directory 0700: the
+/// databases with their -wal/-shm, the audit trail, the telemetry log, certificates and keys. A
+/// directory made with looser modes is tightened at start.
 #[cfg(unix)]
 #[tokio::test]
-async fn secrets_are_owner_only() {
+async fn every_file_is_owner_only() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let s = fleetgate_server::start(config(dir.path())).await.unwrap();
-    for f in ["ca.key", "server.key", "instance.json", "fleetgate.db"] {
-        let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "{f}");
+    fn check(dir: &std::path::Path, seen: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            if p.is_dir() {
+                assert_eq!(mode, 0o700, "{}", p.display());
+                check(&p, seen);
+            } else {
+                assert_eq!(mode, 0o600, "{}", p.display());
+            }
+            seen.push(p.file_name().unwrap().to_string_lossy().into_owned());
+        }
     }
-    s.shutdown().await;
+    let mut s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 1, b"t").await;
+    assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
+    let mut seen = Vec::new();
+    check(s.dir.path(), &mut seen);
+    for f in ["ca.key", "ca.pem", "server.key", "server.pem", "instance.json", "fleetgate.db", "telemetry.db", "events"]
+    {
+        assert!(seen.iter().any(|n| n == f), "{f} in {seen:?}");
+    }
+    assert!(seen.iter().any(|n| n.ends_with("-wal")) && seen.iter().any(|n| n.ends_with(".events")), "{seen:?}");
+    s.stop().await;
+
+    let loosen =
+        |p: &std::path::Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    loosen(&s.dir.path().join("ca.pem"), 0o644);
+    loosen(&s.dir.path().join("telemetry.db"), 0o644);
+    loosen(&s.dir.path().join("events"), 0o755);
+    s.server = Some(fleetgate_server::start(s.config.clone()).await.unwrap());
+    check(s.dir.path(), &mut Vec::new());
+    s.stop().await;
+}
+
+/// Once a data directory holds an instance, a missing or emptied piece stops the start with an
+/// error naming the file, and nothing is made anew: not the ID scope, not the CA, not
+/// instance.json. Put back, the same instance starts.
+#[tokio::test]
+async fn an_initialized_directory_missing_a_piece_refuses_to_start() {
+    let mut s = TestServer::start().await;
+    s.create_group("g", serde_json::json!({})).await;
+    let key = s.create_device("dev-1").await;
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 1, b"t").await;
+    assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
+    let scope = s.scope();
+    s.stop().await;
+    let dir = s.dir.path().to_owned();
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let (instance, ca, ca_key, db) = (read("instance.json"), read("ca.pem"), read("ca.key"), read("fleetgate.db"));
+
+    let refused = |what: &'static str| {
+        let config = s.config.clone();
+        let dir = dir.clone();
+        let instance = instance.clone();
+        let ca = ca.clone();
+        async move {
+            let err = match fleetgate_server::start(config).await {
+                Ok(_) => panic!("{what}: started anyway"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains("Restore") && err.contains("backup"), "{what}: {err}");
+            if dir.join("instance.json").exists() {
+                assert_eq!(std::fs::read(dir.join("instance.json")).unwrap(), instance, "{what}: instance.json kept");
+            }
+            if let Ok(now) = std::fs::read(dir.join("ca.pem")) {
+                assert!(now == ca || now.is_empty(), "{what}: no new CA");
+            }
+            err
+        }
+    };
+
+    std::fs::write(dir.join("fleetgate.db"), b"").unwrap();
+    let err = refused("emptied fleetgate.db").await;
+    assert!(err.contains("fleetgate.db is empty"), "{err}");
+    std::fs::remove_file(dir.join("fleetgate.db")).unwrap();
+    let err = refused("deleted fleetgate.db").await;
+    assert!(err.contains("fleetgate.db is missing"), "{err}");
+    assert!(!dir.join("fleetgate.db").exists(), "not created");
+    std::fs::write(dir.join("fleetgate.db"), &db).unwrap();
+
+    for f in ["ca.pem", "ca.key"] {
+        let bytes = read(f);
+        std::fs::remove_file(dir.join(f)).unwrap();
+        let err = refused("deleted CA file").await;
+        assert!(err.contains(&format!("{f} is missing")), "{err}");
+        assert!(!dir.join(f).exists(), "no new CA");
+        std::fs::write(dir.join(f), b"").unwrap();
+        let err = refused("emptied CA file").await;
+        assert!(err.contains(&format!("{f} is empty")), "{err}");
+        std::fs::write(dir.join(f), bytes).unwrap();
+    }
+
+    // Another instance's registry (here: this one's with another ID scope).
+    let store = fleetgate_store::SqliteStore::open(&dir.join("fleetgate.db")).unwrap();
+    fleetgate_store::Store::set_setting(&store, "id_scope", "0ne99999999").await.unwrap();
+    let err = refused("another instance's registry").await;
+    assert!(err.contains("belongs to another instance"), "{err}");
+    fleetgate_store::Store::set_setting(&store, "id_scope", &scope).await.unwrap();
+    drop(store);
+
+    // instance.json deleted and the registry emptied, the CA still there.
+    std::fs::remove_file(dir.join("instance.json")).unwrap();
+    std::fs::write(dir.join("fleetgate.db"), b"").unwrap();
+    let err = refused("no instance.json, emptied registry").await;
+    assert!(err.contains("fleetgate.db is empty") && err.contains("CA"), "{err}");
+    assert!(!dir.join("instance.json").exists());
+
+    // ... and with the CA gone as well, the telemetry log still shows the earlier instance.
+    let ca_bytes = (read("ca.pem"), read("ca.key"));
+    std::fs::remove_file(dir.join("ca.pem")).unwrap();
+    let err = refused("no instance.json, no CA, emptied registry, telemetry kept").await;
+    assert!(err.contains("fleetgate.db is empty") && err.contains("events/"), "{err}");
+    std::fs::write(dir.join("ca.pem"), &ca_bytes.0).unwrap();
+
+    // Everything put back: the same instance, its group still there.
+    std::fs::write(dir.join("fleetgate.db"), &db).unwrap();
+    std::fs::write(dir.join("instance.json"), &instance).unwrap();
+    assert_eq!((read("ca.pem"), read("ca.key")), (ca.clone(), ca_key));
+    s.server = Some(fleetgate_server::start(s.config.clone()).await.unwrap());
+    assert_eq!(s.scope(), scope);
+    assert_eq!(s.service().list_enrollment_groups().await.unwrap().len(), 1);
+    s.stop().await;
+}
+
+/// Below the free-space reserve a device's telemetry gets no PUBACK (the connection closes and
+/// the SDK sends it again), a registration gets 503 with a retry-after, and a service change 503:
+/// retryable refusals before the disk is full, nothing written.
+#[tokio::test]
+async fn below_the_disk_reserve_writes_are_refused_retryably() {
+    let mut s = TestServer::start().await;
+    let (group_key, _) = s.create_group("g", serde_json::json!({})).await;
+    let key = s.create_device("dev-1").await;
+    s.stop().await;
+    let mut c = s.config.clone();
+    c.disk_reserve_bytes = Some(u64::MAX / 2);
+    s.server = Some(fleetgate_server::start(c).await.expect("an initialized directory starts without writing"));
+
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 7, b"t").await;
+    assert!(m.recv().await.is_none(), "no PUBACK: the connection closes");
+    assert!(s.stored_events().await.is_empty());
+
+    let device_key = group_key.derive_device_key("reg-1");
+    let (topic, body) = s.register("reg-1", &device_key, None).await;
+    assert!(topic.starts_with("$dps/registrations/res/503/"), "{topic} {body}");
+    assert!(topic.contains("retry-after="), "{topic}");
+    assert_eq!(body["errorCode"], 503000);
+
+    let err = s
+        .service()
+        .put_enrollment_group(
+            &serde_json::json!({"enrollmentGroupId": "g2", "attestation": {"type": "symmetricKey"}}),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("503"), "{err}");
+    let metrics = s.http().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("fleetgate_disk_reserve_refusals_total{kind=\"telemetry\"}"), "{metrics}");
+    s.stop().await;
 }

@@ -6,6 +6,7 @@
 //! device identity it creates are committed together or not at all.
 
 mod audit_log;
+pub mod disk;
 pub mod event_log;
 mod sqlite;
 
@@ -31,6 +32,10 @@ pub enum StoreError {
     /// The backend failed; nothing was written.
     #[error("storage backend error: {0}")]
     Backend(String),
+    /// The backend cannot take writes now (its disk is below the free-space reserve); nothing
+    /// was written, and the same request can succeed later: answered as retryable (503).
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

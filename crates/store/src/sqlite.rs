@@ -21,7 +21,7 @@ use fleetgate_core::twin::Twin;
 use fleetgate_core::DpsError;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::event_log::{EventLog, EventLogOptions};
+use crate::event_log::{EventLog, EventLogError, EventLogOptions};
 use crate::{
     AssignedDevice, DeviceUpdate, EnrollmentUpdate, EventPage, GroupUpdate, HubAllocation, LinkedHub, Store,
     StoreError, StoreResult,
@@ -90,6 +90,14 @@ pub struct SqliteStore {
     event_log: Arc<LazyEventLog>,
 }
 
+/// Free space the registry keeps for itself below the telemetry reserve: registry writes are
+/// refused only under this share of the reserve, so registrations and twin updates (small, and
+/// worth more than telemetry) go on after telemetry is refused, and still stop before SQLite
+/// would fail with a full disk in the middle of a checkpoint.
+fn registry_reserve(event_reserve: u64) -> u64 {
+    event_reserve / 2
+}
+
 struct LazyEventLog {
     dir: PathBuf,
     options: EventLogOptions,
@@ -136,7 +144,14 @@ impl SqliteStore {
     }
 
     /// [`SqliteStore::open`] with the telemetry stream's retention and segment size.
+    ///
+    /// Files are created owner-only (they hold keys), and SQLite gives each database's
+    /// `-wal`/`-shm` the database's mode. Registry writes are refused (retryably) while the
+    /// filesystem has less free space than half of `event_log.reserve_bytes`.
     pub fn open_with(path: &Path, event_log: EventLogOptions) -> StoreResult<Self> {
+        crate::disk::ensure_private_file(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
+        let audit_path = path.with_file_name("telemetry.db");
+        crate::disk::ensure_private_file(&audit_path).map_err(|e| backend(format!("{}: {e}", audit_path.display())))?;
         let conn = Connection::open(path).map_err(backend)?;
         configure(&conn)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
@@ -147,7 +162,7 @@ impl SqliteStore {
             r.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
             readers.push(Mutex::new(r));
         }
-        let audit_db = Connection::open(path.with_file_name("telemetry.db")).map_err(backend)?;
+        let audit_db = Connection::open(&audit_path).map_err(backend)?;
         configure(&audit_db)?;
         // The audit trail is written after the work it records was answered, from a queue a
         // process crash loses anyway; an fsync per audit batch would buy little and cost the
@@ -156,9 +171,11 @@ impl SqliteStore {
         audit_db.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
         audit_db.execute_batch(AUDIT_SCHEMA).map_err(backend)?;
         let (writer, jobs) = std::sync::mpsc::channel::<WriteJob>();
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned();
+        let reserve = registry_reserve(event_log.reserve_bytes);
         std::thread::Builder::new()
             .name("fleetgate-store-writer".into())
-            .spawn(move || write_loop(conn, jobs))
+            .spawn(move || write_loop(conn, jobs, dir, reserve))
             .map_err(backend)?;
         Ok(Self {
             writer,
@@ -171,6 +188,25 @@ impl SqliteStore {
                 log: Mutex::new(None),
             }),
         })
+    }
+
+    /// The ID scope stored in the registry at `path`, without creating or changing anything:
+    /// `None` when the registry has no settings table or no ID scope (an emptied or replaced
+    /// database). Fails when the file is missing or is not a database.
+    pub fn stored_id_scope(path: &Path) -> StoreResult<Option<String>> {
+        let c = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(backend)?;
+        c.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+        let has_settings: bool = c
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'settings')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        if !has_settings {
+            return Ok(None);
+        }
+        c.query_row("SELECT value FROM settings WHERE key = 'id_scope'", [], |r| r.get(0)).optional().map_err(backend)
     }
 
     /// The telemetry stream; opened (and an older `events` table moved into it) on first use.
@@ -252,8 +288,33 @@ impl SqliteStore {
 static NEXT_TEMP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The writer thread: group commit with a savepoint per change.
-fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<WriteJob>) {
+/// `Some(why)` while the registry's filesystem is below `reserve` (0: never), logging when that
+/// starts and ends.
+fn below_reserve(dir: &Path, reserve: u64, low: &mut bool) -> Option<String> {
+    if reserve == 0 {
+        return None;
+    }
+    let free = match crate::disk::space(dir) {
+        Ok(s) => s.free,
+        // Not knowing is no reason to refuse: SQLite reports a full disk itself.
+        Err(_) => return None,
+    };
+    let now_low = free < reserve;
+    if now_low != *low {
+        *low = now_low;
+        if now_low {
+            tracing::error!(dir = %dir.display(), free_bytes = free, reserve_bytes = reserve,
+                "free disk space is below the registry's reserve: registrations and other changes are refused (retryably, 503) until space is freed");
+        } else {
+            tracing::info!(dir = %dir.display(), free_bytes = free, "free disk space is above the registry's reserve again");
+        }
+    }
+    now_low.then(|| format!("{} has {free} bytes free, below the reserve of {reserve} bytes", dir.display()))
+}
+
+fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<WriteJob>, dir: PathBuf, reserve: u64) {
     let mut busy = false;
+    let mut low = false;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         // Busy (the last batch had company): gather what arrives within COMMIT_DELAY too.
@@ -269,6 +330,13 @@ fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<WriteJob>) {
             }
         }
         busy = batch.len() > 1;
+        if let Some(why) = below_reserve(&dir, reserve, &mut low) {
+            for j in batch {
+                fleetgate_metrics::METRICS.disk_reserve_refusal("registry");
+                let _ = j.reply.send(Err(StoreError::Unavailable(why.clone())));
+            }
+            continue;
+        }
         let mut tx = match conn.transaction() {
             Ok(tx) => tx,
             Err(e) => {
@@ -807,7 +875,13 @@ impl Store for SqliteStore {
     }
 
     async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>> {
-        self.with_event_log(move |log| log.append(&events).map_err(backend)).await
+        self.with_event_log(move |log| {
+            log.append(&events).map_err(|e| match e {
+                EventLogError::NoSpace(why) => StoreError::Unavailable(why),
+                e => backend(e),
+            })
+        })
+        .await
     }
 
     async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<EventPage> {

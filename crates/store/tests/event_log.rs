@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use fleetgate_core::message::ReceivedEvent;
 use fleetgate_core::time::Timestamp;
-use fleetgate_store::event_log::{EventLog, EventLogOptions};
+use fleetgate_metrics::METRICS;
+use fleetgate_store::event_log::{repair, EventLog, EventLogError, EventLogOptions};
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
@@ -133,10 +134,10 @@ fn a_torn_write_at_the_end_is_cut_off_on_open() {
     assert_eq!(page.events[10].1.body, event("h", "d", 11, 100).body);
 }
 
-/// A damaged byte in the middle of a sealed segment is an error for a reader (not silently
-/// skipped); a damaged record at the end of the segment being written is cut off like a torn one.
+/// A damaged byte in the middle of a sealed segment: readers step over the damaged record and
+/// read every whole one around it (no error, nothing truncated); later segments read as before.
 #[test]
-fn damage_is_reported_not_skipped() {
+fn damage_in_a_sealed_segment_is_stepped_over() {
     let dir = temp_dir("damage");
     let log = EventLog::open(&dir, small_segments()).unwrap();
     for n in 0..40 {
@@ -146,14 +147,180 @@ fn damage_is_reported_not_skipped() {
     let files = segment_files(&dir);
     assert!(files.len() >= 2);
     let mut bytes = std::fs::read(&files[0]).unwrap();
-    bytes[100] ^= 0xff;
+    bytes[100] ^= 0xff; // inside the first record
     std::fs::write(&files[0], &bytes).unwrap();
+    let ranges = METRICS.event_log_damaged_ranges.get();
     let log = EventLog::open(&dir, small_segments()).unwrap();
-    let err = log.read("h", 0, 100).unwrap_err().to_string();
-    assert!(err.contains("checksum"), "{err}");
-    // Positions in later segments still read.
+    let seqs: Vec<u64> = log.read("h", 0, 100).unwrap().events.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (2..=40).collect::<Vec<_>>(), "all but the damaged first record");
+    assert!(METRICS.event_log_damaged_ranges.get() > ranges, "counted");
+    assert_eq!(std::fs::read(&files[0]).unwrap(), bytes, "the damaged segment is left as it is");
     let later = log.read("h", 40, 100).unwrap();
     assert_eq!(later.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [40]);
+}
+
+/// The reproduction, scaled down: 8 bytes overwritten in the middle of the segment being
+/// written. That is damage, not a torn write (whole records follow it): opening for writing keeps
+/// the file whole, every record but the damaged one reads back, appends go on after the last.
+#[test]
+fn damage_in_the_middle_of_the_last_segment_keeps_every_intact_record() {
+    let dir = temp_dir("mid-damage");
+    let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
+    for batch in 0..20 {
+        log.append(&(0..100).map(|i| event("h", "d", batch * 100 + i, 500)).collect::<Vec<_>>()).unwrap();
+    }
+    assert_eq!(log.last_seq(), 2000);
+    drop(log);
+    let file = segment_files(&dir).pop().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle..middle + 8].copy_from_slice(&[0x5a; 8]);
+    std::fs::write(&file, &bytes).unwrap();
+
+    let reader = EventLog::open_read_only(&dir).unwrap();
+    assert_eq!(reader.last_seq(), 2000, "a reader beside the owner sees past the damage too");
+    let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), bytes.len() as u64, "nothing cut off");
+    assert_eq!(log.last_seq(), 2000);
+    let seqs: Vec<u64> = log.read("h", 0, usize::MAX).unwrap().events.iter().map(|(s, _)| *s).collect();
+    assert!(seqs.len() >= 1998, "at most the record(s) the 8 bytes touch are lost: {} read", seqs.len());
+    assert_eq!(seqs.last(), Some(&2000));
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(log.append(&[event("h", "d", 9, 8)]).unwrap(), [2001]);
+    assert_eq!(log.read("h", 2001, 10).unwrap().events.len(), 1);
+    drop(log);
+    // And again after the append: still nothing lost.
+    let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
+    assert_eq!(log.read("h", 0, usize::MAX).unwrap().events.len(), seqs.len() + 1);
+}
+
+/// Other shapes of damage with whole records after them: a record length pointing past the end
+/// of the file (looks like a torn record until the records after it are seen), and a page of
+/// zeros. Neither is cut off; every other record reads.
+#[test]
+fn a_bad_length_or_a_zeroed_page_is_stepped_over() {
+    for (name, damage) in [("length", 0usize), ("zeros", 1)] {
+        let dir = temp_dir(name);
+        let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
+        let n = 300;
+        log.append(&(1..=n).map(|i| event("h", "d", i, 200)).collect::<Vec<_>>()).unwrap();
+        drop(log);
+        let file = segment_files(&dir).pop().unwrap();
+        let mut bytes = std::fs::read(&file).unwrap();
+        let record = bytes.len() / n; // all records are the same size
+        let at = record * 100; // the start of record 101
+        if damage == 0 {
+            bytes[at..at + 4].copy_from_slice(&(1024u32 * 1024).to_le_bytes());
+        } else {
+            bytes[at - 1000..at + 3096].fill(0);
+        }
+        std::fs::write(&file, &bytes).unwrap();
+        let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), bytes.len() as u64, "{name}: nothing cut off");
+        let seqs: Vec<u64> = log.read("h", 0, usize::MAX).unwrap().events.iter().map(|(s, _)| *s).collect();
+        let lost = n - seqs.len();
+        assert!((1..=20).contains(&lost), "{name}: {lost} lost");
+        assert_eq!(seqs.last(), Some(&(n as u64)), "{name}");
+        assert_eq!(log.append(&[event("h", "d", 0, 8)]).unwrap(), [n as u64 + 1], "{name}");
+    }
+}
+
+/// `repair` copies the intact records into a clean segment, keeps the damaged one aside and says
+/// what it dropped; it refuses while the log is open, and a clean log is left alone.
+#[test]
+fn repair_keeps_the_intact_records_and_the_damaged_original() {
+    let dir = temp_dir("repair");
+    let log = EventLog::open(&dir, small_segments()).unwrap();
+    for n in 1..=40 {
+        log.append(&[event("h", "d", n, 10_000)]).unwrap();
+    }
+    let err = repair(&dir).unwrap_err().to_string();
+    assert!(err.contains("in use"), "refused while the log is open: {err}");
+    drop(log);
+    assert!(repair(&dir).unwrap().repaired.is_empty(), "nothing to repair");
+    let files = segment_files(&dir);
+    let (first, last) = (files[0].clone(), files.last().unwrap().clone());
+    let original = std::fs::read(&first).unwrap();
+    let mut bytes = original.clone();
+    bytes[10_100] ^= 0xff; // the second record
+    std::fs::write(&first, &bytes).unwrap();
+    // And a torn write at the end of the last segment.
+    let mut tail = std::fs::read(&last).unwrap();
+    let whole_tail = tail.len();
+    tail.extend_from_slice(&original[..500]);
+    std::fs::write(&last, &tail).unwrap();
+
+    let report = repair(&dir).unwrap();
+    assert_eq!(report.repaired.len(), 2, "{report}");
+    let r = &report.repaired[0];
+    assert_eq!((r.segment.clone(), r.damage.len()), (first.clone(), 1));
+    assert_eq!((r.damage[0].after_seq, r.damage[0].next_seq), (Some(1), 3), "{report}");
+    assert_eq!(std::fs::read(&r.damaged_copy).unwrap(), bytes, "the original is kept aside");
+    assert!(r.damaged_copy.to_str().unwrap().ends_with(".events.damaged"));
+    assert_eq!(std::fs::metadata(&first).unwrap().len(), r.bytes_kept);
+    assert_eq!(report.repaired[1].tail, Some((whole_tail as u64, tail.len() as u64)));
+    let text = report.to_string();
+    assert!(text.contains("positions 2..3") && text.contains(".damaged"), "{text}");
+
+    let damaged = METRICS.event_log_damaged_ranges.get();
+    let log = EventLog::open(&dir, small_segments()).unwrap();
+    let seqs: Vec<u64> = log.read("h", 0, 100).unwrap().events.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, [1].into_iter().chain(3..=40).collect::<Vec<_>>());
+    assert_eq!(METRICS.event_log_damaged_ranges.get(), damaged, "the repaired log reads clean");
+    assert_eq!(segment_files(&dir), files, "the damaged copy is not read as a segment");
+}
+
+/// Past the size cap the oldest whole segments are deleted (never the one being written), and
+/// readers continue from the oldest position left.
+#[test]
+fn segments_over_the_size_cap_are_dropped_oldest_first() {
+    let dir = temp_dir("size-cap");
+    let options =
+        EventLogOptions { segment_bytes: 64 * 1024, max_bytes: Some(200 * 1024), ..EventLogOptions::default() };
+    let log = EventLog::open(&dir, options).unwrap();
+    for n in 1..=100 {
+        log.append(&[event("h", "d", n, 10_000)]).unwrap();
+    }
+    let total: u64 = segment_files(&dir).iter().map(|f| std::fs::metadata(f).unwrap().len()).sum();
+    assert!(total <= 200 * 1024 + 64 * 1024 + 11_000, "{total} bytes kept");
+    let page = log.read("h", 0, 1000).unwrap();
+    let first_left: u64 = segment_files(&dir)[0].file_stem().unwrap().to_str().unwrap().parse().unwrap();
+    assert!(first_left > 50, "the oldest went first");
+    assert_eq!(page.events.first().map(|(s, _)| *s), Some(first_left));
+    assert_eq!(page.events.last().map(|(s, _)| *s), Some(100));
+    assert!(METRICS.render().contains("fleetgate_event_log_dropped_segments_total{reason=\"size\"}"));
+}
+
+/// Below the free-space reserve an append is refused as `NoSpace` (retryable) and writes nothing.
+#[test]
+fn appends_are_refused_below_the_free_space_reserve() {
+    let dir = temp_dir("reserve");
+    let log = EventLog::open(&dir, EventLogOptions { reserve_bytes: 1, ..EventLogOptions::default() }).unwrap();
+    assert_eq!(log.append(&[event("h", "d", 1, 8)]).unwrap(), [1]);
+    drop(log);
+    let len = std::fs::metadata(segment_files(&dir).pop().unwrap()).unwrap().len();
+    let log = EventLog::open(&dir, EventLogOptions { reserve_bytes: u64::MAX, ..EventLogOptions::default() }).unwrap();
+    let err = log.append(&[event("h", "d", 2, 8)]).unwrap_err();
+    assert!(matches!(err, EventLogError::NoSpace(_)), "{err}");
+    assert_eq!(log.last_seq(), 1);
+    assert_eq!(std::fs::metadata(segment_files(&dir).pop().unwrap()).unwrap().len(), len, "nothing written");
+}
+
+/// The log's directory and files are owner-only.
+#[test]
+fn files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("modes");
+    let log = EventLog::open(&dir, EventLogOptions { segment_bytes: 1024, ..EventLogOptions::default() }).unwrap();
+    log.append(&[event("h", "d", 1, 2000)]).unwrap();
+    log.append(&[event("h", "d", 2, 8)]).unwrap(); // rolls
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(files.len() >= 3, "{files:?}");
+    for f in files {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
 }
 
 /// Whole segments older than the retention are deleted; readers continue from the oldest
@@ -161,7 +328,11 @@ fn damage_is_reported_not_skipped() {
 #[test]
 fn segments_past_the_retention_are_dropped() {
     let dir = temp_dir("retention");
-    let options = EventLogOptions { retention: Duration::from_secs(3600), segment_bytes: 64 * 1024 };
+    let options = EventLogOptions {
+        retention: Duration::from_secs(3600),
+        segment_bytes: 64 * 1024,
+        ..EventLogOptions::default()
+    };
     let log = EventLog::open(&dir, options.clone()).unwrap();
     for n in 0..30 {
         log.append(&[event("h", "d", n, 10_000)]).unwrap();
@@ -174,6 +345,7 @@ fn segments_past_the_retention_are_dropped() {
     for f in &before[..before.len() - 2] {
         std::fs::File::options().write(true).open(f).unwrap().set_modified(old).unwrap();
     }
+    let options_1h = options.clone();
     let log = EventLog::open(&dir, options).unwrap();
     let after = segment_files(&dir);
     assert_eq!(after, before[before.len() - 2..], "expired segments dropped on open");
@@ -186,8 +358,7 @@ fn segments_past_the_retention_are_dropped() {
         std::fs::File::options().write(true).open(f).unwrap().set_modified(old).unwrap();
     }
     drop(log);
-    let log = EventLog::open(&dir, EventLogOptions { retention: Duration::from_secs(3600), segment_bytes: 64 * 1024 })
-        .unwrap();
+    let log = EventLog::open(&dir, options_1h).unwrap();
     assert_eq!(segment_files(&dir).len(), 1);
     assert_eq!(log.append(&[event("h", "d", 99, 8)]).unwrap(), [31]);
 }
@@ -241,4 +412,33 @@ fn a_roll_retried_after_a_failure_reuses_the_empty_file() {
     assert_eq!(log.append(&[event("h", "d", 2, 8)]).unwrap(), [next]);
     assert_eq!(segment_files(&dir).len(), 2);
     assert_eq!(log.read("h", 0, 10).unwrap().events.len(), 2);
+}
+
+/// A device's message can hold any bytes, also a whole record naming another device. Damage in
+/// that message's record is stepped over to where the record ends (its length is intact), so the
+/// record-shaped body is never read as an event.
+#[test]
+fn a_record_shaped_body_in_a_damaged_record_is_not_read_as_a_record() {
+    let probe_dir = temp_dir("forged-probe");
+    let probe = EventLog::open(&probe_dir, EventLogOptions::default()).unwrap();
+    probe.import(&[(2, event("h", "intruder", 2, 8))]).unwrap();
+    let forged = std::fs::read(segment_files(&probe_dir).pop().unwrap()).unwrap();
+
+    let dir = temp_dir("forged");
+    let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
+    let mut carrier = event("h", "d", 2, 8);
+    carrier.body = [vec![0u8; 64], forged].concat();
+    log.append(&[event("h", "d", 1, 100), carrier, event("h", "d", 3, 100)]).unwrap();
+    drop(log);
+    let file = segment_files(&dir).pop().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    // The carrier's body starts after record 1 and the carrier's header and fields; damage one of
+    // its leading zeros.
+    let zeros = bytes.windows(64).position(|w| w.iter().all(|b| *b == 0)).unwrap();
+    bytes[zeros + 10] = 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
+    let events = log.read("h", 0, 10).unwrap().events;
+    let got: Vec<(u64, &str)> = events.iter().map(|(s, e)| (*s, e.device_id.as_str())).collect();
+    assert_eq!(got, [(1, "d"), (3, "d")]);
 }

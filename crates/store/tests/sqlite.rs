@@ -236,3 +236,64 @@ async fn events_of_the_older_table_move_into_the_log() {
     check("hub.example", s.events("hub.example", 0, 10).await.unwrap().events);
     assert_eq!(s.last_event_seq().await.unwrap(), 7);
 }
+
+/// Below the free-space reserve, telemetry and registry changes are refused as `Unavailable`
+/// (answered 503 / no PUBACK: retryable), nothing is written, and reads still work.
+#[tokio::test]
+async fn writes_are_refused_retryably_below_the_disk_reserve() {
+    let (path, s) = temp_db();
+    s.set_setting("k", "v").await.unwrap();
+    drop(s);
+    let options = fleetgate_store::EventLogOptions { reserve_bytes: u64::MAX, ..Default::default() };
+    let s = SqliteStore::open_with(&path, options).unwrap();
+    let event = fleetgate_core::message::ReceivedEvent {
+        hub: "h".into(),
+        device_id: "d".into(),
+        enqueued_time: Timestamp::now(),
+        bag: String::new(),
+        body: b"x".to_vec(),
+    };
+    assert!(matches!(s.append_events(vec![event]).await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(s.set_setting("k", "w").await, Err(StoreError::Unavailable(_))));
+    assert_eq!(s.setting("k").await.unwrap().as_deref(), Some("v"), "nothing written, reads work");
+    assert_eq!(s.last_event_seq().await.unwrap(), 0);
+}
+
+/// The databases and their -wal/-shm are owner-only, also when the process umask is not.
+#[cfg(unix)]
+#[tokio::test]
+async fn database_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let (path, s) = temp_db();
+    s.set_setting("k", "v").await.unwrap();
+    s.append_audit(Vec::new()).await.unwrap();
+    let dir = path.parent().unwrap();
+    let mut seen = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            seen += 1;
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "{}", p.display());
+        }
+    }
+    assert!(seen >= 4, "t.db, its -wal and -shm, telemetry.db: {seen}");
+}
+
+/// What `serve` checks before opening an initialized registry: the stored ID scope, without
+/// creating anything; none when the tables are gone.
+#[tokio::test]
+async fn stored_id_scope_reads_without_creating() {
+    let (path, s) = temp_db();
+    assert_eq!(SqliteStore::stored_id_scope(&path).unwrap(), None);
+    s.set_setting("id_scope", "0ne00000001").await.unwrap();
+    assert_eq!(SqliteStore::stored_id_scope(&path).unwrap().as_deref(), Some("0ne00000001"));
+    let missing = path.with_file_name("missing.db");
+    assert!(SqliteStore::stored_id_scope(&missing).is_err());
+    assert!(!missing.exists(), "not created");
+    let empty_tables = path.with_file_name("other.db");
+    rusqlite::Connection::open(&empty_tables).unwrap().execute_batch("CREATE TABLE x (a)").unwrap();
+    assert_eq!(SqliteStore::stored_id_scope(&empty_tables).unwrap(), None);
+    let garbage = path.with_file_name("garbage.db");
+    std::fs::write(&garbage, vec![7u8; 8192]).unwrap();
+    assert!(SqliteStore::stored_id_scope(&garbage).is_err());
+}

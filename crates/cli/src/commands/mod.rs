@@ -4,6 +4,7 @@ pub mod audit;
 pub mod cert;
 pub mod enrollment_args;
 pub mod enrollments;
+pub mod events;
 pub mod groups;
 pub mod hub;
 pub mod keys;

@@ -46,6 +46,17 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETGATE_EVENT_RETENTION_HOURS", default_value_t = 24,
           value_parser = clap::value_parser!(u64).range(1..=8760))]
     event_retention_hours: u64,
+    /// The most the telemetry log keeps on disk (bytes, or with K/M/G/T, powers of 1024); the
+    /// oldest segments are dropped first. Default: half of the free space at start (plus what
+    /// the log holds), at least 256M and at most 1T.
+    #[arg(long, env = "FLEETGATE_EVENT_RETENTION_BYTES", value_parser = parse_size)]
+    event_retention_bytes: Option<u64>,
+    /// Free space kept on the data directory's filesystem (bytes, or with K/M/G/T): below it
+    /// telemetry is refused (no PUBACK; devices resend), below half of it registrations and
+    /// other changes get 503. Default: 2% of the filesystem, at least 128M and at most 2G; 0
+    /// turns it off.
+    #[arg(long, env = "FLEETGATE_DISK_RESERVE_BYTES", value_parser = parse_size)]
+    disk_reserve_bytes: Option<u64>,
     /// PEM certificate chain to serve instead of the generated one (reloaded when the file changes
     /// or on SIGHUP, without dropping connections).
     #[arg(long, env = "FLEETGATE_TLS_CERT", requires = "tls_key")]
@@ -129,6 +140,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.hub_hostname = args.hub_hostname;
     config.immediate_assignment = args.registration_response == "immediate";
     config.event_retention = std::time::Duration::from_secs(args.event_retention_hours * 3600);
+    config.event_retention_bytes = args.event_retention_bytes;
+    config.disk_reserve_bytes = args.disk_reserve_bytes;
     config.tls_cert = args.tls_cert;
     config.tls_key = args.tls_key;
     let secs = std::time::Duration::from_secs;
@@ -161,6 +174,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A size in bytes: a number, optionally followed by K, M, G or T (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("'{text}': the unit must be K, M, G or T")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("'{text}' is not a size (e.g. 500M, 20G, 1073741824)"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{text}' is too large"))
+}
+
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
@@ -180,4 +213,21 @@ pub fn info(data_dir: &Path) -> anyhow::Result<()> {
         fleetgate_server::Instance::read(data_dir).context("run `fleetgate serve` once to create the instance")?;
     print!("{}", inst.banner());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("1073741824"), Ok(1 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("20g"), Ok(20 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        for bad in ["", "G", "12X", "-1", "1.5G", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -11,11 +11,18 @@
 //!   started when the current one reaches [`EventLogOptions::segment_bytes`] or its first event
 //!   is older than an eighth of the retention; whole segments older than the retention are
 //!   deleted (never the one being written).
-//! - A crash can leave a torn record at the end of the segment being written: opening the log
-//!   cuts it off. It was never acknowledged (acknowledgement waits for the sync).
+//! - Whole segments past a size cap are deleted too, oldest first, and appends are refused
+//!   (retryably: nothing is acknowledged) while the filesystem's free space is below a reserve.
+//! - A crash can leave a torn record at the end of the segment being written: the writer cuts it
+//!   off when it opens the log. It was never acknowledged (acknowledgement waits for the sync).
+//!   Only bytes with no whole record after them, in the last segment, can be that: bytes that
+//!   are not a record with whole records after them are damage (a disk error, a stray write),
+//!   and readers step over them, reporting the range once, and never cut anything (see
+//!   [`segment::scan_skipping`]). [`repair`] copies the intact records into a clean segment.
 //! - One process owns the log (an advisory lock on `lock` in its directory).
 
 mod record;
+mod repair;
 mod segment;
 
 use std::fs::{File, OpenOptions};
@@ -27,7 +34,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fleetgate_core::message::ReceivedEvent;
 
-use segment::{file_name, parse_name, scan, Segment, INDEX_EVERY};
+pub use repair::{repair, RepairReport, SegmentRepair};
+pub use segment::Damage;
+use segment::{file_name, parse_name, scan_skipping, Segment, INDEX_EVERY};
+
+use crate::disk;
 
 /// The most bytes one read scans (matching or not), so a reader of a quiet hub among busy ones
 /// comes back (with where to continue) instead of reading the whole log in one call.
@@ -42,11 +53,22 @@ pub struct EventLogOptions {
     pub retention: Duration,
     /// A new segment is started past this size.
     pub segment_bytes: u64,
+    /// The most bytes the log keeps: past it the oldest whole segments are deleted (never the
+    /// one being written). `None`: no cap (the server always sets one, see
+    /// [`crate::disk::default_event_cap`]).
+    pub max_bytes: Option<u64>,
+    /// Appends are refused while the filesystem has less free space than this (0: never).
+    pub reserve_bytes: u64,
 }
 
 impl Default for EventLogOptions {
     fn default() -> Self {
-        Self { retention: Duration::from_secs(24 * 3600), segment_bytes: 64 * 1024 * 1024 }
+        Self {
+            retention: Duration::from_secs(24 * 3600),
+            segment_bytes: 64 * 1024 * 1024,
+            max_bytes: None,
+            reserve_bytes: 0,
+        }
     }
 }
 
@@ -56,6 +78,9 @@ pub enum EventLogError {
     Io(#[from] io::Error),
     #[error("event log: {0}")]
     Invalid(String),
+    /// The filesystem is below its free-space reserve: nothing was written; retry later.
+    #[error("event log: {0}")]
+    NoSpace(String),
 }
 
 /// Events read from the log and where the next read continues.
@@ -91,20 +116,18 @@ struct Writer {
     /// A sync failed: what is on disk is unknown, so nothing more is appended until a restart
     /// (which reads back what is really there).
     broken: bool,
+    /// Appends are being refused for want of free space (logged when it starts and ends).
+    refusing: bool,
     buf: Vec<u8>,
 }
 
 impl EventLog {
     /// Opens (or creates) the log in `dir`, cutting off a torn record left by a crash.
     pub fn open(dir: &Path, options: EventLogOptions) -> Result<Self, EventLogError> {
-        std::fs::create_dir_all(dir)?;
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
-        if lock.try_lock().is_err() {
-            return Err(EventLogError::Invalid(format!("{} is in use by another process", dir.display())));
-        }
+        let lock = lock(dir)?;
         let mut firsts = segment_firsts(dir)?;
         if firsts.is_empty() {
-            File::create_new(dir.join(file_name(1)))?.sync_all()?;
+            disk::private_file().write(true).create_new(true).open(dir.join(file_name(1)))?.sync_all()?;
             sync_dir(dir)?;
             firsts.push(1);
         }
@@ -135,7 +158,9 @@ impl EventLog {
         let file = File::open(&path)?;
         // Up to the last whole record: one being written is left to its writer.
         let tail = read_tail(&path, &file, last)?;
-        segments.push(Arc::new(Segment::active(path, last, tail.end.offset, tail.next_seq, tail.index)?));
+        let active = Segment::active(path, last, tail.end.offset, tail.next_seq, tail.index)?;
+        report_damage(&active, &tail.damage);
+        segments.push(Arc::new(active));
         Ok(EventLog {
             dir: dir.to_owned(),
             options: EventLogOptions::default(),
@@ -181,6 +206,7 @@ impl EventLog {
         if w.broken {
             return Err(EventLogError::Invalid("an earlier sync failed; restart to recover the log".into()));
         }
+        self.check_space(w)?;
         self.maybe_roll(w)?;
         let mut buf = std::mem::take(&mut w.buf);
         buf.clear();
@@ -215,6 +241,7 @@ impl EventLog {
         w.last_indexed = last_indexed;
         w.first_append.get_or_insert_with(Instant::now);
         w.active.publish(w.len, end_seq, &new_index);
+        fleetgate_metrics::METRICS.event_log_bytes.inc_by(buf.len() as i64);
         // Keep a normal batch's buffer for the next one, not a huge one.
         if buf.capacity() <= 4 * 1024 * 1024 {
             w.buf = buf;
@@ -232,7 +259,7 @@ impl EventLog {
             let path = self.dir.join(file_name(w.next_seq));
             // Not `create_new`: a roll that failed after creating the file (at the directory
             // sync) left it empty, and the retry must be able to use it.
-            let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+            let file = disk::private_file().read(true).write(true).create(true).truncate(false).open(&path)?;
             sync_dir(&self.dir)?;
             let active = Arc::new(Segment::active(path, w.next_seq, 0, w.next_seq, Vec::new())?);
             self.segments.write().unwrap_or_else(|p| p.into_inner()).push(active.clone());
@@ -245,6 +272,7 @@ impl EventLog {
                 first_append: None,
                 last_sweep: w.last_sweep,
                 broken: false,
+                refusing: w.refusing,
                 buf: std::mem::take(&mut w.buf),
             };
         }
@@ -255,25 +283,75 @@ impl EventLog {
         Ok(())
     }
 
-    /// Deletes the oldest segments whose last write is past the retention.
+    /// Refuses the append while the filesystem is below the free-space reserve: the device gets
+    /// no acknowledgement and sends again later, instead of the disk filling up under the
+    /// registry.
+    fn check_space(&self, w: &mut Writer) -> Result<(), EventLogError> {
+        if self.options.reserve_bytes == 0 {
+            return Ok(());
+        }
+        // Not knowing is no reason to refuse: a write to a full disk fails by itself.
+        let Ok(space) = disk::space(&self.dir) else { return Ok(()) };
+        let free = space.free;
+        let low = free < self.options.reserve_bytes;
+        if low != w.refusing {
+            w.refusing = low;
+            if low {
+                tracing::error!(dir = %self.dir.display(), free_bytes = free, reserve_bytes = self.options.reserve_bytes,
+                    "free disk space is below the reserve: telemetry is refused (devices get no acknowledgement and retry) until space is freed");
+            } else {
+                tracing::info!(dir = %self.dir.display(), free_bytes = free, "free disk space is above the reserve again: telemetry is accepted");
+            }
+        }
+        if low {
+            fleetgate_metrics::METRICS.disk_reserve_refusal("telemetry");
+            return Err(EventLogError::NoSpace(format!(
+                "{} has {free} bytes free, below the reserve of {} bytes",
+                self.dir.display(),
+                self.options.reserve_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest segments whose last write is past the retention, then the oldest
+    /// while the log is over its size cap (never the segment being written).
     fn sweep(&self) -> Result<(), EventLogError> {
         let cutoff = SystemTime::now().checked_sub(self.options.retention).unwrap_or(SystemTime::UNIX_EPOCH);
         loop {
-            let expired = {
+            let (expired, total) = {
                 let segments = self.segments.read().unwrap_or_else(|p| p.into_inner());
-                match segments.first() {
+                let total: u64 = segments.iter().map(|s| s.committed()).sum();
+                let expired = match segments.first() {
                     Some(s) if segments.len() > 1 => {
                         let modified = std::fs::metadata(&s.path)?.modified()?;
-                        (modified < cutoff).then(|| s.clone())
+                        if modified < cutoff {
+                            Some((s.clone(), "age"))
+                        } else if self.options.max_bytes.is_some_and(|max| total > max) {
+                            Some((s.clone(), "size"))
+                        } else {
+                            None
+                        }
                     }
                     _ => None,
-                }
+                };
+                (expired, total)
             };
-            let Some(expired) = expired else { return Ok(()) };
+            let Some((expired, reason)) = expired else {
+                fleetgate_metrics::METRICS.event_log_bytes.set(total as i64);
+                return Ok(());
+            };
             self.segments.write().unwrap_or_else(|p| p.into_inner()).retain(|s| !Arc::ptr_eq(s, &expired));
             // Readers that hold the segment keep reading their open file.
             std::fs::remove_file(&expired.path)?;
-            tracing::info!(segment = %expired.path.display(), "dropped telemetry past the retention");
+            fleetgate_metrics::METRICS.segment_dropped(reason);
+            if reason == "age" {
+                tracing::info!(segment = %expired.path.display(), "dropped telemetry past the retention");
+            } else {
+                tracing::warn!(segment = %expired.path.display(), segment_bytes = expired.committed(),
+                    log_bytes = total, max_bytes = self.options.max_bytes.unwrap_or_default(),
+                    "dropped the oldest telemetry: the event log is over its size cap (--event-retention-bytes)");
+            }
         }
     }
 
@@ -348,18 +426,44 @@ fn sealed_segments(dir: &Path, firsts: &[u64]) -> io::Result<Vec<Arc<Segment>>> 
     firsts.windows(2).map(|p| Ok(Arc::new(Segment::sealed(dir.join(file_name(p[0])), p[0], p[1])?))).collect()
 }
 
+/// Takes the log's advisory lock in `dir` (created owner-only), or says who holds it.
+fn lock(dir: &Path) -> Result<File, EventLogError> {
+    disk::create_private_dir(dir)?;
+    let lock = disk::private_file().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+    if lock.try_lock().is_err() {
+        return Err(EventLogError::Invalid(format!(
+            "{} is in use by another process (is the server running?)",
+            dir.display()
+        )));
+    }
+    Ok(lock)
+}
+
+/// Reports damage found while opening (once: the segment will not report it again).
+fn report_damage(segment: &Segment, damage: &[Damage]) {
+    for d in damage {
+        d.report(&segment.path);
+    }
+    segment.reported(damage.iter().map(|d| d.start));
+}
+
 /// What a scan of the segment being written found.
 struct Tail {
+    /// Where the whole records end; `bad` when bytes after them are not a whole record and
+    /// nothing whole follows (a torn tail).
     end: segment::ScanEnd,
     next_seq: u64,
     index: Vec<(u64, u64)>,
+    /// Damaged ranges with whole records after them.
+    damage: Vec<Damage>,
 }
 
-/// Scans the segment being written: where its whole records end, the position after them, and
-/// its index. Positions must increase (and not be below the segment's first).
+/// Scans the segment being written: where its whole records end, the position after them, its
+/// index and its damaged ranges. Positions must increase (and not be below the segment's first).
 fn read_tail(path: &Path, file: &File, first_seq: u64) -> Result<Tail, EventLogError> {
     let (mut index, mut last, mut misordered) = (Vec::<(u64, u64)>::new(), None::<u64>, None);
-    let end = scan(file, 0, file.metadata()?.len(), |r, offset| {
+    let mut damage = Vec::new();
+    let visit = |r: &record::RecordRef<'_>, offset: u64| {
         if r.seq < first_seq || last.is_some_and(|l| r.seq <= l) {
             misordered = Some((r.seq, offset));
             return false;
@@ -369,14 +473,15 @@ fn read_tail(path: &Path, file: &File, first_seq: u64) -> Result<Tail, EventLogE
         }
         last = Some(r.seq);
         true
-    })?;
+    };
+    let (end, _) = scan_skipping(file, 0, file.metadata()?.len(), first_seq..u64::MAX, visit, |d| damage.push(d))?;
     if let Some((seq, offset)) = misordered {
         return Err(EventLogError::Invalid(format!(
             "{}: position {seq} at byte {offset} is out of order",
             path.display()
         )));
     }
-    Ok(Tail { end, next_seq: last.map_or(first_seq, |l| l + 1), index })
+    Ok(Tail { end, next_seq: last.map_or(first_seq, |l| l + 1), index, damage })
 }
 
 /// Reads the segment being written and cuts off a torn tail (never acknowledged: acknowledgement
@@ -384,15 +489,19 @@ fn read_tail(path: &Path, file: &File, first_seq: u64) -> Result<Tail, EventLogE
 fn recover(dir: &Path, first_seq: u64) -> Result<(Writer, Arc<Segment>), EventLogError> {
     let path = dir.join(file_name(first_seq));
     let file = OpenOptions::new().read(true).write(true).open(&path)?;
-    let Tail { end, next_seq, index } = read_tail(&path, &file, first_seq)?;
+    let Tail { end, next_seq, index, damage } = read_tail(&path, &file, first_seq)?;
     if let Some(why) = end.bad {
-        let dropped = file.metadata()?.len() - end.offset;
-        tracing::warn!(segment = %path.display(), at = end.offset, dropped_bytes = dropped, reason = why,
-            "cut off an incomplete record at the end of the event log (an unacknowledged write cut short by a crash)");
+        // Nothing whole after these bytes, in the last segment: the write a crash cut short.
+        let len = file.metadata()?.len();
+        tracing::warn!(segment = %path.display(), from_byte = end.offset, to_byte = len,
+            dropped_bytes = len - end.offset, reason = why,
+            "cut off a torn write at the end of the event log (no whole record follows it: an unacknowledged write cut short by a crash)");
         file.set_len(end.offset)?;
         file.sync_all()?;
     }
-    let active = Arc::new(Segment::active(path, first_seq, end.offset, next_seq, index.clone())?);
+    let active = Segment::active(path, first_seq, end.offset, next_seq, index.clone())?;
+    report_damage(&active, &damage);
+    let active = Arc::new(active);
     let writer = Writer {
         file,
         active: active.clone(),
@@ -403,6 +512,7 @@ fn recover(dir: &Path, first_seq: u64) -> Result<(Writer, Arc<Segment>), EventLo
         first_append: (end.offset > 0).then(Instant::now),
         last_sweep: Instant::now(),
         broken: false,
+        refusing: false,
         buf: Vec::new(),
     };
     Ok((writer, active))

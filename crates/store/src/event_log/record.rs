@@ -14,6 +14,8 @@ use fleetgate_core::time::Timestamp;
 pub const HEADER: usize = 8;
 /// Fixed part of the payload: seq, ticks, and the three lengths.
 const FIXED: usize = 8 + 8 + 2 + 2 + 4;
+/// The smallest whole record.
+pub const MIN_RECORD: usize = HEADER + FIXED;
 /// Largest payload accepted when reading: a message is at most 256 KiB plus its names and bag.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
 
@@ -80,6 +82,15 @@ impl RecordRef<'_> {
             body: self.body.to_vec(),
         })
     }
+}
+
+/// Whether the bytes at the start of `buf` could begin a record at a position in `seqs`: a cheap
+/// test (length in bounds, position in range) before the checksum is computed. `buf` must hold
+/// at least `HEADER + 8` bytes; `None` when it does not.
+pub fn plausible(buf: &[u8], seqs: &std::ops::Range<u64>) -> Option<usize> {
+    let len = u32::from_le_bytes(buf.get(0..4)?.try_into().expect("4 bytes")) as usize;
+    let seq = u64::from_le_bytes(buf.get(HEADER..HEADER + 8)?.try_into().expect("8 bytes"));
+    ((FIXED..=MAX_PAYLOAD).contains(&len) && seqs.contains(&seq)).then_some(HEADER + len)
 }
 
 /// The record at the start of `buf` and its total size.

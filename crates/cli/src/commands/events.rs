@@ -1,0 +1,27 @@
+//! `fleetgate events`: maintenance of the telemetry log in the data directory.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+#[derive(clap::Subcommand)]
+pub enum EventsCommand {
+    /// Copy the intact records of damaged telemetry segments into clean ones, keeping each
+    /// damaged original beside it as `….events.damaged`. Offline: refuses while the server runs.
+    Repair {
+        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+        data_dir: PathBuf,
+    },
+}
+
+pub fn run(cmd: EventsCommand) -> anyhow::Result<()> {
+    match cmd {
+        EventsCommand::Repair { data_dir } => {
+            let dir = data_dir.join("events");
+            let report = fleetgate_store::event_log::repair(&dir)
+                .with_context(|| format!("repairing the event log in {}", dir.display()))?;
+            print!("{report}");
+            Ok(())
+        }
+    }
+}
