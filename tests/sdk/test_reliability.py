@@ -11,7 +11,9 @@ from conftest import derive_device_key, register_device, unique
 
 
 def metric(server, name_with_labels: str) -> float:
-    text = requests.get(f"https://{server.address}:{server.https_port}/metrics", verify=server.ca_path, timeout=10).text
+    # /metrics on the HTTPS port takes a DPS policy's token (the owner's here).
+    text = requests.get(f"https://{server.address}:{server.https_port}/metrics", verify=server.ca_path, timeout=10,
+                        headers={"Authorization": server.service.sas_token()}).text
     m = re.search(re.escape(name_with_labels) + r" (\d+(?:\.\d+)?)", text)
     return float(m.group(1)) if m else 0.0
 

@@ -314,3 +314,23 @@ fn events_repair_is_offline_and_keeps_the_damaged_original() {
     drop(log);
     assert!(stdout(&run(&["events", "repair", "--data-dir", d])).contains("no damage found"));
 }
+
+#[test]
+fn serve_refuses_audit_and_auth_limits_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    for (flag, bad) in [
+        ("--audit-retention-days", "0"),
+        ("--audit-retention-days", "forever"),
+        ("--audit-max-rows", "10"),
+        ("--auth-failure-window-secs", "0"),
+        ("--auth-backoff-secs", "-1"),
+        ("--auth-failure-limit", "lots"),
+        ("--metrics-listen", "9100"),
+    ] {
+        let o = run(&["serve", "--data-dir", d.to_str().unwrap(), &format!("{flag}={bad}")]);
+        assert!(!o.status.success(), "{flag}={bad} accepted");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(flag), "{flag}={bad}: names the flag");
+    }
+    assert!(!d.exists(), "nothing was created");
+}

@@ -42,6 +42,9 @@ pub struct AuditEntry {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    /// The network address the attempt came from, when it came over the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl AuditEntry {
@@ -56,6 +59,7 @@ impl AuditEntry {
             outcome,
             reason: None,
             status: None,
+            source: None,
         }
     }
 
@@ -71,6 +75,11 @@ impl AuditEntry {
 
     pub fn status(mut self, s: u16) -> Self {
         self.status = Some(s);
+        self
+    }
+
+    pub fn source(mut self, ip: std::net::IpAddr) -> Self {
+        self.source = Some(ip.to_string());
         self
     }
 }

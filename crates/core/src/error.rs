@@ -47,6 +47,9 @@ pub enum ErrorCode {
     Throttled,
     /// 500000: an internal error; nothing was changed.
     Internal,
+    /// 503000: the service cannot check or do this now (its storage failed, or its disk is below
+    /// the free-space reserve); nothing was changed, and the same request can succeed later.
+    ServiceUnavailable,
     /// 404001 (IoT Hub): no device with that id in the hub's registry.
     DeviceNotFound,
     /// 409001 (IoT Hub): a device with that id already exists.
@@ -61,9 +64,6 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// 408000: the request (its body) did not arrive in time.
     RequestTimeout,
-    /// 503000: the service cannot take the change now (its disk is below the free-space
-    /// reserve); nothing was changed, and the same request can succeed later.
-    ServiceUnavailable,
 }
 
 impl ErrorCode {
@@ -87,6 +87,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => 415000,
             ErrorCode::Throttled => 429001,
             ErrorCode::Internal => 500000,
+            ErrorCode::ServiceUnavailable => 503000,
             ErrorCode::DeviceNotFound => 404001,
             ErrorCode::DeviceAlreadyExists => 409001,
             ErrorCode::DeviceNotOnline => 404103,
@@ -94,7 +95,6 @@ impl ErrorCode {
             ErrorCode::QueueDepthExceeded => 403004,
             ErrorCode::MessageTooLarge => 413001,
             ErrorCode::RequestTimeout => 408000,
-            ErrorCode::ServiceUnavailable => 503000,
         }
     }
 
@@ -125,10 +125,12 @@ impl DpsError {
     pub fn internal() -> Self {
         Self::new(ErrorCode::Internal, "Internal server error; the request was not applied.")
     }
+    /// A fault on our side (storage, or a disk below its reserve): nothing was applied, and every
+    /// SDK retries a 503.
     pub fn unavailable() -> Self {
         Self::new(
             ErrorCode::ServiceUnavailable,
-            "The service cannot take changes now; retry later. Nothing was applied.",
+            "The service is temporarily unavailable; retry later. Nothing was applied.",
         )
     }
     pub fn status(&self) -> u16 {

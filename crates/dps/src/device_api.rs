@@ -26,7 +26,7 @@ use axum::routing::{get, put};
 use axum::Router;
 use fleetgate_core::x509::CertificateChain;
 use fleetgate_core::{DpsError, ErrorCode};
-use fleetgate_rest::{body, json, ApiError};
+use fleetgate_rest::{body, json, ApiError, ClientAddr};
 
 use crate::answer::{self, Answer};
 use crate::mqtt::register_payload;
@@ -73,6 +73,9 @@ fn path_error(r: PathRejection) -> DpsError {
 /// (the HTTPS front end puts it in the request's extensions).
 type PeerCertificates = Option<Extension<CertificateChain>>;
 
+/// The address the request came from (the HTTPS front end records it).
+type Source = Option<Extension<ClientAddr>>;
+
 /// Authenticates the request's SAS token for `{scope}/registrations/{registration_id}`, or,
 /// without one, the TLS client certificate.
 async fn authenticate(
@@ -81,10 +84,12 @@ async fn authenticate(
     registration_id: &str,
     headers: &HeaderMap,
     peer: &PeerCertificates,
+    source: &Source,
 ) -> Result<DeviceAuth, DpsError> {
     let token =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::trim).filter(|t| !t.is_empty());
-    dps.authenticate(scope, registration_id, token, peer.as_ref().map(|Extension(c)| c)).await
+    let source = source.as_ref().map(|Extension(a)| a.0.ip());
+    dps.authenticate(scope, registration_id, token, peer.as_ref().map(|Extension(c)| c), source).await
 }
 
 async fn register(
@@ -92,11 +97,12 @@ async fn register(
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     peer: PeerCertificates,
+    source: Source,
     request: Request,
 ) -> Response {
     let result = async {
         let Path((scope, registration_id)) = path.map_err(path_error)?;
-        let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer).await?;
+        let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer, &source).await?;
         let b = body(Bytes::from_request(request, &()).await).map_err(|e| e.0)?;
         let payload = register_payload(&b).map_err(DpsError::bad_request)?;
         answer::register(&dps, &auth, payload).await
@@ -110,11 +116,12 @@ async fn operation_status(
     path: Result<Path<(String, String, String)>, PathRejection>,
     headers: HeaderMap,
     peer: PeerCertificates,
+    source: Source,
 ) -> Response {
     // Node sends `{}` as the body of this GET; it is not read.
     let result = async {
         let Path((scope, registration_id, operation_id)) = path.map_err(path_error)?;
-        let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer).await?;
+        let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer, &source).await?;
         answer::operation_status(&dps, &auth, &operation_id).await
     }
     .await;
@@ -128,10 +135,11 @@ async fn status_lookup(
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     peer: PeerCertificates,
+    source: Source,
 ) -> Response {
     let result = async {
         let Path((scope, registration_id)) = path.map_err(path_error)?;
-        let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer).await?;
+        let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer, &source).await?;
         let record = dps.registration(auth.registration_id.as_str()).await?;
         Ok::<_, DpsError>(json(record.device_result()))
     }

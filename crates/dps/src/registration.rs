@@ -1,6 +1,7 @@
 //! What devices ask of [`Provisioning`]: attestation, registration (allocation, reprovisioning,
 //! custom webhooks) and operation status.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -76,10 +77,13 @@ impl Enrollment {
 }
 
 impl Provisioning {
-    /// Records a refused attestation (the reason is Fleetgate's, never a key or signature).
-    fn audit_refusal(&self, registration_id: &str, why: &str) {
+    /// Records a refused attestation (the reason is Fleetgate's, never a key or signature),
+    /// counted per source address (see [`fleetgate_store::AuditLog::refused`]).
+    fn audit_refusal(&self, source: Option<IpAddr>, registration_id: &str, why: &str) {
         use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
-        self.audit.record(
+        tracing::debug!(registration_id, reason = why, "device attestation refused");
+        self.audit.refused(
+            source,
             AuditEntry::new(AuditCategory::DeviceOperations, "attest", registration_id, Outcome::Failure)
                 .reason(why)
                 .status(401),
@@ -90,19 +94,21 @@ impl Provisioning {
     /// individual enrollment of that registration id if there is one (it takes precedence, as in
     /// Azure), else against every enrollment group's keys derived for the id. Without a token,
     /// the client certificate chain of its TLS connection is checked instead (see
-    /// [`Provisioning::authenticate_x509`]). Any failure is the same 401 to the device; the
-    /// reason is only logged.
+    /// [`Provisioning::authenticate_x509`]). Any refusal is the same 401 to the device; the
+    /// reason is only recorded. A check the store could not make is a 503 (the device retries),
+    /// never a refusal. `source` is the address the request came from, for the audit trail and
+    /// the per-source limit on refusals.
     pub async fn authenticate(
         &self,
         scope: &str,
         registration_id: &str,
         password: Option<&str>,
         certificates: Option<&CertificateChain>,
+        source: Option<IpAddr>,
     ) -> Result<DeviceAuth, DpsError> {
         let registration_id = RegistrationId::parse(registration_id)?;
         let refuse = |why: &str| {
-            tracing::info!(registration_id = %registration_id, reason = why, "device attestation refused");
-            self.audit_refusal(registration_id.as_str(), why);
+            self.audit_refusal(source, registration_id.as_str(), why);
             DpsError::unauthorized()
         };
         if !self.config.id_scope.matches(scope) {
@@ -110,7 +116,7 @@ impl Provisioning {
         }
         let Some(password) = password else {
             return match certificates {
-                Some(chain) => self.authenticate_x509(registration_id, chain).await,
+                Some(chain) => self.authenticate_x509(registration_id, chain, source).await,
                 None => Err(refuse("neither a SAS token nor a client certificate")),
             };
         };
@@ -168,10 +174,10 @@ impl Provisioning {
         &self,
         registration_id: RegistrationId,
         chain: &CertificateChain,
+        source: Option<IpAddr>,
     ) -> Result<DeviceAuth, DpsError> {
         let refuse = |why: &dyn std::fmt::Display| {
-            tracing::info!(registration_id = %registration_id, reason = %why, "device X.509 attestation refused");
-            self.audit_refusal(registration_id.as_str(), &why.to_string());
+            self.audit_refusal(source, registration_id.as_str(), &format!("X.509: {why}"));
             DpsError::unauthorized()
         };
         let now = unix_now();

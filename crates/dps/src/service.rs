@@ -104,9 +104,11 @@ pub struct Provisioning {
 pub(crate) fn store_err(e: StoreError) -> DpsError {
     match e {
         StoreError::Rejected(d) => d,
+        // The store could not answer: "retry later" (every SDK retries a 503), never an answer
+        // that reads as the device's or the caller's fault.
         StoreError::Backend(msg) => {
-            tracing::error!(error = %msg, "store failure");
-            DpsError::internal()
+            fleetgate_metrics::log_limited!(tracing::Level::ERROR, error = %msg, "store failure");
+            DpsError::unavailable()
         }
         StoreError::Unavailable(msg) => {
             tracing::warn!(error = %msg, "store refused a change (retryable)");
@@ -125,6 +127,18 @@ impl Provisioning {
         config: ProvisioningConfig,
         identity_changes: Arc<dyn IdentityChanges>,
     ) -> Arc<Self> {
+        let audit = AuditLog::start(store.clone());
+        Self::with_audit(store, config, identity_changes, audit)
+    }
+
+    /// [`Provisioning::new`] recording into `audit`, which the server shares with the hub so
+    /// that refusals are counted per source whichever service refused them.
+    pub fn with_audit(
+        store: Arc<dyn Store>,
+        config: ProvisioningConfig,
+        identity_changes: Arc<dyn IdentityChanges>,
+        audit: AuditLog,
+    ) -> Arc<Self> {
         let http = reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(config.webhook_timeout)
@@ -132,7 +146,6 @@ impl Provisioning {
             .build()
             .expect("an HTTP client with default TLS settings builds");
         let throttle = config.registration_rate.map(|r| Mutex::new(TokenBucket::new(r, 0.0)));
-        let audit = AuditLog::start(store.clone());
         Arc::new_cyclic(|me| Self {
             audit,
             store,
@@ -154,7 +167,8 @@ impl Provisioning {
         let now = self.started.elapsed().as_secs_f64();
         let admitted = bucket.lock().unwrap_or_else(|p| p.into_inner()).try_take(now);
         admitted.map_err(|_| {
-            tracing::info!("registration throttled");
+            // Debug: counted in the throttled metric; a line per refused request would be a flood.
+            tracing::debug!("registration throttled");
             DpsError::new(ErrorCode::Throttled, "Too many registrations for this ID scope; retry later.")
         })
     }

@@ -81,6 +81,7 @@ async fn authorize(
     let matched = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
     let access = fleetgate_rest::route_access(ACCESS, req.method(), matched).copied();
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let source = fleetgate_rest::client_ip(&req);
     let target = params.ok().and_then(|p| p.iter().find(|(k, _)| *k == "id").map(|(_, v)| v.to_owned()));
     let target = target.unwrap_or_default();
     // An unlisted route or method is refused below; authentication still comes first.
@@ -97,11 +98,12 @@ async fn authorize(
             }
             resp
         }
-        Err(e) => {
-            let entry = fleetgate_rest::service_audit_entry(&method, &path, "(unauthenticated)", &target, e.status());
-            dps.audit().record(entry.reason("SAS token refused"));
+        Err(e) if e.status() == 401 => {
+            let entry = fleetgate_rest::service_audit_entry(&method, &path, "(unauthenticated)", &target, 401);
+            dps.audit().refused(source, entry.reason("SAS token refused"));
             ApiError(e).into_response()
         }
+        Err(e) => ApiError(e).into_response(),
     }
 }
 

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::mqtt::Subscription;
-use crate::sessions::{DesiredPatch, MethodCall, Outbound, SessionHandle, Sessions};
+use crate::sessions::{CloseCount, DesiredPatch, MethodCall, Outbound, SessionHandle, Sessions};
 use crate::telemetry::EventWriter;
 
 /// Azure's limits and defaults that a deployment may tune.
@@ -70,6 +70,9 @@ pub struct HubDevice {
     /// expiry (plus the clock skew a CONNECT is allowed), its certificate's notAfter. The
     /// connection must not outlive them (Azure closes it; the SDKs reconnect with new ones).
     expires: Option<Timestamp>,
+    /// The device's close requests before its identity was read: its session is refused if one
+    /// came since (see [`Sessions::register`]).
+    closes: CloseCount,
 }
 
 impl HubDevice {
@@ -91,6 +94,17 @@ pub enum ConnectRefusal {
     UnknownDevice,
     BadCredentials,
     Disabled,
+}
+
+/// What checking a device's CONNECT found: three ways, because the check can fail for two
+/// reasons, and a store outage must not read as a wrong key (the SDKs give up on "not
+/// authorized" for good, and retry "server unavailable").
+#[derive(Debug, Clone)]
+pub enum Authentication {
+    Identified(HubDevice),
+    Refused(ConnectRefusal),
+    /// The store could not be read: nothing is known about the device; it should retry.
+    CouldNotCheck,
 }
 
 type MethodWaiter = oneshot::Sender<(i32, Value)>;
@@ -137,7 +151,7 @@ pub(crate) fn store_err(e: StoreError) -> DpsError {
     match e {
         StoreError::Rejected(d) => d,
         StoreError::Backend(msg) => {
-            tracing::error!(error = %msg, "store failure");
+            fleetgate_metrics::log_limited!(tracing::Level::ERROR, error = %msg, "store failure");
             DpsError::internal()
         }
         StoreError::Unavailable(msg) => {
@@ -161,8 +175,14 @@ pub fn twin_etag(twin: &Twin) -> String {
 
 impl Hub {
     pub fn new(store: Arc<dyn Store>, config: HubConfig) -> Self {
-        let events = EventWriter::start(store.clone());
         let audit = fleetgate_store::AuditLog::start(store.clone());
+        Self::with_audit(store, config, audit)
+    }
+
+    /// [`Hub::new`] recording into `audit`, which the server shares with the provisioning
+    /// service so that refusals are counted per source whichever service refused them.
+    pub fn with_audit(store: Arc<dyn Store>, config: HubConfig, audit: fleetgate_store::AuditLog) -> Self {
+        let events = EventWriter::start(store.clone());
         Self {
             store,
             config,
@@ -189,7 +209,8 @@ impl Hub {
             Some(rate) => {
                 let ok = self.take(hub, "connect", rate).is_ok();
                 if !ok {
-                    tracing::info!(hub = %hub, "device connect throttled");
+                    // Debug: counted in the throttled metric; a line per refused connect would be a flood.
+                    tracing::debug!(hub = %hub, "device connect throttled");
                     fleetgate_metrics::METRICS.throttle("connect");
                 }
                 ok
@@ -213,6 +234,11 @@ impl Hub {
         &self.config
     }
 
+    /// Whether telemetry can be taken: `false` while the event log's last append failed.
+    pub fn telemetry_healthy(&self) -> bool {
+        self.events.healthy()
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -228,48 +254,74 @@ impl Hub {
 
     /// Checks a device's CONNECT: its SAS token for `{hub}/devices/{id}` signed with one of the
     /// device's keys, or, for an X.509 identity, the client certificate chain of its TLS
-    /// connection (see [`DeviceIdentity::check_certificate`]). Reasons are logged, never sent.
+    /// connection (see [`DeviceIdentity::check_certificate`]). Reasons are recorded, never sent;
+    /// refusals are counted per `source` address (see [`fleetgate_store::AuditLog::refused`]).
     pub async fn authenticate(
         &self,
         host: &str,
         device_id: &str,
         password: Option<&str>,
         certificates: Option<&CertificateChain>,
-    ) -> Result<HubDevice, ConnectRefusal> {
-        let refuse = |r: ConnectRefusal| {
-            tracing::info!(hub = %host, device = %device_id.chars().take(140).collect::<String>(), reason = ?r, "hub connection refused");
+        source: Option<std::net::IpAddr>,
+    ) -> Authentication {
+        let refuse_because = |r: ConnectRefusal, why: &str| {
             use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
-            self.audit.record(
+            tracing::debug!(hub = %host, device = %device_id.chars().take(140).collect::<String>(), reason = ?r, "hub connection refused");
+            let reason = if why.is_empty() { format!("{r:?}") } else { format!("{r:?}: {why}") };
+            self.audit.refused(
+                source,
                 AuditEntry::new(AuditCategory::DeviceOperations, "connect", device_id, Outcome::Failure)
                     .target(host)
-                    .reason(format!("{r:?}")),
+                    .reason(reason),
             );
-            r
+            Authentication::Refused(r)
         };
+        let refuse = |r: ConnectRefusal| refuse_because(r, "");
+        let could_not_check = |e: &dyn std::fmt::Display| {
+            fleetgate_metrics::log_limited!(tracing::Level::WARN, hub = %host, error = %e, "device connection could not be checked (store failure)");
+            Authentication::CouldNotCheck
+        };
+        // Before anything is read: a change committed after the reads below is then seen by
+        // `connect_session`, which refuses the session.
+        let closes = self.sessions.closes_before_auth(host, device_id);
         let hub = match self.hub_named(host).await {
             Ok(Some(h)) => h,
-            _ => return Err(refuse(ConnectRefusal::UnknownHub)),
+            Ok(None) => return refuse(ConnectRefusal::UnknownHub),
+            Err(e) => return could_not_check(&e),
         };
-        let Ok(Some(device)) = self.store.device(&hub.host_name, device_id).await else {
-            return Err(refuse(ConnectRefusal::UnknownDevice));
+        let device = match self.store.device(&hub.host_name, device_id).await {
+            Ok(Some(d)) => d,
+            Ok(None) => return refuse(ConnectRefusal::UnknownDevice),
+            Err(e) => return could_not_check(&e),
         };
         if device.authentication_type != AuthenticationType::Sas {
-            let fallback = if device.ca_certificates.is_empty() { self.group_cas().await } else { Vec::new() };
+            let fallback = if device.ca_certificates.is_empty() {
+                match self.group_cas().await {
+                    Ok(cas) => cas,
+                    Err(e) => return could_not_check(&e),
+                }
+            } else {
+                Vec::new()
+            };
             if let Err(why) = device.check_certificate(certificates, &fallback, Timestamp::now().unix_seconds()) {
-                tracing::info!(hub = %host, device = %device.device_id, reason = %why, "X.509 device certificate refused");
-                return Err(refuse(ConnectRefusal::BadCredentials));
+                return refuse_because(ConnectRefusal::BadCredentials, &format!("X.509: {why}"));
             }
             if device.status == DeviceStatus::Disabled {
-                return Err(refuse(ConnectRefusal::Disabled));
+                return refuse(ConnectRefusal::Disabled);
             }
             // The leaf was parsed and checked above; its notAfter is the session's end.
             let not_after = certificates
                 .and_then(|c| Certificate::from_der(c.leaf()).ok())
                 .map(|leaf| Timestamp::from_unix_seconds(leaf.validity().1.saturating_add(1)));
-            return Ok(self.connected_device(hub.host_name, device.device_id, not_after));
+            return Authentication::Identified(self.connected_device(
+                hub.host_name,
+                device.device_id,
+                not_after,
+                closes,
+            ));
         }
         let Some(token) = password.and_then(|p| SasToken::parse(p).ok()) else {
-            return Err(refuse(ConnectRefusal::BadCredentials));
+            return refuse(ConnectRefusal::BadCredentials);
         };
         let expected = format!("{}/devices/{}", hub.host_name, device_id);
         let resource_ok = token.resource.trim_end_matches('/').eq_ignore_ascii_case(&expected);
@@ -280,19 +332,26 @@ impl Hub {
             .filter(|k| !k.as_bytes().is_empty())
             .any(|k| token.signed_with(&k));
         if !(resource_ok && fresh && signed) {
-            return Err(refuse(ConnectRefusal::BadCredentials));
+            return refuse(ConnectRefusal::BadCredentials);
         }
         if device.status == DeviceStatus::Disabled {
-            return Err(refuse(ConnectRefusal::Disabled));
+            return refuse(ConnectRefusal::Disabled);
         }
         // The first second `check_expiry` refuses the token is when the connection ends: a
         // token accepted at CONNECT (skew included) keeps it open exactly as long as it would
         // still be accepted.
         let expires = token.accepted_until().saturating_add(1);
-        Ok(self.connected_device(hub.host_name, device.device_id, Some(Timestamp::from_unix_seconds(expires))))
+        let expires = Some(Timestamp::from_unix_seconds(expires));
+        Authentication::Identified(self.connected_device(hub.host_name, device.device_id, expires, closes))
     }
 
-    fn connected_device(&self, hub: String, device_id: String, expires: Option<Timestamp>) -> HubDevice {
+    fn connected_device(
+        &self,
+        hub: String,
+        device_id: String,
+        expires: Option<Timestamp>,
+        closes: CloseCount,
+    ) -> HubDevice {
         let last_activity = self
             .activity
             .lock()
@@ -300,15 +359,15 @@ impl Hub {
             .entry((hub.to_ascii_lowercase(), device_id.to_ascii_lowercase()))
             .or_default()
             .clone();
-        HubDevice { hub, device_id, last_activity, expires }
+        HubDevice { hub, device_id, last_activity, expires, closes }
     }
 
     /// The CA certificates a `certificateAuthority` identity created through the service API
     /// (with no CA certificates of its own) is checked against: those of the instance's X.509
     /// enrollment groups, the CAs this deployment has verified.
-    async fn group_cas(&self) -> Vec<Certificate> {
-        let groups = self.store.groups().await.unwrap_or_default();
-        groups
+    async fn group_cas(&self) -> Result<Vec<Certificate>, StoreError> {
+        let groups = self.store.groups().await?;
+        Ok(groups
             .iter()
             .filter_map(|g| match g.settings.x509_trust() {
                 Some(fleetgate_core::enrollment::X509Trust::CertificateAuthority(cas)) => Some(cas),
@@ -316,16 +375,23 @@ impl Hub {
             })
             .flatten()
             .flatten()
-            .collect()
+            .collect())
     }
 
     /// Marks the device connected; the returned handle receives what the service sends it.
-    pub fn connect_session(&self, d: &HubDevice) -> SessionHandle {
+    /// `None` when the device was disabled, deleted or given other credentials after
+    /// [`Hub::authenticate`] read its identity (or, rarely, another device sharing its close
+    /// counter was): the connection must be refused, with an answer the device retries, since
+    /// its credentials may still be good.
+    pub fn connect_session(&self, d: &HubDevice) -> Option<SessionHandle> {
         let now = Timestamp::now().to_azure_string();
+        let Some(handle) = self.sessions.register(&d.hub, &d.device_id, d.closes, now) else {
+            tracing::info!(hub = %d.hub, device = %d.device_id, "device identity changed while it connected; refusing the connection");
+            return None;
+        };
         d.touch(Timestamp::now());
-        let handle = self.sessions.register(&d.hub, &d.device_id, now);
         fleetgate_metrics::METRICS.hub_sessions.set(self.sessions.count() as i64);
-        handle
+        Some(handle)
     }
 
     pub fn disconnect_session(&self, d: &HubDevice, id: u64) {
@@ -829,6 +895,58 @@ mod tests {
             assert!(rid.len() == 32 && rid.bytes().all(|b| b.is_ascii_hexdigit()), "{rid}");
             assert!(fleetgate_core::topic::request_id_ok(rid), "echoable as it is");
         }
+    }
+
+    /// Issue 12 item 4: a change committed while a CONNECT is between [`Hub::authenticate`] and
+    /// [`Hub::connect_session`] finds no session to close; the session must then be refused.
+    #[tokio::test]
+    async fn a_change_committed_while_a_device_connects_refuses_its_session() {
+        let store = Arc::new(fleetgate_store::SqliteStore::in_memory().unwrap());
+        let hub = Hub::new(store.clone(), HubConfig::default());
+        let host = "hub.example.net";
+        fleetgate_store::Store::add_hub(&*store, &LinkedHub::new(host, SymmetricKey::generate().to_base64()))
+            .await
+            .unwrap();
+        let key = SymmetricKey::generate();
+        let device = |key: &SymmetricKey, status: &str| {
+            json!({"deviceId": "dev", "status": status, "authentication": {"type": "sas", "symmetricKey": {
+                "primaryKey": key.to_base64(), "secondaryKey": key.to_base64()}}})
+            .to_string()
+        };
+        hub.put_device(host, "dev", device(&key, "enabled").as_bytes(), None).await.unwrap();
+        let token = || {
+            let expiry = Timestamp::now().unix_seconds() + 600;
+            fleetgate_core::sas::build_token(&key, &format!("{host}/devices/dev"), expiry, None)
+        };
+        let authenticate = || async {
+            match hub.authenticate(host, "dev", Some(&token()), None, None).await {
+                Authentication::Identified(d) => d,
+                other => panic!("not identified: {other:?}"),
+            }
+        };
+        for (what, change) in [
+            ("credentials changed", device(&SymmetricKey::generate(), "enabled")),
+            ("disabled", device(&key, "disabled")),
+        ] {
+            let connecting = authenticate().await;
+            hub.put_device(host, "dev", change.as_bytes(), Some("*".into())).await.unwrap();
+            assert!(hub.connect_session(&connecting).is_none(), "{what}: session refused");
+            assert!(hub.sessions.get(host, "dev").is_none(), "{what}");
+            hub.put_device(host, "dev", device(&key, "enabled").as_bytes(), Some("*".into())).await.unwrap();
+        }
+        // DPS re-provisioning reports its changes through `close_session`.
+        let connecting = authenticate().await;
+        hub.close_session(host, "dev");
+        assert!(hub.connect_session(&connecting).is_none(), "re-provisioned: session refused");
+        // Deleted.
+        let connecting = authenticate().await;
+        hub.delete_device(host, "dev", None).await.unwrap();
+        assert!(hub.connect_session(&connecting).is_none(), "deleted: session refused");
+        // Nothing changed: the session is registered.
+        hub.put_device(host, "dev", device(&key, "enabled").as_bytes(), None).await.unwrap();
+        let connecting = authenticate().await;
+        let handle = hub.connect_session(&connecting).expect("registered");
+        assert_eq!(hub.sessions.get(host, "dev").map(|l| l.id), Some(handle.id));
     }
 
     #[test]

@@ -83,12 +83,16 @@ async fn authorize(
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let target = params.ok().and_then(|p| p.iter().find(|(k, _)| *k == "id").map(|(_, v)| v.to_owned()));
     let target = target.unwrap_or_default();
+    // Every refusal is in the audit trail, counted per source address (a flood of them is one
+    // entry and one summary, not one row and one log line each).
+    let source = fleetgate_rest::client_ip(&req);
     let refuse = |why: &str| {
-        tracing::info!(reason = why, "hub service API request refused");
         let entry = fleetgate_rest::service_audit_entry(&method, &path, "(unauthenticated)", &target, 401);
-        hub.audit().record(entry.reason(why));
+        hub.audit().refused(source, entry.reason(why));
         ApiError(DpsError::unauthorized()).into_response()
     };
+    // The store could not be read: "retry later", not "unauthorized".
+    let unavailable = || ApiError(DpsError::unavailable()).into_response();
     let Some(token) =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|t| SasToken::parse(t).ok())
     else {
@@ -101,14 +105,13 @@ async fn authorize(
     let linked = match hub.hub_named(host).await {
         Ok(Some(linked)) => linked,
         Ok(None) => return refuse("token names no hub of this instance"),
-        Err(e) => return ApiError(e).into_response(),
+        Err(_) => return unavailable(),
     };
     if !fleetgate_rest::token_covers(&token.resource, &path) {
         return refuse("token's resource does not cover this path");
     }
-    let policies = match hub.store().policies(&format!("hub:{}", linked.host_name.to_ascii_lowercase())).await {
-        Ok(p) => p,
-        Err(e) => return ApiError(crate::hub::store_err(e)).into_response(),
+    let Ok(policies) = hub.store().policies(&format!("hub:{}", linked.host_name.to_ascii_lowercase())).await else {
+        return unavailable();
     };
     // An unlisted route or method is refused below; authentication still comes first.
     let needed = access.map_or(&[][..], |a| a.rights);

@@ -5,6 +5,7 @@
 //! can tell "not online" from "online but not listening".
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -115,11 +116,41 @@ struct Entry {
 /// rather than growing memory without bound.
 const OUTBOUND_QUEUE: usize = 64;
 
-#[derive(Default)]
+/// Number of [`Sessions::closes`] counters.
+const CLOSE_STRIPES: usize = 4096;
+
 pub struct Sessions {
     next_id: AtomicU64,
     map: Mutex<HashMap<(String, String), Entry>>,
+    /// Close requests per device, so that a connection authenticated before a change but
+    /// registered after it is refused (see [`Sessions::register`]). Closing a device finds only
+    /// a session already registered: without this, a disable, delete or credential change
+    /// committed while a CONNECT was between reading the identity and registering its session
+    /// would close nothing, and that connection would run on the old credentials until they
+    /// expire. Counters are striped by a keyed hash of the device rather than kept per device:
+    /// memory stays fixed (32 KB) however many devices are ever closed, and a collision only
+    /// costs a device a retryable refusal when another device of its stripe was closed while it
+    /// was connecting. Only bumped and compared under `map`'s lock.
+    closes: Box<[AtomicU64]>,
+    stripe_hasher: std::collections::hash_map::RandomState,
 }
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            next_id: AtomicU64::new(0),
+            map: Mutex::default(),
+            closes: (0..CLOSE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            stripe_hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+}
+
+/// The close requests a device had when its connection started to authenticate: read (with
+/// [`Sessions::closes_before_auth`]) before its identity is read from the store, handed back to
+/// [`Sessions::register`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseCount(u64);
 
 /// A connected device's session as the service side reaches it. `id` names the connection:
 /// an answer to a request sent through `tx` counts only when it comes back on that connection.
@@ -140,22 +171,41 @@ fn key(hub: &str, device: &str) -> (String, String) {
 }
 
 impl Sessions {
-    /// Registers a new session for a device, closing the previous one if any.
-    pub fn register(&self, hub: &str, device: &str, now: String) -> SessionHandle {
+    fn closes_of(&self, key: &(String, String)) -> &AtomicU64 {
+        &self.closes[self.stripe_hasher.hash_one(key) as usize % CLOSE_STRIPES]
+    }
+
+    /// To be read before the device's identity is: see [`Sessions::register`].
+    pub fn closes_before_auth(&self, hub: &str, device: &str) -> CloseCount {
+        CloseCount(self.closes_of(&key(hub, device)).load(Ordering::Acquire))
+    }
+
+    /// Registers a new session for a device, closing the previous one if any; `None` when the
+    /// device may have been closed since `authenticated` was read: its connection was
+    /// authenticated on an identity that may have changed since, and must be refused.
+    ///
+    /// Why this closes the race: a change is committed before [`Sessions::close`] is called, and
+    /// `authenticated` was read before the identity was. So if the authentication read the old
+    /// identity, the close comes after that read; either it came before this registration (the
+    /// count moved: refused here) or it comes after it (it finds and closes this session). Both
+    /// the count's check and its bump are made under the map's lock, so there is no third order.
+    pub fn register(&self, hub: &str, device: &str, authenticated: CloseCount, now: String) -> Option<SessionHandle> {
+        let key = key(hub, device);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if self.closes_of(&key).load(Ordering::Acquire) != authenticated.0 {
+            return None;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let tx = Arc::new(Inbox::default());
         let rx = tx.clone();
         let flags = Arc::new(SessionFlags::default());
-        let old = self
-            .map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key(hub, device), Entry { id, tx, flags: flags.clone(), connected_since: now });
+        let old = map.insert(key, Entry { id, tx, flags: flags.clone(), connected_since: now });
+        drop(map);
         if let Some(old) = old {
             tracing::info!(device = %device, "new connection for the device; closing the old one");
             old.tx.close();
         }
-        SessionHandle { id, rx, flags }
+        Some(SessionHandle { id, rx, flags })
     }
 
     /// Removes the session if it is still the registered one.
@@ -176,10 +226,14 @@ impl Sessions {
     }
 
     /// Asks the device's current session, if any, to close (the device was disabled, deleted or
-    /// its credentials changed).
+    /// its credentials changed), and refuses the sessions of connections already authenticating
+    /// (see [`Sessions::register`]). Called after the change is committed.
     pub fn close(&self, hub: &str, device: &str) {
-        if let Some(live) = self.get(hub, device) {
-            live.tx.close();
+        let key = key(hub, device);
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        self.closes_of(&key).fetch_add(1, Ordering::AcqRel);
+        if let Some(e) = map.get(&key) {
+            e.tx.close();
         }
     }
 
@@ -218,6 +272,24 @@ mod tests {
         inbox.try_send(Outbound::Close).unwrap();
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
         assert!(matches!(got, Outbound::Close));
+    }
+
+    #[test]
+    fn a_close_between_authentication_and_registration_refuses_the_session() {
+        let sessions = Sessions::default();
+        let authenticated = sessions.closes_before_auth("Hub", "dev");
+        // Committed and closed while the connection was between its identity read and here:
+        // there was no session to close yet.
+        sessions.close("hub", "DEV");
+        assert!(sessions.register("hub", "dev", authenticated, String::new()).is_none());
+        assert_eq!(sessions.count(), 0);
+        // A connection that authenticates after the change registers.
+        let authenticated = sessions.closes_before_auth("hub", "dev");
+        let handle = sessions.register("hub", "dev", authenticated, String::new()).expect("registered");
+        assert_eq!(sessions.get("hub", "dev").map(|l| l.id), Some(handle.id));
+        // A close after the registration closes the session (the other order).
+        sessions.close("hub", "dev");
+        assert!(handle.rx.closing.load(Ordering::Acquire));
     }
 
     #[tokio::test]

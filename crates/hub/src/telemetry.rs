@@ -6,7 +6,9 @@
 //! lost. Readers (monitor-events) are woken through a broadcast and read from the store by
 //! position, so a slow reader never loses events and never slows the writers.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use fleetgate_core::message::ReceivedEvent;
 use fleetgate_core::DpsError;
@@ -18,18 +20,54 @@ const QUEUE: usize = 8192;
 
 type Waiter = oneshot::Sender<Result<u64, DpsError>>;
 
+/// How long a failed append keeps the writer unhealthy when nothing has succeeded since: long
+/// enough for readiness probes to see it, short enough that an instance nobody sends to (while
+/// unready) is tried again.
+const FAILURE_SHOWS_FOR: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct EventWriter {
     tx: mpsc::Sender<(ReceivedEvent, Waiter)>,
     appended: broadcast::Sender<u64>,
+    health: Arc<Health>,
+}
+
+/// When the last append succeeded and failed, in milliseconds since the writer started plus one
+/// (0: never).
+struct Health {
+    started: Instant,
+    last_success: AtomicU64,
+    last_failure: AtomicU64,
+}
+
+impl Health {
+    fn now(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+    }
+
+    fn healthy(&self) -> bool {
+        let (ok, failed) = (self.last_success.load(Ordering::Relaxed), self.last_failure.load(Ordering::Relaxed));
+        let recent = u128::from(self.now().saturating_sub(failed)) < FAILURE_SHOWS_FOR.as_millis();
+        !(failed > ok && recent)
+    }
 }
 
 impl EventWriter {
     pub fn start(store: Arc<dyn Store>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (appended, _) = broadcast::channel(1024);
-        tokio::spawn(write_loop(store, rx, appended.clone()));
-        Self { tx, appended }
+        let health = Arc::new(Health {
+            started: Instant::now(),
+            last_success: AtomicU64::new(0),
+            last_failure: AtomicU64::new(0),
+        });
+        tokio::spawn(write_loop(store, rx, appended.clone(), health.clone()));
+        Self { tx, appended, health }
+    }
+
+    /// `false` while the last append failed (and not long ago): telemetry cannot be taken.
+    pub fn healthy(&self) -> bool {
+        self.health.healthy()
     }
 
     /// Appends one event; resolves with its position once it is on disk.
@@ -49,6 +87,7 @@ async fn write_loop(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<(ReceivedEvent, Waiter)>,
     appended: broadcast::Sender<u64>,
+    health: Arc<Health>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -61,6 +100,7 @@ async fn write_loop(
         let (events, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         match store.append_events(events).await {
             Ok(seqs) => {
+                health.last_success.store(health.now(), Ordering::Relaxed);
                 let last = seqs.last().copied();
                 for (w, seq) in waiters.into_iter().zip(seqs) {
                     let _ = w.send(Ok(seq));
@@ -70,6 +110,7 @@ async fn write_loop(
                 }
             }
             Err(e) => {
+                health.last_failure.store(health.now(), Ordering::Relaxed);
                 let err = match e {
                     StoreError::Rejected(d) => d,
                     StoreError::Backend(msg) => {

@@ -3,6 +3,8 @@
 //! One process-wide set, so that any layer can count what it does without threading a handle
 //! through every constructor; the names follow Prometheus conventions.
 
+pub mod log_limit;
+
 use std::sync::LazyLock;
 
 use prometheus_client::encoding::text::encode;
@@ -25,7 +27,8 @@ pub struct Metrics {
     pub hub_sessions: Gauge,
     /// Device-to-cloud messages durably appended.
     pub messages: Counter,
-    /// Requests slowed or refused by a quota: registration, connect, message.
+    /// Requests slowed or refused by a quota: registration, connect, message, auth_failures (a
+    /// source turned away after too many refused authentications).
     pub throttled: Family<Labels, Counter>,
     /// Damaged ranges found in the telemetry log (bytes that are not whole records, with whole
     /// records after them), each counted once per process.
@@ -39,6 +42,8 @@ pub struct Metrics {
     /// Writes refused because the data directory's filesystem is below its free-space reserve,
     /// by what was refused: telemetry, registry.
     pub disk_reserve_refusals: Family<Labels, Counter>,
+    /// Refused authentications (every one, including those only counted in the audit trail).
+    pub auth_refusals: Counter,
     registry: Registry,
 }
 
@@ -54,6 +59,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let event_log_dropped_segments = Family::<Labels, Counter>::default();
     let event_log_bytes = Gauge::default();
     let disk_reserve_refusals = Family::<Labels, Counter>::default();
+    let auth_refusals = Counter::default();
     let mut registry = Registry::with_prefix("fleetgate");
     registry.register("registrations", "Device registrations by outcome", registrations.clone());
     registry.register("registration_seconds", "Time to decide a registration", registration_seconds.clone());
@@ -82,6 +88,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Writes refused because free disk space is below the reserve, by kind (telemetry, registry)",
         disk_reserve_refusals.clone(),
     );
+    registry.register("auth_refusals", "Refused authentications", auth_refusals.clone());
     Metrics {
         registrations,
         registration_seconds,
@@ -94,6 +101,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         event_log_dropped_segments,
         event_log_bytes,
         disk_reserve_refusals,
+        auth_refusals,
         registry,
     }
 });
@@ -113,6 +121,10 @@ impl Metrics {
 
     pub fn disk_reserve_refusal(&self, kind: &str) {
         self.disk_reserve_refusals.get_or_create(&vec![("kind", kind.to_owned())]).inc();
+    }
+
+    pub fn auth_refused(&self) {
+        self.auth_refusals.inc();
     }
 
     /// Counts a connection open until the guard drops.

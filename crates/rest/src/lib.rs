@@ -180,6 +180,16 @@ pub fn token_covers(resource: &str, path: &str) -> bool {
     fleetgate_core::sas::resource_matches(&canonical_path(&format!("/{scope}")), &canonical_path(&decoded))
 }
 
+/// The address a request came from (the HTTPS front end puts it in every request's extensions),
+/// for the audit trail and the per-source limit on refused authentications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// The address of the client that sent `req`, if the front end recorded it.
+pub fn client_ip<B>(req: &axum::http::Request<B>) -> Option<std::net::IpAddr> {
+    req.extensions().get::<ClientAddr>().map(|a| a.0.ip())
+}
+
 /// The host a service token's `sr` names: its first path segment, without a `:port` and without
 /// IPv6 brackets (clients sign `host`, `host:port` or `[::1]:port` alike).
 pub fn token_host(resource: &str) -> &str {

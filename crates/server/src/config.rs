@@ -1,6 +1,6 @@
 //! Server configuration: what `fleetgate serve` takes from flags and the environment.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -38,6 +38,18 @@ pub struct ServerConfig {
     /// registry changes below half of it (retryably); `None`: derived from the filesystem's size
     /// (`fleetgate_store::disk::default_reserve`); `Some(0)`: no reserve.
     pub disk_reserve_bytes: Option<u64>,
+
+    // Audit trail, refused authentications, readiness and metrics (issue 12, storage faults).
+    /// The audit trail's retention and row cap, and how refused authentications are counted
+    /// and limited per source address.
+    pub audit: fleetgate_store::AuditOptions,
+    /// A plain-HTTP listener that serves `/metrics` without credentials, for a Prometheus on a
+    /// private network. `/metrics` on the HTTPS port always needs a DPS policy's token.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Tests: makes the store fail on demand (the server then runs on a [`FaultyStore`]).
+    ///
+    /// [`FaultyStore`]: fleetgate_store::FaultyStore
+    pub faults: Option<fleetgate_store::Faults>,
 }
 
 impl ServerConfig {
@@ -60,6 +72,9 @@ impl ServerConfig {
             event_retention: Duration::from_secs(24 * 3600),
             event_retention_bytes: None,
             disk_reserve_bytes: None,
+            audit: fleetgate_store::AuditOptions::default(),
+            metrics_listen: None,
+            faults: None,
         }
     }
 }

@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::config::Limits;
+use crate::readiness::Readiness;
 
 fn canonicalize<B>(mut req: http::Request<B>) -> http::Request<B> {
     let uri = req.uri();
@@ -42,35 +43,33 @@ fn canonicalize<B>(mut req: http::Request<B>) -> http::Request<B> {
     req
 }
 
-pub fn app(dps: Arc<Provisioning>, hub: Arc<Hub>) -> Router {
-    let store = dps.store().clone();
+pub fn app(dps: Arc<Provisioning>, hub: Arc<Hub>, readiness: Arc<Readiness>) -> Router {
+    // Every route that checks credentials first turns away a source that failed too often.
+    let admit = axum::middleware::from_fn_with_state(dps.audit().clone(), admit_source);
     Router::new()
-        // Liveness: the process answers. Readiness: the store answers too.
+        // Liveness: the process answers. Readiness: a registration could be taken now.
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route(
             "/readyz",
             axum::routing::get(move || {
-                let store = store.clone();
+                let readiness = readiness.clone();
                 async move {
-                    match store.setting("id_scope").await {
-                        Ok(Some(_)) => (http::StatusCode::OK, "ready"),
-                        _ => (http::StatusCode::SERVICE_UNAVAILABLE, "store unavailable"),
+                    match readiness.check().await {
+                        Ok(()) => (http::StatusCode::OK, "ready".to_owned()),
+                        Err(why) => (http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}")),
                     }
                 }
             }),
         )
-        .route(
-            "/metrics",
-            axum::routing::get(|| async {
-                (
-                    [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    fleetgate_metrics::METRICS.render(),
-                )
-            }),
+        .merge(
+            Router::new()
+                .route("/metrics", axum::routing::get(authorized_metrics))
+                .with_state(dps.clone())
+                .layer(admit.clone()),
         )
-        .merge(service_api::router(dps.clone()))
-        .merge(fleetgate_dps::device_api::device_router(dps))
-        .merge(fleetgate_hub::service_api::router(hub))
+        .merge(service_api::router(dps.clone()).layer(admit.clone()))
+        .merge(fleetgate_dps::device_api::device_router(dps).layer(admit.clone()))
+        .merge(fleetgate_hub::service_api::router(hub).layer(admit))
         .fallback(|| async { ApiError(DpsError::new(ErrorCode::NotFound, "No such resource.")).into_response() })
         .layer(axum::middleware::from_fn(close_when_body_refused))
 }
@@ -92,12 +91,88 @@ async fn close_when_body_refused(
     resp
 }
 
+/// A source that failed authentication too often is answered 429 + `Retry-After` without a
+/// credential check until its backoff ends (see [`fleetgate_store::AuditLog::admit`]).
+async fn admit_source(
+    axum::extract::State(audit): axum::extract::State<fleetgate_store::AuditLog>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match audit.admit(fleetgate_rest::client_ip(&req)) {
+        Ok(()) => next.run(req).await,
+        Err(wait) => {
+            let mut resp = ApiError(DpsError::new(
+                ErrorCode::Throttled,
+                "Too many failed authentications from this address; retry later.",
+            ))
+            .into_response();
+            let secs = fleetgate_core::throttle::retry_after_secs(wait);
+            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+            resp
+        }
+    }
+}
+
+/// The metrics in the OpenMetrics text format.
+fn metrics_text() -> axum::response::Response {
+    (
+        [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        fleetgate_metrics::METRICS.render(),
+    )
+        .into_response()
+}
+
+/// `/metrics` on the HTTPS port: counts of registrations and connections are not for strangers,
+/// so it takes a SAS token of a DPS policy with the `ServiceConfig` right (the owner policy) or
+/// the `RegistrationStatusRead` right (enough for a Prometheus: it reads, like a status read).
+/// Prometheus sends one with `authorization: {type: SharedAccessSignature, credentials: "sr=…"}`.
+async fn authorized_metrics(
+    axum::extract::State(dps): axum::extract::State<Arc<Provisioning>>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use fleetgate_core::policy::Right;
+    let auth = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match dps.authorize_service(auth, &[Right::ServiceConfig, Right::RegistrationStatusRead], "/metrics").await {
+        Ok(_) => metrics_text(),
+        Err(e) => {
+            if e.status() == 401 {
+                use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
+                let refusal = AuditEntry::new(
+                    AuditCategory::ServiceOperations,
+                    "GET /metrics",
+                    "(unauthenticated)",
+                    Outcome::Failure,
+                )
+                .reason("SAS token refused")
+                .status(401);
+                dps.audit().refused(fleetgate_rest::client_ip(&req), refusal);
+            }
+            ApiError(e).into_response()
+        }
+    }
+}
+
+/// The plain-HTTP `/metrics` listener (`--metrics-listen`): no TLS and no credentials, for a
+/// Prometheus on a private network. Nothing else is served on it.
+pub async fn serve_metrics(listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    let app = Router::new()
+        .route("/metrics", axum::routing::get(|| async { metrics_text() }))
+        .fallback(|| async { http::StatusCode::NOT_FOUND });
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        tracing::warn!(error = %e, "metrics listener failed");
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
+    readiness: Arc<Readiness>,
     limits: Arc<Limits>,
     gate: Arc<crate::listener::Gate>,
     budget: Arc<crate::mqtt::PacketBudget>,
@@ -108,7 +183,7 @@ pub(crate) async fn serve(
     // and HTTP/2 would bring its own idle and stream limits to get right.
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let app = app(dps.clone(), hub.clone()).merge(crate::websocket::router(
+    let app = app(dps.clone(), hub.clone(), readiness).merge(crate::websocket::router(
         dps,
         hub,
         limits.clone(),
@@ -138,6 +213,8 @@ pub(crate) async fn serve(
             let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let mut req = canonicalize(req);
                 req.extensions_mut().insert(permit.clone());
+                // Who sent it: for the audit trail and the per-source limit on refusals.
+                req.extensions_mut().insert(fleetgate_rest::ClientAddr(peer));
                 if let Some(chain) = &client_chain {
                     req.extensions_mut().insert(chain.clone());
                 }

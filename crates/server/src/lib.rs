@@ -11,6 +11,7 @@ pub mod fd_limit;
 pub mod https;
 mod listener;
 pub mod mqtt;
+pub mod readiness;
 pub mod tls;
 pub mod websocket;
 mod write_deadline;
@@ -40,6 +41,8 @@ pub enum StartError {
 pub struct RunningServer {
     pub mqtt_addr: SocketAddr,
     pub https_addr: SocketAddr,
+    /// The plain-HTTP `/metrics` listener, when one was asked for.
+    pub metrics_addr: Option<SocketAddr>,
     pub instance: Instance,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -116,7 +119,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     };
     let cert = cert_reload::ReloadingCert::new(&cert_path, &key_path).map_err(StartError::Tls)?;
     let tls = tls::server_config(cert.clone()).map_err(StartError::Tls)?;
-    let store: Arc<dyn Store> = data.store.clone();
+    let store: Arc<dyn Store> = match &config.faults {
+        Some(faults) => Arc::new(fleetgate_store::FaultyStore::new(data.store.clone(), faults.clone())),
+        None => data.store.clone(),
+    };
 
     let bind = |port: u16| SocketAddr::new(config.listen, port);
     let mqtt_listener = tokio::net::TcpListener::bind(bind(config.mqtt_port))
@@ -130,10 +136,24 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let https_addr =
         https_listener.local_addr().map_err(|source| StartError::Bind { addr: bind(config.https_port), source })?;
 
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?)
+        }
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr().map_err(|source| StartError::Bind { addr: bind(0), source })?),
+        None => None,
+    };
+
     let instance = data.write_instance_file(https_addr.port()).await?;
-    let hub = Arc::new(Hub::new(data.store.clone(), config.hub.clone()));
-    let dps = Provisioning::new(
-        store,
+    // One audit log for both services: a source's refusals are counted together, whichever
+    // service (or protocol) refused them.
+    let audit = fleetgate_store::AuditLog::start_with(store.clone(), config.audit.clone());
+    let hub = Arc::new(Hub::with_audit(store.clone(), config.hub.clone(), audit.clone()));
+    let dps = Provisioning::with_audit(
+        store.clone(),
         ProvisioningConfig {
             id_scope: data.id_scope.clone(),
             service_host_names: config.hostnames.clone(),
@@ -142,6 +162,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             registration_rate: config.registration_rate,
         },
         Arc::new(HubSessions(hub.clone())),
+        audit,
     );
 
     let (shutdown, rx) = watch::channel(false);
@@ -162,20 +183,22 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let gate =
         listener::Gate::new(limits.max_connections, limits.max_connections_per_source, limits.cap_loopback_sources);
     let budget = mqtt::PacketBudget::new(limits.partial_packet_budget_bytes);
-    let mut tasks = vec![
-        tokio::spawn(mqtt::serve(
-            mqtt_listener,
-            tls.clone(),
-            dps.clone(),
-            hub.clone(),
-            limits.clone(),
-            gate.clone(),
-            budget.clone(),
-            rx.clone(),
-        )),
-        tokio::spawn(https::serve(https_listener, tls, dps, hub, limits, gate, budget, rx)),
-    ];
+    let readiness = readiness::Readiness::start(store, hub.clone(), rx.clone());
+    let mut tasks = vec![tokio::spawn(mqtt::serve(
+        mqtt_listener,
+        tls.clone(),
+        dps.clone(),
+        hub.clone(),
+        limits.clone(),
+        gate.clone(),
+        budget.clone(),
+        rx.clone(),
+    ))];
+    if let Some(listener) = metrics_listener {
+        tasks.push(tokio::spawn(https::serve_metrics(listener, rx.clone())));
+    }
+    tasks.push(tokio::spawn(https::serve(https_listener, tls, dps, hub, readiness, limits, gate, budget, rx)));
     tasks.push(tokio::spawn(watch_certificate(cert, config.cert_check_interval, rx_reload)));
     tracing::info!(%mqtt_addr, %https_addr, id_scope = %instance.id_scope, "fleetgate serving");
-    Ok(RunningServer { mqtt_addr, https_addr, instance, shutdown, tasks })
+    Ok(RunningServer { mqtt_addr, https_addr, metrics_addr, instance, shutdown, tasks })
 }

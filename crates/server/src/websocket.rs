@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 use crate::config::Limits;
+use fleetgate_metrics::info_limited;
 
 /// The WebSocket subprotocols MQTT clients offer; whichever was offered is echoed.
 pub const SUBPROTOCOLS: [&str; 2] = ["mqtt", "MQTT"];
@@ -80,6 +81,7 @@ async fn upgrade(
     State(st): State<WsState>,
     permit: Option<Extension<ConnectionPermit>>,
     peer: Option<Extension<CertificateChain>>,
+    source: Option<Extension<fleetgate_rest::ClientAddr>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
@@ -91,7 +93,7 @@ async fn upgrade(
     };
     let ws = ws.protocols(SUBPROTOCOLS);
     if ws.selected_protocol().is_none() {
-        tracing::info!("refused WebSocket upgrade: the client did not offer the mqtt subprotocol");
+        info_limited!("refused WebSocket upgrade: the client did not offer the mqtt subprotocol");
         return bad_request("MQTT over WebSockets requires the WebSocket subprotocol 'mqtt'.");
     }
     let max = max_message_bytes(&st.limits, &st.hub);
@@ -102,9 +104,10 @@ async fn upgrade(
             let _permit = permit;
             // The HTTPS connection's client certificate chain, if the device presented one.
             let peer = peer.map(|Extension(c)| c);
+            let source = source.map(|Extension(a)| a.0.ip());
             let stream = WsStream::new(socket);
             if let Err(e) =
-                crate::mqtt::serve_stream(stream, peer, st.dps, st.hub, st.limits, st.budget, st.shutdown).await
+                crate::mqtt::serve_stream(stream, peer, source, st.dps, st.hub, st.limits, st.budget, st.shutdown).await
             {
                 tracing::debug!(error = %e, "MQTT over WebSocket ended with an error");
             }

@@ -72,7 +72,8 @@ async fn metrics_health_and_readiness() {
     let mut m = s.hub_device("dev-t", &key).await.unwrap();
     m.publish("devices/dev-t/messages/events/", QoS::AtLeastOnce, 1, b"x").await;
     assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
-    let text = http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http.get(s.url("/metrics")).header("authorization", s.service_token()).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
     for needle in [
         "fleetgate_registrations_total{outcome=\"assigned\"}",
         "fleetgate_registration_seconds_bucket",

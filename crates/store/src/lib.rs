@@ -8,6 +8,7 @@
 mod audit_log;
 pub mod disk;
 pub mod event_log;
+mod faulty;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -20,8 +21,9 @@ use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::twin::Twin;
 use fleetgate_core::DpsError;
 
-pub use audit_log::AuditLog;
+pub use audit_log::{AuditLog, AuditOptions};
 pub use event_log::{EventLog, EventLogOptions};
+pub use faulty::{Faults, FaultyStore};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +211,21 @@ pub trait Store: Send + Sync + 'static {
     async fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreResult<()>;
     /// Audit entries matching `query`, oldest first.
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
+    /// Deletes audit entries older than `before` (an Azure timestamp) and then the oldest
+    /// beyond the newest `max_rows`; returns how many were deleted.
+    async fn prune_audit(&self, before: &str, max_rows: u64) -> StoreResult<u64>;
+
+    /// A small durable write, as a registration's commit makes: `Ok` means the store can take a
+    /// registration now (for readiness). Writes a setting by default.
+    async fn write_probe(&self) -> StoreResult<()> {
+        self.set_setting("health.write_probe", &fleetgate_core::time::Timestamp::now().to_azure_string()).await
+    }
+
+    /// A check that the stored data is intact (SQLite's `quick_check`), which reads all of it:
+    /// run now and then, not per request. `Ok` by default.
+    async fn integrity_check(&self) -> StoreResult<()> {
+        Ok(())
+    }
 
     /// A device's persistent MQTT session state (opaque to the store), kept across connections
     /// and restarts for clients that connect with CleanSession 0.

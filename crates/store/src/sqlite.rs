@@ -85,6 +85,8 @@ pub struct SqliteStore {
     next_reader: Arc<std::sync::atomic::AtomicUsize>,
     /// `telemetry.db` (named for what it held first): the audit trail.
     audit_db: Arc<Mutex<Connection>>,
+    /// The registry file, for the occasional integrity check on a connection of its own.
+    path: Arc<PathBuf>,
     /// The telemetry stream, opened on first use: tools that open the store beside a running
     /// server (`fleetgate linked-hub`, `fleetgate audit`) never touch it.
     event_log: Arc<LazyEventLog>,
@@ -182,6 +184,7 @@ impl SqliteStore {
             readers: Arc::new(readers),
             next_reader: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             audit_db: Arc::new(Mutex::new(audit_db)),
+            path: Arc::new(path.to_owned()),
             event_log: Arc::new(LazyEventLog {
                 dir: path.with_file_name("events"),
                 options: event_log,
@@ -989,6 +992,61 @@ impl Store for SqliteStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn prune_audit(&self, before: &str, max_rows: u64) -> StoreResult<u64> {
+        // In chunks, each its own transaction and its own turn on the connection: a large first
+        // prune never holds the file (or the audit writer) for long.
+        const CHUNK: i64 = 10_000;
+        let chunk = |sql: &'static str, bound: rusqlite::types::Value| {
+            self.with_audit_db(move |c| c.execute(sql, params![bound, CHUNK]).map_err(backend))
+        };
+        let mut deleted = 0u64;
+        let by_time = "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE time < ?1 LIMIT ?2)";
+        loop {
+            let n = chunk(by_time, before.to_owned().into()).await?;
+            deleted += n as u64;
+            if (n as i64) < CHUNK {
+                break;
+            }
+        }
+        // Sequence numbers only grow, so the newest `max_rows` are those above this floor.
+        let newest: Option<i64> = self
+            .with_audit_db(|c| c.query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0)).map_err(backend))
+            .await?;
+        if let Some(newest) = newest {
+            let floor = newest.saturating_sub(i64::try_from(max_rows).unwrap_or(i64::MAX));
+            let by_seq = "DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE seq <= ?1 ORDER BY seq LIMIT ?2)";
+            loop {
+                let n = chunk(by_seq, floor.into()).await?;
+                deleted += n as u64;
+                if (n as i64) < CHUNK {
+                    break;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    async fn integrity_check(&self) -> StoreResult<()> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            // A connection of its own: the check reads the whole file and must not hold a reader.
+            let c = Connection::open_with_flags(&*path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(backend)?;
+            c.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+            let mut st = c.prepare("PRAGMA quick_check(3)").map_err(backend)?;
+            let found = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(backend)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(backend)?;
+            match found.as_slice() {
+                [ok] if ok == "ok" => Ok(()),
+                problems => Err(backend(format!("the registry failed its integrity check: {}", problems.join("; ")))),
+            }
+        })
+        .await
+        .map_err(backend)?
     }
 
     async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>> {

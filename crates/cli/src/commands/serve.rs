@@ -115,6 +115,36 @@ pub struct ServeArgs {
           default_value_t = Limits::default().partial_packet_timeout.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     partial_packet_timeout_secs: u64,
+    /// Days the audit trail is kept; older entries are deleted (checked every 10 minutes).
+    #[arg(long, env = "FLEETGATE_AUDIT_RETENTION_DAYS", default_value_t = 90,
+          value_parser = clap::value_parser!(u64).range(1..=36500))]
+    audit_retention_days: u64,
+    /// Most audit entries kept (about 300 bytes each); the oldest are deleted first.
+    #[arg(long, env = "FLEETGATE_AUDIT_MAX_ROWS", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1000..))]
+    audit_max_rows: u64,
+    /// Refused authentications from one address (an IPv6 /64) within --auth-failure-window-secs
+    /// after which it is answered 429 / CONNACK 3 without a credential check for
+    /// --auth-backoff-secs. 0 = never.
+    #[arg(long, env = "FLEETGATE_AUTH_FAILURE_LIMIT", default_value_t = 100)]
+    auth_failure_limit: u32,
+    /// Refusals per source address and window recorded in full in the audit trail (and logged);
+    /// the rest of the window's are counted into one summary entry.
+    #[arg(long, env = "FLEETGATE_AUTH_FAILURES_RECORDED", default_value_t = 10)]
+    auth_failures_recorded: u32,
+    /// The window refusals are counted (and summarized) in, per source address.
+    #[arg(long, env = "FLEETGATE_AUTH_FAILURE_WINDOW_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    auth_failure_window_secs: u64,
+    /// How long a source over --auth-failure-limit is turned away.
+    #[arg(long, env = "FLEETGATE_AUTH_BACKOFF_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    auth_backoff_secs: u64,
+    /// Also serve /metrics over plain HTTP, without credentials, on ADDR:PORT (for a Prometheus on
+    /// a private network). On the HTTPS port /metrics needs a DPS policy's SAS token with the
+    /// ServiceConfig or RegistrationStatusRead right.
+    #[arg(long, env = "FLEETGATE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log format.
     #[arg(long, env = "FLEETGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -142,6 +172,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.event_retention = std::time::Duration::from_secs(args.event_retention_hours * 3600);
     config.event_retention_bytes = args.event_retention_bytes;
     config.disk_reserve_bytes = args.disk_reserve_bytes;
+    config.audit.retention = std::time::Duration::from_secs(args.audit_retention_days * 24 * 3600);
+    config.audit.max_rows = args.audit_max_rows;
+    config.audit.refusals.max_failures = args.auth_failure_limit;
+    config.audit.refusals.recorded = args.auth_failures_recorded;
+    config.audit.refusals.window = std::time::Duration::from_secs(args.auth_failure_window_secs);
+    config.audit.refusals.backoff = std::time::Duration::from_secs(args.auth_backoff_secs);
+    config.metrics_listen = args.metrics_listen;
     config.tls_cert = args.tls_cert;
     config.tls_key = args.tls_key;
     let secs = std::time::Duration::from_secs;
@@ -164,6 +201,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let server = fleetgate_server::start(config).await.context("starting fleetgate")?;
     println!("{}", server.instance.banner());
     println!("  MQTT/TLS on {}, HTTPS on {}", server.mqtt_addr, server.https_addr);
+    if let Some(addr) = server.metrics_addr {
+        println!("  /metrics over plain HTTP on {addr}");
+    }
     let stop = server.shutdown_signal();
     tokio::spawn(async move {
         wait_for_signal().await;

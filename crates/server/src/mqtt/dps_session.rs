@@ -4,14 +4,16 @@
 //! Order matters to the SDKs: SUBACK right after SUBSCRIBE and PUBACK for a request *before* its
 //! response (C# fails otherwise); CONNACK never claims a stored session (C# aborts).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use fleetgate_core::sas::SasToken;
+use fleetgate_core::throttle::retry_after_secs;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::x509::{Certificate, CertificateChain};
-use fleetgate_core::DpsError;
+use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_dps::answer::{self, Answer};
 use fleetgate_dps::mqtt::{
     parse_request_topic, register_payload, response_topic, DpsRequest, DpsUsername, TopicError, RESPONSE_FILTER,
@@ -27,6 +29,7 @@ use tokio::sync::watch;
 
 use super::{deadline_of, printable, Connection, ConnectionError};
 use crate::config::Limits;
+use fleetgate_metrics::info_limited;
 
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
 const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);
@@ -38,8 +41,12 @@ struct Session<S> {
     conn: Connection<S>,
     dps: Arc<Provisioning>,
     /// The device's authentication result, decided once at CONNECT; a failure is reported on the
-    /// first request (as a 401 body the SDKs surface) rather than as a refused CONNACK.
+    /// first request (as a 401 body the SDKs surface) rather than as a refused CONNACK. A check
+    /// that could not be made is a 503, and a source turned away a 429: the SDKs retry both.
     auth: Result<DeviceAuth, DpsError>,
+    /// The retry hint for `auth`'s error when it is not the usual one (a turned-away source is
+    /// told when its backoff ends).
+    auth_retry_after: Option<u32>,
     registration_id: String,
     next_packet_id: u16,
     failed_requests: u32,
@@ -49,24 +56,39 @@ struct Session<S> {
     close_at: Option<tokio::time::Instant>,
 }
 
+// What a session starts from: the connection, its CONNECT, who (username, certificate chain,
+// address) and the shared state; grouping them would only move the list.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut conn: Connection<S>,
     connect: Connect,
     user: DpsUsername,
     peer: Option<CertificateChain>,
+    source: Option<IpAddr>,
     dps: Arc<Provisioning>,
     limits: Arc<Limits>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     // The client id is the registration id in every SDK; a mismatch is a confused or hostile client.
     if !connect.client_id.is_empty() && !connect.client_id.eq_ignore_ascii_case(&user.registration_id) {
-        tracing::info!(client_id = %printable(&connect.client_id), registration_id = %printable(&user.registration_id), "refused DPS CONNECT: client id is not the registration id");
+        info_limited!(client_id = %printable(&connect.client_id), registration_id = %printable(&user.registration_id), "refused DPS CONNECT: client id is not the registration id");
         conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))).await?;
         return Ok(());
     }
     let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
     // X.509 devices send no password: their TLS client certificate chain attests instead.
-    let auth = Box::pin(dps.authenticate(&user.id_scope, &user.registration_id, password, peer.as_ref())).await;
+    // A source that failed authentication too often is not checked at all until its backoff
+    // ends; its requests are answered 429 with the time left.
+    let (auth, auth_retry_after) = match dps.audit().admit(source) {
+        Ok(()) => {
+            let checked = dps.authenticate(&user.id_scope, &user.registration_id, password, peer.as_ref(), source);
+            (Box::pin(checked).await, None)
+        }
+        Err(wait) => (
+            Err(DpsError::new(ErrorCode::Throttled, "Too many failed authentications from this address; retry later.")),
+            Some(retry_after_secs(wait)),
+        ),
+    };
     // An authenticated session ends when what it authenticated with would be refused, as a hub
     // session does: the SAS token's expiry (plus the skew a CONNECT allows), the certificate's
     // notAfter. A refused one is closed sooner (`Session::close_at`).
@@ -85,6 +107,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         conn,
         dps,
         auth,
+        auth_retry_after,
         registration_id: user.registration_id,
         next_packet_id: 0,
         failed_requests: 0,
@@ -144,7 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                                 QoS::AtLeastOnce
                             })
                         } else {
-                            tracing::info!(filter = %printable(&f.path), "refused DPS subscription");
+                            info_limited!(filter = %printable(&f.path), "refused DPS subscription");
                             SubscribeReasonCode::Failure
                         }
                     })
@@ -165,7 +188,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => Ok(true),
             Packet::Disconnect => Ok(false),
             other => {
-                tracing::info!(packet = ?std::mem::discriminant(&other), "unexpected packet in DPS session; closing");
+                info_limited!(packet = ?std::mem::discriminant(&other), "unexpected packet in DPS session; closing");
                 Ok(false)
             }
         }
@@ -173,18 +196,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn on_publish(&mut self, p: Publish) -> Result<bool, ConnectionError> {
         if p.qos == QoS::ExactlyOnce {
-            tracing::info!("QoS 2 publish refused; closing");
+            info_limited!("QoS 2 publish refused; closing");
             return Ok(false);
         }
         let request = match parse_request_topic(&p.topic) {
             Ok(r) => r,
             Err(TopicError::Unknown) => {
                 // Azure closes the connection on a topic it does not serve.
-                tracing::info!(topic = %printable(&p.topic), "publish to an unknown DPS topic; closing");
+                info_limited!(topic = %printable(&p.topic), "publish to an unknown DPS topic; closing");
                 return Ok(false);
             }
             Err(TopicError::MissingParameter(name)) => {
-                tracing::info!(topic = %printable(&p.topic), parameter = name, "DPS request without a required parameter; closing");
+                info_limited!(topic = %printable(&p.topic), parameter = name, "DPS request without a required parameter; closing");
                 return Ok(false);
             }
             // A rid that cannot be echoed as it is, or a wildcard in the topic: a protocol
@@ -220,10 +243,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(self.failed_requests < self.limits.max_failed_requests)
     }
 
+    /// The answer to any request of a session whose CONNECT was not let in.
+    fn auth_error(&self, e: &DpsError) -> (u16, Option<u32>, Value) {
+        let (status, retry_after, body) = error(e);
+        (status, self.auth_retry_after.or(retry_after), body)
+    }
+
     async fn register(&mut self, payload: &Bytes) -> (u16, Option<u32>, Value) {
         let auth = match &self.auth {
             Ok(a) => a.clone(),
-            Err(e) => return error(e),
+            Err(e) => return self.auth_error(e),
         };
         let payload = match register_payload(payload) {
             Ok(p) => p,
@@ -235,7 +264,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn operation_status(&mut self, operation_id: &str) -> (u16, Option<u32>, Value) {
         let auth = match &self.auth {
             Ok(a) => a.clone(),
-            Err(e) => return error(e),
+            Err(e) => return self.auth_error(e),
         };
         answered(answer::operation_status(&self.dps, &auth, operation_id).await)
     }

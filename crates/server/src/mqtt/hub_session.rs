@@ -5,13 +5,14 @@
 //! telemetry PUBACK is written only after the message is durably appended.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleetgate_core::x509::CertificateChain;
 use fleetgate_core::DpsError;
-use fleetgate_hub::hub::ConnectRefusal;
+use fleetgate_hub::hub::{Authentication, ConnectRefusal};
 use fleetgate_hub::mqtt::{
     c2d_topic, desired_patch_topic, method_request_topic, parse_publish_topic, subscription, twin_response_topic,
     DeviceRequest, HubUsername, Subscription, TopicError,
@@ -28,6 +29,7 @@ use tokio::sync::watch;
 
 use super::{deadline_of, printable, Connection, ConnectionError};
 use crate::config::Limits;
+use fleetgate_metrics::info_limited;
 
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
 const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);
@@ -61,17 +63,21 @@ fn set_flag(flags: &fleetgate_hub::SessionFlags, sub: Subscription, on: bool) {
     }
 }
 
+// What a session starts from: the connection, its CONNECT, who (username, certificate chain,
+// address) and the shared state; grouping them would only move the list.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     conn: Connection<S>,
     connect: Connect,
     user: HubUsername,
     peer: Option<CertificateChain>,
+    source: Option<IpAddr>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     // Two phases, each boxed: what a connection keeps while idle is the second one's state only.
-    let Some((session, handle, idle)) = Box::pin(open(conn, connect, user, peer, &hub, &limits)).await? else {
+    let Some((session, handle, idle)) = Box::pin(open(conn, connect, user, peer, source, &hub, &limits)).await? else {
         return Ok(());
     };
     Box::pin(serve(session, handle, idle, shutdown)).await
@@ -84,18 +90,25 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     connect: Connect,
     user: HubUsername,
     peer: Option<CertificateChain>,
+    source: Option<IpAddr>,
     hub: &Arc<Hub>,
     limits: &Limits,
 ) -> Result<Option<(Session<S>, SessionHandle, Duration)>, ConnectionError> {
     let refuse = |code| Packet::ConnAck(ConnAck::new(code, false));
     if user.module_id.is_some() {
-        tracing::info!("module identities are not supported yet; refusing");
+        info_limited!("module identities are not supported yet; refusing");
         conn.write_packet(refuse(ConnectReturnCode::NotAuthorized)).await?;
         return Ok(None);
     }
     if connect.client_id != user.device_id {
-        tracing::info!(client_id = %printable(&connect.client_id), "refused hub CONNECT: client id is not the device id");
+        info_limited!(client_id = %printable(&connect.client_id), "refused hub CONNECT: client id is not the device id");
         conn.write_packet(refuse(ConnectReturnCode::BadClientId)).await?;
+        return Ok(None);
+    }
+    // A source that failed authentication too often is told to come back later, unchecked
+    // (CONNACK 3: every SDK retries it), before it costs a store read or the hub's quota.
+    if hub.audit().admit(source).is_err() {
+        conn.write_packet(refuse(ConnectReturnCode::ServiceUnavailable)).await?;
         return Ok(None);
     }
     if !hub.admit_connect(&user.host_name) {
@@ -105,17 +118,24 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
     // Every await but the loop's read is boxed: the session future is what an idle connection
     // keeps, so it should hold only what the loop needs.
-    let device = match Box::pin(hub.authenticate(&user.host_name, &user.device_id, password, peer.as_ref())).await {
-        Ok(d) => d,
+    let checked = Box::pin(hub.authenticate(&user.host_name, &user.device_id, password, peer.as_ref(), source)).await;
+    let device = match checked {
+        Authentication::Identified(d) => d,
         // Bad key, unknown device and disabled device all get "not authorized": the SDKs stop
         // retrying on it, and it tells a stranger nothing about which devices exist.
-        Err(
+        Authentication::Refused(
             ConnectRefusal::UnknownHub
             | ConnectRefusal::UnknownDevice
             | ConnectRefusal::BadCredentials
             | ConnectRefusal::Disabled,
         ) => {
             conn.write_packet(refuse(ConnectReturnCode::NotAuthorized)).await?;
+            return Ok(None);
+        }
+        // The store could not be read: "server unavailable", which every SDK retries; "not
+        // authorized" would stop the device for good over a fault of ours.
+        Authentication::CouldNotCheck => {
+            conn.write_packet(refuse(ConnectReturnCode::ServiceUnavailable)).await?;
             return Ok(None);
         }
     };
@@ -134,7 +154,13 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         }
         None
     };
-    let handle = hub.connect_session(&device);
+    let Some(handle) = hub.connect_session(&device) else {
+        // The device was disabled, deleted or given other credentials since `authenticate` read
+        // its identity. "Server unavailable": the SDKs retry, and the retry is authenticated on
+        // what the identity is now (refused if the credentials are gone).
+        conn.write_packet(refuse(ConnectReturnCode::ServiceUnavailable)).await?;
+        return Ok(None);
+    };
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, restored.is_some()))).await?;
     tracing::info!(hub = %device.hub, device = %device.device_id, session_present = restored.is_some(), "device connected");
 

@@ -6,6 +6,7 @@ mod connection;
 mod dps_session;
 mod hub_session;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use fleetgate_core::time::Timestamp;
@@ -25,6 +26,7 @@ pub use connection::{Connection, ConnectionError, PacketBudget};
 
 use crate::config::Limits;
 use crate::write_deadline::WriteDeadline;
+use fleetgate_metrics::info_limited;
 
 /// Largest CONNECT we read before we know who the client is.
 const MAX_CONNECT_BYTES: usize = 8 * 1024;
@@ -46,7 +48,7 @@ pub(crate) async fn serve(
             (acceptor.clone(), dps.clone(), hub.clone(), limits.clone(), budget.clone(), shutdown.clone());
         async move {
             let _permit = permit;
-            if let Err(e) = handle(tcp, acceptor, dps, hub, limits, budget, shutdown).await {
+            if let Err(e) = handle(tcp, peer.ip(), acceptor, dps, hub, limits, budget, shutdown).await {
                 tracing::debug!(%peer, error = %e, "mqtt connection ended with an error");
             }
         }
@@ -57,8 +59,10 @@ pub(crate) async fn serve(
 /// One connection from the MQTT port: TLS, then the MQTT conversation. The TLS handshake and the
 /// CONNECT share one deadline, so a client that stalls anywhere before it has identified itself
 /// is dropped.
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     tcp: tokio::net::TcpStream,
+    source: IpAddr,
     acceptor: TlsAcceptor,
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
@@ -77,16 +81,18 @@ async fn handle(
     );
     // An X.509 device's chain: who it is is decided by the DPS or hub session.
     let peer = crate::tls::peer_certificates(tls.get_ref().1);
-    Box::pin(serve_until(tls, deadline, peer, dps, hub, limits, budget, shutdown)).await
+    Box::pin(serve_until(tls, deadline, peer, Some(source), dps, hub, limits, budget, shutdown)).await
 }
 
 /// Serves one MQTT connection over an already established byte stream (TLS on the MQTT port,
 /// a WebSocket on the HTTPS port): reads CONNECT within the handshake deadline and hands the
 /// connection to the DPS or the hub session. `peer` is the client certificate chain of the TLS
-/// connection underneath, if the client presented one.
+/// connection underneath, if the client presented one; `source` the client's address.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     peer: Option<CertificateChain>,
+    source: Option<IpAddr>,
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
@@ -94,7 +100,7 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-    serve_until(stream, deadline, peer, dps, hub, limits, budget, shutdown).await
+    serve_until(stream, deadline, peer, source, dps, hub, limits, budget, shutdown).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -102,6 +108,7 @@ async fn serve_until<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     deadline: tokio::time::Instant,
     peer: Option<CertificateChain>,
+    source: Option<IpAddr>,
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
@@ -115,8 +122,8 @@ async fn serve_until<S: AsyncRead + AsyncWrite + Unpin>(
     // Boxed: the two sessions are different futures, and a connection should only pay for the
     // one it runs.
     match route {
-        Route::Dps(user) => Box::pin(dps_session::run(conn, connect, user, peer, dps, limits, shutdown)).await,
-        Route::Hub(user) => Box::pin(hub_session::run(conn, connect, user, peer, hub, limits, shutdown)).await,
+        Route::Dps(user) => Box::pin(dps_session::run(conn, connect, user, peer, source, dps, limits, shutdown)).await,
+        Route::Hub(user) => Box::pin(hub_session::run(conn, connect, user, peer, source, hub, limits, shutdown)).await,
     }
 }
 
@@ -140,7 +147,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(Some(Packet::Connect(c))) if c.protocol == Protocol::V4 => c,
         Ok(Some(Packet::Connect(_)))
         | Err(ConnectionError::Protocol(CodecError::InvalidProtocolLevel(_) | CodecError::InvalidProtocol)) => {
-            tracing::info!("refused MQTT CONNECT: protocol is not MQTT 3.1.1");
+            info_limited!("refused MQTT CONNECT: protocol is not MQTT 3.1.1");
             conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false))).await?;
             return Ok(None);
         }
@@ -154,7 +161,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(user) = HubUsername::parse(username) {
         return Ok(Some((conn, connect, Route::Hub(user))));
     }
-    tracing::info!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: neither a DPS nor a hub username");
+    info_limited!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: neither a DPS nor a hub username");
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))).await?;
     conn.shutdown().await;
     Ok(None)
