@@ -277,6 +277,79 @@ fn serve_stops_on_a_registry_that_lost_its_wal() {
     assert_eq!(std::fs::read(dir.path().join("instance.json")).unwrap(), instance, "instance.json kept");
 }
 
+/// SIGTERM stops `serve` cleanly with its data in the `.db` files themselves: copies of
+/// `fleetgate.db` and `telemetry.db` without their `-wal` (a backup that took only the databases)
+/// hold the group created and its audit entry.
+#[test]
+fn sigterm_leaves_everything_in_the_db_files() {
+    use rusqlite::{Connection, OpenFlags};
+    let mut s = serve();
+    let d = s.dir().to_owned();
+    stdout(&run(&["enrollment-group", "create", "--data-dir", &d, "--group-id", "kept-group"]));
+    // Connections open beside the server (an operator's sqlite3 shell, a backup tool): SQLite's
+    // own checkpoint when the last connection closes cannot run, whatever the exit races.
+    let beside: Vec<Connection> = ["fleetgate.db", "telemetry.db"]
+        .iter()
+        .map(|f| {
+            let c = Connection::open_with_flags(s.dir.path().join(f), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            // A first read opens the WAL; the connection holds it (and a shared lock) from then on.
+            c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).unwrap();
+            c
+        })
+        .collect();
+    assert!(s.server.terminate().success(), "a clean stop exits 0");
+
+    let copy = tempfile::tempdir().unwrap();
+    for file in ["fleetgate.db", "telemetry.db"] {
+        std::fs::copy(s.dir.path().join(file), copy.path().join(file)).unwrap();
+    }
+    drop(beside);
+    let registry = Connection::open(copy.path().join("fleetgate.db")).unwrap();
+    let groups: i64 = registry
+        .query_row("SELECT COUNT(*) FROM enrollment_groups WHERE id_key = 'kept-group'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(groups, 1, "the group is in fleetgate.db itself");
+    let audit = Connection::open(copy.path().join("telemetry.db")).unwrap();
+    let entries: i64 =
+        audit.query_row("SELECT COUNT(*) FROM audit WHERE body LIKE '%kept-group%'", [], |r| r.get(0)).unwrap();
+    assert!(entries >= 1, "the group's audit entry is in telemetry.db itself");
+}
+
+/// The verbs that change the data directory directly (a server stopped) leave their change in
+/// `fleetgate.db` itself, not only in its `-wal`.
+#[test]
+fn offline_changes_are_in_the_db_file() {
+    use rusqlite::{Connection, OpenFlags};
+    let mut s = serve();
+    assert!(s.server.terminate().success());
+    let d = s.dir().to_owned();
+    // A connection open beside (as in the SIGTERM test above): SQLite's own checkpoint when the
+    // last connection closes cannot run, whatever the exit races.
+    let beside =
+        Connection::open_with_flags(s.dir.path().join("fleetgate.db"), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    beside.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).unwrap();
+    common::json(&run(&["hub", "create", "--data-dir", &d, "--hostname", "extra.test"]));
+    common::json(&run(&[
+        "linked-hub",
+        "update",
+        "--data-dir",
+        &d,
+        "--hostname",
+        "extra.test",
+        "--allocation-weight",
+        "7",
+    ]));
+
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(s.dir.path().join("fleetgate.db"), copy.path().join("fleetgate.db")).unwrap();
+    drop(beside);
+    let registry = Connection::open(copy.path().join("fleetgate.db")).unwrap();
+    let allocation: String = registry
+        .query_row("SELECT allocation FROM hubs WHERE host_key = 'extra.test'", [], |r| r.get(0))
+        .expect("the new hub is in fleetgate.db itself");
+    assert!(allocation.contains(r#""allocationWeight":7"#), "{allocation}");
+}
+
 /// `fleetgate events repair` refuses while the log is owned (a running server), copies the intact
 /// records out of a damaged segment, keeps the original as `.damaged` and says what it dropped.
 #[test]
@@ -333,4 +406,43 @@ fn serve_refuses_audit_and_auth_limits_out_of_range() {
         assert!(String::from_utf8_lossy(&o.stderr).contains(flag), "{flag}={bad}: names the flag");
     }
     assert!(!d.exists(), "nothing was created");
+}
+
+/// `fleetgate events verify` runs beside the log's owner (a running server), exits 0 on a clean
+/// log, and on damage in a sealed segment exits non-zero naming the segment and bytes, changing
+/// nothing.
+#[test]
+fn events_verify_reports_damage_beside_the_owner_and_changes_nothing() {
+    use fleetgate_store::event_log::{EventLog, EventLogOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let events = dir.path().join("events");
+    let log = EventLog::open(&events, EventLogOptions { segment_bytes: 20_000, ..EventLogOptions::default() }).unwrap();
+    let event = |n: usize| fleetgate_core::message::ReceivedEvent {
+        hub: "h".into(),
+        device_id: "d".into(),
+        enqueued_time: fleetgate_core::time::Timestamp::now(),
+        bag: String::new(),
+        body: vec![n as u8; 1000],
+    };
+    for batch in 0..3 {
+        log.append(&(batch * 25..batch * 25 + 25).map(event).collect::<Vec<_>>()).unwrap();
+    }
+    let out = stdout(&run(&["events", "verify", "--data-dir", d]));
+    assert!(out.contains("no damage found") && out.contains("75 whole record(s)"), "{out}");
+
+    // Cut short the oldest segment (sealed: whole, and synced before the next was started).
+    let segment = events.join(format!("{:020}.events", 1));
+    let bytes = std::fs::read(&segment).unwrap();
+    std::fs::write(&segment, &bytes[..bytes.len() - 100]).unwrap();
+    let o = run(&["events", "verify", "--data-dir", d]);
+    assert!(!o.status.success(), "damage exits non-zero");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(segment.to_str().unwrap()) && out.contains("damaged") && out.contains("events repair"),
+        "{out}"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("damaged"));
+    assert_eq!(std::fs::read(&segment).unwrap(), &bytes[..bytes.len() - 100], "nothing changed");
+    assert_eq!(log.read("h", 0, 100).unwrap().events.len(), 74, "the log is still open and readable");
 }

@@ -479,6 +479,17 @@ async fn rewrite_instance(data_dir: &Path, store: &dyn Store) -> Result<Instance
     write_instance(data_dir, store, &instance.id_scope, &instance.global_device_endpoint, port).await
 }
 
+/// After a change made from the command line: copies it into `fleetgate.db` itself, as a
+/// stopping server does, since the command exits without waiting for SQLite to (a backup of the
+/// `.db` alone would miss it). The change is committed either way: a checkpoint that a running
+/// server's reader kept from finishing leaves it in the `-wal`, where that server's own stop
+/// checkpoints it.
+pub async fn checkpoint_offline_change(store: &SqliteStore) {
+    if let Err(e) = store.checkpoint().await {
+        tracing::warn!(error = %e, "the change is committed but still in the -wal until the server stops");
+    }
+}
+
 /// Which of a policy's keys to renew.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyKind {
@@ -518,6 +529,7 @@ pub async fn renew_policy_key(
     let renewed = policy.clone();
     store.set_policies(&owner, &policies).await?;
     rewrite_instance(data_dir, &store).await?;
+    checkpoint_offline_change(&store).await;
     tracing::info!(policy = %renewed.key_name, ?which, "policy key renewed");
     Ok(renewed)
 }
@@ -539,6 +551,7 @@ pub async fn add_hub(data_dir: &Path, host_name: &str) -> Result<InstanceHub, Da
     store.add_hub(&hub).await?;
     ensure_hub_policies(&store, &hub).await?;
     let instance = rewrite_instance(data_dir, &store).await?;
+    checkpoint_offline_change(&store).await;
     instance
         .hubs
         .into_iter()

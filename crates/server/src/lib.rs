@@ -46,21 +46,38 @@ pub struct RunningServer {
     pub instance: Instance,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// What a finished server flushes and checkpoints (see [`RunningServer::wait`]).
+    dps: Arc<Provisioning>,
+    hub: Arc<Hub>,
+    store: Arc<fleetgate_store::SqliteStore>,
 }
 
 impl RunningServer {
-    /// Stops accepting connections and waits for the listeners to finish.
+    /// Stops accepting connections and waits for the listeners to finish (see
+    /// [`RunningServer::wait`]).
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.wait().await;
     }
 
-    /// Resolves when a shutdown has been requested elsewhere (never, for a server we own).
+    /// Resolves when a shutdown has been requested elsewhere (never, for a server we own), once
+    /// the listeners have finished (their connections closed, or the grace expired), the audit
+    /// entries recorded so far are stored, and the registry's and audit trail's WALs are
+    /// checkpointed into `fleetgate.db` and `telemetry.db`: a stopped server's data directory
+    /// holds everything in the `.db` files, so a backup of those alone (a common mistake) or a
+    /// lost `-wal` loses nothing.
     pub async fn wait(self) {
         for t in self.tasks {
             let _ = t.await;
+        }
+        self.dps.audit().flush().await;
+        self.hub.audit().flush().await;
+        match self.store.checkpoint().await {
+            Ok(()) => tracing::info!("registry and audit trail checkpointed into their .db files"),
+            // Nothing is lost (the WAL is replayed on the next start), but the .db alone is not
+            // a complete copy, which is what an operator needs to know before a backup.
+            Err(e) => tracing::warn!(error = %e,
+                "the WAL could not be checkpointed at shutdown: keep each .db together with its -wal (back up both)"),
         }
     }
 
@@ -119,9 +136,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     };
     let cert = cert_reload::ReloadingCert::new(&cert_path, &key_path).map_err(StartError::Tls)?;
     let tls = tls::server_config(cert.clone()).map_err(StartError::Tls)?;
+    let sqlite = data.store.clone();
     let store: Arc<dyn Store> = match &config.faults {
-        Some(faults) => Arc::new(fleetgate_store::FaultyStore::new(data.store.clone(), faults.clone())),
-        None => data.store.clone(),
+        Some(faults) => Arc::new(fleetgate_store::FaultyStore::new(sqlite.clone(), faults.clone())),
+        None => sqlite.clone(),
     };
 
     let bind = |port: u16| SocketAddr::new(config.listen, port);
@@ -197,8 +215,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     if let Some(listener) = metrics_listener {
         tasks.push(tokio::spawn(https::serve_metrics(listener, rx.clone())));
     }
-    tasks.push(tokio::spawn(https::serve(https_listener, tls, dps, hub, readiness, limits, gate, budget, rx)));
+    tasks.push(tokio::spawn(https::serve(
+        https_listener,
+        tls,
+        dps.clone(),
+        hub.clone(),
+        readiness,
+        limits,
+        gate,
+        budget,
+        rx,
+    )));
     tasks.push(tokio::spawn(watch_certificate(cert, config.cert_check_interval, rx_reload)));
     tracing::info!(%mqtt_addr, %https_addr, id_scope = %instance.id_scope, "fleetgate serving");
-    Ok(RunningServer { mqtt_addr, https_addr, metrics_addr, instance, shutdown, tasks })
+    Ok(RunningServer { mqtt_addr, https_addr, metrics_addr, instance, shutdown, tasks, dps, hub, store: sqlite })
 }

@@ -177,10 +177,15 @@ async fn run_policy(
     n
 }
 
-/// A server whose TLS handshakes may take long: the matrix runs many requests at once, and a
-/// loaded machine must not turn a slow handshake into a failed call.
+/// A server whose TLS handshakes may take long (the matrix runs many requests at once, and a
+/// loaded machine must not turn a slow handshake into a failed call) and that never turns away
+/// a source for its refusals (the matrix's refusals are the point; `faults.rs` tests that limit).
 async fn server() -> TestServer {
-    TestServer::start_with(|c| c.limits.handshake_timeout = std::time::Duration::from_secs(30)).await
+    TestServer::start_with(|c| {
+        c.limits.handshake_timeout = std::time::Duration::from_secs(30);
+        c.audit.refusals.max_failures = 0;
+    })
+    .await
 }
 
 #[tokio::test]

@@ -233,3 +233,44 @@ async fn below_the_disk_reserve_writes_are_refused_retryably() {
     assert!(metrics.contains("fleetgate_disk_reserve_refusals_total{kind=\"telemetry\"}"), "{metrics}");
     s.stop().await;
 }
+
+/// A clean stop leaves everything in the `.db` files: copies of `fleetgate.db` and `telemetry.db`
+/// without their `-wal` (a backup that took only the databases) hold the instance, the group
+/// created and its audit entry.
+#[tokio::test]
+async fn a_clean_stop_leaves_everything_in_the_db_files() {
+    use rusqlite::{Connection, OpenFlags};
+    let mut s = TestServer::start().await;
+    let scope = s.scope();
+    s.create_group("kept-group", serde_json::json!({})).await;
+    // Connections open beside the server (an operator's sqlite3 shell, a backup tool), as in a
+    // process that exits: SQLite's own checkpoint when the last connection closes never runs.
+    let beside: Vec<Connection> = ["fleetgate.db", "telemetry.db"]
+        .iter()
+        .map(|f| {
+            let c = Connection::open_with_flags(s.dir.path().join(f), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            // A first read opens the WAL; the connection holds it (and a shared lock) from then on.
+            c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).unwrap();
+            c
+        })
+        .collect();
+    s.stop().await;
+
+    let copy = tempfile::tempdir().unwrap();
+    for file in ["fleetgate.db", "telemetry.db"] {
+        std::fs::copy(s.dir.path().join(file), copy.path().join(file)).unwrap();
+    }
+    drop(beside);
+    let registry = Connection::open(copy.path().join("fleetgate.db")).unwrap();
+    let stored_scope: String =
+        registry.query_row("SELECT value FROM settings WHERE key = 'id_scope'", [], |r| r.get(0)).unwrap();
+    assert_eq!(stored_scope, scope);
+    let groups: i64 = registry
+        .query_row("SELECT COUNT(*) FROM enrollment_groups WHERE id_key = 'kept-group'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(groups, 1, "the group is in fleetgate.db itself");
+    let audit = Connection::open(copy.path().join("telemetry.db")).unwrap();
+    let entries: i64 =
+        audit.query_row("SELECT COUNT(*) FROM audit WHERE body LIKE '%kept-group%'", [], |r| r.get(0)).unwrap();
+    assert!(entries >= 1, "the group's audit entry is in telemetry.db itself");
+}

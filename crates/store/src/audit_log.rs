@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use fleetgate_core::audit::{AuditEntry, Outcome};
 use fleetgate_core::refusals::{Record, RefusalLimits, RefusalTracker, Summary};
 use fleetgate_core::time::Timestamp;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::Store;
 
@@ -67,11 +67,18 @@ macro_rules! mirror {
 
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<AuditEntry>,
+    tx: mpsc::Sender<Queued>,
     dropped: Arc<AtomicU64>,
     refusals: Arc<Mutex<RefusalTracker>>,
     /// The refusal tracker's clock.
     started: Instant,
+}
+
+/// What the writer task takes from its queue.
+enum Queued {
+    Entry(AuditEntry),
+    /// Answered once every entry queued before it has been handed to the store.
+    Flush(oneshot::Sender<()>),
 }
 
 impl AuditLog {
@@ -81,19 +88,27 @@ impl AuditLog {
     }
 
     pub fn start_with(store: Arc<dyn Store>, options: AuditOptions) -> Self {
-        let (tx, mut rx) = mpsc::channel::<AuditEntry>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Queued>(QUEUE);
         let writer = store.clone();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(e) => batch.push(e),
-                        Err(_) => break,
+                let mut batch = Vec::new();
+                let mut flushed = Vec::new();
+                let mut next = Some(first);
+                while let Some(queued) = next {
+                    match queued {
+                        Queued::Entry(e) => batch.push(e),
+                        Queued::Flush(done) => flushed.push(done),
+                    }
+                    next = if batch.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
+                }
+                if !batch.is_empty() {
+                    if let Err(e) = writer.append_audit(batch).await {
+                        tracing::error!(error = %e, "audit entries could not be stored");
                     }
                 }
-                if let Err(e) = writer.append_audit(batch).await {
-                    tracing::error!(error = %e, "audit entries could not be stored");
+                for done in flushed {
+                    let _ = done.send(());
                 }
             }
         });
@@ -118,15 +133,26 @@ impl AuditLog {
         } else {
             mirror!(tracing::Level::DEBUG, &entry);
         }
-        if let Err(e) = self.tx.try_send(entry) {
-            let entry = e.into_inner();
-            if entry.outcome != Outcome::Failure {
-                mirror!(tracing::Level::WARN, &entry);
+        if let Err(e) = self.tx.try_send(Queued::Entry(entry)) {
+            if let Queued::Entry(entry) = e.into_inner() {
+                if entry.outcome != Outcome::Failure {
+                    mirror!(tracing::Level::WARN, &entry);
+                }
             }
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::warn!(dropped = n, "audit queue full; entries dropped from the store (still logged)");
             }
+        }
+    }
+
+    /// Resolves once every entry recorded before the call has been stored (or its failure
+    /// logged): a stopping server waits for it before its final checkpoint, so the last
+    /// requests' entries are in `telemetry.db` itself.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.tx.send(Queued::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
         }
     }
 
@@ -204,7 +230,7 @@ async fn summarize(log: AuditLog, window: Duration) {
 
 /// Applies the retention period and the row cap now and then; stops with the log. Holds the
 /// store only while pruning: a stopped server's store must close (a restarted one reopens it).
-async fn prune(store: std::sync::Weak<dyn Store>, options: AuditOptions, alive: mpsc::WeakSender<AuditEntry>) {
+async fn prune(store: std::sync::Weak<dyn Store>, options: AuditOptions, alive: mpsc::WeakSender<Queued>) {
     let mut tick = tokio::time::interval(options.prune_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -80,13 +80,14 @@ CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 /// small pool of read-only connections, which WAL lets proceed while the writer commits.
 #[derive(Clone)]
 pub struct SqliteStore {
+    /// The registry file, for [`SqliteStore::checkpoint`] and the occasional integrity check,
+    /// each on a connection of its own.
+    path: Arc<PathBuf>,
     writer: std::sync::mpsc::Sender<WriteJob>,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<std::sync::atomic::AtomicUsize>,
     /// `telemetry.db` (named for what it held first): the audit trail.
     audit_db: Arc<Mutex<Connection>>,
-    /// The registry file, for the occasional integrity check on a connection of its own.
-    path: Arc<PathBuf>,
     /// The telemetry stream, opened on first use: tools that open the store beside a running
     /// server (`fleetgate linked-hub`, `fleetgate audit`) never touch it.
     event_log: Arc<LazyEventLog>,
@@ -106,10 +107,15 @@ struct LazyEventLog {
     log: Mutex<Option<Arc<EventLog>>>,
 }
 
+/// What a change produced, whatever its type (the caller downcasts it back).
+type Produced = Box<dyn std::any::Any + Send>;
+/// A change, run by the writer thread inside its transaction.
+type Change = Box<dyn FnOnce(&Connection) -> StoreResult<Produced> + Send>;
+
 /// One change for the writer thread, and where to send its result.
 struct WriteJob {
-    run: Box<dyn FnOnce(&Connection) -> StoreResult<Box<dyn std::any::Any + Send>> + Send>,
-    reply: tokio::sync::oneshot::Sender<StoreResult<Box<dyn std::any::Any + Send>>>,
+    run: Change,
+    reply: tokio::sync::oneshot::Sender<StoreResult<Produced>>,
 }
 
 /// The most changes committed together.
@@ -180,11 +186,11 @@ impl SqliteStore {
             .spawn(move || write_loop(conn, jobs, dir, reserve))
             .map_err(backend)?;
         Ok(Self {
+            path: Arc::new(path.to_owned()),
             writer,
             readers: Arc::new(readers),
             next_reader: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             audit_db: Arc::new(Mutex::new(audit_db)),
-            path: Arc::new(path.to_owned()),
             event_log: Arc::new(LazyEventLog {
                 dir: path.with_file_name("events"),
                 options: event_log,
@@ -210,6 +216,31 @@ impl SqliteStore {
             return Ok(None);
         }
         c.query_row("SELECT value FROM settings WHERE key = 'id_scope'", [], |r| r.get(0)).optional().map_err(backend)
+    }
+
+    /// Copies every committed change into the database files themselves and empties their WALs
+    /// (the registry's and the audit trail's), so `fleetgate.db` and `telemetry.db` alone hold
+    /// everything. A server calls it when it stops, after its last write: otherwise its data can
+    /// sit in `fleetgate.db-wal` (SQLite copies the WAL back only as it grows, or when the last
+    /// connection closes, which a process exit does not wait for), and a backup of the `.db`
+    /// alone, or a deleted `-wal`, loses it. A write after this goes to the WAL again, as durable
+    /// as any other. Fails when another connection kept a checkpoint from finishing within the
+    /// busy timeout (a reader in the middle of a long read).
+    pub async fn checkpoint(&self) -> StoreResult<()> {
+        let (path, audit_db) = (self.path.clone(), self.audit_db.clone());
+        tokio::task::spawn_blocking(move || {
+            // Its own connection rather than the writer's: the writer only runs changes inside a
+            // transaction, and a checkpoint must run outside one. FULL: the database file is
+            // synced before the WAL is emptied.
+            let registry = Connection::open_with_flags(&*path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+                .map_err(|e| backend(format!("{}: {e}", path.display())))?;
+            configure(&registry)?;
+            checkpoint_wal(&registry, &path)?;
+            let audit = audit_db.lock().unwrap_or_else(|p| p.into_inner());
+            checkpoint_wal(&audit, &path.with_file_name("telemetry.db"))
+        })
+        .await
+        .map_err(backend)?
     }
 
     /// The telemetry stream; opened (and an older `events` table moved into it) on first use.
@@ -267,7 +298,7 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
         let (reply, result) = tokio::sync::oneshot::channel();
-        let run = Box::new(move |c: &Connection| f(c).map(|v| Box::new(v) as Box<dyn std::any::Any + Send>));
+        let run = Box::new(move |c: &Connection| f(c).map(|v| Box::new(v) as Produced));
         self.writer.send(WriteJob { run, reply }).map_err(|_| backend("the store's writer has stopped"))?;
         let value = result.await.map_err(|_| backend("the store's writer dropped a change"))??;
         Ok(*value.downcast::<T>().expect("the writer returns what the job produced"))
@@ -286,6 +317,23 @@ impl SqliteStore {
         .await
         .map_err(backend)?
     }
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)` on `c` (the database at `path`): the WAL copied into the
+/// database file and truncated to nothing, or an error when another connection kept it from
+/// finishing (it waits for them up to the busy timeout).
+fn checkpoint_wal(c: &Connection, path: &Path) -> StoreResult<()> {
+    // One row: (1 when it could not finish, pages in the WAL, pages copied back).
+    let (busy, pages, copied): (i64, i64, i64) = c
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map_err(|e| backend(format!("{}: checkpoint: {e}", path.display())))?;
+    if busy != 0 {
+        return Err(backend(format!(
+            "{}: checkpoint left unfinished by another connection ({copied} of {pages} WAL pages copied back)",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 static NEXT_TEMP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -375,6 +423,9 @@ fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<WriteJob>, d
     }
 }
 
+/// Read-modify-write of one document: the stored one (if any) in, the one to store out.
+type DocumentUpdate<T> = Box<dyn FnOnce(Option<&T>) -> Result<T, DpsError> + Send>;
+
 /// A table of JSON documents under a case-folded id, kept in insertion order: enrollment groups
 /// and individual enrollments are stored the same way.
 #[derive(Clone, Copy)]
@@ -406,7 +457,7 @@ impl Documents {
         self,
         tx: &Connection,
         id: &str,
-        update: Box<dyn FnOnce(Option<&T>) -> Result<T, DpsError> + Send>,
+        update: DocumentUpdate<T>,
     ) -> StoreResult<T> {
         let current: Option<T> = self.get(tx, id)?;
         let next = update(current.as_ref())?;
@@ -850,7 +901,7 @@ impl Store for SqliteStore {
         let (h, d) = (key(hub), key(device_id));
         self.write(move |c| {
             let tx = c;
-            let current = read_device(&tx, &h, &d)?;
+            let current = read_device(tx, &h, &d)?;
             let next = update(current)?;
             match &next {
                 Some((dev, twin)) => {

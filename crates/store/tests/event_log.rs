@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use fleetgate_core::message::ReceivedEvent;
 use fleetgate_core::time::Timestamp;
 use fleetgate_metrics::METRICS;
-use fleetgate_store::event_log::{repair, EventLog, EventLogError, EventLogOptions};
+use fleetgate_store::event_log::{repair, verify, EventLog, EventLogError, EventLogOptions};
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
@@ -268,6 +268,74 @@ fn repair_keeps_the_intact_records_and_the_damaged_original() {
     assert_eq!(seqs, [1].into_iter().chain(3..=40).collect::<Vec<_>>());
     assert_eq!(METRICS.event_log_damaged_ranges.get(), damaged, "the repaired log reads clean");
     assert_eq!(segment_files(&dir), files, "the damaged copy is not read as a segment");
+}
+
+/// A sealed segment cut short while the log is open (a stray truncation): reads step over the
+/// missing records, as over any damage, instead of failing.
+#[test]
+fn a_sealed_segment_cut_short_under_an_open_log_is_stepped_over() {
+    let dir = temp_dir("cut-short");
+    let log = EventLog::open(&dir, small_segments()).unwrap();
+    for n in 1..=40 {
+        log.append(&[event("h", "d", n, 10_000)]).unwrap();
+    }
+    let first = segment_files(&dir)[0].clone();
+    let in_first = verify(&dir).unwrap().segments[0].records; // positions 1..=in_first
+    let bytes = std::fs::read(&first).unwrap();
+    std::fs::write(&first, &bytes[..bytes.len() - 100]).unwrap();
+    let ranges = METRICS.event_log_damaged_ranges.get();
+    let seqs: Vec<u64> = log.read("h", 0, 100).unwrap().events.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=40).filter(|s| *s != in_first).collect::<Vec<_>>(), "all but the cut record");
+    assert!(METRICS.event_log_damaged_ranges.get() > ranges, "reported");
+}
+
+/// `verify` reads every segment while the log is open (as beside a running server), finds damage
+/// in a sealed segment no reader asked for, takes an unfinished record at the end of the last
+/// segment for a write in progress (not damage), and changes nothing.
+#[test]
+fn verify_finds_damage_in_sealed_segments_and_changes_nothing() {
+    let dir = temp_dir("verify");
+    let log = EventLog::open(&dir, small_segments()).unwrap();
+    for n in 1..=40 {
+        log.append(&[event("h", "d", n, 10_000)]).unwrap();
+    }
+    let clean = verify(&dir).unwrap();
+    assert!(clean.is_clean(), "{clean}");
+    assert_eq!(clean.segments.iter().map(|s| s.records).sum::<u64>(), 40);
+    assert!(clean.to_string().contains("no damage found"), "{clean}");
+    let files = segment_files(&dir);
+    assert!(files.len() >= 2);
+    let (first, last) = (files[0].clone(), files.last().unwrap().clone());
+    let mut bytes = std::fs::read(&first).unwrap();
+    bytes[10_100] ^= 0xff; // the second record
+    std::fs::write(&first, &bytes).unwrap();
+    let mut tail = std::fs::read(&last).unwrap();
+    let whole = tail.len() as u64;
+    tail.extend_from_slice(&bytes[..500]);
+    std::fs::write(&last, &tail).unwrap();
+    let contents = |dir: &PathBuf| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = contents(&dir);
+
+    let report = verify(&dir).unwrap();
+    assert!(!report.is_clean(), "{report}");
+    let damaged: Vec<_> = report.segments.iter().filter(|s| s.is_damaged()).collect();
+    assert_eq!(damaged.len(), 1, "{report}");
+    assert_eq!((damaged[0].segment.clone(), damaged[0].damage.len()), (first, 1));
+    assert_eq!((damaged[0].damage[0].after_seq, damaged[0].damage[0].next_seq), (Some(1), 3));
+    let newest = report.segments.last().unwrap();
+    assert_eq!((newest.segment.clone(), newest.last, newest.tail), (last, true, Some((whole, tail.len() as u64))));
+    let text = report.to_string();
+    assert!(text.contains("positions 2..3") && text.contains("not yet a whole record"), "{text}");
+    assert_eq!(contents(&dir), before, "nothing changed");
+    drop(log);
 }
 
 /// Past the size cap the oldest whole segments are deleted (never the one being written), and

@@ -12,6 +12,12 @@ pub enum EventsCommand {
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
     },
+    /// Read every record of every telemetry segment and report damage, changing nothing (also
+    /// while the server runs). Exits non-zero when damage is found.
+    Verify {
+        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+        data_dir: PathBuf,
+    },
 }
 
 pub fn run(cmd: EventsCommand) -> anyhow::Result<()> {
@@ -21,6 +27,14 @@ pub fn run(cmd: EventsCommand) -> anyhow::Result<()> {
             let report = fleetgate_store::event_log::repair(&dir)
                 .with_context(|| format!("repairing the event log in {}", dir.display()))?;
             print!("{report}");
+            Ok(())
+        }
+        EventsCommand::Verify { data_dir } => {
+            let dir = data_dir.join("events");
+            let report = fleetgate_store::event_log::verify(&dir)
+                .with_context(|| format!("verifying the event log in {}", dir.display()))?;
+            print!("{report}");
+            anyhow::ensure!(report.is_clean(), "the event log in {} is damaged", dir.display());
             Ok(())
         }
     }

@@ -87,6 +87,7 @@ pub async fn run(cmd: LinkedHubCommand) -> anyhow::Result<()> {
                 a.latency_ms = l;
             }
             store.set_hub_allocation(&hub.host_name, &a).await?;
+            fleetgate_server::datadir::checkpoint_offline_change(&store).await;
             print_json(&json!({
                 "name": hub.host_name,
                 "allocationWeight": a.allocation_weight,

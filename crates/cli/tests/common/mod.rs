@@ -95,6 +95,21 @@ impl Server {
         }
     }
 
+    /// SIGTERM (a clean stop, as a service manager asks for one); waits for the exit (at most a
+    /// minute) and returns its status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success(), "kill -TERM {pid}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "serve did not stop within a minute of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL (no graceful shutdown), and reaps the process.
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();

@@ -18,12 +18,15 @@
 //!   Only bytes with no whole record after them, in the last segment, can be that: bytes that
 //!   are not a record with whole records after them are damage (a disk error, a stray write),
 //!   and readers step over them, reporting the range once, and never cut anything (see
-//!   [`segment::scan_skipping`]). [`repair`] copies the intact records into a clean segment.
+//!   [`segment::scan_skipping`]). [`repair`] copies the intact records into a clean segment;
+//!   [`verify`] looks for damage in every segment (readers see only what they read) and changes
+//!   nothing.
 //! - One process owns the log (an advisory lock on `lock` in its directory).
 
 mod record;
 mod repair;
 mod segment;
+mod verify;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -37,6 +40,7 @@ use fleetgate_core::message::ReceivedEvent;
 pub use repair::{repair, RepairReport, SegmentRepair};
 pub use segment::Damage;
 use segment::{file_name, parse_name, scan_skipping, Segment, INDEX_EVERY};
+pub use verify::{verify, SegmentCheck, VerifyReport};
 
 use crate::disk;
 

@@ -10,7 +10,8 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::segment::{file_name, scan_skipping, Damage};
+use super::segment::{file_name, Damage};
+use super::verify::{inspect, Inspection};
 use super::{lock, segment_firsts, sync_dir, EventLogError};
 use crate::disk;
 
@@ -56,19 +57,7 @@ pub fn repair(dir: &Path) -> Result<RepairReport, EventLogError> {
 fn repair_segment(dir: &Path, path: &Path, seqs: std::ops::Range<u64>) -> Result<Option<SegmentRepair>, EventLogError> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
-    let mut damage = Vec::new();
-    let mut records = 0u64;
-    let (end, _) = scan_skipping(
-        &file,
-        0,
-        len,
-        seqs,
-        |_, _| {
-            records += 1;
-            true
-        },
-        |d| damage.push(d),
-    )?;
+    let Inspection { records, damage, end } = inspect(&file, len, seqs)?;
     if damage.is_empty() && end.bad.is_none() {
         return Ok(None);
     }

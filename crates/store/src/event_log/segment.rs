@@ -169,6 +169,9 @@ pub fn scan_skipping(
         })?;
         let Some(why) = scanned.bad else { return Ok((scanned, last)) };
         let from = last.map_or(seqs.start, |l| l.saturating_add(1));
+        // A file cut short under the log (a stray truncation) ends before `end`: the search
+        // stops at its real end, so what is missing is damage like any other, never a failed read.
+        let end = end.min(file.metadata()?.len());
         // Damage inside a record (its length intact) ends where the record ends: look there
         // first. That loses one record, and never reads a record-shaped body (a device's
         // message can hold any bytes) as a record; only damage to a length needs the search.
