@@ -189,10 +189,14 @@ fn main() -> anyhow::Result<()> {
     let nofile = util::raise_nofile(want);
     let mut requested_idle = None;
     let headroom = 1_000; // listeners, database files, the other scenarios' stragglers
-    if (nofile as usize) < opts.idle_connections + headroom {
+                          // The server keeps a larger share of the same limit for its store: it admits no more than
+                          // this (more would wait in its backlog and time out here).
+    let server_cap = fleetgate_server::fd_limit::connection_cap(usize::MAX, Some(nofile));
+    let fits = (nofile as usize).saturating_sub(headroom).min(server_cap);
+    if fits < opts.idle_connections {
         // Without CAP_SYS_RESOURCE the hard limit cannot be raised; the server (which inherits
         // it) could not hold more anyway.
-        let fit = (nofile as usize).saturating_sub(headroom).max(1);
+        let fit = fits.max(1);
         eprintln!(
             "warning: RLIMIT_NOFILE is {nofile} (hard limit): idle holds {fit} connections instead of {}",
             opts.idle_connections

@@ -154,6 +154,9 @@ pub fn spawn_fleetgate(bin: &Path, data_dir: &Path, log: &Path) -> anyhow::Resul
         &mqtt.to_string(),
         "--https-port",
         &https.to_string(),
+        // The bench holds tens of thousands of connections from a few loopback addresses.
+        "--max-connections-per-source",
+        "0",
     ]);
     Server::spawn("fleetgate", cmd, mqtt, log)
 }

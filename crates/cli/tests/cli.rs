@@ -170,6 +170,30 @@ fn enrollment_group_and_registration_verbs_against_a_server() {
     assert!(!run(&["enrollment-group", "show", "--data-dir", d, "--group-id", "grp-1"]).status.success());
 }
 
+/// Connection limits that would stop the server serving anyone (no connections, no time for a
+/// request, no memory for a packet) are refused before anything starts.
+#[test]
+fn serve_refuses_limits_that_admit_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    for (flag, bad) in [
+        ("--max-connections", "0"),
+        ("--max-connections-per-source", "-1"),
+        ("--unauthenticated-timeout-secs", "0"),
+        ("--http-header-timeout-secs", "0"),
+        ("--http-body-timeout-secs", "0"),
+        ("--write-timeout-secs", "0"),
+        ("--partial-packet-budget-mib", "0"),
+        ("--partial-packet-timeout-secs", "0"),
+        ("--http-body-timeout-secs", "forever"),
+    ] {
+        let o = run(&["serve", "--data-dir", d.to_str().unwrap(), &format!("{flag}={bad}")]);
+        assert!(!o.status.success(), "{flag}={bad} accepted");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(flag), "{flag}={bad}: names the flag");
+    }
+    assert!(!d.exists(), "nothing was created");
+}
+
 /// Telemetry retention is 1 hour to a year: zero, negative or absurd values are refused before
 /// anything starts.
 #[test]

@@ -62,6 +62,8 @@ pub enum ErrorCode {
     QueueDepthExceeded,
     /// 413001 (IoT Hub): the message is larger than the hub accepts.
     MessageTooLarge,
+    /// 408000: the request (its body) did not arrive in time.
+    RequestTimeout,
 }
 
 impl ErrorCode {
@@ -92,6 +94,7 @@ impl ErrorCode {
             ErrorCode::GatewayTimeout => 504101,
             ErrorCode::QueueDepthExceeded => 403004,
             ErrorCode::MessageTooLarge => 413001,
+            ErrorCode::RequestTimeout => 408000,
         }
     }
 

@@ -7,7 +7,9 @@
 //! | `POST` (or `GET`) `/{idScope}/registrations/{registrationId}` | 200 + `DeviceRegistrationResult` |
 //!
 //! Every request carries the device's SAS token in `Authorization` (the same token the MQTT
-//! transport sends as its password) and is authenticated on its own. Bodies are read leniently
+//! transport sends as its password) and is authenticated on its own, before its body is read:
+//! who may send one depends on the path and the headers only, so a stranger's body is never
+//! waited for or buffered. Bodies are read leniently
 //! (Node sends `{}` with its GET, C# sends no body on some requests); the registration id always
 //! comes from the path. Every answer, errors included, is JSON with
 //! `Content-Type: application/json; charset=utf-8` (Node parses nothing else). No `User-Agent`
@@ -16,8 +18,8 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Extension, Path, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Extension, FromRequest, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -96,12 +98,12 @@ async fn register(
     headers: HeaderMap,
     peer: PeerCertificates,
     source: Source,
-    b: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
     let result = async {
         let Path((scope, registration_id)) = path.map_err(path_error)?;
-        let b = body(b).map_err(|e| e.0)?;
         let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer, &source).await?;
+        let b = body(Bytes::from_request(request, &()).await).map_err(|e| e.0)?;
         let payload = register_payload(&b).map_err(DpsError::bad_request)?;
         answer::register(&dps, &auth, payload).await
     }

@@ -82,29 +82,58 @@ impl ServerConfig {
 /// Protective limits: every untrusted input is bounded in size and time.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Concurrent connections per listener; more wait in the accept backlog.
+    /// Concurrent connections, both listeners together (file descriptors are per process); more
+    /// wait in the accept backlog. At start it is lowered to what the file-descriptor limit
+    /// allows (see [`crate::fd_limit`]).
     pub max_connections: usize,
+    /// Concurrent connections from one source address (an IPv6 /64 counts as one address, as an
+    /// attacker holds a whole prefix); 0 = no cap. Loopback clients are not capped: they are on
+    /// this host, and a local TCP proxy makes every device look like one.
+    pub max_connections_per_source: usize,
+    /// Apply `max_connections_per_source` to loopback clients too.
+    pub cap_loopback_sources: bool,
     /// Time allowed for the TLS handshake plus the MQTT CONNECT (slowloris guard).
     pub handshake_timeout: Duration,
     /// Largest MQTT packet accepted (DPS messages are at most 96 KB in Azure).
     pub max_dps_packet_bytes: usize,
     /// Idle limit for an MQTT client that asked for keep-alive 0.
     pub idle_timeout: Duration,
-    /// Failed requests after which an unauthenticated DPS session is closed.
+    /// Failed requests after which a DPS session is closed (one whose credentials were refused
+    /// is closed sooner: see `unauthenticated_timeout`).
     pub max_failed_requests: u32,
-    /// Time allowed for reading one HTTP request's headers.
+    /// How long a DPS MQTT session whose credentials were refused stays open after CONNACK, to
+    /// carry the 401 answer the SDKs report; a short grace after that answer has been sent ends
+    /// it sooner.
+    pub unauthenticated_timeout: Duration,
+    /// Time allowed for reading one HTTP request's headers, counted from the end of the TLS
+    /// handshake or of the previous response: it is also the keep-alive idle limit.
     pub http_header_timeout: Duration,
+    /// Time allowed for reading one HTTP request's body, however it trickles in.
+    pub http_body_timeout: Duration,
+    /// Time a write may wait for the peer to take data (a peer that stops reading is cut off).
+    pub write_timeout: Duration,
+    /// Bytes all MQTT connections together may hold in packets that have not fully arrived.
+    pub partial_packet_budget_bytes: usize,
+    /// Time allowed for a large MQTT packet (more than a few KiB) to arrive once it has begun.
+    pub partial_packet_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 50_000,
+            max_connections_per_source: 1_000,
+            cap_loopback_sources: false,
             handshake_timeout: Duration::from_secs(10),
             max_dps_packet_bytes: 96 * 1024,
             idle_timeout: Duration::from_secs(300),
             max_failed_requests: 5,
+            unauthenticated_timeout: Duration::from_secs(10),
             http_header_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            partial_packet_budget_bytes: 64 * 1024 * 1024,
+            partial_packet_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -1,7 +1,12 @@
 //! The HTTPS listener (port 443): the DPS and hub service REST APIs, DPS over HTTPS for devices,
 //! and MQTT over WebSockets (see [`crate::websocket`]), routed by path on one TLS port.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::response::IntoResponse;
 use axum::Router;
@@ -9,7 +14,7 @@ use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_dps::service_api::{self, ApiError};
 use fleetgate_dps::Provisioning;
 use fleetgate_hub::Hub;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -161,30 +166,36 @@ pub async fn serve_metrics(listener: TcpListener, mut shutdown: watch::Receiver<
     }
 }
 
-pub async fn serve(
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     readiness: Arc<Readiness>,
     limits: Arc<Limits>,
+    gate: Arc<crate::listener::Gate>,
+    budget: Arc<crate::mqtt::PacketBudget>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut tls = (*tls).clone();
+    // HTTP/1.1 only, here and in the connection below: no SDK speaks HTTP/2 to DPS or the hub,
+    // and HTTP/2 would bring its own idle and stream limits to get right.
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let app = app(dps.clone(), hub.clone(), readiness).merge(crate::websocket::router(
         dps,
         hub,
         limits.clone(),
+        budget,
         shutdown.clone(),
     ));
-    let max = limits.max_connections;
-    crate::listener::accept_loop(listener, "https", max, shutdown.clone(), move |tcp, peer, permit| {
+    crate::listener::accept_loop(listener, "https", gate, shutdown.clone(), move |tcp, peer, permit| {
         let (acceptor, app, limits, mut stop) = (acceptor.clone(), app.clone(), limits.clone(), shutdown.clone());
         async move {
             // Shared with the requests, so an upgraded WebSocket keeps the connection's slot.
             let permit = crate::websocket::ConnectionPermit(Arc::new(permit));
+            let tcp = crate::write_deadline::WriteDeadline::new(tcp, limits.write_timeout);
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -198,22 +209,31 @@ pub async fn serve(
             };
             // An X.509 device's chain, for DPS over HTTPS and MQTT over WebSockets.
             let client_chain = crate::tls::peer_certificates(tls.get_ref().1);
-            let svc = TowerToHyperService::new(app.map_request(move |mut req: http::Request<_>| {
+            let body_timeout = limits.http_body_timeout;
+            let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let mut req = canonicalize(req);
                 req.extensions_mut().insert(permit.clone());
                 // Who sent it: for the audit trail and the per-source limit on refusals.
                 req.extensions_mut().insert(fleetgate_rest::ClientAddr(peer));
                 if let Some(chain) = &client_chain {
                     req.extensions_mut().insert(chain.clone());
                 }
-                canonicalize(req)
-            }));
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let expired = Arc::new(AtomicBool::new(false));
+                let req = req.map(|b| deadline_body(b, body_timeout, expired.clone()));
+                let answer = app.clone().oneshot(req);
+                async move { answer.await.map(|resp| connection_rules(resp, &expired)) }
+            });
+            // hyper's HTTP/1 connection, not the auto-detecting one: that one waits, without a
+            // limit, for the first bytes to tell HTTP/1 from HTTP/2 (a silent connection was held
+            // for good) and would serve HTTP/2 to a client that skips ALPN.
+            let mut builder = hyper::server::conn::http1::Builder::new();
             builder
-                .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
+                // Counted from the handshake's end and from each response's end alike: it is the
+                // limit for a request's headers and for an idle keep-alive connection.
                 .header_read_timeout(limits.http_header_timeout)
                 .max_buf_size(64 * 1024);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+            let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc)).with_upgrades();
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -229,4 +249,63 @@ pub async fn serve(
         }
     })
     .await;
+}
+
+/// The request body as the app reads it: whole within `timeout` of the request's headers, however
+/// slowly it trickles in; `expired` tells the connection the deadline passed.
+fn deadline_body(body: hyper::body::Incoming, timeout: Duration, expired: Arc<AtomicBool>) -> axum::body::Body {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return axum::body::Body::new(body);
+    }
+    axum::body::Body::new(DeadlineBody { inner: body, sleep: Box::pin(tokio::time::sleep(timeout)), expired })
+}
+
+/// What the connection adds to the app's answer: a body that missed its deadline is answered
+/// 408 whatever the handler made of the unreadable body, and the connection closes (the rest of
+/// the body is not waited for).
+fn connection_rules(mut resp: axum::response::Response, expired: &AtomicBool) -> axum::response::Response {
+    if expired.load(Ordering::Relaxed) {
+        resp = ApiError(DpsError::new(ErrorCode::RequestTimeout, "The request body did not arrive in time."))
+            .into_response();
+    }
+    if resp.status() == http::StatusCode::REQUEST_TIMEOUT {
+        resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// A request body with a total deadline (see [`deadline_body`]).
+struct DeadlineBody {
+    inner: hyper::body::Incoming,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    expired: Arc<AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+struct BodyTimedOut;
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            self.expired.store(true, Ordering::Relaxed);
+            return Poll::Ready(Some(Err(Box::new(BodyTimedOut))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }

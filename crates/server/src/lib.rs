@@ -7,12 +7,14 @@
 pub mod cert_reload;
 pub mod config;
 pub mod datadir;
+pub mod fd_limit;
 pub mod https;
 mod listener;
 pub mod mqtt;
 pub mod readiness;
 pub mod tls;
 pub mod websocket;
+mod write_deadline;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -183,7 +185,22 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
 
     let (shutdown, rx) = watch::channel(false);
     let rx_reload = rx.clone();
-    let limits = Arc::new(config.limits.clone());
+    let mut limits = config.limits.clone();
+    // Connections and the store share the process's file descriptors: the cap leaves the store
+    // its share (see `fd_limit`).
+    let nofile = fd_limit::raise_nofile_limit();
+    limits.max_connections = fd_limit::connection_cap(limits.max_connections, nofile);
+    tracing::info!(
+        max_connections = limits.max_connections,
+        configured = config.limits.max_connections,
+        file_descriptor_limit = nofile,
+        max_connections_per_source = limits.max_connections_per_source,
+        "connection limits"
+    );
+    let limits = Arc::new(limits);
+    let gate =
+        listener::Gate::new(limits.max_connections, limits.max_connections_per_source, limits.cap_loopback_sources);
+    let budget = mqtt::PacketBudget::new(limits.partial_packet_budget_bytes);
     let readiness = readiness::Readiness::start(store, hub.clone(), rx.clone());
     let mut tasks = vec![tokio::spawn(mqtt::serve(
         mqtt_listener,
@@ -191,12 +208,24 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         dps.clone(),
         hub.clone(),
         limits.clone(),
+        gate.clone(),
+        budget.clone(),
         rx.clone(),
     ))];
     if let Some(listener) = metrics_listener {
         tasks.push(tokio::spawn(https::serve_metrics(listener, rx.clone())));
     }
-    tasks.push(tokio::spawn(https::serve(https_listener, tls, dps.clone(), hub.clone(), readiness, limits, rx)));
+    tasks.push(tokio::spawn(https::serve(
+        https_listener,
+        tls,
+        dps.clone(),
+        hub.clone(),
+        readiness,
+        limits,
+        gate,
+        budget,
+        rx,
+    )));
     tasks.push(tokio::spawn(watch_certificate(cert, config.cert_check_interval, rx_reload)));
     tracing::info!(%mqtt_addr, %https_addr, id_scope = %instance.id_scope, "fleetgate serving");
     Ok(RunningServer { mqtt_addr, https_addr, metrics_addr, instance, shutdown, tasks, dps, hub, store: sqlite })

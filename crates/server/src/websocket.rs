@@ -44,6 +44,7 @@ struct WsState {
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    budget: Arc<crate::mqtt::PacketBudget>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -52,6 +53,7 @@ pub(crate) fn router(
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    budget: Arc<crate::mqtt::PacketBudget>,
     shutdown: watch::Receiver<bool>,
 ) -> Router {
     let mut r = Router::new();
@@ -61,7 +63,7 @@ pub(crate) fn router(
     r.method_not_allowed_fallback(|| async {
         ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
     })
-    .with_state(WsState { dps, hub, limits, shutdown })
+    .with_state(WsState { dps, hub, limits, budget, shutdown })
 }
 
 /// The largest WebSocket message (and frame) accepted: one MQTT packet of the largest kind either
@@ -105,7 +107,7 @@ async fn upgrade(
             let source = source.map(|Extension(a)| a.0.ip());
             let stream = WsStream::new(socket);
             if let Err(e) =
-                crate::mqtt::serve_stream(stream, peer, source, st.dps, st.hub, st.limits, st.shutdown).await
+                crate::mqtt::serve_stream(stream, peer, source, st.dps, st.hub, st.limits, st.budget, st.shutdown).await
             {
                 tracing::debug!(error = %e, "MQTT over WebSocket ended with an error");
             }

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use fleetgate_server::ServerConfig;
+use fleetgate_server::{Limits, ServerConfig};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -64,6 +64,57 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "FLEETGATE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Concurrent connections, both ports together. Lowered at start to what the file-descriptor
+    /// limit allows after a reserve for the store (a tenth of the limit plus 256); the figure in
+    /// effect is logged.
+    #[arg(long, env = "FLEETGATE_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Concurrent connections from one source address (an IPv6 /64 counts as one); over it, new
+    /// connections are closed at once. 0 = no cap. Loopback clients are exempt unless
+    /// --cap-loopback-sources.
+    #[arg(long, env = "FLEETGATE_MAX_CONNECTIONS_PER_SOURCE",
+          default_value_t = Limits::default().max_connections_per_source)]
+    max_connections_per_source: usize,
+    /// Apply --max-connections-per-source to loopback clients too (off: local clients and a local
+    /// TCP proxy, through which every device looks like one client, are not capped).
+    #[arg(long, env = "FLEETGATE_CAP_LOOPBACK_SOURCES")]
+    cap_loopback_sources: bool,
+    /// Seconds a DPS MQTT session whose credentials were refused stays open after CONNACK (it is
+    /// closed a second after its first 401 answer in any case).
+    #[arg(long, env = "FLEETGATE_UNAUTHENTICATED_TIMEOUT_SECS",
+          default_value_t = Limits::default().unauthenticated_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    unauthenticated_timeout_secs: u64,
+    /// Seconds allowed for an HTTP request's headers, from the TLS handshake or the previous
+    /// response: also how long an idle keep-alive connection stays open.
+    #[arg(long, env = "FLEETGATE_HTTP_HEADER_TIMEOUT_SECS",
+          default_value_t = Limits::default().http_header_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    http_header_timeout_secs: u64,
+    /// Seconds allowed for an HTTP request's body, however slowly it arrives; later, 408 and the
+    /// connection closes.
+    #[arg(long, env = "FLEETGATE_HTTP_BODY_TIMEOUT_SECS",
+          default_value_t = Limits::default().http_body_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    http_body_timeout_secs: u64,
+    /// Seconds a write may wait for a peer that takes no data (it stopped reading); then the
+    /// connection is closed.
+    #[arg(long, env = "FLEETGATE_WRITE_TIMEOUT_SECS",
+          default_value_t = Limits::default().write_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    write_timeout_secs: u64,
+    /// MiB that MQTT packets still arriving may hold, all connections together; a connection that
+    /// would exceed it is closed.
+    #[arg(long, env = "FLEETGATE_PARTIAL_PACKET_BUDGET_MIB",
+          default_value_t = (Limits::default().partial_packet_budget_bytes >> 20) as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    partial_packet_budget_mib: u64,
+    /// Seconds allowed for a large MQTT packet (over 2 KiB) to arrive once it has begun.
+    #[arg(long, env = "FLEETGATE_PARTIAL_PACKET_TIMEOUT_SECS",
+          default_value_t = Limits::default().partial_packet_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    partial_packet_timeout_secs: u64,
     /// Days the audit trail is kept; older entries are deleted (checked every 10 minutes).
     #[arg(long, env = "FLEETGATE_AUDIT_RETENTION_DAYS", default_value_t = 90,
           value_parser = clap::value_parser!(u64).range(1..=36500))]
@@ -130,6 +181,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.metrics_listen = args.metrics_listen;
     config.tls_cert = args.tls_cert;
     config.tls_key = args.tls_key;
+    let secs = std::time::Duration::from_secs;
+    let limits = &mut config.limits;
+    limits.max_connections = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
+    limits.max_connections_per_source = args.max_connections_per_source;
+    limits.cap_loopback_sources = args.cap_loopback_sources;
+    limits.unauthenticated_timeout = secs(args.unauthenticated_timeout_secs);
+    limits.http_header_timeout = secs(args.http_header_timeout_secs);
+    limits.http_body_timeout = secs(args.http_body_timeout_secs);
+    limits.write_timeout = secs(args.write_timeout_secs);
+    limits.partial_packet_budget_bytes = usize::try_from(args.partial_packet_budget_mib << 20).unwrap_or(usize::MAX);
+    limits.partial_packet_timeout = secs(args.partial_packet_timeout_secs);
     use fleetgate_core::throttle::Rate;
     let nonzero = |n: u32, f: fn(u32) -> Rate| (n > 0).then(|| f(n));
     config.registration_rate = nonzero(args.dps_registrations_per_minute, Rate::per_minute);

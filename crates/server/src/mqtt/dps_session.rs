@@ -33,6 +33,9 @@ use fleetgate_metrics::info_limited;
 
 /// Azure's cap on the keep-alive timeout (1.5 x keep-alive, at most 1767 s).
 const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);
+/// How long a session whose credentials were refused stays open once its 401 answer is sent:
+/// enough for the device to read it before the connection closes under it.
+const REFUSED_GRACE: Duration = Duration::from_secs(1);
 
 struct Session<S> {
     conn: Connection<S>,
@@ -48,6 +51,9 @@ struct Session<S> {
     next_packet_id: u16,
     failed_requests: u32,
     limits: Arc<Limits>,
+    /// When a session that failed to authenticate is closed, whatever it sends: it may not stay
+    /// open on PINGREQs, holding a connection it has no right to.
+    close_at: Option<tokio::time::Instant>,
 }
 
 // What a session starts from: the connection, its CONNECT, who (username, certificate chain,
@@ -85,7 +91,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // An authenticated session ends when what it authenticated with would be refused, as a hub
     // session does: the SAS token's expiry (plus the skew a CONNECT allows), the certificate's
-    // notAfter. A refused one answers 401 to every request anyway.
+    // notAfter. A refused one is closed sooner (`Session::close_at`).
     let expires = auth.is_ok().then(|| credentials_expire(password, peer.as_ref())).flatten().map(deadline_of);
     conn.set_max_packet(limits.max_dps_packet_bytes);
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
@@ -96,6 +102,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         0 => limits.idle_timeout,
         k => Duration::from_millis(u64::from(k) * 1500).min(MAX_KEEP_ALIVE_TIMEOUT),
     };
+    let close_at = auth.is_err().then(|| tokio::time::Instant::now() + limits.unauthenticated_timeout);
     let mut session = Session {
         conn,
         dps,
@@ -105,9 +112,15 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         next_packet_id: 0,
         failed_requests: 0,
         limits,
+        close_at,
     };
     loop {
+        let close_at = session.close_at;
         let packet = tokio::select! {
+            () = tokio::time::sleep_until(close_at.unwrap_or_else(tokio::time::Instant::now)), if close_at.is_some() => {
+                tracing::debug!(registration_id = %printable(&session.registration_id), "closing a DPS session that failed to authenticate");
+                break;
+            }
             () = tokio::time::sleep_until(expires.unwrap_or_else(tokio::time::Instant::now)), if expires.is_some() => {
                 tracing::info!(registration_id = %printable(&session.registration_id), "the device's credentials expired; closing");
                 break;
@@ -223,6 +236,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.failed_requests += 1;
         }
         self.respond(status, &rid, retry_after, body).await?;
+        if self.auth.is_err() {
+            let grace = tokio::time::Instant::now() + REFUSED_GRACE;
+            self.close_at = Some(self.close_at.map_or(grace, |at| at.min(grace)));
+        }
         Ok(self.failed_requests < self.limits.max_failed_requests)
     }
 

@@ -22,30 +22,33 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-pub use connection::{Connection, ConnectionError};
+pub use connection::{Connection, ConnectionError, PacketBudget};
 
 use crate::config::Limits;
+use crate::write_deadline::WriteDeadline;
 use fleetgate_metrics::info_limited;
 
 /// Largest CONNECT we read before we know who the client is.
 const MAX_CONNECT_BYTES: usize = 8 * 1024;
 
-pub async fn serve(
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    gate: Arc<crate::listener::Gate>,
+    budget: Arc<PacketBudget>,
     shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let max = limits.max_connections;
-    crate::listener::accept_loop(listener, "mqtt", max, shutdown.clone(), move |tcp, peer, permit| {
-        let (acceptor, dps, hub, limits, shutdown) =
-            (acceptor.clone(), dps.clone(), hub.clone(), limits.clone(), shutdown.clone());
+    crate::listener::accept_loop(listener, "mqtt", gate, shutdown.clone(), move |tcp, peer, permit| {
+        let (acceptor, dps, hub, limits, budget, shutdown) =
+            (acceptor.clone(), dps.clone(), hub.clone(), limits.clone(), budget.clone(), shutdown.clone());
         async move {
             let _permit = permit;
-            if let Err(e) = handle(tcp, peer.ip(), acceptor, dps, hub, limits, shutdown).await {
+            if let Err(e) = handle(tcp, peer.ip(), acceptor, dps, hub, limits, budget, shutdown).await {
                 tracing::debug!(%peer, error = %e, "mqtt connection ended with an error");
             }
         }
@@ -56,6 +59,7 @@ pub async fn serve(
 /// One connection from the MQTT port: TLS, then the MQTT conversation. The TLS handshake and the
 /// CONNECT share one deadline, so a client that stalls anywhere before it has identified itself
 /// is dropped.
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     tcp: tokio::net::TcpStream,
     source: IpAddr,
@@ -63,6 +67,7 @@ async fn handle(
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    budget: Arc<PacketBudget>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
@@ -70,19 +75,20 @@ async fn handle(
     // is boxed and freed when the phase ends, and the TLS stream (a rustls connection, 1.2 KB) is
     // boxed once so the futures that carry it stay small.
     let tls = Box::new(
-        Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(tcp)))
+        Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(WriteDeadline::new(tcp, limits.write_timeout))))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??,
     );
     // An X.509 device's chain: who it is is decided by the DPS or hub session.
     let peer = crate::tls::peer_certificates(tls.get_ref().1);
-    Box::pin(serve_until(tls, deadline, peer, Some(source), dps, hub, limits, shutdown)).await
+    Box::pin(serve_until(tls, deadline, peer, Some(source), dps, hub, limits, budget, shutdown)).await
 }
 
 /// Serves one MQTT connection over an already established byte stream (TLS on the MQTT port,
 /// a WebSocket on the HTTPS port): reads CONNECT within the handshake deadline and hands the
 /// connection to the DPS or the hub session. `peer` is the client certificate chain of the TLS
 /// connection underneath, if the client presented one; `source` the client's address.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     peer: Option<CertificateChain>,
@@ -90,10 +96,11 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    budget: Arc<PacketBudget>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
-    serve_until(stream, deadline, peer, source, dps, hub, limits, shutdown).await
+    serve_until(stream, deadline, peer, source, dps, hub, limits, budget, shutdown).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -105,10 +112,13 @@ async fn serve_until<S: AsyncRead + AsyncWrite + Unpin>(
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     limits: Arc<Limits>,
+    budget: Arc<PacketBudget>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
+    // Every packet still arriving, from CONNECT on, draws on the shared budget.
+    let conn = Connection::new(stream, MAX_CONNECT_BYTES).with_budget(budget, limits.partial_packet_timeout);
     // Reading CONNECT is a phase of its own, boxed and freed before the session starts.
-    let Some((conn, connect, route)) = Box::pin(read_connect(stream, deadline)).await? else { return Ok(()) };
+    let Some((conn, connect, route)) = Box::pin(read_connect(conn, deadline)).await? else { return Ok(()) };
     // Boxed: the two sessions are different futures, and a connection should only pay for the
     // one it runs.
     match route {
@@ -126,10 +136,9 @@ enum Route {
 /// Reads CONNECT within the handshake deadline and tells which session it is for. `None` when
 /// the connection was refused (and answered) or closed.
 async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
+    mut conn: Connection<S>,
     deadline: tokio::time::Instant,
 ) -> Result<Option<(Connection<S>, Connect, Route)>, ConnectionError> {
-    let mut conn = Connection::new(stream, MAX_CONNECT_BYTES);
     let first = tokio::time::timeout_at(deadline, conn.read_packet())
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no CONNECT in time"))?;
