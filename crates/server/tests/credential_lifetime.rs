@@ -258,3 +258,31 @@ async fn an_event_stream_ends_when_its_token_expires() {
     m.recv().await;
     assert!(!stream_shows(&mut events, "after-expiry").await, "telemetry flowed past the token's expiry");
 }
+
+/// A DPS connection does not outlive the key it was opened with: a token's expiry is the
+/// signer's choice (a leaked group key signs tokens for years), so replacing the group's keys
+/// must stop the registrations of connections opened with the old ones.
+#[tokio::test]
+async fn a_dps_connection_opened_with_replaced_group_keys_registers_no_more() {
+    let s = TestServer::start().await;
+    let (group_key, _) = s.create_group("grp", json!({})).await;
+    let key = group_key.derive_device_key("dev-1");
+    let token = build_token(&key, &format!("{}/registrations/dev-1", s.scope()), i64::from(i32::MAX), None);
+    let mut m = s.mqtt().await;
+    m.connect("dev-1", &dps_username(&s.scope(), "dev-1"), Some(&token), true, 60).await;
+    m.subscribe_dps().await;
+    let register = async |m: &mut Mqtt, rid: u16| {
+        m.publish(&format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"), QoS::AtLeastOnce, rid, b" ").await;
+        assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
+        m.expect_publish().await
+    };
+    let (topic, body) = register(&mut m, 1).await;
+    assert!(topic.starts_with("$dps/registrations/res/200/"), "{topic} {body}");
+    // The operator replaces both of the group's keys (the old ones leaked).
+    let mut g = s.service().get_enrollment_group("grp").await.unwrap();
+    g["attestation"] = json!({"type": "symmetricKey", "symmetricKey": {
+        "primaryKey": SymmetricKey::generate().to_base64(), "secondaryKey": SymmetricKey::generate().to_base64()}});
+    s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+    let (topic, body) = register(&mut m, 2).await;
+    assert!(topic.starts_with("$dps/registrations/res/401/"), "registered with a withdrawn key: {topic} {body}");
+}
