@@ -37,9 +37,10 @@ const MAX_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(1767);
 struct Session<S> {
     conn: Connection<S>,
     dps: Arc<Provisioning>,
-    /// The device's authentication result, decided once at CONNECT; a failure is reported on the
-    /// first request (as a 401 body the SDKs surface) rather than as a refused CONNACK. A check
-    /// that could not be made is a 503, and a source turned away a 429: the SDKs retry both.
+    /// The device's authentication result, first decided at CONNECT and again before each
+    /// request; a failure is reported on the request (as a 401 body the SDKs surface) rather
+    /// than as a refused CONNACK. A check that could not be made is a 503, and a source turned
+    /// away a 429: the SDKs retry both.
     auth: Result<DeviceAuth, DpsError>,
     /// The retry hint for `auth`'s error when it is not the usual one (a turned-away source is
     /// told when its backoff ends).
