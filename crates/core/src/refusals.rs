@@ -101,7 +101,16 @@ pub struct RefusalTracker {
     overflow: Option<Window>,
     /// Summaries of windows that ended while a new refusal arrived, until the next `close`.
     closed: Vec<Summary>,
+    /// When a full table may next be swept for ended windows to make room: a sweep visits every
+    /// source, so one per refusal from an untracked source would let a stranger who filled the
+    /// table make each refusal cost a scan of it, under the lock every connection's `admit` takes.
+    next_sweep: f64,
+    /// Sweeps made to make room (for tests).
+    sweeps: u64,
 }
+
+/// How often, at most, a full table is swept to make room (seconds).
+const SWEEP_EVERY: f64 = 1.0;
 
 impl Window {
     fn new(now: f64, category: AuditCategory) -> Self {
@@ -120,7 +129,7 @@ impl Window {
 
 impl RefusalTracker {
     pub fn new(limits: RefusalLimits) -> Self {
-        Self { limits, sources: HashMap::new(), overflow: None, closed: Vec::new() }
+        Self { limits, sources: HashMap::new(), overflow: None, closed: Vec::new(), next_sweep: f64::MIN, sweeps: 0 }
     }
 
     pub fn limits(&self) -> &RefusalLimits {
@@ -157,8 +166,10 @@ impl RefusalTracker {
                 self.sources.remove(&key);
             }
         }
-        if !self.sources.contains_key(&key) && self.sources.len() >= self.limits.max_sources {
+        if !self.sources.contains_key(&key) && self.sources.len() >= self.limits.max_sources && now >= self.next_sweep {
             self.close_windows(now, false);
+            self.sweeps += 1;
+            self.next_sweep = now + SWEEP_EVERY;
         }
         if !self.sources.contains_key(&key) && self.sources.len() >= self.limits.max_sources {
             let w = self.overflow.get_or_insert_with(|| Window::new(now, category));
@@ -313,5 +324,22 @@ mod tests {
         assert_eq!(s, vec![Summary { source: None, category: DEV, unrecorded: 7, turned_away: 0 }]);
         // Expired windows make room.
         assert_eq!(t.refused(ip("192.0.2.11"), DEV, 62.0), Record::Full);
+    }
+
+    #[test]
+    fn a_full_table_is_swept_at_most_once_a_second() {
+        let mut t = RefusalTracker::new(limits(0));
+        for i in 1..=3 {
+            t.refused(ip(&format!("192.0.2.{i}")), DEV, 0.0);
+        }
+        // Refusals from ever new sources while the table is full: each would sweep it.
+        for i in 0..1000u32 {
+            let source = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert_eq!(t.refused(source, DEV, 1.0 + f64::from(i) * 0.0001), Record::Counted);
+        }
+        assert_eq!(t.sweeps, 1);
+        // A second later the table is swept again, and ended windows make room.
+        assert_eq!(t.refused(ip("192.0.2.99"), DEV, 61.5), Record::Full);
+        assert_eq!(t.sweeps, 2);
     }
 }

@@ -150,9 +150,11 @@ pub struct Hub {
 pub(crate) fn store_err(e: StoreError) -> DpsError {
     match e {
         StoreError::Rejected(d) => d,
+        // The store could not answer: "retry later" (503, as the provisioning service answers
+        // it), never an answer that reads as the caller's fault or as permanent.
         StoreError::Backend(msg) => {
             fleetgate_metrics::log_limited!(tracing::Level::ERROR, error = %msg, "store failure");
-            DpsError::internal()
+            DpsError::unavailable()
         }
         StoreError::Unavailable(msg) => {
             tracing::warn!(error = %msg, "store refused a change (retryable)");

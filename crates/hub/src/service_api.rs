@@ -31,6 +31,37 @@ use crate::Hub;
 #[derive(Clone, Debug)]
 pub struct TargetHub(pub String);
 
+/// What a request was let in with, for a call that outlives its authorization (the event
+/// stream): it must end when the same credentials would be refused.
+#[derive(Clone, Debug)]
+struct Caller {
+    token: SasToken,
+    /// The store key of the policies the token was checked against.
+    policies: String,
+    rights: &'static [Right],
+}
+
+impl Caller {
+    /// When, on tokio's clock, the token stops being accepted.
+    fn token_end(&self) -> tokio::time::Instant {
+        let left = self.token.accepted_until().saturating_add(1).saturating_sub(Timestamp::now().unix_seconds());
+        tokio::time::Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
+    }
+
+    /// Whether the request would still be let in: the token unexpired and signed with a current
+    /// key of a policy that has the right. A renewed key or a removed policy ends what the old
+    /// one opened; so does a store that cannot answer (the client reconnects and is checked).
+    async fn still_authorized(&self, hub: &Hub) -> bool {
+        if self.token.check_expiry(Timestamp::now().unix_seconds()).is_err() {
+            return false;
+        }
+        match hub.store().policies(&self.policies).await {
+            Ok(policies) => policy::authorize(&policies, &self.token, self.rights).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
 pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/devices", get(list_devices))
@@ -110,7 +141,8 @@ async fn authorize(
     if !fleetgate_rest::token_covers(&token.resource, &path) {
         return refuse("token's resource does not cover this path");
     }
-    let Ok(policies) = hub.store().policies(&format!("hub:{}", linked.host_name.to_ascii_lowercase())).await else {
+    let policies_key = format!("hub:{}", linked.host_name.to_ascii_lowercase());
+    let Ok(policies) = hub.store().policies(&policies_key).await else {
         return unavailable();
     };
     // An unlisted route or method is refused below; authentication still comes first.
@@ -123,6 +155,7 @@ async fn authorize(
         return ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed.")).into_response();
     };
     req.extensions_mut().insert(TargetHub(linked.host_name));
+    req.extensions_mut().insert(Caller { token, policies: policies_key, rights: access.rights });
     let resp = next.run(req).await;
     if access.audited {
         hub.audit().record(fleetgate_rest::service_audit_entry(&method, &path, &name, &target, resp.status().as_u16()));
@@ -317,9 +350,14 @@ pub fn event_json(e: &TelemetryEvent) -> Value {
     })
 }
 
+/// `GET /messages/events`: the hub's telemetry, as a server-sent event stream (or, with
+/// `format=json`, one page). The stream ends when the caller's token expires or would no longer
+/// be accepted (its policy's key renewed, the policy removed): it is checked before every page
+/// of events it delivers.
 async fn events(
     State(hub): State<Arc<Hub>>,
     Extension(t): Extension<TargetHub>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<EventsQuery>,
 ) -> ApiResult<Response> {
     let filter = q.device_id.clone();
@@ -336,12 +374,18 @@ async fn events(
         Some(f) => f,
         None => hub.last_event_seq().await? + 1,
     };
-    let deadline = q.timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let token_end = caller.token_end();
+    let deadline =
+        q.timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s)).map_or(token_end, |d| d.min(token_end));
+    let caller = Arc::new(caller);
     let state = (hub, t.0, start, notices, std::collections::VecDeque::<TelemetryEvent>::new());
     let stream = futures_util::stream::unfold(state, move |(hub, name, mut pos, mut notices, mut buf)| {
-        let keep = keep.clone();
+        let (keep, caller) = (keep.clone(), caller.clone());
         async move {
             loop {
+                if tokio::time::Instant::now() >= token_end {
+                    return None;
+                }
                 if let Some(e) = buf.pop_front() {
                     let ev = Event::default().id(e.seq.to_string()).data(event_json(&e).to_string());
                     return Some((Ok::<_, std::convert::Infallible>(ev), (hub, name, pos, notices, buf)));
@@ -349,6 +393,9 @@ async fn events(
                 match hub.events(&name, pos, 256).await {
                     // Positions are shared by all hubs: a page can be empty yet move on.
                     Ok(page) if page.next > pos => {
+                        if !page.events.is_empty() && !caller.still_authorized(&hub).await {
+                            return None;
+                        }
                         pos = page.next;
                         buf.extend(page.events.into_iter().filter(|e| keep(e)));
                         continue;
@@ -356,12 +403,8 @@ async fn events(
                     Ok(_) => {}
                     Err(_) => return None,
                 }
-                let woke = match deadline {
-                    Some(d) => match tokio::time::timeout_at(d, notices.recv()).await {
-                        Ok(r) => r,
-                        Err(_) => return None,
-                    },
-                    None => notices.recv().await,
+                let Ok(woke) = tokio::time::timeout_at(deadline, notices.recv()).await else {
+                    return None;
                 };
                 // Lagging behind the notices is fine (we re-read the store); a closed channel
                 // means the server is stopping.

@@ -194,3 +194,95 @@ async fn a_hub_connection_is_closed_when_reprovisioning_moves_the_device_to_anot
     let mut m = connect_to(&s, "hub-b", "dev-1", &key, fresh).await.expect("the device connects to hub B");
     assert_serving(&mut m, "dev-1").await;
 }
+
+/// Reads an event stream until `want` appears (`true`) or the server ends it (`false`).
+async fn stream_shows(resp: &mut reqwest::Response, want: &str) -> bool {
+    let read = async {
+        let mut text = String::new();
+        while let Some(chunk) = resp.chunk().await.unwrap_or(None) {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if text.contains(want) {
+                return true;
+            }
+        }
+        false
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), read)
+        .await
+        .expect("the stream neither showed it nor ended")
+}
+
+/// Opens the hub's event stream (new events only, no timeout) with `token`.
+async fn event_stream(s: &TestServer, token: &str) -> reqwest::Response {
+    let resp =
+        s.http().get(s.url(&format!("/messages/events{V}"))).header("Authorization", token).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
+/// The service side's long-lived call, the telemetry stream, ends with the credentials it was
+/// opened with too: a renewed policy key (the operator's way to revoke a leaked one) stops it.
+#[tokio::test]
+async fn an_event_stream_ends_when_its_policy_key_is_renewed() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    let mut events = event_stream(&s, &s.hub_token()).await;
+    m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 1, b"before-renewal").await;
+    m.recv().await;
+    assert!(stream_shows(&mut events, "before-renewal").await);
+    fleetgate_server::datadir::renew_policy_key(
+        s.dir.path(),
+        Some(&s.hub()),
+        "iothubowner",
+        fleetgate_server::datadir::KeyKind::Primary,
+    )
+    .await
+    .unwrap();
+    m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 2, b"after-renewal").await;
+    m.recv().await;
+    assert!(!stream_shows(&mut events, "after-renewal").await, "telemetry flowed to a revoked key");
+}
+
+#[tokio::test]
+async fn an_event_stream_ends_when_its_token_expires() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    let c: fleetgate_client::ConnectionString = s.running().instance.hubs[0].connection_string.parse().unwrap();
+    // Accepted (clock skew included) for about 3 s more.
+    let expiry = Timestamp::now().unix_seconds() - MAX_CLOCK_SKEW_SECS + 3;
+    let mut events = event_stream(&s, &build_token(&c.key, &c.host_name, expiry, Some(&c.key_name))).await;
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 1, b"after-expiry").await;
+    m.recv().await;
+    assert!(!stream_shows(&mut events, "after-expiry").await, "telemetry flowed past the token's expiry");
+}
+
+/// A DPS connection does not outlive the key it was opened with: a token's expiry is the
+/// signer's choice (a leaked group key signs tokens for years), so replacing the group's keys
+/// must stop the registrations of connections opened with the old ones.
+#[tokio::test]
+async fn a_dps_connection_opened_with_replaced_group_keys_registers_no_more() {
+    let s = TestServer::start().await;
+    let (group_key, _) = s.create_group("grp", json!({})).await;
+    let key = group_key.derive_device_key("dev-1");
+    let token = build_token(&key, &format!("{}/registrations/dev-1", s.scope()), i64::from(i32::MAX), None);
+    let mut m = s.mqtt().await;
+    m.connect("dev-1", &dps_username(&s.scope(), "dev-1"), Some(&token), true, 60).await;
+    m.subscribe_dps().await;
+    let register = async |m: &mut Mqtt, rid: u16| {
+        m.publish(&format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"), QoS::AtLeastOnce, rid, b" ").await;
+        assert!(matches!(m.recv().await, Some(Packet::PubAck(_))));
+        m.expect_publish().await
+    };
+    let (topic, body) = register(&mut m, 1).await;
+    assert!(topic.starts_with("$dps/registrations/res/200/"), "{topic} {body}");
+    // The operator replaces both of the group's keys (the old ones leaked).
+    let mut g = s.service().get_enrollment_group("grp").await.unwrap();
+    g["attestation"] = json!({"type": "symmetricKey", "symmetricKey": {
+        "primaryKey": SymmetricKey::generate().to_base64(), "secondaryKey": SymmetricKey::generate().to_base64()}});
+    s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+    let (topic, body) = register(&mut m, 2).await;
+    assert!(topic.starts_with("$dps/registrations/res/401/"), "registered with a withdrawn key: {topic} {body}");
+}

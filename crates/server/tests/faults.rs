@@ -81,6 +81,28 @@ async fn registration_while_the_store_fails_is_503_with_retry_after_then_works()
     assert_eq!(put().send().await.unwrap().status(), 200);
 }
 
+/// A hub service API change the store cannot write is "retry later" (503), as on the DPS API.
+#[tokio::test]
+async fn hub_api_writes_while_the_store_fails_are_503() {
+    let (s, faults) = with_faults().await;
+    s.create_device("dev-1").await;
+    faults.fail_writes(true);
+    let put = s
+        .http()
+        .put(s.url("/devices/dev-2?api-version=2021-04-12"))
+        .header("authorization", s.hub_token())
+        .json(&json!({"deviceId": "dev-2"}));
+    assert_eq!(put.send().await.unwrap().status(), 503);
+    let patch = s
+        .http()
+        .patch(s.url("/twins/dev-1?api-version=2021-04-12"))
+        .header("authorization", s.hub_token())
+        .json(&json!({"tags": {"a": 1}}));
+    assert_eq!(patch.send().await.unwrap().status(), 503);
+    faults.fail_writes(false);
+    s.create_device("dev-2").await;
+}
+
 #[tokio::test]
 async fn readyz_is_503_while_writes_fail() {
     let (s, faults) = with_faults().await;

@@ -46,6 +46,27 @@ async fn hub_connects_over_the_quota_get_server_unavailable() {
     assert!(s.hub_device("dev-1", &key).await.is_ok(), "admitted again once the quota refills");
 }
 
+/// Refused CONNECTs (a wrong key, a made-up hub name) do not spend the hub's connect quota: a
+/// stranger must not keep every device of the hub out with a few refused attempts per second.
+#[tokio::test]
+async fn refused_hub_connects_do_not_spend_the_quota() {
+    let s = TestServer::start_with(|c| c.hub.connect_rate = Some(Rate { per_second: 0.01, burst: 1.0 })).await;
+    let key = s.create_device("dev-1").await;
+    let wrong = fleetgate_core::keys::SymmetricKey::generate();
+    for _ in 0..3 {
+        assert_eq!(s.hub_device("dev-1", &wrong).await.err(), Some(ConnectReturnCode::NotAuthorized));
+        let mut m = s.mqtt().await;
+        let user = "no-such-hub.example.net/dev-1/?api-version=2019-10-01";
+        match m.connect("dev-1", user, Some("SharedAccessSignature sr=x&sig=y&se=1"), true, 60).await {
+            Packet::ConnAck(a) => assert_eq!(a.code, ConnectReturnCode::NotAuthorized),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The quota's one connect (it refills in 100 s) is still there for the device.
+    assert!(s.hub_device("dev-1", &key).await.is_ok(), "the refused attempts spent the quota");
+    assert_eq!(s.hub_device("dev-1", &key).await.err(), Some(ConnectReturnCode::ServiceUnavailable));
+}
+
 #[tokio::test]
 async fn hub_telemetry_over_the_quota_is_slowed_not_lost() {
     let s = TestServer::start_with(|c| c.hub.message_rate = Some(Rate { per_second: 10.0, burst: 5.0 })).await;

@@ -40,20 +40,32 @@ const REFUSED_GRACE: Duration = Duration::from_secs(1);
 struct Session<S> {
     conn: Connection<S>,
     dps: Arc<Provisioning>,
-    /// The device's authentication result, decided once at CONNECT; a failure is reported on the
-    /// first request (as a 401 body the SDKs surface) rather than as a refused CONNACK. A check
-    /// that could not be made is a 503, and a source turned away a 429: the SDKs retry both.
+    /// The device's authentication result, first decided at CONNECT and again before each
+    /// request; a failure is reported on the request (as a 401 body the SDKs surface) rather
+    /// than as a refused CONNACK. A check that could not be made is a 503, and a source turned
+    /// away a 429: the SDKs retry both.
     auth: Result<DeviceAuth, DpsError>,
     /// The retry hint for `auth`'s error when it is not the usual one (a turned-away source is
     /// told when its backoff ends).
     auth_retry_after: Option<u32>,
     registration_id: String,
+    /// What the device authenticated with, checked again before each request (see
+    /// [`Session::authenticated`]).
+    credentials: Credentials,
     next_packet_id: u16,
     failed_requests: u32,
     limits: Arc<Limits>,
     /// When a session that failed to authenticate is closed, whatever it sends: it may not stay
     /// open on PINGREQs, holding a connection it has no right to.
     close_at: Option<tokio::time::Instant>,
+}
+
+/// A DPS CONNECT's credentials and origin.
+struct Credentials {
+    id_scope: String,
+    password: Option<String>,
+    peer: Option<CertificateChain>,
+    source: Option<IpAddr>,
 }
 
 // What a session starts from: the connection, its CONNECT, who (username, certificate chain,
@@ -109,6 +121,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         auth,
         auth_retry_after,
         registration_id: user.registration_id,
+        credentials: Credentials { id_scope: user.id_scope, password: password.map(str::to_owned), peer, source },
         next_packet_id: 0,
         failed_requests: 0,
         limits,
@@ -249,10 +262,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         (status, self.auth_retry_after.or(retry_after), body)
     }
 
+    /// The device's authentication for a request. Checked again each time, as DPS over HTTPS
+    /// checks every request: a token's expiry is the signer's choice, so what ends a session
+    /// opened with a withdrawn key or certificate (group keys replaced, enrollment deleted or
+    /// given other credentials) is this check. A CONNECT refused or turned away stays so; one
+    /// the store could not check is checked again.
+    async fn authenticated(&mut self) -> Result<DeviceAuth, (u16, Option<u32>, Value)> {
+        if let Err(e) = &self.auth {
+            if e.status() != 503 {
+                return Err(self.auth_error(e));
+            }
+        }
+        let c = &self.credentials;
+        let checked = self
+            .dps
+            .authenticate(&c.id_scope, &self.registration_id, c.password.as_deref(), c.peer.as_ref(), c.source)
+            .await;
+        match checked {
+            Ok(a) => {
+                self.auth = Ok(a.clone());
+                Ok(a)
+            }
+            Err(e) => {
+                let answer = error(&e);
+                if e.status() != 503 {
+                    // Withdrawn: every later request of this connection is refused without a check.
+                    self.auth = Err(e);
+                }
+                Err(answer)
+            }
+        }
+    }
+
     async fn register(&mut self, payload: &Bytes) -> (u16, Option<u32>, Value) {
-        let auth = match &self.auth {
-            Ok(a) => a.clone(),
-            Err(e) => return self.auth_error(e),
+        let auth = match self.authenticated().await {
+            Ok(a) => a,
+            Err(answer) => return answer,
         };
         let payload = match register_payload(payload) {
             Ok(p) => p,
@@ -262,9 +307,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn operation_status(&mut self, operation_id: &str) -> (u16, Option<u32>, Value) {
-        let auth = match &self.auth {
-            Ok(a) => a.clone(),
-            Err(e) => return self.auth_error(e),
+        let auth = match self.authenticated().await {
+            Ok(a) => a,
+            Err(answer) => return answer,
         };
         answered(answer::operation_status(&self.dps, &auth, operation_id).await)
     }

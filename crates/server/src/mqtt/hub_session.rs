@@ -106,12 +106,8 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(None);
     }
     // A source that failed authentication too often is told to come back later, unchecked
-    // (CONNACK 3: every SDK retries it), before it costs a store read or the hub's quota.
+    // (CONNACK 3: every SDK retries it), before it costs a store read.
     if hub.audit().admit(source).is_err() {
-        conn.write_packet(refuse(ConnectReturnCode::ServiceUnavailable)).await?;
-        return Ok(None);
-    }
-    if !hub.admit_connect(&user.host_name) {
         conn.write_packet(refuse(ConnectReturnCode::ServiceUnavailable)).await?;
         return Ok(None);
     }
@@ -139,6 +135,14 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(None);
         }
     };
+    // The hub's connect quota is spent by authenticated devices only, under the hub's own name:
+    // taken before authentication, a stranger's refused CONNECTs (a handful of addresses under
+    // the per-source limit) kept the quota empty for every device of the hub, and each host name
+    // a CONNECT made up added a bucket that was never freed.
+    if !hub.admit_connect(&device.hub) {
+        conn.write_packet(refuse(ConnectReturnCode::ServiceUnavailable)).await?;
+        return Ok(None);
+    }
     conn.set_max_packet(hub.config().max_message_bytes + 16 * 1024);
     // CleanSession 0: the device's subscriptions outlive the connection (and a restart); the
     // SDKs count on that and do not subscribe again when they reconnect.
