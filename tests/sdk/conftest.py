@@ -254,6 +254,11 @@ class FleetgateServer:
             "--https-port", str(self.https_port),
             "--hostname", self.address,
             "--registration-response", self.registration_response,
+            # Every client of the suite connects from this one loopback address, and tests check
+            # that the log says why each refusal happened: record them all in full, as an
+            # operator would for a single source under investigation (the per-source summary
+            # is tested in crates/server/tests/faults.rs).
+            "--auth-failures-recorded", "100000",
             *self.extra_args,
         ]
         env = dict(os.environ, NO_COLOR="1")

@@ -81,13 +81,16 @@ impl Provisioning {
     /// counted per source address (see [`fleetgate_store::AuditLog::refused`]).
     fn audit_refusal(&self, source: Option<IpAddr>, registration_id: &str, why: &str) {
         use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
-        tracing::debug!(registration_id, reason = why, "device attestation refused");
-        self.audit.refused(
-            source,
-            AuditEntry::new(AuditCategory::DeviceOperations, "attest", registration_id, Outcome::Failure)
-                .reason(why)
-                .status(401),
-        );
+        let entry = AuditEntry::new(AuditCategory::DeviceOperations, "attest", registration_id, Outcome::Failure)
+            .reason(why)
+            .status(401);
+        // The line operators search for when a device cannot provision; as many as the audit
+        // trail records in full for the source (a flood is one summary, not a line each).
+        if self.audit.refused(source, entry) {
+            tracing::info!(registration_id, reason = why, "device attestation refused");
+        } else {
+            tracing::debug!(registration_id, reason = why, "device attestation refused");
+        }
     }
 
     /// Checks a device's SAS token for `{idScope}/registrations/{registrationId}`: against the

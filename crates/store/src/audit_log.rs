@@ -180,14 +180,21 @@ impl AuditLog {
     /// Records a refused authentication from `source`: the first from that source in a window in
     /// full (store and log), the others only counted until the window's summary. Without a
     /// source (an in-process caller) it is recorded in full.
-    pub fn refused(&self, source: Option<IpAddr>, entry: AuditEntry) {
-        let Some(ip) = source else { return self.record(entry) };
+    ///
+    /// Returns whether it was recorded in full, so a caller may log its own line about it under
+    /// the same per-source bound.
+    pub fn refused(&self, source: Option<IpAddr>, entry: AuditEntry) -> bool {
+        let Some(ip) = source else {
+            self.record(entry);
+            return true;
+        };
         let now = self.now();
         let decision = self.tracker().refused(ip, entry.category, now);
         fleetgate_metrics::METRICS.auth_refused();
         if decision == Record::Full {
             self.record(entry.source(ip));
         }
+        decision == Record::Full
     }
 
     /// Records the summaries of the windows that have closed.
