@@ -154,16 +154,42 @@ async fn authorized_metrics(
 
 /// The plain-HTTP `/metrics` listener (`--metrics-listen`): no TLS and no credentials, for a
 /// Prometheus on a private network. Nothing else is served on it.
-pub async fn serve_metrics(listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+/// The plain-HTTP `/metrics` listener (`--metrics-listen`): no credentials, so it takes the same
+/// connection gate (the process's cap and the per-source cap) and the same header, idle and write
+/// timeouts as the device ports — a slow client cannot hold descriptors the devices need.
+pub(crate) async fn serve_metrics(
+    listener: TcpListener,
+    limits: Arc<Limits>,
+    gate: Arc<crate::listener::Gate>,
+    shutdown: watch::Receiver<bool>,
+) {
     let app = Router::new()
         .route("/metrics", axum::routing::get(|| async { metrics_text() }))
         .fallback(|| async { http::StatusCode::NOT_FOUND });
-    let stop = async move {
-        let _ = shutdown.changed().await;
-    };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
-        tracing::warn!(error = %e, "metrics listener failed");
-    }
+    crate::listener::accept_loop(listener, "metrics", gate, shutdown.clone(), move |tcp, peer, _permit| {
+        let (app, limits, mut stop) = (app.clone(), limits.clone(), shutdown.clone());
+        async move {
+            let tcp = crate::write_deadline::WriteDeadline::new(tcp, limits.write_timeout);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.http_header_timeout)
+                .max_buf_size(16 * 1024);
+            let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app));
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "metrics connection error");
+            }
+        }
+    })
+    .await;
 }
 
 #[allow(clippy::too_many_arguments)]

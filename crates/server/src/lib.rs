@@ -213,7 +213,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         rx.clone(),
     ))];
     if let Some(listener) = metrics_listener {
-        tasks.push(tokio::spawn(https::serve_metrics(listener, rx.clone())));
+        tasks.push(tokio::spawn(https::serve_metrics(listener, limits.clone(), gate.clone(), rx.clone())));
     }
     tasks.push(tokio::spawn(https::serve(
         https_listener,

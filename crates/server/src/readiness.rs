@@ -40,10 +40,12 @@ impl Readiness {
         tokio::spawn(async move {
             loop {
                 let Some(me) = weak.upgrade() else { return };
-                let found = me.store.integrity_check().await.map_err(|e| e.to_string());
-                if let Err(e) = &found {
+                // The answer to `/readyz` names the check, not the store's own words (file names,
+                // pages): those are for the operator's log, not for whoever asks.
+                let found = me.store.integrity_check().await.map_err(|e| {
                     tracing::error!(error = %e, "the registry failed its integrity check; not ready");
-                }
+                    "the registry failed its integrity check (see the log)".to_owned()
+                });
                 *me.integrity.lock().unwrap_or_else(|p| p.into_inner()) = found;
                 drop(me);
                 tokio::select! {
@@ -80,9 +82,15 @@ impl Readiness {
             match self.store.setting("id_scope").await {
                 Ok(Some(_)) => {}
                 Ok(None) => return Err("the instance has no ID scope".to_owned()),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry read failed");
+                    return Err("the registry cannot be read (see the log)".to_owned());
+                }
             }
-            self.store.write_probe().await.map_err(|e| e.to_string())
+            self.store.write_probe().await.map_err(|e| {
+                tracing::warn!(error = %e, "registry write failed");
+                "the registry cannot be written (see the log)".to_owned()
+            })
         };
         tokio::time::timeout(PROBE_TIMEOUT, checks)
             .await

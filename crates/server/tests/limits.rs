@@ -80,6 +80,24 @@ async fn a_silent_https_connection_is_closed() {
     assert!(got.is_empty() || status_line(&got).starts_with("HTTP/1.1 408"), "{}", String::from_utf8_lossy(&got));
 }
 
+/// The plain-HTTP metrics listener needs no credentials, so it keeps the device ports' timeouts:
+/// a connection that sends nothing, or nothing more after its answer, is closed.
+#[tokio::test]
+async fn the_metrics_listener_closes_silent_and_idle_connections() {
+    let s = TestServer::start_with(|c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.limits.http_header_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let addr = s.running().metrics_addr.unwrap();
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    read_until_closed(&mut silent).await.expect("a silent connection is closed");
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let got = read_until_closed(&mut idle).await.expect("an idle keep-alive connection is closed");
+    assert_eq!(status_line(&got), "HTTP/1.1 200 OK");
+}
+
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed() {
     let s = TestServer::start_with(|c| c.limits.http_header_timeout = Duration::from_millis(500)).await;

@@ -240,6 +240,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             out = &mut outbound => {
+                // Nor is anything sent to it: a method call then fails at once with the
+                // connection, a C2D message stays queued for the next one.
+                if expires.is_some_and(|e| tokio::time::Instant::now() >= e) {
+                    tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "the device's credentials expired; closing");
+                    break Ok(());
+                }
                 outbound.set(handle.rx.recv());
                 match Box::pin(s.on_outbound(out)).await {
                     Ok(true) => {}
