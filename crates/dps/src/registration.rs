@@ -86,7 +86,7 @@ impl Provisioning {
             .status(401);
         // The line operators search for when a device cannot provision; as many as the audit
         // trail records in full for the source (a flood is one summary, not a line each).
-        if self.audit.refused(source, entry) {
+        if self.audit.refused(source, entry) && fleetgate_store::refusal_line_allowed() {
             tracing::info!(registration_id, reason = why, "device attestation refused");
         } else {
             tracing::debug!(registration_id, reason = why, "device attestation refused");

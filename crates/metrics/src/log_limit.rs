@@ -17,6 +17,8 @@ static STARTED: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 /// One call site's allowance (a `static` made by [`log_limited!`](crate::log_limited)).
 pub struct Limiter {
+    /// Lines allowed a minute.
+    per_minute: u32,
     /// The minute (since the process started) the count is for.
     minute: AtomicU64,
     in_minute: AtomicU32,
@@ -31,7 +33,13 @@ impl Default for Limiter {
 
 impl Limiter {
     pub const fn new() -> Self {
-        Self { minute: AtomicU64::new(0), in_minute: AtomicU32::new(0), suppressed: AtomicU64::new(0) }
+        Self::per_minute(LINES_PER_MINUTE)
+    }
+
+    /// A limiter for lines that many sources share (each already bounded on its own), so the
+    /// total stays bounded too.
+    pub const fn per_minute(per_minute: u32) -> Self {
+        Self { per_minute, minute: AtomicU64::new(0), in_minute: AtomicU32::new(0), suppressed: AtomicU64::new(0) }
     }
 
     /// `Some(lines suppressed since the last one logged)` if this line may be logged now.
@@ -45,7 +53,7 @@ impl Limiter {
         if self.minute.swap(minute, Ordering::Relaxed) != minute {
             self.in_minute.store(0, Ordering::Relaxed);
         }
-        if self.in_minute.fetch_add(1, Ordering::Relaxed) < LINES_PER_MINUTE {
+        if self.in_minute.fetch_add(1, Ordering::Relaxed) < self.per_minute {
             Some(self.suppressed.swap(0, Ordering::Relaxed))
         } else {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
@@ -91,5 +99,7 @@ mod tests {
         assert_eq!(l.admit_at(6), Some(100));
         assert_eq!(l.admit_at(6), Some(0));
         crate::info_limited!(reason = "a test", "the macro expands");
+        let wide = Limiter::per_minute(3);
+        assert_eq!((0..5).filter(|_| wide.admit_at(1).is_some()).count(), 3);
     }
 }

@@ -21,6 +21,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::Store;
 
 const QUEUE: usize = 16_384;
+
+/// Failure entries mirrored to the log a minute, all sources together.
+pub const FAILURE_LINES_PER_MINUTE: u32 = 600;
+static FAILURE_LINES: fleetgate_metrics::log_limit::Limiter =
+    fleetgate_metrics::log_limit::Limiter::per_minute(FAILURE_LINES_PER_MINUTE);
 const MAX_BATCH: usize = 1024;
 
 /// How long the audit trail is kept and how large it may grow; how refusals are counted.
@@ -129,7 +134,14 @@ impl AuditLog {
     /// at `warn`, so nothing is lost from both.
     pub fn record(&self, entry: AuditEntry) {
         if entry.outcome == Outcome::Failure {
-            mirror!(tracing::Level::INFO, &entry);
+            // Each source's refusals are bounded by the per-source counting; many sources (a
+            // botnet, an IPv6 range) are bounded here: the store keeps every entry recorded.
+            if let Some(suppressed) = FAILURE_LINES.admit() {
+                if suppressed > 0 {
+                    tracing::warn!(target: "audit", suppressed, "failure lines suppressed (the audit trail has them)");
+                }
+                mirror!(tracing::Level::INFO, &entry);
+            }
         } else {
             mirror!(tracing::Level::DEBUG, &entry);
         }
@@ -182,7 +194,7 @@ impl AuditLog {
     /// source (an in-process caller) it is recorded in full.
     ///
     /// Returns whether it was recorded in full, so a caller may log its own line about it under
-    /// the same per-source bound.
+    /// the same per-source bound (and [`refusal_line_allowed`] for the bound across sources).
     pub fn refused(&self, source: Option<IpAddr>, entry: AuditEntry) -> bool {
         let Some(ip) = source else {
             self.record(entry);
@@ -205,6 +217,14 @@ impl AuditLog {
             self.record(summary_entry(&s));
         }
     }
+}
+
+/// Whether a caller's own line about a refusal it recorded in full may be logged now: at most
+/// [`FAILURE_LINES_PER_MINUTE`] a minute across all sources, like the audit mirror's.
+pub fn refusal_line_allowed() -> bool {
+    static LINES: fleetgate_metrics::log_limit::Limiter =
+        fleetgate_metrics::log_limit::Limiter::per_minute(FAILURE_LINES_PER_MINUTE);
+    LINES.admit().is_some()
 }
 
 /// "N more refusals from X" for a closed window.
