@@ -136,35 +136,56 @@ pub fn route_access<'t>(table: &'t [RouteAccess], method: &Method, matched: Opti
     table.iter().find(|a| a.route == matched && a.method == method.as_str())
 }
 
-/// Literal path segments matched case-insensitively: SDKs disagree on their case
-/// (`enrollmentGroups` vs `enrollmentgroups`). Routes are declared in lower case.
-const LITERAL_SEGMENTS: &[&str] = &[
-    "enrollmentgroups",
-    "enrollments",
-    "registrations",
-    "query",
-    "attestationmechanism",
-    "devices",
-    "twins",
-    "methods",
-    "messages",
-    "devicebound",
-    "events",
-];
-
-/// Folds the known literal segments of `path` to lower case; ids are left as sent.
+/// Folds the literal words of the routes to lower case where a route has them, leaving ids as
+/// sent: SDKs disagree on the words' case (`enrollmentGroups` vs `enrollmentgroups`), routes are
+/// declared in lower case, and ids are case-sensitive data — a device whose registration id is
+/// `Events` or a device named `Query` keeps its id (its key is derived from it).
+///
+/// A word is folded only in a position where some route has it, after the words before it:
+/// `/{enrollmentgroups|enrollments}/query`, `/{enrollmentgroups|enrollments}/{id}/attestationmechanism`,
+/// `/registrations/{id}/query`, `/devices/{id}/messages/devicebound`, `/twins/{id}/methods`,
+/// `/messages/events`, and the device API's `/{scope}/registrations/...`.
 pub fn canonical_path(path: &str) -> String {
-    path.split('/')
-        .map(|seg| {
-            let lower = seg.to_ascii_lowercase();
-            if LITERAL_SEGMENTS.contains(&lower.as_str()) {
-                lower
-            } else {
-                seg.to_owned()
+    const FIRST: &[&str] = &["enrollmentgroups", "enrollments", "registrations", "devices", "twins", "messages"];
+    let mut segs: Vec<String> = path.split('/').map(str::to_owned).collect();
+    let lower = |s: &str| s.to_ascii_lowercase();
+    // segs[0] is the empty string before the leading '/'.
+    let first = segs.get(1).map(|s| lower(s)).filter(|s| FIRST.contains(&s.as_str()));
+    let fold = |segs: &mut Vec<String>, i: usize, words: &[&str]| {
+        if let Some(s) = segs.get_mut(i) {
+            let l = lower(s);
+            if words.contains(&l.as_str()) {
+                *s = l;
             }
-        })
-        .collect::<Vec<_>>()
-        .join("/")
+        }
+    };
+    match first.as_deref() {
+        Some(f) => {
+            segs[1] = f.to_owned();
+            match f {
+                "enrollmentgroups" | "enrollments" => {
+                    // `/enrollments/query` is the query route; `/enrollments/{id}/...` otherwise.
+                    fold(&mut segs, 2, &["query"]);
+                    if segs.len() > 3 {
+                        fold(&mut segs, 3, &["attestationmechanism"]);
+                    }
+                }
+                "registrations" => fold(&mut segs, 3, &["query"]),
+                "devices" => {
+                    fold(&mut segs, 3, &["messages"]);
+                    if segs.get(3).is_some_and(|s| s == "messages") {
+                        fold(&mut segs, 4, &["devicebound"]);
+                    }
+                }
+                "twins" => fold(&mut segs, 3, &["methods"]),
+                "messages" => fold(&mut segs, 2, &["events"]),
+                _ => {}
+            }
+        }
+        // The device API: `/{scope}/registrations/{registrationId}/...`.
+        None => fold(&mut segs, 2, &["registrations"]),
+    }
+    segs.join("/")
 }
 
 /// Whether a service token whose decoded `sr` is `resource` covers a request for `path` (the
@@ -267,6 +288,31 @@ mod tests {
         assert_eq!(canonical_path("/EnrollmentGroups/query"), "/enrollmentgroups/query");
         assert_eq!(canonical_path("/registrations/Dev-1/Query"), "/registrations/Dev-1/query");
         assert_eq!(canonical_path("/devices/Dev-1/messages/deviceBound"), "/devices/Dev-1/messages/devicebound");
+        assert_eq!(canonical_path("/Twins/Dev-1/Methods"), "/twins/Dev-1/methods");
+        assert_eq!(canonical_path("/Messages/Events"), "/messages/events");
+        assert_eq!(canonical_path("/Enrollments/G/AttestationMechanism"), "/enrollments/G/attestationmechanism");
+        assert_eq!(
+            canonical_path("/0ne00000001/Registrations/Dev-1/register"),
+            "/0ne00000001/registrations/Dev-1/register"
+        );
+    }
+
+    /// Ids that spell a route word keep their case: they are data (a device key is derived from
+    /// the registration id as sent).
+    #[test]
+    fn ids_that_spell_route_words_keep_their_case() {
+        assert_eq!(
+            canonical_path("/0ne00000001/registrations/Events/register"),
+            "/0ne00000001/registrations/Events/register"
+        );
+        assert_eq!(canonical_path("/0ne00000001/registrations/Query"), "/0ne00000001/registrations/Query");
+        assert_eq!(canonical_path("/devices/Query"), "/devices/Query");
+        assert_eq!(canonical_path("/devices/Twins/messages/DeviceBound"), "/devices/Twins/messages/devicebound");
+        assert_eq!(canonical_path("/enrollmentGroups/Devices"), "/enrollmentgroups/Devices");
+        assert_eq!(canonical_path("/twins/Methods"), "/twins/Methods");
+        assert_eq!(canonical_path("/registrations/Events/Query"), "/registrations/Events/query");
+        // The query routes are still folded: `Query` there is the route, as before.
+        assert_eq!(canonical_path("/EnrollmentGroups/Query"), "/enrollmentgroups/query");
     }
 
     #[test]

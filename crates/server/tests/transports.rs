@@ -490,3 +490,23 @@ async fn a_websocket_that_sends_no_connect_is_dropped_after_the_handshake_deadli
     m.ws.send(Message::text("hello")).await.unwrap();
     assert!(m.recv().await.is_none());
 }
+
+/// A registration id that spells a route word (`Events`, `Query`) keeps its case over HTTPS: its
+/// key is derived from the id as sent, and folding it to lower case refused the device for good.
+#[tokio::test]
+async fn https_register_keeps_ids_that_spell_route_words() {
+    let s = TestServer::start().await;
+    let (group_key, _) = s.create_group("grp-words", json!({})).await;
+    for id in ["Events", "Query", "Devices"] {
+        let key = group_key.derive_device_key(id);
+        let path = format!("/{}/registrations/{id}/register?{API}", s.scope());
+        let resp = c_request(&s, reqwest::Method::PUT, &path, &c_token(&key, &s.scope(), id))
+            .body(format!(r#"{{"registrationId":"{id}"}}"#))
+            .send()
+            .await
+            .unwrap();
+        let (status, _, body) = json_of(resp).await;
+        assert_eq!(status, 200, "{id}: {body}");
+        assert_eq!(body["registrationState"]["deviceId"], id);
+    }
+}
