@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
+echo "== cargo clippy (every target, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
 echo "== cargo test (unit, protocol, CLI)"
 cargo test --workspace --locked
 

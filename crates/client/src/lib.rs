@@ -1,5 +1,6 @@
 //! Clients of Fleetgate: the DPS and hub service API clients the CLI uses, and the Rust device
 //! client (provisioning and hub) the simulator and benchmarks use.
+#![forbid(unsafe_code)]
 
 pub mod connection_string;
 pub mod device;

@@ -2,6 +2,7 @@
 //!
 //! Nothing here performs I/O or knows about a wire protocol; the store, the protocol front ends
 //! and the CLI all call into this crate, never the other way round.
+#![forbid(unsafe_code)]
 
 pub mod allocation;
 pub mod attestation;

@@ -1,6 +1,7 @@
 //! The provisioning service: authenticating devices, deciding and recording assignments, and
 //! the DPS service REST API. Protocol front ends (MQTT here, HTTPS later) translate wire
 //! messages into calls on [`Provisioning`] and its answers back into wire messages.
+#![forbid(unsafe_code)]
 
 pub mod answer;
 mod cache;

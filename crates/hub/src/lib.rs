@@ -2,6 +2,7 @@
 //! per-device topic rules, durable telemetry, twins, direct methods and cloud-to-device
 //! messages, plus the hub service REST API. The MQTT session in `fleetgate-server` translates
 //! packets into calls on [`Hub`]; nothing here touches a socket.
+#![forbid(unsafe_code)]
 
 pub mod hub;
 pub mod mqtt;

@@ -2,6 +2,7 @@
 //!
 //! One process-wide set, so that any layer can count what it does without threading a handle
 //! through every constructor; the names follow Prometheus conventions.
+#![forbid(unsafe_code)]
 
 pub mod log_limit;
 

@@ -1,5 +1,6 @@
 //! What the DPS and hub service APIs share, so each concept has one home: Azure's error
 //! response, JSON responses with the content type SDKs check, body limits and paging headers.
+#![forbid(unsafe_code)]
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

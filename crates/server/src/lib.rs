@@ -3,6 +3,7 @@
 //!
 //! Dependency direction: listeners → protocol sessions → [`fleetgate_dps::Provisioning`] →
 //! store. Nothing here decides a DPS outcome; it only translates.
+#![forbid(unsafe_code)]
 
 pub mod cert_reload;
 pub mod config;

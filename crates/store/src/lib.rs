@@ -4,6 +4,7 @@
 //! append-only segment log beside it ([`EventLog`]). Every method that
 //! changes more than one thing does so in a single transaction: a registration record and the
 //! device identity it creates are committed together or not at all.
+#![forbid(unsafe_code)]
 
 mod audit_log;
 pub mod disk;
