@@ -1,5 +1,6 @@
 //! The provisioning service: authenticating devices, deciding and recording assignments, and
-//! the DPS service REST API. Protocol front ends (MQTT here, HTTPS later) translate wire
+//! the DPS service REST API. Protocol front ends (MQTT and HTTPS in `server`, and this crate's
+//! `device_api` router) translate wire
 //! messages into calls on [`Provisioning`] and its answers back into wire messages.
 #![forbid(unsafe_code)]
 
