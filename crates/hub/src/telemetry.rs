@@ -2,9 +2,8 @@
 //!
 //! Sessions hand each message to a single writer task and wait for its position; the writer
 //! takes everything queued (up to a batch), appends it to the event log with one write and one
-//! `fdatasync` (see `store::event_log`), then answers
-//! every waiter. A device's PUBACK is sent only after that answer, so nothing acknowledged can be
-//! lost. Readers (monitor-events) are woken through a broadcast and read from the store by
+//! `fdatasync` (see `store::event_log`), then answers every waiter. A device's PUBACK is sent only
+//! after that answer, so nothing acknowledged can be lost. Readers (monitor-events) are woken through a broadcast and read from the store by
 //! position, so a slow reader never loses events and never slows the writers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
