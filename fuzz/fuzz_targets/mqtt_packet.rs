@@ -104,6 +104,8 @@ fn parse_connection(data: &[u8], chunk: usize) -> (Vec<Packet>, End) {
             Err(ConnectionError::TruncatedPacket) => return (packets, End::Truncated),
             Err(ConnectionError::Protocol(e)) => return (packets, End::Protocol(format!("{e:?}"))),
             Err(ConnectionError::Io(e)) => panic!("in-memory stream failed: {e}"),
+            // This connection has no shared budget and no packet deadline.
+            Err(e @ (ConnectionError::OverBudget | ConnectionError::SlowPacket)) => panic!("unexpected limit: {e}"),
         }
     }
 }

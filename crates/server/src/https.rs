@@ -1,6 +1,8 @@
 //! The HTTPS listener (port 443): the DPS and hub service REST APIs, DPS over HTTPS for devices,
 //! and MQTT over WebSockets (see [`crate::websocket`]), routed by path on one TLS port.
 
+/// The path folding the HTTPS front end applies before routing (here for the fuzz target).
+pub use fleetgate_rest::canonical_path;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
