@@ -7,7 +7,12 @@
 //! DIR/instance.json    what a user copies from the portal's Overview page (0600: has keys)
 //! DIR/telemetry.db     SQLite: the audit trail
 //! DIR/events/          the telemetry log (see fleetgate_store::event_log)
+//! DIR/fleetgate.lock    held (advisory lock) by the server using the directory; names its pid
 //! ```
+//!
+//! One server at a time: a second `serve` on a directory in use is refused before it changes
+//! anything (it would otherwise reissue `server.pem` for its own host names, and the running
+//! server would reload that certificate).
 //!
 //! Every file is owner-only (0600) and every directory 0700: the databases and keys are
 //! secrets, and nothing in the directory is for another user.
@@ -31,6 +36,7 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 
 use crate::config::ServerConfig;
+pub use crate::dir_lock::DirLock;
 
 /// The name of the DPS shared access policy with every right, as in Azure.
 pub const DPS_OWNER_POLICY: &str = "provisioningserviceowner";
@@ -57,6 +63,21 @@ pub enum DataDirError {
          whole data directory away."
     )]
     Damaged { dir: PathBuf, file: PathBuf, problem: String },
+    /// Another process holds the data directory's lock.
+    #[error(
+        "data directory {dir} is in use by {holder}: one server at a time. Stop it first, or give \
+         this server its own --data-dir"
+    )]
+    InUse { dir: PathBuf, holder: String },
+    /// A hub name asked for on a later start that is not one of the instance's hubs.
+    #[error(
+        "--hub-hostname {wanted}: this data directory's hub is named {existing} (linked hubs: {all}). A \
+         hub is named when it is created: devices provisioned here were told assignedHub {existing} \
+         and connect to it by that name. Start with --hub-hostname {existing} (or without \
+         --hub-hostname) to keep it, and list that name in --hostname so the certificate covers \
+         it; to add {wanted} as another hub, run `fleetgate linked-hub create --hostname {wanted}`"
+    )]
+    HubName { wanted: String, existing: String, all: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
@@ -106,6 +127,8 @@ pub struct DataDir {
     pub store: Arc<SqliteStore>,
     pub id_scope: IdScope,
     hostnames: Vec<String>,
+    /// The directory's lock, held for as long as the server runs.
+    pub lock: DirLock,
 }
 
 /// Writes a file readable by its owner only (every file in the data directory is), replacing
@@ -249,6 +272,8 @@ impl DataDir {
         std::fs::create_dir_all(&path).map_err(io(&path))?;
         let path = std::fs::canonicalize(&path).map_err(io(&path))?;
         fleetgate_store::disk::create_private_dir(&path).map_err(io(&path))?;
+        // Before anything is read or written: a second server would change what the first uses.
+        let lock = DirLock::acquire(&path, "fleetgate serve")?;
         // Before anything is opened: opening would create what is missing.
         if path.join("instance.json").exists() {
             check_initialized(&path)?;
@@ -279,13 +304,30 @@ impl DataDir {
             }
             store.set_policies(DPS_POLICIES, &policies).await?;
         }
-        if store.hubs().await?.is_empty() {
-            store.add_hub(&LinkedHub::new(config.hub_hostname.clone(), SymmetricKey::generate().to_base64())).await?;
+        let hubs = store.hubs().await?;
+        if hubs.is_empty() {
+            store.add_hub(&LinkedHub::new(config.hub_name(), SymmetricKey::generate().to_base64())).await?;
+        } else if let Some(wanted) = &config.hub_hostname {
+            // A hub is never renamed here: devices were told its name as their assignedHub.
+            if !hubs.iter().any(|h| h.host_name.eq_ignore_ascii_case(wanted)) {
+                return Err(DataDirError::HubName {
+                    wanted: wanted.clone(),
+                    existing: hubs[0].host_name.clone(),
+                    all: hubs.iter().map(|h| h.host_name.as_str()).collect::<Vec<_>>().join(", "),
+                });
+            }
         }
-        for hub in store.hubs().await? {
-            ensure_hub_policies(store.as_ref(), &hub).await?;
+        let hubs = store.hubs().await?;
+        for hub in &hubs {
+            ensure_hub_policies(store.as_ref(), hub).await?;
         }
-        let dir = Self { path, store, id_scope, hostnames: config.hostnames.clone() };
+        if config.tls_cert.is_none() {
+            for name in hubs_outside_certificate(&hubs, &config.hostnames) {
+                tracing::warn!(hub = %name, hostnames = %config.hostnames.join(","),
+                    "hub {name} is not a name in the server certificate: devices assigned to it fail TLS when they connect to it. Add --hostname {name} (with the names already given)");
+            }
+        }
+        let dir = Self { path, store, id_scope, hostnames: config.hostnames.clone(), lock };
         dir.ensure_certificates().await?;
         tighten_modes(&dir.path)?;
         Ok(dir)
@@ -408,6 +450,15 @@ fn event_log_options(config: &ServerConfig, dir: &Path) -> Result<EventLogOption
     })
 }
 
+/// The hubs whose names the certificate for `hostnames` does not carry: devices are sent to a
+/// hub by its name (`assignedHub`), and fail TLS there.
+pub fn hubs_outside_certificate(hubs: &[LinkedHub], hostnames: &[String]) -> Vec<String> {
+    hubs.iter()
+        .filter(|h| !hostnames.iter().any(|n| n.eq_ignore_ascii_case(&h.host_name)))
+        .map(|h| h.host_name.clone())
+        .collect()
+}
+
 /// The policy owner key of the DPS instance's policies in the store.
 pub const DPS_POLICIES: &str = "dps";
 
@@ -514,6 +565,7 @@ pub async fn renew_policy_key(
     which: KeyKind,
 ) -> Result<AccessPolicy, DataDirError> {
     Instance::read(data_dir)?;
+    let _lock = DirLock::for_offline_change(data_dir, "fleetgate policy renew-key")?;
     let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
     let owner = hub.map(hub_policies).unwrap_or_else(|| DPS_POLICIES.to_owned());
     let mut policies = store.policies(&owner).await?;
@@ -543,6 +595,7 @@ pub async fn add_hub(data_dir: &Path, host_name: &str) -> Result<InstanceHub, Da
         return Err(DataDirError::Corrupt(format!("'{host_name}' is not a valid host name")));
     }
     Instance::read(data_dir)?;
+    let _lock = DirLock::for_offline_change(data_dir, "fleetgate linked-hub create")?;
     let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
     if store.hubs().await?.iter().any(|h| h.host_name.eq_ignore_ascii_case(host_name)) {
         return Err(DataDirError::Corrupt(format!("hub '{host_name}' already exists")));
@@ -557,6 +610,36 @@ pub async fn add_hub(data_dir: &Path, host_name: &str) -> Result<InstanceHub, Da
         .into_iter()
         .find(|h| h.host_name.eq_ignore_ascii_case(host_name))
         .ok_or_else(|| DataDirError::Corrupt("the new hub is missing from instance.json".into()))
+}
+
+/// Unlinks a hub from the instance in `data_dir` (CLI `fleetgate linked-hub delete`): only one
+/// without device identities, and never the last; `instance.json` follows. A running server
+/// stops serving it at once.
+pub async fn remove_hub(data_dir: &Path, host_name: &str) -> Result<(), DataDirError> {
+    use fleetgate_store::HubRemoval;
+    Instance::read(data_dir)?;
+    let _lock = DirLock::for_offline_change(data_dir, "fleetgate linked-hub delete")?;
+    let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
+    let refused = |why: String| Err(DataDirError::Corrupt(why));
+    match store.remove_hub(host_name).await? {
+        HubRemoval::Removed => {}
+        HubRemoval::NoSuchHub => return refused(format!("no linked hub named '{host_name}'")),
+        HubRemoval::LastHub => {
+            return refused(format!(
+                "'{host_name}' is the instance's only hub; link the one to keep first (`fleetgate linked-hub create`)"
+            ))
+        }
+        HubRemoval::HasDevices(n) => {
+            return refused(format!(
+                "hub '{host_name}' has {n} device identities; delete them first (`fleetgate hub device-identity \
+                 delete --hub-name {host_name}`) and provision the devices again, so DPS assigns them another hub"
+            ))
+        }
+    }
+    rewrite_instance(data_dir, &store).await?;
+    checkpoint_offline_change(&store).await;
+    tracing::info!(hub = %host_name, "hub unlinked");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -21,12 +21,15 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETGATE_HTTPS_PORT", default_value_t = 443)]
     https_port: u16,
     /// Host name or IP the server certificate covers; repeatable. The first is the global
-    /// device endpoint. Default: localhost, 127.0.0.1, ::1.
+    /// device endpoint and the name of the hub made on first start. Default: localhost,
+    /// 127.0.0.1, ::1.
     #[arg(long = "hostname", env = "FLEETGATE_HOSTNAMES", value_delimiter = ',')]
     hostnames: Vec<String>,
-    /// Host name of the hub created on first start.
-    #[arg(long, env = "FLEETGATE_HUB_HOSTNAME", default_value = "localhost")]
-    hub_hostname: String,
+    /// Host name of the hub created on first start (default: the first --hostname). Devices are
+    /// told it as their assigned hub and dial it, so list it in --hostname too. A hub keeps its
+    /// name: on a later start, a name that is not one of the instance's hubs is refused.
+    #[arg(long, env = "FLEETGATE_HUB_HOSTNAME")]
+    hub_hostname: Option<String>,
     /// How register requests are answered: `immediate` (final 200 at once) or `polling`
     /// (202, then the device polls the operation status).
     #[arg(long, default_value = "immediate", value_parser = ["immediate", "polling"])]
