@@ -37,6 +37,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ServerConfig;
 pub use crate::dir_lock::DirLock;
+pub use crate::offline_changes::{
+    add_hub, checkpoint_offline_change, list_policies, remove_hub, renew_policy_key, KeyKind,
+};
 
 /// The name of the DPS shared access policy with every right, as in Azure.
 pub const DPS_OWNER_POLICY: &str = "provisioningserviceowner";
@@ -468,7 +471,7 @@ pub fn hub_policies(host_name: &str) -> String {
 }
 
 /// Gives a hub Azure's default policies once; `iothubowner` keeps the key the hub was created with.
-async fn ensure_hub_policies(store: &dyn Store, hub: &LinkedHub) -> Result<(), DataDirError> {
+pub(crate) async fn ensure_hub_policies(store: &dyn Store, hub: &LinkedHub) -> Result<(), DataDirError> {
     if store.policies(&hub_policies(&hub.host_name)).await?.is_empty() {
         let mut policies = default_hub_policies();
         policies[0].primary_key = hub.owner_key.clone();
@@ -487,7 +490,7 @@ fn owner_key(policies: &[AccessPolicy], name: &str) -> Result<String, DataDirErr
 
 /// Writes `instance.json` from the store: connection strings carry the owner policies' primary
 /// keys and the HTTPS port when it is not 443.
-async fn write_instance(
+pub(crate) async fn write_instance(
     dir: &Path,
     store: &dyn Store,
     id_scope: &str,
@@ -521,130 +524,18 @@ async fn write_instance(
     Ok(instance)
 }
 
-/// `instance.json` rewritten after a change made outside a running server (a new hub, a renewed
-/// key), keeping the endpoint and HTTPS port it was last started with.
-async fn rewrite_instance(data_dir: &Path, store: &dyn Store) -> Result<Instance, DataDirError> {
-    let instance = Instance::read(data_dir)?;
-    let host = instance.service_connection_string.split(';').find_map(|p| p.strip_prefix("HostName=")).unwrap_or("");
-    let port = host.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(443);
-    write_instance(data_dir, store, &instance.id_scope, &instance.global_device_endpoint, port).await
-}
-
-/// After a change made from the command line: copies it into `fleetgate.db` itself, as a
-/// stopping server does, since the command exits without waiting for SQLite to (a backup of the
-/// `.db` alone would miss it). The change is committed either way: a checkpoint that a running
-/// server's reader kept from finishing leaves it in the `-wal`, where that server's own stop
-/// checkpoints it.
-pub async fn checkpoint_offline_change(store: &SqliteStore) {
-    if let Err(e) = store.checkpoint().await {
-        tracing::warn!(error = %e, "the change is committed but still in the -wal until the server stops");
-    }
-}
-
-/// Which of a policy's keys to renew.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyKind {
-    Primary,
-    Secondary,
-}
-
-/// The policies of the DPS instance (`hub: None`) or of a hub, from the data directory.
-pub async fn list_policies(data_dir: &Path, hub: Option<&str>) -> Result<Vec<AccessPolicy>, DataDirError> {
-    Instance::read(data_dir)?;
-    let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
-    let owner = hub.map(hub_policies).unwrap_or_else(|| DPS_POLICIES.to_owned());
-    Ok(store.policies(&owner).await?)
-}
-
-/// Replaces one key of a policy with a fresh one (`fleetgate policy renew-key`). Tokens signed
-/// with the old key stop working at once; `instance.json` follows.
-pub async fn renew_policy_key(
-    data_dir: &Path,
-    hub: Option<&str>,
-    name: &str,
-    which: KeyKind,
-) -> Result<AccessPolicy, DataDirError> {
-    Instance::read(data_dir)?;
-    let _lock = DirLock::for_offline_change(data_dir, "fleetgate policy renew-key")?;
-    let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
-    let owner = hub.map(hub_policies).unwrap_or_else(|| DPS_POLICIES.to_owned());
-    let mut policies = store.policies(&owner).await?;
-    let policy = policies
-        .iter_mut()
-        .find(|p| p.key_name.eq_ignore_ascii_case(name))
-        .ok_or_else(|| DataDirError::Corrupt(format!("no policy named '{name}'")))?;
-    let fresh = SymmetricKey::generate().to_base64();
-    match which {
-        KeyKind::Primary => policy.primary_key = fresh,
-        KeyKind::Secondary => policy.secondary_key = fresh,
-    }
-    let renewed = policy.clone();
-    store.set_policies(&owner, &policies).await?;
-    rewrite_instance(data_dir, &store).await?;
-    checkpoint_offline_change(&store).await;
-    tracing::info!(policy = %renewed.key_name, ?which, "policy key renewed");
-    Ok(renewed)
-}
-
-/// Links a new hub to the instance in `data_dir` (CLI `fleetgate hub create`): stored with a
-/// fresh `iothubowner` key and listed in `instance.json`. A running server sees it at once (hubs
-/// are read from the store per request).
-pub async fn add_hub(data_dir: &Path, host_name: &str) -> Result<InstanceHub, DataDirError> {
-    let host_name = host_name.trim();
-    if host_name.is_empty() || host_name.contains(|c: char| c.is_whitespace() || c == '/' || c == ';') {
-        return Err(DataDirError::Corrupt(format!("'{host_name}' is not a valid host name")));
-    }
-    Instance::read(data_dir)?;
-    let _lock = DirLock::for_offline_change(data_dir, "fleetgate linked-hub create")?;
-    let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
-    if store.hubs().await?.iter().any(|h| h.host_name.eq_ignore_ascii_case(host_name)) {
-        return Err(DataDirError::Corrupt(format!("hub '{host_name}' already exists")));
-    }
-    let hub = LinkedHub::new(host_name, SymmetricKey::generate().to_base64());
-    store.add_hub(&hub).await?;
-    ensure_hub_policies(&store, &hub).await?;
-    let instance = rewrite_instance(data_dir, &store).await?;
-    checkpoint_offline_change(&store).await;
-    instance
-        .hubs
-        .into_iter()
-        .find(|h| h.host_name.eq_ignore_ascii_case(host_name))
-        .ok_or_else(|| DataDirError::Corrupt("the new hub is missing from instance.json".into()))
-}
-
-/// Unlinks a hub from the instance in `data_dir` (CLI `fleetgate linked-hub delete`): only one
-/// without device identities, and never the last; `instance.json` follows. A running server
-/// stops serving it at once.
-pub async fn remove_hub(data_dir: &Path, host_name: &str) -> Result<(), DataDirError> {
-    use fleetgate_store::HubRemoval;
-    Instance::read(data_dir)?;
-    let _lock = DirLock::for_offline_change(data_dir, "fleetgate linked-hub delete")?;
-    let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
-    let refused = |why: String| Err(DataDirError::Corrupt(why));
-    match store.remove_hub(host_name).await? {
-        HubRemoval::Removed => {}
-        HubRemoval::NoSuchHub => return refused(format!("no linked hub named '{host_name}'")),
-        HubRemoval::LastHub => {
-            return refused(format!(
-                "'{host_name}' is the instance's only hub; link the one to keep first (`fleetgate linked-hub create`)"
-            ))
-        }
-        HubRemoval::HasDevices(n) => {
-            return refused(format!(
-                "hub '{host_name}' has {n} device identities; delete them first (`fleetgate hub device-identity \
-                 delete --hub-name {host_name}`) and provision the devices again, so DPS assigns them another hub"
-            ))
-        }
-    }
-    rewrite_instance(data_dir, &store).await?;
-    checkpoint_offline_change(&store).await;
-    tracing::info!(hub = %host_name, "hub unlinked");
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
-    use super::with_port;
+    use super::{hubs_outside_certificate, with_port};
+    use fleetgate_store::LinkedHub;
+
+    #[test]
+    fn hubs_the_certificate_does_not_name() {
+        let hubs = [LinkedHub::new("LocalHost", "k"), LinkedHub::new("hub.test", "k")];
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(hubs_outside_certificate(&hubs, &names(&["127.0.0.201"])), ["LocalHost", "hub.test"]);
+        assert_eq!(hubs_outside_certificate(&hubs, &names(&["localhost", "hub.test"])), Vec::<String>::new());
+    }
 
     #[test]
     fn ports_only_when_not_443() {

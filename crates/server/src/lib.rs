@@ -12,6 +12,7 @@ pub mod fd_limit;
 pub mod https;
 mod listener;
 pub mod mqtt;
+mod offline_changes;
 pub mod readiness;
 pub mod tls;
 pub mod websocket;
