@@ -324,12 +324,6 @@ impl DataDir {
         for hub in &hubs {
             ensure_hub_policies(store.as_ref(), hub).await?;
         }
-        if config.tls_cert.is_none() {
-            for name in hubs_outside_certificate(&hubs, &config.hostnames) {
-                tracing::warn!(hub = %name, hostnames = %config.hostnames.join(","),
-                    "hub {name} is not a name in the server certificate: devices assigned to it fail TLS when they connect to it. Add --hostname {name} (with the names already given)");
-            }
-        }
         let dir = Self { path, store, id_scope, hostnames: config.hostnames.clone(), lock };
         dir.ensure_certificates().await?;
         tighten_modes(&dir.path)?;
@@ -453,15 +447,6 @@ fn event_log_options(config: &ServerConfig, dir: &Path) -> Result<EventLogOption
     })
 }
 
-/// The hubs whose names the certificate for `hostnames` does not carry: devices are sent to a
-/// hub by its name (`assignedHub`), and fail TLS there.
-pub fn hubs_outside_certificate(hubs: &[LinkedHub], hostnames: &[String]) -> Vec<String> {
-    hubs.iter()
-        .filter(|h| !hostnames.iter().any(|n| n.eq_ignore_ascii_case(&h.host_name)))
-        .map(|h| h.host_name.clone())
-        .collect()
-}
-
 /// The policy owner key of the DPS instance's policies in the store.
 pub const DPS_POLICIES: &str = "dps";
 
@@ -526,16 +511,7 @@ pub(crate) async fn write_instance(
 
 #[cfg(test)]
 mod tests {
-    use super::{hubs_outside_certificate, with_port};
-    use fleetgate_store::LinkedHub;
-
-    #[test]
-    fn hubs_the_certificate_does_not_name() {
-        let hubs = [LinkedHub::new("LocalHost", "k"), LinkedHub::new("hub.test", "k")];
-        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(hubs_outside_certificate(&hubs, &names(&["127.0.0.201"])), ["LocalHost", "hub.test"]);
-        assert_eq!(hubs_outside_certificate(&hubs, &names(&["localhost", "hub.test"])), Vec::<String>::new());
-    }
+    use super::with_port;
 
     #[test]
     fn ports_only_when_not_443() {

@@ -169,6 +169,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     };
     let cert = cert_reload::ReloadingCert::new(&cert_path, &key_path).map_err(StartError::Tls)?;
     let tls = tls::server_config(cert.clone()).map_err(StartError::Tls)?;
+    // Devices dial their hub by the name DPS answers (assignedHub): one the certificate does not
+    // carry fails their TLS handshake, which is worth saying before any device tries.
+    let hubs = data.store.hubs().await.map_err(datadir::DataDirError::from)?;
+    for name in cert.names_not_covered(hubs.iter().map(|h| h.host_name.as_str())) {
+        tracing::warn!(hub = %name, certificate = %cert_path.display(),
+            "hub {name} is not a name the server certificate is valid for: devices assigned to it will fail TLS when they connect to it. Add --hostname {name} (next to the names already given) or use a certificate that covers it");
+    }
     let sqlite = data.store.clone();
     let store: Arc<dyn Store> = match &config.faults {
         Some(faults) => Arc::new(fleetgate_store::FaultyStore::new(sqlite.clone(), faults.clone())),
