@@ -142,3 +142,87 @@ fn hub_verbs_mirror_az_iot_hub() {
     let empty = json(&run(&["hub", "device-identity", "list", "--data-dir", d, "--hub-name", "127.0.0.1"]));
     assert_eq!(empty, serde_json::json!([]));
 }
+
+/// Runs `fleetgate serve` with `args` where it must stop by itself (refused at start): its
+/// output, or a panic if it is still running after a minute (then it started, which it must not).
+fn serve_refused(args: &[&str]) -> std::process::Output {
+    let mut child = std::process::Command::new(common::BIN)
+        .arg("serve")
+        .args(args)
+        .env_remove("FLEETGATE_DATA_DIR")
+        .env_remove("FLEETGATE_MQTT_PORT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the second `serve` started: {:?}", child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `serve --hostname 127.0.0.1` names its hub 127.0.0.1 (not `localhost`, which the
+/// certificate would not cover), and the hub CLI dials that name. A second `serve` on the same
+/// data directory, with other host names, is refused naming the first one's pid, and leaves the
+/// certificate the first one serves alone.
+#[test]
+fn the_hub_is_named_after_the_first_hostname_and_the_directory_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let server = common::Server::start_with(dir.path(), &["--hostname", "127.0.0.1"]);
+    let inst: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("instance.json")).unwrap()).unwrap();
+    assert_eq!(inst["hubs"][0]["hostName"], "127.0.0.1", "{inst}");
+    assert_eq!(json(&run(&["hub", "device-identity", "list", "--data-dir", d])), serde_json::json!([]));
+
+    let cert = std::fs::read(dir.path().join("server.pem")).unwrap();
+    let o = serve_refused(&["--data-dir", d, "--mqtt-port", "0", "--https-port", "0", "--hostname", "other.test"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("is in use by pid {} (fleetgate serve)", server.child.id())), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("server.pem")).unwrap(), cert, "the running server's certificate");
+    // The first server still serves.
+    assert_eq!(json(&run(&["hub", "device-identity", "list", "--data-dir", d])), serde_json::json!([]));
+
+    // Its own ports taken: refused before the data directory is touched.
+    let (mqtt, https) = (server.mqtt_port.to_string(), server.https_port.to_string());
+    let o = serve_refused(&["--data-dir", d, "--mqtt-port", &mqtt, "--https-port", &https, "--hostname", "other.test"]);
+    assert!(!o.status.success());
+    assert_eq!(std::fs::read(dir.path().join("server.pem")).unwrap(), cert);
+    drop(server);
+}
+
+/// `linked-hub delete` unlinks a hub without device identities (and `instance.json` follows);
+/// the only hub, one with devices, or an unknown name are refused with the reason.
+#[test]
+fn linked_hub_delete() {
+    let s = serve();
+    let d = s.dir();
+    let err = |o: std::process::Output| {
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = err(run(&["linked-hub", "delete", "--data-dir", d, "--hostname", "localhost"]));
+    assert!(e.contains("only hub"), "{e}");
+    json(&run(&["linked-hub", "create", "--data-dir", d, "--hostname", "127.0.0.1"]));
+    json(&run(&["hub", "device-identity", "create", "--data-dir", d, "--device-id", "dev-1"]));
+    let e = err(run(&["linked-hub", "delete", "--data-dir", d, "--hostname", "LOCALHOST"]));
+    assert!(e.contains("has 1 device identities"), "{e}");
+    let e = err(run(&["linked-hub", "delete", "--data-dir", d, "--hostname", "nowhere.test"]));
+    assert!(e.contains("no linked hub named 'nowhere.test'"), "{e}");
+
+    json(&run(&["linked-hub", "delete", "--data-dir", d, "--hostname", "127.0.0.1"]));
+    let hubs = json(&run(&["linked-hub", "list", "--data-dir", d]));
+    assert_eq!(hubs.as_array().unwrap().len(), 1, "{hubs}");
+    assert_eq!(hubs[0]["name"], "localhost");
+    let inst: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("instance.json")).unwrap()).unwrap();
+    assert_eq!(inst["hubs"].as_array().unwrap().len(), 1, "{inst}");
+    // Nor does the hub CLI find it any more.
+    assert!(!run(&["hub", "device-identity", "list", "--data-dir", d, "--hub-name", "127.0.0.1"]).status.success());
+}

@@ -80,3 +80,34 @@ fn simulate_provisions_a_group_of_devices() {
     assert!(out.contains("Provisioned 0 of 3 devices"), "{out}");
     assert!(out.contains("provisioning: 401002 ") && out.contains(": 3"), "{out}");
 }
+
+/// Simulated devices connect to the hub DPS assigned them by that hub's name, as real devices
+/// do: a hub named 127.0.0.2, where nothing listens, fails them (dialling `--host` instead
+/// would hide that devices cannot reach their hub).
+#[test]
+fn simulated_devices_dial_their_assigned_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let server = common::Server::start_with(dir.path(), &["--hub-hostname", "127.0.0.2"]);
+    let port = server.mqtt_port.to_string();
+    stdout(&run(&["enrollment-group", "create", "--data-dir", d, "--group-id", "grp-far"]));
+    let o = run(&[
+        "simulate",
+        "--data-dir",
+        d,
+        "--group-id",
+        "grp-far",
+        "--devices",
+        "1",
+        "--messages",
+        "1",
+        "--timeout",
+        "10",
+        "--mqtt-port",
+        &port,
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "{out}");
+    assert!(out.contains("Provisioned 1 of 1 devices") && out.contains("Sent 0 of 1 messages"), "{out}");
+    assert!(out.contains("hub: "), "{out}");
+}

@@ -60,6 +60,24 @@ impl ReloadingCert {
         }))
     }
 
+    /// The names of `names` the certificate in use is not valid for (as a client checks it:
+    /// DNS names case-insensitively, wildcards, IP addresses against IP entries).
+    pub fn names_not_covered<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let leaf = current.cert.first().and_then(|c| webpki::EndEntityCert::try_from(c).ok());
+        names
+            .into_iter()
+            .filter(|name| {
+                let covered = match (&leaf, rustls::pki_types::ServerName::try_from(*name)) {
+                    (Some(leaf), Ok(server_name)) => leaf.verify_is_valid_for_subject_name(&server_name).is_ok(),
+                    _ => false,
+                };
+                !covered
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Loads the files again if either changed. A broken new pair is refused (and logged) and
     /// the current certificate stays in use.
     pub fn reload_if_changed(&self) -> bool {
@@ -87,5 +105,24 @@ impl ReloadingCert {
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReloadingCert;
+
+    #[test]
+    fn names_the_certificate_does_not_cover() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".into(), "*.fleet.test".into()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let rc = ReloadingCert::new(&c, &k).unwrap();
+        let names = ["localhost", "LOCALHOST", "hub.fleet.test", "127.0.0.201", "a.b.fleet.test", "not a name"];
+        assert_eq!(rc.names_not_covered(names), ["127.0.0.201", "a.b.fleet.test", "not a name"]);
     }
 }

@@ -13,8 +13,10 @@ pub struct ServerConfig {
     /// Names (DNS or IP) the server certificate covers; the first is the global device endpoint
     /// and the service API host name.
     pub hostnames: Vec<String>,
-    /// Host name of the hub created on first start.
-    pub hub_hostname: String,
+    /// Host name of the hub created on first start (`None`: the first of `hostnames`, the name
+    /// the certificate is issued for first). On a later start a name that is not one of the
+    /// instance's hubs stops the start: hubs are not renamed, as devices were told the name.
+    pub hub_hostname: Option<String>,
     /// Answer register requests at once with the final result (true) or with 202 + polling.
     pub immediate_assignment: bool,
     pub limits: Limits,
@@ -53,6 +55,11 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// The name of the hub created on first start.
+    pub fn hub_name(&self) -> String {
+        self.hub_hostname.clone().or_else(|| self.hostnames.first().cloned()).unwrap_or_else(|| "localhost".into())
+    }
+
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
@@ -60,7 +67,7 @@ impl ServerConfig {
             mqtt_port: 8883,
             https_port: 443,
             hostnames: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-            hub_hostname: "localhost".into(),
+            hub_hostname: None,
             immediate_assignment: true,
             limits: Limits::default(),
             hub: fleetgate_hub::HubConfig::default(),

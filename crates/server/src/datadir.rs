@@ -7,7 +7,12 @@
 //! DIR/instance.json    what a user copies from the portal's Overview page (0600: has keys)
 //! DIR/telemetry.db     SQLite: the audit trail
 //! DIR/events/          the telemetry log (see fleetgate_store::event_log)
+//! DIR/fleetgate.lock    held (advisory lock) by the server using the directory; names its pid
 //! ```
+//!
+//! One server at a time: a second `serve` on a directory in use is refused before it changes
+//! anything (it would otherwise reissue `server.pem` for its own host names, and the running
+//! server would reload that certificate).
 //!
 //! Every file is owner-only (0600) and every directory 0700: the databases and keys are
 //! secrets, and nothing in the directory is for another user.
@@ -31,6 +36,10 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 
 use crate::config::ServerConfig;
+pub use crate::dir_lock::DirLock;
+pub use crate::offline_changes::{
+    add_hub, checkpoint_offline_change, list_policies, remove_hub, renew_policy_key, KeyKind,
+};
 
 /// The name of the DPS shared access policy with every right, as in Azure.
 pub const DPS_OWNER_POLICY: &str = "provisioningserviceowner";
@@ -57,6 +66,21 @@ pub enum DataDirError {
          whole data directory away."
     )]
     Damaged { dir: PathBuf, file: PathBuf, problem: String },
+    /// Another process holds the data directory's lock.
+    #[error(
+        "data directory {dir} is in use by {holder}: one server at a time. Stop it first, or give \
+         this server its own --data-dir"
+    )]
+    InUse { dir: PathBuf, holder: String },
+    /// A hub name asked for on a later start that is not one of the instance's hubs.
+    #[error(
+        "--hub-hostname {wanted}: this data directory's hub is named {existing} (linked hubs: {all}). A \
+         hub is named when it is created: devices provisioned here were told assignedHub {existing} \
+         and connect to it by that name. Start with --hub-hostname {existing} (or without \
+         --hub-hostname) to keep it, and list that name in --hostname so the certificate covers \
+         it; to add {wanted} as another hub, run `fleetgate linked-hub create --hostname {wanted}`"
+    )]
+    HubName { wanted: String, existing: String, all: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
@@ -106,6 +130,8 @@ pub struct DataDir {
     pub store: Arc<SqliteStore>,
     pub id_scope: IdScope,
     hostnames: Vec<String>,
+    /// The directory's lock, held for as long as the server runs.
+    pub lock: DirLock,
 }
 
 /// Writes a file readable by its owner only (every file in the data directory is), replacing
@@ -249,6 +275,8 @@ impl DataDir {
         std::fs::create_dir_all(&path).map_err(io(&path))?;
         let path = std::fs::canonicalize(&path).map_err(io(&path))?;
         fleetgate_store::disk::create_private_dir(&path).map_err(io(&path))?;
+        // Before anything is read or written: a second server would change what the first uses.
+        let lock = DirLock::acquire(&path, "fleetgate serve")?;
         // Before anything is opened: opening would create what is missing.
         if path.join("instance.json").exists() {
             check_initialized(&path)?;
@@ -279,13 +307,24 @@ impl DataDir {
             }
             store.set_policies(DPS_POLICIES, &policies).await?;
         }
-        if store.hubs().await?.is_empty() {
-            store.add_hub(&LinkedHub::new(config.hub_hostname.clone(), SymmetricKey::generate().to_base64())).await?;
+        let hubs = store.hubs().await?;
+        if hubs.is_empty() {
+            store.add_hub(&LinkedHub::new(config.hub_name(), SymmetricKey::generate().to_base64())).await?;
+        } else if let Some(wanted) = &config.hub_hostname {
+            // A hub is never renamed here: devices were told its name as their assignedHub.
+            if !hubs.iter().any(|h| h.host_name.eq_ignore_ascii_case(wanted)) {
+                return Err(DataDirError::HubName {
+                    wanted: wanted.clone(),
+                    existing: hubs[0].host_name.clone(),
+                    all: hubs.iter().map(|h| h.host_name.as_str()).collect::<Vec<_>>().join(", "),
+                });
+            }
         }
-        for hub in store.hubs().await? {
-            ensure_hub_policies(store.as_ref(), &hub).await?;
+        let hubs = store.hubs().await?;
+        for hub in &hubs {
+            ensure_hub_policies(store.as_ref(), hub).await?;
         }
-        let dir = Self { path, store, id_scope, hostnames: config.hostnames.clone() };
+        let dir = Self { path, store, id_scope, hostnames: config.hostnames.clone(), lock };
         dir.ensure_certificates().await?;
         tighten_modes(&dir.path)?;
         Ok(dir)
@@ -417,7 +456,7 @@ pub fn hub_policies(host_name: &str) -> String {
 }
 
 /// Gives a hub Azure's default policies once; `iothubowner` keeps the key the hub was created with.
-async fn ensure_hub_policies(store: &dyn Store, hub: &LinkedHub) -> Result<(), DataDirError> {
+pub(crate) async fn ensure_hub_policies(store: &dyn Store, hub: &LinkedHub) -> Result<(), DataDirError> {
     if store.policies(&hub_policies(&hub.host_name)).await?.is_empty() {
         let mut policies = default_hub_policies();
         policies[0].primary_key = hub.owner_key.clone();
@@ -436,7 +475,7 @@ fn owner_key(policies: &[AccessPolicy], name: &str) -> Result<String, DataDirErr
 
 /// Writes `instance.json` from the store: connection strings carry the owner policies' primary
 /// keys and the HTTPS port when it is not 443.
-async fn write_instance(
+pub(crate) async fn write_instance(
     dir: &Path,
     store: &dyn Store,
     id_scope: &str,
@@ -468,95 +507,6 @@ async fn write_instance(
     let json = serde_json::to_vec_pretty(&instance).map_err(|e| DataDirError::Corrupt(e.to_string()))?;
     write_private(&dir.join("instance.json"), &json)?;
     Ok(instance)
-}
-
-/// `instance.json` rewritten after a change made outside a running server (a new hub, a renewed
-/// key), keeping the endpoint and HTTPS port it was last started with.
-async fn rewrite_instance(data_dir: &Path, store: &dyn Store) -> Result<Instance, DataDirError> {
-    let instance = Instance::read(data_dir)?;
-    let host = instance.service_connection_string.split(';').find_map(|p| p.strip_prefix("HostName=")).unwrap_or("");
-    let port = host.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(443);
-    write_instance(data_dir, store, &instance.id_scope, &instance.global_device_endpoint, port).await
-}
-
-/// After a change made from the command line: copies it into `fleetgate.db` itself, as a
-/// stopping server does, since the command exits without waiting for SQLite to (a backup of the
-/// `.db` alone would miss it). The change is committed either way: a checkpoint that a running
-/// server's reader kept from finishing leaves it in the `-wal`, where that server's own stop
-/// checkpoints it.
-pub async fn checkpoint_offline_change(store: &SqliteStore) {
-    if let Err(e) = store.checkpoint().await {
-        tracing::warn!(error = %e, "the change is committed but still in the -wal until the server stops");
-    }
-}
-
-/// Which of a policy's keys to renew.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyKind {
-    Primary,
-    Secondary,
-}
-
-/// The policies of the DPS instance (`hub: None`) or of a hub, from the data directory.
-pub async fn list_policies(data_dir: &Path, hub: Option<&str>) -> Result<Vec<AccessPolicy>, DataDirError> {
-    Instance::read(data_dir)?;
-    let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
-    let owner = hub.map(hub_policies).unwrap_or_else(|| DPS_POLICIES.to_owned());
-    Ok(store.policies(&owner).await?)
-}
-
-/// Replaces one key of a policy with a fresh one (`fleetgate policy renew-key`). Tokens signed
-/// with the old key stop working at once; `instance.json` follows.
-pub async fn renew_policy_key(
-    data_dir: &Path,
-    hub: Option<&str>,
-    name: &str,
-    which: KeyKind,
-) -> Result<AccessPolicy, DataDirError> {
-    Instance::read(data_dir)?;
-    let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
-    let owner = hub.map(hub_policies).unwrap_or_else(|| DPS_POLICIES.to_owned());
-    let mut policies = store.policies(&owner).await?;
-    let policy = policies
-        .iter_mut()
-        .find(|p| p.key_name.eq_ignore_ascii_case(name))
-        .ok_or_else(|| DataDirError::Corrupt(format!("no policy named '{name}'")))?;
-    let fresh = SymmetricKey::generate().to_base64();
-    match which {
-        KeyKind::Primary => policy.primary_key = fresh,
-        KeyKind::Secondary => policy.secondary_key = fresh,
-    }
-    let renewed = policy.clone();
-    store.set_policies(&owner, &policies).await?;
-    rewrite_instance(data_dir, &store).await?;
-    checkpoint_offline_change(&store).await;
-    tracing::info!(policy = %renewed.key_name, ?which, "policy key renewed");
-    Ok(renewed)
-}
-
-/// Links a new hub to the instance in `data_dir` (CLI `fleetgate hub create`): stored with a
-/// fresh `iothubowner` key and listed in `instance.json`. A running server sees it at once (hubs
-/// are read from the store per request).
-pub async fn add_hub(data_dir: &Path, host_name: &str) -> Result<InstanceHub, DataDirError> {
-    let host_name = host_name.trim();
-    if host_name.is_empty() || host_name.contains(|c: char| c.is_whitespace() || c == '/' || c == ';') {
-        return Err(DataDirError::Corrupt(format!("'{host_name}' is not a valid host name")));
-    }
-    Instance::read(data_dir)?;
-    let store = SqliteStore::open(&data_dir.join("fleetgate.db"))?;
-    if store.hubs().await?.iter().any(|h| h.host_name.eq_ignore_ascii_case(host_name)) {
-        return Err(DataDirError::Corrupt(format!("hub '{host_name}' already exists")));
-    }
-    let hub = LinkedHub::new(host_name, SymmetricKey::generate().to_base64());
-    store.add_hub(&hub).await?;
-    ensure_hub_policies(&store, &hub).await?;
-    let instance = rewrite_instance(data_dir, &store).await?;
-    checkpoint_offline_change(&store).await;
-    instance
-        .hubs
-        .into_iter()
-        .find(|h| h.host_name.eq_ignore_ascii_case(host_name))
-        .ok_or_else(|| DataDirError::Corrupt("the new hub is missing from instance.json".into()))
 }
 
 #[cfg(test)]

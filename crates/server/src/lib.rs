@@ -8,10 +8,12 @@
 pub mod cert_reload;
 pub mod config;
 pub mod datadir;
+mod dir_lock;
 pub mod fd_limit;
 pub mod https;
 mod listener;
 pub mod mqtt;
+mod offline_changes;
 pub mod readiness;
 pub mod tls;
 pub mod websocket;
@@ -51,6 +53,8 @@ pub struct RunningServer {
     dps: Arc<Provisioning>,
     hub: Arc<Hub>,
     store: Arc<fleetgate_store::SqliteStore>,
+    /// The data directory's lock: released once the server has finished (see `wait`).
+    lock: datadir::DirLock,
 }
 
 impl RunningServer {
@@ -68,6 +72,7 @@ impl RunningServer {
     /// holds everything in the `.db` files, so a backup of those alone (a common mistake) or a
     /// lost `-wal` loses nothing.
     pub async fn wait(self) {
+        let _lock = self.lock;
         for t in self.tasks {
             let _ = t.await;
         }
@@ -128,21 +133,12 @@ async fn watch_certificate(
 
 /// Initializes (or reopens) the data directory and starts every listener.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
-    let data = DataDir::open_or_init(&config).await?;
-    // The operator's certificate if given, else the one generated in the data directory.
-    let (cert_path, key_path) = match (&config.tls_cert, &config.tls_key) {
-        (Some(c), Some(k)) => (c.clone(), k.clone()),
-        (None, None) => (data.server_cert_path(), data.server_key_path()),
-        _ => return Err(StartError::Tls("--tls-cert and --tls-key go together".into())),
-    };
-    let cert = cert_reload::ReloadingCert::new(&cert_path, &key_path).map_err(StartError::Tls)?;
-    let tls = tls::server_config(cert.clone()).map_err(StartError::Tls)?;
-    let sqlite = data.store.clone();
-    let store: Arc<dyn Store> = match &config.faults {
-        Some(faults) => Arc::new(fleetgate_store::FaultyStore::new(sqlite.clone(), faults.clone())),
-        None => sqlite.clone(),
-    };
-
+    if config.tls_cert.is_some() != config.tls_key.is_some() {
+        return Err(StartError::Tls("--tls-cert and --tls-key go together".into()));
+    }
+    // The listeners first: a start that cannot have its ports must not have changed the data
+    // directory (a server already running on it would reload a certificate reissued for other
+    // names). The data directory's lock then refuses a second server on other ports.
     let bind = |port: u16| SocketAddr::new(config.listen, port);
     let mqtt_listener = tokio::net::TcpListener::bind(bind(config.mqtt_port))
         .await
@@ -164,6 +160,27 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let metrics_addr = match &metrics_listener {
         Some(l) => Some(l.local_addr().map_err(|source| StartError::Bind { addr: bind(0), source })?),
         None => None,
+    };
+
+    let data = DataDir::open_or_init(&config).await?;
+    // The operator's certificate if given, else the one generated in the data directory.
+    let (cert_path, key_path) = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => (data.server_cert_path(), data.server_key_path()),
+    };
+    let cert = cert_reload::ReloadingCert::new(&cert_path, &key_path).map_err(StartError::Tls)?;
+    let tls = tls::server_config(cert.clone()).map_err(StartError::Tls)?;
+    // Devices dial their hub by the name DPS answers (assignedHub): one the certificate does not
+    // carry fails their TLS handshake, which is worth saying before any device tries.
+    let hubs = data.store.hubs().await.map_err(datadir::DataDirError::from)?;
+    for name in cert.names_not_covered(hubs.iter().map(|h| h.host_name.as_str())) {
+        tracing::warn!(hub = %name, certificate = %cert_path.display(),
+            "hub {name} is not a name the server certificate is valid for: devices assigned to it will fail TLS when they connect to it. Add --hostname {name} (next to the names already given) or use a certificate that covers it");
+    }
+    let sqlite = data.store.clone();
+    let store: Arc<dyn Store> = match &config.faults {
+        Some(faults) => Arc::new(fleetgate_store::FaultyStore::new(sqlite.clone(), faults.clone())),
+        None => sqlite.clone(),
     };
 
     let instance = data.write_instance_file(https_addr.port()).await?;
@@ -229,5 +246,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     )));
     tasks.push(tokio::spawn(watch_certificate(cert, config.cert_check_interval, rx_reload)));
     tracing::info!(%mqtt_addr, %https_addr, id_scope = %instance.id_scope, "fleetgate serving");
-    Ok(RunningServer { mqtt_addr, https_addr, metrics_addr, instance, shutdown, tasks, dps, hub, store: sqlite })
+    let lock = data.lock;
+    Ok(RunningServer { mqtt_addr, https_addr, metrics_addr, instance, shutdown, tasks, dps, hub, store: sqlite, lock })
 }

@@ -275,3 +275,54 @@ async fn a_clean_stop_leaves_everything_in_the_db_files() {
         audit.query_row("SELECT COUNT(*) FROM audit WHERE body LIKE '%kept-group%'", [], |r| r.get(0)).unwrap();
     assert!(entries >= 1, "the group's audit entry is in telemetry.db itself");
 }
+
+/// The hub made on first start is named after the first host name (the certificate's), not
+/// `localhost`; a later start asking for a hub name the instance does not have is refused (the
+/// devices were told the existing name), one naming an existing hub starts.
+#[tokio::test]
+async fn the_hub_is_named_after_the_first_hostname_and_keeps_its_name() {
+    let mut s = TestServer::start_with(|c| c.hostnames = vec!["fleetgate.test".into(), "127.0.0.1".into()]).await;
+    assert_eq!(s.running().instance.hubs.len(), 1);
+    assert_eq!(s.running().instance.hubs[0].host_name, "fleetgate.test");
+    s.stop().await;
+
+    let mut c = s.config.clone();
+    c.hub_hostname = Some("other.test".into());
+    let e = fleetgate_server::start(c.clone()).await.err().expect("an unknown hub name is refused").to_string();
+    assert!(e.contains("--hub-hostname other.test") && e.contains("hub is named fleetgate.test"), "{e}");
+    c.hub_hostname = Some("FLEETGATE.test".into());
+    let again = fleetgate_server::start(c).await.unwrap();
+    assert_eq!(again.instance.hubs.len(), 1);
+    assert_eq!(again.instance.hubs[0].host_name, "fleetgate.test");
+    again.shutdown().await;
+}
+
+/// A second server on a data directory in use changes nothing in it: on the same ports it fails
+/// to bind before the certificate would be reissued for its host names (the running server
+/// would reload it); on other ports the directory's lock refuses it, naming the holder. Once the
+/// first has stopped, the directory is free.
+#[tokio::test]
+async fn a_second_server_on_a_directory_in_use_is_refused_and_changes_nothing() {
+    let mut s = TestServer::start().await;
+    let cert = std::fs::read(s.dir.path().join("server.pem")).unwrap();
+    let instance = std::fs::read(s.dir.path().join("instance.json")).unwrap();
+    let mut other = s.config.clone();
+    other.hostnames = vec!["other.test".into()];
+    other.mqtt_port = s.mqtt_addr().port();
+    other.https_port = s.https_addr().port();
+    let e = fleetgate_server::start(other.clone()).await.err().expect("the ports are taken");
+    assert!(matches!(e, fleetgate_server::StartError::Bind { .. }), "{e}");
+    assert_eq!(std::fs::read(s.dir.path().join("server.pem")).unwrap(), cert);
+
+    other.mqtt_port = 0;
+    other.https_port = 0;
+    let e = fleetgate_server::start(other.clone()).await.err().expect("the directory is in use").to_string();
+    assert!(e.contains(&format!("is in use by pid {} (fleetgate serve)", std::process::id())), "{e}");
+    assert_eq!(std::fs::read(s.dir.path().join("server.pem")).unwrap(), cert);
+    assert_eq!(std::fs::read(s.dir.path().join("instance.json")).unwrap(), instance);
+
+    s.stop().await;
+    let next = fleetgate_server::start(other).await.unwrap();
+    assert_eq!(next.instance.global_device_endpoint, "other.test");
+    next.shutdown().await;
+}

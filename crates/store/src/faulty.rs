@@ -89,6 +89,10 @@ impl Store for FaultyStore {
         self.faults.write()?;
         self.inner.add_hub(hub).await
     }
+    async fn remove_hub(&self, host_name: &str) -> StoreResult<crate::HubRemoval> {
+        self.faults.write()?;
+        self.inner.remove_hub(host_name).await
+    }
     async fn set_hub_allocation(&self, host_name: &str, allocation: &HubAllocation) -> StoreResult<bool> {
         self.faults.write()?;
         self.inner.set_hub_allocation(host_name, allocation).await

@@ -43,6 +43,17 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// What [`Store::remove_hub`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubRemoval {
+    Removed,
+    NoSuchHub,
+    /// The only hub: the instance always has one.
+    LastHub,
+    /// The hub has this many device identities.
+    HasDevices(u64),
+}
+
 /// A read of the telemetry stream.
 #[derive(Debug, Default)]
 pub struct EventPage {
@@ -112,6 +123,10 @@ pub trait Store: Send + Sync + 'static {
     async fn add_hub(&self, hub: &LinkedHub) -> StoreResult<()>;
     /// Changes a hub's allocation settings. `Ok(false)` when there is no such hub.
     async fn set_hub_allocation(&self, host_name: &str, allocation: &HubAllocation) -> StoreResult<bool>;
+    /// Unlinks a hub (case-insensitive name) with its policies and leftover session state, in
+    /// one change. Refused, with nothing written, while it is the only hub or has device
+    /// identities (they would be left in a hub nothing serves).
+    async fn remove_hub(&self, host_name: &str) -> StoreResult<HubRemoval>;
 
     async fn enrollment(&self, registration_id: &str) -> StoreResult<Option<IndividualEnrollment>>;
     /// The registration ids (lower-cased) that have an individual enrollment.

@@ -23,8 +23,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::event_log::{EventLog, EventLogError, EventLogOptions};
 use crate::{
-    AssignedDevice, DeviceUpdate, EnrollmentUpdate, EventPage, GroupUpdate, HubAllocation, LinkedHub, Store,
-    StoreError, StoreResult,
+    AssignedDevice, DeviceUpdate, EnrollmentUpdate, EventPage, GroupUpdate, HubAllocation, HubRemoval, LinkedHub,
+    Store, StoreError, StoreResult,
 };
 
 const SCHEMA: &str = r#"
@@ -710,6 +710,35 @@ impl Store for SqliteStore {
             c.execute("UPDATE hubs SET allocation = ?2 WHERE host_key = ?1", params![h, a])
                 .map(|n| n > 0)
                 .map_err(backend)
+        })
+        .await
+    }
+
+    async fn remove_hub(&self, host_name: &str) -> StoreResult<HubRemoval> {
+        let h = key(host_name);
+        self.write(move |c| {
+            let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> StoreResult<u64> {
+                c.query_row(sql, p, |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(backend)
+            };
+            if count("SELECT COUNT(*) FROM hubs WHERE host_key = ?1", &[&h])? == 0 {
+                return Ok(HubRemoval::NoSuchHub);
+            }
+            if count("SELECT COUNT(*) FROM hubs", &[])? <= 1 {
+                return Ok(HubRemoval::LastHub);
+            }
+            let devices = count("SELECT COUNT(*) FROM devices WHERE hub_key = ?1", &[&h])?;
+            if devices > 0 {
+                return Ok(HubRemoval::HasDevices(devices));
+            }
+            for sql in [
+                "DELETE FROM hubs WHERE host_key = ?1",
+                "DELETE FROM c2d WHERE hub_key = ?1",
+                "DELETE FROM mqtt_sessions WHERE hub_key = ?1",
+                "DELETE FROM settings WHERE key = 'policies.hub:' || ?1",
+            ] {
+                c.execute(sql, params![h]).map_err(backend)?;
+            }
+            Ok(HubRemoval::Removed)
         })
         .await
     }

@@ -26,6 +26,14 @@ pub enum LinkedHubCommand {
         #[arg(long)]
         hostname: String,
     },
+    /// Unlink a hub that has no device identities (never the last one). Devices provisioned to
+    /// it were told its name; delete their identities and provision them again first.
+    Delete {
+        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        hostname: String,
+    },
     /// Change a hub's allocation weight, whether it applies allocation policies, and the latency
     /// estimate geoLatency allocation uses.
     Update {
@@ -68,8 +76,14 @@ pub async fn run(cmd: LinkedHubCommand) -> anyhow::Result<()> {
             let hub = fleetgate_server::datadir::add_hub(&data_dir, &hostname).await?;
             print_json(&serde_json::to_value(hub)?);
         }
+        LinkedHubCommand::Delete { data_dir, hostname } => {
+            fleetgate_server::datadir::remove_hub(&data_dir, &hostname).await?;
+            print_json(&json!({ "name": hostname, "deleted": true }));
+        }
         LinkedHubCommand::Update { data_dir, hostname, allocation_weight, apply_allocation_policy, latency_ms } => {
             let store = open(&data_dir)?;
+            let _lock =
+                fleetgate_server::datadir::DirLock::for_offline_change(&data_dir, "fleetgate linked-hub update")?;
             let hub = store
                 .hubs()
                 .await?

@@ -21,12 +21,15 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETGATE_HTTPS_PORT", default_value_t = 443)]
     https_port: u16,
     /// Host name or IP the server certificate covers; repeatable. The first is the global
-    /// device endpoint. Default: localhost, 127.0.0.1, ::1.
+    /// device endpoint and the name of the hub made on first start. Default: localhost,
+    /// 127.0.0.1, ::1.
     #[arg(long = "hostname", env = "FLEETGATE_HOSTNAMES", value_delimiter = ',')]
     hostnames: Vec<String>,
-    /// Host name of the hub created on first start.
-    #[arg(long, env = "FLEETGATE_HUB_HOSTNAME", default_value = "localhost")]
-    hub_hostname: String,
+    /// Host name of the hub created on first start (default: the first --hostname). Devices are
+    /// told it as their assigned hub and dial it, so list it in --hostname too. A hub keeps its
+    /// name: on a later start, a name that is not one of the instance's hubs is refused.
+    #[arg(long, env = "FLEETGATE_HUB_HOSTNAME")]
+    hub_hostname: Option<String>,
     /// How register requests are answered: `immediate` (final 200 at once) or `polling`
     /// (202, then the device polls the operation status).
     #[arg(long, default_value = "immediate", value_parser = ["immediate", "polling"])]
@@ -199,6 +202,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.hub.message_rate = nonzero(args.hub_messages_per_second, Rate::per_second);
 
     let server = fleetgate_server::start(config).await.context("starting fleetgate")?;
+    let stopped = stop_signals();
     println!("{}", server.instance.banner());
     println!("  MQTT/TLS on {}, HTTPS on {}", server.mqtt_addr, server.https_addr);
     if let Some(addr) = server.metrics_addr {
@@ -206,7 +210,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let stop = server.shutdown_signal();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        stopped.await;
         tracing::info!("shutting down");
         let _ = stop.send(true);
     });
@@ -234,18 +238,27 @@ fn parse_size(text: &str) -> Result<u64, String> {
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{text}' is too large"))
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+/// Ctrl-C or SIGTERM, with the handlers installed when called (not when first awaited): a stop
+/// asked for as soon as the banner is out must not find the default action (death, exit code
+/// of a signal) still in place.
+#[cfg(unix)]
+fn stop_signals() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(not(unix))]
+fn stop_signals() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 pub fn info(data_dir: &Path) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! `fleetgate simulate`: the tutorial's "provision more devices". Derives a key for each
 //! simulated device of an enrollment group, registers them all over MQTT with the project's own
-//! device client, then (with `--messages`) connects each to its assigned hub and sends telemetry.
+//! device client, then (with `--messages`) connects each to its assigned hub (dialled by the name
+//! DPS answered, as a device does) and sends telemetry.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -47,8 +48,9 @@ pub struct SimulateArgs {
     /// ID scope (default: the data directory's instance.json).
     #[arg(long)]
     id_scope: Option<String>,
-    /// Address the devices connect to, for DPS and hub alike; also the name the server
-    /// certificate must carry (default: the instance's global device endpoint).
+    /// Address the devices register at; also the name the server certificate must carry
+    /// (default: the instance's global device endpoint). Devices then connect to the hub DPS
+    /// assigned them by its name, as real devices do.
     #[arg(long)]
     host: Option<String>,
     /// MQTT over TLS port.
@@ -278,8 +280,10 @@ async fn telemetry_all(
         let bar = bar.clone();
         let (messages, size) = (args.messages, args.payload_bytes);
         tasks.spawn(async move {
+            // The assigned hub's name, as a device dials it: a hub the certificate or DNS does
+            // not know fails here as it would for a real device.
             let mut o = HubOptions::new(
-                &setup.host,
+                &d.result.assigned_hub,
                 setup.ca_pem.clone(),
                 &d.result.assigned_hub,
                 &d.result.device_id,

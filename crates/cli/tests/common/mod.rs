@@ -65,8 +65,14 @@ impl Server {
     /// Starts `fleetgate serve` on `dir` (created on first use); returns once the banner names
     /// both ports.
     pub fn start(dir: &std::path::Path) -> Server {
+        Self::start_with(dir, &[])
+    }
+
+    /// As [`Server::start`], with more `serve` flags.
+    pub fn start_with(dir: &std::path::Path, extra: &[&str]) -> Server {
         let mut child = Command::new(BIN)
             .args(["serve", "--data-dir", dir.to_str().unwrap(), "--mqtt-port", "0", "--https-port", "0"])
+            .args(extra)
             .env_remove("FLEETGATE_DATA_DIR")
             .env_remove("FLEETGATE_MQTT_PORT")
             .stdout(Stdio::piped())
