@@ -145,8 +145,13 @@ pub fn route_access<'t>(table: &'t [RouteAccess], method: &Method, matched: Opti
 /// `/{enrollmentgroups|enrollments}/query`, `/{enrollmentgroups|enrollments}/{id}/attestationmechanism`,
 /// `/registrations/{id}/query`, `/devices/{id}/messages/devicebound`, `/twins/{id}/methods`,
 /// `/messages/events`, and the device API's `/{scope}/registrations/...`.
+///
+/// One trailing slash is dropped, as Azure ignores it (the Node service SDK lists devices with
+/// `GET /devices/`). Doing it here, before routing, keeps rights decided by the matched route:
+/// `PUT /devices/x/` is `PUT /devices/{id}`, never an unlisted path.
 pub fn canonical_path(path: &str) -> String {
-    const FIRST: &[&str] = &["enrollmentgroups", "enrollments", "registrations", "devices", "twins", "messages"];
+    const FIRST: &[&str] = &["enrollmentgroups", "enrollments", "registrations", "devices", "twins", "messages", "statistics"];
+    let path = if path.len() > 1 { path.strip_suffix('/').unwrap_or(path) } else { path };
     let mut segs: Vec<String> = path.split('/').map(str::to_owned).collect();
     let lower = |s: &str| s.to_ascii_lowercase();
     // segs[0] is the empty string before the leading '/'.
@@ -179,6 +184,7 @@ pub fn canonical_path(path: &str) -> String {
                 }
                 "twins" => fold(&mut segs, 3, &["methods"]),
                 "messages" => fold(&mut segs, 2, &["events"]),
+                "statistics" => fold(&mut segs, 2, &["devices", "service"]),
                 _ => {}
             }
         }
@@ -295,6 +301,17 @@ mod tests {
             canonical_path("/0ne00000001/Registrations/Dev-1/register"),
             "/0ne00000001/registrations/Dev-1/register"
         );
+    }
+
+    #[test]
+    fn drops_one_trailing_slash() {
+        assert_eq!(canonical_path("/devices/"), "/devices");
+        assert_eq!(canonical_path("/Devices/Dev-1/"), "/devices/Dev-1");
+        assert_eq!(canonical_path("/enrollmentGroups/query/"), "/enrollmentgroups/query");
+        assert_eq!(canonical_path("/Statistics/Devices/"), "/statistics/devices");
+        assert_eq!(canonical_path("/"), "/");
+        // Only one: an empty id is not an id.
+        assert_eq!(canonical_path("/devices//"), "/devices/");
     }
 
     /// Ids that spell a route word keep their case: they are data (a device key is derived from
