@@ -186,7 +186,9 @@ pub fn parse(q: &str) -> Result<Query, QueryError> {
         match it.next() {
             None => return Ok(Query { collection: Some(collection), conditions }),
             Some(t) if keyword(Some(t), "and") => {}
-            Some(Token::Word(w)) => return err(format!("'{w}' is not supported; conditions may only be joined by AND.")),
+            Some(Token::Word(w)) => {
+                return err(format!("'{w}' is not supported; conditions may only be joined by AND."))
+            }
             Some(_) => return err("Expected AND or the end of the query after a condition."),
         }
     }

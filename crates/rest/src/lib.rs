@@ -115,6 +115,76 @@ impl Page {
     }
 }
 
+/// Parses the `query` of a query specification body (`{"query": "..."}`) for `collection`;
+/// an empty body, or one without `query`, is `*` when `optional` (some SDKs send nothing).
+/// What the subset does not support is refused (400) with the reason.
+pub fn query_spec(b: &[u8], collection: &str, optional: bool) -> ApiResult<fleetgate_core::query::Query> {
+    use fleetgate_core::query;
+    let all = || query::Query { collection: None, conditions: Vec::new() };
+    if optional && b.iter().all(u8::is_ascii_whitespace) {
+        return Ok(all());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(b).map_err(|e| DpsError::bad_request(format!("Malformed query specification: {e}")))?;
+    let q = match v.get("query") {
+        Some(serde_json::Value::String(q)) => q,
+        None if optional => return Ok(all()),
+        _ => return Err(DpsError::bad_request("The query specification needs a 'query' string.").into()),
+    };
+    let q = query::parse(q).map_err(|e| DpsError::bad_request(format!("Unsupported query: {e}")))?;
+    if !collection.is_empty() && !q.is_for(collection) {
+        return Err(DpsError::bad_request(format!(
+            "This query is for {collection}: use \"SELECT * FROM {collection}\"."
+        ))
+        .into());
+    }
+    Ok(q)
+}
+
+/// The page of `page` among the items `fetch` (offset, limit) reads in order that match `q`:
+/// up to `page.size + 1` of them after skipping `page.offset` matches (the continuation counts
+/// matches). Without conditions it is one read; with them the source is read in batches until
+/// the page is full, so a selective query never holds more than a batch plus a page.
+pub async fn query_page<T, F, Fut>(
+    q: &fleetgate_core::query::Query,
+    page: &Page,
+    mut fetch: F,
+) -> Result<Vec<serde_json::Value>, DpsError>
+where
+    F: FnMut(usize, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, DpsError>>,
+    T: serde::Serialize,
+{
+    const BATCH: usize = 500;
+    let to_json = |t: T| serde_json::to_value(t).map_err(|_| DpsError::internal());
+    if q.conditions.is_empty() {
+        return fetch(page.offset, page.size + 1).await?.into_iter().map(to_json).collect();
+    }
+    let (mut out, mut skipped, mut pos) = (Vec::new(), 0, 0);
+    loop {
+        let batch = fetch(pos, BATCH).await?;
+        let n = batch.len();
+        for item in batch {
+            let v = to_json(item)?;
+            if !q.matches(&v) {
+                continue;
+            }
+            if skipped < page.offset {
+                skipped += 1;
+            } else {
+                out.push(v);
+                if out.len() > page.size {
+                    return Ok(out);
+                }
+            }
+        }
+        if n < BATCH {
+            return Ok(out);
+        }
+        pos += n;
+    }
+}
+
 /// What one route and method of a service API needs: any one of `rights`, and whether a call is
 /// written to the audit trail (every call that changes state or reaches a device is).
 ///
@@ -150,7 +220,8 @@ pub fn route_access<'t>(table: &'t [RouteAccess], method: &Method, matched: Opti
 /// `GET /devices/`). Doing it here, before routing, keeps rights decided by the matched route:
 /// `PUT /devices/x/` is `PUT /devices/{id}`, never an unlisted path.
 pub fn canonical_path(path: &str) -> String {
-    const FIRST: &[&str] = &["enrollmentgroups", "enrollments", "registrations", "devices", "twins", "messages", "statistics"];
+    const FIRST: &[&str] =
+        &["enrollmentgroups", "enrollments", "registrations", "devices", "twins", "messages", "statistics"];
     let path = if path.len() > 1 { path.strip_suffix('/').unwrap_or(path) } else { path };
     let mut segs: Vec<String> = path.split('/').map(str::to_owned).collect();
     let lower = |s: &str| s.to_ascii_lowercase();
