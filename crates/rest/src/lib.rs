@@ -216,13 +216,10 @@ pub fn route_access<'t>(table: &'t [RouteAccess], method: &Method, matched: Opti
 /// `/registrations/{id}/query`, `/devices/{id}/messages/devicebound`, `/twins/{id}/methods`,
 /// `/messages/events`, and the device API's `/{scope}/registrations/...`.
 ///
-/// One trailing slash is dropped, as Azure ignores it (the Node service SDK lists devices with
-/// `GET /devices/`). Doing it here, before routing, keeps rights decided by the matched route:
-/// `PUT /devices/x/` is `PUT /devices/{id}`, never an unlisted path.
+/// Only ASCII case changes (the length stays); trailing slashes are [`trim_trailing_slashes`]'s.
 pub fn canonical_path(path: &str) -> String {
     const FIRST: &[&str] =
         &["enrollmentgroups", "enrollments", "registrations", "devices", "twins", "messages", "statistics"];
-    let path = if path.len() > 1 { path.strip_suffix('/').unwrap_or(path) } else { path };
     let mut segs: Vec<String> = path.split('/').map(str::to_owned).collect();
     let lower = |s: &str| s.to_ascii_lowercase();
     // segs[0] is the empty string before the leading '/'.
@@ -263,6 +260,16 @@ pub fn canonical_path(path: &str) -> String {
         None => fold(&mut segs, 2, &["registrations"]),
     }
     segs.join("/")
+}
+
+/// The path without its trailing slashes (`/` stays `/`), as Azure ignores them: the Node service
+/// SDK lists devices with `GET /devices/`. The HTTPS front end applies it before routing, so the
+/// rights are still decided by the matched route: `PUT /devices/x/` is `PUT /devices/{id}`.
+pub fn trim_trailing_slashes(path: &str) -> &str {
+    match path.trim_end_matches('/') {
+        "" if path.starts_with('/') => "/",
+        trimmed => trimmed,
+    }
 }
 
 /// Whether a service token whose decoded `sr` is `resource` covers a request for `path` (the
@@ -375,14 +382,16 @@ mod tests {
     }
 
     #[test]
-    fn drops_one_trailing_slash() {
-        assert_eq!(canonical_path("/devices/"), "/devices");
-        assert_eq!(canonical_path("/Devices/Dev-1/"), "/devices/Dev-1");
-        assert_eq!(canonical_path("/enrollmentGroups/query/"), "/enrollmentgroups/query");
-        assert_eq!(canonical_path("/Statistics/Devices/"), "/statistics/devices");
-        assert_eq!(canonical_path("/"), "/");
-        // Only one: an empty id is not an id.
-        assert_eq!(canonical_path("/devices//"), "/devices/");
+    fn trailing_slashes_are_trimmed() {
+        let c = |p: &str| canonical_path(trim_trailing_slashes(p));
+        assert_eq!(c("/devices/"), "/devices");
+        assert_eq!(c("/Devices/Dev-1/"), "/devices/Dev-1");
+        assert_eq!(c("/enrollmentGroups/query/"), "/enrollmentgroups/query");
+        assert_eq!(c("/Statistics/Devices/"), "/statistics/devices");
+        assert_eq!(c("/devices//"), "/devices");
+        assert_eq!(c("/"), "/");
+        assert_eq!(c("//"), "/");
+        assert_eq!(c("/devices/x"), "/devices/x");
     }
 
     /// Ids that spell a route word keep their case: they are data (a device key is derived from

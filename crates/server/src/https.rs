@@ -26,7 +26,7 @@ use crate::readiness::Readiness;
 
 fn canonicalize<B>(mut req: http::Request<B>) -> http::Request<B> {
     let uri = req.uri();
-    let path = fleetgate_rest::canonical_path(uri.path());
+    let path = fleetgate_rest::canonical_path(fleetgate_rest::trim_trailing_slashes(uri.path()));
     if path != uri.path() {
         let pq = match uri.query() {
             Some(q) => format!("{path}?{q}"),
