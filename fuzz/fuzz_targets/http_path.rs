@@ -1,4 +1,4 @@
-//! HTTP request paths on port 443, folded by `fleetgate_server::https::canonical_path` before
+//! HTTP request paths on port 443, folded by `fleetgate_rest::canonical_path` before
 //! routing (SDKs disagree on `enrollmentGroups` vs `enrollmentgroups`).
 //!
 //! Invariants: idempotent; only ASCII case changes (same length, same segments, equal ignoring
@@ -6,7 +6,7 @@
 
 #![no_main]
 
-use fleetgate_server::https::canonical_path;
+use fleetgate_rest::canonical_path;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
