@@ -175,6 +175,14 @@ def seeds():
         + b"\0" + b'{"net":{"ip":"10.0.0.2","mask":null}}',
         "no-initial": b"\0" + b'{"a":{"b":{"c":[1,2,{"d":"e"}]}}}',
     }
+    s["service_query"] = {
+        "star": b"*",
+        "select": b"SELECT * FROM enrollmentGroups",
+        "where": b"SELECT * FROM devices WHERE tags.site = 'north' AND status != \"disabled\" AND n = 1.5",
+        "where-doc": b"select * from enrollments where attestation.type = 'x509'\0"
+        + compact({"attestation": {"type": "x509"}}),
+        "refused-or": b"SELECT * FROM devices WHERE a = 'b' OR c = null",
+    }
     s["custom_allocation"] = {
         "h-answer": compact({"iotHubHostName": "hub-b.example",
                              "initialTwin": {"tags": {"model": "x1"}, "properties": {"desired": {"interval": 15}}},

@@ -1,12 +1,12 @@
-//! HTTP request paths on port 443, folded by `fleetgate_server::https::canonical_path` (from
-//! `fleetgate_rest`) before routing (SDKs disagree on `enrollmentGroups` vs `enrollmentgroups`).
+//! HTTP request paths on port 443, folded by `fleetgate_rest::canonical_path` before
+//! routing (SDKs disagree on `enrollmentGroups` vs `enrollmentgroups`).
 //!
 //! Invariants: idempotent; only ASCII case changes (same length, same segments, equal ignoring
 //! ASCII case); a segment that changed is one of the route literals; ids keep their spelling.
 
 #![no_main]
 
-use fleetgate_server::https::canonical_path;
+use fleetgate_rest::canonical_path;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

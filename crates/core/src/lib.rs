@@ -14,6 +14,7 @@ pub mod ids;
 pub mod keys;
 pub mod message;
 pub mod policy;
+pub mod query;
 pub mod refusals;
 pub mod registration;
 pub mod sas;

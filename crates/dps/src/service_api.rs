@@ -19,7 +19,6 @@ use fleetgate_core::policy::Right;
 use fleetgate_core::{DpsError, ErrorCode};
 pub use fleetgate_rest::ApiError;
 use fleetgate_rest::{body, if_match, json, ApiResult, Page, RouteAccess};
-use serde_json::Value;
 
 use crate::Provisioning;
 
@@ -135,20 +134,12 @@ async fn group_attestation(State(dps): State<Arc<Provisioning>>, Path(id): Path<
     Ok(json(dps.group(&id).await?.settings.attestation))
 }
 
-/// The query language is SQL-like; Fleetgate answers the form every client sends
-/// (`SELECT * FROM enrollmentGroups`) and refuses others clearly rather than guessing.
-fn check_query(b: &[u8], collection: &str) -> ApiResult<()> {
-    let v: Value =
-        serde_json::from_slice(b).map_err(|e| DpsError::bad_request(format!("Malformed query specification: {e}")))?;
-    let q = v
-        .get("query")
-        .and_then(Value::as_str)
-        .ok_or_else(|| DpsError::bad_request("The query specification needs a 'query' string."))?;
-    let normalized = q.split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
-    if normalized != format!("select * from {collection}") {
-        return Err(DpsError::bad_request(format!("Unsupported query; use \"SELECT * FROM {collection}\".")).into());
-    }
-    Ok(())
+/// Queries are Azure's SQL-like language, in the subset of [`fleetgate_core::query`]: `*` (the
+/// SDKs' default), `SELECT * FROM <collection>` and `WHERE` equality conditions on the record as
+/// the API answers it (`provisioningStatus`, `attestation.type`, `iotHubHostName`…). What the
+/// subset lacks is refused (400), never ignored.
+fn check_query(b: &[u8], collection: &str) -> ApiResult<fleetgate_core::query::Query> {
+    fleetgate_rest::query_spec(b, collection, false)
 }
 
 async fn query_groups(
@@ -156,10 +147,14 @@ async fn query_groups(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    check_query(&body(b)?, "enrollmentgroups")?;
+    let q = check_query(&body(b)?, "enrollmentgroups")?;
     let page = Page::from_headers(&headers)?;
-    let items: Vec<_> =
-        dps.groups().await?.into_iter().skip(page.offset).take(page.size + 1).map(|g| g.redacted()).collect();
+    let groups: Vec<_> = dps.groups().await?.into_iter().map(|g| g.redacted()).collect();
+    let groups = &groups;
+    let items = fleetgate_rest::query_page(&q, &page, |offset, limit| async move {
+        Ok(groups.iter().skip(offset).take(limit).collect::<Vec<_>>())
+    })
+    .await?;
     Ok(page.respond(items, "enrollmentGroup"))
 }
 
@@ -195,9 +190,13 @@ async fn query_enrollments(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    check_query(&body(b)?, "enrollments")?;
+    let q = check_query(&body(b)?, "enrollments")?;
     let page = Page::from_headers(&headers)?;
-    let items: Vec<_> = dps.enrollments(page.offset, page.size + 1).await?.iter().map(|e| e.redacted()).collect();
+    let dps = &dps;
+    let items = fleetgate_rest::query_page(&q, &page, |offset, limit| async move {
+        Ok(dps.enrollments(offset, limit).await?.iter().map(|e| e.redacted()).collect::<Vec<_>>())
+    })
+    .await?;
     Ok(page.respond(items, "enrollment"))
 }
 
@@ -221,16 +220,22 @@ async fn delete_registration(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /registrations/{groupId}/query`: the group's records. The body (Node sends a query
-/// specification, others nothing) does not narrow the result.
+/// `POST /registrations/{groupId}/query`: the group's records. The body is optional (Node sends
+/// a query specification, others nothing); its `WHERE` conditions narrow the records (e.g.
+/// `status = 'assigned'`). The route names the group, so the collection after `FROM` is not
+/// checked: SDK samples name several.
 async fn query_registrations(
     State(dps): State<Arc<Provisioning>>,
     Path(group_id): Path<String>,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    body(b)?;
+    let q = fleetgate_rest::query_spec(&body(b)?, "", true)?;
     let page = Page::from_headers(&headers)?;
-    let items = dps.registrations_of_group(&group_id, page.offset, page.size + 1).await?;
+    let (dps, group_id) = (&dps, &group_id);
+    let items = fleetgate_rest::query_page(&q, &page, |offset, limit| async move {
+        dps.registrations_of_group(group_id, offset, limit).await
+    })
+    .await?;
     Ok(page.respond(items, "deviceRegistration"))
 }

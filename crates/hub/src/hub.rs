@@ -834,6 +834,27 @@ impl Hub {
     pub async fn devices(&self, hub: &str, offset: usize, limit: usize) -> Result<Vec<DeviceIdentity>, DpsError> {
         self.store.devices(hub, offset, limit).await.map_err(store_err)
     }
+
+    /// Twins as the service API answers them, in creation order (the hub query reads these).
+    pub async fn twins_json(&self, hub: &str, offset: usize, limit: usize) -> Result<Vec<Value>, DpsError> {
+        let twins = self.store.twins(hub, offset, limit).await.map_err(store_err)?;
+        Ok(twins.iter().map(|(d, t)| self.twin_json(d, t)).collect())
+    }
+
+    /// Azure's `RegistryStatistics`: counted by the store.
+    pub async fn registry_statistics(&self, hub: &str) -> Result<Value, DpsError> {
+        let c = self.store.device_counts(hub).await.map_err(store_err)?;
+        Ok(json!({
+            "totalDeviceCount": c.total,
+            "enabledDeviceCount": c.enabled,
+            "disabledDeviceCount": c.total.saturating_sub(c.enabled),
+        }))
+    }
+
+    /// Azure's `ServiceStatistics`: the devices connected now.
+    pub fn service_statistics(&self, hub: &str) -> Value {
+        json!({"connectedDeviceCount": self.sessions.count_of(hub)})
+    }
 }
 
 /// Azure's `AuthenticationMechanism` of a device identity.

@@ -65,6 +65,9 @@ impl Caller {
 pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/devices", get(list_devices))
+        .route("/devices/query", post(query_devices))
+        .route("/statistics/devices", get(registry_statistics))
+        .route("/statistics/service", get(service_statistics))
         .route("/devices/{id}", put(put_device).get(get_device).delete(delete_device))
         .route("/devices/{id}/messages/devicebound", post(send_c2d))
         .route("/twins/{id}", get(get_twin).patch(patch_twin))
@@ -80,7 +83,8 @@ pub fn router(hub: Arc<Hub>) -> Router {
 /// Every route and method of the hub service API with the rights it needs, as IoT Hub's policies
 /// grant them: the registry (devices) needs registry read/write; twins are readable with registry
 /// read or service connect and writable with service connect; methods, C2D and the event stream
-/// need service connect. `DeviceConnect` (the `device` policy) opens nothing here. A route or
+/// need service connect; registry statistics need registry read, service statistics (connected
+/// devices) service connect, the twin query what a twin read does. `DeviceConnect` (the `device` policy) opens nothing here. A route or
 /// method missing here is refused (405) after authentication, never served.
 pub const ACCESS: &[RouteAccess] = {
     use Right::{RegistryRead as RR, RegistryWrite as RW, ServiceConnect as SC};
@@ -89,6 +93,10 @@ pub const ACCESS: &[RouteAccess] = {
     }
     &[
         a("GET", "/devices", &[RR], false),
+        // The twin query reads twins: the rights of a twin read.
+        a("POST", "/devices/query", &[RR, SC], false),
+        a("GET", "/statistics/devices", &[RR], false),
+        a("GET", "/statistics/service", &[SC], false),
         a("PUT", "/devices/{id}", &[RW], true),
         a("GET", "/devices/{id}", &[RR], false),
         a("DELETE", "/devices/{id}", &[RW], true),
@@ -189,6 +197,39 @@ async fn list_devices(
     let page = fleetgate_rest::Page { offset, size };
     let devices = hub.devices(&t.0, offset, size + 1).await?;
     Ok(page.respond(devices.iter().map(|d| hub.device_json(d)).collect::<Vec<_>>(), "device"))
+}
+
+/// `POST /devices/query`: Azure's twin query (`az iot hub query`, the SDKs' `createQuery`), in
+/// the subset of [`fleetgate_core::query`]: `SELECT * FROM devices`, optionally `WHERE` equality
+/// conditions on the twin as `GET /twins/{id}` answers it (`deviceId`, `status`, `tags.x`,
+/// `properties.reported.x`…), joined by `AND`; anything else is refused (400). Pages with
+/// `x-ms-max-item-count` and `x-ms-continuation` like the other queries.
+async fn query_devices(
+    State(hub): State<Arc<Hub>>,
+    Extension(t): Extension<TargetHub>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let q = fleetgate_rest::query_spec(&body(b)?, "devices", false)?;
+    if q.collection.is_none() {
+        return Err(DpsError::bad_request("Unsupported query: use \"SELECT * FROM devices\".").into());
+    }
+    let page = fleetgate_rest::Page::from_headers(&headers)?;
+    let (hub, name) = (&hub, &t.0);
+    let items =
+        fleetgate_rest::query_page(&q, &page, |offset, limit| async move { hub.twins_json(name, offset, limit).await })
+            .await?;
+    Ok(page.respond(items, "twin"))
+}
+
+/// `GET /statistics/devices`: `totalDeviceCount`, `enabledDeviceCount`, `disabledDeviceCount`.
+async fn registry_statistics(State(hub): State<Arc<Hub>>, Extension(t): Extension<TargetHub>) -> ApiResult<Response> {
+    Ok(json(hub.registry_statistics(&t.0).await?))
+}
+
+/// `GET /statistics/service`: `connectedDeviceCount`.
+async fn service_statistics(State(hub): State<Arc<Hub>>, Extension(t): Extension<TargetHub>) -> Response {
+    json(hub.service_statistics(&t.0))
 }
 
 async fn get_device(

@@ -242,6 +242,12 @@ impl Sessions {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&key(hub, device)).map(|e| e.connected_since.clone())
     }
 
+    /// How many devices of `hub` are connected now (service statistics).
+    pub fn count_of(&self, hub: &str) -> usize {
+        let hub = hub.to_ascii_lowercase();
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).keys().filter(|(h, _)| *h == hub).count()
+    }
+
     pub fn count(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

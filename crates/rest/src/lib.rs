@@ -116,6 +116,76 @@ impl Page {
     }
 }
 
+/// Parses the `query` of a query specification body (`{"query": "..."}`) for `collection`;
+/// an empty body, or one without `query`, is `*` when `optional` (some SDKs send nothing).
+/// What the subset does not support is refused (400) with the reason.
+pub fn query_spec(b: &[u8], collection: &str, optional: bool) -> ApiResult<fleetgate_core::query::Query> {
+    use fleetgate_core::query;
+    let all = || query::Query { collection: None, conditions: Vec::new() };
+    if optional && b.iter().all(u8::is_ascii_whitespace) {
+        return Ok(all());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(b).map_err(|e| DpsError::bad_request(format!("Malformed query specification: {e}")))?;
+    let q = match v.get("query") {
+        Some(serde_json::Value::String(q)) => q,
+        None if optional => return Ok(all()),
+        _ => return Err(DpsError::bad_request("The query specification needs a 'query' string.").into()),
+    };
+    let q = query::parse(q).map_err(|e| DpsError::bad_request(format!("Unsupported query: {e}")))?;
+    if !collection.is_empty() && !q.is_for(collection) {
+        return Err(DpsError::bad_request(format!(
+            "This query is for {collection}: use \"SELECT * FROM {collection}\"."
+        ))
+        .into());
+    }
+    Ok(q)
+}
+
+/// The page of `page` among the items `fetch` (offset, limit) reads in order that match `q`:
+/// up to `page.size + 1` of them after skipping `page.offset` matches (the continuation counts
+/// matches). Without conditions it is one read; with them the source is read in batches until
+/// the page is full, so a selective query never holds more than a batch plus a page.
+pub async fn query_page<T, F, Fut>(
+    q: &fleetgate_core::query::Query,
+    page: &Page,
+    mut fetch: F,
+) -> Result<Vec<serde_json::Value>, DpsError>
+where
+    F: FnMut(usize, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, DpsError>>,
+    T: serde::Serialize,
+{
+    const BATCH: usize = 500;
+    let to_json = |t: T| serde_json::to_value(t).map_err(|_| DpsError::internal());
+    if q.conditions.is_empty() {
+        return fetch(page.offset, page.size + 1).await?.into_iter().map(to_json).collect();
+    }
+    let (mut out, mut skipped, mut pos) = (Vec::new(), 0, 0);
+    loop {
+        let batch = fetch(pos, BATCH).await?;
+        let n = batch.len();
+        for item in batch {
+            let v = to_json(item)?;
+            if !q.matches(&v) {
+                continue;
+            }
+            if skipped < page.offset {
+                skipped += 1;
+            } else {
+                out.push(v);
+                if out.len() > page.size {
+                    return Ok(out);
+                }
+            }
+        }
+        if n < BATCH {
+            return Ok(out);
+        }
+        pos += n;
+    }
+}
+
 /// What one route and method of a service API needs: any one of `rights`, and whether a call is
 /// written to the audit trail (every call that changes state or reaches a device is).
 ///
@@ -146,8 +216,11 @@ pub fn route_access<'t>(table: &'t [RouteAccess], method: &Method, matched: Opti
 /// `/{enrollmentgroups|enrollments}/query`, `/{enrollmentgroups|enrollments}/{id}/attestationmechanism`,
 /// `/registrations/{id}/query`, `/devices/{id}/messages/devicebound`, `/twins/{id}/methods`,
 /// `/messages/events`, and the device API's `/{scope}/registrations/...`.
+///
+/// Only ASCII case changes (the length stays); trailing slashes are [`trim_trailing_slashes`]'s.
 pub fn canonical_path(path: &str) -> String {
-    const FIRST: &[&str] = &["enrollmentgroups", "enrollments", "registrations", "devices", "twins", "messages"];
+    const FIRST: &[&str] =
+        &["enrollmentgroups", "enrollments", "registrations", "devices", "twins", "messages", "statistics"];
     let mut segs: Vec<String> = path.split('/').map(str::to_owned).collect();
     let lower = |s: &str| s.to_ascii_lowercase();
     // segs[0] is the empty string before the leading '/'.
@@ -180,6 +253,7 @@ pub fn canonical_path(path: &str) -> String {
                 }
                 "twins" => fold(&mut segs, 3, &["methods"]),
                 "messages" => fold(&mut segs, 2, &["events"]),
+                "statistics" => fold(&mut segs, 2, &["devices", "service"]),
                 _ => {}
             }
         }
@@ -187,6 +261,16 @@ pub fn canonical_path(path: &str) -> String {
         None => fold(&mut segs, 2, &["registrations"]),
     }
     segs.join("/")
+}
+
+/// The path without its trailing slashes (`/` stays `/`), as Azure ignores them: the Node service
+/// SDK lists devices with `GET /devices/`. The HTTPS front end applies it before routing, so the
+/// rights are still decided by the matched route: `PUT /devices/x/` is `PUT /devices/{id}`.
+pub fn trim_trailing_slashes(path: &str) -> &str {
+    match path.trim_end_matches('/') {
+        "" if path.starts_with('/') => "/",
+        trimmed => trimmed,
+    }
 }
 
 /// Whether a service token whose decoded `sr` is `resource` covers a request for `path` (the
@@ -296,6 +380,19 @@ mod tests {
             canonical_path("/0ne00000001/Registrations/Dev-1/register"),
             "/0ne00000001/registrations/Dev-1/register"
         );
+    }
+
+    #[test]
+    fn trailing_slashes_are_trimmed() {
+        let c = |p: &str| canonical_path(trim_trailing_slashes(p));
+        assert_eq!(c("/devices/"), "/devices");
+        assert_eq!(c("/Devices/Dev-1/"), "/devices/Dev-1");
+        assert_eq!(c("/enrollmentGroups/query/"), "/enrollmentgroups/query");
+        assert_eq!(c("/Statistics/Devices/"), "/statistics/devices");
+        assert_eq!(c("/devices//"), "/devices");
+        assert_eq!(c("/"), "/");
+        assert_eq!(c("//"), "/");
+        assert_eq!(c("/devices/x"), "/devices/x");
     }
 
     /// Ids that spell a route word keep their case: they are data (a device key is derived from

@@ -1,8 +1,6 @@
 //! The HTTPS listener (port 443): the DPS and hub service REST APIs, DPS over HTTPS for devices,
 //! and MQTT over WebSockets (see [`crate::websocket`]), routed by path on one TLS port.
 
-/// The path folding the HTTPS front end applies before routing (here for the fuzz target).
-pub use fleetgate_rest::canonical_path;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +26,7 @@ use crate::readiness::Readiness;
 
 fn canonicalize<B>(mut req: http::Request<B>) -> http::Request<B> {
     let uri = req.uri();
-    let path = fleetgate_rest::canonical_path(uri.path());
+    let path = fleetgate_rest::canonical_path(fleetgate_rest::trim_trailing_slashes(uri.path()));
     if path != uri.path() {
         let pq = match uri.query() {
             Some(q) => format!("{path}?{q}"),

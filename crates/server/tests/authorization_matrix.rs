@@ -49,6 +49,9 @@ const TWIN_READERS: &[&str] = &["iothubowner", "service", "registryRead", "regis
 
 const HUB_ROUTES: &[(&str, &str, &[&str])] = &[
     ("GET", "/devices", REGISTRY_READERS),
+    ("POST", "/devices/query", TWIN_READERS),
+    ("GET", "/statistics/devices", REGISTRY_READERS),
+    ("GET", "/statistics/service", SERVICE),
     ("PUT", "/devices/{id}", REGISTRY_WRITERS),
     ("GET", "/devices/{id}", REGISTRY_READERS),
     ("DELETE", "/devices/{id}", REGISTRY_WRITERS),
@@ -72,6 +75,8 @@ const IDS: &[&str] = &[
     "messages",
     "devicebound",
     "events",
+    "statistics",
+    "service",
     "plain-id",
 ];
 
@@ -106,6 +111,7 @@ fn body(template: &str, id: &str) -> Option<Value> {
         "/enrollmentgroups/query" => json!({"query": "SELECT * FROM enrollmentGroups"}),
         "/enrollments/query" => json!({"query": "SELECT * FROM enrollments"}),
         "/registrations/{id}/query" => json!({"query": "SELECT * FROM registrations"}),
+        "/devices/query" => json!({"query": "SELECT * FROM devices"}),
         "/enrollmentgroups/{id}" => json!({"enrollmentGroupId": id, "attestation": {"type": "symmetricKey"}}),
         "/enrollments/{id}" => json!({"registrationId": id, "attestation": {"type": "symmetricKey"}}),
         "/enrollments" => json!({"mode": "create", "enrollments": [
@@ -213,8 +219,8 @@ async fn dps_routes_methods_rights_with_route_words_as_ids() {
             n += run_policy(&s, DPS_ROUTES, p, &host, "2021-10-01").await;
         }
     }
-    // 12 ids × 6 templates with an id, and 3 literal routes (2 of which an id already spelled).
-    assert_eq!(n, policies.len() * METHODS.len() * (12 * 6 + 3 - 2));
+    // 14 ids × 6 templates with an id, and 3 literal routes (2 of which an id already spelled).
+    assert_eq!(n, policies.len() * METHODS.len() * (14 * 6 + 3 - 2));
 }
 
 #[tokio::test]
@@ -236,7 +242,9 @@ async fn hub_routes_methods_rights_with_route_words_as_ids() {
     for p in policies.iter().filter(|p| REGISTRY_WRITERS.contains(&p.key_name.as_str())) {
         n += run_policy(&s, HUB_ROUTES, p, &host, "2021-04-12").await;
     }
-    assert_eq!(n, policies.len() * METHODS.len() * (12 * 4 + 2));
+    // 14 ids × 4 templates with an id, and 5 literal routes (1 of which, /devices/query, the
+    // id `query` already spelled).
+    assert_eq!(n, policies.len() * METHODS.len() * (14 * 4 + 5 - 1));
 }
 
 /// The attack of issue 12, step by step: a read-only key could create a group named
@@ -293,6 +301,33 @@ async fn read_only_keys_cannot_write_through_route_words_and_writes_are_audited(
         entries.iter().any(|e| e.actor != DPS_OWNER && e.outcome == Outcome::Failure),
         "the refused write is audited: {entries:?}"
     );
+}
+
+/// A trailing slash is dropped before routing (Azure ignores it), so the rights are still those
+/// of the route it names: a read-only policy cannot write through `/devices/x/`.
+#[tokio::test]
+async fn trailing_slashes_route_and_keep_their_rights() {
+    let s = TestServer::start().await;
+    let host = format!("localhost:{}", s.https_addr().port());
+    let policies = s.store().policies(&format!("hub:{}", s.hub())).await.unwrap();
+    let by_name = |n: &str| policies.iter().find(|p| p.key_name == n).unwrap().clone();
+    let (reader, owner) = (by_name("registryRead"), by_name("iothubowner"));
+    let call = |m: Method, p: &AccessPolicy, path: &str| {
+        s.http()
+            .request(m, s.url(&format!("{path}?api-version=2021-04-12")))
+            .header("Authorization", token(p, &host))
+            .json(&json!({"deviceId": "x"}))
+            .send()
+    };
+    assert_eq!(call(Method::PUT, &reader, "/devices/x/").await.unwrap().status(), 401);
+    assert!(s.store().devices(&s.hub(), 0, 10).await.unwrap().is_empty(), "the refused write made nothing");
+    assert_eq!(call(Method::PUT, &owner, "/devices/x/").await.unwrap().status(), 200);
+    assert_eq!(call(Method::GET, &reader, "/devices/x/").await.unwrap().status(), 200);
+    let list = call(Method::GET, &reader, "/devices/").await.unwrap();
+    assert_eq!(list.status(), 200);
+    assert_eq!(list.json::<Vec<Value>>().await.unwrap().len(), 1);
+    assert_eq!(call(Method::DELETE, &reader, "/devices/x/").await.unwrap().status(), 401);
+    assert_eq!(call(Method::GET, &reader, "/statistics/devices/").await.unwrap().status(), 200);
 }
 
 /// A token whose `sr` names a path is limited to that path, as in Azure.

@@ -188,6 +188,14 @@ impl Store for FaultyStore {
         self.faults.read()?;
         self.inner.twin(hub, device_id).await
     }
+    async fn twins(&self, hub: &str, offset: usize, limit: usize) -> StoreResult<Vec<(DeviceIdentity, Twin)>> {
+        self.faults.read()?;
+        self.inner.twins(hub, offset, limit).await
+    }
+    async fn device_counts(&self, hub: &str) -> StoreResult<crate::DeviceCounts> {
+        self.faults.read()?;
+        self.inner.device_counts(hub).await
+    }
     async fn update_device(
         &self,
         hub: &str,

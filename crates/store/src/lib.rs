@@ -54,6 +54,13 @@ pub enum HubRemoval {
     HasDevices(u64),
 }
 
+/// A hub's identity counts (registry statistics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceCounts {
+    pub total: u64,
+    pub enabled: u64,
+}
+
 /// A read of the telemetry stream.
 #[derive(Debug, Default)]
 pub struct EventPage {
@@ -186,6 +193,11 @@ pub trait Store: Send + Sync + 'static {
     /// Devices of a hub, oldest first, paged.
     async fn devices(&self, hub: &str, offset: usize, limit: usize) -> StoreResult<Vec<DeviceIdentity>>;
     async fn twin(&self, hub: &str, device_id: &str) -> StoreResult<Option<(DeviceIdentity, Twin)>>;
+    /// Identities with their twins, in creation order (the hub query pages through them).
+    async fn twins(&self, hub: &str, offset: usize, limit: usize) -> StoreResult<Vec<(DeviceIdentity, Twin)>>;
+    /// How many identities the hub has, and how many are enabled, counted by the store (the
+    /// registry statistics), not by reading them.
+    async fn device_counts(&self, hub: &str) -> StoreResult<DeviceCounts>;
     /// Atomically replaces (Some) or deletes (None) a device and its twin, given the current ones.
     async fn update_device(
         &self,

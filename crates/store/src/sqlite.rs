@@ -921,6 +921,47 @@ impl Store for SqliteStore {
         self.with(move |c| read_device(c, &h, &d)).await
     }
 
+    async fn twins(&self, hub: &str, offset: usize, limit: usize) -> StoreResult<Vec<(DeviceIdentity, Twin)>> {
+        let h = key(hub);
+        self.with(move |c| {
+            let mut st = c
+                .prepare("SELECT body, twin FROM devices WHERE hub_key = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3")
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![h, limit as i64, offset as i64], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(backend)?;
+            rows.map(|row| {
+                let (b, t) = row.map_err(backend)?;
+                Ok((parse(&b)?, parse(&t)?))
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn device_counts(&self, hub: &str) -> StoreResult<crate::DeviceCounts> {
+        let h = key(hub);
+        self.with(move |c| {
+            // Counted in SQLite over the (hub_key, device_key) index; the status is read from
+            // the stored identity (`"status": "enabled" | "disabled"`).
+            let (total, enabled): (i64, i64) = c
+                .query_row(
+                    "SELECT COUNT(*), COALESCE(SUM(json_extract(body, '$.status') = 'enabled'), 0)
+                     FROM devices WHERE hub_key = ?1",
+                    [h],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(backend)?;
+            Ok(crate::DeviceCounts {
+                total: u64::try_from(total).unwrap_or(0),
+                enabled: u64::try_from(enabled).unwrap_or(0),
+            })
+        })
+        .await
+    }
+
     async fn update_device(
         &self,
         hub: &str,

@@ -297,3 +297,26 @@ async fn stored_id_scope_reads_without_creating() {
     std::fs::write(&garbage, vec![7u8; 8192]).unwrap();
     assert!(SqliteStore::stored_id_scope(&garbage).is_err());
 }
+
+/// Registry statistics are counted by the store, per hub; the hub query reads twins in order.
+#[tokio::test]
+async fn device_counts_and_twins_per_hub() {
+    let (_, s) = temp_db();
+    assert_eq!(s.device_counts("hub-a").await.unwrap(), fleetgate_store::DeviceCounts::default());
+    for (hub, id, status) in [
+        ("hub-a", "d1", fleetgate_core::device::DeviceStatus::Enabled),
+        ("hub-a", "d2", fleetgate_core::device::DeviceStatus::Disabled),
+        ("hub-a", "d3", fleetgate_core::device::DeviceStatus::Enabled),
+        ("hub-b", "d1", fleetgate_core::device::DeviceStatus::Disabled),
+    ] {
+        let mut dev = DeviceIdentity::provisioned(None, hub, id, &[SymmetricKey::generate()], Timestamp::now());
+        dev.status = status;
+        s.update_device(hub, id, Box::new(move |_| Ok(Some((dev, fleetgate_core::twin::Twin::default())))))
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.device_counts("HUB-A").await.unwrap(), fleetgate_store::DeviceCounts { total: 3, enabled: 2 });
+    assert_eq!(s.device_counts("hub-b").await.unwrap(), fleetgate_store::DeviceCounts { total: 1, enabled: 0 });
+    let page: Vec<_> = s.twins("hub-a", 1, 5).await.unwrap().into_iter().map(|(d, _)| d.device_id).collect();
+    assert_eq!(page, ["d2", "d3"]);
+}
