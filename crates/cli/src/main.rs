@@ -1,6 +1,18 @@
 //! `fleetgate`: the one binary. `serve` runs the service; the other verbs mirror `az iot dps`.
 
+/// `println!` for command output: a closed stdout (`| head`) is a clean exit, not a panic
+/// (see [`output`]).
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::output::write(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` for command output (see [`outln!`]).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write(format_args!($($arg)*)) };
+}
+
 mod commands;
+mod output;
 
 use std::path::PathBuf;
 

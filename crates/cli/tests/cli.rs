@@ -446,3 +446,41 @@ fn events_verify_reports_damage_beside_the_owner_and_changes_nothing() {
     assert_eq!(std::fs::read(&segment).unwrap(), &bytes[..bytes.len() - 100], "nothing changed");
     assert_eq!(log.read("h", 0, 100).unwrap().events.len(), 74, "the log is still open and readable");
 }
+
+/// Runs the binary with its stdout a pipe whose reader is already gone (as `| head` leaves it
+/// once it has read enough).
+fn run_into_closed_pipe(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(common::BIN)
+        .args(args)
+        .env_remove("FLEETGATE_CONNECTION_STRING")
+        .env_remove("FLEETGATE_DATA_DIR")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn output_into_a_closed_pipe_is_a_clean_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("ids.txt");
+    std::fs::write(&ids, (0..5000).map(|i| format!("dev-{i}\n")).collect::<String>()).unwrap();
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let s = serve();
+    let d = s.dir();
+    let runs: [&[&str]; 5] = [
+        &["compute-device-key", "--key", key, "--registration-id", "dev-1"],
+        &["compute-device-key", "--key", key, "--registration-ids-file", ids.to_str().unwrap()],
+        &["info", "--data-dir", d],
+        &["enrollment-group", "list", "--data-dir", d],
+        &["audit", "--data-dir", d],
+    ];
+    for args in runs {
+        let o = run_into_closed_pipe(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {:?} {err}", o.status);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

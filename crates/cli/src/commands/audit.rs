@@ -34,7 +34,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
         limit: args.limit,
     };
     for e in store.audit(&query).await? {
-        println!("{}", serde_json::to_string(&e)?);
+        outln!("{}", serde_json::to_string(&e)?);
     }
     Ok(())
 }

@@ -164,7 +164,7 @@ fn write(dir: &Path, cert_pem: &str, chain_pem: Option<&str>, key: &KeyPair) -> 
     if let Some(chain) = chain_pem {
         write_file(&dir.join("chain.pem"), chain, false)?;
     }
-    println!("{}", cert_path.display());
+    outln!("{}", cert_path.display());
     Ok(())
 }
 

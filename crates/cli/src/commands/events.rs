@@ -26,14 +26,14 @@ pub fn run(cmd: EventsCommand) -> anyhow::Result<()> {
             let dir = data_dir.join("events");
             let report = fleetgate_store::event_log::repair(&dir)
                 .with_context(|| format!("repairing the event log in {}", dir.display()))?;
-            print!("{report}");
+            out!("{report}");
             Ok(())
         }
         EventsCommand::Verify { data_dir } => {
             let dir = data_dir.join("events");
             let report = fleetgate_store::event_log::verify(&dir)
                 .with_context(|| format!("verifying the event log in {}", dir.display()))?;
-            print!("{report}");
+            out!("{report}");
             anyhow::ensure!(report.is_clean(), "the event log in {} is damaged", dir.display());
             Ok(())
         }

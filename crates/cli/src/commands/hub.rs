@@ -262,7 +262,7 @@ pub async fn run(cmd: HubCommand) -> anyhow::Result<()> {
             target
                 .client()?
                 .monitor_events(from, device_id.as_deref(), timeout.map(Duration::from_secs), |v| {
-                    println!("{}", serde_json::to_string_pretty(&shape_event(v, sys, app, anno)).expect("JSON prints"));
+                    outln!("{}", serde_json::to_string_pretty(&shape_event(v, sys, app, anno)).expect("JSON prints"));
                     true
                 })
                 .await

@@ -55,5 +55,5 @@ pub fn describe(e: ServiceError) -> anyhow::Error {
 }
 
 pub fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+    outln!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
 }

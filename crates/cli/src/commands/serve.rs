@@ -199,10 +199,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.hub.message_rate = nonzero(args.hub_messages_per_second, Rate::per_second);
 
     let server = fleetgate_server::start(config).await.context("starting fleetgate")?;
-    println!("{}", server.instance.banner());
-    println!("  MQTT/TLS on {}, HTTPS on {}", server.mqtt_addr, server.https_addr);
+    // The server runs on whether or not anyone reads its banner.
+    let banner = crate::output::write_best_effort;
+    banner(format_args!("{}\n", server.instance.banner()));
+    banner(format_args!("  MQTT/TLS on {}, HTTPS on {}\n", server.mqtt_addr, server.https_addr));
     if let Some(addr) = server.metrics_addr {
-        println!("  /metrics over plain HTTP on {addr}");
+        banner(format_args!("  /metrics over plain HTTP on {addr}\n"));
     }
     let stop = server.shutdown_signal();
     tokio::spawn(async move {
@@ -251,7 +253,7 @@ async fn wait_for_signal() {
 pub fn info(data_dir: &Path) -> anyhow::Result<()> {
     let inst =
         fleetgate_server::Instance::read(data_dir).context("run `fleetgate serve` once to create the instance")?;
-    print!("{}", inst.banner());
+    out!("{}", inst.banner());
     Ok(())
 }
 
