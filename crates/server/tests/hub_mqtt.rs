@@ -595,3 +595,21 @@ async fn shutdown_finishes_in_flight_work_and_closes_connections() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["event"]["payload"], "in flight");
 }
+
+#[tokio::test]
+async fn a_binary_body_is_marked_beside_its_payload() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    m.publish("devices/dev-1/messages/events/", QoS::AtMostOnce, 0, &[0xff, 0x00, 0xfe]).await;
+    // A JSON body of the shape a binary body once had is just that JSON.
+    m.publish("devices/dev-1/messages/events/", QoS::AtMostOnce, 0, br#"{"base64":"/wD+"}"#).await;
+    m.send(Packet::PingReq).await;
+    assert!(matches!(m.recv().await, Some(Packet::PingResp)));
+    let events = s.stored_events().await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["event"]["payload"], "/wD+");
+    assert_eq!(events[0]["event"]["payloadEncoding"], "base64");
+    assert_eq!(events[1]["event"]["payload"], json!({"base64": "/wD+"}));
+    assert!(events[1]["event"].get("payloadEncoding").is_none());
+}

@@ -100,10 +100,11 @@ pub enum HubCommand {
         target: HubTarget,
         #[arg(long)]
         device_id: Option<String>,
-        /// Extra sections to show: sys, app, anno, all.
-        #[arg(long, value_delimiter = ' ', num_args = 0..)]
+        /// Extra sections to show (space-separated): sys, app, anno, all.
+        #[arg(long, value_delimiter = ' ', num_args = 0.., value_parser = ["sys", "app", "anno", "all"])]
         properties: Vec<String>,
-        /// Stop after this many seconds without ending early.
+        /// Stop once this many seconds pass without a message (counted from the start, then
+        /// from the last message, as az); 0 or absent: run until stopped.
         #[arg(long)]
         timeout: Option<u64>,
         /// Replay from this stream position (1 = the beginning) before following live.
@@ -261,7 +262,7 @@ pub async fn run(cmd: HubCommand) -> anyhow::Result<()> {
             eprintln!("Starting event monitor, use ctrl-c to stop...");
             target
                 .client()?
-                .monitor_events(from, device_id.as_deref(), timeout.map(Duration::from_secs), |v| {
+                .monitor_events(from, device_id.as_deref(), timeout.filter(|&t| t > 0).map(Duration::from_secs), |v| {
                     outln!("{}", serde_json::to_string_pretty(&shape_event(v, sys, app, anno)).expect("JSON prints"));
                     true
                 })
@@ -292,6 +293,11 @@ fn shape_event(v: Value, sys: bool, app: bool, anno: bool) -> Value {
         out["annotations"] = e["annotations"].clone();
     }
     out["payload"] = e["payload"].clone();
+    // A body that is not UTF-8 comes as base64 text, marked beside the payload so it cannot be
+    // taken for a text body that happens to look like base64.
+    if let Some(encoding) = e.get("payloadEncoding") {
+        out["payloadEncoding"] = encoding.clone();
+    }
     json!({ "event": out })
 }
 
