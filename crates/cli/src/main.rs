@@ -95,7 +95,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => commands::serve::run(args).await,
-            Command::Info { data_dir } => commands::serve::info(&data_dir),
+            Command::Info { data_dir } => commands::serve::info(&data_dir).await,
             Command::ComputeDeviceKey(args) => commands::keys::run(args),
             Command::EnrollmentGroup(cmd) => commands::groups::run(cmd).await,
             Command::Registration(cmd) => commands::registrations::run(cmd).await,

@@ -155,7 +155,7 @@ impl HubServiceClient {
             .header("Accept", "text/event-stream")
             .send()
             .await
-            .map_err(|e| ServiceError::Transport(e.to_string()))?;
+            .map_err(crate::rest::transport)?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();
             let body = resp.json().await.unwrap_or(Value::Null);
@@ -172,7 +172,7 @@ impl HubServiceClient {
                 },
                 None => resp.chunk().await,
             };
-            let Some(chunk) = next.map_err(|e| ServiceError::Transport(e.to_string()))? else { break };
+            let Some(chunk) = next.map_err(crate::rest::transport)? else { break };
             buf.push_str(&String::from_utf8_lossy(&chunk));
             // Events are separated by a blank line; only `data:` lines matter here.
             while let Some(end) = buf.find("\n\n") {
