@@ -21,6 +21,7 @@ pub struct HubTarget {
     /// Hub host name in the local instance (default: its first hub).
     #[arg(long)]
     hub_name: Option<String>,
+    /// Data directory of the local instance (used when no --login is given).
     #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
     data_dir: PathBuf,
     /// PEM file of the CA to trust (default: the data dir's ca.pem).
@@ -59,14 +60,17 @@ impl HubTarget {
 pub enum HubCommand {
     /// List the hubs linked to the local instance.
     List {
+        /// Data directory of the local instance.
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
     },
     /// Add a hub to the local instance (takes effect at once; restart `serve` with a matching
     /// `--hostname` if devices will dial this name).
     Create {
+        /// Data directory of the local instance.
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
+        /// Host name of the hub to add.
         #[arg(long)]
         hostname: String,
     },
@@ -80,8 +84,10 @@ pub enum HubCommand {
     InvokeDeviceMethod {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
+        /// Name of the method to call.
         #[arg(long)]
         method_name: String,
         /// JSON payload.
@@ -98,6 +104,7 @@ pub enum HubCommand {
     MonitorEvents {
         #[command(flatten)]
         target: HubTarget,
+        /// Only this device's messages.
         #[arg(long)]
         device_id: Option<String>,
         /// Extra sections to show (space-separated): sys, app, anno, all.
@@ -115,6 +122,7 @@ pub enum HubCommand {
 
 #[derive(Subcommand)]
 pub enum DeviceIdentity {
+    /// List the hub's device identities.
     List {
         #[command(flatten)]
         target: HubTarget,
@@ -122,21 +130,28 @@ pub enum DeviceIdentity {
         #[arg(long)]
         top: Option<usize>,
     },
+    /// Show a device identity (keys, status, connection state).
     Show {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
     },
+    /// Create a device identity with symmetric keys (generated unless given).
     Create {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
+        /// The device's primary symmetric key, base64 (generated unless given).
         #[arg(long)]
         primary_key: Option<String>,
+        /// The device's secondary symmetric key, base64 (generated unless given).
         #[arg(long)]
         secondary_key: Option<String>,
+        /// Whether the device may connect.
         #[arg(long, default_value = "enabled", value_parser = ["enabled", "disabled"])]
         status: String,
     },
@@ -144,14 +159,18 @@ pub enum DeviceIdentity {
     Update {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
+        /// enabled, or disabled to refuse and disconnect the device.
         #[arg(long, value_parser = ["enabled", "disabled"])]
         status: String,
     },
+    /// Delete a device identity.
     Delete {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
     },
@@ -159,9 +178,11 @@ pub enum DeviceIdentity {
 
 #[derive(Subcommand)]
 pub enum DeviceTwin {
+    /// Show a device's twin: tags, desired and reported properties.
     Show {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
     },
@@ -169,6 +190,7 @@ pub enum DeviceTwin {
     Update {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
         /// Desired properties patch (JSON object; null removes a property).
@@ -177,6 +199,7 @@ pub enum DeviceTwin {
         /// Tags patch (JSON object).
         #[arg(long)]
         tags: Option<String>,
+        /// Only update the twin if it still has this etag.
         #[arg(long)]
         etag: Option<String>,
     },
@@ -184,19 +207,26 @@ pub enum DeviceTwin {
 
 #[derive(Subcommand)]
 pub enum C2dMessage {
+    /// Queue a cloud-to-device message for a device.
     Send {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
+        /// Message body.
         #[arg(long, default_value = "Ping from Fleetgate CLI")]
         data: String,
+        /// Message id (system property message-id).
         #[arg(long)]
         message_id: Option<String>,
+        /// Correlation id (system property correlation-id).
         #[arg(long)]
         correlation_id: Option<String>,
+        /// Content type (system property content-type), e.g. application/json.
         #[arg(long)]
         content_type: Option<String>,
+        /// Content encoding (system property content-encoding), e.g. utf-8.
         #[arg(long)]
         content_encoding: Option<String>,
         /// Application properties as `k1=v1;k2=v2`.
