@@ -1,6 +1,18 @@
 //! `fleetgate`: the one binary. `serve` runs the service; the other verbs mirror `az iot dps`.
 
+/// `println!` for command output: a closed stdout (`| head`) is a clean exit, not a panic
+/// (see [`output`]).
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::output::write(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` for command output (see [`outln!`]).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write(format_args!($($arg)*)) };
+}
+
 mod commands;
+mod output;
 
 use std::path::PathBuf;
 
@@ -35,8 +47,10 @@ pub struct Target {
 enum Command {
     /// Run the provisioning service (MQTT/TLS and HTTPS) on the embedded default.
     Serve(commands::serve::ServeArgs),
-    /// Print the instance details (ID scope, endpoints, connection strings).
+    /// Print the instance details (ID scope, endpoints, connection strings) and whether its
+    /// server answers.
     Info {
+        /// Data directory of the local instance.
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
     },
@@ -83,7 +97,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => commands::serve::run(args).await,
-            Command::Info { data_dir } => commands::serve::info(&data_dir),
+            Command::Info { data_dir } => commands::serve::info(&data_dir).await,
             Command::ComputeDeviceKey(args) => commands::keys::run(args),
             Command::EnrollmentGroup(cmd) => commands::groups::run(cmd).await,
             Command::Registration(cmd) => commands::registrations::run(cmd).await,
@@ -103,5 +117,62 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand and option says what it is for, in its own words: clap shows a
+    /// subcommand's doc comment, or else the doc comment of the type it holds, so a missing one
+    /// shows another command's line.
+    #[test]
+    fn every_command_and_option_has_its_own_help() {
+        fn walk(cmd: &clap::Command, path: &str, problems: &mut Vec<String>) {
+            let mut seen = std::collections::HashMap::new();
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                match sub.get_about() {
+                    None => problems.push(format!("{name}: no help")),
+                    Some(about) => {
+                        if let Some(other) = seen.insert(about.to_string(), name.clone()) {
+                            problems.push(format!("{name}: same help as {other}: {about}"));
+                        }
+                    }
+                }
+                walk(sub, &name, problems);
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    problems.push(format!("{path} --{}: no help", arg.get_long().unwrap_or(id)));
+                }
+            }
+        }
+        let mut problems = Vec::new();
+        walk(&super::Cli::command(), "fleetgate", &mut problems);
+        // A subcommand without a doc comment of its own shows the doc of an argument group it
+        // flattens.
+        let groups = [
+            <super::Target as clap::Args>::augment_args(clap::Command::new("g")),
+            <crate::commands::hub::HubTarget as clap::Args>::augment_args(clap::Command::new("g")),
+            <crate::commands::enrollment_args::EnrollmentArgs as clap::Args>::augment_args(clap::Command::new("g")),
+        ];
+        fn borrowed(cmd: &clap::Command, path: &str, groups: &[String], problems: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_some_and(|a| groups.contains(&a.to_string())) {
+                    problems.push(format!("{name}: shows an argument group's doc, not its own"));
+                }
+                borrowed(sub, &name, groups, problems);
+            }
+        }
+        let groups: Vec<String> = groups.iter().filter_map(|g| g.get_about().map(|a| a.to_string())).collect();
+        borrowed(&super::Cli::command(), "fleetgate", &groups, &mut problems);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 }

@@ -446,3 +446,77 @@ fn events_verify_reports_damage_beside_the_owner_and_changes_nothing() {
     assert_eq!(std::fs::read(&segment).unwrap(), &bytes[..bytes.len() - 100], "nothing changed");
     assert_eq!(log.read("h", 0, 100).unwrap().events.len(), 74, "the log is still open and readable");
 }
+
+/// Runs the binary with its stdout a pipe whose reader is already gone (as `| head` leaves it
+/// once it has read enough).
+fn run_into_closed_pipe(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(common::BIN)
+        .args(args)
+        .env_remove("FLEETGATE_CONNECTION_STRING")
+        .env_remove("FLEETGATE_DATA_DIR")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn output_into_a_closed_pipe_is_a_clean_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = dir.path().join("ids.txt");
+    std::fs::write(&ids, (0..5000).map(|i| format!("dev-{i}\n")).collect::<String>()).unwrap();
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let s = serve();
+    let d = s.dir();
+    let runs: [&[&str]; 5] = [
+        &["compute-device-key", "--key", key, "--registration-id", "dev-1"],
+        &["compute-device-key", "--key", key, "--registration-ids-file", ids.to_str().unwrap()],
+        &["info", "--data-dir", d],
+        &["enrollment-group", "list", "--data-dir", d],
+        &["audit", "--data-dir", d],
+    ];
+    for args in runs {
+        let o = run_into_closed_pipe(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {:?} {err}", o.status);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn audit_since_takes_times_and_ages_and_limit_keeps_the_newest() {
+    let s = serve();
+    let d = s.dir();
+    for g in ["grp-a", "grp-b", "grp-c"] {
+        stdout(&run(&["enrollment-group", "create", "--data-dir", d, "--group-id", g]));
+    }
+    let lines = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut all = vec!["audit", "--data-dir", d];
+        all.extend_from_slice(args);
+        stdout(&run(&all)).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    // The trail is written behind the requests: wait until the last group's entry is in.
+    let mut all = Vec::new();
+    for _ in 0..200 {
+        all = lines(&[]);
+        if all.iter().any(|e| e["target"] == "grp-c") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(all.len() >= 3, "{all:?}");
+    // The newest, printed oldest first.
+    assert_eq!(lines(&["--limit", "1"]), all[all.len() - 1..]);
+    assert_eq!(lines(&["--limit", "2"]), all[all.len() - 2..]);
+    for recent in ["1h", "30m", "2d", "2000-01-01", "2000-01-01T01:00:00+01:00"] {
+        assert_eq!(lines(&["--since", recent]), all, "{recent}");
+    }
+    assert!(lines(&["--since", "2999-01-01T00:00:00Z"]).is_empty());
+    for bad in ["yesterday", "1y", "2026-13-01"] {
+        let o = run(&["audit", "--data-dir", d, "--since", bad]);
+        assert!(!o.status.success(), "{bad}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("--since"), "names the flag: {bad}");
+    }
+}

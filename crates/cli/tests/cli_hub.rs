@@ -226,3 +226,81 @@ fn linked_hub_delete() {
     // Nor does the hub CLI find it any more.
     assert!(!run(&["hub", "device-identity", "list", "--data-dir", d, "--hub-name", "127.0.0.1"]).status.success());
 }
+
+/// Telemetry from `count` new simulated devices of group `g`, one message each.
+fn simulate(d: &str, port: &str, start: usize) {
+    let start = start.to_string();
+    let o = run(&[
+        "simulate",
+        "--data-dir",
+        d,
+        "--group-id",
+        "g",
+        "--devices",
+        "1",
+        "--start-index",
+        &start,
+        "--messages",
+        "1",
+        "--mqtt-port",
+        port,
+    ]);
+    assert!(stdout(&o).contains("Sent 1 of 1"));
+}
+
+#[test]
+fn monitor_events_timeout_counts_from_the_last_message_and_zero_is_forever() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let s = serve();
+    let d = s.dir();
+    let port = s.mqtt_port.to_string();
+    stdout(&run(&["enrollment-group", "create", "--data-dir", d, "--group-id", "g"]));
+
+    let bad = run(&["hub", "monitor-events", "--data-dir", d, "--properties", "sys", "bogus"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--properties"));
+
+    // Messages 3 s apart, the last well past 5 s after the start: a timeout of 5 s counted
+    // from the start would miss it.
+    let monitor = Command::new(common::BIN)
+        .args(["hub", "monitor-events", "--data-dir", d, "--from", "1", "--timeout", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for i in 0..3 {
+        if i > 0 {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+        }
+        simulate(d, &port, i);
+    }
+    let text = String::from_utf8(monitor.wait_with_output().unwrap().stdout).unwrap();
+    let origins: Vec<String> = serde_json::Deserializer::from_str(&text)
+        .into_iter::<serde_json::Value>()
+        .map(|v| v.unwrap()["event"]["origin"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(origins, ["sim-g-00000", "sim-g-00001", "sim-g-00002"]);
+
+    // 0: still following once everything stored has been printed.
+    let mut monitor = Command::new(common::BIN)
+        .args(["hub", "monitor-events", "--data-dir", d, "--from", "1", "--timeout", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(monitor.stdout.take().unwrap());
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < 3 {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "monitor-events --timeout 0 stopped");
+        if line.contains("\"origin\"") {
+            seen += 1;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(monitor.try_wait().unwrap().is_none(), "monitor-events --timeout 0 stopped");
+    monitor.kill().unwrap();
+    monitor.wait().unwrap();
+}

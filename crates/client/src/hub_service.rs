@@ -127,13 +127,14 @@ impl HubServiceClient {
         self.rest.send(req).await.map(|_| ())
     }
 
-    /// Streams telemetry events (server-sent events) to `on_event` until the stream ends, the
-    /// timeout passes, or `on_event` returns false. `from`: first position, or only new events.
+    /// Streams telemetry events (server-sent events) to `on_event` until the stream ends, `idle`
+    /// passes without an event (counted from the start, then from the last event, as az's
+    /// `--timeout`), or `on_event` returns false. `from`: first position, or only new events.
     pub async fn monitor_events(
         &self,
         from: Option<u64>,
         device_id: Option<&str>,
-        timeout: Option<Duration>,
+        idle: Option<Duration>,
         mut on_event: impl FnMut(Value) -> bool,
     ) -> Result<(), ServiceError> {
         let mut path = String::from("/messages/events");
@@ -143,9 +144,6 @@ impl HubServiceClient {
         }
         if let Some(d) = device_id {
             q.push(format!("deviceId={}", seg(d)));
-        }
-        if let Some(t) = timeout {
-            q.push(format!("timeout={}", t.as_secs().max(1)));
         }
         if !q.is_empty() {
             path.push('?');
@@ -157,14 +155,24 @@ impl HubServiceClient {
             .header("Accept", "text/event-stream")
             .send()
             .await
-            .map_err(|e| ServiceError::Transport(e.to_string()))?;
+            .map_err(crate::rest::transport)?;
         if !resp.status().is_success() {
             let status = resp.status().as_u16();
             let body = resp.json().await.unwrap_or(Value::Null);
             return Err(ServiceError::Api { status, body });
         }
         let mut buf = String::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| ServiceError::Transport(e.to_string()))? {
+        // The server's keep-alive comments arrive as chunks too: only an event moves the deadline.
+        let mut deadline = idle.map(|i| tokio::time::Instant::now() + i);
+        loop {
+            let next = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, resp.chunk()).await {
+                    Ok(c) => c,
+                    Err(_) => return Ok(()),
+                },
+                None => resp.chunk().await,
+            };
+            let Some(chunk) = next.map_err(crate::rest::transport)? else { break };
             buf.push_str(&String::from_utf8_lossy(&chunk));
             // Events are separated by a blank line; only `data:` lines matter here.
             while let Some(end) = buf.find("\n\n") {
@@ -179,6 +187,7 @@ impl HubServiceClient {
                     continue;
                 }
                 if let Ok(v) = serde_json::from_str::<Value>(&data) {
+                    deadline = idle.map(|i| tokio::time::Instant::now() + i);
                     if !on_event(v) {
                         return Ok(());
                     }

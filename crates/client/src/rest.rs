@@ -28,8 +28,22 @@ impl ServiceError {
     }
 }
 
-fn transport(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError::Transport(e.to_string())
+/// A request that got no answer, with its whole cause chain: reqwest's own line ("error
+/// sending request for url (...)") is the same for a refused connection, an untrusted
+/// certificate and an unknown host; the causes say which.
+pub(crate) fn transport(e: impl std::error::Error) -> ServiceError {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let line = c.to_string();
+        // Layers often repeat the message below them word for word.
+        if !text.ends_with(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = c.source();
+    }
+    ServiceError::Transport(text)
 }
 
 pub(crate) struct RestClient {

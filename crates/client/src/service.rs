@@ -42,6 +42,11 @@ impl DpsServiceClient {
         self.rest.call(method, path, body, headers).await
     }
 
+    /// Whether the server answers its liveness probe, `GET /healthz`.
+    pub async fn healthz(&self) -> Result<(), ServiceError> {
+        self.rest.call(Method::GET, "/healthz", None, &[]).await.map(|_| ())
+    }
+
     pub async fn put_enrollment_group(&self, group: &Value, if_match: Option<&str>) -> Result<Value, ServiceError> {
         let id = group.get("enrollmentGroupId").and_then(Value::as_str).unwrap_or_default();
         let headers: Vec<_> = if_match.map(|e| ("If-Match", e.to_owned())).into_iter().collect();

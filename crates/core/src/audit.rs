@@ -87,18 +87,20 @@ impl AuditEntry {
 /// Which entries a query wants.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
-    /// Entries at or after this time (`YYYY-MM-DDTHH:MM:SS...Z`, compared as text, which orders
-    /// Azure timestamps correctly).
-    pub since: Option<String>,
+    /// Entries at or after this time. (Entry times are compared as Azure timestamp text, which
+    /// orders them: fixed width, seven fraction digits, UTC.)
+    pub since: Option<Timestamp>,
     /// Entries whose actor or target is this id (case-insensitive).
     pub id: Option<String>,
     pub outcome: Option<Outcome>,
+    /// At most this many entries, the newest that match (0: all). Entries are returned oldest
+    /// first either way.
     pub limit: usize,
 }
 
 impl AuditQuery {
     pub fn matches(&self, e: &AuditEntry) -> bool {
-        self.since.as_deref().is_none_or(|s| e.time.as_str() >= s)
+        self.since.is_none_or(|s| e.time >= s.to_azure_string())
             && self.id.as_deref().is_none_or(|id| {
                 e.actor.eq_ignore_ascii_case(id) || e.target.as_deref().is_some_and(|t| t.eq_ignore_ascii_case(id))
             })
@@ -118,8 +120,8 @@ mod tests {
         assert!(AuditQuery { id: Some("dev-1".into()), ..Default::default() }.matches(&e));
         assert!(!AuditQuery { id: Some("dev-2".into()), ..Default::default() }.matches(&e));
         assert!(AuditQuery { outcome: Some(Outcome::Failure), ..Default::default() }.matches(&e));
-        assert!(AuditQuery { since: Some("2000-01-01T00:00:00Z".into()), ..Default::default() }.matches(&e));
-        assert!(!AuditQuery { since: Some("9999-01-01T00:00:00Z".into()), ..Default::default() }.matches(&e));
+        assert!(AuditQuery { since: Timestamp::parse_azure("2000-01-01T00:00:00Z"), ..Default::default() }.matches(&e));
+        assert!(!AuditQuery { since: Timestamp::parse_azure("9999-01-01T00:00:00Z"), ..Default::default() }.matches(&e));
         let long = AuditEntry::new(AuditCategory::ServiceOperations, "x", &"a".repeat(1000), Outcome::Success);
         assert_eq!(long.actor.len(), 256);
     }

@@ -397,7 +397,7 @@ impl Hub {
     }
 
     pub fn disconnect_session(&self, d: &HubDevice, id: u64) {
-        self.sessions.unregister(&d.hub, &d.device_id, id);
+        self.sessions.unregister(&d.hub, &d.device_id, id, Timestamp::now().to_azure_string());
         fleetgate_metrics::METRICS.hub_sessions.set(self.sessions.count() as i64);
         // Calls sent on this connection can no longer be answered (an answer counts only on
         // the connection the call went out on): their callers learn it now, not at timeout.
@@ -652,7 +652,7 @@ impl Hub {
 
     /// Azure's `Device` JSON for the service API.
     pub fn device_json(&self, dev: &DeviceIdentity) -> Value {
-        let connected = self.sessions.connected_since(&dev.hub, &dev.device_id);
+        let (connected, state_since) = self.sessions.connection_state(&dev.hub, &dev.device_id);
         let activity = self
             .activity
             .lock()
@@ -665,10 +665,11 @@ impl Hub {
             "deviceId": dev.device_id,
             "generationId": dev.generation_id,
             "etag": dev.etag,
-            "connectionState": if connected.is_some() { "Connected" } else { "Disconnected" },
+            "connectionState": if connected { "Connected" } else { "Disconnected" },
             "status": dev.status,
             "statusReason": null,
-            "connectionStateUpdatedTime": connected.unwrap_or_else(|| "0001-01-01T00:00:00Z".into()),
+            // Azure's "never" when the device has not connected (since the server started).
+            "connectionStateUpdatedTime": state_since.unwrap_or_else(|| "0001-01-01T00:00:00Z".into()),
             "statusUpdatedTime": dev.created_date_time_utc,
             "lastActivityTime": activity.unwrap_or_else(|| "0001-01-01T00:00:00Z".into()),
             "cloudToDeviceMessageCount": 0,

@@ -363,16 +363,18 @@ struct EventsQuery {
     format: Option<String>,
 }
 
-/// An event as `az iot hub monitor-events --properties all` prints it, plus its position.
+/// An event as `az iot hub monitor-events --properties all` prints it, plus its position. A
+/// body that is not UTF-8 is its base64 text, with `"payloadEncoding": "base64"` beside it: a
+/// marker inside the payload (such as `{"base64": ...}`) could be a JSON body of that shape.
 pub fn event_json(e: &TelemetryEvent) -> Value {
-    let payload = match serde_json::from_slice::<Value>(&e.body) {
-        Ok(v) => v,
+    let (payload, binary) = match serde_json::from_slice::<Value>(&e.body) {
+        Ok(v) => (v, false),
         Err(_) => match std::str::from_utf8(&e.body) {
-            Ok(s) => Value::String(s.to_owned()),
-            Err(_) => json!({"base64": base64::engine::general_purpose::STANDARD.encode(&e.body)}),
+            Ok(s) => (Value::String(s.to_owned()), false),
+            Err(_) => (Value::String(base64::engine::general_purpose::STANDARD.encode(&e.body)), true),
         },
     };
-    json!({
+    let mut v = json!({
         "seq": e.seq,
         "event": {
             "origin": e.device_id,
@@ -388,7 +390,11 @@ pub fn event_json(e: &TelemetryEvent) -> Value {
             },
             "payload": payload,
         }
-    })
+    });
+    if binary {
+        v["event"]["payloadEncoding"] = "base64".into();
+    }
+    v
 }
 
 /// `GET /messages/events`: the hub's telemetry, as a server-sent event stream (or, with

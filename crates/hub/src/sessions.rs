@@ -133,6 +133,10 @@ pub struct Sessions {
     /// was connecting. Only bumped and compared under `map`'s lock.
     closes: Box<[AtomicU64]>,
     stripe_hasher: std::collections::hash_map::RandomState,
+    /// When each device that is not connected last disconnected (Azure's
+    /// `connectionStateUpdatedTime` of a disconnected device). One entry per device that has
+    /// connected since the server started, as for last activity; it goes when it reconnects.
+    disconnected_at: Mutex<HashMap<(String, String), String>>,
 }
 
 impl Default for Sessions {
@@ -142,6 +146,7 @@ impl Default for Sessions {
             map: Mutex::default(),
             closes: (0..CLOSE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             stripe_hasher: std::collections::hash_map::RandomState::new(),
+            disconnected_at: Mutex::default(),
         }
     }
 }
@@ -199,6 +204,7 @@ impl Sessions {
         let tx = Arc::new(Inbox::default());
         let rx = tx.clone();
         let flags = Arc::new(SessionFlags::default());
+        self.disconnected_at.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
         let old = map.insert(key, Entry { id, tx, flags: flags.clone(), connected_since: now });
         drop(map);
         if let Some(old) = old {
@@ -208,11 +214,15 @@ impl Sessions {
         Some(SessionHandle { id, rx, flags })
     }
 
-    /// Removes the session if it is still the registered one.
-    pub fn unregister(&self, hub: &str, device: &str, id: u64) {
+    /// Removes the session if it is still the registered one (a session replaced by a newer
+    /// connection leaves the device connected), noting `now` as when the device disconnected.
+    pub fn unregister(&self, hub: &str, device: &str, id: u64, now: String) {
+        let key = key(hub, device);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(&key(hub, device)).is_some_and(|e| e.id == id) {
-            map.remove(&key(hub, device));
+        if map.get(&key).is_some_and(|e| e.id == id) {
+            map.remove(&key);
+            // Under `map`'s lock, as in `register`: the two never interleave.
+            self.disconnected_at.lock().unwrap_or_else(|p| p.into_inner()).insert(key, now);
         }
     }
 
@@ -237,9 +247,15 @@ impl Sessions {
         }
     }
 
-    /// When the device's current connection started, if connected.
-    pub fn connected_since(&self, hub: &str, device: &str) -> Option<String> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&key(hub, device)).map(|e| e.connected_since.clone())
+    /// Whether the device is connected, and since when it has been connected or disconnected
+    /// (`None`: it has not connected since the server started).
+    pub fn connection_state(&self, hub: &str, device: &str) -> (bool, Option<String>) {
+        let key = key(hub, device);
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&key) {
+            Some(e) => (true, Some(e.connected_since.clone())),
+            None => (false, self.disconnected_at.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned()),
+        }
     }
 
     /// How many devices of `hub` are connected now (service statistics).

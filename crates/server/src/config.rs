@@ -105,8 +105,9 @@ pub struct Limits {
     pub max_dps_packet_bytes: usize,
     /// Idle limit for an MQTT client that asked for keep-alive 0.
     pub idle_timeout: Duration,
-    /// Failed requests after which a DPS session is closed (one whose credentials were refused
-    /// is closed sooner: see `unauthenticated_timeout`).
+    /// Requests refused for their credentials (401) after which a DPS session is closed (one
+    /// whose CONNECT credentials were refused is closed sooner: see `unauthenticated_timeout`);
+    /// other refusals, such as 429 to a throttled device, do not count.
     pub max_failed_requests: u32,
     /// How long a DPS MQTT session whose credentials were refused stays open after CONNACK, to
     /// carry the 401 answer the SDKs report; a short grace after that answer has been sent ends

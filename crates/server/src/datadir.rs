@@ -114,8 +114,13 @@ impl Instance {
 
     /// The banner printed at start: the portal's Overview page, in a terminal.
     pub fn banner(&self) -> String {
+        format!("Fleetgate is ready.\n{}", self.details())
+    }
+
+    /// The instance's details, one indented line each (the banner without its first line).
+    pub fn details(&self) -> String {
         let mut s = format!(
-            "Fleetgate is ready.\n  ID scope:                   {}\n  Global device endpoint:     {}\n  Service connection string:  {}\n  CA certificate:             {}\n",
+            "  ID scope:                   {}\n  Global device endpoint:     {}\n  Service connection string:  {}\n  CA certificate:             {}\n",
             self.id_scope, self.global_device_endpoint, self.service_connection_string, self.ca_certificate
         );
         for h in &self.hubs {

@@ -36,8 +36,10 @@ pub enum StartError {
     DataDir(#[from] datadir::DataDirError),
     #[error("TLS configuration: {0}")]
     Tls(String),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    /// The OS error is in the message, and deliberately not a `source`: a chain printer
+    /// (anyhow's `{:#}`) would print it a second time.
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: SocketAddr, error: std::io::Error },
 }
 
 /// A started server: where it listens, what it is, and how to stop it.
@@ -142,23 +144,23 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let bind = |port: u16| SocketAddr::new(config.listen, port);
     let mqtt_listener = tokio::net::TcpListener::bind(bind(config.mqtt_port))
         .await
-        .map_err(|source| StartError::Bind { addr: bind(config.mqtt_port), source })?;
+        .map_err(|error| StartError::Bind { addr: bind(config.mqtt_port), error })?;
     let https_listener = tokio::net::TcpListener::bind(bind(config.https_port))
         .await
-        .map_err(|source| StartError::Bind { addr: bind(config.https_port), source })?;
+        .map_err(|error| StartError::Bind { addr: bind(config.https_port), error })?;
     let mqtt_addr =
-        mqtt_listener.local_addr().map_err(|source| StartError::Bind { addr: bind(config.mqtt_port), source })?;
+        mqtt_listener.local_addr().map_err(|error| StartError::Bind { addr: bind(config.mqtt_port), error })?;
     let https_addr =
-        https_listener.local_addr().map_err(|source| StartError::Bind { addr: bind(config.https_port), source })?;
+        https_listener.local_addr().map_err(|error| StartError::Bind { addr: bind(config.https_port), error })?;
 
     let metrics_listener = match config.metrics_listen {
         Some(addr) => {
-            Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?)
+            Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| StartError::Bind { addr, error })?)
         }
         None => None,
     };
     let metrics_addr = match &metrics_listener {
-        Some(l) => Some(l.local_addr().map_err(|source| StartError::Bind { addr: bind(0), source })?),
+        Some(l) => Some(l.local_addr().map_err(|error| StartError::Bind { addr: bind(0), error })?),
         None => None,
     };
 

@@ -595,3 +595,72 @@ async fn shutdown_finishes_in_flight_work_and_closes_connections() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["event"]["payload"], "in flight");
 }
+
+#[tokio::test]
+async fn a_binary_body_is_marked_beside_its_payload() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    m.publish("devices/dev-1/messages/events/", QoS::AtMostOnce, 0, &[0xff, 0x00, 0xfe]).await;
+    // A JSON body of the shape a binary body once had is just that JSON.
+    m.publish("devices/dev-1/messages/events/", QoS::AtMostOnce, 0, br#"{"base64":"/wD+"}"#).await;
+    m.send(Packet::PingReq).await;
+    assert!(matches!(m.recv().await, Some(Packet::PingResp)));
+    let events = s.stored_events().await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["event"]["payload"], "/wD+");
+    assert_eq!(events[0]["event"]["payloadEncoding"], "base64");
+    assert_eq!(events[1]["event"]["payload"], json!({"base64": "/wD+"}));
+    assert!(events[1]["event"].get("payloadEncoding").is_none());
+}
+
+#[tokio::test]
+async fn a_disconnected_device_keeps_when_it_went_offline() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let get = || async {
+        s.http()
+            .get(s.url(&format!("/devices/dev-1{V}")))
+            .header("Authorization", s.hub_token())
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let never = get().await;
+    assert_eq!(never["connectionState"], "Disconnected");
+    assert_eq!(never["connectionStateUpdatedTime"], "0001-01-01T00:00:00Z");
+
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    let online = get().await;
+    assert_eq!(online["connectionState"], "Connected");
+    let connected_at = online["connectionStateUpdatedTime"].as_str().unwrap().to_owned();
+    m.send(Packet::Disconnect).await;
+    assert!(m.recv().await.is_none(), "the server closes the connection after DISCONNECT");
+    // The session ends behind the closed connection: wait for the state to say so.
+    let mut offline = get().await;
+    for _ in 0..200 {
+        if offline["connectionState"] == "Disconnected" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        offline = get().await;
+    }
+    assert_eq!(offline["connectionState"], "Disconnected");
+    let disconnected_at = offline["connectionStateUpdatedTime"].as_str().unwrap();
+    assert!(disconnected_at >= connected_at.as_str(), "{disconnected_at} < {connected_at}");
+    // The twin reports the same.
+    let twin: Value = s
+        .http()
+        .get(s.url(&format!("/twins/dev-1{V}")))
+        .header("Authorization", s.hub_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(twin["connectionState"], "Disconnected");
+}

@@ -81,3 +81,34 @@ async fn hub_telemetry_over_the_quota_is_slowed_not_lost() {
     assert!(started.elapsed() >= Duration::from_millis(1400), "{:?}", started.elapsed());
     assert_eq!(s.stored_events().await.len(), 20);
 }
+
+#[tokio::test]
+async fn a_throttled_device_keeps_its_dps_session() {
+    // One registration admitted, then every request is over the quota: more 429s than the
+    // failed-request limit, which counts refused credentials only.
+    let s = TestServer::start_with(|c| c.registration_rate = Some(Rate { per_second: 0.001, burst: 1.0 })).await;
+    let (primary, _) = s.create_group("grp", json!({})).await;
+    let (_, body) = s.register("first", &primary.derive_device_key("first"), None).await;
+    assert_eq!(body["status"], "assigned");
+    let reg = "dev-throttled";
+    let key = primary.derive_device_key(reg);
+    let mut m = s.mqtt().await;
+    m.connect(
+        reg,
+        &common::dps_username(&s.scope(), reg),
+        Some(&common::device_token(&key, &s.scope(), reg)),
+        true,
+        60,
+    )
+    .await;
+    m.subscribe_dps().await;
+    let body = json!({"registrationId": reg}).to_string();
+    for i in 0..8 {
+        m.publish(&format!("$dps/registrations/PUT/iotdps-register/?$rid=r{i}"), QoS::AtMostOnce, 0, body.as_bytes())
+            .await;
+        let (topic, _) = m.expect_publish().await;
+        assert!(topic.starts_with("$dps/registrations/res/429/"), "{topic}");
+    }
+    m.send(Packet::PingReq).await;
+    assert!(matches!(m.recv().await, Some(Packet::PingResp)), "the throttled device's session was closed");
+}

@@ -237,7 +237,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends audit entries in one transaction.
     async fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreResult<()>;
-    /// Audit entries matching `query`, oldest first.
+    /// Audit entries matching `query`, oldest first; under a limit, the newest that match.
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>>;
     /// Deletes audit entries older than `before` (an Azure timestamp) and then the oldest
     /// beyond the newest `max_rows`; returns how many were deleted.

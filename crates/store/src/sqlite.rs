@@ -1094,9 +1094,11 @@ impl Store for SqliteStore {
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
         let q = query.clone();
         self.with_audit_db(move |c| {
-            let since = q.since.clone().unwrap_or_default();
+            let since = q.since.map(|t| t.to_azure_string()).unwrap_or_default();
+            // Newest first, so that a limit keeps the latest entries (what someone looking into
+            // a problem wants); reversed below to read in the order they happened.
             let mut st =
-                c.prepare_cached("SELECT seq, body FROM audit WHERE time >= ?1 ORDER BY seq").map_err(backend)?;
+                c.prepare_cached("SELECT seq, body FROM audit WHERE time >= ?1 ORDER BY seq DESC").map_err(backend)?;
             let rows = st.query_map([since], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))).map_err(backend)?;
             let mut out = Vec::new();
             for row in rows {
@@ -1110,6 +1112,7 @@ impl Store for SqliteStore {
                     }
                 }
             }
+            out.reverse();
             Ok(out)
         })
         .await

@@ -38,32 +38,41 @@ pub enum CertCommand {
         /// Directory of the issuing CA (from create-ca or create-intermediate).
         #[arg(long)]
         ca: PathBuf,
+        /// Directory to write to (created if missing; existing certificates are not replaced).
         #[arg(long)]
         out: PathBuf,
+        /// The intermediate CA's common name.
         #[arg(long, default_value = "Fleetgate Test Intermediate CA")]
         cn: String,
+        /// Validity in days.
         #[arg(long, default_value_t = 1825)]
         days: u32,
     },
     /// Create a device certificate signed by the CA in --ca, with the registration id as its
     /// common name; OUT/cert.pem holds the chain the device presents.
     CreateDevice {
+        /// Directory of the issuing CA (from create-ca or create-intermediate).
         #[arg(long)]
         ca: PathBuf,
         /// The registration id (and hub device id): the certificate's common name.
         #[arg(long)]
         registration_id: String,
+        /// Directory to write to (created if missing; existing certificates are not replaced).
         #[arg(long)]
         out: PathBuf,
+        /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
     /// Create a self-signed device certificate, for an individual enrollment (pinned by thumbprint).
     CreateSelfSigned {
+        /// The registration id (and hub device id): the certificate's common name.
         #[arg(long)]
         registration_id: String,
+        /// Directory to write to (created if missing; existing certificates are not replaced).
         #[arg(long)]
         out: PathBuf,
+        /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
@@ -164,7 +173,7 @@ fn write(dir: &Path, cert_pem: &str, chain_pem: Option<&str>, key: &KeyPair) -> 
     if let Some(chain) = chain_pem {
         write_file(&dir.join("chain.pem"), chain, false)?;
     }
-    println!("{}", cert_path.display());
+    outln!("{}", cert_path.display());
     Ok(())
 }
 

@@ -37,6 +37,7 @@ pub struct EnrollmentArgs {
     /// Initial twin JSON: {"tags":{...},"properties":{"desired":{...}}}.
     #[arg(long)]
     pub initial_twin: Option<String>,
+    /// Whether devices may register (enabled) or are refused (disabled).
     #[arg(long, value_parser = ["enabled", "disabled"])]
     pub provisioning_status: Option<String>,
     /// reprovisionandmigratedata, reprovisionandresetdata or never.

@@ -15,6 +15,7 @@ pub enum EnrollmentCommand {
     Create {
         #[command(flatten)]
         target: Target,
+        /// Registration id of the individual enrollment.
         #[arg(long)]
         registration_id: String,
         /// The device id to create in the hub (default: the registration id).
@@ -27,32 +28,42 @@ pub enum EnrollmentCommand {
     Update {
         #[command(flatten)]
         target: Target,
+        /// Registration id of the individual enrollment.
         #[arg(long)]
         registration_id: String,
+        /// The device id to give the device in the hub (kept unless given).
         #[arg(long)]
         device_id: Option<String>,
         #[command(flatten)]
         options: EnrollmentArgs,
+        /// Only update the enrollment if it still has this etag (default: its current one).
         #[arg(long)]
         etag: Option<String>,
     },
+    /// Show an individual enrollment; `--show-keys` adds its keys.
     Show {
         #[command(flatten)]
         target: Target,
+        /// Registration id of the individual enrollment.
         #[arg(long)]
         registration_id: String,
+        /// Include the enrollment's keys in the output.
         #[arg(long)]
         show_keys: bool,
     },
+    /// List every individual enrollment.
     List {
         #[command(flatten)]
         target: Target,
     },
+    /// Delete an individual enrollment: its device can no longer register.
     Delete {
         #[command(flatten)]
         target: Target,
+        /// Registration id of the individual enrollment.
         #[arg(long)]
         registration_id: String,
+        /// Only delete the enrollment if it still has this etag.
         #[arg(long)]
         etag: Option<String>,
     },

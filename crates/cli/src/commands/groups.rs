@@ -16,6 +16,7 @@ pub enum GroupCommand {
     Create {
         #[command(flatten)]
         target: Target,
+        /// Id of the enrollment group.
         #[arg(long)]
         group_id: String,
         #[command(flatten)]
@@ -25,6 +26,7 @@ pub enum GroupCommand {
     Update {
         #[command(flatten)]
         target: Target,
+        /// Id of the enrollment group.
         #[arg(long)]
         group_id: String,
         #[command(flatten)]
@@ -38,6 +40,7 @@ pub enum GroupCommand {
     RollKeys {
         #[command(flatten)]
         target: Target,
+        /// Id of the enrollment group.
         #[arg(long)]
         group_id: String,
     },
@@ -45,8 +48,10 @@ pub enum GroupCommand {
     Show {
         #[command(flatten)]
         target: Target,
+        /// Id of the enrollment group.
         #[arg(long)]
         group_id: String,
+        /// Include the group's keys in the output.
         #[arg(long)]
         show_keys: bool,
     },
@@ -59,8 +64,10 @@ pub enum GroupCommand {
     Delete {
         #[command(flatten)]
         target: Target,
+        /// Id of the enrollment group.
         #[arg(long)]
         group_id: String,
+        /// Only delete the group if it still has this etag.
         #[arg(long)]
         etag: Option<String>,
     },

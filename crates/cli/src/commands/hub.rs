@@ -21,6 +21,7 @@ pub struct HubTarget {
     /// Hub host name in the local instance (default: its first hub).
     #[arg(long)]
     hub_name: Option<String>,
+    /// Data directory of the local instance (used when no --login is given).
     #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
     data_dir: PathBuf,
     /// PEM file of the CA to trust (default: the data dir's ca.pem).
@@ -59,14 +60,17 @@ impl HubTarget {
 pub enum HubCommand {
     /// List the hubs linked to the local instance.
     List {
+        /// Data directory of the local instance.
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
     },
     /// Add a hub to the local instance (takes effect at once; restart `serve` with a matching
     /// `--hostname` if devices will dial this name).
     Create {
+        /// Data directory of the local instance.
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
+        /// Host name of the hub to add.
         #[arg(long)]
         hostname: String,
     },
@@ -80,8 +84,10 @@ pub enum HubCommand {
     InvokeDeviceMethod {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
+        /// Name of the method to call.
         #[arg(long)]
         method_name: String,
         /// JSON payload.
@@ -98,12 +104,14 @@ pub enum HubCommand {
     MonitorEvents {
         #[command(flatten)]
         target: HubTarget,
+        /// Only this device's messages.
         #[arg(long)]
         device_id: Option<String>,
-        /// Extra sections to show: sys, app, anno, all.
-        #[arg(long, value_delimiter = ' ', num_args = 0..)]
+        /// Extra sections to show (space-separated): sys, app, anno, all.
+        #[arg(long, value_delimiter = ' ', num_args = 0.., value_parser = ["sys", "app", "anno", "all"])]
         properties: Vec<String>,
-        /// Stop after this many seconds without ending early.
+        /// Stop once this many seconds pass without a message (counted from the start, then
+        /// from the last message, as az); 0 or absent: run until stopped.
         #[arg(long)]
         timeout: Option<u64>,
         /// Replay from this stream position (1 = the beginning) before following live.
@@ -114,6 +122,7 @@ pub enum HubCommand {
 
 #[derive(Subcommand)]
 pub enum DeviceIdentity {
+    /// List the hub's device identities.
     List {
         #[command(flatten)]
         target: HubTarget,
@@ -121,21 +130,28 @@ pub enum DeviceIdentity {
         #[arg(long)]
         top: Option<usize>,
     },
+    /// Show a device identity (keys, status, connection state).
     Show {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
     },
+    /// Create a device identity with symmetric keys (generated unless given).
     Create {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
+        /// The device's primary symmetric key, base64 (generated unless given).
         #[arg(long)]
         primary_key: Option<String>,
+        /// The device's secondary symmetric key, base64 (generated unless given).
         #[arg(long)]
         secondary_key: Option<String>,
+        /// Whether the device may connect.
         #[arg(long, default_value = "enabled", value_parser = ["enabled", "disabled"])]
         status: String,
     },
@@ -143,14 +159,18 @@ pub enum DeviceIdentity {
     Update {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
+        /// enabled, or disabled to refuse and disconnect the device.
         #[arg(long, value_parser = ["enabled", "disabled"])]
         status: String,
     },
+    /// Delete a device identity.
     Delete {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
     },
@@ -158,9 +178,11 @@ pub enum DeviceIdentity {
 
 #[derive(Subcommand)]
 pub enum DeviceTwin {
+    /// Show a device's twin: tags, desired and reported properties.
     Show {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
     },
@@ -168,6 +190,7 @@ pub enum DeviceTwin {
     Update {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
         /// Desired properties patch (JSON object; null removes a property).
@@ -176,6 +199,7 @@ pub enum DeviceTwin {
         /// Tags patch (JSON object).
         #[arg(long)]
         tags: Option<String>,
+        /// Only update the twin if it still has this etag.
         #[arg(long)]
         etag: Option<String>,
     },
@@ -183,19 +207,26 @@ pub enum DeviceTwin {
 
 #[derive(Subcommand)]
 pub enum C2dMessage {
+    /// Queue a cloud-to-device message for a device.
     Send {
         #[command(flatten)]
         target: HubTarget,
+        /// Id of the device.
         #[arg(long)]
         device_id: String,
+        /// Message body.
         #[arg(long, default_value = "Ping from Fleetgate CLI")]
         data: String,
+        /// Message id (system property message-id).
         #[arg(long)]
         message_id: Option<String>,
+        /// Correlation id (system property correlation-id).
         #[arg(long)]
         correlation_id: Option<String>,
+        /// Content type (system property content-type), e.g. application/json.
         #[arg(long)]
         content_type: Option<String>,
+        /// Content encoding (system property content-encoding), e.g. utf-8.
         #[arg(long)]
         content_encoding: Option<String>,
         /// Application properties as `k1=v1;k2=v2`.
@@ -261,8 +292,8 @@ pub async fn run(cmd: HubCommand) -> anyhow::Result<()> {
             eprintln!("Starting event monitor, use ctrl-c to stop...");
             target
                 .client()?
-                .monitor_events(from, device_id.as_deref(), timeout.map(Duration::from_secs), |v| {
-                    println!("{}", serde_json::to_string_pretty(&shape_event(v, sys, app, anno)).expect("JSON prints"));
+                .monitor_events(from, device_id.as_deref(), timeout.filter(|&t| t > 0).map(Duration::from_secs), |v| {
+                    outln!("{}", serde_json::to_string_pretty(&shape_event(v, sys, app, anno)).expect("JSON prints"));
                     true
                 })
                 .await
@@ -292,6 +323,11 @@ fn shape_event(v: Value, sys: bool, app: bool, anno: bool) -> Value {
         out["annotations"] = e["annotations"].clone();
     }
     out["payload"] = e["payload"].clone();
+    // A body that is not UTF-8 comes as base64 text, marked beside the payload so it cannot be
+    // taken for a text body that happens to look like base64.
+    if let Some(encoding) = e.get("payloadEncoding") {
+        out["payloadEncoding"] = encoding.clone();
+    }
     json!({ "event": out })
 }
 

@@ -22,7 +22,7 @@ pub struct ComputeArgs {
 pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
     let derive = |id: &str| compute_device_key(&args.key, id).map_err(|e| anyhow!("{}", e.message));
     if let Some(id) = &args.registration_id {
-        println!("{}", serde_json::Value::String(derive(id)?));
+        outln!("{}", serde_json::Value::String(derive(id)?));
         return Ok(());
     }
     let path = args.registration_ids_file.as_ref().expect("clap requires one of the two");
@@ -38,6 +38,6 @@ pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
         }
         out.push_str(&format!("{id},{}\n", derive(id)?));
     }
-    print!("{out}");
+    out!("{out}");
     Ok(())
 }

@@ -16,13 +16,16 @@ use super::print_json;
 pub enum LinkedHubCommand {
     /// List linked hubs with their allocation settings.
     List {
+        /// Data directory of the local instance.
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
     },
     /// Link a new hub (same as `fleetgate hub create`).
     Create {
+        /// Data directory of the local instance.
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
+        /// Host name of the hub to link.
         #[arg(long)]
         hostname: String,
     },
@@ -37,14 +40,19 @@ pub enum LinkedHubCommand {
     /// Change a hub's allocation weight, whether it applies allocation policies, and the latency
     /// estimate geoLatency allocation uses.
     Update {
+        /// Data directory of the local instance.
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
+        /// Host name of the linked hub to change.
         #[arg(long)]
         hostname: String,
+        /// The hub's share of devices under evenlyDistributed allocation, relative to the other hubs' weights.
         #[arg(long)]
         allocation_weight: Option<u32>,
+        /// Whether allocation policies may assign devices to this hub (true or false).
         #[arg(long)]
         apply_allocation_policy: Option<bool>,
+        /// Latency estimate to this hub in milliseconds, used by geoLatency allocation.
         #[arg(long)]
         latency_ms: Option<u32>,
     },

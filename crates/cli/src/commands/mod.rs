@@ -50,10 +50,31 @@ pub fn describe(e: ServiceError) -> anyhow::Error {
             let msg = body.get("message").and_then(|m| m.as_str()).unwrap_or("");
             anyhow!("service returned {status} {code}: {msg}")
         }
-        ServiceError::Transport(t) => anyhow!("{t}"),
+        ServiceError::Transport(t) => match transport_hint(t) {
+            Some(hint) => anyhow!("{t}\nhint: {hint}"),
+            None => anyhow!("{t}"),
+        },
+    }
+}
+
+/// What to check for a request that got no answer, from the words of its cause chain.
+fn transport_hint(cause: &str) -> Option<&'static str> {
+    let c = cause.to_ascii_lowercase();
+    if c.contains("connection refused") {
+        Some("nothing listens there: is `fleetgate serve` running, on the host and port of the connection string?")
+    } else if c.contains("notvalidforname") || c.contains("not valid for name") {
+        Some("the server's certificate does not name this host: connect by a name it carries, or add the name with `fleetgate serve --hostname`")
+    } else if c.contains("certificate") || c.contains("unknownissuer") {
+        Some("the server's certificate is not trusted: pass its CA with --ca-cert (a local instance's is ca.pem in its data directory)")
+    } else if c.contains("dns error") || c.contains("lookup address") || c.contains("name or service not known") {
+        Some("the host name does not resolve: check the HostName in the connection string")
+    } else if c.contains("timed out") || c.contains("deadline has elapsed") {
+        Some("no answer in time: is the host reachable, and is `fleetgate serve` running there?")
+    } else {
+        None
     }
 }
 
 pub fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+    outln!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
 }

@@ -14,22 +14,28 @@ use super::print_json;
 pub enum PolicyCommand {
     /// List the policies and their rights (keys with --show-keys).
     List {
+        /// Data directory of the local instance.
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
         /// A hub's policies instead of the DPS instance's.
         #[arg(long)]
         hub: Option<String>,
+        /// Include the policies' keys in the output.
         #[arg(long)]
         show_keys: bool,
     },
     /// Replace a policy's primary or secondary key; tokens signed with the old key stop working.
     RenewKey {
+        /// Data directory of the local instance.
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
+        /// Renew a policy of this hub instead of one of the DPS instance.
         #[arg(long)]
         hub: Option<String>,
+        /// Name of the policy whose key to replace.
         #[arg(long)]
         name: String,
+        /// Which of the policy's keys to replace.
         #[arg(long, default_value = "primary", value_parser = ["primary", "secondary"])]
         key: String,
     },

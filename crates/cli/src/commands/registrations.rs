@@ -12,6 +12,7 @@ pub enum RegistrationCommand {
     List {
         #[command(flatten)]
         target: Target,
+        /// Enrollment group whose registration records to list.
         #[arg(long)]
         group_id: String,
     },
@@ -19,6 +20,7 @@ pub enum RegistrationCommand {
     Show {
         #[command(flatten)]
         target: Target,
+        /// Registration id of the record.
         #[arg(long)]
         registration_id: String,
     },
@@ -26,6 +28,7 @@ pub enum RegistrationCommand {
     Delete {
         #[command(flatten)]
         target: Target,
+        /// Registration id of the record.
         #[arg(long)]
         registration_id: String,
     },

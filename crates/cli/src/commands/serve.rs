@@ -201,12 +201,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.hub.connect_rate = nonzero(args.hub_connects_per_second, Rate::per_second);
     config.hub.message_rate = nonzero(args.hub_messages_per_second, Rate::per_second);
 
-    let server = fleetgate_server::start(config).await.context("starting fleetgate")?;
+    let (mqtt_port, https_port) = (args.mqtt_port, args.https_port);
+    let server = match fleetgate_server::start(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(match privileged_port_hint(&e, mqtt_port, https_port) {
+                Some(hint) => anyhow::anyhow!("starting fleetgate: {e}\nhint: {hint}"),
+                None => anyhow::Error::new(e).context("starting fleetgate"),
+            });
+        }
+    };
     let stopped = stop_signals();
-    println!("{}", server.instance.banner());
-    println!("  MQTT/TLS on {}, HTTPS on {}", server.mqtt_addr, server.https_addr);
+    // The server runs on whether or not anyone reads its banner.
+    let banner = crate::output::write_best_effort;
+    banner(format_args!("{}\n", server.instance.banner()));
+    banner(format_args!("  MQTT/TLS on {}, HTTPS on {}\n", server.mqtt_addr, server.https_addr));
     if let Some(addr) = server.metrics_addr {
-        println!("  /metrics over plain HTTP on {addr}");
+        banner(format_args!("  /metrics over plain HTTP on {addr}\n"));
     }
     let stop = server.shutdown_signal();
     tokio::spawn(async move {
@@ -216,6 +227,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     server.wait().await;
     Ok(())
+}
+
+/// What to do about a port the OS refused because only root may listen on it (EACCES on a
+/// port below 1024); `None` for any other failure.
+fn privileged_port_hint(e: &fleetgate_server::StartError, mqtt_port: u16, https_port: u16) -> Option<String> {
+    let fleetgate_server::StartError::Bind { addr, error } = e else { return None };
+    let port = addr.port();
+    if error.kind() != std::io::ErrorKind::PermissionDenied || port == 0 || port >= 1024 {
+        return None;
+    }
+    let flag = if port == https_port {
+        "--https-port 8443"
+    } else if port == mqtt_port {
+        "--mqtt-port 18883"
+    } else {
+        "--metrics-listen with a port of 1024 or more"
+    };
+    Some(format!(
+        "port {port} is below 1024: only root, or a binary given CAP_NET_BIND_SERVICE, may listen on \
+         it; use another port, e.g. {flag}"
+    ))
 }
 
 /// A size in bytes: a number, optionally followed by K, M, G or T (powers of 1024).
@@ -261,16 +293,50 @@ fn stop_signals() -> impl std::future::Future<Output = ()> {
     }
 }
 
-pub fn info(data_dir: &Path) -> anyhow::Result<()> {
+/// `fleetgate info`: the instance file's details, and whether a server answers for it (the
+/// file stays after the server stops).
+pub async fn info(data_dir: &Path) -> anyhow::Result<()> {
     let inst =
         fleetgate_server::Instance::read(data_dir).context("run `fleetgate serve` once to create the instance")?;
-    print!("{}", inst.banner());
+    let target = crate::Target { connection_string: None, data_dir: data_dir.to_owned(), ca_cert: None };
+    let checked = match super::client(&target) {
+        Ok(c) => match tokio::time::timeout(std::time::Duration::from_secs(10), c.healthz()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(fleetgate_client::ServiceError::Transport(t))) => Err(t),
+            Ok(Err(e)) => Err(format!("/healthz answered {e}")),
+            Err(_) => Err("no answer within 10 s".to_owned()),
+        },
+        Err(e) => Err(format!("{e:#}")),
+    };
+    match checked {
+        Ok(()) => out!("Fleetgate is running (its /healthz answers).\n"),
+        Err(why) => out!(
+            "Fleetgate instance in {}; no server answers for it (start one with `fleetgate serve`).\n  Why: {why}\n",
+            data_dir.display()
+        ),
+    }
+    out!("{}", inst.details());
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, privileged_port_hint};
+
+    #[test]
+    fn a_refused_low_port_is_printed_once_with_the_flag_to_change() {
+        let bind = |port: u16, kind: std::io::ErrorKind| fleetgate_server::StartError::Bind {
+            addr: std::net::SocketAddr::from(([0, 0, 0, 0], port)),
+            error: std::io::Error::from(kind),
+        };
+        let denied = std::io::ErrorKind::PermissionDenied;
+        assert!(privileged_port_hint(&bind(443, denied), 8883, 443).unwrap().contains("--https-port"));
+        assert!(privileged_port_hint(&bind(883, denied), 883, 443).unwrap().contains("--mqtt-port"));
+        assert!(privileged_port_hint(&bind(8443, denied), 8883, 8443).is_none());
+        assert!(privileged_port_hint(&bind(443, std::io::ErrorKind::AddrInUse), 8883, 443).is_none());
+        let printed = format!("{:#}", anyhow::Error::new(bind(443, denied)).context("starting fleetgate"));
+        assert_eq!(printed.matches("permission denied").count(), 1, "{printed}");
+    }
 
     #[test]
     fn sizes() {

@@ -116,7 +116,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let provisioned = provision_all(&setup, ids, args.concurrency, &mut failures).await;
     let provision_secs = started.elapsed().as_secs_f64();
-    println!(
+    outln!(
         "Provisioned {} of {} devices in {provision_secs:.2} s ({:.1} devices/s)",
         provisioned.len(),
         args.devices,
@@ -128,18 +128,18 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
         let expected = provisioned.len() * args.messages;
         let sent = telemetry_all(&setup, provisioned, &args, &mut failures).await;
         let secs = started.elapsed().as_secs_f64();
-        println!("Sent {sent} of {expected} messages in {secs:.2} s ({:.1} messages/s)", rate(sent, secs));
+        outln!("Sent {sent} of {expected} messages in {secs:.2} s ({:.1} messages/s)", rate(sent, secs));
     } else {
-        println!("Sent 0 messages");
+        outln!("Sent 0 messages");
     }
 
     if failures.total() == 0 {
-        println!("Failures: none");
+        outln!("Failures: none");
         return Ok(());
     }
-    println!("Failures:");
+    outln!("Failures:");
     for (reason, n) in &failures.0 {
-        println!("  {reason}: {n}");
+        outln!("  {reason}: {n}");
     }
     Err(anyhow!("{} operation(s) failed", failures.total()))
 }

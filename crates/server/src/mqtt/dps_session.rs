@@ -53,7 +53,10 @@ struct Session<S> {
     /// [`Session::authenticated`]).
     credentials: Credentials,
     next_packet_id: u16,
-    failed_requests: u32,
+    /// Requests refused for their credentials (401). Only those count towards closing the
+    /// session: a throttled (429) or otherwise refused request of an authenticated device is
+    /// answered and the device told when to retry, on the same connection.
+    failed_auth: u32,
     limits: Arc<Limits>,
     /// When a session that failed to authenticate is closed, whatever it sends: it may not stay
     /// open on PINGREQs, holding a connection it has no right to.
@@ -123,7 +126,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         registration_id: user.registration_id,
         credentials: Credentials { id_scope: user.id_scope, password: password.map(str::to_owned), peer, source },
         next_packet_id: 0,
-        failed_requests: 0,
+        failed_auth: 0,
         limits,
         close_at,
     };
@@ -245,15 +248,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 (rid, status, retry, body)
             }
         };
-        if status >= 300 {
-            self.failed_requests += 1;
+        if status == 401 {
+            self.failed_auth += 1;
         }
         self.respond(status, &rid, retry_after, body).await?;
         if self.auth.is_err() {
             let grace = tokio::time::Instant::now() + REFUSED_GRACE;
             self.close_at = Some(self.close_at.map_or(grace, |at| at.min(grace)));
         }
-        Ok(self.failed_requests < self.limits.max_failed_requests)
+        Ok(self.failed_auth < self.limits.max_failed_requests)
     }
 
     /// The answer to any request of a session whose CONNECT was not let in.
