@@ -40,6 +40,14 @@ fn hub_verbs_mirror_az_iot_hub() {
     ids.sort();
     assert_eq!(ids, ["sim-g-00000", "sim-g-00001"]);
     assert!(list.as_array().unwrap().iter().all(|d| d["status"] == "enabled"));
+    // Keys only when asked for.
+    assert!(list.as_array().unwrap().iter().all(|d| d["authentication"]["symmetricKey"]["primaryKey"].is_null()));
+    let with_keys = json(&run(&["hub", "device-identity", "list", "--data-dir", d, "--show-keys"]));
+    assert!(with_keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["authentication"]["symmetricKey"]["primaryKey"].is_string()));
 
     // Replayed telemetry, az's shape, with properties.
     let o = run(&[

@@ -129,6 +129,10 @@ pub enum DeviceIdentity {
         /// At most this many identities (all of them without it), paged through 1,000 at a time.
         #[arg(long)]
         top: Option<usize>,
+        /// Include each device's symmetric keys (left out by default: a list is for looking at
+        /// many devices, and keys in a terminal or a log are keys given away).
+        #[arg(long)]
+        show_keys: bool,
     },
     /// Show a device identity (keys, status, connection state).
     Show {
@@ -331,10 +335,26 @@ fn shape_event(v: Value, sys: bool, app: bool, anno: bool) -> Value {
     json!({ "event": out })
 }
 
+/// Leaves each device's `authentication.symmetricKey` keys out of a device list (as `null`, the
+/// value Azure gives a device without keys), keeping everything else.
+fn redact_keys(devices: &mut serde_json::Value) {
+    for d in devices.as_array_mut().into_iter().flatten() {
+        if let Some(keys) = d.pointer_mut("/authentication/symmetricKey").and_then(|k| k.as_object_mut()) {
+            for v in keys.values_mut() {
+                *v = serde_json::Value::Null;
+            }
+        }
+    }
+}
+
 async fn device_identity(c: DeviceIdentity) -> anyhow::Result<()> {
     match c {
-        DeviceIdentity::List { target, top } => {
-            print_json(&target.client()?.list_devices(top).await.map_err(describe)?)
+        DeviceIdentity::List { target, top, show_keys } => {
+            let mut devices = target.client()?.list_devices(top).await.map_err(describe)?;
+            if !show_keys {
+                redact_keys(&mut devices);
+            }
+            print_json(&devices)
         }
         DeviceIdentity::Show { target, device_id } => {
             print_json(&target.client()?.get_device(&device_id).await.map_err(describe)?)
