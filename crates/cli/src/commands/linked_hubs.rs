@@ -32,8 +32,10 @@ pub enum LinkedHubCommand {
     /// Unlink a hub that has no device identities (never the last one). Devices provisioned to
     /// it were told its name; delete their identities and provision them again first.
     Delete {
+        /// Data directory of the local instance.
         #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
         data_dir: PathBuf,
+        /// Host name of the hub to unlink.
         #[arg(long)]
         hostname: String,
     },
