@@ -170,13 +170,23 @@ fn enrollment_group_and_registration_verbs_against_a_server() {
     assert!(!run(&["enrollment-group", "show", "--data-dir", d, "--group-id", "grp-1"]).status.success());
 }
 
+/// `serve` with each `--flag=value` exits non-zero naming the flag, before creating anything.
+fn assert_serve_refuses(cases: &[(&str, &str)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    for (flag, bad) in cases {
+        let o = run(&["serve", "--data-dir", d.to_str().unwrap(), &format!("{flag}={bad}")]);
+        assert!(!o.status.success(), "{flag}={bad} accepted");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(flag), "{flag}={bad}: names the flag");
+    }
+    assert!(!d.exists(), "nothing was created");
+}
+
 /// Connection limits that would stop the server serving anyone (no connections, no time for a
 /// request, no memory for a packet) are refused before anything starts.
 #[test]
 fn serve_refuses_limits_that_admit_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("data");
-    for (flag, bad) in [
+    assert_serve_refuses(&[
         ("--max-connections", "0"),
         ("--max-connections-per-source", "-1"),
         ("--unauthenticated-timeout-secs", "0"),
@@ -186,41 +196,25 @@ fn serve_refuses_limits_that_admit_nothing() {
         ("--partial-packet-budget-mib", "0"),
         ("--partial-packet-timeout-secs", "0"),
         ("--http-body-timeout-secs", "forever"),
-    ] {
-        let o = run(&["serve", "--data-dir", d.to_str().unwrap(), &format!("{flag}={bad}")]);
-        assert!(!o.status.success(), "{flag}={bad} accepted");
-        assert!(String::from_utf8_lossy(&o.stderr).contains(flag), "{flag}={bad}: names the flag");
-    }
-    assert!(!d.exists(), "nothing was created");
+    ]);
 }
 
 /// Telemetry retention is 1 hour to a year: zero, negative or absurd values are refused before
 /// anything starts.
 #[test]
 fn serve_refuses_a_retention_out_of_range() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("data");
-    for bad in ["0", "-1", "8761", "a day"] {
-        let o = run(&["serve", "--data-dir", d.to_str().unwrap(), &format!("--event-retention-hours={bad}")]);
-        assert!(!o.status.success(), "{bad} accepted");
-        assert!(String::from_utf8_lossy(&o.stderr).contains("--event-retention-hours"), "{bad}: names the flag");
-    }
-    assert!(!d.exists(), "nothing was created");
+    let flag = "--event-retention-hours";
+    assert_serve_refuses(&[(flag, "0"), (flag, "-1"), (flag, "8761"), (flag, "a day")]);
 }
 
 /// Sizes are bytes or K/M/G/T; anything else is refused before anything starts, naming the flag.
 #[test]
 fn serve_refuses_a_bad_size() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("data");
-    for (flag, bad) in
-        [("--event-retention-bytes", "lots"), ("--disk-reserve-bytes", "5X"), ("--disk-reserve-bytes", "-1")]
-    {
-        let o = run(&["serve", "--data-dir", d.to_str().unwrap(), &format!("{flag}={bad}")]);
-        assert!(!o.status.success(), "{flag}={bad} accepted");
-        assert!(String::from_utf8_lossy(&o.stderr).contains(flag), "{bad}: names the flag");
-    }
-    assert!(!d.exists(), "nothing was created");
+    assert_serve_refuses(&[
+        ("--event-retention-bytes", "lots"),
+        ("--disk-reserve-bytes", "5X"),
+        ("--disk-reserve-bytes", "-1"),
+    ]);
 }
 
 /// Runs `serve` on `dir`, which must stop by itself (a refused start); its status and stderr.
@@ -390,9 +384,7 @@ fn events_repair_is_offline_and_keeps_the_damaged_original() {
 
 #[test]
 fn serve_refuses_audit_and_auth_limits_out_of_range() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("data");
-    for (flag, bad) in [
+    assert_serve_refuses(&[
         ("--audit-retention-days", "0"),
         ("--audit-retention-days", "forever"),
         ("--audit-max-rows", "10"),
@@ -400,12 +392,7 @@ fn serve_refuses_audit_and_auth_limits_out_of_range() {
         ("--auth-backoff-secs", "-1"),
         ("--auth-failure-limit", "lots"),
         ("--metrics-listen", "9100"),
-    ] {
-        let o = run(&["serve", "--data-dir", d.to_str().unwrap(), &format!("{flag}={bad}")]);
-        assert!(!o.status.success(), "{flag}={bad} accepted");
-        assert!(String::from_utf8_lossy(&o.stderr).contains(flag), "{flag}={bad}: names the flag");
-    }
-    assert!(!d.exists(), "nothing was created");
+    ]);
 }
 
 /// `fleetgate events verify` runs beside the log's owner (a running server), exits 0 on a clean

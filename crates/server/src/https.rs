@@ -43,6 +43,23 @@ fn canonicalize<B>(mut req: http::Request<B>) -> http::Request<B> {
     req
 }
 
+/// Serves a hyper connection to its end; at shutdown (`stop` changes), finishes the request in
+/// flight, then closes (idle keep-alives at once). A macro: hyper's HTTP/1 connection with and
+/// without upgrades share `graceful_shutdown` by name only, not through a trait.
+macro_rules! until_stopped {
+    ($conn:expr, $stop:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = $stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
 pub fn app(dps: Arc<Provisioning>, hub: Arc<Hub>, readiness: Arc<Readiness>) -> Router {
     // Every route that checks credentials first turns away a source that failed too often.
     let admit = axum::middleware::from_fn_with_state(dps.audit().clone(), admit_source);
@@ -170,21 +187,8 @@ pub(crate) async fn serve_metrics(
         let (app, limits, mut stop) = (app.clone(), limits.clone(), shutdown.clone());
         async move {
             let tcp = crate::write_deadline::WriteDeadline::new(tcp, limits.write_timeout);
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.http_header_timeout)
-                .max_buf_size(16 * 1024);
-            let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app));
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
+            let conn = http1(&limits, 16 * 1024).serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app));
+            if let Err(e) = until_stopped!(conn, stop) {
                 tracing::debug!(%peer, error = %e, "metrics connection error");
             }
         }
@@ -249,32 +253,29 @@ pub(crate) async fn serve(
                 let answer = app.clone().oneshot(req);
                 async move { answer.await.map(|resp| connection_rules(resp, &expired)) }
             });
-            // hyper's HTTP/1 connection, not the auto-detecting one: that one waits, without a
-            // limit, for the first bytes to tell HTTP/1 from HTTP/2 (a silent connection was held
-            // for good) and would serve HTTP/2 to a client that skips ALPN.
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                // Counted from the handshake's end and from each response's end alike: it is the
-                // limit for a request's headers and for an idle keep-alive connection.
-                .header_read_timeout(limits.http_header_timeout)
-                .max_buf_size(64 * 1024);
-            let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc)).with_upgrades();
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                // Shutdown: finish the request in flight, then close (idle keep-alives at once).
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
+            let conn = http1(&limits, 64 * 1024)
+                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc))
+                .with_upgrades();
+            if let Err(e) = until_stopped!(conn, stop) {
                 tracing::debug!(%peer, error = %e, "https connection error");
             }
         }
     })
     .await;
+}
+
+/// hyper's HTTP/1 connection, not the auto-detecting one: that one waits, without a limit, for the
+/// first bytes to tell HTTP/1 from HTTP/2 (a silent connection was held for good) and would serve
+/// HTTP/2 to a client that skips ALPN. The header timeout is counted from the connection's start
+/// and from each response's end alike: it is the limit for a request's headers and for an idle
+/// keep-alive connection.
+fn http1(limits: &Limits, max_buf: usize) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.http_header_timeout)
+        .max_buf_size(max_buf);
+    builder
 }
 
 /// The request body as the app reads it: whole within `timeout` of the request's headers, however
