@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 /// How long a shutdown waits for in-flight work (registrations, appends, open sessions closing).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -133,10 +134,32 @@ pub(crate) async fn accept_loop<F, Fut>(
         let _ = tcp.set_nodelay(true);
         let admission =
             Admission { _permit: permit, _source: source, _counted: fleetgate_metrics::METRICS.connection(name) };
-        // Spawned as it is: wrapping it in another async block would store it twice.
-        tokio::spawn(handle(tcp, peer, admission));
+        // Spawned as it is (instrumenting wraps it, it does not store it twice), inside the
+        // connection's span so every line it logs tells which connection it is about.
+        tokio::spawn(handle(tcp, peer, admission).instrument(connection_span(name, Some(peer))));
     }
     drain(&gate, name).await;
+}
+
+/// The span a connection's work runs in: each line logged inside it carries the client's address,
+/// the protocol and, once [`record_client_id`] has named it, the client. A root span, so an
+/// upgraded WebSocket's span is not nested in (and does not repeat) its HTTPS connection's.
+pub(crate) fn connection_span(protocol: &'static str, peer: Option<SocketAddr>) -> tracing::Span {
+    tracing::info_span!(
+        parent: None,
+        "connection",
+        remote_addr = peer.map(tracing::field::display),
+        protocol,
+        client_id = tracing::field::Empty
+    )
+}
+
+/// Names the client in the current connection's span. The id is the client's own, unchecked
+/// before authentication: bounded and stripped of control characters, like any untrusted text
+/// that reaches the logs.
+pub(crate) fn record_client_id(id: &str) {
+    let id: String = id.chars().take(128).map(|c| if c.is_control() { '?' } else { c }).collect();
+    tracing::Span::current().record("client_id", tracing::field::display(id));
 }
 
 /// After a listener stops accepting: waits until every admitted connection has finished (each

@@ -25,6 +25,7 @@ use fleetgate_rest::ApiError;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::config::Limits;
 use fleetgate_metrics::info_limited;
@@ -97,20 +98,26 @@ async fn upgrade(
         return bad_request("MQTT over WebSockets requires the WebSocket subprotocol 'mqtt'.");
     }
     let max = max_message_bytes(&st.limits, &st.hub);
+    // The upgraded connection runs in a task of its own, outside the HTTPS connection's span.
+    let span = crate::listener::connection_span("wss", source.as_ref().map(|Extension(a)| a.0));
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
-        .on_upgrade(move |socket| async move {
-            let _permit = permit;
-            // The HTTPS connection's client certificate chain, if the device presented one.
-            let peer = peer.map(|Extension(c)| c);
-            let source = source.map(|Extension(a)| a.0.ip());
-            let stream = WsStream::new(socket);
-            if let Err(e) =
-                crate::mqtt::serve_stream(stream, peer, source, st.dps, st.hub, st.limits, st.budget, st.shutdown).await
-            {
-                tracing::debug!(error = %e, "MQTT over WebSocket ended with an error");
+        .on_upgrade(move |socket| {
+            async move {
+                let _permit = permit;
+                // The HTTPS connection's client certificate chain, if the device presented one.
+                let peer = peer.map(|Extension(c)| c);
+                let source = source.map(|Extension(a)| a.0.ip());
+                let stream = WsStream::new(socket);
+                if let Err(e) =
+                    crate::mqtt::serve_stream(stream, peer, source, st.dps, st.hub, st.limits, st.budget, st.shutdown)
+                        .await
+                {
+                    tracing::debug!(error = %e, "MQTT over WebSocket ended with an error");
+                }
             }
+            .instrument(span)
         })
 }
 

@@ -90,6 +90,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))).await?;
         return Ok(());
     }
+    // The client id may be empty: the registration id names the client then.
+    crate::listener::record_client_id(&user.registration_id);
     let password = connect.login.as_ref().map(|l| l.password.as_str()).filter(|p| !p.is_empty());
     // X.509 devices send no password: their TLS client certificate chain attests instead.
     // A source that failed authentication too often is not checked at all until its backoff

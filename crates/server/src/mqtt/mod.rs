@@ -154,6 +154,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(Some(_)) | Ok(None) => return Ok(None), // MQTT: anything but CONNECT first closes the connection.
         Err(e) => return Err(e),
     };
+    crate::listener::record_client_id(&connect.client_id);
     let username = connect.login.as_ref().map(|l| l.username.as_str()).unwrap_or_default();
     if let Some(user) = DpsUsername::parse(username) {
         return Ok(Some((conn, connect, Route::Dps(user))));
