@@ -117,11 +117,14 @@ async fn operation_status(
     headers: HeaderMap,
     peer: PeerCertificates,
     source: Source,
+    request: Request,
 ) -> Response {
-    // Node sends `{}` as the body of this GET; it is not read.
     let result = async {
         let Path((scope, registration_id, operation_id)) = path.map_err(path_error)?;
         let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer, &source).await?;
+        // Node sends `{}` as the body of this GET: read (within the limits) and dropped, so the
+        // connection stays usable for the device's next poll.
+        body(Bytes::from_request(request, &()).await).map_err(|e| e.0)?;
         answer::operation_status(&dps, &auth, &operation_id).await
     }
     .await;
@@ -136,10 +139,13 @@ async fn status_lookup(
     headers: HeaderMap,
     peer: PeerCertificates,
     source: Source,
+    request: Request,
 ) -> Response {
     let result = async {
         let Path((scope, registration_id)) = path.map_err(path_error)?;
         let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer, &source).await?;
+        // The `DeviceRegistration` body names the same device as the path: read and dropped.
+        body(Bytes::from_request(request, &()).await).map_err(|e| e.0)?;
         let record = dps.registration(auth.registration_id.as_str()).await?;
         Ok::<_, DpsError>(json(record.device_result()))
     }

@@ -88,24 +88,6 @@ pub fn app(dps: Arc<Provisioning>, hub: Arc<Hub>, readiness: Arc<Readiness>) -> 
         .merge(fleetgate_dps::device_api::device_router(dps).layer(admit.clone()))
         .merge(fleetgate_hub::service_api::router(hub).layer(admit))
         .fallback(|| async { ApiError(DpsError::new(ErrorCode::NotFound, "No such resource.")).into_response() })
-        .layer(axum::middleware::from_fn(close_when_body_refused))
-}
-
-/// A request refused before its body was read (401, 405, 413...) leaves the body in the
-/// connection, so hyper closes the connection after the answer; saying so in the answer keeps a
-/// client from reusing the connection and seeing a reset on its next request.
-async fn close_when_body_refused(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let h = req.headers();
-    let has_body = h.contains_key(http::header::TRANSFER_ENCODING)
-        || h.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() != "0");
-    let mut resp = next.run(req).await;
-    if has_body && resp.status().is_client_error() {
-        resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-    }
-    resp
 }
 
 /// A source that failed authentication too often is answered 429 + `Retry-After` without a
@@ -248,10 +230,10 @@ pub(crate) async fn serve(
                 if let Some(chain) = &client_chain {
                     req.extensions_mut().insert(chain.clone());
                 }
-                let expired = Arc::new(AtomicBool::new(false));
-                let req = req.map(|b| deadline_body(b, body_timeout, expired.clone()));
+                let state = Arc::new(BodyState::default());
+                let req = req.map(|b| deadline_body(b, body_timeout, state.clone()));
                 let answer = app.clone().oneshot(req);
-                async move { answer.await.map(|resp| connection_rules(resp, &expired)) }
+                async move { answer.await.map(|resp| connection_rules(resp, &state)) }
             });
             let conn = http1(&limits, 64 * 1024)
                 .serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc))
@@ -279,24 +261,37 @@ fn http1(limits: &Limits, max_buf: usize) -> hyper::server::conn::http1::Builder
 }
 
 /// The request body as the app reads it: whole within `timeout` of the request's headers, however
-/// slowly it trickles in; `expired` tells the connection the deadline passed.
-fn deadline_body(body: hyper::body::Incoming, timeout: Duration, expired: Arc<AtomicBool>) -> axum::body::Body {
+/// slowly it trickles in; `state` tells the connection whether the deadline passed and whether the
+/// body was read to its end.
+fn deadline_body(body: hyper::body::Incoming, timeout: Duration, state: Arc<BodyState>) -> axum::body::Body {
     use hyper::body::Body as _;
     if body.is_end_stream() {
+        state.read_to_end.store(true, Ordering::Relaxed);
         return axum::body::Body::new(body);
     }
-    axum::body::Body::new(DeadlineBody { inner: body, sleep: Box::pin(tokio::time::sleep(timeout)), expired })
+    axum::body::Body::new(DeadlineBody { inner: body, sleep: Box::pin(tokio::time::sleep(timeout)), state })
+}
+
+/// What the connection learns of a request's body while the app reads it.
+#[derive(Default)]
+struct BodyState {
+    /// The deadline passed before the body arrived.
+    expired: AtomicBool,
+    /// The body was read to its end (or there was none).
+    read_to_end: AtomicBool,
 }
 
 /// What the connection adds to the app's answer: a body that missed its deadline is answered
-/// 408 whatever the handler made of the unreadable body, and the connection closes (the rest of
-/// the body is not waited for).
-fn connection_rules(mut resp: axum::response::Response, expired: &AtomicBool) -> axum::response::Response {
-    if expired.load(Ordering::Relaxed) {
+/// 408 whatever the handler made of the unreadable body. An answer given without reading the
+/// request's body to its end (a refusal before authentication, a handler that ignores a body, a
+/// 408) says `Connection: close`: hyper closes such a connection after the answer, and a client
+/// that reused it would see its next request fail unanswered.
+fn connection_rules(mut resp: axum::response::Response, body: &BodyState) -> axum::response::Response {
+    if body.expired.load(Ordering::Relaxed) {
         resp = ApiError(DpsError::new(ErrorCode::RequestTimeout, "The request body did not arrive in time."))
             .into_response();
     }
-    if resp.status() == http::StatusCode::REQUEST_TIMEOUT {
+    if !body.read_to_end.load(Ordering::Relaxed) || resp.status() == http::StatusCode::REQUEST_TIMEOUT {
         resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
     }
     resp
@@ -306,7 +301,7 @@ fn connection_rules(mut resp: axum::response::Response, expired: &AtomicBool) ->
 struct DeadlineBody {
     inner: hyper::body::Incoming,
     sleep: Pin<Box<tokio::time::Sleep>>,
-    expired: Arc<AtomicBool>,
+    state: Arc<BodyState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -322,10 +317,14 @@ impl hyper::body::Body for DeadlineBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         if self.sleep.as_mut().poll(cx).is_ready() {
-            self.expired.store(true, Ordering::Relaxed);
+            self.state.expired.store(true, Ordering::Relaxed);
             return Poll::Ready(Some(Err(Box::new(BodyTimedOut))));
         }
-        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) || hyper::body::Body::is_end_stream(&self.inner) {
+            self.state.read_to_end.store(true, Ordering::Relaxed);
+        }
+        frame.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {

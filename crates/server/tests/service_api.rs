@@ -391,3 +391,49 @@ async fn refused_requests_with_bodies_close_their_connection() {
     assert_eq!(get.status(), 401);
     assert!(get.headers().get("connection").is_none(), "a bodiless request keeps its connection");
 }
+
+/// A device's status lookup (a POST with a `DeviceRegistration` body) and Node's operation poll
+/// (a GET with `{}`) read their bodies, so their connection stays usable: an answer given with
+/// the body unread made hyper close the connection unannounced, and the client's next request on
+/// it failed without an answer. A body a handler answers without reading is announced with
+/// `Connection: close`.
+#[tokio::test]
+async fn answered_bodies_keep_the_connection_and_unread_ones_announce_its_close() {
+    let s = TestServer::start().await;
+    let (group_key, _) = s.create_group("grp-keep", json!({})).await;
+    let key = group_key.derive_device_key("dev-keep");
+    let (topic, _) = s.register("dev-keep", &key, None).await;
+    assert!(topic.contains("/200/"), "{topic}");
+    let token = common::device_token(&key, &s.scope(), "dev-keep");
+    let lookup = s
+        .http()
+        .post(s.url(&format!("/{}/registrations/dev-keep?api-version=2021-06-01", s.scope())))
+        .header("Authorization", &token)
+        .json(&json!({"registrationId": "dev-keep"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lookup.status(), 200);
+    assert!(lookup.headers().get("connection").is_none(), "the body was read: the connection is kept");
+    let poll = s
+        .http()
+        .get(s.url(&format!("/{}/registrations/dev-keep/operations/unknown?api-version=2021-06-01", s.scope())))
+        .header("Authorization", &token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(poll.status(), 404);
+    assert!(poll.headers().get("connection").is_none(), "Node's {{}} was read: the connection is kept");
+    // The hub's event stream ignores a body: it says so.
+    let events = s
+        .http()
+        .get(s.url("/messages/events?from=0&format=json&api-version=2021-04-12"))
+        .header("Authorization", s.hub_token())
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    assert_eq!(events.headers().get("connection").map(|v| v.to_str().unwrap()), Some("close"));
+}
