@@ -344,6 +344,17 @@ fn offline_changes_are_in_the_db_file() {
     assert!(allocation.contains(r#""allocationWeight":7"#), "{allocation}");
 }
 
+/// Telemetry event `n` of hub `h`, device `d`: a 1,000-byte body of `n`.
+fn test_event(n: usize) -> fleetgate_core::message::ReceivedEvent {
+    fleetgate_core::message::ReceivedEvent {
+        hub: "h".into(),
+        device_id: "d".into(),
+        enqueued_time: fleetgate_core::time::Timestamp::now(),
+        bag: String::new(),
+        body: vec![n as u8; 1000],
+    }
+}
+
 /// `fleetgate events repair` refuses while the log is owned (a running server), copies the intact
 /// records out of a damaged segment, keeps the original as `.damaged` and says what it dropped.
 #[test]
@@ -353,14 +364,7 @@ fn events_repair_is_offline_and_keeps_the_damaged_original() {
     let d = dir.path().to_str().unwrap();
     let events = dir.path().join("events");
     let log = EventLog::open(&events, EventLogOptions::default()).unwrap();
-    let event = |n: usize| fleetgate_core::message::ReceivedEvent {
-        hub: "h".into(),
-        device_id: "d".into(),
-        enqueued_time: fleetgate_core::time::Timestamp::now(),
-        bag: String::new(),
-        body: vec![n as u8; 1000],
-    };
-    log.append(&(0..50).map(event).collect::<Vec<_>>()).unwrap();
+    log.append(&(0..50).map(test_event).collect::<Vec<_>>()).unwrap();
     let segment = events.join(format!("{:020}.events", 1));
     let mut bytes = std::fs::read(&segment).unwrap();
     let middle = bytes.len() / 2;
@@ -405,15 +409,8 @@ fn events_verify_reports_damage_beside_the_owner_and_changes_nothing() {
     let d = dir.path().to_str().unwrap();
     let events = dir.path().join("events");
     let log = EventLog::open(&events, EventLogOptions { segment_bytes: 20_000, ..EventLogOptions::default() }).unwrap();
-    let event = |n: usize| fleetgate_core::message::ReceivedEvent {
-        hub: "h".into(),
-        device_id: "d".into(),
-        enqueued_time: fleetgate_core::time::Timestamp::now(),
-        bag: String::new(),
-        body: vec![n as u8; 1000],
-    };
     for batch in 0..3 {
-        log.append(&(batch * 25..batch * 25 + 25).map(event).collect::<Vec<_>>()).unwrap();
+        log.append(&(batch * 25..batch * 25 + 25).map(test_event).collect::<Vec<_>>()).unwrap();
     }
     let out = stdout(&run(&["events", "verify", "--data-dir", d]));
     assert!(out.contains("no damage found") && out.contains("75 whole record(s)"), "{out}");

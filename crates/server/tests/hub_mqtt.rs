@@ -144,16 +144,7 @@ async fn twin_get_patch_and_desired_notifications() {
     }
 
     // The service sees the reported properties and sends a desired patch.
-    let twin: Value = s
-        .http()
-        .get(s.url(&format!("/twins/dev-1{V}")))
-        .header("Authorization", s.hub_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let twin: Value = s.hub_get("/twins/dev-1").await;
     assert_eq!(twin["properties"]["reported"], json!({"fw": "1.1", "$version": 2}));
     let etag = twin["etag"].as_str().unwrap().to_owned();
     let resp = s
@@ -652,15 +643,6 @@ async fn a_disconnected_device_keeps_when_it_went_offline() {
     let disconnected_at = offline["connectionStateUpdatedTime"].as_str().unwrap();
     assert!(disconnected_at >= connected_at.as_str(), "{disconnected_at} < {connected_at}");
     // The twin reports the same.
-    let twin: Value = s
-        .http()
-        .get(s.url(&format!("/twins/dev-1{V}")))
-        .header("Authorization", s.hub_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let twin: Value = s.hub_get("/twins/dev-1").await;
     assert_eq!(twin["connectionState"], "Disconnected");
 }

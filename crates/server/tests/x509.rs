@@ -126,15 +126,7 @@ async fn hub_connect(s: &TestServer, id: &str, chain_pem: &str, key: &KeyPair) -
 }
 
 async fn hub_device_json(s: &TestServer, id: &str) -> Value {
-    s.http()
-        .get(s.url(&format!("/devices/{id}?api-version=2021-04-12")))
-        .header("Authorization", s.hub_token())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    s.hub_get(&format!("/devices/{id}")).await
 }
 
 /// Sends one telemetry message (QoS 1) and checks it was acknowledged and stored.

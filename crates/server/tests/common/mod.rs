@@ -231,6 +231,21 @@ impl TestServer {
         build_token(&c.key, &c.host_name, Timestamp::now().unix_seconds() + 600, Some(&c.key_name))
     }
 
+    /// `GET {path}` on the hub service API with the owner's token (`path` without api-version);
+    /// the JSON answer.
+    pub async fn hub_get(&self, path: &str) -> Value {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        self.http()
+            .get(self.url(&format!("{path}{sep}api-version=2021-04-12")))
+            .header("Authorization", self.hub_token())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Creates a hub device with a fresh key through the service API; returns the key.
     pub async fn create_device(&self, id: &str) -> SymmetricKey {
         let key = SymmetricKey::generate();
