@@ -259,6 +259,8 @@ class FleetgateServer:
             # operator would for a single source under investigation (the per-source summary
             # is tested in crates/server/tests/faults.rs).
             "--auth-failures-recorded", "100000",
+            # A small free-space reserve: the suite must not depend on how full the disk is.
+            "--disk-reserve-bytes", "64M",
             *self.extra_args,
         ]
         env = dict(os.environ, NO_COLOR="1")

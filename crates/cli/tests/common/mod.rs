@@ -72,6 +72,8 @@ impl Server {
     pub fn start_with(dir: &std::path::Path, extra: &[&str]) -> Server {
         let mut child = Command::new(BIN)
             .args(["serve", "--data-dir", dir.to_str().unwrap(), "--mqtt-port", "0", "--https-port", "0"])
+            // A small free-space reserve: the tests must not depend on how full the disk is.
+            .args(["--disk-reserve-bytes", "64M"])
             .args(extra)
             .env_remove("FLEETGATE_DATA_DIR")
             .env_remove("FLEETGATE_MQTT_PORT")

@@ -30,8 +30,14 @@ pub fn config(dir: &std::path::Path) -> ServerConfig {
     c.mqtt_port = 0;
     c.https_port = 0;
     c.limits.handshake_timeout = Duration::from_millis(700);
+    // A small free-space reserve: the tests must not depend on how full this machine's disk is
+    // (the reserve's own tests set theirs).
+    c.disk_reserve_bytes = Some(TEST_DISK_RESERVE);
     c
 }
+
+/// The free-space reserve test servers keep (64 MiB).
+pub const TEST_DISK_RESERVE: u64 = 64 << 20;
 
 impl TestServer {
     pub async fn start() -> Self {
