@@ -332,32 +332,6 @@ pub struct IndividualEnrollment {
     pub settings: EnrollmentSettings,
 }
 
-/// A new opaque etag in the quoted form Azure uses (`"\"…\""`).
-pub fn new_etag() -> String {
-    format!("\"{}\"", uuid::Uuid::new_v4())
-}
-
-/// `If-Match` semantics: absent or `*` always match an existing resource; otherwise the etags
-/// must be equal, ignoring surrounding quotes (clients differ in whether they keep them).
-pub fn check_if_match(if_match: Option<&str>, current: Option<&str>) -> Result<(), DpsError> {
-    let Some(wanted) = if_match.map(str::trim).filter(|s| !s.is_empty()) else {
-        return Ok(());
-    };
-    let unquote = |s: &str| s.trim().trim_matches('"').to_owned();
-    let ok = match current {
-        Some(cur) => wanted == "*" || unquote(wanted) == unquote(cur),
-        None => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(DpsError::new(
-            ErrorCode::PreconditionFailed,
-            "The ETag in the request does not match the current resource (precondition failed).",
-        ))
-    }
-}
-
 impl EnrollmentSettings {
     /// Validates a create-or-update request and fills in the server-owned fields.
     ///
@@ -437,7 +411,7 @@ impl EnrollmentSettings {
         self.created_date_time_utc =
             Some(existing.and_then(|g| g.created_date_time_utc.clone()).unwrap_or_else(|| now_s.clone()));
         self.last_updated_date_time_utc = Some(now_s);
-        self.etag = Some(new_etag());
+        self.etag = Some(crate::etag::new_etag());
         Ok(())
     }
 
@@ -729,15 +703,5 @@ mod tests {
 
     fn json_body(v: &serde_json::Value) -> Vec<u8> {
         serde_json::to_vec(v).unwrap()
-    }
-
-    #[test]
-    fn if_match_rules() {
-        assert!(check_if_match(None, None).is_ok());
-        assert!(check_if_match(Some("*"), Some("\"a\"")).is_ok());
-        assert!(check_if_match(Some("\"a\""), Some("\"a\"")).is_ok());
-        assert!(check_if_match(Some("a"), Some("\"a\"")).is_ok());
-        assert_eq!(check_if_match(Some("\"b\""), Some("\"a\"")).unwrap_err().status(), 412);
-        assert_eq!(check_if_match(Some("\"b\""), None).unwrap_err().status(), 412);
     }
 }

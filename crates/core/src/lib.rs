@@ -10,6 +10,7 @@ pub mod audit;
 pub mod device;
 pub mod enrollment;
 pub mod error;
+pub mod etag;
 pub mod ids;
 pub mod keys;
 pub mod message;

@@ -67,7 +67,7 @@ impl Provisioning {
                 id,
                 Box::new(move |current| {
                     if if_match.is_some() {
-                        fleetgate_core::enrollment::check_if_match(
+                        fleetgate_core::etag::check_if_match(
                             if_match.as_deref(),
                             current.and_then(|g| g.settings.etag.as_deref()),
                         )?;
@@ -172,7 +172,7 @@ impl Provisioning {
                         ));
                     }
                     if if_match.is_some() {
-                        fleetgate_core::enrollment::check_if_match(
+                        fleetgate_core::etag::check_if_match(
                             if_match.as_deref(),
                             current.and_then(|e| e.settings.etag.as_deref()),
                         )?;

@@ -4,11 +4,22 @@
 //! packets into calls on [`Hub`]; nothing here touches a socket.
 #![forbid(unsafe_code)]
 
+pub mod authentication;
+mod c2d;
+mod config;
+mod connections;
 pub mod hub;
+mod methods;
 pub mod mqtt;
+pub mod registry;
 pub mod service_api;
 pub mod sessions;
 pub mod telemetry;
+pub mod twins;
 
-pub use hub::{Hub, HubConfig, HubDevice};
+pub use authentication::{Authentication, ConnectRefusal, HubDevice};
+pub use config::HubConfig;
+pub use hub::Hub;
+pub use registry::{DeviceSpec, DeviceState};
 pub use sessions::{DesiredPatch, MethodCall, Outbound, SessionFlags};
+pub use twins::TwinChange;

@@ -171,7 +171,8 @@ pub struct SessionHandle {
     pub flags: Arc<SessionFlags>,
 }
 
-fn key(hub: &str, device: &str) -> (String, String) {
+/// How the hub's in-memory maps name a device: host names are case-insensitive (DNS).
+pub(crate) fn key(hub: &str, device: &str) -> (String, String) {
     (hub.to_ascii_lowercase(), device.to_ascii_lowercase())
 }
 

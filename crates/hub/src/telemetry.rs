@@ -10,10 +10,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleetgate_core::message::ReceivedEvent;
-use fleetgate_core::DpsError;
-use fleetgate_store::{Store, StoreError};
+use fleetgate_core::message::{check_bag, ReceivedEvent};
+use fleetgate_core::time::Timestamp;
+use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_store::{EventPage, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::authentication::HubDevice;
+use crate::hub::store_err;
+use crate::Hub;
 
 const MAX_BATCH: usize = 512;
 const QUEUE: usize = 8192;
@@ -125,5 +130,43 @@ async fn write_loop(
                 }
             }
         }
+    }
+}
+
+/// Device-to-cloud messages as the hub takes them, and the stream they are read from.
+impl Hub {
+    /// Validates and durably appends one telemetry message; resolves once it is on disk.
+    pub async fn ingest(&self, d: &HubDevice, bag: &str, body: bytes::Bytes) -> Result<u64, DpsError> {
+        if body.len() + bag.len() > self.config.max_message_bytes {
+            return Err(DpsError::new(ErrorCode::MessageTooLarge, "The message is larger than 256 KB."));
+        }
+        check_bag(bag).map_err(|e| DpsError::bad_request(e.to_string()))?;
+        self.admit_message(&d.hub).await;
+        let now = Timestamp::now();
+        d.touch(now);
+        let event = ReceivedEvent {
+            hub: d.hub.clone(),
+            device_id: d.device_id.clone(),
+            enqueued_time: now,
+            bag: bag.to_owned(),
+            body: body.to_vec(),
+        };
+        let seq = self.events.append(event).await?;
+        fleetgate_metrics::METRICS.messages.inc();
+        Ok(seq)
+    }
+
+    pub fn event_notifications(&self) -> tokio::sync::broadcast::Receiver<u64> {
+        self.events.subscribe()
+    }
+
+    /// A hub's events from position `from`; the page says where to continue.
+    pub async fn events(&self, hub: &str, from: u64, limit: usize) -> Result<EventPage, DpsError> {
+        self.store.events(hub, from, limit).await.map_err(store_err)
+    }
+
+    /// Position of the newest event in the stream (any hub; 0 when there is none).
+    pub async fn last_event_seq(&self) -> Result<u64, DpsError> {
+        self.store.last_event_seq().await.map_err(store_err)
     }
 }

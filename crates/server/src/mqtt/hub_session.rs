@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use fleetgate_core::x509::CertificateChain;
 use fleetgate_core::DpsError;
-use fleetgate_hub::hub::{Authentication, ConnectRefusal};
 use fleetgate_hub::mqtt::{
     c2d_topic, desired_patch_topic, method_request_topic, parse_publish_topic, subscription, twin_response_topic,
     DeviceRequest, HubUsername, Subscription, TopicError,
 };
 use fleetgate_hub::sessions::SessionHandle;
+use fleetgate_hub::{Authentication, ConnectRefusal};
 use fleetgate_hub::{Hub, HubDevice, Outbound};
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,

@@ -15,7 +15,6 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Router};
-use base64::Engine;
 use fleetgate_core::message::{Properties, TelemetryEvent};
 use fleetgate_core::policy::{self, Right};
 use fleetgate_core::sas::SasToken;
@@ -26,6 +25,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::Hub;
+
+pub mod render;
+mod requests;
 
 /// The hub a service request is for, decided by its token's `sr`.
 #[derive(Clone, Debug)]
@@ -196,7 +198,7 @@ async fn list_devices(
     let offset = fleetgate_rest::Page::from_headers(&headers)?.offset;
     let page = fleetgate_rest::Page { offset, size };
     let devices = hub.devices(&t.0, offset, size + 1).await?;
-    Ok(page.respond(devices.iter().map(|d| hub.device_json(d)).collect::<Vec<_>>(), "device"))
+    Ok(page.respond(devices.iter().map(|d| render::device(d, &hub.device_state(d))).collect::<Vec<_>>(), "device"))
 }
 
 /// `POST /devices/query`: Azure's twin query (`az iot hub query`, the SDKs' `createQuery`), in
@@ -216,20 +218,22 @@ async fn query_devices(
     }
     let page = fleetgate_rest::Page::from_headers(&headers)?;
     let (hub, name) = (&hub, &t.0);
-    let items =
-        fleetgate_rest::query_page(&q, &page, |offset, limit| async move { hub.twins_json(name, offset, limit).await })
-            .await?;
+    let items = fleetgate_rest::query_page(&q, &page, |offset, limit| async move {
+        let twins = hub.twins(name, offset, limit).await?;
+        Ok(twins.iter().map(|(d, t)| render::twin(d, t, &hub.device_state(d))).collect())
+    })
+    .await?;
     Ok(page.respond(items, "twin"))
 }
 
 /// `GET /statistics/devices`: `totalDeviceCount`, `enabledDeviceCount`, `disabledDeviceCount`.
 async fn registry_statistics(State(hub): State<Arc<Hub>>, Extension(t): Extension<TargetHub>) -> ApiResult<Response> {
-    Ok(json(hub.registry_statistics(&t.0).await?))
+    Ok(json(render::registry_statistics(&hub.registry_statistics(&t.0).await?)))
 }
 
 /// `GET /statistics/service`: `connectedDeviceCount`.
 async fn service_statistics(State(hub): State<Arc<Hub>>, Extension(t): Extension<TargetHub>) -> Response {
-    json(hub.service_statistics(&t.0))
+    json(render::service_statistics(hub.connected_devices(&t.0)))
 }
 
 async fn get_device(
@@ -238,7 +242,7 @@ async fn get_device(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let (dev, _) = hub.twin(&t.0, &id).await?;
-    Ok(json(hub.device_json(&dev)))
+    Ok(json(render::device(&dev, &hub.device_state(&dev))))
 }
 
 async fn put_device(
@@ -248,8 +252,9 @@ async fn put_device(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let dev = hub.put_device(&t.0, &id, &body(b)?, if_match(&headers)).await?;
-    Ok(json(hub.device_json(&dev)))
+    let spec = requests::device_spec(&body(b)?, &id)?;
+    let dev = hub.put_device(&t.0, &id, spec, if_match(&headers)).await?;
+    Ok(json(render::device(&dev, &hub.device_state(&dev))))
 }
 
 async fn delete_device(
@@ -268,7 +273,7 @@ async fn get_twin(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let (dev, twin) = hub.twin(&t.0, &id).await?;
-    Ok(json(hub.twin_json(&dev, &twin)))
+    Ok(json(render::twin(&dev, &twin, &hub.device_state(&dev))))
 }
 
 async fn patch_twin(
@@ -278,8 +283,9 @@ async fn patch_twin(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let (dev, twin) = hub.patch_twin(&t.0, &id, &body(b)?, if_match(&headers)).await?;
-    Ok(json(hub.twin_json(&dev, &twin)))
+    let change = requests::twin_change(&body(b)?)?;
+    let (dev, twin) = hub.patch_twin(&t.0, &id, change, if_match(&headers)).await?;
+    Ok(json(render::twin(&dev, &twin, &hub.device_state(&dev))))
 }
 
 #[derive(Deserialize)]
@@ -363,40 +369,6 @@ struct EventsQuery {
     format: Option<String>,
 }
 
-/// An event as `az iot hub monitor-events --properties all` prints it, plus its position. A
-/// body that is not UTF-8 is its base64 text, with `"payloadEncoding": "base64"` beside it: a
-/// marker inside the payload (such as `{"base64": ...}`) could be a JSON body of that shape.
-pub fn event_json(e: &TelemetryEvent) -> Value {
-    let (payload, binary) = match serde_json::from_slice::<Value>(&e.body) {
-        Ok(v) => (v, false),
-        Err(_) => match std::str::from_utf8(&e.body) {
-            Ok(s) => (Value::String(s.to_owned()), false),
-            Err(_) => (Value::String(base64::engine::general_purpose::STANDARD.encode(&e.body)), true),
-        },
-    };
-    let mut v = json!({
-        "seq": e.seq,
-        "event": {
-            "origin": e.device_id,
-            "module": e.module_id.clone().unwrap_or_default(),
-            "interface": e.properties.system.get("iothub-interface-id").cloned().unwrap_or_default(),
-            "component": e.properties.system.get("dt-subject").cloned().unwrap_or_default(),
-            "properties": {"system": e.properties.system, "application": e.properties.application},
-            "annotations": {
-                "iothub-connection-device-id": e.device_id,
-                "iothub-enqueuedtime": e.enqueued_time,
-                "iothub-message-source": "Telemetry",
-                "x-opt-sequence-number": e.seq,
-            },
-            "payload": payload,
-        }
-    });
-    if binary {
-        v["event"]["payloadEncoding"] = "base64".into();
-    }
-    v
-}
-
 /// `GET /messages/events`: the hub's telemetry, as a server-sent event stream (or, with
 /// `format=json`, one page). The stream ends when the caller's token expires or would no longer
 /// be accepted (its policy's key renewed, the policy removed): it is checked before every page
@@ -413,7 +385,7 @@ async fn events(
         // Up to 10,000 events from `from` (a scan of the stream is bounded, so fewer may come
         // back; `from` = the last one's sequence number + 1 continues).
         let page = hub.events(&t.0, q.from.unwrap_or(0), 10_000).await?;
-        return Ok(json(page.events.iter().filter(|e| keep(e)).map(event_json).collect::<Vec<_>>()));
+        return Ok(json(page.events.iter().filter(|e| keep(e)).map(render::event).collect::<Vec<_>>()));
     }
     // Subscribe before reading the tail so nothing appended in between is missed.
     let notices = hub.event_notifications();
@@ -434,7 +406,7 @@ async fn events(
                     return None;
                 }
                 if let Some(e) = buf.pop_front() {
-                    let ev = Event::default().id(e.seq.to_string()).data(event_json(&e).to_string());
+                    let ev = Event::default().id(e.seq.to_string()).data(render::event(&e).to_string());
                     return Some((Ok::<_, std::convert::Infallible>(ev), (hub, name, pos, notices, buf)));
                 }
                 match hub.events(&name, pos, 256).await {

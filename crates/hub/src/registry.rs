@@ -1,0 +1,160 @@
+//! The device registry as the service side changes it: identities created, replaced and
+//! deleted (each change ending connections its credentials no longer cover), listed and counted,
+//! and what the hub knows of each device live.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use fleetgate_core::device::{DeviceCredentials, DeviceIdentity, DeviceStatus};
+use fleetgate_core::etag::check_if_match;
+use fleetgate_core::keys::SymmetricKey;
+use fleetgate_core::time::Timestamp;
+use fleetgate_core::twin::Twin;
+use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_store::DeviceCounts;
+
+use crate::hub::{not_found, store_err};
+use crate::Hub;
+
+/// What a service asks a device identity to be (`PUT /devices/{id}`). Not `Debug`: it holds keys.
+#[derive(Clone)]
+pub struct DeviceSpec {
+    pub status: DeviceStatus,
+    /// SAS keys (primary, secondary): a key left out is kept from the identity replaced, or
+    /// generated for a new one. Ignored for X.509 identities.
+    pub keys: [Option<SymmetricKey>; 2],
+    /// X.509 credentials; `None` for a SAS identity.
+    pub x509: Option<DeviceCredentials>,
+}
+
+/// What the hub knows of a device beyond its identity: its connection, now.
+#[derive(Debug, Clone)]
+pub struct DeviceState {
+    pub connected: bool,
+    /// When it connected or disconnected last (Azure's time format); `None` when it has not
+    /// since the server started.
+    pub state_updated: Option<String>,
+    pub last_activity: Option<Timestamp>,
+}
+
+impl Hub {
+    /// Creates or replaces a device identity (service API `PUT /devices/{id}`).
+    pub async fn put_device(
+        &self,
+        hub: &str,
+        device_id: &str,
+        spec: DeviceSpec,
+        if_match: Option<String>,
+    ) -> Result<DeviceIdentity, DpsError> {
+        fleetgate_core::ids::RegistrationId::parse(device_id)?;
+        let DeviceSpec { status, keys, x509 } = spec;
+        let (hub_s, id) = (hub.to_owned(), device_id.to_owned());
+        let now = Timestamp::now();
+        // Decided in the store's transaction, from the identity it replaces.
+        let credentials_changed = Arc::new(AtomicBool::new(false));
+        let changed = credentials_changed.clone();
+        let result = self
+            .store
+            .update_device(
+                hub,
+                device_id,
+                Box::new(move |cur| {
+                    let existing = cur.as_ref().map(|(d, _)| d);
+                    match (if_match.as_deref().map(str::trim), existing) {
+                        // Azure: PUT without If-Match creates only.
+                        (None, Some(_)) => {
+                            return Err(DpsError::new(
+                                ErrorCode::DeviceAlreadyExists,
+                                "A device with this id already exists.",
+                            ))
+                        }
+                        // `*` (or an empty header) creates or replaces.
+                        (None | Some("" | "*"), None) => {}
+                        (m, existing) => check_if_match(m, existing.map(|d| d.etag.as_str()))?,
+                    }
+                    let credentials = match &x509 {
+                        // An update of a certificateAuthority identity keeps the CAs it was provisioned with.
+                        Some(DeviceCredentials::CertificateAuthority(_)) => DeviceCredentials::CertificateAuthority(
+                            existing.map(|d| d.ca_certificates.clone()).unwrap_or_default(),
+                        ),
+                        Some(c) => c.clone(),
+                        None => {
+                            let stored = [existing.map(|d| &d.primary_key), existing.map(|d| &d.secondary_key)];
+                            DeviceCredentials::Keys(
+                                keys.iter()
+                                    .zip(stored)
+                                    .map(|(given, stored)| {
+                                        given
+                                            .clone()
+                                            .or_else(|| stored.and_then(|k| SymmetricKey::from_base64(k).ok()))
+                                            .filter(|k| !k.as_bytes().is_empty())
+                                            .unwrap_or_else(SymmetricKey::generate)
+                                    })
+                                    .collect(),
+                            )
+                        }
+                    };
+                    let mut dev = DeviceIdentity::provisioned_with(existing, &hub_s, &id, credentials, now);
+                    dev.status = status;
+                    changed.store(existing.is_some_and(|old| !old.same_credentials(&dev)), Ordering::Relaxed);
+                    let twin = cur.map(|(_, t)| t).unwrap_or_default();
+                    Ok(Some((dev, twin)))
+                }),
+            )
+            .await
+            .map_err(store_err)?;
+        let (dev, _) = result.ok_or_else(DpsError::internal)?;
+        // A disabled device, or one whose keys, thumbprints or CAs changed, keeps no connection
+        // opened before: the old credentials may be the reason for the change.
+        let changed = credentials_changed.load(Ordering::Relaxed);
+        if dev.status == DeviceStatus::Disabled || changed {
+            if changed {
+                tracing::info!(hub = %hub, device = %dev.device_id, "device credentials changed; closing its connection");
+            }
+            self.sessions.close(hub, device_id);
+        }
+        Ok(dev)
+    }
+
+    pub async fn delete_device(&self, hub: &str, device_id: &str, if_match: Option<String>) -> Result<(), DpsError> {
+        let id = device_id.to_owned();
+        self.store
+            .update_device(
+                hub,
+                device_id,
+                Box::new(move |cur| {
+                    let (dev, _) = cur.ok_or_else(|| not_found(&id))?;
+                    check_if_match(if_match.as_deref(), Some(&dev.etag))?;
+                    Ok(None)
+                }),
+            )
+            .await
+            .map_err(store_err)?;
+        self.sessions.close(hub, device_id);
+        Ok(())
+    }
+
+    pub async fn devices(&self, hub: &str, offset: usize, limit: usize) -> Result<Vec<DeviceIdentity>, DpsError> {
+        self.store.devices(hub, offset, limit).await.map_err(store_err)
+    }
+
+    /// Identities with their twins, in creation order (the hub query reads these).
+    pub async fn twins(&self, hub: &str, offset: usize, limit: usize) -> Result<Vec<(DeviceIdentity, Twin)>, DpsError> {
+        self.store.twins(hub, offset, limit).await.map_err(store_err)
+    }
+
+    /// Counted by the store (Azure's `RegistryStatistics`).
+    pub async fn registry_statistics(&self, hub: &str) -> Result<DeviceCounts, DpsError> {
+        self.store.device_counts(hub).await.map_err(store_err)
+    }
+
+    /// How many devices of `hub` are connected now (Azure's `ServiceStatistics`).
+    pub fn connected_devices(&self, hub: &str) -> usize {
+        self.sessions.count_of(hub)
+    }
+
+    pub fn device_state(&self, dev: &DeviceIdentity) -> DeviceState {
+        let (connected, state_updated) = self.sessions.connection_state(&dev.hub, &dev.device_id);
+        DeviceState { connected, state_updated, last_activity: self.last_activity(&dev.hub, &dev.device_id) }
+    }
+}

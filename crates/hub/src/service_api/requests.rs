@@ -1,0 +1,90 @@
+//! Azure's request bodies of the hub service API, parsed into the hub's types.
+
+use fleetgate_core::device::{DeviceCredentials, DeviceStatus};
+use fleetgate_core::keys::SymmetricKey;
+use fleetgate_core::twin::parse_patch;
+use fleetgate_core::DpsError;
+use serde_json::Value;
+
+use crate::registry::DeviceSpec;
+use crate::twins::TwinChange;
+
+/// Azure's `Device` body of `PUT /devices/{id}`: status and credentials (everything else in it
+/// is the hub's to decide).
+pub fn device_spec(body: &[u8], device_id: &str) -> Result<DeviceSpec, DpsError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| DpsError::bad_request(format!("Malformed device JSON: {e}")))?;
+    if let Some(id) = v.get("deviceId").and_then(Value::as_str) {
+        if id != device_id {
+            return Err(DpsError::bad_request("deviceId in the body does not match the path."));
+        }
+    }
+    let status: DeviceStatus = match v.get("status") {
+        None | Some(Value::Null) => DeviceStatus::Enabled,
+        Some(s) => serde_json::from_value(s.clone())
+            .map_err(|_| DpsError::bad_request("status must be enabled or disabled."))?,
+    };
+    let key = |name: &str| -> Result<Option<SymmetricKey>, DpsError> {
+        match v
+            .pointer(&format!("/authentication/symmetricKey/{name}"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+        {
+            Some(k) => Ok(Some(SymmetricKey::parse_user_key(k)?)),
+            None => Ok(None),
+        }
+    };
+    Ok(DeviceSpec { status, keys: [key("primaryKey")?, key("secondaryKey")?], x509: x509_credentials(&v)? })
+}
+
+/// Azure's twin patch body: `tags` and/or `properties.desired`.
+pub fn twin_change(body: &[u8]) -> Result<TwinChange, DpsError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| DpsError::bad_request(format!("Malformed twin JSON: {e}")))?;
+    let tags = match v.get("tags") {
+        None | Some(Value::Null) => None,
+        Some(t) => Some(parse_patch(t.to_string().as_bytes())?),
+    };
+    let desired = match v.pointer("/properties/desired") {
+        None | Some(Value::Null) => None,
+        Some(p) => Some(parse_patch(p.to_string().as_bytes())?),
+    };
+    if v.pointer("/properties/reported").is_some() {
+        return Err(DpsError::bad_request("Reported properties are written by the device only."));
+    }
+    Ok(TwinChange { tags, desired })
+}
+
+/// The X.509 credentials of a service API device body (`authentication.type` `selfSigned` with
+/// `x509Thumbprint`, or `certificateAuthority`); `None` for SAS.
+fn x509_credentials(v: &Value) -> Result<Option<DeviceCredentials>, DpsError> {
+    let kind = v.pointer("/authentication/type").and_then(Value::as_str).unwrap_or("sas");
+    if kind.eq_ignore_ascii_case("sas") {
+        return Ok(None);
+    }
+    if kind.eq_ignore_ascii_case("certificateAuthority") {
+        return Ok(Some(DeviceCredentials::CertificateAuthority(Vec::new())));
+    }
+    if !kind.eq_ignore_ascii_case("selfSigned") {
+        return Err(DpsError::bad_request("authentication.type must be sas, selfSigned or certificateAuthority."));
+    }
+    let thumbprint = |name: &str| -> Result<Option<String>, DpsError> {
+        let Some(t) = v
+            .pointer(&format!("/authentication/x509Thumbprint/{name}"))
+            .and_then(Value::as_str)
+            .map(|t| t.replace(':', ""))
+            .filter(|t| !t.is_empty())
+        else {
+            return Ok(None);
+        };
+        if !(t.len() == 40 || t.len() == 64) || !t.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(DpsError::bad_request(format!("{name} must be a SHA-1 or SHA-256 thumbprint in hex.")));
+        }
+        Ok(Some(t.to_ascii_uppercase()))
+    };
+    let (primary, secondary) = (thumbprint("primaryThumbprint")?, thumbprint("secondaryThumbprint")?);
+    if primary.is_none() && secondary.is_none() {
+        return Err(DpsError::bad_request("A selfSigned device needs x509Thumbprint.primaryThumbprint."));
+    }
+    Ok(Some(DeviceCredentials::SelfSigned { primary, secondary }))
+}

@@ -1,0 +1,104 @@
+//! Device twins: the device's reported properties, the service's tags and desired properties,
+//! and desired-property notifications to a listening device.
+
+use std::sync::atomic::Ordering;
+
+use base64::Engine;
+use fleetgate_core::device::DeviceIdentity;
+use fleetgate_core::etag::check_if_match;
+use fleetgate_core::time::Timestamp;
+use fleetgate_core::twin::{parse_patch, Twin};
+use fleetgate_core::DpsError;
+use serde_json::{Map, Value};
+
+use crate::authentication::HubDevice;
+use crate::hub::{not_found, store_err};
+use crate::sessions::{DesiredPatch, Outbound};
+use crate::Hub;
+
+/// A service's change to a twin: JSON merge patches of its tags and of its desired properties
+/// (either may be absent). Reported properties are the device's alone.
+#[derive(Debug, Clone, Default)]
+pub struct TwinChange {
+    pub tags: Option<Map<String, Value>>,
+    pub desired: Option<Map<String, Value>>,
+}
+
+/// The twin's etag changes with every version.
+pub fn twin_etag(twin: &Twin) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("\"{}\"", twin.version))
+}
+
+impl Hub {
+    pub async fn twin(&self, hub: &str, device_id: &str) -> Result<(DeviceIdentity, Twin), DpsError> {
+        self.store.twin(hub, device_id).await.map_err(store_err)?.ok_or_else(|| not_found(device_id))
+    }
+
+    /// A device's reported-properties patch; returns the new reported version.
+    pub async fn patch_reported(&self, d: &HubDevice, body: &[u8]) -> Result<u64, DpsError> {
+        let patch = parse_patch(body)?;
+        let id = d.device_id.clone();
+        let updated = self
+            .store
+            .update_device(
+                &d.hub,
+                &d.device_id,
+                Box::new(move |cur| {
+                    let (dev, mut twin) = cur.ok_or_else(|| not_found(&id))?;
+                    twin.patch_reported(&patch)?;
+                    Ok(Some((dev, twin)))
+                }),
+            )
+            .await
+            .map_err(store_err)?;
+        d.touch(Timestamp::now());
+        Ok(updated.map(|(_, t)| t.reported_version).unwrap_or_default())
+    }
+
+    /// A service's twin change (`tags` and/or `properties.desired`), etag-checked; the device is
+    /// told about desired changes if it listens.
+    pub async fn patch_twin(
+        &self,
+        hub: &str,
+        device_id: &str,
+        change: TwinChange,
+        if_match: Option<String>,
+    ) -> Result<(DeviceIdentity, Twin), DpsError> {
+        let TwinChange { tags, desired } = change;
+        let id = device_id.to_owned();
+        let desired_for_store = desired.clone();
+        let (dev, twin) = self
+            .store
+            .update_device(
+                hub,
+                device_id,
+                Box::new(move |cur| {
+                    let (dev, mut twin) = cur.ok_or_else(|| not_found(&id))?;
+                    check_if_match(if_match.as_deref(), Some(&twin_etag(&twin)))?;
+                    if let Some(t) = &tags {
+                        twin.patch_tags(t)?;
+                    }
+                    if let Some(d) = &desired_for_store {
+                        twin.patch_desired(d)?;
+                    }
+                    Ok(Some((dev, twin)))
+                }),
+            )
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| not_found(device_id))?;
+        if let Some(patch) = desired {
+            if let Some(live) = self.sessions.get(hub, device_id) {
+                if live.flags.desired.load(Ordering::Relaxed) {
+                    let body = Twin::desired_notification(&patch, twin.desired_version);
+                    // A device too slow to take it re-reads the twin on reconnect (the SDKs do).
+                    let _ = live.tx.try_send(Outbound::DesiredPatch(Box::new(DesiredPatch {
+                        body,
+                        version: twin.desired_version,
+                    })));
+                }
+            }
+        }
+        Ok((dev, twin))
+    }
+}
