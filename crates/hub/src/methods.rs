@@ -135,12 +135,13 @@ mod tests {
     #[test]
     fn a_pending_call_is_named_by_hub_device_connection_and_rid() {
         let a = PendingMethod::new("Hub-A", "Dev-1", 7, "r");
-        assert_eq!(a, PendingMethod::new("hub-a", "dev-1", 7, "r"), "ids are case-insensitive");
+        assert_eq!(a, PendingMethod::new("hub-a", "Dev-1", 7, "r"), "host names are case-insensitive");
         for other in [
-            PendingMethod::new("hub-b", "dev-1", 7, "r"),
-            PendingMethod::new("hub-a", "dev-2", 7, "r"),
-            PendingMethod::new("hub-a", "dev-1", 8, "r"),
-            PendingMethod::new("hub-a", "dev-1", 7, "R"),
+            PendingMethod::new("hub-a", "dev-1", 7, "r"),
+            PendingMethod::new("hub-b", "Dev-1", 7, "r"),
+            PendingMethod::new("hub-a", "Dev-2", 7, "r"),
+            PendingMethod::new("hub-a", "Dev-1", 8, "r"),
+            PendingMethod::new("hub-a", "Dev-1", 7, "R"),
         ] {
             assert_ne!(a, other);
         }

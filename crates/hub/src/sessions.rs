@@ -171,9 +171,10 @@ pub struct SessionHandle {
     pub flags: Arc<SessionFlags>,
 }
 
-/// How the hub's in-memory maps name a device: host names are case-insensitive (DNS).
+/// How the hub's in-memory maps name a device: host names are case-insensitive (DNS), device
+/// ids case-sensitive (as in IoT Hub: `Dev-1` and `dev-1` are two devices).
 pub(crate) fn key(hub: &str, device: &str) -> (String, String) {
-    (hub.to_ascii_lowercase(), device.to_ascii_lowercase())
+    (hub.to_ascii_lowercase(), device.to_owned())
 }
 
 impl Sessions {
@@ -303,7 +304,7 @@ mod tests {
         let authenticated = sessions.closes_before_auth("Hub", "dev");
         // Committed and closed while the connection was between its identity read and here:
         // there was no session to close yet.
-        sessions.close("hub", "DEV");
+        sessions.close("HUB", "dev");
         assert!(sessions.register("hub", "dev", authenticated, String::new()).is_none());
         assert_eq!(sessions.count(), 0);
         // A connection that authenticates after the change registers.

@@ -134,6 +134,9 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// The stored key of a case-insensitive name: hub host names, registration, enrollment and
+/// group ids (DPS ids are case-insensitive). Device ids are case-sensitive, as in IoT Hub, and are
+/// stored as they are (see [`migrate`]).
 fn key(s: &str) -> String {
     s.to_ascii_lowercase()
 }
@@ -485,7 +488,34 @@ impl Documents {
 }
 
 /// Brings a data directory from an earlier version up to the current schema.
+/// The schema version this build writes (SQLite's `user_version`): 1 = device ids are stored
+/// as they are (before, lower-cased: ids differing only in case were one device).
+const SCHEMA_VERSION: i64 = 1;
+
 fn migrate(c: &Connection) -> StoreResult<()> {
+    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Backend(format!(
+            "the registry was written by a newer Fleetgate (schema {version}, this one knows up to {SCHEMA_VERSION})"
+        )));
+    }
+    if version < 1 {
+        // Device keys become the ids as the devices were created (kept in each identity's
+        // body), in one transaction: the C2D queue and MQTT sessions follow their device.
+        c.execute_batch(
+            "BEGIN IMMEDIATE;
+             UPDATE c2d SET device_key = COALESCE((SELECT json_extract(d.body, '$.deviceId') FROM devices d
+                 WHERE d.hub_key = c2d.hub_key AND d.device_key = c2d.device_key), device_key);
+             UPDATE mqtt_sessions SET device_key = COALESCE((SELECT json_extract(d.body, '$.deviceId')
+                 FROM devices d WHERE d.hub_key = mqtt_sessions.hub_key AND d.device_key = mqtt_sessions.device_key),
+                 device_key);
+             UPDATE devices SET device_key = json_extract(body, '$.deviceId')
+                 WHERE json_extract(body, '$.deviceId') IS NOT NULL;
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )
+        .map_err(backend)?;
+    }
     add_column_if_missing(
         c,
         "hubs",
@@ -873,8 +903,8 @@ impl Store for SqliteStore {
         moved_from: Option<(&str, &str)>,
     ) -> StoreResult<()> {
         let record = record.clone();
-        let (hub, id) = (key(hub), key(device_id));
-        let moved_from = moved_from.map(|(h, d)| (key(h), key(d)));
+        let (hub, id) = (key(hub), device_id.to_owned());
+        let moved_from = moved_from.map(|(h, d)| (key(h), d.to_owned()));
         self.write(move |tx| {
             write_registration(tx, &record)?;
             if let Some((h, d)) = &moved_from {
@@ -918,7 +948,7 @@ impl Store for SqliteStore {
     }
 
     async fn twin(&self, hub: &str, device_id: &str) -> StoreResult<Option<(DeviceIdentity, Twin)>> {
-        let (h, d) = (key(hub), key(device_id));
+        let (h, d) = (key(hub), device_id.to_owned());
         self.with(move |c| read_device(c, &h, &d)).await
     }
 
@@ -969,7 +999,7 @@ impl Store for SqliteStore {
         device_id: &str,
         update: DeviceUpdate,
     ) -> StoreResult<Option<(DeviceIdentity, Twin)>> {
-        let (h, d) = (key(hub), key(device_id));
+        let (h, d) = (key(hub), device_id.to_owned());
         self.write(move |c| {
             let tx = c;
             let current = read_device(tx, &h, &d)?;
@@ -1031,7 +1061,7 @@ impl Store for SqliteStore {
         let m = message.clone();
         self.write(move |c| {
             let tx = c;
-            let (h, d) = (key(&m.hub), key(&m.device_id));
+            let (h, d) = (key(&m.hub), m.device_id.clone());
             let depth: i64 = tx
                 .query_row("SELECT COUNT(*) FROM c2d WHERE hub_key = ?1 AND device_key = ?2", params![h, d], |r| {
                     r.get(0)
@@ -1055,7 +1085,7 @@ impl Store for SqliteStore {
     }
 
     async fn pending_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<Vec<C2dMessage>> {
-        let (h, d) = (key(hub), key(device_id));
+        let (h, d) = (key(hub), device_id.to_owned());
         self.write(move |c| {
             c.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2 AND expiry < ?3", params![h, d, now])
                 .map_err(backend)?;
@@ -1069,7 +1099,7 @@ impl Store for SqliteStore {
     }
 
     async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool> {
-        let (h, d, id) = (key(hub), key(device_id), id.to_owned());
+        let (h, d, id) = (key(hub), device_id.to_owned(), id.to_owned());
         self.write(move |c| {
             c.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2 AND id = ?3", params![h, d, id])
                 .map(|n| n > 0)
@@ -1175,7 +1205,7 @@ impl Store for SqliteStore {
     }
 
     async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>> {
-        let (h, d) = (key(hub), key(device_id));
+        let (h, d) = (key(hub), device_id.to_owned());
         self.with(move |c| {
             c.prepare_cached("SELECT state FROM mqtt_sessions WHERE hub_key = ?1 AND device_key = ?2")
                 .map_err(backend)?
@@ -1187,7 +1217,7 @@ impl Store for SqliteStore {
     }
 
     async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()> {
-        let (h, d, state) = (key(hub), key(device_id), state.map(str::to_owned));
+        let (h, d, state) = (key(hub), device_id.to_owned(), state.map(str::to_owned));
         self.write(move |c| {
             match state {
                 Some(s) => c.execute(

@@ -107,7 +107,7 @@ async fn assignment_commits_record_and_identity_together() {
         .commit_assignment(
             &refused,
             "LOCALHOST",
-            "dev-1",
+            "Dev-1",
             Box::new(|present| {
                 assert_eq!(present.map(|(d, _)| d.device_id).as_deref(), Some("Dev-1"));
                 Err(fleetgate_core::DpsError::bad_request("no"))
@@ -121,7 +121,8 @@ async fn assignment_commits_record_and_identity_together() {
     let got = s.registration("dev-1").await.unwrap().unwrap();
     assert_eq!(got, rec);
     assert_eq!(got.enrollment_group_id.as_deref(), Some("grp"));
-    assert_eq!(s.device("localhost", "DEV-1").await.unwrap().unwrap(), dev);
+    assert_eq!(s.device("LocalHost", "Dev-1").await.unwrap().unwrap(), dev);
+    assert!(s.device("localhost", "dev-1").await.unwrap().is_none(), "device ids are case-sensitive");
     assert_eq!(s.registrations_of_group("GRP", 0, 10).await.unwrap().len(), 1);
     assert_eq!(s.registrations_of_group("grp", 1, 10).await.unwrap().len(), 0);
     assert_eq!(s.registrations_of_group("other", 0, 10).await.unwrap().len(), 0);
@@ -131,7 +132,7 @@ async fn assignment_commits_record_and_identity_together() {
     assert!(s.delete_registration("DEV-1", Some(&rec.etag)).await.unwrap());
     assert!(s.registration("dev-1").await.unwrap().is_none());
     // Deleting the record leaves the hub identity (as Azure does).
-    assert!(s.device("localhost", "dev-1").await.unwrap().is_some());
+    assert!(s.device("localhost", "Dev-1").await.unwrap().is_some());
 }
 
 #[tokio::test]
@@ -319,4 +320,85 @@ async fn device_counts_and_twins_per_hub() {
     assert_eq!(s.device_counts("hub-b").await.unwrap(), fleetgate_store::DeviceCounts { total: 1, enabled: 0 });
     let page: Vec<_> = s.twins("hub-a", 1, 5).await.unwrap().into_iter().map(|(d, _)| d.device_id).collect();
     assert_eq!(page, ["d2", "d3"]);
+}
+
+fn identity(hub: &str, id: &str) -> DeviceIdentity {
+    DeviceIdentity::provisioned(None, hub, id, &[SymmetricKey::generate()], Timestamp::now())
+}
+
+async fn put_device(s: &SqliteStore, hub: &str, id: &str) {
+    let dev = identity(hub, id);
+    s.update_device(hub, id, Box::new(move |_| Ok(Some((dev, fleetgate_core::twin::Twin::default()))))).await.unwrap();
+}
+
+fn c2d(hub: &str, id: &str, msg: &str) -> fleetgate_core::message::C2dMessage {
+    fleetgate_core::message::C2dMessage {
+        id: msg.into(),
+        hub: hub.into(),
+        device_id: id.into(),
+        enqueued_time: Timestamp::now().to_azure_string(),
+        expiry: Timestamp::now().unix_seconds() + 600,
+        properties: Default::default(),
+        body: msg.as_bytes().to_vec(),
+    }
+}
+
+/// Issue 13 item 4: device ids are case-sensitive (IoT Hub's rule), hub host names are not.
+#[tokio::test]
+async fn device_ids_are_case_sensitive_and_host_names_are_not() {
+    let (_, s) = temp_db();
+    put_device(&s, "hub-a", "Dev-1").await;
+    put_device(&s, "hub-a", "dev-1").await;
+    let ids: Vec<_> = s.devices("hub-a", 0, 10).await.unwrap().into_iter().map(|d| d.device_id).collect();
+    assert_eq!(ids, ["Dev-1", "dev-1"], "two devices");
+    assert_eq!(s.device("HUB-A", "Dev-1").await.unwrap().unwrap().device_id, "Dev-1");
+    assert!(s.device("hub-a", "DEV-1").await.unwrap().is_none());
+    s.enqueue_c2d(&c2d("hub-a", "Dev-1", "for-upper"), 50).await.unwrap();
+    let now = Timestamp::now().unix_seconds();
+    assert!(s.pending_c2d("hub-a", "dev-1", now).await.unwrap().is_empty(), "queues are per device");
+    assert_eq!(s.pending_c2d("hub-a", "Dev-1", now).await.unwrap().len(), 1);
+    s.update_device("hub-a", "dev-1", Box::new(|_| Ok(None))).await.unwrap();
+    assert!(s.device("hub-a", "Dev-1").await.unwrap().is_some(), "deleting dev-1 leaves Dev-1");
+}
+
+/// Issue 13 item 4: a registry written when device ids were stored lower-cased is migrated on
+/// open: each device (with its C2D queue and MQTT session) is found by its id as created, and
+/// the migration runs once.
+#[tokio::test]
+async fn lower_cased_device_keys_of_an_older_registry_are_migrated() {
+    let (path, s) = temp_db();
+    put_device(&s, "hub-a", "Mixed-Case").await;
+    s.enqueue_c2d(&c2d("hub-a", "Mixed-Case", "queued"), 50).await.unwrap();
+    s.set_mqtt_session("hub-a", "Mixed-Case", Some("{\"twin\":1}")).await.unwrap();
+    drop(s);
+    {
+        // What the previous version wrote: keys lower-cased, schema version 0.
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "UPDATE devices SET device_key = lower(device_key); UPDATE c2d SET device_key = lower(device_key);
+             UPDATE mqtt_sessions SET device_key = lower(device_key); PRAGMA user_version = 0;",
+        )
+        .unwrap();
+        let keys: String = c.query_row("SELECT group_concat(device_key) FROM devices", [], |r| r.get(0)).unwrap();
+        assert_eq!(keys, "mixed-case");
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.device("hub-a", "Mixed-Case").await.unwrap().unwrap().device_id, "Mixed-Case");
+    assert!(s.device("hub-a", "mixed-case").await.unwrap().is_none());
+    let now = Timestamp::now().unix_seconds();
+    assert_eq!(s.pending_c2d("hub-a", "Mixed-Case", now).await.unwrap().len(), 1, "the queue follows its device");
+    assert_eq!(s.mqtt_session("hub-a", "Mixed-Case").await.unwrap().as_deref(), Some("{\"twin\":1}"));
+    drop(s);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    assert_eq!(c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
+}
+
+/// A registry from a newer version is not opened (and so not changed) by an older one.
+#[tokio::test]
+async fn a_registry_of_a_newer_schema_is_refused() {
+    let (path, s) = temp_db();
+    drop(s);
+    rusqlite::Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99;").unwrap();
+    let err = SqliteStore::open(&path).err().expect("refused").to_string();
+    assert!(err.contains("newer Fleetgate"), "{err}");
 }

@@ -1,0 +1,96 @@
+//! Issue 13 item 4: hub device ids are case-sensitive, as in IoT Hub, and an id equal to a word of
+//! the service API's routes is an id like any other.
+
+mod common;
+
+use common::TestServer;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::QoS;
+use serde_json::Value;
+
+const V: &str = "?api-version=2021-04-12";
+
+/// Ids that differ only in case, and ids equal to route words in any case.
+const IDS: &[&str] = &["Events", "events", "EVENTS", "Messages", "DeviceBound", "Methods", "Twins", "Statistics"];
+
+#[tokio::test]
+async fn ids_differing_in_case_are_distinct_devices_and_route_words_keep_their_case() {
+    let s = TestServer::start().await;
+    let mut keys = Vec::new();
+    for id in IDS {
+        keys.push(s.create_device(id).await);
+    }
+    let listed = s.hub_get("/devices").await;
+    let mut listed: Vec<&str> = listed.as_array().unwrap().iter().map(|d| d["deviceId"].as_str().unwrap()).collect();
+    listed.sort_unstable();
+    let mut expected = IDS.to_vec();
+    expected.sort_unstable();
+    assert_eq!(listed, expected, "one device per id");
+    for (id, key) in IDS.iter().zip(&keys) {
+        let device = s.hub_get(&format!("/devices/{id}")).await;
+        assert_eq!(device["deviceId"], *id, "{device}");
+        assert_eq!(device["authentication"]["symmetricKey"]["primaryKey"], key.to_base64(), "{id}: its own identity");
+        assert_eq!(s.hub_get(&format!("/twins/{id}")).await["deviceId"], *id);
+    }
+    // A cloud-to-device message to `Messages` (the route word in the id's position) is its own.
+    let resp = s
+        .http()
+        .post(s.url(&format!("/devices/Messages/messages/devicebound{V}")))
+        .header("Authorization", s.hub_token())
+        .body("for Messages")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204, "{}", resp.text().await.unwrap());
+    // Deleting `events` leaves `Events` and `EVENTS`.
+    let resp = s
+        .http()
+        .delete(s.url(&format!("/devices/events{V}")))
+        .header("Authorization", s.hub_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(s.hub_get("/devices/Events").await["deviceId"], "Events");
+    assert_eq!(s.hub_get("/devices/EVENTS").await["deviceId"], "EVENTS");
+    let gone: Value = s.hub_get("/devices/events").await;
+    assert_eq!(gone["errorCode"], 404001, "{gone}");
+}
+
+#[tokio::test]
+async fn a_device_connects_sends_and_receives_only_as_the_id_it_was_created_with() {
+    let s = TestServer::start().await;
+    let upper = s.create_device("Dev-Case").await;
+    let lower = s.create_device("dev-case").await;
+    // Each key opens only its own device; an id in another case is no device at all.
+    assert_eq!(s.hub_device("dev-case", &upper).await.err(), Some(ConnectReturnCode::NotAuthorized));
+    assert_eq!(s.hub_device("DEV-CASE", &upper).await.err(), Some(ConnectReturnCode::NotAuthorized));
+    let mut m_upper = s.hub_device("Dev-Case", &upper).await.unwrap();
+    let mut m_lower = s.hub_device("dev-case", &lower).await.unwrap();
+    m_upper.subscribe("devices/Dev-Case/messages/devicebound/#", QoS::AtLeastOnce, 1).await;
+    m_lower.subscribe("devices/dev-case/messages/devicebound/#", QoS::AtLeastOnce, 1).await;
+    m_upper.publish("devices/Dev-Case/messages/events/", QoS::AtLeastOnce, 2, b"from upper").await;
+    assert!(matches!(m_upper.recv().await, Some(Packet::PubAck(_))));
+    let events = s.stored_events().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["event"]["origin"], "Dev-Case");
+    // Both are connected, each on its own session.
+    for id in ["Dev-Case", "dev-case"] {
+        assert_eq!(s.hub_get(&format!("/devices/{id}")).await["connectionState"], "Connected", "{id}");
+    }
+    let resp = s
+        .http()
+        .post(s.url(&format!("/devices/dev-case/messages/devicebound{V}")))
+        .header("Authorization", s.hub_token())
+        .body("for lower")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let p = m_lower.next_publish().await;
+    assert!(p.topic.starts_with("devices/dev-case/messages/devicebound/"), "{}", p.topic);
+    assert_eq!(&p.payload[..], b"for lower");
+    // Nothing reached Dev-Case: its next packet is the answer to a ping.
+    m_upper.send(Packet::PingReq).await;
+    assert!(matches!(m_upper.recv().await, Some(Packet::PingResp)), "Dev-Case got nothing");
+}
