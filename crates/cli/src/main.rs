@@ -11,8 +11,10 @@ macro_rules! out {
     ($($arg:tt)*) => { $crate::output::write(format_args!($($arg)*)) };
 }
 
+mod at_file;
 mod commands;
 mod output;
+mod render;
 
 use std::path::PathBuf;
 
@@ -27,13 +29,21 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Output format of results, as az's: json (pretty), jsonc (colored on a terminal), table, tsv.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = render::Format::Json)]
+    output: render::Format,
+    /// JMESPath query applied to a result before it is printed, as az's (e.g. `[].deviceId`,
+    /// `[?status=='enabled'].{id:deviceId}`); see https://jmespath.org.
+    #[arg(long, global = true, value_name = "JMESPATH")]
+    query: Option<String>,
 }
 
 /// Where the CLI finds the service: a connection string, else the data directory's instance.json.
 #[derive(clap::Args, Clone)]
 pub struct Target {
-    /// DPS service connection string (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...).
-    #[arg(long, env = "FLEETGATE_CONNECTION_STRING", hide_env_values = true)]
+    /// DPS service connection string (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...);
+    /// `--login`/`-l` as az.
+    #[arg(long, short = 'l', visible_alias = "login", env = "FLEETGATE_CONNECTION_STRING", hide_env_values = true)]
     pub connection_string: Option<String>,
     /// Data directory of a local server (used when no connection string is given).
     #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
@@ -84,6 +94,13 @@ enum Command {
     /// The telemetry log: `repair` copies what is intact out of damaged segments.
     #[command(subcommand)]
     Events(commands::events::EventsCommand),
+    /// Print a shell completion script: `source <(fleetgate completion bash)`, or save it where
+    /// the shell loads completions from (zsh: a directory on $fpath, as `_fleetgate`).
+    Completion {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// mimalloc instead of glibc's malloc: see docs/architecture.md (dependencies) for the figures.
@@ -93,6 +110,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = output::configure(cli.output, cli.query) {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async move {
         match cli.command {
@@ -109,6 +130,12 @@ fn main() -> std::process::ExitCode {
             Command::Hub(cmd) => commands::hub::run(cmd).await,
             Command::Cert(cmd) => commands::cert::run(cmd),
             Command::Events(cmd) => commands::events::run(cmd),
+            Command::Completion { shell } => {
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "fleetgate", &mut script);
+                out!("{}", String::from_utf8_lossy(&script));
+                Ok(())
+            }
         }
     });
     match result {

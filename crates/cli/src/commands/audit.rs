@@ -1,6 +1,6 @@
 //! `fleetgate audit`: the audit trail of the local instance (attestation attempts, hub
 //! connections, service-side changes), one JSON object per entry, oldest first; `--limit`
-//! keeps the newest.
+//! keeps the newest. With `--query` or another `-o` format, the entries are one JSON array.
 
 use std::path::PathBuf;
 
@@ -38,7 +38,11 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
         outcome: args.outcome.map(|o| if o == "success" { Outcome::Success } else { Outcome::Failure }),
         limit: args.limit,
     };
-    for e in store.audit(&query).await? {
+    let entries = store.audit(&query).await?;
+    if !crate::output::plain_json() {
+        return crate::output::print_result(&serde_json::to_value(&entries)?);
+    }
+    for e in entries {
         outln!("{}", serde_json::to_string(&e)?);
     }
     Ok(())

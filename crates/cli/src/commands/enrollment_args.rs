@@ -7,41 +7,41 @@ use serde_json::{json, Value};
 #[derive(Args, Clone, Default)]
 pub struct EnrollmentArgs {
     /// Primary symmetric key (base64); generated when creating without one.
-    #[arg(long)]
+    #[arg(long, visible_alias = "pk")]
     pub primary_key: Option<String>,
     /// Secondary symmetric key (base64); generated when creating without one.
-    #[arg(long)]
+    #[arg(long, visible_alias = "sk")]
     pub secondary_key: Option<String>,
     /// X.509 attestation: PEM (or base64 DER) file of the primary certificate — a group's root
     /// or intermediate CA, an individual enrollment's device certificate (the first one in the file).
-    #[arg(long, conflicts_with_all = ["primary_key", "secondary_key"])]
+    #[arg(long, visible_alias = "cp", conflicts_with_all = ["primary_key", "secondary_key"])]
     pub certificate_path: Option<std::path::PathBuf>,
     /// X.509 attestation: the secondary certificate.
-    #[arg(long, conflicts_with_all = ["primary_key", "secondary_key"])]
+    #[arg(long, visible_alias = "scp", conflicts_with_all = ["primary_key", "secondary_key"])]
     pub secondary_certificate_path: Option<std::path::PathBuf>,
     /// Hub to assign devices to (static allocation).
-    #[arg(long = "iot-hub", visible_alias = "iot-hub-host-name")]
+    #[arg(long = "iot-hub", visible_aliases = ["iot-hub-host-name", "hn"])]
     pub iot_hub_host_name: Option<String>,
     /// Hubs this enrollment may use (comma-separated); default: every linked hub.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, visible_alias = "ih", value_delimiter = ',')]
     pub iot_hubs: Vec<String>,
     /// hashed (evenly weighted), geolatency, static or custom.
-    #[arg(long, value_parser = ["hashed", "geolatency", "static", "custom"])]
+    #[arg(long, visible_alias = "ap", value_parser = ["hashed", "geolatency", "static", "custom"])]
     pub allocation_policy: Option<String>,
     /// Custom allocation webhook URL (with --allocation-policy custom).
-    #[arg(long)]
+    #[arg(long, visible_alias = "wh")]
     pub webhook_url: Option<String>,
     /// Custom allocation API version.
-    #[arg(long, default_value = "2021-10-01")]
+    #[arg(long, visible_alias = "av", default_value = "2021-10-01")]
     pub api_version: String,
-    /// Initial twin JSON: {"tags":{...},"properties":{"desired":{...}}}.
-    #[arg(long)]
-    pub initial_twin: Option<String>,
+    /// Initial twin JSON, inline or `@file.json`: {"tags":{...},"properties":{"desired":{...}}}.
+    #[arg(long, value_parser = crate::at_file::json)]
+    pub initial_twin: Option<Value>,
     /// Whether devices may register (enabled) or are refused (disabled).
-    #[arg(long, value_parser = ["enabled", "disabled"])]
+    #[arg(long, visible_alias = "ps", value_parser = ["enabled", "disabled"])]
     pub provisioning_status: Option<String>,
     /// reprovisionandmigratedata, reprovisionandresetdata or never.
-    #[arg(long, value_parser = ["reprovisionandmigratedata", "reprovisionandresetdata", "never"])]
+    #[arg(long, visible_alias = "rp", value_parser = ["reprovisionandmigratedata", "reprovisionandresetdata", "never"])]
     pub reprovision_policy: Option<String>,
 }
 
@@ -77,7 +77,7 @@ impl EnrollmentArgs {
             bail!("--allocation-policy custom needs --webhook-url");
         }
         if let Some(t) = &self.initial_twin {
-            e["initialTwin"] = serde_json::from_str(t).context("--initial-twin is not valid JSON")?;
+            e["initialTwin"] = t.clone();
         }
         if let Some(s) = &self.provisioning_status {
             e["provisioningStatus"] = s.clone().into();

@@ -5,7 +5,7 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 
 use super::enrollment_args::EnrollmentArgs;
-use super::{client, describe, print_json};
+use super::{client, describe, print_result};
 use crate::Target;
 
 #[derive(Subcommand)]
@@ -15,8 +15,8 @@ pub enum EnrollmentCommand {
     Create {
         #[command(flatten)]
         target: Target,
-        /// Registration id of the individual enrollment.
-        #[arg(long)]
+        /// Registration id of the individual enrollment (az: --enrollment-id).
+        #[arg(long, visible_aliases = ["enrollment-id", "eid"])]
         registration_id: String,
         /// The device id to create in the hub (default: the registration id).
         #[arg(long)]
@@ -28,8 +28,8 @@ pub enum EnrollmentCommand {
     Update {
         #[command(flatten)]
         target: Target,
-        /// Registration id of the individual enrollment.
-        #[arg(long)]
+        /// Registration id of the individual enrollment (az: --enrollment-id).
+        #[arg(long, visible_aliases = ["enrollment-id", "eid"])]
         registration_id: String,
         /// The device id to give the device in the hub (kept unless given).
         #[arg(long)]
@@ -44,11 +44,11 @@ pub enum EnrollmentCommand {
     Show {
         #[command(flatten)]
         target: Target,
-        /// Registration id of the individual enrollment.
-        #[arg(long)]
+        /// Registration id of the individual enrollment (az: --enrollment-id).
+        #[arg(long, visible_aliases = ["enrollment-id", "eid"])]
         registration_id: String,
         /// Include the enrollment's keys in the output.
-        #[arg(long)]
+        #[arg(long, visible_alias = "keys")]
         show_keys: bool,
     },
     /// List every individual enrollment.
@@ -60,8 +60,8 @@ pub enum EnrollmentCommand {
     Delete {
         #[command(flatten)]
         target: Target,
-        /// Registration id of the individual enrollment.
-        #[arg(long)]
+        /// Registration id of the individual enrollment (az: --enrollment-id).
+        #[arg(long, visible_aliases = ["enrollment-id", "eid"])]
         registration_id: String,
         /// Only delete the enrollment if it still has this etag.
         #[arg(long)]
@@ -84,7 +84,7 @@ pub async fn run(cmd: EnrollmentCommand) -> anyhow::Result<()> {
                 Err(err) if fleetgate_client::service::is_not_found(&err) => {}
                 Err(err) => return Err(describe(err)),
             }
-            print_json(&c.put_enrollment(&e, None).await.map_err(describe)?);
+            print_result(&c.put_enrollment(&e, None).await.map_err(describe)?)?;
         }
         EnrollmentCommand::Update { target, registration_id, device_id, options, etag } => {
             let c = client(&target)?;
@@ -97,7 +97,7 @@ pub async fn run(cmd: EnrollmentCommand) -> anyhow::Result<()> {
                 obj.remove("registrationState");
             }
             options.apply(&mut e)?;
-            print_json(&c.put_enrollment(&e, etag.as_deref()).await.map_err(describe)?);
+            print_result(&c.put_enrollment(&e, etag.as_deref()).await.map_err(describe)?)?;
         }
         EnrollmentCommand::Show { target, registration_id, show_keys } => {
             let c = client(&target)?;
@@ -105,10 +105,10 @@ pub async fn run(cmd: EnrollmentCommand) -> anyhow::Result<()> {
             if show_keys {
                 e["attestation"] = c.enrollment_attestation(&registration_id).await.map_err(describe)?;
             }
-            print_json(&e);
+            print_result(&e)?;
         }
         EnrollmentCommand::List { target } => {
-            print_json(&Value::Array(client(&target)?.list_enrollments().await.map_err(describe)?));
+            print_result(&Value::Array(client(&target)?.list_enrollments().await.map_err(describe)?))?;
         }
         EnrollmentCommand::Delete { target, registration_id, etag } => {
             client(&target)?.delete_enrollment(&registration_id, etag.as_deref()).await.map_err(describe)?;

@@ -6,7 +6,7 @@ use fleetgate_core::keys::SymmetricKey;
 use serde_json::{json, Value};
 
 use super::enrollment_args::EnrollmentArgs;
-use super::{client, describe, print_json};
+use super::{client, describe, print_result};
 use crate::Target;
 
 #[derive(Subcommand)]
@@ -17,7 +17,7 @@ pub enum GroupCommand {
         #[command(flatten)]
         target: Target,
         /// Id of the enrollment group.
-        #[arg(long)]
+        #[arg(long, visible_aliases = ["gid", "enrollment-id", "eid"])]
         group_id: String,
         #[command(flatten)]
         options: EnrollmentArgs,
@@ -27,7 +27,7 @@ pub enum GroupCommand {
         #[command(flatten)]
         target: Target,
         /// Id of the enrollment group.
-        #[arg(long)]
+        #[arg(long, visible_aliases = ["gid", "enrollment-id", "eid"])]
         group_id: String,
         #[command(flatten)]
         options: EnrollmentArgs,
@@ -41,7 +41,7 @@ pub enum GroupCommand {
         #[command(flatten)]
         target: Target,
         /// Id of the enrollment group.
-        #[arg(long)]
+        #[arg(long, visible_aliases = ["gid", "enrollment-id", "eid"])]
         group_id: String,
     },
     /// Show a group; `--show-keys` adds its keys.
@@ -49,10 +49,10 @@ pub enum GroupCommand {
         #[command(flatten)]
         target: Target,
         /// Id of the enrollment group.
-        #[arg(long)]
+        #[arg(long, visible_aliases = ["gid", "enrollment-id", "eid"])]
         group_id: String,
         /// Include the group's keys in the output.
-        #[arg(long)]
+        #[arg(long, visible_alias = "keys")]
         show_keys: bool,
     },
     /// List every group.
@@ -65,7 +65,7 @@ pub enum GroupCommand {
         #[command(flatten)]
         target: Target,
         /// Id of the enrollment group.
-        #[arg(long)]
+        #[arg(long, visible_aliases = ["gid", "enrollment-id", "eid"])]
         group_id: String,
         /// Only delete the group if it still has this etag.
         #[arg(long)]
@@ -86,14 +86,14 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
                 Err(e) if fleetgate_client::service::is_not_found(&e) => {}
                 Err(e) => return Err(describe(e)),
             }
-            print_json(&c.put_enrollment_group(&g, None).await.map_err(describe)?);
+            print_result(&c.put_enrollment_group(&g, None).await.map_err(describe)?)?;
         }
         GroupCommand::Update { target, group_id, options, etag } => {
             let c = client(&target)?;
             let mut g = c.get_enrollment_group(&group_id).await.map_err(describe)?;
             let etag = etag.or_else(|| g.get("etag").and_then(Value::as_str).map(str::to_owned));
             options.apply(&mut g)?;
-            print_json(&c.put_enrollment_group(&g, etag.as_deref()).await.map_err(describe)?);
+            print_result(&c.put_enrollment_group(&g, etag.as_deref()).await.map_err(describe)?)?;
         }
         GroupCommand::RollKeys { target, group_id } => {
             let c = client(&target)?;
@@ -108,7 +108,7 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
                 "primaryKey": SymmetricKey::generate().to_base64(),
                 "secondaryKey": old_primary,
             }});
-            print_json(&c.put_enrollment_group(&g, etag.as_deref()).await.map_err(describe)?);
+            print_result(&c.put_enrollment_group(&g, etag.as_deref()).await.map_err(describe)?)?;
         }
         GroupCommand::Show { target, group_id, show_keys } => {
             let c = client(&target)?;
@@ -116,11 +116,11 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
             if show_keys {
                 g["attestation"] = c.enrollment_group_attestation(&group_id).await.map_err(describe)?;
             }
-            print_json(&g);
+            print_result(&g)?;
         }
         GroupCommand::List { target } => {
             let c = client(&target)?;
-            print_json(&Value::Array(c.list_enrollment_groups().await.map_err(describe)?));
+            print_result(&Value::Array(c.list_enrollment_groups().await.map_err(describe)?))?;
         }
         GroupCommand::Delete { target, group_id, etag } => {
             let c = client(&target)?;
@@ -128,7 +128,7 @@ pub async fn run(cmd: GroupCommand) -> anyhow::Result<()> {
             c.delete_enrollment_group(&group_id, etag.as_deref()).await.map_err(describe)?;
             if orphans > 0 {
                 eprintln!(
-                    "warning: {orphans} registration record(s) of '{group_id}' remain; delete them with `fleetgate registration delete`."
+                    "warning: {orphans} registration record(s) of '{group_id}' remain; delete them with `fleetgate registration delete --group-id {group_id} --all --yes`."
                 );
             }
         }

@@ -10,16 +10,17 @@ use fleetgate_client::hub_service::C2dOptions;
 use fleetgate_client::{ConnectionString, HubServiceClient};
 use serde_json::{json, Value};
 
-use super::{describe, print_json};
+use super::{describe, print_result};
+use crate::at_file;
 
 /// Which hub: a connection string (`--login`, as az), else a hub of the local data directory.
 #[derive(Args, Clone)]
 pub struct HubTarget {
     /// Hub connection string (HostName=...;SharedAccessKeyName=iothubowner;SharedAccessKey=...).
-    #[arg(long, env = "FLEETGATE_HUB_CONNECTION_STRING", hide_env_values = true)]
+    #[arg(long, short = 'l', env = "FLEETGATE_HUB_CONNECTION_STRING", hide_env_values = true)]
     login: Option<String>,
     /// Hub host name in the local instance (default: its first hub).
-    #[arg(long)]
+    #[arg(long, short = 'n')]
     hub_name: Option<String>,
     /// Data directory of the local instance (used when no --login is given).
     #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
@@ -85,16 +86,16 @@ pub enum HubCommand {
         #[command(flatten)]
         target: HubTarget,
         /// Id of the device.
-        #[arg(long)]
+        #[arg(long, short = 'd')]
         device_id: String,
         /// Name of the method to call.
-        #[arg(long)]
+        #[arg(long, visible_alias = "mn")]
         method_name: String,
-        /// JSON payload.
-        #[arg(long, default_value = "{}")]
-        method_payload: String,
+        /// JSON payload, inline or `@file.json` (`@-`: standard input).
+        #[arg(long, visible_alias = "mp", default_value = "{}", value_parser = at_file::json)]
+        method_payload: Value,
         /// Seconds to wait for the device (5 to 300).
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, visible_alias = "to", default_value_t = 30)]
         timeout: u64,
     },
     /// Cloud-to-device messages (`az iot device c2d-message`).
@@ -105,14 +106,14 @@ pub enum HubCommand {
         #[command(flatten)]
         target: HubTarget,
         /// Only this device's messages.
-        #[arg(long)]
+        #[arg(long, short = 'd')]
         device_id: Option<String>,
         /// Extra sections to show (space-separated): sys, app, anno, all.
-        #[arg(long, value_delimiter = ' ', num_args = 0.., value_parser = ["sys", "app", "anno", "all"])]
+        #[arg(long, short = 'p', visible_alias = "props", value_delimiter = ' ', num_args = 0.., value_parser = ["sys", "app", "anno", "all"])]
         properties: Vec<String>,
         /// Stop once this many seconds pass without a message (counted from the start, then
         /// from the last message, as az); 0 or absent: run until stopped.
-        #[arg(long)]
+        #[arg(long, short = 't', visible_alias = "to")]
         timeout: Option<u64>,
         /// Replay from this stream position (1 = the beginning) before following live.
         #[arg(long)]
@@ -139,7 +140,7 @@ pub enum DeviceIdentity {
         #[command(flatten)]
         target: HubTarget,
         /// Id of the device.
-        #[arg(long)]
+        #[arg(long, short = 'd')]
         device_id: String,
     },
     /// Create a device identity with symmetric keys (generated unless given).
@@ -147,16 +148,16 @@ pub enum DeviceIdentity {
         #[command(flatten)]
         target: HubTarget,
         /// Id of the device.
-        #[arg(long)]
+        #[arg(long, short = 'd')]
         device_id: String,
         /// The device's primary symmetric key, base64 (generated unless given).
-        #[arg(long)]
+        #[arg(long, visible_alias = "pk")]
         primary_key: Option<String>,
         /// The device's secondary symmetric key, base64 (generated unless given).
-        #[arg(long)]
+        #[arg(long, visible_alias = "sk")]
         secondary_key: Option<String>,
         /// Whether the device may connect.
-        #[arg(long, default_value = "enabled", value_parser = ["enabled", "disabled"])]
+        #[arg(long, visible_alias = "sta", default_value = "enabled", value_parser = ["enabled", "disabled"])]
         status: String,
     },
     /// Enable or disable a device (disabling disconnects it).
@@ -164,19 +165,26 @@ pub enum DeviceIdentity {
         #[command(flatten)]
         target: HubTarget,
         /// Id of the device.
-        #[arg(long)]
+        #[arg(long, short = 'd')]
         device_id: String,
         /// enabled, or disabled to refuse and disconnect the device.
-        #[arg(long, value_parser = ["enabled", "disabled"])]
+        #[arg(long, visible_alias = "sta", value_parser = ["enabled", "disabled"])]
         status: String,
     },
-    /// Delete a device identity.
+    /// Delete device identities: the ones named, or every one with `--all --yes`. With more
+    /// than one, prints a result per device and goes on past a failure (exit status 1 then).
     Delete {
         #[command(flatten)]
         target: HubTarget,
-        /// Id of the device.
+        /// Id(s) of the device(s) to delete (space-separated).
+        #[arg(long, short = 'd', num_args = 1.., required_unless_present = "all", conflicts_with = "all")]
+        device_id: Vec<String>,
+        /// Delete every device identity of the hub (needs --yes).
         #[arg(long)]
-        device_id: String,
+        all: bool,
+        /// Confirm deleting every device identity (with --all).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
 }
 
@@ -187,7 +195,7 @@ pub enum DeviceTwin {
         #[command(flatten)]
         target: HubTarget,
         /// Id of the device.
-        #[arg(long)]
+        #[arg(long, short = 'd')]
         device_id: String,
     },
     /// Patch desired properties and/or tags.
@@ -195,16 +203,16 @@ pub enum DeviceTwin {
         #[command(flatten)]
         target: HubTarget,
         /// Id of the device.
-        #[arg(long)]
+        #[arg(long, short = 'd')]
         device_id: String,
-        /// Desired properties patch (JSON object; null removes a property).
-        #[arg(long)]
-        desired: Option<String>,
-        /// Tags patch (JSON object).
-        #[arg(long)]
-        tags: Option<String>,
+        /// Desired properties patch (JSON object, inline or `@file.json`; null removes a property).
+        #[arg(long, value_parser = at_file::json)]
+        desired: Option<Value>,
+        /// Tags patch (JSON object, inline or `@file.json`).
+        #[arg(long, value_parser = at_file::json)]
+        tags: Option<Value>,
         /// Only update the twin if it still has this etag.
-        #[arg(long)]
+        #[arg(long, short = 'e')]
         etag: Option<String>,
     },
 }
@@ -216,25 +224,25 @@ pub enum C2dMessage {
         #[command(flatten)]
         target: HubTarget,
         /// Id of the device.
-        #[arg(long)]
+        #[arg(long, short = 'd')]
         device_id: String,
-        /// Message body.
-        #[arg(long, default_value = "Ping from Fleetgate CLI")]
+        /// Message body: text, or `@file` for a file's text (`@-`: standard input).
+        #[arg(long, visible_alias = "da", default_value = "Ping from Fleetgate CLI", value_parser = at_file::text)]
         data: String,
         /// Message id (system property message-id).
-        #[arg(long)]
+        #[arg(long, visible_alias = "mid")]
         message_id: Option<String>,
         /// Correlation id (system property correlation-id).
-        #[arg(long)]
+        #[arg(long, visible_alias = "cid")]
         correlation_id: Option<String>,
         /// Content type (system property content-type), e.g. application/json.
-        #[arg(long)]
+        #[arg(long, visible_alias = "ct")]
         content_type: Option<String>,
         /// Content encoding (system property content-encoding), e.g. utf-8.
-        #[arg(long)]
+        #[arg(long, visible_alias = "ce")]
         content_encoding: Option<String>,
         /// Application properties as `k1=v1;k2=v2`.
-        #[arg(long)]
+        #[arg(long, short = 'p', visible_alias = "properties")]
         props: Option<String>,
         /// Time to live in seconds (default 1 hour, at most 2 days).
         #[arg(long)]
@@ -242,27 +250,25 @@ pub enum C2dMessage {
     },
 }
 
-fn parse_json(flag: &str, s: &str) -> anyhow::Result<Value> {
-    serde_json::from_str(s).with_context(|| format!("{flag} is not valid JSON"))
-}
-
 pub async fn run(cmd: HubCommand) -> anyhow::Result<()> {
     match cmd {
         HubCommand::List { data_dir } => {
             let inst = fleetgate_server::Instance::read(&data_dir).context("run `fleetgate serve` once first")?;
-            print_json(&serde_json::to_value(&inst.hubs)?);
+            print_result(&serde_json::to_value(&inst.hubs)?)?;
         }
         HubCommand::Create { data_dir, hostname } => {
             let hub = fleetgate_server::datadir::add_hub(&data_dir, &hostname).await?;
-            print_json(&serde_json::to_value(hub)?);
+            print_result(&serde_json::to_value(hub)?)?;
         }
         HubCommand::DeviceIdentity(c) => device_identity(c).await?,
         HubCommand::DeviceTwin(c) => device_twin(c).await?,
         HubCommand::InvokeDeviceMethod { target, device_id, method_name, method_payload, timeout } => {
-            let payload = parse_json("--method-payload", &method_payload)?;
-            let r =
-                target.client()?.invoke_method(&device_id, &method_name, payload, timeout).await.map_err(describe)?;
-            print_json(&r);
+            let r = target
+                .client()?
+                .invoke_method(&device_id, &method_name, method_payload, timeout)
+                .await
+                .map_err(describe)?;
+            print_result(&r)?;
         }
         HubCommand::C2dMessage(C2dMessage::Send {
             target,
@@ -294,14 +300,25 @@ pub async fn run(cmd: HubCommand) -> anyhow::Result<()> {
             let show = |s: &str| properties.iter().any(|p| p == s || p == "all");
             let (sys, app, anno) = (show("sys"), show("app"), show("anno"));
             eprintln!("Starting event monitor, use ctrl-c to stop...");
+            let mut failure = None;
             target
                 .client()?
                 .monitor_events(from, device_id.as_deref(), timeout.filter(|&t| t > 0).map(Duration::from_secs), |v| {
-                    outln!("{}", serde_json::to_string_pretty(&shape_event(v, sys, app, anno)).expect("JSON prints"));
-                    true
+                    // Each event goes through --query and -o as it comes; a query that fails
+                    // on one is reported and stops the monitor.
+                    match print_result(&shape_event(v, sys, app, anno)) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            failure = Some(e);
+                            false
+                        }
+                    }
                 })
                 .await
                 .map_err(describe)?;
+            if let Some(e) = failure {
+                return Err(e);
+            }
         }
     }
     Ok(())
@@ -354,10 +371,10 @@ async fn device_identity(c: DeviceIdentity) -> anyhow::Result<()> {
             if !show_keys {
                 redact_keys(&mut devices);
             }
-            print_json(&devices)
+            print_result(&devices)?;
         }
         DeviceIdentity::Show { target, device_id } => {
-            print_json(&target.client()?.get_device(&device_id).await.map_err(describe)?)
+            print_result(&target.client()?.get_device(&device_id).await.map_err(describe)?)?;
         }
         DeviceIdentity::Create { target, device_id, primary_key, secondary_key, status } => {
             let mut d =
@@ -368,17 +385,38 @@ async fn device_identity(c: DeviceIdentity) -> anyhow::Result<()> {
             if let Some(k) = secondary_key {
                 d["authentication"]["symmetricKey"]["secondaryKey"] = k.into();
             }
-            print_json(&target.client()?.create_device(&d).await.map_err(describe)?);
+            print_result(&target.client()?.create_device(&d).await.map_err(describe)?)?;
         }
         DeviceIdentity::Update { target, device_id, status } => {
             let c = target.client()?;
             let mut d = c.get_device(&device_id).await.map_err(describe)?;
             let etag = d["etag"].as_str().unwrap_or("*").to_owned();
             d["status"] = status.into();
-            print_json(&c.update_device(&d, &etag).await.map_err(describe)?);
+            print_result(&c.update_device(&d, &etag).await.map_err(describe)?)?;
         }
-        DeviceIdentity::Delete { target, device_id } => {
-            target.client()?.delete_device(&device_id).await.map_err(describe)?
+        DeviceIdentity::Delete { target, device_id, all, yes } => {
+            let c = target.client()?;
+            if let [one] = device_id.as_slice() {
+                return c.delete_device(one).await.map_err(describe);
+            }
+            let ids = if all {
+                let devices = c.list_devices(None).await.map_err(describe)?;
+                let ids: Vec<String> = devices
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|d| d["deviceId"].as_str().map(str::to_owned))
+                    .collect();
+                super::bulk::confirm(yes, ids.len(), "device identities of the hub")?;
+                ids
+            } else {
+                device_id
+            };
+            let mut results = Vec::new();
+            for id in ids {
+                results.push((id.clone(), c.delete_device(&id).await.map_err(describe)));
+            }
+            super::bulk::report("deviceId", results)?;
         }
     }
     Ok(())
@@ -387,7 +425,7 @@ async fn device_identity(c: DeviceIdentity) -> anyhow::Result<()> {
 async fn device_twin(c: DeviceTwin) -> anyhow::Result<()> {
     match c {
         DeviceTwin::Show { target, device_id } => {
-            print_json(&target.client()?.get_twin(&device_id).await.map_err(describe)?)
+            print_result(&target.client()?.get_twin(&device_id).await.map_err(describe)?)?;
         }
         DeviceTwin::Update { target, device_id, desired, tags, etag } => {
             if desired.is_none() && tags.is_none() {
@@ -395,12 +433,12 @@ async fn device_twin(c: DeviceTwin) -> anyhow::Result<()> {
             }
             let mut patch = json!({});
             if let Some(d) = desired {
-                patch["properties"] = json!({"desired": parse_json("--desired", &d)?});
+                patch["properties"] = json!({"desired": d});
             }
             if let Some(t) = tags {
-                patch["tags"] = parse_json("--tags", &t)?;
+                patch["tags"] = t;
             }
-            print_json(&target.client()?.patch_twin(&device_id, &patch, etag.as_deref()).await.map_err(describe)?);
+            print_result(&target.client()?.patch_twin(&device_id, &patch, etag.as_deref()).await.map_err(describe)?)?;
         }
     }
     Ok(())

@@ -9,10 +9,10 @@ use fleetgate_core::keys::compute_device_key;
 #[command(group = clap::ArgGroup::new("ids").required(true))]
 pub struct ComputeArgs {
     /// The enrollment group's (base64) key.
-    #[arg(long)]
+    #[arg(long, visible_alias = "symmetric-key")]
     key: String,
     /// The device's registration id; prints the derived key as a JSON string.
-    #[arg(long, group = "ids")]
+    #[arg(long, visible_alias = "rid", group = "ids")]
     registration_id: Option<String>,
     /// A file of registration ids, one per line; prints CSV `registrationId,derivedKey`.
     #[arg(long, group = "ids")]
@@ -22,8 +22,7 @@ pub struct ComputeArgs {
 pub fn run(args: ComputeArgs) -> anyhow::Result<()> {
     let derive = |id: &str| compute_device_key(&args.key, id).map_err(|e| anyhow!("{}", e.message));
     if let Some(id) = &args.registration_id {
-        outln!("{}", serde_json::Value::String(derive(id)?));
-        return Ok(());
+        return crate::output::print_result(&serde_json::Value::String(derive(id)?));
     }
     let path = args.registration_ids_file.as_ref().expect("clap requires one of the two");
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

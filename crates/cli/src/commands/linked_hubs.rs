@@ -10,7 +10,7 @@ use clap::Subcommand;
 use fleetgate_store::{SqliteStore, Store};
 use serde_json::json;
 
-use super::print_json;
+use super::print_result;
 
 #[derive(Subcommand)]
 pub enum LinkedHubCommand {
@@ -80,15 +80,15 @@ pub async fn run(cmd: LinkedHubCommand) -> anyhow::Result<()> {
                     })
                 })
                 .collect();
-            print_json(&serde_json::Value::Array(list));
+            print_result(&serde_json::Value::Array(list))?;
         }
         LinkedHubCommand::Create { data_dir, hostname } => {
             let hub = fleetgate_server::datadir::add_hub(&data_dir, &hostname).await?;
-            print_json(&serde_json::to_value(hub)?);
+            print_result(&serde_json::to_value(hub)?)?;
         }
         LinkedHubCommand::Delete { data_dir, hostname } => {
             fleetgate_server::datadir::remove_hub(&data_dir, &hostname).await?;
-            print_json(&json!({ "name": hostname, "deleted": true }));
+            print_result(&json!({ "name": hostname, "deleted": true }))?;
         }
         LinkedHubCommand::Update { data_dir, hostname, allocation_weight, apply_allocation_policy, latency_ms } => {
             let store = open(&data_dir)?;
@@ -112,12 +112,12 @@ pub async fn run(cmd: LinkedHubCommand) -> anyhow::Result<()> {
             }
             store.set_hub_allocation(&hub.host_name, &a).await?;
             fleetgate_server::datadir::checkpoint_offline_change(&store).await;
-            print_json(&json!({
+            print_result(&json!({
                 "name": hub.host_name,
                 "allocationWeight": a.allocation_weight,
                 "applyAllocationPolicy": a.apply_allocation_policy,
                 "latencyMs": a.latency_ms,
-            }));
+            }))?;
         }
     }
     Ok(())

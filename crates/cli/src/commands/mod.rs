@@ -1,6 +1,7 @@
 //! One file per verb group.
 
 pub mod audit;
+pub mod bulk;
 pub mod cert;
 pub mod enrollment_args;
 pub mod enrollments;
@@ -75,6 +76,4 @@ fn transport_hint(cause: &str) -> Option<&'static str> {
     }
 }
 
-pub fn print_json(v: &serde_json::Value) {
-    outln!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
-}
+pub use crate::output::print_result;

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use fleetgate_server::datadir::{list_policies, renew_policy_key, KeyKind};
 use serde_json::json;
 
-use super::print_json;
+use super::print_result;
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
@@ -56,14 +56,14 @@ pub async fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
                     v
                 })
                 .collect();
-            print_json(&serde_json::Value::Array(out));
+            print_result(&serde_json::Value::Array(out))?;
         }
         PolicyCommand::RenewKey { data_dir, hub, name, key } => {
             let which = if key == "secondary" { KeyKind::Secondary } else { KeyKind::Primary };
             let p = renew_policy_key(&data_dir, hub.as_deref(), &name, which).await?;
-            print_json(
+            print_result(
                 &json!({"keyName": p.key_name, "rights": p.rights, "primaryKey": p.primary_key, "secondaryKey": p.secondary_key}),
-            );
+            )?;
         }
     }
     Ok(())
