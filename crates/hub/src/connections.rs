@@ -81,7 +81,8 @@ mod tests {
     /// [`Hub::connect_session`] finds no session to close; the session must then be refused.
     #[tokio::test]
     async fn a_change_committed_while_a_device_connects_refuses_its_session() {
-        let store = Arc::new(fleetgate_store::SqliteStore::in_memory().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(fleetgate_store::SqliteStore::open(&dir.path().join("fleetgate.db")).unwrap());
         let hub = Hub::new(store.clone(), HubConfig::default());
         let host = "hub.example.net";
         fleetgate_store::Store::add_hub(&*store, &LinkedHub::new(host, SymmetricKey::generate().to_base64()))

@@ -269,17 +269,6 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || f(&*this.event_log()?)).await.map_err(backend)?
     }
 
-    /// A private database in a fresh temporary directory, for tests.
-    pub fn in_memory() -> StoreResult<Self> {
-        let dir = std::env::temp_dir().join(format!(
-            "fleetgate-store-{}-{}",
-            std::process::id(),
-            NEXT_TEMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).map_err(backend)?;
-        Self::open(&dir.join("fleetgate.db"))
-    }
-
     /// Runs a read on one of the read-only connections, on the blocking pool.
     async fn with<T: Send + 'static>(
         &self,
@@ -339,8 +328,6 @@ fn checkpoint_wal(c: &Connection, path: &Path) -> StoreResult<()> {
     }
     Ok(())
 }
-
-static NEXT_TEMP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The writer thread: group commit with a savepoint per change.
 /// `Some(why)` while the registry's filesystem is below `reserve` (0: never), logging when that

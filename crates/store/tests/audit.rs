@@ -6,30 +6,12 @@ use std::time::Duration;
 
 use fleetgate_core::audit::{AuditCategory, AuditEntry, AuditQuery, Outcome};
 use fleetgate_core::refusals::RefusalLimits;
+mod common;
+use common::TempPath;
 use fleetgate_store::{AuditLog, AuditOptions, SqliteStore, Store};
 
-fn temp_dir() -> tempdir::Dir {
-    tempdir::Dir::new()
-}
-
-/// A directory removed at the end of the test.
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new() -> Self {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let p = std::env::temp_dir().join(format!("fg-audit-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+fn temp_dir() -> TempPath {
+    TempPath::dir()
 }
 
 fn entry(actor: &str, time: &str) -> AuditEntry {
@@ -56,7 +38,7 @@ async fn eventually(mut f: impl AsyncFnMut() -> bool) {
 #[tokio::test]
 async fn pruning_applies_the_retention_then_the_row_cap_oldest_first() {
     let dir = temp_dir();
-    let store = SqliteStore::open(&dir.0.join("fleetgate.db")).unwrap();
+    let store = SqliteStore::open(&dir.join("fleetgate.db")).unwrap();
     let mut entries: Vec<_> = (0..10).map(|i| entry(&format!("old-{i}"), "2020-01-01T00:00:00.0000000Z")).collect();
     entries.extend((0..30).map(|i| entry(&format!("new-{i:02}"), &format!("2030-01-01T00:00:{i:02}.0000000Z"))));
     store.append_audit(entries).await.unwrap();
@@ -75,7 +57,7 @@ async fn pruning_applies_the_retention_then_the_row_cap_oldest_first() {
 #[tokio::test]
 async fn the_audit_log_prunes_periodically() {
     let dir = temp_dir();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.0.join("fleetgate.db")).unwrap());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("fleetgate.db")).unwrap());
     store
         .append_audit((0..50).map(|i| entry(&format!("d{i}"), "2030-01-01T00:00:00.0000000Z")).collect())
         .await
@@ -90,7 +72,7 @@ async fn the_audit_log_prunes_periodically() {
 #[tokio::test]
 async fn refusals_from_one_source_are_one_entry_and_one_summary() {
     let dir = temp_dir();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.0.join("fleetgate.db")).unwrap());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("fleetgate.db")).unwrap());
     let refusals = RefusalLimits {
         window: Duration::from_millis(300),
         max_failures: 0,
@@ -122,7 +104,7 @@ async fn refusals_from_one_source_are_one_entry_and_one_summary() {
 #[tokio::test]
 async fn a_source_with_too_many_refusals_is_turned_away_for_the_backoff() {
     let dir = temp_dir();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.0.join("fleetgate.db")).unwrap());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("fleetgate.db")).unwrap());
     let refusals = RefusalLimits { max_failures: 3, backoff: Duration::from_secs(30), ..RefusalLimits::default() };
     let log = AuditLog::start_with(store, AuditOptions { refusals, ..AuditOptions::default() });
     let (a, b) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
@@ -139,7 +121,7 @@ async fn a_source_with_too_many_refusals_is_turned_away_for_the_backoff() {
 #[tokio::test]
 async fn a_registry_damaged_mid_file_fails_its_integrity_check() {
     let dir = temp_dir();
-    let path = dir.0.join("fleetgate.db");
+    let path = dir.join("fleetgate.db");
     {
         let store = SqliteStore::open(&path).unwrap();
         store.integrity_check().await.unwrap();
@@ -175,7 +157,7 @@ async fn a_registry_damaged_mid_file_fails_its_integrity_check() {
 #[tokio::test]
 async fn pruning_a_large_trail_goes_chunk_by_chunk_to_the_end() {
     let dir = temp_dir();
-    let store = SqliteStore::open(&dir.0.join("fleetgate.db")).unwrap();
+    let store = SqliteStore::open(&dir.join("fleetgate.db")).unwrap();
     let old = (0..25_000).map(|i| entry(&format!("o{i}"), "2020-01-01T00:00:00.0000000Z")).collect();
     store.append_audit(old).await.unwrap();
     let new = (0..23_000).map(|i| entry(&format!("n{i}"), "2030-01-01T00:00:00.0000000Z")).collect();

@@ -7,16 +7,13 @@ use std::time::{Duration, SystemTime};
 use fleetgate_core::message::ReceivedEvent;
 use fleetgate_core::time::Timestamp;
 use fleetgate_metrics::METRICS;
+mod common;
+use common::TempPath;
 use fleetgate_store::event_log::{repair, verify, EventLog, EventLogError, EventLogOptions};
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "fg-event-log-{name}-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A fresh directory for the log (which creates it), removed when the test ends.
+fn log_dir() -> TempPath {
+    TempPath::file("log")
 }
 
 fn event(hub: &str, device: &str, n: usize, body_len: usize) -> ReceivedEvent {
@@ -33,7 +30,7 @@ fn small_segments() -> EventLogOptions {
     EventLogOptions { segment_bytes: 200 * 1024, ..EventLogOptions::default() }
 }
 
-fn segment_files(dir: &PathBuf) -> Vec<PathBuf> {
+fn segment_files(dir: &std::path::Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -47,7 +44,7 @@ fn segment_files(dir: &PathBuf) -> Vec<PathBuf> {
 /// across several segments, and says where to continue.
 #[test]
 fn reads_by_hub_and_position_across_segments() {
-    let dir = temp_dir("reads");
+    let dir = log_dir();
     let options = EventLogOptions { segment_bytes: 64 * 1024, ..EventLogOptions::default() };
     let log = EventLog::open(&dir, options.clone()).unwrap();
     let hubs = ["a.example", "B.example", "c.example"];
@@ -104,7 +101,7 @@ fn reads_by_hub_and_position_across_segments() {
 /// log cuts it off, keeps everything before it, and appends continue at the right position.
 #[test]
 fn a_torn_write_at_the_end_is_cut_off_on_open() {
-    let dir = temp_dir("torn");
+    let dir = log_dir();
     let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
     log.append(&(1..=10).map(|n| event("h", "d", n, 100)).collect::<Vec<_>>()).unwrap();
     drop(log);
@@ -112,7 +109,7 @@ fn a_torn_write_at_the_end_is_cut_off_on_open() {
     let whole = std::fs::metadata(&file).unwrap().len();
     // Half of another record (as if the crash came during its write), then garbage.
     let mut torn = Vec::new();
-    let probe_dir = temp_dir("torn-probe");
+    let probe_dir = log_dir();
     let probe = EventLog::open(&probe_dir, EventLogOptions::default()).unwrap();
     probe.append(&[event("h", "d", 11, 100)]).unwrap();
     let record = std::fs::read(segment_files(&probe_dir).pop().unwrap()).unwrap();
@@ -138,7 +135,7 @@ fn a_torn_write_at_the_end_is_cut_off_on_open() {
 /// read every whole one around it (no error, nothing truncated); later segments read as before.
 #[test]
 fn damage_in_a_sealed_segment_is_stepped_over() {
-    let dir = temp_dir("damage");
+    let dir = log_dir();
     let log = EventLog::open(&dir, small_segments()).unwrap();
     for n in 0..40 {
         log.append(&[event("h", "d", n, 10_000)]).unwrap();
@@ -164,7 +161,7 @@ fn damage_in_a_sealed_segment_is_stepped_over() {
 /// the file whole, every record but the damaged one reads back, appends go on after the last.
 #[test]
 fn damage_in_the_middle_of_the_last_segment_keeps_every_intact_record() {
-    let dir = temp_dir("mid-damage");
+    let dir = log_dir();
     let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
     for batch in 0..20 {
         log.append(&(0..100).map(|i| event("h", "d", batch * 100 + i, 500)).collect::<Vec<_>>()).unwrap();
@@ -229,7 +226,7 @@ fn a_bad_length_or_a_zeroed_page_is_stepped_over() {
 /// what it dropped; it refuses while the log is open, and a clean log is left alone.
 #[test]
 fn repair_keeps_the_intact_records_and_the_damaged_original() {
-    let dir = temp_dir("repair");
+    let dir = log_dir();
     let log = EventLog::open(&dir, small_segments()).unwrap();
     for n in 1..=40 {
         log.append(&[event("h", "d", n, 10_000)]).unwrap();
@@ -274,7 +271,7 @@ fn repair_keeps_the_intact_records_and_the_damaged_original() {
 /// missing records, as over any damage, instead of failing.
 #[test]
 fn a_sealed_segment_cut_short_under_an_open_log_is_stepped_over() {
-    let dir = temp_dir("cut-short");
+    let dir = log_dir();
     let log = EventLog::open(&dir, small_segments()).unwrap();
     for n in 1..=40 {
         log.append(&[event("h", "d", n, 10_000)]).unwrap();
@@ -294,7 +291,7 @@ fn a_sealed_segment_cut_short_under_an_open_log_is_stepped_over() {
 /// segment for a write in progress (not damage), and changes nothing.
 #[test]
 fn verify_finds_damage_in_sealed_segments_and_changes_nothing() {
-    let dir = temp_dir("verify");
+    let dir = log_dir();
     let log = EventLog::open(&dir, small_segments()).unwrap();
     for n in 1..=40 {
         log.append(&[event("h", "d", n, 10_000)]).unwrap();
@@ -313,7 +310,7 @@ fn verify_finds_damage_in_sealed_segments_and_changes_nothing() {
     let whole = tail.len() as u64;
     tail.extend_from_slice(&bytes[..500]);
     std::fs::write(&last, &tail).unwrap();
-    let contents = |dir: &PathBuf| -> Vec<(PathBuf, Vec<u8>)> {
+    let contents = |dir: &std::path::Path| -> Vec<(PathBuf, Vec<u8>)> {
         let mut v: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -342,7 +339,7 @@ fn verify_finds_damage_in_sealed_segments_and_changes_nothing() {
 /// readers continue from the oldest position left.
 #[test]
 fn segments_over_the_size_cap_are_dropped_oldest_first() {
-    let dir = temp_dir("size-cap");
+    let dir = log_dir();
     let options =
         EventLogOptions { segment_bytes: 64 * 1024, max_bytes: Some(200 * 1024), ..EventLogOptions::default() };
     let log = EventLog::open(&dir, options).unwrap();
@@ -362,7 +359,7 @@ fn segments_over_the_size_cap_are_dropped_oldest_first() {
 /// Below the free-space reserve an append is refused as `NoSpace` (retryable) and writes nothing.
 #[test]
 fn appends_are_refused_below_the_free_space_reserve() {
-    let dir = temp_dir("reserve");
+    let dir = log_dir();
     let log = EventLog::open(&dir, EventLogOptions { reserve_bytes: 1, ..EventLogOptions::default() }).unwrap();
     assert_eq!(log.append(&[event("h", "d", 1, 8)]).unwrap(), [1]);
     drop(log);
@@ -378,7 +375,7 @@ fn appends_are_refused_below_the_free_space_reserve() {
 #[test]
 fn files_are_owner_only() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = temp_dir("modes");
+    let dir = log_dir();
     let log = EventLog::open(&dir, EventLogOptions { segment_bytes: 1024, ..EventLogOptions::default() }).unwrap();
     log.append(&[event("h", "d", 1, 2000)]).unwrap();
     log.append(&[event("h", "d", 2, 8)]).unwrap(); // rolls
@@ -395,7 +392,7 @@ fn files_are_owner_only() {
 /// position left; the segment being written is never deleted.
 #[test]
 fn segments_past_the_retention_are_dropped() {
-    let dir = temp_dir("retention");
+    let dir = log_dir();
     let options = EventLogOptions {
         retention: Duration::from_secs(3600),
         segment_bytes: 64 * 1024,
@@ -433,7 +430,7 @@ fn segments_past_the_retention_are_dropped() {
 
 #[test]
 fn one_owner_at_a_time_and_positions_only_increase() {
-    let dir = temp_dir("owner");
+    let dir = log_dir();
     let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
     let err = EventLog::open(&dir, EventLogOptions::default()).err().expect("a second owner is refused").to_string();
     assert!(err.contains("in use"), "{err}");
@@ -451,7 +448,7 @@ fn one_owner_at_a_time_and_positions_only_increase() {
 /// stops before a record still being written, and cannot append.
 #[test]
 fn read_only_beside_the_owner() {
-    let dir = temp_dir("read-only");
+    let dir = log_dir();
     let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
     log.append(&(1..=3).map(|n| event("h", "d", n, 50)).collect::<Vec<_>>()).unwrap();
     // Half a record at the end, as if a write were under way.
@@ -472,7 +469,7 @@ fn read_only_beside_the_owner() {
 /// it empty; the next append uses it instead of failing for ever.
 #[test]
 fn a_roll_retried_after_a_failure_reuses_the_empty_file() {
-    let dir = temp_dir("roll-retry");
+    let dir = log_dir();
     let log = EventLog::open(&dir, EventLogOptions { segment_bytes: 1024, ..EventLogOptions::default() }).unwrap();
     log.append(&[event("h", "d", 1, 2000)]).unwrap(); // the segment is full now
     let next = log.last_seq() + 1;
@@ -487,12 +484,12 @@ fn a_roll_retried_after_a_failure_reuses_the_empty_file() {
 /// record-shaped body is never read as an event.
 #[test]
 fn a_record_shaped_body_in_a_damaged_record_is_not_read_as_a_record() {
-    let probe_dir = temp_dir("forged-probe");
+    let probe_dir = log_dir();
     let probe = EventLog::open(&probe_dir, EventLogOptions::default()).unwrap();
     probe.import(&[(2, event("h", "intruder", 2, 8))]).unwrap();
     let forged = std::fs::read(segment_files(&probe_dir).pop().unwrap()).unwrap();
 
-    let dir = temp_dir("forged");
+    let dir = log_dir();
     let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
     let mut carrier = event("h", "d", 2, 8);
     carrier.body = [vec![0u8; 64], forged].concat();

@@ -8,6 +8,9 @@ use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::time::Timestamp;
 use fleetgate_store::{LinkedHub, SqliteStore, Store, StoreError};
 
+mod common;
+use common::TempPath;
+
 fn new_group(id: &str) -> fleetgate_store::GroupUpdate {
     let id = id.to_owned();
     Box::new(move |cur| {
@@ -20,23 +23,10 @@ fn new_group(id: &str) -> fleetgate_store::GroupUpdate {
     })
 }
 
-fn temp_db() -> (std::path::PathBuf, SqliteStore) {
-    let dir = std::env::temp_dir().join(format!("fg-store-{}", uuid_like()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("t.db");
+fn temp_db() -> (TempPath, SqliteStore) {
+    let path = TempPath::file("t.db");
     let s = SqliteStore::open(&path).unwrap();
     (path, s)
-}
-
-fn uuid_like() -> String {
-    format!("{}-{:x}", std::process::id(), rand_u64())
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0);
-    h.finish()
 }
 
 #[tokio::test]
@@ -137,7 +127,7 @@ async fn assignment_commits_record_and_identity_together() {
 
 #[tokio::test]
 async fn settings_round_trip() {
-    let s = SqliteStore::in_memory().unwrap();
+    let (_db, s) = temp_db();
     assert_eq!(s.setting("a").await.unwrap(), None);
     s.set_setting("a", "1").await.unwrap();
     s.set_setting("a", "2").await.unwrap();
@@ -150,8 +140,7 @@ async fn settings_round_trip() {
 #[tokio::test]
 async fn events_of_the_older_table_move_into_the_log() {
     use fleetgate_core::message::{Properties, ReceivedEvent, TelemetryEvent};
-    let dir = std::env::temp_dir().join(format!("fg-store-{}", uuid_like()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempPath::dir();
     let old = TelemetryEvent {
         seq: 0,
         hub: "hub.example".into(),
@@ -302,7 +291,7 @@ async fn stored_id_scope_reads_without_creating() {
 /// Registry statistics are counted by the store, per hub; the hub query reads twins in order.
 #[tokio::test]
 async fn device_counts_and_twins_per_hub() {
-    let (_, s) = temp_db();
+    let (_db, s) = temp_db();
     assert_eq!(s.device_counts("hub-a").await.unwrap(), fleetgate_store::DeviceCounts::default());
     for (hub, id, status) in [
         ("hub-a", "d1", fleetgate_core::device::DeviceStatus::Enabled),
@@ -346,7 +335,7 @@ fn c2d(hub: &str, id: &str, msg: &str) -> fleetgate_core::message::C2dMessage {
 /// Issue 13 item 4: device ids are case-sensitive (IoT Hub's rule), hub host names are not.
 #[tokio::test]
 async fn device_ids_are_case_sensitive_and_host_names_are_not() {
-    let (_, s) = temp_db();
+    let (_db, s) = temp_db();
     put_device(&s, "hub-a", "Dev-1").await;
     put_device(&s, "hub-a", "dev-1").await;
     let ids: Vec<_> = s.devices("hub-a", 0, 10).await.unwrap().into_iter().map(|d| d.device_id).collect();
