@@ -197,7 +197,7 @@ fn damage_in_the_middle_of_the_last_segment_keeps_every_intact_record() {
 #[test]
 fn a_bad_length_or_a_zeroed_page_is_stepped_over() {
     for (name, damage) in [("length", 0usize), ("zeros", 1)] {
-        let dir = temp_dir(name);
+        let dir = log_dir();
         let log = EventLog::open(&dir, EventLogOptions::default()).unwrap();
         let n = 300;
         log.append(&(1..=n).map(|i| event("h", "d", i, 200)).collect::<Vec<_>>()).unwrap();
