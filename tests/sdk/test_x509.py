@@ -173,8 +173,10 @@ def assert_refused(server, outcome, registration_id: str, reason: str):
     r = server.service.get_registration(registration_id)
     assert r.status_code == 404, f"a record was stored for {registration_id}: {r.status_code} {r.text}"
     assert server.hub_service.get_device(registration_id).status_code == 404
+    # One line per refusal: the audit trail's mirror of the refused attestation.
     logged = [line for line in server.log_tail(2000).splitlines()
-              if "attestation refused" in line and registration_id in line]
+              if "operation=attest" in line and registration_id in line]
+    assert len(logged) == 1, f"one line per refusal: {logged}"
     assert logged and reason in logged[-1], f"expected {reason!r} in the log: {logged}"
 
 

@@ -84,13 +84,9 @@ impl Provisioning {
         let entry = AuditEntry::new(AuditCategory::DeviceOperations, "attest", registration_id, Outcome::Failure)
             .reason(why)
             .status(401);
-        // The line operators search for when a device cannot provision; as many as the audit
-        // trail records in full for the source (a flood is one summary, not a line each).
-        if self.audit.refused(source, entry) && fleetgate_store::refusal_line_allowed() {
-            tracing::info!(registration_id, reason = why, "device attestation refused");
-        } else {
-            tracing::debug!(registration_id, reason = why, "device attestation refused");
-        }
+        // Its one log line is the audit trail's mirror (`operation=attest`, with the reason): as
+        // many as the trail records in full for the source, a flood being one summary.
+        self.audit.refused(source, entry);
     }
 
     /// Checks a device's SAS token for `{idScope}/registrations/{registrationId}`: against the

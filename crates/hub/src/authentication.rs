@@ -76,7 +76,7 @@ impl Hub {
     ) -> Authentication {
         let refuse_because = |r: ConnectRefusal, why: &str| {
             use fleetgate_core::audit::{AuditCategory, AuditEntry, Outcome};
-            tracing::debug!(hub = %host, device = %device_id.chars().take(140).collect::<String>(), reason = ?r, "hub connection refused");
+            // Logged once, by the audit trail's mirror (`operation=connect`, with the reason).
             let reason = if why.is_empty() { format!("{r:?}") } else { format!("{r:?}: {why}") };
             self.audit.refused(
                 source,

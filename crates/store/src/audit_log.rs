@@ -193,8 +193,8 @@ impl AuditLog {
     /// full (store and log), the others only counted until the window's summary. Without a
     /// source (an in-process caller) it is recorded in full.
     ///
-    /// Returns whether it was recorded in full, so a caller may log its own line about it under
-    /// the same per-source bound (and [`refusal_line_allowed`] for the bound across sources).
+    /// Returns whether it was recorded in full. The entry's log line is the audit mirror's: a
+    /// caller logs no line of its own about the refusal.
     pub fn refused(&self, source: Option<IpAddr>, entry: AuditEntry) -> bool {
         let Some(ip) = source else {
             self.record(entry);
@@ -217,14 +217,6 @@ impl AuditLog {
             self.record(summary_entry(&s));
         }
     }
-}
-
-/// Whether a caller's own line about a refusal it recorded in full may be logged now: at most
-/// [`FAILURE_LINES_PER_MINUTE`] a minute across all sources, like the audit mirror's.
-pub fn refusal_line_allowed() -> bool {
-    static LINES: fleetgate_metrics::log_limit::Limiter =
-        fleetgate_metrics::log_limit::Limiter::per_minute(FAILURE_LINES_PER_MINUTE);
-    LINES.admit().is_some()
 }
 
 /// "N more refusals from X" for a closed window.

@@ -22,7 +22,7 @@ use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::twin::Twin;
 use fleetgate_core::DpsError;
 
-pub use audit_log::{refusal_line_allowed, AuditLog, AuditOptions, FAILURE_LINES_PER_MINUTE};
+pub use audit_log::{AuditLog, AuditOptions, FAILURE_LINES_PER_MINUTE};
 pub use event_log::{EventLog, EventLogOptions};
 pub use faulty::{Faults, FaultyStore};
 pub use sqlite::SqliteStore;
