@@ -93,6 +93,7 @@ async fn error_answers_are_typed() {
     wrong.key = SymmetricKey::generate();
     let e = DpsServiceClient::new(wrong, Some(&s.ca_pem())).unwrap().list_enrollment_groups().await.unwrap_err();
     assert!(matches!(&e, Error::Unauthorized(a) if a.status == 401), "{e:?}");
+    assert!(!e.is_retryable());
 
     // A CA that did not sign the server's certificate: Tls, with the cause kept.
     let other = tempfile::tempdir().unwrap();
@@ -111,4 +112,31 @@ async fn error_answers_are_typed() {
     c.host_name = format!("localhost:{closed_port}");
     let e = DpsServiceClient::new(c, Some(&s.ca_pem())).unwrap().healthz().await.unwrap_err();
     assert!(matches!(e, Error::Transport { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn throttled_answers_carry_retry_after() {
+    // After 3 refused authentications the source is turned away (429 + Retry-After) for a minute.
+    let s = Server::start_with(|c| {
+        c.audit.refusals.max_failures = 3;
+        c.audit.refusals.backoff = std::time::Duration::from_secs(60);
+    })
+    .await;
+    let mut wrong: ConnectionString = s.connection_string();
+    wrong.key = SymmetricKey::generate();
+    let dps = DpsServiceClient::new(wrong, Some(&s.ca_pem())).unwrap();
+    for _ in 0..3 {
+        let e = dps.get_registration("dev-1").await.unwrap_err();
+        assert!(matches!(e, Error::Unauthorized(_)), "{e:?}");
+    }
+    let e = dps.get_registration("dev-1").await.unwrap_err();
+    match &e {
+        Error::Throttled { retry_after: Some(wait), error } => {
+            assert_eq!(error.status, 429);
+            assert!(*wait > std::time::Duration::ZERO && *wait <= std::time::Duration::from_secs(60), "{wait:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(e.is_retryable());
+    assert!(e.retry_after().is_some());
 }

@@ -29,9 +29,13 @@ pub fn config(dir: &std::path::Path) -> ServerConfig {
 
 impl Server {
     pub async fn start(immediate_assignment: bool) -> Self {
+        Self::start_with(|c| c.immediate_assignment = immediate_assignment).await
+    }
+
+    pub async fn start_with(f: impl FnOnce(&mut ServerConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config(dir.path());
-        c.immediate_assignment = immediate_assignment;
+        f(&mut c);
         let running = fleetgate_server::start(c).await.unwrap();
         Self { running, dir }
     }
