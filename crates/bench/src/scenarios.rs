@@ -854,7 +854,7 @@ pub async fn cold_start(
             match device::register(&o).await {
                 Ok(_) => break server.spawned.elapsed(),
                 // Not listening yet.
-                Err(DeviceError::Connection(_)) => {
+                Err(DeviceError::Transport { .. }) => {
                     server.check_running()?;
                     if server.spawned.elapsed() > Duration::from_secs(30) {
                         bail!("fleetgate accepted no registration within 30 s of starting");

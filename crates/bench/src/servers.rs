@@ -186,7 +186,7 @@ pub async fn create_group(data_dir: &Path) -> anyhow::Result<FleetgateInstance> 
             "primaryKey": primary.to_base64(), "secondaryKey": secondary.to_base64()}},
         "provisioningStatus": "enabled",
     });
-    client.put_enrollment_group(&group, None).await.map_err(|e| anyhow!("creating the enrollment group: {e}"))?;
+    client.raw().put_enrollment_group(&group, None).await.map_err(|e| anyhow!("creating the enrollment group: {e}"))?;
     std::fs::write(data_dir.join("bench-group-key"), primary.to_base64())?;
     instance(data_dir)
 }

@@ -2,10 +2,16 @@
 
 use fleetgate_core::keys::SymmetricKey;
 
+/// A service connection string: where the service is and the shared access policy to sign
+/// with (Fleetgate's `serviceConnectionString` in `instance.json`, or a hub's). Parse it with
+/// `str::parse`; `Debug` leaves the key out.
 #[derive(Clone)]
 pub struct ConnectionString {
+    /// `HostName`: the service's host, with `:port` when not 443.
     pub host_name: String,
+    /// `SharedAccessKeyName`: the policy (e.g. `provisioningserviceowner`, `iothubowner`).
     pub key_name: String,
+    /// `SharedAccessKey`: the policy's key.
     pub key: SymmetricKey,
 }
 

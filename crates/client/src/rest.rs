@@ -1,49 +1,24 @@
 //! What the DPS and hub service clients share: a TLS client trusting the given CA, a fresh SAS
-//! token per request (as Azure's SDKs do), and Azure's error bodies as typed errors.
+//! token per request (as Azure's SDKs do), and Azure's error answers as [`Error`]s.
 
 use fleetgate_core::sas::build_token;
 use fleetgate_core::time::Timestamp;
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::ConnectionString;
+use crate::{ConnectionString, Error};
 
 const TOKEN_TTL_SECS: i64 = 3600;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    /// The service answered with an error: status and Azure's error body.
-    #[error("{status}: {body}")]
-    Api { status: u16, body: Value },
-    #[error("request failed: {0}")]
-    Transport(String),
+/// The service's `Retry-After` header, in seconds (the form Fleetgate and Azure send).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse().ok().map(std::time::Duration::from_secs)
 }
 
-impl ServiceError {
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            ServiceError::Api { status, .. } => Some(*status),
-            ServiceError::Transport(_) => None,
-        }
-    }
-}
-
-/// A request that got no answer, with its whole cause chain: reqwest's own line ("error
-/// sending request for url (...)") is the same for a refused connection, an untrusted
-/// certificate and an unknown host; the causes say which.
-pub(crate) fn transport(e: impl std::error::Error) -> ServiceError {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let line = c.to_string();
-        // Layers often repeat the message below them word for word.
-        if !text.ends_with(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        cause = c.source();
-    }
-    ServiceError::Transport(text)
+/// Decodes a service answer into a typed result; a body of another shape is a protocol error.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T, Error> {
+    serde_json::from_value(v).map_err(|e| Error::Protocol(format!("{what}: unexpected answer: {e}")))
 }
 
 pub(crate) struct RestClient {
@@ -53,18 +28,19 @@ pub(crate) struct RestClient {
 }
 
 impl RestClient {
-    pub(crate) fn new(
-        conn: ConnectionString,
-        ca_pem: Option<&[u8]>,
-        api_version: &'static str,
-    ) -> Result<Self, ServiceError> {
+    pub(crate) fn new(conn: ConnectionString, ca_pem: Option<&[u8]>, api_version: &'static str) -> Result<Self, Error> {
         let mut b = reqwest::Client::builder().use_rustls_tls().connect_timeout(std::time::Duration::from_secs(15));
         if let Some(pem) = ca_pem {
-            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(transport)? {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| Error::Tls { message: format!("reading the CA PEM: {e}"), source: Some(Box::new(e)) })?;
+            if certs.is_empty() {
+                return Err(Error::tls("the CA PEM holds no certificate"));
+            }
+            for cert in certs {
                 b = b.add_root_certificate(cert);
             }
         }
-        Ok(Self { conn, http: b.build().map_err(transport)?, api_version })
+        Ok(Self { conn, http: b.build().map_err(Error::from_request)?, api_version })
     }
 
     fn token(&self) -> String {
@@ -84,11 +60,11 @@ impl RestClient {
     pub(crate) async fn send(
         &self,
         req: reqwest::RequestBuilder,
-    ) -> Result<(reqwest::header::HeaderMap, Value), ServiceError> {
-        let resp = req.send().await.map_err(transport)?;
+    ) -> Result<(reqwest::header::HeaderMap, Value), Error> {
+        let resp = req.send().await.map_err(Error::from_request)?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        let bytes = resp.bytes().await.map_err(transport)?;
+        let bytes = resp.bytes().await.map_err(Error::from_request)?;
         let value = if bytes.is_empty() {
             Value::Null
         } else {
@@ -98,7 +74,7 @@ impl RestClient {
         if status.is_success() {
             Ok((headers, value))
         } else {
-            Err(ServiceError::Api { status: status.as_u16(), body: value })
+            Err(Error::from_status(status.as_u16(), retry_after(&headers), value))
         }
     }
 
@@ -108,7 +84,7 @@ impl RestClient {
         path: &str,
         body: Option<&Value>,
         headers: &[(&str, String)],
-    ) -> Result<(reqwest::header::HeaderMap, Value), ServiceError> {
+    ) -> Result<(reqwest::header::HeaderMap, Value), Error> {
         let mut req = self.request(method, path);
         for (k, v) in headers {
             req = req.header(*k, v);

@@ -1,57 +1,12 @@
 //! The device client against a real Fleetgate server on loopback (port 0, temp data dir).
 
+mod common;
+
 use std::time::Duration;
 
-use fleetgate_client::device::{register, DeviceError, RegisterOptions};
-use fleetgate_client::{ConnectionString, DpsServiceClient};
-use fleetgate_core::keys::SymmetricKey;
-use fleetgate_server::{RunningServer, ServerConfig};
-use serde_json::{json, Value};
-
-struct Server {
-    running: RunningServer,
-    dir: tempfile::TempDir,
-}
-
-impl Server {
-    async fn start(immediate_assignment: bool) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = ServerConfig::new(dir.path().to_path_buf());
-        c.mqtt_port = 0;
-        c.https_port = 0;
-        c.immediate_assignment = immediate_assignment;
-        let running = fleetgate_server::start(c).await.unwrap();
-        Self { running, dir }
-    }
-
-    fn ca_pem(&self) -> Vec<u8> {
-        std::fs::read(self.dir.path().join("ca.pem")).unwrap()
-    }
-
-    fn service(&self) -> DpsServiceClient {
-        let conn: ConnectionString = self.running.instance.service_connection_string.parse().unwrap();
-        DpsServiceClient::new(conn, Some(&self.ca_pem())).unwrap()
-    }
-
-    /// Creates a symmetric-key group and returns its primary key.
-    async fn group(&self, id: &str, extra: Value) -> SymmetricKey {
-        let mut g = json!({"enrollmentGroupId": id, "attestation": {"type": "symmetricKey"}});
-        for (k, v) in extra.as_object().unwrap() {
-            g[k] = v.clone();
-        }
-        let g = self.service().put_enrollment_group(&g, None).await.unwrap();
-        SymmetricKey::from_base64(g["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap()
-    }
-
-    /// Options for `reg`, connecting to 127.0.0.1 and verifying the certificate as `localhost`.
-    fn options(&self, reg: &str, key: SymmetricKey) -> RegisterOptions {
-        let mut o = RegisterOptions::new("127.0.0.1", self.ca_pem(), &self.running.instance.id_scope, reg, key);
-        o.port = self.running.mqtt_addr.port();
-        o.server_name = Some("localhost".into());
-        o.timeout = Duration::from_secs(20);
-        o
-    }
-}
+use common::Server;
+use fleetgate_client::{register, Error, SymmetricKey, TelemetryEvent};
+use serde_json::json;
 
 #[tokio::test]
 async fn registers_and_is_assigned_at_once() {
@@ -66,11 +21,12 @@ async fn registers_and_is_assigned_at_once() {
     assert_eq!(r.registration_id, "dev-001");
     assert_eq!(r.substatus.as_deref(), Some("initialAssignment"));
     assert!(!r.operation_id.is_empty());
-    assert_eq!(r.registration_state["symmetricKey"]["enrollmentGroupId"], "grp-1");
+    assert_eq!(r.registration_state.extra["symmetricKey"]["enrollmentGroupId"], "grp-1");
 
     // The service keeps the record; registering again keeps the device id and creation time.
     let rec = s.service().get_registration("dev-001").await.unwrap();
-    assert_eq!(rec["assignedHub"], r.assigned_hub.as_str());
+    assert_eq!(rec.assigned_hub.as_deref(), Some(r.assigned_hub.as_str()));
+    assert_eq!(rec.status, "assigned");
     // Connecting by the certificate's own name works too.
     o.host = "localhost".into();
     o.server_name = None;
@@ -92,12 +48,13 @@ async fn follows_202_and_polls_the_operation_status() {
 }
 
 #[tokio::test]
-async fn wrong_key_is_a_401002_service_error() {
+async fn wrong_key_is_a_401002_unauthorized() {
     let s = Server::start(true).await;
     s.group("grp-1", json!({})).await;
     let wrong = SymmetricKey::generate().derive_device_key("dev-x");
     let e = register(&s.options("dev-x", wrong)).await.unwrap_err();
-    assert!(matches!(e, DeviceError::Service { status: 401, error_code: 401002, .. }), "{e:?}");
+    assert!(matches!(&e, Error::Unauthorized(a) if a.status == 401 && a.error_code == Some(401002)), "{e:?}");
+    assert!(!e.is_retryable());
     assert!(e.reason().starts_with("401002 "), "{}", e.reason());
 }
 
@@ -106,7 +63,7 @@ async fn invalid_registration_id_is_a_400() {
     let s = Server::start(true).await;
     let group_key = s.group("grp-1", json!({})).await;
     let e = register(&s.options("bad!id", group_key.derive_device_key("bad!id"))).await.unwrap_err();
-    assert!(matches!(e, DeviceError::Service { status: 400, .. }), "{e:?}");
+    assert!(matches!(&e, Error::Api(a) if a.status == 400), "{e:?}");
 }
 
 #[tokio::test]
@@ -115,9 +72,10 @@ async fn disabled_group_is_a_failed_registration() {
     let group_key = s.group("grp-off", json!({"provisioningStatus": "disabled"})).await;
     let e = register(&s.options("dev-off", group_key.derive_device_key("dev-off"))).await.unwrap_err();
     match e {
-        DeviceError::Failed { status, registration_state } => {
+        Error::RegistrationFailed { status, registration_state } => {
             assert_eq!(status, "disabled");
-            assert_eq!(registration_state["status"], "disabled");
+            assert_eq!(registration_state.status, "disabled");
+            assert_eq!(registration_state.registration_id, "dev-off");
         }
         other => panic!("{other:?}"),
     }
@@ -129,59 +87,33 @@ async fn untrusted_server_and_unreachable_port_fail_cleanly() {
     let group_key = s.group("grp-1", json!({})).await;
     // A different CA: the handshake must fail.
     let other = tempfile::tempdir().unwrap();
-    let mut c = ServerConfig::new(other.path().to_path_buf());
-    c.mqtt_port = 0;
-    c.https_port = 0;
-    let other_server = fleetgate_server::start(c).await.unwrap();
+    let other_server = fleetgate_server::start(common::config(other.path())).await.unwrap();
     let mut o = s.options("dev-1", group_key.derive_device_key("dev-1"));
     o.ca_pem = std::fs::read(other.path().join("ca.pem")).unwrap();
     let e = register(&o).await.unwrap_err();
-    assert!(matches!(e, DeviceError::Tls(_)), "{e:?}");
+    assert!(matches!(e, Error::Tls { .. }), "{e:?}");
     // The name the certificate must carry is checked.
     let mut o = s.options("dev-1", group_key.derive_device_key("dev-1"));
     o.server_name = Some("elsewhere.example".into());
     let e = register(&o).await.unwrap_err();
-    assert!(matches!(e, DeviceError::Tls(_)), "{e:?}");
+    assert!(matches!(e, Error::Tls { .. }), "{e:?}");
     other_server.shutdown().await;
     // Nothing listening.
     let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut o = s.options("dev-1", group_key.derive_device_key("dev-1"));
     o.port = closed_port;
     let e = register(&o).await.unwrap_err();
-    assert!(matches!(e, DeviceError::Connection(_)), "{e:?}");
+    assert!(matches!(e, Error::Transport { .. }), "{e:?}");
+    assert!(e.is_retryable());
     // Not a PEM at all.
     let mut o = s.options("dev-1", group_key.derive_device_key("dev-1"));
     o.ca_pem = b"nothing".to_vec();
-    assert!(matches!(register(&o).await.unwrap_err(), DeviceError::Tls(_)));
-}
-
-impl Server {
-    fn hub_request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let c: ConnectionString = self.running.instance.hubs[0].connection_string.parse().unwrap();
-        let token = fleetgate_core::sas::build_token(
-            &c.key,
-            &c.host_name,
-            fleetgate_core::time::Timestamp::now().unix_seconds() + 600,
-            Some(&c.key_name),
-        );
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
-            .add_root_certificate(reqwest::Certificate::from_pem(&self.ca_pem()).unwrap())
-            .build()
-            .unwrap();
-        let sep = if path.contains('?') { '&' } else { '?' };
-        http.request(
-            method,
-            format!("https://localhost:{}{path}{sep}api-version=2021-04-12", self.running.https_addr.port()),
-        )
-        .header("Authorization", token)
-    }
+    assert!(matches!(register(&o).await.unwrap_err(), Error::Tls { .. }));
 }
 
 #[tokio::test]
 async fn provisioned_device_sends_telemetry_and_receives_c2d() {
-    use fleetgate_client::device::{HubClient, HubOptions};
-    use fleetgate_core::message::Properties;
+    use fleetgate_client::{C2dOptions, HubClient, HubOptions, Properties};
 
     let s = Server::start(true).await;
     let group_key = s.group("grp-hub", json!({})).await;
@@ -211,34 +143,31 @@ async fn provisioned_device_sends_telemetry_and_receives_c2d() {
         r.unwrap().unwrap();
     }
     let hub = std::sync::Arc::try_unwrap(hub).ok().unwrap();
-    let events: Vec<Value> = s
-        .hub_request(reqwest::Method::GET, "/messages/events?from=0&format=json")
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let mut events: Vec<TelemetryEvent> = Vec::new();
+    s.hub_service()
+        .monitor_events(Some(0), Some("dev-hub"), Some(Duration::from_secs(10)), |e| {
+            events.push(e);
+            events.len() < 5
+        })
         .await
         .unwrap();
     assert_eq!(events.len(), 5, "{events:?}");
-    let e = &events[0]["event"];
-    assert_eq!(e["origin"], "dev-hub");
-    assert_eq!(e["properties"]["application"]["temp alert"], "a/b&c");
-    assert_eq!(e["properties"]["system"]["content-type"], "application/json");
-    let mut ns: Vec<i64> = events.iter().map(|e| e["event"]["payload"]["n"].as_i64().unwrap()).collect();
+    let e = &events[0].event;
+    assert_eq!(e.origin, "dev-hub");
+    assert_eq!(e.properties.application["temp alert"], "a/b&c");
+    assert_eq!(e.properties.system["content-type"], "application/json");
+    let mut ns: Vec<i64> = events.iter().map(|e| e.event.payload["n"].as_i64().unwrap()).collect();
     ns.sort();
     assert_eq!(ns, vec![0, 1, 2, 3, 4]);
 
     // Cloud-to-device.
     let mut c2d = hub.subscribe_c2d().await.unwrap();
-    let resp = s
-        .hub_request(reqwest::Method::POST, "/devices/dev-hub/messages/devicebound")
-        .header("iothub-messageid", "c2d 1")
-        .header("iothub-app-priority", "high")
-        .body("hello device")
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{}", resp.status());
+    let o2 = C2dOptions {
+        message_id: Some("c2d 1".into()),
+        properties: vec![("priority".into(), "high".into())],
+        ..Default::default()
+    };
+    s.hub_service().send_c2d("dev-hub", b"hello device".to_vec(), &o2).await.unwrap();
     let m = tokio::time::timeout(Duration::from_secs(10), c2d.recv()).await.unwrap().unwrap();
     assert_eq!(m.body, b"hello device");
     assert_eq!(m.properties.system["message-id"], "c2d 1");
@@ -248,7 +177,7 @@ async fn provisioned_device_sends_telemetry_and_receives_c2d() {
     // A wrong key is refused at CONNECT.
     o.device_key = SymmetricKey::generate();
     match HubClient::connect(&o).await {
-        Err(DeviceError::Refused(code)) => assert!(code == 4 || code == 5, "{code}"),
+        Err(Error::Unauthorized(a)) => assert_eq!(a.status, 401),
         Err(other) => panic!("{other:?}"),
         Ok(_) => panic!("connected with a wrong key"),
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use fleetgate_client::hub_service::C2dOptions;
-use fleetgate_client::{ConnectionString, HubServiceClient};
+use fleetgate_client::{ConnectionString, RawHubClient};
 use serde_json::{json, Value};
 
 use super::{describe, print_result};
@@ -31,7 +31,7 @@ pub struct HubTarget {
 }
 
 impl HubTarget {
-    fn client(&self) -> anyhow::Result<HubServiceClient> {
+    fn client(&self) -> anyhow::Result<RawHubClient> {
         let (conn, ca_default) = match &self.login {
             Some(c) => (c.clone(), None),
             None => {
@@ -53,7 +53,7 @@ impl HubTarget {
             Some(p) => Some(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?),
             None => None,
         };
-        Ok(HubServiceClient::new(conn, ca.as_deref())?)
+        Ok(RawHubClient::new(conn, ca.as_deref())?)
     }
 }
 

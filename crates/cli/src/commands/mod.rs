@@ -16,12 +16,13 @@ pub mod serve;
 pub mod simulate;
 
 use anyhow::{anyhow, Context};
-use fleetgate_client::{ConnectionString, DpsServiceClient, ServiceError};
+use fleetgate_client::{ConnectionString, Error, RawDpsClient};
 
 use crate::Target;
 
 /// A service API client for `target`: its connection string, or the local data directory's.
-pub fn client(target: &Target) -> anyhow::Result<DpsServiceClient> {
+/// The raw client: the CLI prints Azure's JSON as the service sent it.
+pub fn client(target: &Target) -> anyhow::Result<RawDpsClient> {
     let (conn, ca_default) = match &target.connection_string {
         Some(c) => (c.clone(), None),
         None => {
@@ -40,21 +41,24 @@ pub fn client(target: &Target) -> anyhow::Result<DpsServiceClient> {
         Some(p) => Some(std::fs::read(&p).with_context(|| format!("reading CA certificate {}", p.display()))?),
         None => None,
     };
-    Ok(DpsServiceClient::new(conn, ca.as_deref())?)
+    Ok(RawDpsClient::new(conn, ca.as_deref())?)
 }
 
 /// A service error as one readable line (Azure's errorCode and message when there is a body).
-pub fn describe(e: ServiceError) -> anyhow::Error {
-    match &e {
-        ServiceError::Api { status, body } => {
+pub fn describe(e: Error) -> anyhow::Error {
+    match e.api_error() {
+        Some(fleetgate_client::ApiError { status, body, .. }) => {
             let code = body.get("errorCode").map(|c| c.to_string()).unwrap_or_default();
             let msg = body.get("message").and_then(|m| m.as_str()).unwrap_or("");
             anyhow!("service returned {status} {code}: {msg}")
         }
-        ServiceError::Transport(t) => match transport_hint(t) {
-            Some(hint) => anyhow!("{t}\nhint: {hint}"),
-            None => anyhow!("{t}"),
-        },
+        None => {
+            let t = e.detail();
+            match transport_hint(&t) {
+                Some(hint) => anyhow!("{t}\nhint: {hint}"),
+                None => anyhow!("{t}"),
+            }
+        }
     }
 }
 

@@ -302,8 +302,10 @@ pub async fn info(data_dir: &Path) -> anyhow::Result<()> {
     let checked = match super::client(&target) {
         Ok(c) => match tokio::time::timeout(std::time::Duration::from_secs(10), c.healthz()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(fleetgate_client::ServiceError::Transport(t))) => Err(t),
-            Ok(Err(e)) => Err(format!("/healthz answered {e}")),
+            Ok(Err(e)) => match e.api_error() {
+                Some(a) => Err(format!("/healthz answered {}: {}", a.status, a.body)),
+                None => Err(e.detail()),
+            },
             Err(_) => Err("no answer within 10 s".to_owned()),
         },
         Err(e) => Err(format!("{e:#}")),

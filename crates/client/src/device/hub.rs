@@ -31,6 +31,7 @@ const MAX_PACKET_BYTES: usize = 256 * 1024 + 16 * 1024;
 pub struct HubOptions {
     /// Address to connect to (host name or IP).
     pub host: String,
+    /// MQTT-over-TLS port (8883 by default).
     pub port: u16,
     /// Name the server certificate must carry; `None` means `host`.
     pub server_name: Option<String>,
@@ -39,8 +40,11 @@ pub struct HubOptions {
     /// The hub's host name as the service knows it (DPS's `assignedHub`): used in the username
     /// and the SAS resource, not for connecting.
     pub hub_host_name: String,
+    /// The device's id in the hub (DPS's `deviceId`).
     pub device_id: String,
+    /// The device's key (for a group enrollment: the key derived for its registration id).
     pub device_key: SymmetricKey,
+    /// MQTT keep-alive interval.
     pub keep_alive: Duration,
     /// Limit for connecting and for each acknowledgement (PUBACK, SUBACK).
     pub timeout: Duration,
@@ -72,6 +76,7 @@ impl HubOptions {
 /// A cloud-to-device message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct C2dMessage {
+    /// The message body, as sent.
     pub body: Vec<u8>,
     /// System properties under their stream names (`message-id`, ...); system keys this client
     /// does not know keep their `$.` form. Application properties as sent.
@@ -147,7 +152,7 @@ fn closed_error(reason: &str) -> DeviceError {
     if reason == "disconnected" {
         DeviceError::Disconnected
     } else {
-        DeviceError::Connection(reason.to_owned())
+        DeviceError::transport(reason)
     }
 }
 
@@ -223,6 +228,7 @@ impl HubClient {
         })
     }
 
+    /// The id the device connected as.
     pub fn device_id(&self) -> &str {
         &self.device_id
     }
@@ -251,7 +257,12 @@ impl HubClient {
     /// delivered before the subscription (a persistent session) are in the receiver too. Only
     /// one receiver exists; a second call fails.
     pub async fn subscribe_c2d(&self) -> Result<mpsc::UnboundedReceiver<C2dMessage>, DeviceError> {
-        let rx = self.c2d.lock().unwrap().take().ok_or_else(|| DeviceError::Config("already subscribed".into()))?;
+        let rx = self
+            .c2d
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| DeviceError::Config("already subscribed to C2D messages".into()))?;
         let (tx, ack) = oneshot::channel();
         let result = async {
             {

@@ -13,15 +13,14 @@ mod tls;
 
 use std::time::Duration;
 
-use rumqttc::{
-    ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, TlsConfiguration, Transport,
-};
-use serde_json::Value;
+use rumqttc::{Event, EventLoop, MqttOptions, Outgoing, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use hub::{C2dMessage, HubClient, HubOptions};
 pub use provisioning::{register, RegisterOptions, RegistrationResult};
+
+pub use crate::dps_types::RegistrationState;
 
 /// The `ClientVersion` / `DeviceClientType` this client announces.
 pub const CLIENT_VERSION: &str = concat!("fleetgate-client/", env!("CARGO_PKG_VERSION"));
@@ -30,89 +29,8 @@ pub const DEFAULT_MQTT_PORT: u16 = 8883;
 /// Lifetime of the SAS tokens the client signs (what the Python SDK uses).
 pub const TOKEN_TTL_SECS: i64 = 3600;
 
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// The options cannot be used (bad CA PEM, bad server name, ...).
-    #[error("invalid options: {0}")]
-    Config(String),
-    #[error("TLS: {0}")]
-    Tls(String),
-    /// TCP failed, or the connection dropped.
-    #[error("connection: {0}")]
-    Connection(String),
-    /// The server refused the MQTT connection with this CONNACK return code.
-    #[error("connection refused: CONNACK {0} ({meaning})", meaning = connack_meaning(*.0))]
-    Refused(u8),
-    /// The service answered a request with an error status (`errorCode` 0 when the body had none).
-    #[error("service answered {status}: {error_code} {message}")]
-    Service { status: u16, error_code: u32, message: String },
-    /// The registration ended in `failed` or `disabled`; the service's registrationState.
-    #[error("registration {status}")]
-    Failed { status: String, registration_state: Value },
-    #[error("timed out")]
-    Timeout,
-    /// The server sent something this client does not understand.
-    #[error("protocol: {0}")]
-    Protocol(String),
-    /// The client was disconnected (by `disconnect` or before an operation completed).
-    #[error("disconnected")]
-    Disconnected,
-}
-
-fn connack_meaning(code: u8) -> &'static str {
-    match code {
-        1 => "unacceptable protocol version",
-        2 => "identifier rejected",
-        3 => "server unavailable",
-        4 => "bad user name or password",
-        5 => "not authorized",
-        _ => "unknown",
-    }
-}
-
-impl DeviceError {
-    /// A short, stable description for grouping failures (e.g. `401002 Unauthorized`): no
-    /// addresses, ids or other per-device detail where the error allows it.
-    pub fn reason(&self) -> String {
-        match self {
-            DeviceError::Service { status, error_code: 0, message } => format!("{status} {message}"),
-            DeviceError::Service { error_code, message, .. } => format!("{error_code} {message}"),
-            DeviceError::Failed { status, registration_state } => {
-                match registration_state.get("errorCode").and_then(Value::as_u64) {
-                    Some(code) => format!(
-                        "registration {status}: {code} {}",
-                        registration_state.get("errorMessage").and_then(Value::as_str).unwrap_or("")
-                    ),
-                    None => format!("registration {status}"),
-                }
-            }
-            other => other.to_string(),
-        }
-    }
-}
-
-impl From<ConnectionError> for DeviceError {
-    fn from(e: ConnectionError) -> Self {
-        match e {
-            ConnectionError::ConnectionRefused(code) => DeviceError::Refused(connack_code(code)),
-            ConnectionError::Tls(e) => DeviceError::Tls(e.to_string()),
-            ConnectionError::NetworkTimeout => DeviceError::Timeout,
-            ConnectionError::RequestsDone => DeviceError::Disconnected,
-            other => DeviceError::Connection(other.to_string()),
-        }
-    }
-}
-
-fn connack_code(code: ConnectReturnCode) -> u8 {
-    match code {
-        ConnectReturnCode::Success => 0,
-        ConnectReturnCode::RefusedProtocolVersion => 1,
-        ConnectReturnCode::BadClientId => 2,
-        ConnectReturnCode::ServiceUnavailable => 3,
-        ConnectReturnCode::BadUserNamePassword => 4,
-        ConnectReturnCode::NotAuthorized => 5,
-    }
-}
+/// The former name of [`Error`](crate::Error), kept for existing code.
+pub type DeviceError = crate::Error;
 
 /// Where a device connects: the TCP address, and the name its certificate must carry.
 pub(crate) struct Connection<'a> {
@@ -133,7 +51,7 @@ impl Connection<'_> {
     /// MQTT options and an event loop that will connect on its first poll.
     pub fn event_loop(self) -> Result<(rumqttc::AsyncClient, EventLoop), DeviceError> {
         if self.host.is_empty() {
-            return Err(DeviceError::Config("no host to connect to".into()));
+            return Err(crate::Error::Config("no host to connect to".into()));
         }
         let tls = tls::client_config(self.ca_pem, self.host, self.server_name)?;
         let mut o = MqttOptions::new(self.client_id, self.host, self.port);

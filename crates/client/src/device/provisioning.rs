@@ -15,7 +15,7 @@ use percent_encoding::percent_decode_str;
 use rumqttc::{Event, Packet, QoS, SubscribeReasonCode};
 use serde_json::Value;
 
-use super::{pct, Connection, DeviceError, Pump, CLIENT_VERSION, DEFAULT_MQTT_PORT, TOKEN_TTL_SECS};
+use super::{pct, Connection, DeviceError, Pump, RegistrationState, CLIENT_VERSION, DEFAULT_MQTT_PORT, TOKEN_TTL_SECS};
 
 /// The DPS device API version the Python SDK speaks.
 pub const API_VERSION: &str = "2019-03-31";
@@ -29,12 +29,15 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(2);
 pub struct RegisterOptions {
     /// Address to connect to (host name or IP).
     pub host: String,
+    /// MQTT-over-TLS port (8883 by default).
     pub port: u16,
     /// Name the server certificate must carry; `None` means `host`.
     pub server_name: Option<String>,
     /// PEM of the CA to trust (Fleetgate's `ca.pem`); nothing else is trusted.
     pub ca_pem: Vec<u8>,
+    /// The DPS instance's ID scope (Fleetgate's `idScope` in `instance.json`).
     pub id_scope: String,
+    /// The device's registration id (for a group: any id; its key derives from it).
     pub registration_id: String,
     /// The device's key (for enrollment groups: derived from the group key).
     pub device_key: SymmetricKey,
@@ -70,20 +73,29 @@ impl RegisterOptions {
 /// A successful registration: where the device lives now.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegistrationResult {
+    /// The DPS operation that assigned the device.
     pub operation_id: String,
     /// Always `assigned`.
     pub status: String,
+    /// The registration id the device registered with.
     pub registration_id: String,
+    /// The hub to connect to next ([`HubOptions::hub_host_name`](super::HubOptions::hub_host_name)).
     pub assigned_hub: String,
+    /// The device's id in that hub.
     pub device_id: String,
+    /// `initialAssignment`, `deviceDataMigrated`, ...
     pub substatus: Option<String>,
+    /// When the device first registered (ISO 8601).
     pub created_date_time_utc: Option<String>,
+    /// When the registration last changed (ISO 8601).
     pub last_updated_date_time_utc: Option<String>,
+    /// The registration record's version.
     pub etag: Option<String>,
     /// The custom allocation payload returned to the device, if any.
     pub payload: Option<Value>,
-    /// The service's `registrationState` as received.
-    pub registration_state: Value,
+    /// The service's `registrationState` (members not modelled are in its `extra`, such as
+    /// `symmetricKey.enrollmentGroupId`).
+    pub registration_state: RegistrationState,
 }
 
 /// `{scope}/registrations/{id}/api-version=2019-03-31&ClientVersion=fleetgate-client%2F0.1.0`
@@ -105,10 +117,12 @@ pub fn password(key: &SymmetricKey, id_scope: &str, registration_id: &str, expir
     build_token(key, &sas_resource(id_scope, registration_id), expiry_unix_secs, None)
 }
 
+/// The topic of a register request with request id `rid`.
 pub fn register_topic(rid: &str) -> String {
     format!("$dps/registrations/PUT/iotdps-register/?$rid={}", pct(rid))
 }
 
+/// The topic of an operation status poll.
 pub fn poll_topic(rid: &str, operation_id: &str) -> String {
     format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={}&operationId={}", pct(rid), pct(operation_id))
 }
@@ -122,11 +136,15 @@ pub fn register_body(registration_id: &str, payload: Option<&Value>) -> String {
 /// A response topic, `$dps/registrations/res/{status}/?$rid={rid}[&retry-after={n}]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseTopic {
+    /// The answer's status (200, 202, 401, 429, ...).
     pub status: u16,
+    /// The request id it answers.
     pub rid: String,
+    /// How long the service asked to wait before polling or retrying.
     pub retry_after: Option<Duration>,
 }
 
+/// Reads a response topic; `None` for any other topic.
 pub fn parse_response_topic(topic: &str) -> Option<ResponseTopic> {
     let rest = topic.strip_prefix("$dps/registrations/res/")?;
     let (status, query) = rest.split_once("/?")?;
@@ -238,19 +256,8 @@ async fn exchange(
             continue;
         }
         if resp.status >= 300 {
-            let body = body.unwrap_or(Value::Null);
-            let message = body.get("message").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| {
-                if body.is_null() {
-                    text.trim().to_owned()
-                } else {
-                    body.to_string()
-                }
-            });
-            return Err(DeviceError::Service {
-                status: resp.status,
-                error_code: body.get("errorCode").and_then(Value::as_u64).unwrap_or(0) as u32,
-                message,
-            });
+            let body = body.unwrap_or_else(|| Value::String(text.trim().to_owned()));
+            return Err(DeviceError::from_status(resp.status, resp.retry_after, body));
         }
         let body = body.ok_or_else(|| DeviceError::Protocol(format!("response body is not JSON: {text}")))?;
         let status = body.get("status").and_then(Value::as_str).unwrap_or_default().to_ascii_lowercase();
@@ -265,27 +272,35 @@ async fn exchange(
                 request = Request::Poll(op.to_owned());
                 tokio::time::sleep(wait).await;
             }
-            "failed" | "disabled" => return Err(DeviceError::Failed { status, registration_state: state }),
+            "failed" | "disabled" => {
+                let registration_state = Box::new(decode_state(state)?);
+                return Err(DeviceError::RegistrationFailed { status, registration_state });
+            }
             _ => return Err(DeviceError::Protocol(format!("unexpected registration status '{status}'"))),
         }
     }
 }
 
+fn decode_state(state: Value) -> Result<RegistrationState, DeviceError> {
+    serde_json::from_value(state).map_err(|e| DeviceError::Protocol(format!("registrationState: {e}")))
+}
+
 fn assigned(body: &Value, state: Value) -> Result<RegistrationResult, DeviceError> {
-    let s = |k: &str| state.get(k).and_then(Value::as_str).map(str::to_owned);
-    let required =
-        |k: &str| s(k).ok_or_else(|| DeviceError::Protocol(format!("assigned without registrationState.{k}")));
+    let state = decode_state(state)?;
+    let required = |v: &Option<String>, k: &str| {
+        v.clone().ok_or_else(|| DeviceError::Protocol(format!("assigned without registrationState.{k}")))
+    };
     Ok(RegistrationResult {
         operation_id: body.get("operationId").and_then(Value::as_str).unwrap_or_default().to_owned(),
         status: "assigned".into(),
-        registration_id: s("registrationId").unwrap_or_default(),
-        assigned_hub: required("assignedHub")?,
-        device_id: required("deviceId")?,
-        substatus: s("substatus"),
-        created_date_time_utc: s("createdDateTimeUtc"),
-        last_updated_date_time_utc: s("lastUpdatedDateTimeUtc"),
-        etag: s("etag"),
-        payload: state.get("payload").cloned().filter(|p| !p.is_null()),
+        registration_id: state.registration_id.clone(),
+        assigned_hub: required(&state.assigned_hub, "assignedHub")?,
+        device_id: required(&state.device_id, "deviceId")?,
+        substatus: state.substatus.clone(),
+        created_date_time_utc: state.created_date_time_utc.clone(),
+        last_updated_date_time_utc: state.last_updated_date_time_utc.clone(),
+        etag: state.etag.clone(),
+        payload: state.payload.clone().filter(|p| !p.is_null()),
         registration_state: state,
     })
 }

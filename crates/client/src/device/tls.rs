@@ -23,24 +23,24 @@ pub(crate) fn client_config(
 ) -> Result<Arc<ClientConfig>, DeviceError> {
     let mut roots = RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
-        let cert = cert.map_err(|e| DeviceError::Tls(format!("reading the CA certificate: {e}")))?;
-        roots.add(cert).map_err(|e| DeviceError::Tls(format!("adding the CA certificate: {e}")))?;
+        let cert = cert.map_err(|e| DeviceError::tls(format!("reading the CA certificate: {e}")))?;
+        roots.add(cert).map_err(|e| DeviceError::tls(format!("adding the CA certificate: {e}")))?;
     }
     if roots.is_empty() {
-        return Err(DeviceError::Tls("the CA PEM holds no certificate".into()));
+        return Err(DeviceError::tls("the CA PEM holds no certificate"));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| DeviceError::Tls(e.to_string()))?;
+        .map_err(|e| DeviceError::tls(e.to_string()))?;
     let config = match server_name.filter(|n| !n.eq_ignore_ascii_case(connect_host)) {
         None => builder.with_root_certificates(roots).with_no_client_auth(),
         Some(name) => {
             let name = ServerName::try_from(name.to_owned())
-                .map_err(|e| DeviceError::Tls(format!("invalid TLS server name '{name}': {e}")))?;
+                .map_err(|e| DeviceError::tls(format!("invalid TLS server name '{name}': {e}")))?;
             let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| DeviceError::Tls(e.to_string()))?;
+                .map_err(|e| DeviceError::tls(e.to_string()))?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(FixedNameVerifier { inner, name }))

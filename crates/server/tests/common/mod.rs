@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use fleetgate_client::{ConnectionString, DpsServiceClient};
+use fleetgate_client::{ConnectionString, RawDpsClient};
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::sas::build_token;
 use fleetgate_core::time::Timestamp;
@@ -73,8 +73,9 @@ impl TestServer {
     pub fn service_connection_string(&self) -> ConnectionString {
         self.running().instance.service_connection_string.parse().unwrap()
     }
-    pub fn service(&self) -> DpsServiceClient {
-        DpsServiceClient::new(self.service_connection_string(), Some(&self.ca_pem())).unwrap()
+    /// The DPS service client on raw JSON: these tests check the server's wire shapes.
+    pub fn service(&self) -> RawDpsClient {
+        RawDpsClient::new(self.service_connection_string(), Some(&self.ca_pem())).unwrap()
     }
     pub fn service_token(&self) -> String {
         let c = self.service_connection_string();
