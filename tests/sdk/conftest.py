@@ -238,6 +238,9 @@ class FleetgateServer:
         self._service: ServiceApi | None = None
         # More `fleetgate serve` flags (e.g. quotas) for servers a test configures itself.
         self.extra_args: list[str] = []
+        # The names the certificate covers (`--hostname`, in order: the first names the hub made on
+        # first start); tests that dial Azure's names through a hosts override set their own.
+        self.hostnames: list[str] = [address]
         _ALL_SERVERS.append(self)
 
     # ---- lifecycle
@@ -252,7 +255,7 @@ class FleetgateServer:
             "--listen", self.address,
             "--mqtt-port", str(MQTT_PORT),
             "--https-port", str(self.https_port),
-            "--hostname", self.address,
+            *(arg for name in self.hostnames for arg in ("--hostname", name)),
             "--registration-response", self.registration_response,
             # Every client of the suite connects from this one loopback address, and tests check
             # that the log says why each refusal happened: record them all in full, as an

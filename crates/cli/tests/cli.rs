@@ -309,39 +309,30 @@ fn sigterm_leaves_everything_in_the_db_files() {
     assert!(entries >= 1, "the group's audit entry is in telemetry.db itself");
 }
 
-/// The verbs that change the data directory directly (a server stopped) leave their change in
-/// `fleetgate.db` itself, not only in its `-wal`.
+/// The admin verbs go through the running server (the one path that changes hubs, policies and
+/// the audit trail): with the server stopped they say so, and the data directory is left as it was.
 #[test]
-fn offline_changes_are_in_the_db_file() {
-    use rusqlite::{Connection, OpenFlags};
+fn admin_verbs_need_the_running_server() {
     let mut s = serve();
     assert!(s.server.terminate().success());
     let d = s.dir().to_owned();
-    // A connection open beside (as in the SIGTERM test above): SQLite's own checkpoint when the
-    // last connection closes cannot run, whatever the exit races.
-    let beside =
-        Connection::open_with_flags(s.dir.path().join("fleetgate.db"), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    beside.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).unwrap();
-    common::json(&run(&["hub", "create", "--data-dir", &d, "--hostname", "extra.test"]));
-    common::json(&run(&[
-        "linked-hub",
-        "update",
-        "--data-dir",
-        &d,
-        "--hostname",
-        "extra.test",
-        "--allocation-weight",
-        "7",
-    ]));
-
-    let copy = tempfile::tempdir().unwrap();
-    std::fs::copy(s.dir.path().join("fleetgate.db"), copy.path().join("fleetgate.db")).unwrap();
-    drop(beside);
-    let registry = Connection::open(copy.path().join("fleetgate.db")).unwrap();
-    let allocation: String = registry
-        .query_row("SELECT allocation FROM hubs WHERE host_key = 'extra.test'", [], |r| r.get(0))
-        .expect("the new hub is in fleetgate.db itself");
-    assert!(allocation.contains(r#""allocationWeight":7"#), "{allocation}");
+    let before = std::fs::read(s.dir.path().join("instance.json")).unwrap();
+    for args in [
+        &["hub", "create", "--data-dir", &d, "--hostname", "extra.test"][..],
+        &["linked-hub", "update", "--data-dir", &d, "--hostname", "extra.test", "--allocation-weight", "7"],
+        &["linked-hub", "list", "--data-dir", &d],
+        &["policy", "renew-key", "--data-dir", &d, "--name", "provisioningserviceowner"],
+        &["audit", "--data-dir", &d],
+    ] {
+        let o = run(args);
+        assert!(!o.status.success(), "{args:?} succeeded without a server");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("is `fleetgate serve` running"), "{args:?}: {err}");
+    }
+    assert_eq!(std::fs::read(s.dir.path().join("instance.json")).unwrap(), before, "instance.json unchanged");
+    let registry = rusqlite::Connection::open(s.dir.path().join("fleetgate.db")).unwrap();
+    let hubs: i64 = registry.query_row("SELECT COUNT(*) FROM hubs", [], |r| r.get(0)).unwrap();
+    assert_eq!(hubs, 1, "no hub was linked");
 }
 
 /// Telemetry event `n` of hub `h`, device `d`: a 1,000-byte body of `n`.

@@ -314,6 +314,73 @@ impl RawDpsClient {
     pub async fn delete_registration(&self, id: &str) -> Result<(), Error> {
         self.call(Method::DELETE, &format!("/registrations/{}", seg(id)), None, &[]).await.map(|_| ())
     }
+
+    // Fleetgate's admin routes (Azure's control plane; the owner policy's `ServiceConfig`).
+
+    /// The linked hubs with their allocation settings.
+    pub async fn list_linked_hubs(&self) -> Result<Vec<Value>, Error> {
+        match self.call(Method::GET, "/linkedHubs", None, &[]).await?.1 {
+            Value::Array(a) => Ok(a),
+            other => Err(Error::Protocol(format!("linked hubs: not an array: {other}"))),
+        }
+    }
+
+    /// Links hub `name`, or changes a linked hub's settings (`allocationWeight`,
+    /// `applyAllocationPolicy`, `latencyMs`; absent ones are kept); `existing`: only change one
+    /// already linked (`If-Match: *`). The answer carries the hub's `iothubowner` connection
+    /// string.
+    pub async fn put_linked_hub(&self, name: &str, settings: &Value, existing: bool) -> Result<Value, Error> {
+        let headers: Vec<_> = existing.then(|| ("If-Match", "*".to_owned())).into_iter().collect();
+        Ok(self.call(Method::PUT, &format!("/linkedHubs/{}", seg(name)), Some(settings), &headers).await?.1)
+    }
+
+    /// Unlinks hub `name` (refused while it has device identities or is the only hub).
+    pub async fn delete_linked_hub(&self, name: &str) -> Result<(), Error> {
+        self.call(Method::DELETE, &format!("/linkedHubs/{}", seg(name)), None, &[]).await.map(|_| ())
+    }
+
+    /// The policies, keys included, of the instance (`hub: None`) or of a linked hub.
+    pub async fn list_policies(&self, hub: Option<&str>) -> Result<Vec<Value>, Error> {
+        let path = match hub {
+            Some(h) => format!("/policies?hub={}", seg(h)),
+            None => "/policies".to_owned(),
+        };
+        match self.call(Method::GET, &path, None, &[]).await?.1 {
+            Value::Array(a) => Ok(a),
+            other => Err(Error::Protocol(format!("policies: not an array: {other}"))),
+        }
+    }
+
+    /// Replaces a policy's primary (or `secondary`) key; answers the policy with its keys.
+    pub async fn renew_policy_key(&self, hub: Option<&str>, name: &str, secondary: bool) -> Result<Value, Error> {
+        let mut path =
+            format!("/policies/{}/renewKey?key={}", seg(name), if secondary { "secondary" } else { "primary" });
+        if let Some(h) = hub {
+            path.push_str(&format!("&hub={}", seg(h)));
+        }
+        Ok(self.call(Method::POST, &path, None, &[]).await?.1)
+    }
+
+    /// Audit entries, oldest first: `since` an Azure timestamp, `id` a registration, device,
+    /// group or policy id, `outcome` `success` or `failure`, `limit` the newest N (0: all).
+    pub async fn audit(
+        &self,
+        since: Option<&str>,
+        id: Option<&str>,
+        outcome: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Value>, Error> {
+        let mut path = format!("/audit?limit={limit}");
+        for (name, value) in [("since", since), ("id", id), ("outcome", outcome)] {
+            if let Some(v) = value {
+                path.push_str(&format!("&{name}={}", seg(v)));
+            }
+        }
+        match self.call(Method::GET, &path, None, &[]).await?.1 {
+            Value::Array(a) => Ok(a),
+            other => Err(Error::Protocol(format!("audit: not an array: {other}"))),
+        }
+    }
 }
 
 /// True when an error is the service saying "not found" (same as [`Error::is_not_found`]).

@@ -4,9 +4,10 @@
 //! messages into calls on [`Provisioning`] and its answers back into wire messages.
 #![forbid(unsafe_code)]
 
+pub mod access_policies;
 pub mod answer;
-mod cache;
 pub mod device_api;
+pub mod linked_hubs;
 mod management;
 pub mod mqtt;
 mod registration;

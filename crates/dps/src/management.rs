@@ -12,7 +12,7 @@ use crate::service::{store_err, unix_now};
 use crate::Provisioning;
 
 /// Where the instance's policies live in the store.
-const POLICY_OWNER: &str = "dps";
+pub(crate) const POLICY_OWNER: &str = "dps";
 
 impl Provisioning {
     /// Checks a service API `Authorization` header: a SAS token for one of this instance's host

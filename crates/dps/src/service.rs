@@ -14,7 +14,7 @@ use fleetgate_core::time::Timestamp;
 use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_store::{AuditLog, Store, StoreError};
 
-use crate::cache::Cached;
+use fleetgate_store::cache::Cached;
 
 /// What the provisioning service needs to know about its instance.
 #[derive(Clone, Debug)]
@@ -99,6 +99,8 @@ pub struct Provisioning {
     pub(crate) audit: AuditLog,
     /// Told when a commit takes credentials away from a hub identity.
     pub(crate) identity_changes: Arc<dyn IdentityChanges>,
+    /// Told when a hub is linked or unlinked or a key renewed (see [`crate::linked_hubs`]).
+    pub(crate) instance_changes: std::sync::OnceLock<Arc<dyn crate::linked_hubs::InstanceChanges>>,
 }
 
 pub(crate) fn store_err(e: StoreError) -> DpsError {
@@ -157,6 +159,7 @@ impl Provisioning {
             throttle,
             started: Instant::now(),
             identity_changes,
+            instance_changes: std::sync::OnceLock::new(),
         })
     }
 
@@ -183,6 +186,16 @@ impl Provisioning {
 
     pub fn audit(&self) -> &AuditLog {
         &self.audit
+    }
+
+    /// The audit trail's entries matching `query` (`GET /audit`), including every one recorded
+    /// before the call.
+    pub async fn audit_entries(
+        &self,
+        query: &fleetgate_core::audit::AuditQuery,
+    ) -> Result<Vec<fleetgate_core::audit::AuditEntry>, DpsError> {
+        self.audit.flush().await;
+        self.store.audit(query).await.map_err(store_err)
     }
 
     pub(crate) fn invalidate_groups(&self) {

@@ -33,6 +33,11 @@ pub fn router(dps: Arc<Provisioning>) -> Router {
         .route("/enrollments/{id}/attestationmechanism", post(enrollment_attestation))
         .route("/registrations/{id}", get(get_registration).delete(delete_registration))
         .route("/registrations/{id}/query", post(query_registrations))
+        .route("/linkedhubs", get(list_linked_hubs))
+        .route("/linkedhubs/{id}", put(put_linked_hub).delete(delete_linked_hub))
+        .route("/policies", get(list_policies))
+        .route("/policies/{id}/renewkey", post(renew_policy_key))
+        .route("/audit", get(read_audit))
         .method_not_allowed_fallback(|| async {
             ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
         })
@@ -46,6 +51,7 @@ pub fn router(dps: Arc<Provisioning>) -> Router {
 pub const ACCESS: &[RouteAccess] = {
     use Right::{
         EnrollmentRead as ER, EnrollmentWrite as EW, RegistrationStatusRead as RR, RegistrationStatusWrite as RW,
+        ServiceConfig as SC,
     };
     const fn a(method: &'static str, route: &'static str, rights: &'static [Right], audited: bool) -> RouteAccess {
         RouteAccess { method, route, rights, audited }
@@ -65,6 +71,14 @@ pub const ACCESS: &[RouteAccess] = {
         a("GET", "/registrations/{id}", &[RR], false),
         a("DELETE", "/registrations/{id}", &[RW], true),
         a("POST", "/registrations/{id}/query", &[RR], false),
+        // Fleetgate's admin routes (Azure's control plane): the instance's configuration, so
+        // only a policy with `ServiceConfig` (the owner's) may read or change them.
+        a("GET", "/linkedhubs", &[SC], false),
+        a("PUT", "/linkedhubs/{id}", &[SC], true),
+        a("DELETE", "/linkedhubs/{id}", &[SC], true),
+        a("GET", "/policies", &[SC], false),
+        a("POST", "/policies/{id}/renewkey", &[SC], true),
+        a("GET", "/audit", &[SC], false),
     ]
 };
 
@@ -238,4 +252,97 @@ async fn query_registrations(
     })
     .await?;
     Ok(page.respond(items, "deviceRegistration"))
+}
+
+/// `GET /linkedHubs`: the linked hubs and their allocation settings (no keys).
+async fn list_linked_hubs(State(dps): State<Arc<Provisioning>>) -> ApiResult<Response> {
+    Ok(json(dps.linked_hub_list().await?))
+}
+
+/// `PUT /linkedHubs/{hostName}`: links a hub, or changes a linked hub's allocation settings
+/// (only that with `If-Match`: hubs have no etags, so any value means "it must exist"). The
+/// answer carries the hub's `iothubowner` connection string, with the port this request
+/// came in on (the hub's service API shares it).
+async fn put_linked_hub(
+    State(dps): State<Arc<Provisioning>>,
+    Path(id): Path<String>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let b = body(b)?;
+    let (mut hub, key) = dps.put_linked_hub(&id, &b, if_match(&headers).is_some()).await?;
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    let host = match authority.as_deref().and_then(port_of) {
+        Some(port) if port != 443 => format!("{}:{port}", hub.name),
+        _ => hub.name.clone(),
+    };
+    hub.connection_string = Some(format!("HostName={host};SharedAccessKeyName=iothubowner;SharedAccessKey={key}"));
+    Ok(json(hub))
+}
+
+/// The port of a `Host` header or authority (`name:port`, `[v6]:port`), if it names one.
+fn port_of(authority: &str) -> Option<u16> {
+    let (host, port) = authority.rsplit_once(':')?;
+    (!host.is_empty() && !port.contains(']')).then(|| port.parse().ok()).flatten()
+}
+
+async fn delete_linked_hub(State(dps): State<Arc<Provisioning>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    dps.delete_linked_hub(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /audit?since=&id=&outcome=&limit=`: the audit trail (attestation attempts, hub
+/// connections, service-side changes), oldest first; under a limit, the newest that match.
+async fn read_audit(State(dps): State<Arc<Provisioning>>, axum::extract::Query(q): QueryMap) -> ApiResult<Response> {
+    use fleetgate_core::audit::{AuditQuery, Outcome};
+    use fleetgate_core::time::Timestamp;
+    let since = match q.get("since") {
+        Some(s) => Some(Timestamp::parse_azure(s).ok_or_else(|| {
+            ApiError(DpsError::bad_request(format!("since '{s}' is not a time (2026-11-28T14:00:00.0000000Z).")))
+        })?),
+        None => None,
+    };
+    let outcome = match q.get("outcome").map(String::as_str) {
+        None => None,
+        Some("success") => Some(Outcome::Success),
+        Some("failure") => Some(Outcome::Failure),
+        Some(o) => return Err(ApiError(DpsError::bad_request(format!("outcome '{o}' is not success or failure.")))),
+    };
+    let limit = match q.get("limit") {
+        Some(l) => l.parse().map_err(|_| ApiError(DpsError::bad_request(format!("limit '{l}' is not a number."))))?,
+        None => AUDIT_DEFAULT_LIMIT,
+    };
+    let query = AuditQuery { since, id: q.get("id").cloned(), outcome, limit };
+    Ok(json(dps.audit_entries(&query).await?))
+}
+
+/// Entries `GET /audit` answers when no `limit` is given (`limit=0`: all).
+const AUDIT_DEFAULT_LIMIT: usize = 1000;
+
+type QueryMap = axum::extract::Query<std::collections::HashMap<String, String>>;
+
+/// `GET /policies[?hub=H]`: the instance's policies (or hub H's), keys included (Azure's
+/// `listKeys`).
+async fn list_policies(State(dps): State<Arc<Provisioning>>, axum::extract::Query(q): QueryMap) -> ApiResult<Response> {
+    Ok(json(dps.policy_list(q.get("hub").map(String::as_str)).await?))
+}
+
+/// `POST /policies/{keyName}/renewKey[?hub=H][&key=secondary]`: replaces the policy's primary
+/// (default) or secondary key and answers the policy.
+async fn renew_policy_key(
+    State(dps): State<Arc<Provisioning>>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): QueryMap,
+) -> ApiResult<Response> {
+    use crate::access_policies::KeyKind;
+    let which = match q.get("key").map(String::as_str) {
+        None | Some("primary") => KeyKind::Primary,
+        Some("secondary") => KeyKind::Secondary,
+        Some(k) => return Err(ApiError(DpsError::bad_request(format!("key '{k}' is not primary or secondary.")))),
+    };
+    Ok(json(dps.renew_policy_key(q.get("hub").map(String::as_str), &id, which).await?))
 }

@@ -215,12 +215,23 @@ pub fn route_access<'t>(table: &'t [RouteAccess], method: &Method, matched: Opti
 /// A word is folded only in a position where some route has it, after the words before it:
 /// `/{enrollmentgroups|enrollments}/query`, `/{enrollmentgroups|enrollments}/{id}/attestationmechanism`,
 /// `/registrations/{id}/query`, `/devices/{id}/messages/devicebound`, `/twins/{id}/methods`,
-/// `/messages/events`, and the device API's `/{scope}/registrations/...`.
+/// `/messages/events`, Fleetgate's `/linkedhubs`, `/policies/{id}/renewkey` and `/audit`, and the
+/// device API's `/{scope}/registrations/...`.
 ///
 /// Only ASCII case changes (the length stays); trailing slashes are [`trim_trailing_slashes`]'s.
 pub fn canonical_path(path: &str) -> String {
-    const FIRST: &[&str] =
-        &["enrollmentgroups", "enrollments", "registrations", "devices", "twins", "messages", "statistics"];
+    const FIRST: &[&str] = &[
+        "enrollmentgroups",
+        "enrollments",
+        "registrations",
+        "devices",
+        "twins",
+        "messages",
+        "statistics",
+        "linkedhubs",
+        "policies",
+        "audit",
+    ];
     let mut segs: Vec<String> = path.split('/').map(str::to_owned).collect();
     let lower = |s: &str| s.to_ascii_lowercase();
     // segs[0] is the empty string before the leading '/'.
@@ -254,6 +265,7 @@ pub fn canonical_path(path: &str) -> String {
                 "twins" => fold(&mut segs, 3, &["methods"]),
                 "messages" => fold(&mut segs, 2, &["events"]),
                 "statistics" => fold(&mut segs, 2, &["devices", "service"]),
+                "policies" => fold(&mut segs, 3, &["renewkey"]),
                 _ => {}
             }
         }
@@ -375,6 +387,9 @@ mod tests {
         assert_eq!(canonical_path("/devices/Dev-1/messages/deviceBound"), "/devices/Dev-1/messages/devicebound");
         assert_eq!(canonical_path("/Twins/Dev-1/Methods"), "/twins/Dev-1/methods");
         assert_eq!(canonical_path("/Messages/Events"), "/messages/events");
+        assert_eq!(canonical_path("/linkedHubs/Hub-B.example"), "/linkedhubs/Hub-B.example");
+        assert_eq!(canonical_path("/Policies/MyPolicy/renewKey"), "/policies/MyPolicy/renewkey");
+        assert_eq!(canonical_path("/Audit"), "/audit");
         assert_eq!(canonical_path("/Enrollments/G/AttestationMechanism"), "/enrollments/G/attestationmechanism");
         assert_eq!(
             canonical_path("/0ne00000001/Registrations/Dev-1/register"),

@@ -37,9 +37,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ServerConfig;
 pub use crate::dir_lock::DirLock;
-pub use crate::offline_changes::{
-    add_hub, checkpoint_offline_change, list_policies, remove_hub, renew_policy_key, KeyKind,
-};
 
 /// The name of the DPS shared access policy with every right, as in Azure.
 pub const DPS_OWNER_POLICY: &str = "provisioningserviceowner";
@@ -450,6 +447,33 @@ fn event_log_options(config: &ServerConfig, dir: &Path) -> Result<EventLogOption
         reserve_bytes: reserve,
         ..EventLogOptions::default()
     })
+}
+
+/// Keeps `instance.json` true while the server runs: the service API links and unlinks hubs and
+/// renews keys (the only path that does), and tells this before it answers, so a caller that
+/// then reads the file finds the change.
+pub(crate) struct InstanceFile {
+    pub dir: PathBuf,
+    pub store: Arc<dyn Store>,
+    pub id_scope: String,
+    pub endpoint: String,
+    pub https_port: u16,
+    /// One rewrite at a time: concurrent changes would write the same temporary file.
+    pub writing: tokio::sync::Mutex<()>,
+}
+
+impl fleetgate_dps::linked_hubs::InstanceChanges for InstanceFile {
+    fn instance_changed(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let _one_at_a_time = self.writing.lock().await;
+            let written =
+                write_instance(&self.dir, self.store.as_ref(), &self.id_scope, &self.endpoint, self.https_port).await;
+            if let Err(e) = written {
+                // The change itself is committed; the file catches up at the next change or start.
+                tracing::error!(error = %e, "instance.json could not be rewritten after a change");
+            }
+        })
+    }
 }
 
 /// The policy owner key of the DPS instance's policies in the store.

@@ -38,18 +38,4 @@ impl DirLock {
             .map_err(|source| DataDirError::Io { path: path.clone(), source })?;
         Ok(Self { _file: file })
     }
-
-    /// For a change made from the command line: the lock when no server holds it (so none starts
-    /// halfway through the change), `None` when one does. Such changes go ahead while a server
-    /// runs, which reads hubs and policies from the store per request.
-    pub fn for_offline_change(dir: &Path, what: &str) -> Result<Option<Self>, DataDirError> {
-        match Self::acquire(dir, what) {
-            Ok(lock) => Ok(Some(lock)),
-            Err(DataDirError::InUse { holder, .. }) => {
-                tracing::debug!(%holder, "data directory in use: the change goes to the running server's store");
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
-    }
 }

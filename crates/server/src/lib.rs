@@ -13,7 +13,6 @@ pub mod fd_limit;
 pub mod https;
 mod listener;
 pub mod mqtt;
-mod offline_changes;
 pub mod readiness;
 pub mod tls;
 pub mod websocket;
@@ -184,6 +183,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         Some(faults) => Arc::new(fleetgate_store::FaultyStore::new(sqlite.clone(), faults.clone())),
         None => sqlite.clone(),
     };
+    // Hubs and policies are read on every registration, connect and service call: from memory,
+    // since every change to them goes through this store (the service API is the only path).
+    let store: Arc<dyn Store> = Arc::new(fleetgate_store::CachingStore::new(store));
 
     let instance = data.write_instance_file(https_addr.port()).await?;
     // One audit log for both services: a source's refusals are counted together, whichever
@@ -202,6 +204,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         Arc::new(HubSessions(hub.clone())),
         audit,
     );
+    dps.watch_instance(Arc::new(datadir::InstanceFile {
+        dir: data.path.clone(),
+        store: store.clone(),
+        id_scope: instance.id_scope.clone(),
+        endpoint: instance.global_device_endpoint.clone(),
+        https_port: https_addr.port(),
+        writing: tokio::sync::Mutex::new(()),
+    }));
 
     let (shutdown, rx) = watch::channel(false);
     let rx_reload = rx.clone();

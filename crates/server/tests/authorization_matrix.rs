@@ -23,6 +23,8 @@ const ENROLLMENT_READERS: &[&str] = &[DPS_OWNER, "enrollmentread", "enrollmentwr
 const ENROLLMENT_WRITERS: &[&str] = &[DPS_OWNER, "enrollmentwrite"];
 const REGISTRATION_READERS: &[&str] = &[DPS_OWNER, "registrationstatusread", "registrationstatuswrite"];
 const REGISTRATION_WRITERS: &[&str] = &[DPS_OWNER, "registrationstatuswrite"];
+/// The instance's configuration (Azure's control plane): `ServiceConfig`, the owner's alone.
+const CONFIG: &[&str] = &[DPS_OWNER];
 
 /// (method, route template, the DPS policies allowed to call it)
 const DPS_ROUTES: &[(&str, &str, &[&str])] = &[
@@ -40,6 +42,12 @@ const DPS_ROUTES: &[(&str, &str, &[&str])] = &[
     ("GET", "/registrations/{id}", REGISTRATION_READERS),
     ("DELETE", "/registrations/{id}", REGISTRATION_WRITERS),
     ("POST", "/registrations/{id}/query", REGISTRATION_READERS),
+    ("GET", "/linkedhubs", CONFIG),
+    ("PUT", "/linkedhubs/{id}", CONFIG),
+    ("DELETE", "/linkedhubs/{id}", CONFIG),
+    ("GET", "/policies", CONFIG),
+    ("POST", "/policies/{id}/renewkey", CONFIG),
+    ("GET", "/audit", CONFIG),
 ];
 
 const REGISTRY_READERS: &[&str] = &["iothubowner", "registryRead", "registryReadWrite"];
@@ -77,6 +85,10 @@ const IDS: &[&str] = &[
     "events",
     "statistics",
     "service",
+    "linkedhubs",
+    "policies",
+    "renewkey",
+    "audit",
     "plain-id",
 ];
 
@@ -219,8 +231,8 @@ async fn dps_routes_methods_rights_with_route_words_as_ids() {
             n += run_policy(&s, DPS_ROUTES, p, &host, "2021-10-01").await;
         }
     }
-    // 14 ids × 6 templates with an id, and 3 literal routes (2 of which an id already spelled).
-    assert_eq!(n, policies.len() * METHODS.len() * (14 * 6 + 3 - 2));
+    // 18 ids × 8 templates with an id, and 6 literal routes (2 of which an id already spelled).
+    assert_eq!(n, policies.len() * METHODS.len() * (18 * 8 + 6 - 2));
 }
 
 #[tokio::test]
@@ -242,9 +254,9 @@ async fn hub_routes_methods_rights_with_route_words_as_ids() {
     for p in policies.iter().filter(|p| REGISTRY_WRITERS.contains(&p.key_name.as_str())) {
         n += run_policy(&s, HUB_ROUTES, p, &host, "2021-04-12").await;
     }
-    // 14 ids × 4 templates with an id, and 5 literal routes (1 of which, /devices/query, the
+    // 18 ids × 4 templates with an id, and 5 literal routes (1 of which, /devices/query, the
     // id `query` already spelled).
-    assert_eq!(n, policies.len() * METHODS.len() * (14 * 4 + 5 - 1));
+    assert_eq!(n, policies.len() * METHODS.len() * (18 * 4 + 5 - 1));
 }
 
 /// The attack of issue 12, step by step: a read-only key could create a group named

@@ -231,14 +231,7 @@ async fn an_event_stream_ends_when_its_policy_key_is_renewed() {
     m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 1, b"before-renewal").await;
     m.recv().await;
     assert!(stream_shows(&mut events, "before-renewal").await);
-    fleetgate_server::datadir::renew_policy_key(
-        s.dir.path(),
-        Some(&s.hub()),
-        "iothubowner",
-        fleetgate_server::datadir::KeyKind::Primary,
-    )
-    .await
-    .unwrap();
+    s.service().renew_policy_key(Some(&s.hub()), "iothubowner", false).await.unwrap();
     m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 2, b"after-renewal").await;
     m.recv().await;
     assert!(!stream_shows(&mut events, "after-renewal").await, "telemetry flowed to a revoked key");

@@ -133,14 +133,8 @@ async fn renewing_a_key_takes_effect_at_once() {
         status(&s, Method::GET, "/enrollmentGroups/x?api-version=2021-10-01", &token(&before, &host), None).await,
         404
     );
-    let renewed = fleetgate_server::datadir::renew_policy_key(
-        s.dir.path(),
-        None,
-        "provisioningserviceowner",
-        fleetgate_server::datadir::KeyKind::Primary,
-    )
-    .await
-    .unwrap();
+    let renewed = s.service().renew_policy_key(None, "provisioningserviceowner", false).await.unwrap();
+    let renewed: fleetgate_core::policy::AccessPolicy = serde_json::from_value(renewed).unwrap();
     assert_ne!(renewed.primary_key, before.primary_key);
     assert_eq!(renewed.secondary_key, before.secondary_key);
     assert_eq!(

@@ -7,6 +7,8 @@
 #![forbid(unsafe_code)]
 
 mod audit_log;
+pub mod cache;
+mod caching;
 pub mod disk;
 pub mod event_log;
 mod faulty;
@@ -23,6 +25,7 @@ use fleetgate_core::twin::Twin;
 use fleetgate_core::DpsError;
 
 pub use audit_log::{AuditLog, AuditOptions, FAILURE_LINES_PER_MINUTE};
+pub use caching::CachingStore;
 pub use event_log::{EventLog, EventLogOptions};
 pub use faulty::{Faults, FaultyStore};
 pub use sqlite::SqliteStore;
@@ -118,6 +121,11 @@ impl std::fmt::Debug for LinkedHub {
 /// Read-modify-write of an enrollment group, run inside the store's transaction: it gets the
 /// stored group (if any) and returns the group to store, or a rejection.
 pub type GroupUpdate = Box<dyn FnOnce(Option<&EnrollmentGroup>) -> Result<EnrollmentGroup, DpsError> + Send>;
+
+/// The policy owner (see [`Store::policies`]) of a hub's policies.
+pub fn hub_policy_owner(host_name: &str) -> String {
+    format!("hub:{}", host_name.to_ascii_lowercase())
+}
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -1,19 +1,18 @@
-//! `fleetgate audit`: the audit trail of the local instance (attestation attempts, hub
-//! connections, service-side changes), one JSON object per entry, oldest first; `--limit`
-//! keeps the newest. With `--query` or another `-o` format, the entries are one JSON array.
+//! `fleetgate audit`: the audit trail of the instance (attestation attempts, hub connections,
+//! service-side changes), one JSON object per entry, oldest first; `--limit` keeps the newest.
+//! With `--query` or another `-o` format, the entries are one JSON array. Read through the
+//! running server's service API (`GET /audit`, the owner policy's `ServiceConfig` right), which
+//! also has every entry it recorded until the call.
 
-use std::path::PathBuf;
-
-use anyhow::Context;
-use fleetgate_core::audit::{AuditQuery, Outcome};
 use fleetgate_core::time::Timestamp;
-use fleetgate_store::{SqliteStore, Store};
+
+use super::{client, describe};
+use crate::Target;
 
 #[derive(clap::Args)]
 pub struct AuditArgs {
-    /// Data directory of the local instance.
-    #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
-    data_dir: PathBuf,
+    #[command(flatten)]
+    target: Target,
     /// Entries at or after this time: RFC 3339 (2026-11-28T14:00:00Z, 2026-11-28T15:00:00+01:00),
     /// a UTC date (2026-11-28), or a time ago (45s, 30m, 1h, 2d, 1w).
     #[arg(long, value_parser = parse_since)]
@@ -30,15 +29,11 @@ pub struct AuditArgs {
 }
 
 pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
-    fleetgate_server::Instance::read(&args.data_dir).context("run `fleetgate serve` once first")?;
-    let store = SqliteStore::open(&args.data_dir.join("fleetgate.db"))?;
-    let query = AuditQuery {
-        since: args.since,
-        id: args.registration_id,
-        outcome: args.outcome.map(|o| if o == "success" { Outcome::Success } else { Outcome::Failure }),
-        limit: args.limit,
-    };
-    let entries = store.audit(&query).await?;
+    let since = args.since.map(Timestamp::to_azure_string);
+    let entries = client(&args.target)?
+        .audit(since.as_deref(), args.registration_id.as_deref(), args.outcome.as_deref(), args.limit)
+        .await
+        .map_err(describe)?;
     if !crate::output::plain_json() {
         return crate::output::print_result(&serde_json::to_value(&entries)?);
     }

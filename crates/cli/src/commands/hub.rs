@@ -68,9 +68,8 @@ pub enum HubCommand {
     /// Add a hub to the local instance (takes effect at once; restart `serve` with a matching
     /// `--hostname` if devices will dial this name).
     Create {
-        /// Data directory of the local instance.
-        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: crate::Target,
         /// Host name of the hub to add.
         #[arg(long)]
         hostname: String,
@@ -256,9 +255,8 @@ pub async fn run(cmd: HubCommand) -> anyhow::Result<()> {
             let inst = fleetgate_server::Instance::read(&data_dir).context("run `fleetgate serve` once first")?;
             print_result(&serde_json::to_value(&inst.hubs)?)?;
         }
-        HubCommand::Create { data_dir, hostname } => {
-            let hub = fleetgate_server::datadir::add_hub(&data_dir, &hostname).await?;
-            print_result(&serde_json::to_value(hub)?)?;
+        HubCommand::Create { target, hostname } => {
+            print_result(&super::linked_hubs::create(&target, &hostname).await?)?;
         }
         HubCommand::DeviceIdentity(c) => device_identity(c).await?,
         HubCommand::DeviceTwin(c) => device_twin(c).await?,

@@ -1,30 +1,25 @@
-//! `fleetgate linked-hub ...`: the hubs linked to the local instance and their allocation
-//! settings (`az iot dps linked-hub`). Linked hubs belong to Azure's control plane, so these
-//! verbs work on the data directory rather than through the service API; a running server picks
-//! changes up at the next registration.
+//! `fleetgate linked-hub ...`: the hubs linked to the instance and their allocation settings
+//! (`az iot dps linked-hub`), through the running server's service API (`/linkedHubs`, the
+//! owner policy's `ServiceConfig` right): the server is the one path that changes them, so the
+//! next registration sees a change at once.
 
-use std::path::PathBuf;
-
-use anyhow::{anyhow, Context};
 use clap::Subcommand;
-use fleetgate_store::{SqliteStore, Store};
-use serde_json::json;
+use serde_json::{json, Value};
 
-use super::print_result;
+use super::{client, describe, print_result};
+use crate::Target;
 
 #[derive(Subcommand)]
 pub enum LinkedHubCommand {
     /// List linked hubs with their allocation settings.
     List {
-        /// Data directory of the local instance.
-        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: Target,
     },
     /// Link a new hub (same as `fleetgate hub create`).
     Create {
-        /// Data directory of the local instance.
-        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// Host name of the hub to link.
         #[arg(long)]
         hostname: String,
@@ -32,9 +27,8 @@ pub enum LinkedHubCommand {
     /// Unlink a hub that has no device identities (never the last one). Devices provisioned to
     /// it were told its name; delete their identities and provision them again first.
     Delete {
-        /// Data directory of the local instance.
-        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// Host name of the hub to unlink.
         #[arg(long)]
         hostname: String,
@@ -42,9 +36,8 @@ pub enum LinkedHubCommand {
     /// Change a hub's allocation weight, whether it applies allocation policies, and the latency
     /// estimate geoLatency allocation uses.
     Update {
-        /// Data directory of the local instance.
-        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// Host name of the linked hub to change.
         #[arg(long)]
         hostname: String,
@@ -60,65 +53,46 @@ pub enum LinkedHubCommand {
     },
 }
 
-fn open(data_dir: &std::path::Path) -> anyhow::Result<SqliteStore> {
-    fleetgate_server::Instance::read(data_dir).context("run `fleetgate serve` once first")?;
-    Ok(SqliteStore::open(&data_dir.join("fleetgate.db"))?)
-}
-
 pub async fn run(cmd: LinkedHubCommand) -> anyhow::Result<()> {
     match cmd {
-        LinkedHubCommand::List { data_dir } => {
-            let hubs = open(&data_dir)?.hubs().await?;
-            let list: Vec<_> = hubs
-                .iter()
-                .map(|h| {
-                    json!({
-                        "name": h.host_name,
-                        "allocationWeight": h.allocation.allocation_weight,
-                        "applyAllocationPolicy": h.allocation.apply_allocation_policy,
-                        "latencyMs": h.allocation.latency_ms,
-                    })
-                })
-                .collect();
-            print_result(&serde_json::Value::Array(list))?;
+        LinkedHubCommand::List { target } => {
+            let hubs = client(&target)?.list_linked_hubs().await.map_err(describe)?;
+            print_result(&Value::Array(hubs))?;
         }
-        LinkedHubCommand::Create { data_dir, hostname } => {
-            let hub = fleetgate_server::datadir::add_hub(&data_dir, &hostname).await?;
-            print_result(&serde_json::to_value(hub)?)?;
-        }
-        LinkedHubCommand::Delete { data_dir, hostname } => {
-            fleetgate_server::datadir::remove_hub(&data_dir, &hostname).await?;
+        LinkedHubCommand::Create { target, hostname } => print_result(&create(&target, &hostname).await?)?,
+        LinkedHubCommand::Delete { target, hostname } => {
+            client(&target)?.delete_linked_hub(&hostname).await.map_err(describe)?;
             print_result(&json!({ "name": hostname, "deleted": true }))?;
         }
-        LinkedHubCommand::Update { data_dir, hostname, allocation_weight, apply_allocation_policy, latency_ms } => {
-            let store = open(&data_dir)?;
-            let _lock =
-                fleetgate_server::datadir::DirLock::for_offline_change(&data_dir, "fleetgate linked-hub update")?;
-            let hub = store
-                .hubs()
-                .await?
-                .into_iter()
-                .find(|h| h.host_name.eq_ignore_ascii_case(&hostname))
-                .ok_or_else(|| anyhow!("no linked hub named '{hostname}'"))?;
-            let mut a = hub.allocation.clone();
-            if let Some(w) = allocation_weight {
-                a.allocation_weight = w;
+        LinkedHubCommand::Update { target, hostname, allocation_weight, apply_allocation_policy, latency_ms } => {
+            let settings = json!({
+                "allocationWeight": allocation_weight,
+                "applyAllocationPolicy": apply_allocation_policy,
+                "latencyMs": latency_ms,
+            });
+            let mut hub = client(&target)?.put_linked_hub(&hostname, &settings, true).await.map_err(describe)?;
+            // The answer carries the owner key; an update shows only the settings.
+            if let Some(o) = hub.as_object_mut() {
+                o.remove("connectionString");
             }
-            if let Some(p) = apply_allocation_policy {
-                a.apply_allocation_policy = p;
-            }
-            if let Some(l) = latency_ms {
-                a.latency_ms = l;
-            }
-            store.set_hub_allocation(&hub.host_name, &a).await?;
-            fleetgate_server::datadir::checkpoint_offline_change(&store).await;
-            print_result(&json!({
-                "name": hub.host_name,
-                "allocationWeight": a.allocation_weight,
-                "applyAllocationPolicy": a.apply_allocation_policy,
-                "latencyMs": a.latency_ms,
-            }))?;
+            print_result(&hub)?;
         }
     }
     Ok(())
+}
+
+/// Links hub `hostname` (also `fleetgate hub create`): its name and `iothubowner` connection
+/// string, as `instance.json` lists it.
+pub async fn create(target: &Target, hostname: &str) -> anyhow::Result<Value> {
+    let c = client(target)?;
+    if c.list_linked_hubs()
+        .await
+        .map_err(describe)?
+        .iter()
+        .any(|h| h.get("name").and_then(Value::as_str).is_some_and(|n| n.eq_ignore_ascii_case(hostname.trim())))
+    {
+        anyhow::bail!("hub '{}' already exists", hostname.trim());
+    }
+    let hub = c.put_linked_hub(hostname, &json!({}), false).await.map_err(describe)?;
+    Ok(json!({ "hostName": hub["name"], "connectionString": hub["connectionString"] }))
 }

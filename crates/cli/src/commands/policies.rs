@@ -1,22 +1,19 @@
 //! `fleetgate policy ...`: shared access policies of the instance and its hubs
-//! (`az iot dps policy` / `az iot hub policy`). Control-plane data, so these verbs work on the
-//! data directory; a running server uses a renewed key at once.
-
-use std::path::PathBuf;
+//! (`az iot dps policy` / `az iot hub policy`), through the running server's service API
+//! (`/policies`, the owner policy's `ServiceConfig` right); a renewed key is in force at once.
 
 use clap::Subcommand;
-use fleetgate_server::datadir::{list_policies, renew_policy_key, KeyKind};
-use serde_json::json;
+use serde_json::{json, Value};
 
-use super::print_result;
+use super::{client, describe, print_result};
+use crate::Target;
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// List the policies and their rights (keys with --show-keys).
     List {
-        /// Data directory of the local instance.
-        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// A hub's policies instead of the DPS instance's.
         #[arg(long)]
         hub: Option<String>,
@@ -26,9 +23,8 @@ pub enum PolicyCommand {
     },
     /// Replace a policy's primary or secondary key; tokens signed with the old key stop working.
     RenewKey {
-        /// Data directory of the local instance.
-        #[arg(long, env = "FLEETGATE_DATA_DIR", default_value = "./fleetgate-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// Renew a policy of this hub instead of one of the DPS instance.
         #[arg(long)]
         hub: Option<String>,
@@ -43,26 +39,26 @@ pub enum PolicyCommand {
 
 pub async fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
-        PolicyCommand::List { data_dir, hub, show_keys } => {
-            let policies = list_policies(&data_dir, hub.as_deref()).await?;
+        PolicyCommand::List { target, hub, show_keys } => {
+            let policies = client(&target)?.list_policies(hub.as_deref()).await.map_err(describe)?;
             let out: Vec<_> = policies
                 .iter()
                 .map(|p| {
-                    let mut v = json!({"keyName": p.key_name, "rights": p.rights});
+                    let mut v = json!({"keyName": p["keyName"], "rights": p["rights"]});
                     if show_keys {
-                        v["primaryKey"] = p.primary_key.clone().into();
-                        v["secondaryKey"] = p.secondary_key.clone().into();
+                        v["primaryKey"] = p["primaryKey"].clone();
+                        v["secondaryKey"] = p["secondaryKey"].clone();
                     }
                     v
                 })
                 .collect();
-            print_result(&serde_json::Value::Array(out))?;
+            print_result(&Value::Array(out))?;
         }
-        PolicyCommand::RenewKey { data_dir, hub, name, key } => {
-            let which = if key == "secondary" { KeyKind::Secondary } else { KeyKind::Primary };
-            let p = renew_policy_key(&data_dir, hub.as_deref(), &name, which).await?;
+        PolicyCommand::RenewKey { target, hub, name, key } => {
+            let c = client(&target)?;
+            let p = c.renew_policy_key(hub.as_deref(), &name, key == "secondary").await.map_err(describe)?;
             print_result(
-                &json!({"keyName": p.key_name, "rights": p.rights, "primaryKey": p.primary_key, "secondaryKey": p.secondary_key}),
+                &json!({"keyName": p["keyName"], "rights": p["rights"], "primaryKey": p["primaryKey"], "secondaryKey": p["secondaryKey"]}),
             )?;
         }
     }

@@ -370,12 +370,11 @@ impl TestServer {
         panic!("registration of {reg} never finished");
     }
 
-    /// Links another hub to the instance (as `fleetgate hub create`), with a weight.
+    /// Links another hub to the instance through the service API (as `fleetgate hub create`),
+    /// with a weight.
     pub async fn add_hub(&self, host: &str, weight: u32) {
-        fleetgate_server::datadir::add_hub(self.dir.path(), host).await.unwrap();
-        let store = fleetgate_store::SqliteStore::open(&self.dir.path().join("fleetgate.db")).unwrap();
-        let a = fleetgate_store::HubAllocation { allocation_weight: weight, ..Default::default() };
-        assert!(fleetgate_store::Store::set_hub_allocation(&store, host, &a).await.unwrap());
+        let hub = self.service().put_linked_hub(host, &json!({"allocationWeight": weight}), false).await.unwrap();
+        assert_eq!(hub["allocationWeight"], weight, "{hub}");
     }
 
     pub fn store(&self) -> fleetgate_store::SqliteStore {

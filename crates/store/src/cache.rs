@@ -1,6 +1,6 @@
-//! In-memory copies of what every device request reads: the enrollment groups and which
-//! registration ids have an individual enrollment. Every change to them goes through this
-//! process's service API, which updates or drops the copy, so a device sees a change at once.
+//! An in-memory copy of something every device request reads (enrollment groups, linked hubs,
+//! access policies). Every change to it goes through this process's service API, which updates
+//! or drops the copy, so a device sees a change at once.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,17 +8,23 @@ use std::sync::{Arc, RwLock};
 
 /// A copy loaded on first use. A load that raced with a change is used once but not kept: a
 /// change bumps the generation, and a load keeps its result only if none happened meanwhile.
-pub(crate) struct Cached<T> {
+pub struct Cached<T> {
     value: RwLock<Option<Arc<T>>>,
     generation: AtomicU64,
 }
 
+impl<T: Clone> Default for Cached<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<T: Clone> Cached<T> {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self { value: RwLock::new(None), generation: AtomicU64::new(0) }
     }
 
-    pub(crate) async fn get<E, F, Fut>(&self, load: F) -> Result<Arc<T>, E>
+    pub async fn get<E, F, Fut>(&self, load: F) -> Result<Arc<T>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -36,14 +42,14 @@ impl<T: Clone> Cached<T> {
     }
 
     /// Forgets the copy; the next [`Cached::get`] loads it again.
-    pub(crate) fn invalidate(&self) {
+    pub fn invalidate(&self) {
         let mut slot = self.value.write().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::SeqCst);
         *slot = None;
     }
 
     /// Applies a change to the copy, if one is loaded (cheaper than reloading a large one).
-    pub(crate) fn update(&self, change: impl FnOnce(&mut T)) {
+    pub fn update(&self, change: impl FnOnce(&mut T)) {
         let mut slot = self.value.write().unwrap_or_else(|p| p.into_inner());
         self.generation.fetch_add(1, Ordering::SeqCst);
         if let Some(v) = slot.as_mut() {
