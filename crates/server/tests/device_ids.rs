@@ -13,6 +13,19 @@ const V: &str = "?api-version=2021-04-12";
 /// Ids that differ only in case, and ids equal to route words in any case.
 const IDS: &[&str] = &["Events", "events", "EVENTS", "Messages", "DeviceBound", "Methods", "Twins", "Statistics"];
 
+/// `POST /devices/{id}/messages/devicebound`; the status.
+async fn send_c2d(s: &TestServer, id: &str, body: &'static str) -> u16 {
+    let resp = s
+        .http()
+        .post(s.url(&format!("/devices/{id}/messages/devicebound{V}")))
+        .header("Authorization", s.hub_token())
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    resp.status().as_u16()
+}
+
 #[tokio::test]
 async fn ids_differing_in_case_are_distinct_devices_and_route_words_keep_their_case() {
     let s = TestServer::start().await;
@@ -33,15 +46,7 @@ async fn ids_differing_in_case_are_distinct_devices_and_route_words_keep_their_c
         assert_eq!(s.hub_get(&format!("/twins/{id}")).await["deviceId"], *id);
     }
     // A cloud-to-device message to `Messages` (the route word in the id's position) is its own.
-    let resp = s
-        .http()
-        .post(s.url(&format!("/devices/Messages/messages/devicebound{V}")))
-        .header("Authorization", s.hub_token())
-        .body("for Messages")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 204, "{}", resp.text().await.unwrap());
+    assert_eq!(send_c2d(&s, "Messages", "for Messages").await, 204);
     // Deleting `events` leaves `Events` and `EVENTS`.
     let resp = s
         .http()
@@ -78,15 +83,7 @@ async fn a_device_connects_sends_and_receives_only_as_the_id_it_was_created_with
     for id in ["Dev-Case", "dev-case"] {
         assert_eq!(s.hub_get(&format!("/devices/{id}")).await["connectionState"], "Connected", "{id}");
     }
-    let resp = s
-        .http()
-        .post(s.url(&format!("/devices/dev-case/messages/devicebound{V}")))
-        .header("Authorization", s.hub_token())
-        .body("for lower")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 204);
+    assert_eq!(send_c2d(&s, "dev-case", "for lower").await, 204);
     let p = m_lower.next_publish().await;
     assert!(p.topic.starts_with("devices/dev-case/messages/devicebound/"), "{}", p.topic);
     assert_eq!(&p.payload[..], b"for lower");
