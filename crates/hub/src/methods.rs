@@ -53,7 +53,10 @@ fn new_method_rid() -> String {
 /// Callers waiting for a device to connect and subscribe to methods (`connectTimeoutInSeconds`),
 /// woken when it does: an entry per device waited for, gone with its last waiter.
 #[derive(Default)]
-pub(crate) struct MethodListeners(Mutex<HashMap<(String, String), (Arc<Notify>, usize)>>);
+pub(crate) struct MethodListeners(Mutex<HashMap<(String, String), Waiting>>);
+
+/// What wakes the callers waiting for one device, and how many they are.
+type Waiting = (Arc<Notify>, usize);
 
 /// A caller's registration in [`MethodListeners`]; dropping it unregisters.
 struct Listening<'a> {
