@@ -342,6 +342,7 @@ fn test_event(n: usize) -> fleetgate_core::message::ReceivedEvent {
         device_id: "d".into(),
         enqueued_time: fleetgate_core::time::Timestamp::now(),
         bag: String::new(),
+        connection: None,
         body: vec![n as u8; 1000],
     }
 }

@@ -2,10 +2,10 @@
 //!
 //! A property bag is `key=value` pairs joined by `&`, percent-encoded. Every SDK encodes the `$`
 //! of system keys as `%24` (so `%24.mid` and `$.mid` are the same key); a key without `=` has no
-//! value, `key=` an empty one.
+//! value (Azure's `null`), `key=` an empty one (`""`): Azure documents the two as distinct.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode};
 
@@ -51,6 +51,12 @@ pub enum BagError {
 pub struct Properties {
     pub system: BTreeMap<String, String>,
     pub application: BTreeMap<String, String>,
+    /// Application properties sent without a value (`flag`, no `=`): Azure's `null`, which it
+    /// keeps distinct from an empty value (`flag=`, in `application` as `""`). A key is in one
+    /// of the two, never both. A separate set rather than `Option` values in `application`, so
+    /// that code building properties from strings (C2D, the client) is unchanged.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub application_null: BTreeSet<String>,
 }
 
 fn decode(s: &str) -> Result<Cow<'_, str>, BagError> {
@@ -108,14 +114,41 @@ impl Properties {
         let mut p = Properties::default();
         for pair in bag_pairs(bag) {
             let (k, v) = pair?;
-            let v = v.map(Cow::into_owned).unwrap_or_default();
             if let Some(short) = k.strip_prefix("$.") {
+                let v = v.map(Cow::into_owned).unwrap_or_default();
                 p.system.insert(system_property_name(short)?.to_owned(), v);
             } else {
-                p.application.insert(k.into_owned(), v);
+                p.set_application(k.into_owned(), v.map(Cow::into_owned));
             }
         }
         Ok(p)
+    }
+
+    /// Sets an application property: `None` is a property without a value (Azure's `null`).
+    /// The last setting of a key wins, as in a bag that repeats one.
+    pub fn set_application(&mut self, key: String, value: Option<String>) {
+        match value {
+            Some(v) => {
+                self.application_null.remove(&key);
+                self.application.insert(key, v);
+            }
+            None => {
+                self.application.remove(&key);
+                self.application_null.insert(key);
+            }
+        }
+    }
+
+    /// The application properties in key order, `None` for one without a value.
+    pub fn application_values(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        let mut all: Vec<(&str, Option<&str>)> = self
+            .application
+            .iter()
+            .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+            .chain(self.application_null.iter().map(|k| (k.as_str(), None)))
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        all.into_iter()
     }
 
     /// Encodes for a device-bound topic: system keys as `%24.{short}` (the C SDK only recognizes
@@ -128,8 +161,12 @@ impl Properties {
                 parts.push(format!("%24.{short}={}", enc(v)));
             }
         }
-        for (k, v) in &self.application {
-            parts.push(format!("{}={}", enc(k), enc(v)));
+        // Azure's device-bound form: `key` for a property without a value, `key=` for an empty one.
+        for (k, v) in self.application_values() {
+            match v {
+                Some(v) => parts.push(format!("{}={}", enc(k), enc(v))),
+                None => parts.push(enc(k)),
+            }
         }
         parts.join("&")
     }
@@ -164,6 +201,30 @@ mod tests {
         assert_eq!(bag[2], ("empty".into(), Some(String::new())));
         // `+` is a literal plus, not a space.
         assert_eq!(bag[3], ("a+b".into(), Some("c+d".into())));
+    }
+
+    /// Issue 14 item 18: Azure keeps `null` (`flag`, no `=`) distinct from `""` (`flag=`).
+    #[test]
+    fn a_property_without_a_value_is_null_not_empty() {
+        let p = Properties::from_bag("flag&empty=&x=1").unwrap();
+        assert_eq!(p.application_null.iter().collect::<Vec<_>>(), ["flag"]);
+        assert_eq!(p.application.get("empty").map(String::as_str), Some(""));
+        assert!(!p.application.contains_key("flag"));
+        assert_eq!(p.application_values().collect::<Vec<_>>(), [("empty", Some("")), ("flag", None), ("x", Some("1"))]);
+        // The device-bound encoding keeps the distinction (Azure's C2D table), and reads back.
+        assert_eq!(p.to_bag(), "empty=&flag&x=1");
+        assert_eq!(Properties::from_bag(&p.to_bag()).unwrap(), p);
+        // The last setting of a repeated key wins, whichever form it has.
+        let p = Properties::from_bag("k&k=v").unwrap();
+        assert_eq!((p.application["k"].as_str(), p.application_null.len()), ("v", 0));
+        let p = Properties::from_bag("k=v&k").unwrap();
+        assert!(p.application.is_empty() && p.application_null.contains("k"));
+        // Stored as JSON (C2D messages), the set is there only when used: older rows read.
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["application_null"], serde_json::json!(["k"]));
+        let old: Properties = serde_json::from_str(r#"{"system":{},"application":{"a":"b"}}"#).unwrap();
+        assert!(old.application_null.is_empty());
+        assert!(!serde_json::to_string(&old).unwrap().contains("null"));
     }
 
     #[test]
@@ -201,6 +262,7 @@ mod tests {
             device_id: "Dev-1".into(),
             enqueued_time: crate::time::Timestamp::from_unix_seconds(0),
             bag: "%24.mid=m%201&x=1".into(),
+            connection: None,
             body: b"{}".to_vec(),
         };
         let e = TelemetryEvent::from_received(7, "h.example", received).unwrap();
@@ -245,8 +307,35 @@ pub struct TelemetryEvent {
     pub module_id: Option<String>,
     pub enqueued_time: String,
     pub properties: Properties,
+    /// How the sender's connection was authenticated; `None` for events stored before it was
+    /// recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<ConnectionAuth>,
     #[serde(with = "body_b64")]
     pub body: Vec<u8>,
+}
+
+/// How the connection a device-to-cloud message came on was authenticated: what Azure reports
+/// on every event as `iothub-connection-auth-method` and `iothub-connection-auth-generation-id`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionAuth {
+    pub method: AuthMethod,
+    /// The `generationId` of the device identity the connection authenticated as: it tells a
+    /// device deleted and created again under the same id from the one before.
+    pub generation_id: String,
+}
+
+/// The credential a device connection was authenticated with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthMethod {
+    /// A SAS token signed with one of the device's keys.
+    Sas,
+    /// A client certificate matching the identity's thumbprint.
+    X509SelfSigned,
+    /// A client certificate chaining to a trusted CA.
+    X509Ca,
 }
 
 /// A device-to-cloud message as received, before it has a position: stored as it came (the
@@ -257,6 +346,8 @@ pub struct ReceivedEvent {
     pub device_id: String,
     pub enqueued_time: crate::time::Timestamp,
     pub bag: String,
+    /// How the sender's connection was authenticated (`None` for events stored before it was).
+    pub connection: Option<ConnectionAuth>,
     pub body: Vec<u8>,
 }
 
@@ -270,6 +361,7 @@ impl TelemetryEvent {
             module_id: None,
             enqueued_time: received.enqueued_time.to_azure_string(),
             properties: Properties::from_bag(&received.bag)?,
+            connection: received.connection,
             body: received.body,
         })
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use fleetgate_core::device::{AuthenticationType, DeviceStatus};
 use fleetgate_core::keys::SymmetricKey;
+use fleetgate_core::message::{AuthMethod, ConnectionAuth};
 use fleetgate_core::sas::SasToken;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::x509::{Certificate, CertificateChain};
@@ -27,6 +28,9 @@ pub struct HubDevice {
     /// The device's close requests before its identity was read: its session is refused if one
     /// came since (see [`Sessions::register`]).
     pub(crate) closes: CloseCount,
+    /// How the connection authenticated and the identity's generation: stamped on every message
+    /// it sends, as Azure does.
+    pub(crate) connection: ConnectionAuth,
 }
 
 impl HubDevice {
@@ -123,11 +127,18 @@ impl Hub {
             let not_after = certificates
                 .and_then(|c| Certificate::from_der(c.leaf()).ok())
                 .map(|leaf| Timestamp::from_unix_seconds(leaf.validity().1.saturating_add(1)));
+            let method = if device.authentication_type == AuthenticationType::CertificateAuthority {
+                AuthMethod::X509Ca
+            } else {
+                AuthMethod::X509SelfSigned
+            };
+            let connection = ConnectionAuth { method, generation_id: device.generation_id };
             return Authentication::Identified(self.connected_device(
                 hub.host_name,
                 device.device_id,
                 not_after,
                 closes,
+                connection,
             ));
         }
         let Some(token) = password.and_then(|p| SasToken::parse(p).ok()) else {
@@ -152,7 +163,8 @@ impl Hub {
         // still be accepted.
         let expires = token.accepted_until().saturating_add(1);
         let expires = Some(Timestamp::from_unix_seconds(expires));
-        Authentication::Identified(self.connected_device(hub.host_name, device.device_id, expires, closes))
+        let connection = ConnectionAuth { method: AuthMethod::Sas, generation_id: device.generation_id };
+        Authentication::Identified(self.connected_device(hub.host_name, device.device_id, expires, closes, connection))
     }
 
     fn connected_device(
@@ -161,9 +173,10 @@ impl Hub {
         device_id: String,
         expires: Option<Timestamp>,
         closes: CloseCount,
+        connection: ConnectionAuth,
     ) -> HubDevice {
         let last_activity = self.activity_of(&hub, &device_id);
-        HubDevice { hub, device_id, last_activity, expires, closes }
+        HubDevice { hub, device_id, last_activity, expires, closes, connection }
     }
 
     /// The CA certificates a `certificateAuthority` identity created through the service API

@@ -14,7 +14,7 @@ use fleetgate_core::{DpsError, ErrorCode};
 use fleetgate_store::{LinkedHub, Store, StoreError};
 
 use crate::config::HubConfig;
-use crate::methods::PendingCalls;
+use crate::methods::{MethodListeners, PendingCalls};
 use crate::sessions::{self, Sessions};
 use crate::telemetry::EventWriter;
 
@@ -24,6 +24,8 @@ pub struct Hub {
     pub(crate) sessions: Sessions,
     pub(crate) events: EventWriter,
     pub(crate) methods: PendingCalls,
+    /// Method calls waiting for their device to connect (`connectTimeoutInSeconds`).
+    pub(crate) method_listeners: MethodListeners,
     /// Last activity per device (ticks; 0 = none), kept in memory (Azure reports it eventually
     /// consistent too). Each connection holds its device's entry.
     activity: Mutex<HashMap<(String, String), Arc<AtomicI64>>>,
@@ -73,6 +75,7 @@ impl Hub {
             sessions: Sessions::default(),
             events,
             methods: PendingCalls::default(),
+            method_listeners: MethodListeners::default(),
             activity: Mutex::new(HashMap::new()),
             throttles: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),

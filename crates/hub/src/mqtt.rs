@@ -112,6 +112,35 @@ pub fn parse_publish_topic(topic: &str, device_id: &str) -> Result<DeviceRequest
     Err(TopicError::Unknown)
 }
 
+/// The property bag a telemetry message is taken with: the device's bag, plus what Azure adds
+/// for MQTT (application properties, after the device's so they win over a device's own):
+/// `mqtt-retain=true` when the PUBLISH had RETAIN set (IoT Hub keeps no retained messages and
+/// passes them on marked so), and `iothub-MessageType=Will` for a Will message.
+pub fn telemetry_bag(bag: &str, retain: bool, will: bool) -> std::borrow::Cow<'_, str> {
+    if !retain && !will {
+        return bag.into();
+    }
+    let mut out = bag.to_owned();
+    for (on, property) in [(retain, "mqtt-retain=true"), (will, "iothub-MessageType=Will")] {
+        if on {
+            if !out.is_empty() {
+                out.push('&');
+            }
+            out.push_str(property);
+        }
+    }
+    out.into()
+}
+
+/// The property bag of a CONNECT's Will topic when it is the device's own telemetry topic, the
+/// only Will IoT Hub forwards; `None` for any other topic (ignored, as IoT Hub does).
+pub fn will_bag(topic: &str, device_id: &str) -> Option<String> {
+    match parse_publish_topic(topic, device_id) {
+        Ok(DeviceRequest::Telemetry { bag }) => Some(bag),
+        _ => None,
+    }
+}
+
 /// Which stream a subscription filter opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Subscription {
@@ -258,6 +287,26 @@ mod tests {
             parse_publish_topic("$iothub/twin/GET/?$rid=6f1d3c0e-0b4e-4b7e-9b55-0d0d5c1e2f3a", "d1"),
             Ok(DeviceRequest::TwinGet { rid: "6f1d3c0e-0b4e-4b7e-9b55-0d0d5c1e2f3a".into() })
         );
+    }
+
+    /// Issue 14 items 15 and 16: what Azure adds to MQTT telemetry.
+    #[test]
+    fn retain_and_will_add_their_application_properties() {
+        assert_eq!(telemetry_bag("a=1", false, false), "a=1");
+        assert_eq!(telemetry_bag("", true, false), "mqtt-retain=true");
+        assert_eq!(telemetry_bag("a=1", true, false), "a=1&mqtt-retain=true");
+        assert_eq!(telemetry_bag("", false, true), "iothub-MessageType=Will");
+        assert_eq!(telemetry_bag("%24.mid=1", true, true), "%24.mid=1&mqtt-retain=true&iothub-MessageType=Will");
+        // The hub's value wins over one the device set itself.
+        let p = fleetgate_core::message::Properties::from_bag(&telemetry_bag("mqtt-retain=no", true, false)).unwrap();
+        assert_eq!(p.application["mqtt-retain"], "true");
+        assert_eq!(will_bag("devices/d1/messages/events/", "d1").as_deref(), Some(""));
+        assert_eq!(will_bag("devices/d1/messages/events/a=b", "d1").as_deref(), Some("a=b"));
+        for other in
+            ["devices/d2/messages/events/", "status/d1", "$iothub/twin/GET/?$rid=1", "devices/d1/messages/events/#"]
+        {
+            assert_eq!(will_bag(other, "d1"), None, "{other}");
+        }
     }
 
     #[test]

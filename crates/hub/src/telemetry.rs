@@ -149,6 +149,7 @@ impl Hub {
             device_id: d.device_id.clone(),
             enqueued_time: now,
             bag: bag.to_owned(),
+            connection: Some(d.connection.clone()),
             body: body.to_vec(),
         };
         let seq = self.events.append(event).await?;

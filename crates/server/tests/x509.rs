@@ -134,7 +134,15 @@ async fn send_telemetry(s: &TestServer, m: &mut Mqtt, id: &str, body: &str) {
     m.publish(&format!("devices/{id}/messages/events/"), QoS::AtLeastOnce, 7, body.as_bytes()).await;
     assert!(matches!(m.recv().await, Some(Packet::PubAck(a)) if a.pkid == 7));
     let events = s.stored_events().await;
-    assert!(events.iter().any(|e| e["event"]["origin"] == id), "{events:?}");
+    let sent = events.iter().rev().find(|e| e["event"]["origin"] == id).unwrap_or_else(|| panic!("{events:?}"));
+    // The event says the sender authenticated with a certificate (issue 14 item 17), and which
+    // generation of the identity it was.
+    let annotations = &sent["event"]["annotations"];
+    assert_eq!(
+        annotations["iothub-connection-auth-method"],
+        r#"{"scope":"device","type":"x509Certificate","issuer":"external","acceptingIpFilterRule":null}"#
+    );
+    assert_eq!(annotations["iothub-connection-auth-generation-id"], hub_device_json(s, id).await["generationId"]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -543,6 +543,7 @@ fn read_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, StoredEvent)> {
             device_id: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
             enqueued_time: fleetgate_core::time::Timestamp::from_ticks(r.get::<_, Option<i64>>(3)?.unwrap_or_default()),
             bag: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+            connection: None,
             body,
         }),
         None => StoredEvent::Json(r.get(1)?),
@@ -595,6 +596,7 @@ fn move_events_table(c: &Connection, log: &EventLog) -> StoreResult<()> {
                             device_id: e.device_id,
                             enqueued_time: Timestamp::parse_azure(&e.enqueued_time).unwrap_or_else(Timestamp::now),
                             bag: e.properties.to_bag(),
+                            connection: e.connection,
                             body: e.body,
                         }
                     }

@@ -22,6 +22,7 @@ fn event(hub: &str, device: &str, n: usize, body_len: usize) -> ReceivedEvent {
         device_id: device.into(),
         enqueued_time: Timestamp::from_ticks(17_000_000_000_000_000 + n as i64),
         bag: format!("%24.mid={n}&k=v"),
+        connection: None,
         body: format!("{n:08}").into_bytes().into_iter().cycle().take(body_len.max(8)).collect(),
     }
 }

@@ -148,6 +148,7 @@ async fn events_of_the_older_table_move_into_the_log() {
         module_id: None,
         enqueued_time: "2026-01-01T00:00:00.1200000Z".into(),
         properties: Properties::from_bag("%24.mid=m1&a=b").unwrap(),
+        connection: None,
         body: b"old".to_vec(),
     };
     let received_at = Timestamp::parse_azure("2026-02-01T00:00:00.0000000Z").unwrap();
@@ -183,6 +184,7 @@ async fn events_of_the_older_table_move_into_the_log() {
                 device_id: "New-Dev".into(),
                 enqueued_time: now,
                 bag: "%24.ct=application%2Fjson&x=%20y".into(),
+                connection: None,
                 body: vec![0, 159, 255],
             },
             ReceivedEvent {
@@ -190,6 +192,7 @@ async fn events_of_the_older_table_move_into_the_log() {
                 device_id: "Elsewhere".into(),
                 enqueued_time: now,
                 bag: String::new(),
+                connection: None,
                 body: Vec::new(),
             },
         ])
@@ -241,6 +244,7 @@ async fn writes_are_refused_retryably_below_the_disk_reserve() {
         device_id: "d".into(),
         enqueued_time: Timestamp::now(),
         bag: String::new(),
+        connection: None,
         body: b"x".to_vec(),
     };
     assert!(matches!(s.append_events(vec![event]).await, Err(StoreError::Unavailable(_))));

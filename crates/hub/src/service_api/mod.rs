@@ -295,6 +295,7 @@ struct MethodRequest {
     #[serde(default)]
     payload: Value,
     response_timeout_in_seconds: Option<u64>,
+    connect_timeout_in_seconds: Option<u64>,
 }
 
 async fn invoke_method(
@@ -310,8 +311,14 @@ async fn invoke_method(
     if !(5..=300).contains(&timeout) {
         return Err(DpsError::bad_request("responseTimeoutInSeconds must be between 5 and 300.").into());
     }
+    // How long to wait for the device to connect: 0 (it must be online already) to 300 s.
+    let connect_timeout = req.connect_timeout_in_seconds.unwrap_or(0);
+    if connect_timeout > 300 {
+        return Err(DpsError::bad_request("connectTimeoutInSeconds must be between 0 and 300.").into());
+    }
+    let (connect_timeout, timeout) = (Duration::from_secs(connect_timeout), Duration::from_secs(timeout));
     let (status, payload) =
-        hub.invoke_method(&t.0, &id, &req.method_name, req.payload, Duration::from_secs(timeout)).await?;
+        hub.invoke_method(&t.0, &id, &req.method_name, req.payload, connect_timeout, timeout).await?;
     Ok(json(json!({"status": status, "payload": payload})))
 }
 

@@ -3,7 +3,7 @@
 
 use base64::Engine;
 use fleetgate_core::device::{AuthenticationType, DeviceIdentity};
-use fleetgate_core::message::TelemetryEvent;
+use fleetgate_core::message::{AuthMethod, ConnectionAuth, TelemetryEvent};
 use fleetgate_core::twin::Twin;
 use fleetgate_store::DeviceCounts;
 use serde_json::{json, Value};
@@ -98,6 +98,9 @@ pub fn event(e: &TelemetryEvent) -> Value {
             Err(_) => (Value::String(base64::engine::general_purpose::STANDARD.encode(&e.body)), true),
         },
     };
+    // A property sent without a value is `null`, one sent as `key=` is `""` (as Azure keeps them).
+    let application: serde_json::Map<String, Value> =
+        e.properties.application_values().map(|(k, v)| (k.to_owned(), v.map_or(Value::Null, Value::from))).collect();
     let mut v = json!({
         "seq": e.seq,
         "event": {
@@ -105,7 +108,7 @@ pub fn event(e: &TelemetryEvent) -> Value {
             "module": e.module_id.clone().unwrap_or_default(),
             "interface": e.properties.system.get("iothub-interface-id").cloned().unwrap_or_default(),
             "component": e.properties.system.get("dt-subject").cloned().unwrap_or_default(),
-            "properties": {"system": e.properties.system, "application": e.properties.application},
+            "properties": {"system": e.properties.system, "application": application},
             "annotations": {
                 "iothub-connection-device-id": e.device_id,
                 "iothub-enqueuedtime": e.enqueued_time,
@@ -115,8 +118,26 @@ pub fn event(e: &TelemetryEvent) -> Value {
             "payload": payload,
         }
     });
+    // Events stored before the connection was recorded have neither annotation.
+    if let Some(c) = &e.connection {
+        let annotations = &mut v["event"]["annotations"];
+        annotations["iothub-connection-auth-method"] = auth_method(c).into();
+        annotations["iothub-connection-auth-generation-id"] = c.generation_id.clone().into();
+    }
     if binary {
         v["event"]["payloadEncoding"] = "base64".into();
     }
     v
+}
+
+/// Azure's `iothub-connection-auth-method`: a JSON object serialized into a string, as the
+/// Event Hubs-compatible endpoint delivers it, with its keys in Azure's order. SAS form from
+/// Azure's documented monitor-events output; the X.509 form from Azure's connection logs
+/// (`"type":"x509Certificate","issuer":"external"`), for thumbprint and CA devices alike.
+fn auth_method(c: &ConnectionAuth) -> String {
+    let (kind, issuer) = match c.method {
+        AuthMethod::Sas => ("sas", "iothub"),
+        AuthMethod::X509SelfSigned | AuthMethod::X509Ca => ("x509Certificate", "external"),
+    };
+    format!(r#"{{"scope":"device","type":"{kind}","issuer":"{issuer}","acceptingIpFilterRule":null}}"#)
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use fleetgate_core::x509::CertificateChain;
 use fleetgate_core::DpsError;
 use fleetgate_hub::mqtt::{
-    c2d_topic, desired_patch_topic, method_request_topic, parse_publish_topic, subscription, twin_response_topic,
-    DeviceRequest, HubUsername, Subscription, TopicError,
+    c2d_topic, desired_patch_topic, method_request_topic, parse_publish_topic, subscription, telemetry_bag,
+    twin_response_topic, will_bag, DeviceRequest, HubUsername, Subscription, TopicError,
 };
 use fleetgate_hub::sessions::SessionHandle;
 use fleetgate_hub::{Authentication, ConnectRefusal};
@@ -52,11 +52,23 @@ struct Session<S> {
     c2d_in_flight: HashMap<u16, String>,
     /// CleanSession 0: subscriptions are saved as they change.
     persistent: bool,
+    /// The CONNECT's Will (property bag as it will be ingested, body), when on the device's
+    /// telemetry topic: ingested if the connection ends without DISCONNECT. Cleared by a
+    /// DISCONNECT and when the server ends the session itself (replaced by a new connection,
+    /// identity changed, credentials expired, shutdown): the device did not drop then.
+    will: Option<(String, bytes::Bytes)>,
 }
 
-fn set_flag(flags: &fleetgate_hub::SessionFlags, sub: Subscription, on: bool) {
+/// Records a change of subscription where the service side reads it; a device now listening
+/// for methods wakes the calls waiting for it (`connectTimeoutInSeconds`).
+fn set_flag(hub: &Hub, device: &HubDevice, flags: &fleetgate_hub::SessionFlags, sub: Subscription, on: bool) {
     match sub {
-        Subscription::Methods => flags.methods.store(on, Ordering::Relaxed),
+        Subscription::Methods => {
+            flags.methods.store(on, Ordering::Release);
+            if on {
+                hub.listening_for_methods(device);
+            }
+        }
         Subscription::DesiredPatches => flags.desired.store(on, Ordering::Relaxed),
         Subscription::CloudToDevice => flags.c2d.store(on, Ordering::Relaxed),
         Subscription::TwinResponses => {}
@@ -172,6 +184,14 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         0 => limits.idle_timeout,
         k => Duration::from_millis(u64::from(k) * 1500).min(MAX_KEEP_ALIVE_TIMEOUT),
     };
+    // IoT Hub forwards a Will only from the device's telemetry topic; any other is ignored.
+    let will = connect.last_will.as_ref().and_then(|w| {
+        let Some(bag) = will_bag(&w.topic, &device.device_id) else {
+            info_limited!(topic = %printable(&w.topic), "Will on another topic than the device's telemetry; ignored");
+            return None;
+        };
+        Some((telemetry_bag(&bag, w.retain, true).into_owned(), w.message.clone()))
+    });
     // What the connection keeps for its life should be small: the CONNECT (with its SAS token),
     // the username and the certificate chain are not needed any more.
     drop((connect, user, peer));
@@ -184,10 +204,11 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         subscriptions: HashMap::new(),
         c2d_in_flight: HashMap::new(),
         persistent,
+        will,
     };
     for (sub, qos) in restored.unwrap_or_default() {
         s.subscriptions.insert(sub, if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce });
-        set_flag(&handle.flags, sub, true);
+        set_flag(hub, &device, &handle.flags, sub, true);
     }
     if let Err(e) = Box::pin(s.deliver_c2d()).await {
         hub.disconnect_session(&device, handle.id);
@@ -230,6 +251,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 // branches at random): no packet is served once the credentials have expired.
                 if expires.is_some_and(|e| now >= e) {
                     tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "the device's credentials expired; closing");
+                    s.will = None;
                     break Ok(());
                 }
                 deadline = now + idle;
@@ -244,6 +266,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 // connection, a C2D message stays queued for the next one.
                 if expires.is_some_and(|e| tokio::time::Instant::now() >= e) {
                     tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "the device's credentials expired; closing");
+                    s.will = None;
                     break Ok(());
                 }
                 outbound.set(handle.rx.recv());
@@ -257,6 +280,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 let now = tokio::time::Instant::now();
                 if expires.is_some_and(|e| now >= e) {
                     tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "the device's credentials expired; closing");
+                    s.will = None;
                     break Ok(());
                 }
                 if now >= deadline {
@@ -272,10 +296,21 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         break;
                     }
                 }
+                s.will = None;
                 break Ok(());
             }
         }
     };
+    if let Some((bag, body)) = s.will.take() {
+        // The connection dropped without DISCONNECT (closed, broken, silent past its keep-alive,
+        // or closed for a protocol violation): IoT Hub forwards the Will as telemetry.
+        match Box::pin(s.hub.ingest(&s.device, &bag, body)).await {
+            Ok(_) => {
+                tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "connection dropped; Will forwarded")
+            }
+            Err(e) => tracing::info!(hub = %s.device.hub, device = %s.device.device_id, error = %e, "Will refused"),
+        }
+    }
     s.hub.disconnect_session(&s.device, handle.id);
     s.conn.shutdown().await;
     tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "device disconnected");
@@ -331,7 +366,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             if self.subscriptions.len() < MAX_SUBSCRIPTIONS || self.subscriptions.contains_key(&s) =>
                         {
                             self.subscriptions.insert(s, granted);
-                            set_flag(flags, s, true);
+                            set_flag(&self.hub, &self.device, flags, s, true);
                             deliver_c2d |= s == Subscription::CloudToDevice;
                             codes.push(SubscribeReasonCode::Success(granted));
                         }
@@ -352,7 +387,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 for f in &u.topics {
                     if let Some(s) = subscription(f, &self.device.device_id) {
                         self.subscriptions.remove(&s);
-                        set_flag(flags, s, false);
+                        set_flag(&self.hub, &self.device, flags, s, false);
                     }
                 }
                 self.save_subscriptions().await;
@@ -372,7 +407,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.conn.write_packet(Packet::PingResp).await?;
                 Ok(true)
             }
-            Packet::Disconnect => Ok(false),
+            Packet::Disconnect => {
+                // A clean end: the Will is discarded (MQTT 3.1.1, 3.14.4).
+                self.will = None;
+                Ok(false)
+            }
             _ => Ok(false),
         }
     }
@@ -394,20 +433,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         match request {
-            DeviceRequest::Telemetry { bag } => match self.hub.ingest(&self.device, &bag, p.payload.clone()).await {
-                Ok(_) => {
-                    if p.qos == QoS::AtLeastOnce {
-                        self.conn.write_packet(Packet::PubAck(PubAck::new(p.pkid))).await?;
+            DeviceRequest::Telemetry { bag } => {
+                match self.hub.ingest(&self.device, &telemetry_bag(&bag, p.retain, false), p.payload.clone()).await {
+                    Ok(_) => {
+                        if p.qos == QoS::AtLeastOnce {
+                            self.conn.write_packet(Packet::PubAck(PubAck::new(p.pkid))).await?;
+                        }
+                        Ok(true)
                     }
-                    Ok(true)
+                    // Telemetry has no response topic: Azure drops the connection, and the SDK
+                    // retries (or reports) the unacknowledged message.
+                    Err(e) => {
+                        tracing::info!(device = %self.device.device_id, error = %e, "telemetry refused; closing");
+                        Ok(false)
+                    }
                 }
-                // Telemetry has no response topic: Azure drops the connection, and the SDK
-                // retries (or reports) the unacknowledged message.
-                Err(e) => {
-                    tracing::info!(device = %self.device.device_id, error = %e, "telemetry refused; closing");
-                    Ok(false)
-                }
-            },
+            }
             DeviceRequest::TwinGet { rid } => {
                 self.ack(&p)?;
                 let (status, body) = match self.hub.twin(&self.device.hub, &self.device.device_id).await {
@@ -449,6 +490,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn on_outbound(&mut self, out: Outbound) -> Result<bool, ConnectionError> {
         match out {
             Outbound::Close => {
+                self.will = None;
                 tracing::info!(device = %self.device.device_id, "closing: replaced by a new connection, or the identity was disabled, deleted or given new credentials");
                 Ok(false)
             }

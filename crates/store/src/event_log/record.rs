@@ -3,12 +3,19 @@
 //! ```text
 //! u32 payload length | u32 CRC-32 (IEEE) of the payload | payload
 //! payload: u64 seq | i64 enqueued ticks | u16 hub key length | hub key
-//!          | u16 device id length | device id | u32 bag length | bag | body (the rest)
+//!          | u16 device id length | device id | u32 bag length | bag
+//!          | [u16 extension length | extension] | body (the rest)
+//! extension: u8 auth method | generation id (the rest)
 //! ```
 //! All integers little-endian. The CRC tells a record torn by a crash (or damaged on disk) from a
 //! whole one; the explicit `seq` makes every record self-describing when a segment is scanned.
+//!
+//! The extension (how the sender authenticated) came later: it is there when the top bit of the
+//! bag length is set ([`EXTENDED`]; a bag is far below 2 GiB), so records written before it are
+//! read as they were, without one. New fields go at the end of the extension, which a reader
+//! that does not know them skips by its length.
 
-use fleetgate_core::message::ReceivedEvent;
+use fleetgate_core::message::{AuthMethod, ConnectionAuth, ReceivedEvent};
 use fleetgate_core::time::Timestamp;
 
 pub const HEADER: usize = 8;
@@ -18,6 +25,26 @@ const FIXED: usize = 8 + 8 + 2 + 2 + 4;
 pub const MIN_RECORD: usize = HEADER + FIXED;
 /// Largest payload accepted when reading: a message is at most 256 KiB plus its names and bag.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
+/// Set in the bag length of a record that has an extension after its bag.
+const EXTENDED: u32 = 1 << 31;
+
+/// The stored code of each authentication method (never reused).
+fn method_code(m: AuthMethod) -> u8 {
+    match m {
+        AuthMethod::Sas => 1,
+        AuthMethod::X509SelfSigned => 2,
+        AuthMethod::X509Ca => 3,
+    }
+}
+
+fn method_of(code: u8) -> Option<AuthMethod> {
+    match code {
+        1 => Some(AuthMethod::Sas),
+        2 => Some(AuthMethod::X509SelfSigned),
+        3 => Some(AuthMethod::X509Ca),
+        _ => None,
+    }
+}
 
 /// Why bytes are not a whole record.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,8 +62,18 @@ pub fn encode(seq: u64, event: &ReceivedEvent, out: &mut Vec<u8>) -> Result<(), 
     let (hub, device, bag) = (event.hub.as_bytes(), event.device_id.as_bytes(), event.bag.as_bytes());
     let hub_len = u16::try_from(hub.len()).map_err(|_| "hub name too long")?;
     let device_len = u16::try_from(device.len()).map_err(|_| "device id too long")?;
-    let bag_len = u32::try_from(bag.len()).map_err(|_| "property bag too long")?;
-    let len = FIXED + hub.len() + device.len() + bag.len() + event.body.len();
+    let bag_len = u32::try_from(bag.len()).ok().filter(|l| l & EXTENDED == 0).ok_or("property bag too long")?;
+    let extension = event.connection.as_ref().map(|c| {
+        let mut x = vec![method_code(c.method)];
+        x.extend_from_slice(c.generation_id.as_bytes());
+        x
+    });
+    let extension_len = match &extension {
+        Some(x) => Some(u16::try_from(x.len()).map_err(|_| "generation id too long")?),
+        None => None,
+    };
+    let extra = extension.as_ref().map_or(0, |x| 2 + x.len());
+    let len = FIXED + hub.len() + device.len() + bag.len() + extra + event.body.len();
     if len > MAX_PAYLOAD {
         return Err("event too large");
     }
@@ -50,8 +87,13 @@ pub fn encode(seq: u64, event: &ReceivedEvent, out: &mut Vec<u8>) -> Result<(), 
     out.extend(hub.iter().map(u8::to_ascii_lowercase));
     out.extend_from_slice(&device_len.to_le_bytes());
     out.extend_from_slice(device);
-    out.extend_from_slice(&bag_len.to_le_bytes());
+    let flag = if extension.is_some() { EXTENDED } else { 0 };
+    out.extend_from_slice(&(bag_len | flag).to_le_bytes());
     out.extend_from_slice(bag);
+    if let (Some(x), Some(n)) = (&extension, extension_len) {
+        out.extend_from_slice(&n.to_le_bytes());
+        out.extend_from_slice(x);
+    }
     out.extend_from_slice(&event.body);
     let crc = crc32fast::hash(&out[start + HEADER..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -66,6 +108,8 @@ pub struct RecordRef<'a> {
     pub hub_key: &'a [u8],
     pub device: &'a [u8],
     pub bag: &'a [u8],
+    /// The extension after the bag, if the record has one (see the module's layout).
+    pub extension: Option<&'a [u8]>,
     pub body: &'a [u8],
 }
 
@@ -79,8 +123,19 @@ impl RecordRef<'_> {
             device_id: text(self.device)?,
             enqueued_time: Timestamp::from_ticks(self.ticks),
             bag: text(self.bag)?,
+            connection: self.connection()?,
             body: self.body.to_vec(),
         })
+    }
+
+    /// How the sender authenticated, from the extension; `None` for a record without one.
+    fn connection(&self) -> Result<Option<ConnectionAuth>, &'static str> {
+        let Some(x) = self.extension else { return Ok(None) };
+        let Some((&code, generation)) = x.split_first() else { return Ok(None) };
+        // A method this version does not know (written by a newer one) is left out, not an error.
+        let Some(method) = method_of(code) else { return Ok(None) };
+        let generation_id = String::from_utf8(generation.to_vec()).map_err(|_| "text field is not UTF-8")?;
+        Ok(Some(ConnectionAuth { method, generation_id }))
     }
 }
 
@@ -123,10 +178,16 @@ pub fn decode(buf: &[u8]) -> Result<(RecordRef<'_>, usize), DecodeError> {
     let hub_key = take(hub_len)?;
     let device_len = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
     let device = take(device_len)?;
-    let bag_len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
-    let bag = take(bag_len)?;
+    let bag_len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
+    let bag = take((bag_len & !EXTENDED) as usize)?;
+    let extension = if bag_len & EXTENDED != 0 {
+        let n = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes")) as usize;
+        Some(take(n)?)
+    } else {
+        None
+    };
     let body = &p[at..];
-    Ok((RecordRef { seq, ticks, hub_key, device, bag, body }, total))
+    Ok((RecordRef { seq, ticks, hub_key, device, bag, extension, body }, total))
 }
 
 #[cfg(test)]
@@ -139,8 +200,62 @@ mod tests {
             device_id: "dev-1".into(),
             enqueued_time: Timestamp::from_ticks(17_000_000_001_234_567),
             bag: "%24.mid=1&a=b".into(),
+            connection: Some(ConnectionAuth { method: AuthMethod::Sas, generation_id: "638000000000000001".into() }),
             body: body.to_vec(),
         }
+    }
+
+    /// Encodes `event` in the layout written before records had an extension.
+    fn encode_v1(seq: u64, event: &ReceivedEvent) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&seq.to_le_bytes());
+        p.extend_from_slice(&event.enqueued_time.ticks().to_le_bytes());
+        p.extend_from_slice(&(event.hub.len() as u16).to_le_bytes());
+        p.extend(event.hub.bytes().map(|b| b.to_ascii_lowercase()));
+        p.extend_from_slice(&(event.device_id.len() as u16).to_le_bytes());
+        p.extend_from_slice(event.device_id.as_bytes());
+        p.extend_from_slice(&(event.bag.len() as u32).to_le_bytes());
+        p.extend_from_slice(event.bag.as_bytes());
+        p.extend_from_slice(&event.body);
+        let mut out = (p.len() as u32).to_le_bytes().to_vec();
+        out.extend_from_slice(&crc32fast::hash(&p).to_le_bytes());
+        out.extend_from_slice(&p);
+        out
+    }
+
+    /// Issue 14 item 17: the connection's authentication is stored with each event, and records
+    /// written before it was still read (without it).
+    #[test]
+    fn the_connection_is_stored_and_older_records_still_read() {
+        for method in [AuthMethod::Sas, AuthMethod::X509SelfSigned, AuthMethod::X509Ca] {
+            let mut e = event(b"{}");
+            e.connection = Some(ConnectionAuth { method, generation_id: "6380".into() });
+            let mut buf = Vec::new();
+            encode(3, &e, &mut buf).unwrap();
+            let (r, n) = decode(&buf).unwrap();
+            assert_eq!((n, r.bag, r.body), (buf.len(), &b"%24.mid=1&a=b"[..], &b"{}"[..]));
+            assert_eq!(r.to_event("Hub.Example").unwrap(), e);
+        }
+        let mut old = event(b"{\"t\":1}");
+        old.connection = None;
+        let buf = encode_v1(9, &old);
+        let (r, n) = decode(&buf).unwrap();
+        assert_eq!((r.seq, n, r.extension), (9, buf.len(), None));
+        assert_eq!(r.to_event("Hub.Example").unwrap(), old);
+        // Without a connection, a record is written as before.
+        let mut buf2 = Vec::new();
+        encode(9, &old, &mut buf2).unwrap();
+        assert_eq!(buf2, buf);
+        // A method code from a newer version reads as unknown, not as damage.
+        let mut e = event(b"");
+        e.connection = Some(ConnectionAuth { method: AuthMethod::Sas, generation_id: "1".into() });
+        let mut buf = Vec::new();
+        encode(4, &e, &mut buf).unwrap();
+        let at = buf.len() - 2; // the method code, before the one-byte generation id
+        buf[at] = 200;
+        let crc = crc32fast::hash(&buf[HEADER..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode(&buf).unwrap().0.to_event("h").unwrap().connection, None);
     }
 
     #[test]
