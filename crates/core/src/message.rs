@@ -276,7 +276,7 @@ impl TelemetryEvent {
 }
 
 /// A cloud-to-device message waiting for (or in) delivery.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct C2dMessage {
     /// Unique per message; also the `message-id` system property when the sender set none.
@@ -289,6 +289,22 @@ pub struct C2dMessage {
     pub properties: Properties,
     #[serde(with = "body_b64")]
     pub body: Vec<u8>,
+    /// What feedback the sender asked for (`iothub-ack`).
+    #[serde(default)]
+    pub ack: crate::feedback::AckMode,
+    /// The device identity's generation when the message was sent (in its feedback records).
+    #[serde(default)]
+    pub device_generation_id: String,
+    /// How many times it was handed out with a lock (the HTTPS receive); at the hub's maximum,
+    /// the next delivery dead-letters it instead.
+    #[serde(default)]
+    pub delivery_count: u32,
+    /// The lock (HTTPS receive's `ETag`) while a device holds the message, until `locked_until`
+    /// (Unix seconds); it is invisible to other receives meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_token: Option<String>,
+    #[serde(default)]
+    pub locked_until: i64,
 }
 
 mod body_b64 {

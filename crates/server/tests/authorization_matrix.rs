@@ -56,6 +56,11 @@ const HUB_ROUTES: &[(&str, &str, &[&str])] = &[
     ("GET", "/devices/{id}", REGISTRY_READERS),
     ("DELETE", "/devices/{id}", REGISTRY_WRITERS),
     ("POST", "/devices/{id}/messages/devicebound", SERVICE),
+    // Purge and feedback (the lock token in the `{id}` place): service connect, as in Azure.
+    ("DELETE", "/devices/{id}/commands", SERVICE),
+    ("GET", "/messages/servicebound/feedback", SERVICE),
+    ("DELETE", "/messages/servicebound/feedback/{id}", SERVICE),
+    ("POST", "/messages/servicebound/feedback/{id}/abandon", SERVICE),
     ("GET", "/twins/{id}", TWIN_READERS),
     ("PATCH", "/twins/{id}", SERVICE),
     ("POST", "/twins/{id}/methods", SERVICE),
@@ -77,6 +82,10 @@ const IDS: &[&str] = &[
     "events",
     "statistics",
     "service",
+    "commands",
+    "servicebound",
+    "feedback",
+    "abandon",
     "plain-id",
 ];
 
@@ -219,8 +228,8 @@ async fn dps_routes_methods_rights_with_route_words_as_ids() {
             n += run_policy(&s, DPS_ROUTES, p, &host, "2021-10-01").await;
         }
     }
-    // 14 ids × 6 templates with an id, and 3 literal routes (2 of which an id already spelled).
-    assert_eq!(n, policies.len() * METHODS.len() * (14 * 6 + 3 - 2));
+    // Every id × 6 templates with an id, and 3 literal routes (2 of which an id already spelled).
+    assert_eq!(n, policies.len() * METHODS.len() * (IDS.len() * 6 + 3 - 2));
 }
 
 #[tokio::test]
@@ -242,9 +251,9 @@ async fn hub_routes_methods_rights_with_route_words_as_ids() {
     for p in policies.iter().filter(|p| REGISTRY_WRITERS.contains(&p.key_name.as_str())) {
         n += run_policy(&s, HUB_ROUTES, p, &host, "2021-04-12").await;
     }
-    // 14 ids × 4 templates with an id, and 5 literal routes (1 of which, /devices/query, the
+    // Every id × 7 templates with an id, and 6 literal routes (1 of which, /devices/query, the
     // id `query` already spelled).
-    assert_eq!(n, policies.len() * METHODS.len() * (14 * 4 + 5 - 1));
+    assert_eq!(n, policies.len() * METHODS.len() * (IDS.len() * 7 + 6 - 1));
 }
 
 /// The attack of issue 12, step by step: a read-only key could create a group named

@@ -340,6 +340,7 @@ fn c2d(hub: &str, id: &str, msg: &str) -> fleetgate_core::message::C2dMessage {
         expiry: Timestamp::now().unix_seconds() + 600,
         properties: Default::default(),
         body: msg.as_bytes().to_vec(),
+        ..Default::default()
     }
 }
 

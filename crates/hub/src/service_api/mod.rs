@@ -13,7 +13,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Extension, Router};
 use fleetgate_core::message::{Properties, TelemetryEvent};
 use fleetgate_core::policy::{self, Right};
@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 
 use crate::Hub;
 
+mod c2d;
 pub mod render;
 mod requests;
 
@@ -72,6 +73,10 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/statistics/service", get(service_statistics))
         .route("/devices/{id}", put(put_device).get(get_device).delete(delete_device))
         .route("/devices/{id}/messages/devicebound", post(send_c2d))
+        .route("/devices/{id}/commands", delete(c2d::purge))
+        .route("/messages/servicebound/feedback", get(c2d::receive_feedback))
+        .route("/messages/servicebound/feedback/{lock}", delete(c2d::complete_feedback))
+        .route("/messages/servicebound/feedback/{lock}/abandon", post(c2d::abandon_feedback))
         .route("/twins/{id}", get(get_twin).patch(patch_twin))
         .route("/twins/{id}/methods", post(invoke_method))
         .route("/messages/events", get(events))
@@ -86,8 +91,9 @@ pub fn router(hub: Arc<Hub>) -> Router {
 /// grant them: the registry (devices) needs registry read/write; twins are readable with registry
 /// read or service connect and writable with service connect; methods, C2D and the event stream
 /// need service connect; registry statistics need registry read, service statistics (connected
-/// devices) service connect, the twin query what a twin read does. `DeviceConnect` (the `device` policy) opens nothing here. A route or
-/// method missing here is refused (405) after authentication, never served.
+/// devices) service connect, the twin query what a twin read does; purging a device's queue and
+/// reading C2D feedback need service connect. `DeviceConnect` (the `device` policy) opens nothing
+/// here. A route or method missing here is refused (405) after authentication, never served.
 pub const ACCESS: &[RouteAccess] = {
     use Right::{RegistryRead as RR, RegistryWrite as RW, ServiceConnect as SC};
     const fn a(method: &'static str, route: &'static str, rights: &'static [Right], audited: bool) -> RouteAccess {
@@ -103,6 +109,10 @@ pub const ACCESS: &[RouteAccess] = {
         a("GET", "/devices/{id}", &[RR], false),
         a("DELETE", "/devices/{id}", &[RW], true),
         a("POST", "/devices/{id}/messages/devicebound", &[SC], true),
+        a("DELETE", "/devices/{id}/commands", &[SC], true),
+        a("GET", "/messages/servicebound/feedback", &[SC], false),
+        a("DELETE", "/messages/servicebound/feedback/{lock}", &[SC], false),
+        a("POST", "/messages/servicebound/feedback/{lock}/abandon", &[SC], false),
         a("GET", "/twins/{id}", &[RR, SC], false),
         a("PATCH", "/twins/{id}", &[SC], true),
         a("POST", "/twins/{id}/methods", &[SC], true),
@@ -317,7 +327,8 @@ async fn invoke_method(
 
 /// `POST /devices/{id}/messages/deviceBound`: the body is the message; `iothub-messageid`,
 /// `iothub-correlationid`, `iothub-userid`, `iothub-contenttype`, `iothub-contentencoding`,
-/// `iothub-ttl` (seconds) and `iothub-app-{name}` headers set its properties.
+/// `iothub-ttl` (seconds) and `iothub-app-{name}` headers set its properties; `iothub-ack`
+/// (`none`, the default, `positive`, `negative`, `full`) the feedback it produces.
 async fn send_c2d(
     State(hub): State<Arc<Hub>>,
     Extension(t): Extension<TargetHub>,
@@ -328,6 +339,7 @@ async fn send_c2d(
     let b = body(b)?;
     let mut props = Properties::default();
     let mut ttl = None;
+    let mut ack = fleetgate_core::feedback::AckMode::None;
     for (name, value) in &headers {
         let Ok(v) = value.to_str() else { continue };
         let n = name.as_str();
@@ -345,11 +357,14 @@ async fn send_c2d(
             ttl = Some(Duration::from_secs(
                 v.trim().parse().map_err(|_| DpsError::bad_request("iothub-ttl must be whole seconds."))?,
             ));
+        } else if n == "iothub-ack" {
+            ack = fleetgate_core::feedback::AckMode::parse(v)
+                .ok_or_else(|| DpsError::bad_request("iothub-ack must be none, positive, negative or full."))?;
         } else if let Some(app) = n.strip_prefix("iothub-app-") {
             props.application.insert(app.to_owned(), v.to_owned());
         }
     }
-    let message_id = hub.send_c2d(&t.0, &id, props, b.to_vec(), ttl).await?;
+    let message_id = hub.send_c2d(&t.0, &id, props, b.to_vec(), ttl, ack).await?;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     if let Ok(v) = message_id.parse() {
         resp.headers_mut().insert("iothub-messageid", v);
