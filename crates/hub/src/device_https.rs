@@ -117,7 +117,9 @@ pub(crate) async fn send_event(
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if content_type.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case(BATCH_CONTENT_TYPE)) {
         if b.len() > hub.config.max_message_bytes {
-            return Err(DpsError::new(fleetgate_core::ErrorCode::MessageTooLarge, "The batch is larger than 256 KB.").into());
+            return Err(
+                DpsError::new(fleetgate_core::ErrorCode::MessageTooLarge, "The batch is larger than 256 KB.").into()
+            );
         }
         let items: Vec<BatchItem> =
             serde_json::from_slice(&b).map_err(|e| DpsError::bad_request(format!("Malformed batch: {e}")))?;

@@ -46,6 +46,9 @@ const REGISTRY_READERS: &[&str] = &["iothubowner", "registryRead", "registryRead
 const REGISTRY_WRITERS: &[&str] = &["iothubowner", "registryReadWrite"];
 const SERVICE: &[&str] = &["iothubowner", "service"];
 const TWIN_READERS: &[&str] = &["iothubowner", "service", "registryRead", "registryReadWrite"];
+/// Device-facing routes: the device's own credentials, or a policy with `DeviceConnect` acting
+/// for it (Azure's `iothubowner` and `device`).
+const DEVICE: &[&str] = &["iothubowner", "device"];
 
 const HUB_ROUTES: &[(&str, &str, &[&str])] = &[
     ("GET", "/devices", REGISTRY_READERS),
@@ -61,6 +64,10 @@ const HUB_ROUTES: &[(&str, &str, &[&str])] = &[
     ("GET", "/messages/servicebound/feedback", SERVICE),
     ("DELETE", "/messages/servicebound/feedback/{id}", SERVICE),
     ("POST", "/messages/servicebound/feedback/{id}/abandon", SERVICE),
+    ("GET", "/devices/{id}/messages/devicebound", DEVICE),
+    ("DELETE", "/devices/{id}/messages/devicebound/{id}", DEVICE),
+    ("POST", "/devices/{id}/messages/devicebound/{id}/abandon", DEVICE),
+    ("POST", "/devices/{id}/messages/events", DEVICE),
     ("GET", "/twins/{id}", TWIN_READERS),
     ("PATCH", "/twins/{id}", SERVICE),
     ("POST", "/twins/{id}/methods", SERVICE),
@@ -251,9 +258,9 @@ async fn hub_routes_methods_rights_with_route_words_as_ids() {
     for p in policies.iter().filter(|p| REGISTRY_WRITERS.contains(&p.key_name.as_str())) {
         n += run_policy(&s, HUB_ROUTES, p, &host, "2021-04-12").await;
     }
-    // Every id × 7 templates with an id, and 6 literal routes (1 of which, /devices/query, the
+    // Every id × 10 templates with an id, and 6 literal routes (1 of which, /devices/query, the
     // id `query` already spelled).
-    assert_eq!(n, policies.len() * METHODS.len() * (IDS.len() * 7 + 6 - 1));
+    assert_eq!(n, policies.len() * METHODS.len() * (IDS.len() * 10 + 6 - 1));
 }
 
 /// The attack of issue 12, step by step: a read-only key could create a group named

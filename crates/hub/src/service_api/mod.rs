@@ -24,6 +24,7 @@ use fleetgate_rest::{body, if_match, json, ApiError, ApiResult, RouteAccess};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::device_https::{self, DeviceCaller};
 use crate::Hub;
 
 mod c2d;
@@ -72,7 +73,10 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/statistics/devices", get(registry_statistics))
         .route("/statistics/service", get(service_statistics))
         .route("/devices/{id}", put(put_device).get(get_device).delete(delete_device))
-        .route("/devices/{id}/messages/devicebound", post(send_c2d))
+        .route("/devices/{id}/messages/devicebound", post(send_c2d).get(device_https::receive))
+        .route("/devices/{id}/messages/devicebound/{etag}", delete(device_https::settle))
+        .route("/devices/{id}/messages/devicebound/{etag}/abandon", post(device_https::abandon))
+        .route("/devices/{id}/messages/events", post(device_https::send_event))
         .route("/devices/{id}/commands", delete(c2d::purge))
         .route("/messages/servicebound/feedback", get(c2d::receive_feedback))
         .route("/messages/servicebound/feedback/{lock}", delete(c2d::complete_feedback))
@@ -92,10 +96,12 @@ pub fn router(hub: Arc<Hub>) -> Router {
 /// read or service connect and writable with service connect; methods, C2D and the event stream
 /// need service connect; registry statistics need registry read, service statistics (connected
 /// devices) service connect, the twin query what a twin read does; purging a device's queue and
-/// reading C2D feedback need service connect. `DeviceConnect` (the `device` policy) opens nothing
-/// here. A route or method missing here is refused (405) after authentication, never served.
+/// reading C2D feedback need service connect. The device-facing routes
+/// (telemetry and C2D receive over HTTPS) need `DeviceConnect`: the device's own credentials, or
+/// a policy with that right acting for it. A route or method missing here is refused (405) after
+/// authentication, never served.
 pub const ACCESS: &[RouteAccess] = {
-    use Right::{RegistryRead as RR, RegistryWrite as RW, ServiceConnect as SC};
+    use Right::{DeviceConnect as DC, RegistryRead as RR, RegistryWrite as RW, ServiceConnect as SC};
     const fn a(method: &'static str, route: &'static str, rights: &'static [Right], audited: bool) -> RouteAccess {
         RouteAccess { method, route, rights, audited }
     }
@@ -113,6 +119,10 @@ pub const ACCESS: &[RouteAccess] = {
         a("GET", "/messages/servicebound/feedback", &[SC], false),
         a("DELETE", "/messages/servicebound/feedback/{lock}", &[SC], false),
         a("POST", "/messages/servicebound/feedback/{lock}/abandon", &[SC], false),
+        a("GET", "/devices/{id}/messages/devicebound", &[DC], false),
+        a("DELETE", "/devices/{id}/messages/devicebound/{etag}", &[DC], false),
+        a("POST", "/devices/{id}/messages/devicebound/{etag}/abandon", &[DC], false),
+        a("POST", "/devices/{id}/messages/events", &[DC], false),
         a("GET", "/twins/{id}", &[RR, SC], false),
         a("PATCH", "/twins/{id}", &[SC], true),
         a("POST", "/twins/{id}/methods", &[SC], true),
@@ -144,6 +154,19 @@ async fn authorize(
     };
     // The store could not be read: "retry later", not "unauthorized".
     let unavailable = || ApiError(DpsError::unavailable()).into_response();
+    // A device route: the device itself (its SAS token or certificate), for its own id only.
+    let device_route = access.is_some_and(|a| a.rights == [Right::DeviceConnect]);
+    if device_route {
+        match device_https::identify(&hub, &req, &target).await {
+            DeviceCaller::Device(d) => {
+                req.extensions_mut().insert(d);
+                return next.run(req).await;
+            }
+            DeviceCaller::Policy => {}
+            DeviceCaller::Refused => return ApiError(DpsError::unauthorized()).into_response(),
+            DeviceCaller::CouldNotCheck => return unavailable(),
+        }
+    }
     let Some(token) =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|t| SasToken::parse(t).ok())
     else {
@@ -174,6 +197,14 @@ async fn authorize(
     let Some(access) = access else {
         return ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed.")).into_response();
     };
+    if device_route {
+        match hub.acting_for(&linked.host_name, &target).await {
+            Ok(d) => {
+                req.extensions_mut().insert(d);
+            }
+            Err(e) => return ApiError(e).into_response(),
+        }
+    }
     req.extensions_mut().insert(TargetHub(linked.host_name));
     req.extensions_mut().insert(Caller { token, policies: policies_key, rights: access.rights });
     let resp = next.run(req).await;
