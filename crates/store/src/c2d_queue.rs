@@ -157,6 +157,8 @@ fn expire_hub(c: &Connection, h: &str, now: i64) -> StoreResult<()> {
 /// Up to `max` unlocked feedback records of the hub, oldest first, locked together under
 /// `token` (fresh, from the caller) until `lock_until`. Records older than `created_after` or already delivered
 /// `max_deliveries` times are dropped first (Azure's feedback TTL and delivery count).
+// The trait method's parameters, passed through.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn receive_feedback(
     c: &Connection,
     h: &str,
