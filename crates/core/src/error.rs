@@ -64,6 +64,9 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// 408000: the request (its body) did not arrive in time.
     RequestTimeout,
+    /// 412020 (IoT Hub): the lock token names no message locked now (completed, expired, or
+    /// never issued).
+    DeviceMessageLockLost,
 }
 
 impl ErrorCode {
@@ -95,6 +98,7 @@ impl ErrorCode {
             ErrorCode::QueueDepthExceeded => 403004,
             ErrorCode::MessageTooLarge => 413001,
             ErrorCode::RequestTimeout => 408000,
+            ErrorCode::DeviceMessageLockLost => 412020,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod device;
 pub mod enrollment;
 pub mod error;
 pub mod etag;
+pub mod feedback;
 pub mod ids;
 pub mod keys;
 pub mod message;

@@ -336,6 +336,9 @@ pub enum AuthMethod {
     X509SelfSigned,
     /// A client certificate chaining to a trusted CA.
     X509Ca,
+    /// A SAS token of a hub shared access policy with `DeviceConnect`, acting for the device
+    /// (a protocol gateway, over HTTPS).
+    HubPolicy,
 }
 
 /// A device-to-cloud message as received, before it has a position: stored as it came (the
@@ -368,7 +371,7 @@ impl TelemetryEvent {
 }
 
 /// A cloud-to-device message waiting for (or in) delivery.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct C2dMessage {
     /// Unique per message; also the `message-id` system property when the sender set none.
@@ -381,6 +384,22 @@ pub struct C2dMessage {
     pub properties: Properties,
     #[serde(with = "body_b64")]
     pub body: Vec<u8>,
+    /// What feedback the sender asked for (`iothub-ack`).
+    #[serde(default)]
+    pub ack: crate::feedback::AckMode,
+    /// The device identity's generation when the message was sent (in its feedback records).
+    #[serde(default)]
+    pub device_generation_id: String,
+    /// How many times it was handed out with a lock (the HTTPS receive); at the hub's maximum,
+    /// the next delivery dead-letters it instead.
+    #[serde(default)]
+    pub delivery_count: u32,
+    /// The lock (HTTPS receive's `ETag`) while a device holds the message, until `locked_until`
+    /// (Unix seconds); it is invisible to other receives meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_token: Option<String>,
+    #[serde(default)]
+    pub locked_until: i64,
 }
 
 mod body_b64 {

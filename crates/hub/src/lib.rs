@@ -8,6 +8,7 @@ pub mod authentication;
 mod c2d;
 mod config;
 mod connections;
+mod device_https;
 pub mod hub;
 mod methods;
 pub mod mqtt;

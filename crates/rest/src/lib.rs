@@ -214,9 +214,11 @@ pub fn route_access<'t>(table: &'t [RouteAccess], method: &Method, matched: Opti
 ///
 /// A word is folded only in a position where some route has it, after the words before it:
 /// `/{enrollmentgroups|enrollments}/query`, `/{enrollmentgroups|enrollments}/{id}/attestationmechanism`,
-/// `/registrations/{id}/query`, `/devices/{id}/messages/devicebound`, `/twins/{id}/methods`,
-/// `/messages/events`, Fleetgate's `/linkedhubs`, `/policies/{id}/renewkey` and `/audit`, and the
-/// device API's `/{scope}/registrations/...`.
+/// `/registrations/{id}/query`, `/devices/{id}/messages/{devicebound|events}`,
+/// `/devices/{id}/messages/devicebound/{etag}/abandon`, `/devices/{id}/commands`,
+/// `/twins/{id}/methods`, `/messages/events`, `/messages/servicebound/feedback/{lock}/abandon`,
+/// Fleetgate's `/linkedhubs`, `/policies/{id}/renewkey` and `/audit`, and the device API's
+/// `/{scope}/registrations/...`.
 ///
 /// Only ASCII case changes (the length stays); trailing slashes are [`trim_trailing_slashes`]'s.
 pub fn canonical_path(path: &str) -> String {
@@ -257,13 +259,22 @@ pub fn canonical_path(path: &str) -> String {
                 }
                 "registrations" => fold(&mut segs, 3, &["query"]),
                 "devices" => {
-                    fold(&mut segs, 3, &["messages"]);
+                    fold(&mut segs, 3, &["messages", "commands"]);
                     if segs.get(3).is_some_and(|s| s == "messages") {
-                        fold(&mut segs, 4, &["devicebound"]);
+                        fold(&mut segs, 4, &["devicebound", "events"]);
+                        if segs.get(4).is_some_and(|s| s == "devicebound") {
+                            fold(&mut segs, 6, &["abandon"]);
+                        }
                     }
                 }
                 "twins" => fold(&mut segs, 3, &["methods"]),
-                "messages" => fold(&mut segs, 2, &["events"]),
+                "messages" => {
+                    fold(&mut segs, 2, &["events", "servicebound"]);
+                    if segs.get(2).is_some_and(|s| s == "servicebound") {
+                        fold(&mut segs, 3, &["feedback"]);
+                        fold(&mut segs, 5, &["abandon"]);
+                    }
+                }
                 "statistics" => fold(&mut segs, 2, &["devices", "service"]),
                 "policies" => fold(&mut segs, 3, &["renewkey"]),
                 _ => {}

@@ -54,6 +54,9 @@ const REGISTRY_READERS: &[&str] = &["iothubowner", "registryRead", "registryRead
 const REGISTRY_WRITERS: &[&str] = &["iothubowner", "registryReadWrite"];
 const SERVICE: &[&str] = &["iothubowner", "service"];
 const TWIN_READERS: &[&str] = &["iothubowner", "service", "registryRead", "registryReadWrite"];
+/// Device-facing routes: the device's own credentials, or a policy with `DeviceConnect` acting
+/// for it (Azure's `iothubowner` and `device`).
+const DEVICE: &[&str] = &["iothubowner", "device"];
 
 const HUB_ROUTES: &[(&str, &str, &[&str])] = &[
     ("GET", "/devices", REGISTRY_READERS),
@@ -64,6 +67,15 @@ const HUB_ROUTES: &[(&str, &str, &[&str])] = &[
     ("GET", "/devices/{id}", REGISTRY_READERS),
     ("DELETE", "/devices/{id}", REGISTRY_WRITERS),
     ("POST", "/devices/{id}/messages/devicebound", SERVICE),
+    // Purge and feedback (the lock token in the `{id}` place): service connect, as in Azure.
+    ("DELETE", "/devices/{id}/commands", SERVICE),
+    ("GET", "/messages/servicebound/feedback", SERVICE),
+    ("DELETE", "/messages/servicebound/feedback/{id}", SERVICE),
+    ("POST", "/messages/servicebound/feedback/{id}/abandon", SERVICE),
+    ("GET", "/devices/{id}/messages/devicebound", DEVICE),
+    ("DELETE", "/devices/{id}/messages/devicebound/{id}", DEVICE),
+    ("POST", "/devices/{id}/messages/devicebound/{id}/abandon", DEVICE),
+    ("POST", "/devices/{id}/messages/events", DEVICE),
     ("GET", "/twins/{id}", TWIN_READERS),
     ("PATCH", "/twins/{id}", SERVICE),
     ("POST", "/twins/{id}/methods", SERVICE),
@@ -89,6 +101,10 @@ const IDS: &[&str] = &[
     "policies",
     "renewkey",
     "audit",
+    "commands",
+    "servicebound",
+    "feedback",
+    "abandon",
     "plain-id",
 ];
 
@@ -231,8 +247,8 @@ async fn dps_routes_methods_rights_with_route_words_as_ids() {
             n += run_policy(&s, DPS_ROUTES, p, &host, "2021-10-01").await;
         }
     }
-    // 18 ids × 8 templates with an id, and 6 literal routes (2 of which an id already spelled).
-    assert_eq!(n, policies.len() * METHODS.len() * (18 * 8 + 6 - 2));
+    // Every id × 8 templates with an id, and 6 literal routes (2 of which an id already spelled).
+    assert_eq!(n, policies.len() * METHODS.len() * (IDS.len() * 8 + 6 - 2));
 }
 
 #[tokio::test]
@@ -254,9 +270,9 @@ async fn hub_routes_methods_rights_with_route_words_as_ids() {
     for p in policies.iter().filter(|p| REGISTRY_WRITERS.contains(&p.key_name.as_str())) {
         n += run_policy(&s, HUB_ROUTES, p, &host, "2021-04-12").await;
     }
-    // 18 ids × 4 templates with an id, and 5 literal routes (1 of which, /devices/query, the
+    // Every id × 10 templates with an id, and 6 literal routes (1 of which, /devices/query, the
     // id `query` already spelled).
-    assert_eq!(n, policies.len() * METHODS.len() * (18 * 4 + 5 - 1));
+    assert_eq!(n, policies.len() * METHODS.len() * (IDS.len() * 10 + 6 - 1));
 }
 
 /// The attack of issue 12, step by step: a read-only key could create a group named

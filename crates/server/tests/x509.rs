@@ -496,3 +496,36 @@ async fn x509_devices_register_over_mqtt_over_websockets() {
     assert!(response.0.starts_with("$dps/registrations/res/200/"), "{response:?}");
     assert_eq!(response.1["registrationState"]["x509"]["enrollmentGroupId"], "grp-ws");
 }
+
+/// Issue 14 item 14: an X.509 device speaks HTTPS to the hub with its TLS client certificate and
+/// no token (the hub named by `Host`, as the device SDKs send it); only for its own id.
+#[tokio::test]
+async fn x509_devices_send_telemetry_and_receive_c2d_over_https() {
+    let s = TestServer::start().await;
+    let cert = self_signed_device("x509-h");
+    put_self_signed(&s, "x509-h", &cert, false).await;
+    let other = self_signed_device("x509-o");
+    put_self_signed(&s, "x509-o", &other, false).await;
+    let identity =
+        reqwest::Identity::from_pem(format!("{}{}", cert.key.serialize_pem(), cert.pem()).as_bytes()).unwrap();
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&s.ca_pem()).unwrap())
+        .identity(identity)
+        .build()
+        .unwrap();
+    let url = |id: &str, tail: &str| s.url(&format!("/devices/{id}/messages/{tail}?api-version=2020-09-30"));
+    let r = http.post(url("x509-h", "events")).header("Host", s.hub()).body("by certificate").send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let events = s.stored_events().await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["event"]["origin"], "x509-h");
+    // The certificate is x509-h's: x509-o's queue and telemetry are closed to it.
+    let r = http.post(url("x509-o", "events")).header("Host", s.hub()).body("spoofed").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get(url("x509-o", "deviceBound")).header("Host", s.hub()).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.get(url("x509-h", "deviceBound")).header("Host", s.hub()).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(s.stored_events().await.len(), 1);
+}

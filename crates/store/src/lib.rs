@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod audit_log;
+mod c2d_queue;
 pub mod cache;
 mod caching;
 pub mod disk;
@@ -116,6 +117,24 @@ impl std::fmt::Debug for LinkedHub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinkedHub").field("host_name", &self.host_name).finish_non_exhaustive()
     }
+}
+
+/// How a device settles a cloud-to-device message it holds locked (HTTPS receive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum C2dSettlement {
+    /// Done with it: removed (feedback `Success`).
+    Complete,
+    /// Refused it: removed without retry (feedback `Rejected`).
+    Reject,
+    /// Give it back: unlocked for a later receive (its delivery stays counted).
+    Abandon,
+}
+
+/// Feedback records handed out together under one lock (one feedback message in Azure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedbackBatch {
+    pub lock_token: String,
+    pub records: Vec<fleetgate_core::feedback::FeedbackRecord>,
 }
 
 /// Read-modify-write of an enrollment group, run inside the store's transaction: it gets the
@@ -228,6 +247,48 @@ pub trait Store: Send + Sync + 'static {
     async fn pending_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<Vec<C2dMessage>>;
     /// Removes a delivered message. `Ok(false)` when it was not queued.
     async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool>;
+    /// Removes every message queued for a device; returns how many. Each leaves as `Purged`
+    /// (feedback if its ack asks for it).
+    async fn purge_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64>;
+    /// Locks the oldest unlocked, unexpired message of a device under `token` until
+    /// `lock_until` and counts the delivery; a message already delivered `max_deliveries`
+    /// times is dead-lettered (feedback `DeliveryCountExceeded`) instead. `None`: nothing to
+    /// deliver.
+    async fn receive_c2d(
+        &self,
+        hub: &str,
+        device_id: &str,
+        now: i64,
+        lock_until: i64,
+        token: &str,
+        max_deliveries: u32,
+    ) -> StoreResult<Option<C2dMessage>>;
+    /// Settles the message locked under `token`. `Ok(false)`: no message holds that lock now.
+    async fn settle_c2d(
+        &self,
+        hub: &str,
+        device_id: &str,
+        token: &str,
+        how: C2dSettlement,
+        now: i64,
+    ) -> StoreResult<bool>;
+    /// Locks up to `max` unlocked feedback records of a hub together under `token` until
+    /// `lock_until` (after expiring the hub's messages whose time passed, and dropping
+    /// records created before `created_after` or delivered `max_deliveries` times).
+    #[allow(clippy::too_many_arguments)]
+    async fn receive_feedback(
+        &self,
+        hub: &str,
+        now: i64,
+        lock_until: i64,
+        token: &str,
+        created_after: i64,
+        max_deliveries: u32,
+        max: usize,
+    ) -> StoreResult<Option<FeedbackBatch>>;
+    /// Completes (deletes) or abandons (unlocks) the feedback batch locked under `token`.
+    /// `Ok(false)`: no batch holds that lock now.
+    async fn settle_feedback(&self, hub: &str, token: &str, complete: bool, now: i64) -> StoreResult<bool>;
 
     /// The shared access policies of `owner` (`"dps"` or `"hub:{host}"`), empty when none are
     /// stored yet.

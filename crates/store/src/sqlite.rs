@@ -167,6 +167,7 @@ impl SqliteStore {
         let conn = Connection::open(path).map_err(backend)?;
         configure(&conn)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
+        conn.execute_batch(crate::c2d_queue::SCHEMA).map_err(backend)?;
         migrate(&conn)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
@@ -753,6 +754,7 @@ impl Store for SqliteStore {
             for sql in [
                 "DELETE FROM hubs WHERE host_key = ?1",
                 "DELETE FROM c2d WHERE hub_key = ?1",
+                "DELETE FROM c2d_feedback WHERE hub_key = ?1",
                 "DELETE FROM mqtt_sessions WHERE hub_key = ?1",
                 "DELETE FROM settings WHERE key = 'policies.hub:' || ?1",
             ] {
@@ -1075,26 +1077,65 @@ impl Store for SqliteStore {
 
     async fn pending_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<Vec<C2dMessage>> {
         let (h, d) = (key(hub), device_id.to_owned());
-        self.write(move |c| {
-            c.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2 AND expiry < ?3", params![h, d, now])
-                .map_err(backend)?;
-            let mut st = c
-                .prepare_cached("SELECT body FROM c2d WHERE hub_key = ?1 AND device_key = ?2 ORDER BY seq")
-                .map_err(backend)?;
-            let rows = st.query_map(params![h, d], |r| r.get::<_, String>(0)).map_err(backend)?;
-            rows.map(|b| parse(&b.map_err(backend)?)).collect()
-        })
-        .await
+        self.write(move |c| crate::c2d_queue::pending(c, &h, &d, now)).await
     }
 
     async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool> {
         let (h, d, id) = (key(hub), device_id.to_owned(), id.to_owned());
+        let now = fleetgate_core::time::Timestamp::now().unix_seconds();
+        self.write(move |c| crate::c2d_queue::complete(c, &h, &d, &id, now)).await
+    }
+
+    async fn purge_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64> {
+        let (h, d) = (key(hub), device_id.to_owned());
+        self.write(move |c| crate::c2d_queue::purge(c, &h, &d, now)).await
+    }
+
+    async fn receive_c2d(
+        &self,
+        hub: &str,
+        device_id: &str,
+        now: i64,
+        lock_until: i64,
+        token: &str,
+        max_deliveries: u32,
+    ) -> StoreResult<Option<C2dMessage>> {
+        let (h, d, t) = (key(hub), device_id.to_owned(), token.to_owned());
+        self.write(move |c| crate::c2d_queue::receive(c, &h, &d, now, lock_until, &t, max_deliveries)).await
+    }
+
+    async fn settle_c2d(
+        &self,
+        hub: &str,
+        device_id: &str,
+        token: &str,
+        how: crate::C2dSettlement,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let (h, d, t) = (key(hub), device_id.to_owned(), token.to_owned());
+        self.write(move |c| crate::c2d_queue::settle(c, &h, &d, &t, how, now)).await
+    }
+
+    async fn receive_feedback(
+        &self,
+        hub: &str,
+        now: i64,
+        lock_until: i64,
+        token: &str,
+        created_after: i64,
+        max_deliveries: u32,
+        max: usize,
+    ) -> StoreResult<Option<crate::FeedbackBatch>> {
+        let (h, t) = (key(hub), token.to_owned());
         self.write(move |c| {
-            c.execute("DELETE FROM c2d WHERE hub_key = ?1 AND device_key = ?2 AND id = ?3", params![h, d, id])
-                .map(|n| n > 0)
-                .map_err(backend)
+            crate::c2d_queue::receive_feedback(c, &h, now, lock_until, &t, created_after, max_deliveries, max)
         })
         .await
+    }
+
+    async fn settle_feedback(&self, hub: &str, token: &str, complete: bool, now: i64) -> StoreResult<bool> {
+        let (h, t) = (key(hub), token.to_owned());
+        self.write(move |c| crate::c2d_queue::settle_feedback(c, &h, &t, complete, now)).await
     }
 
     async fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreResult<()> {

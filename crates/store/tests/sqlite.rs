@@ -333,6 +333,7 @@ fn c2d(hub: &str, id: &str, msg: &str) -> fleetgate_core::message::C2dMessage {
         expiry: Timestamp::now().unix_seconds() + 600,
         properties: Default::default(),
         body: msg.as_bytes().to_vec(),
+        ..Default::default()
     }
 }
 
@@ -394,4 +395,33 @@ async fn a_registry_of_a_newer_schema_is_refused() {
     rusqlite::Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99;").unwrap();
     let err = SqliteStore::open(&path).err().expect("refused").to_string();
     assert!(err.contains("newer Fleetgate"), "{err}");
+}
+
+/// Issue 14 item 12: feedback records are durable — made in the same change that removes the
+/// message, still there after the store is reopened, locked per receive, gone once completed.
+#[tokio::test]
+async fn c2d_feedback_is_durable_and_locked_per_batch() {
+    use fleetgate_core::feedback::{AckMode, Outcome};
+    use fleetgate_store::C2dSettlement;
+    let (path, s) = temp_db();
+    put_device(&s, "hub-a", "dev-1").await;
+    let now = Timestamp::now().unix_seconds();
+    for (id, ack) in [("m-full", AckMode::Full), ("m-none", AckMode::None), ("m-neg", AckMode::Negative)] {
+        s.enqueue_c2d(&fleetgate_core::message::C2dMessage { ack, ..c2d("hub-a", "dev-1", id) }, 50).await.unwrap();
+    }
+    assert!(s.complete_c2d("hub-a", "dev-1", "m-full").await.unwrap());
+    assert!(s.complete_c2d("hub-a", "dev-1", "m-none").await.unwrap());
+    let m = s.receive_c2d("hub-a", "dev-1", now, now + 60, "lock-1", 10).await.unwrap().unwrap();
+    assert_eq!((m.id.as_str(), m.delivery_count), ("m-neg", 1));
+    assert!(!s.settle_c2d("hub-a", "dev-1", "lock-other", C2dSettlement::Reject, now).await.unwrap());
+    assert!(s.settle_c2d("hub-a", "dev-1", "lock-1", C2dSettlement::Reject, now).await.unwrap());
+    drop(s);
+    let s = SqliteStore::open(&path).unwrap();
+    let batch = s.receive_feedback("HUB-A", now, now + 60, "fb-1", now - 3600, 10, 100).await.unwrap().unwrap();
+    let got: Vec<_> = batch.records.iter().map(|r| (r.original_message_id.as_str(), r.status_code)).collect();
+    assert_eq!(got, [("m-full", Outcome::Success), ("m-neg", Outcome::Rejected)]);
+    assert!(s.receive_feedback("hub-a", now, now + 60, "fb-2", now - 3600, 10, 100).await.unwrap().is_none());
+    assert!(s.settle_feedback("hub-a", "fb-1", true, now).await.unwrap());
+    assert!(!s.settle_feedback("hub-a", "fb-1", true, now).await.unwrap());
+    assert!(s.receive_feedback("hub-a", now, now + 60, "fb-3", now - 3600, 10, 100).await.unwrap().is_none());
 }

@@ -13,7 +13,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Extension, Router};
 use fleetgate_core::message::{Properties, TelemetryEvent};
 use fleetgate_core::policy::{self, Right};
@@ -24,8 +24,10 @@ use fleetgate_rest::{body, if_match, json, ApiError, ApiResult, RouteAccess};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::device_https::{self, DeviceCaller};
 use crate::Hub;
 
+mod c2d;
 pub mod render;
 mod requests;
 
@@ -71,7 +73,14 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/statistics/devices", get(registry_statistics))
         .route("/statistics/service", get(service_statistics))
         .route("/devices/{id}", put(put_device).get(get_device).delete(delete_device))
-        .route("/devices/{id}/messages/devicebound", post(send_c2d))
+        .route("/devices/{id}/messages/devicebound", post(send_c2d).get(device_https::receive))
+        .route("/devices/{id}/messages/devicebound/{etag}", delete(device_https::settle))
+        .route("/devices/{id}/messages/devicebound/{etag}/abandon", post(device_https::abandon))
+        .route("/devices/{id}/messages/events", post(device_https::send_event))
+        .route("/devices/{id}/commands", delete(c2d::purge))
+        .route("/messages/servicebound/feedback", get(c2d::receive_feedback))
+        .route("/messages/servicebound/feedback/{lock}", delete(c2d::complete_feedback))
+        .route("/messages/servicebound/feedback/{lock}/abandon", post(c2d::abandon_feedback))
         .route("/twins/{id}", get(get_twin).patch(patch_twin))
         .route("/twins/{id}/methods", post(invoke_method))
         .route("/messages/events", get(events))
@@ -86,10 +95,13 @@ pub fn router(hub: Arc<Hub>) -> Router {
 /// grant them: the registry (devices) needs registry read/write; twins are readable with registry
 /// read or service connect and writable with service connect; methods, C2D and the event stream
 /// need service connect; registry statistics need registry read, service statistics (connected
-/// devices) service connect, the twin query what a twin read does. `DeviceConnect` (the `device` policy) opens nothing here. A route or
-/// method missing here is refused (405) after authentication, never served.
+/// devices) service connect, the twin query what a twin read does; purging a device's queue and
+/// reading C2D feedback need service connect. The device-facing routes
+/// (telemetry and C2D receive over HTTPS) need `DeviceConnect`: the device's own credentials, or
+/// a policy with that right acting for it. A route or method missing here is refused (405) after
+/// authentication, never served.
 pub const ACCESS: &[RouteAccess] = {
-    use Right::{RegistryRead as RR, RegistryWrite as RW, ServiceConnect as SC};
+    use Right::{DeviceConnect as DC, RegistryRead as RR, RegistryWrite as RW, ServiceConnect as SC};
     const fn a(method: &'static str, route: &'static str, rights: &'static [Right], audited: bool) -> RouteAccess {
         RouteAccess { method, route, rights, audited }
     }
@@ -103,6 +115,14 @@ pub const ACCESS: &[RouteAccess] = {
         a("GET", "/devices/{id}", &[RR], false),
         a("DELETE", "/devices/{id}", &[RW], true),
         a("POST", "/devices/{id}/messages/devicebound", &[SC], true),
+        a("DELETE", "/devices/{id}/commands", &[SC], true),
+        a("GET", "/messages/servicebound/feedback", &[SC], false),
+        a("DELETE", "/messages/servicebound/feedback/{lock}", &[SC], false),
+        a("POST", "/messages/servicebound/feedback/{lock}/abandon", &[SC], false),
+        a("GET", "/devices/{id}/messages/devicebound", &[DC], false),
+        a("DELETE", "/devices/{id}/messages/devicebound/{etag}", &[DC], false),
+        a("POST", "/devices/{id}/messages/devicebound/{etag}/abandon", &[DC], false),
+        a("POST", "/devices/{id}/messages/events", &[DC], false),
         a("GET", "/twins/{id}", &[RR, SC], false),
         a("PATCH", "/twins/{id}", &[SC], true),
         a("POST", "/twins/{id}/methods", &[SC], true),
@@ -134,6 +154,19 @@ async fn authorize(
     };
     // The store could not be read: "retry later", not "unauthorized".
     let unavailable = || ApiError(DpsError::unavailable()).into_response();
+    // A device route: the device itself (its SAS token or certificate), for its own id only.
+    let device_route = access.is_some_and(|a| a.rights == [Right::DeviceConnect]);
+    if device_route {
+        match device_https::identify(&hub, &req, &target).await {
+            DeviceCaller::Device(d) => {
+                req.extensions_mut().insert(d);
+                return next.run(req).await;
+            }
+            DeviceCaller::Policy => {}
+            DeviceCaller::Refused => return ApiError(DpsError::unauthorized()).into_response(),
+            DeviceCaller::CouldNotCheck => return unavailable(),
+        }
+    }
     let Some(token) =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|t| SasToken::parse(t).ok())
     else {
@@ -164,6 +197,14 @@ async fn authorize(
     let Some(access) = access else {
         return ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed.")).into_response();
     };
+    if device_route {
+        match hub.acting_for(&linked.host_name, &target).await {
+            Ok(d) => {
+                req.extensions_mut().insert(d);
+            }
+            Err(e) => return ApiError(e).into_response(),
+        }
+    }
     req.extensions_mut().insert(TargetHub(linked.host_name));
     req.extensions_mut().insert(Caller { token, policies: policies_key, rights: access.rights });
     let resp = next.run(req).await;
@@ -324,7 +365,8 @@ async fn invoke_method(
 
 /// `POST /devices/{id}/messages/deviceBound`: the body is the message; `iothub-messageid`,
 /// `iothub-correlationid`, `iothub-userid`, `iothub-contenttype`, `iothub-contentencoding`,
-/// `iothub-ttl` (seconds) and `iothub-app-{name}` headers set its properties.
+/// `iothub-ttl` (seconds) and `iothub-app-{name}` headers set its properties; `iothub-ack`
+/// (`none`, the default, `positive`, `negative`, `full`) the feedback it produces.
 async fn send_c2d(
     State(hub): State<Arc<Hub>>,
     Extension(t): Extension<TargetHub>,
@@ -335,6 +377,7 @@ async fn send_c2d(
     let b = body(b)?;
     let mut props = Properties::default();
     let mut ttl = None;
+    let mut ack = fleetgate_core::feedback::AckMode::None;
     for (name, value) in &headers {
         let Ok(v) = value.to_str() else { continue };
         let n = name.as_str();
@@ -352,11 +395,14 @@ async fn send_c2d(
             ttl = Some(Duration::from_secs(
                 v.trim().parse().map_err(|_| DpsError::bad_request("iothub-ttl must be whole seconds."))?,
             ));
+        } else if n == "iothub-ack" {
+            ack = fleetgate_core::feedback::AckMode::parse(v)
+                .ok_or_else(|| DpsError::bad_request("iothub-ack must be none, positive, negative or full."))?;
         } else if let Some(app) = n.strip_prefix("iothub-app-") {
             props.application.insert(app.to_owned(), v.to_owned());
         }
     }
-    let message_id = hub.send_c2d(&t.0, &id, props, b.to_vec(), ttl).await?;
+    let message_id = hub.send_c2d(&t.0, &id, props, b.to_vec(), ttl, ack).await?;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     if let Ok(v) = message_id.parse() {
         resp.headers_mut().insert("iothub-messageid", v);

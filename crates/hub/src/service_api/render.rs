@@ -135,9 +135,11 @@ pub fn event(e: &TelemetryEvent) -> Value {
 /// Azure's documented monitor-events output; the X.509 form from Azure's connection logs
 /// (`"type":"x509Certificate","issuer":"external"`), for thumbprint and CA devices alike.
 fn auth_method(c: &ConnectionAuth) -> String {
-    let (kind, issuer) = match c.method {
-        AuthMethod::Sas => ("sas", "iothub"),
-        AuthMethod::X509SelfSigned | AuthMethod::X509Ca => ("x509Certificate", "external"),
+    let (scope, kind, issuer) = match c.method {
+        AuthMethod::Sas => ("device", "sas", "iothub"),
+        AuthMethod::X509SelfSigned | AuthMethod::X509Ca => ("device", "x509Certificate", "external"),
+        // A hub policy's token acting for the device: scoped to the hub, as Azure names it.
+        AuthMethod::HubPolicy => ("hub", "sas", "iothub"),
     };
-    format!(r#"{{"scope":"device","type":"{kind}","issuer":"{issuer}","acceptingIpFilterRule":null}}"#)
+    format!(r#"{{"scope":"{scope}","type":"{kind}","issuer":"{issuer}","acceptingIpFilterRule":null}}"#)
 }

@@ -34,6 +34,7 @@ fn method_code(m: AuthMethod) -> u8 {
         AuthMethod::Sas => 1,
         AuthMethod::X509SelfSigned => 2,
         AuthMethod::X509Ca => 3,
+        AuthMethod::HubPolicy => 4,
     }
 }
 
@@ -42,6 +43,7 @@ fn method_of(code: u8) -> Option<AuthMethod> {
         1 => Some(AuthMethod::Sas),
         2 => Some(AuthMethod::X509SelfSigned),
         3 => Some(AuthMethod::X509Ca),
+        4 => Some(AuthMethod::HubPolicy),
         _ => None,
     }
 }
@@ -227,7 +229,7 @@ mod tests {
     /// written before it was still read (without it).
     #[test]
     fn the_connection_is_stored_and_older_records_still_read() {
-        for method in [AuthMethod::Sas, AuthMethod::X509SelfSigned, AuthMethod::X509Ca] {
+        for method in [AuthMethod::Sas, AuthMethod::X509SelfSigned, AuthMethod::X509Ca, AuthMethod::HubPolicy] {
             let mut e = event(b"{}");
             e.connection = Some(ConnectionAuth { method, generation_id: "6380".into() });
             let mut buf = Vec::new();
