@@ -166,10 +166,13 @@ impl Provisioning {
         let Some(bucket) = &self.throttle else { return Ok(()) };
         let now = self.started.elapsed().as_secs_f64();
         let admitted = bucket.lock().unwrap_or_else(|p| p.into_inner()).try_take(now);
-        admitted.map_err(|_| {
+        admitted.map_err(|wait| {
             // Debug: counted in the throttled metric; a line per refused request would be a flood.
             tracing::debug!("registration throttled");
+            // Told the real wait until the bucket frees a slot, so a device that obeys it is
+            // admitted on its next try instead of being refused again (or waiting too long).
             DpsError::new(ErrorCode::Throttled, "Too many registrations for this ID scope; retry later.")
+                .with_retry_after(fleetgate_core::throttle::retry_after_secs(wait))
         })
     }
 
