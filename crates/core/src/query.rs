@@ -31,7 +31,11 @@ pub enum Expr {
     Not(Box<Expr>),
     Compare(Condition),
     /// `path IN [values]` (`negated`: `NIN`).
-    In { path: Vec<String>, values: Vec<Value>, negated: bool },
+    In {
+        path: Vec<String>,
+        values: Vec<Value>,
+        negated: bool,
+    },
 }
 
 /// A comparison of a property with a constant.

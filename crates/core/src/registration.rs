@@ -141,8 +141,7 @@ pub fn decide_assignment(
             Assignment::Reset { hub: current }
         };
     }
-    let substatus =
-        if policy.migrate_device_data { Substatus::DeviceDataMigrated } else { Substatus::DeviceDataReset };
+    let substatus = if policy.migrate_device_data { Substatus::DeviceDataMigrated } else { Substatus::DeviceDataReset };
     Assignment::Move {
         hub: allocated.to_owned(),
         substatus,
@@ -363,20 +362,31 @@ mod tests {
         let on_b = rec("b", "a");
         assert_eq!(
             decide_assignment(Some(&on_b), policy(true, true), "a"),
-            Assignment::Move { hub: "a".into(), substatus: DeviceDataMigrated, from: Some("b".into()), migrate_twin: true }
+            Assignment::Move {
+                hub: "a".into(),
+                substatus: DeviceDataMigrated,
+                from: Some("b".into()),
+                migrate_twin: true
+            }
         );
         // A disabled or failed attempt after an assignment leaves the identity where it was.
         for status in [RegistrationStatus::Disabled, RegistrationStatus::Failed] {
             let mut r = rec("a", "a");
             r.status = status;
             assert_eq!(decide_assignment(Some(&r), policy(true, true), "a"), keep(InitialAssignment));
-            assert!(matches!(decide_assignment(Some(&r), policy(true, true), "b"), Assignment::Move { from: Some(_), .. }));
+            assert!(matches!(
+                decide_assignment(Some(&r), policy(true, true), "b"),
+                Assignment::Move { from: Some(_), .. }
+            ));
         }
         // A record without a hub (never assigned) has nothing to keep.
         let mut never = rec("a", "a");
         never.assigned_hub = None;
         never.status = RegistrationStatus::Disabled;
-        assert!(matches!(decide_assignment(Some(&never), policy(true, true), "b"), Assignment::Move { from: None, .. }));
+        assert!(matches!(
+            decide_assignment(Some(&never), policy(true, true), "b"),
+            Assignment::Move { from: None, .. }
+        ));
     }
 
     #[test]

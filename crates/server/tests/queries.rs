@@ -136,7 +136,8 @@ async fn registration_queries_filter_with_where() {
     let q = json!({"query": "SELECT * FROM x WHERE registrationId IN ['dev-a', 'dev-c'] OR status = 'failed'"});
     let (_, _, items) = query(&s, &path, &t, q, None, None).await;
     assert_eq!(ids(&items, "registrationId"), ["dev-a"]);
-    let (status, _, _) = query(&s, &path, &t, json!({"query": "SELECT * FROM x WHERE IS_DEFINED(a)"}), None, None).await;
+    let (status, _, _) =
+        query(&s, &path, &t, json!({"query": "SELECT * FROM x WHERE IS_DEFINED(a)"}), None, None).await;
     assert_eq!(status, 400);
 }
 
