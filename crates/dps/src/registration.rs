@@ -22,7 +22,9 @@ use fleetgate_core::x509::{check_leaf, require_common_name, verify_chain, Certif
 use fleetgate_core::{DpsError, ErrorCode};
 use serde_json::Value;
 
-use crate::service::{store_err, unix_now, DeviceAuth, EnrollmentRef, RegisterOutcome};
+use crate::service::{
+    reports_reprovisioned_to_initial, store_err, unix_now, DeviceAuth, EnrollmentRef, RegisterOutcome,
+};
 use crate::Provisioning;
 
 /// The enrollment a registration is decided by, freshly read.
@@ -141,6 +143,7 @@ impl Provisioning {
                     enrollment: EnrollmentRef::Individual,
                     key_slot: slot,
                     x509: None,
+                    api_version: None,
                 }),
                 None => Err(refuse("the individual enrollment's keys do not match the signature")),
             };
@@ -161,6 +164,7 @@ impl Provisioning {
                 enrollment: EnrollmentRef::Group(group.enrollment_group_id.clone()),
                 key_slot: slot,
                 x509: None,
+                api_version: None,
             }),
             None => Err(refuse("no enrollment group key matches the signature")),
         }
@@ -216,6 +220,7 @@ impl Provisioning {
                 enrollment: EnrollmentRef::Individual,
                 key_slot,
                 x509: Some(X509RegistrationInfo { certificate_info, signing_certificate_info }),
+                api_version: None,
             });
         }
 
@@ -253,6 +258,7 @@ impl Provisioning {
                 enrollment: EnrollmentRef::Group(group.enrollment_group_id.clone()),
                 key_slot,
                 x509: Some(X509RegistrationInfo { certificate_info, signing_certificate_info: Some(ca.info()) }),
+                api_version: None,
             }),
             None => match refusal {
                 Some(e) => Err(refuse(&format!("no X.509 enrollment group trusts the chain: {e}"))),
@@ -461,7 +467,8 @@ impl Provisioning {
                 // created on the hub directly) as `reprovisionedToInitialAssignment`. Read ahead of
                 // the commit: the substatus only informs, and an identity created or deleted in
                 // between changes nothing else.
-                let present = self.store.device(&hub, &device_id).await.map_err(store_err)?.is_some();
+                let present = reports_reprovisioned_to_initial(auth.api_version.as_deref())
+                    && self.store.device(&hub, &device_id).await.map_err(store_err)?.is_some();
                 let substatus =
                     if present { Substatus::ReprovisionedToInitialAssignment } else { Substatus::InitialAssignment };
                 (hub, substatus, Some(Twin::from_initial(initial.as_ref())?), None)

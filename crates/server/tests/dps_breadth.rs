@@ -231,10 +231,19 @@ async fn reprovisioned_to_initial_assignment_is_for_an_identity_dps_did_not_know
     assert_eq!(body["registrationState"]["substatus"], "deviceDataMigrated", "{body}");
     assert!(s.store().device("hub-b", "dev-1").await.unwrap().is_none());
 
-    // The operator deletes the registration record; the identity stays on hub A.
+    // The operator deletes the registration record; the identity stays on hub A. A device on API
+    // 2019-04-15 or later (here over HTTPS, as the C# SDK's 2021-06-01) is told
+    // `reprovisionedToInitialAssignment`; an older one (the Python SDK's 2019-03-31 over MQTT)
+    // `initialAssignment`, as Azure answers each.
+    s.service().delete_registration("dev-1").await.unwrap();
+    let url = s.url(&format!("/{}/registrations/dev-1/register?api-version=2021-06-01", s.scope()));
+    let token = common::device_token(&key, &s.scope(), "dev-1");
+    let resp = s.http().put(&url).header("authorization", &token).json(&json!({"registrationId": "dev-1"}));
+    let body: Value = resp.send().await.unwrap().json().await.unwrap();
+    assert_eq!(body["registrationState"]["substatus"], "reprovisionedToInitialAssignment", "{body}");
     s.service().delete_registration("dev-1").await.unwrap();
     let (_, body) = s.register("dev-1", &key, None).await;
-    assert_eq!(body["registrationState"]["substatus"], "reprovisionedToInitialAssignment", "{body}");
+    assert_eq!(body["registrationState"]["substatus"], "initialAssignment", "{body}");
     // A device new to both is an initial assignment.
     let (_, body) = s.register("dev-2", &primary.derive_device_key("dev-2"), None).await;
     assert_eq!(body["registrationState"]["substatus"], "initialAssignment");
