@@ -675,16 +675,44 @@ def test_reprovision_policy_after_moving_the_enrollment(fleet, hub_devices, kind
     dev.shutdown()
 
     if moves:
-        # back to hub A: a return to the initial assignment, the data migrated back or reset again
+        # back to hub A: a move like any other, the data migrated back or reset again (Azure keeps
+        # `reprovisionedToInitialAssignment` for an identity DPS did not know about)
         dev = hub_devices(fleet.server, rid, key, hub_hostname=b)
         dev.connect()
         dev.call("patch_twin_reported_properties", {"onB": True})
         dev.shutdown()
         update_via_get(fleet, kind, ident, iotHubHostName=a)
-        assert_assigned(fleet.register(rid, key), rid, hub=a, sub_status="reprovisionedToInitialAssignment")
+        assert_assigned(fleet.register(rid, key), rid, hub=a, sub_status=substatus)
         assert fleet.hubs_holding(rid) == [a]
         reported = fleet.twin(a, rid)["properties"]["reported"]
         assert (reported.get("fw"), reported.get("onB")) == (("1.2", True) if keeps else (None, None)), reported
+
+
+@pytest.mark.parametrize("migrate,substatus,keeps", [(False, "deviceDataReset", False), (True, "initialAssignment", True)],
+                         ids=["reset", "migrate"])
+def test_reregistering_on_the_same_hub_follows_migrate_device_data(fleet, hub_devices, migrate, substatus, keeps):
+    # Azure: "Re-provision and reset to initial config ... is often used for a factory reset
+    # without changing IoT hubs"
+    a = fleet.hub_a
+    settings = {"iotHubHostName": a, "allocationPolicy": "static",
+                "reprovisionPolicy": {"updateHubAssignment": True, "migrateDeviceData": migrate},
+                "initialTwin": {"tags": {"origin": "enrollment"}, "properties": {"desired": {"v": 1}}}}
+    rid = unique("same-hub")
+    _, group = put_group(fleet, **settings)
+    key = derive_device_key(group["attestation"]["symmetricKey"]["primaryKey"], rid)
+    assert_assigned(fleet.register(rid, key), rid, hub=a)
+    dev = hub_devices(fleet.server, rid, key, hub_hostname=a)
+    dev.connect()
+    dev.call("patch_twin_reported_properties", {"fw": "1.2"})
+    dev.shutdown()
+    assert fleet.hub(a).patch_twin(rid, {"properties": {"desired": {"extra": 7}}}).status_code == 200
+
+    assert_assigned(fleet.register(rid, key), rid, hub=a, sub_status=substatus)
+    assert record(fleet, rid)["substatus"] == substatus
+    twin = fleet.twin(a, rid)
+    reported, desired = twin["properties"]["reported"], twin["properties"]["desired"]
+    assert (reported.get("fw"), desired.get("extra")) == (("1.2", 7) if keeps else (None, None)), twin
+    assert desired.get("v") == 1 and twin.get("tags") == {"origin": "enrollment"}, twin
 
 
 # --------------------------------------------------------------------------- 5. enable / disable / delete
@@ -712,7 +740,9 @@ def test_disabled_individual_enrollment_refuses_its_device(fleet):
     assert sdk_failure(fleet.register(rid, derive_device_key(group["attestation"]["symmetricKey"]["primaryKey"],
                                                              rid))) == \
         "register request returned a service error status code 401"
-    assert record(fleet, rid)["assignedHub"] == HUB_C
+    # the record says so (as Azure's), and still names the hub the identity stays on
+    rec = record(fleet, rid)
+    assert (rec["status"], rec["assignedHub"]) == ("disabled", HUB_C), rec
 
     update_via_get(fleet, "individual", rid, provisioningStatus="enabled")
     assert_assigned(fleet.register(rid, key), rid, hub=HUB_C, sub_status=None)

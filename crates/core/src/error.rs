@@ -114,11 +114,20 @@ impl ErrorCode {
 pub struct DpsError {
     pub code: ErrorCode,
     pub message: String,
+    /// Whole seconds the caller should wait before retrying, when the refusal knows it (a
+    /// throttled request: the time until its quota frees a slot). `None`: the front end's
+    /// default hint for the status, if any.
+    pub retry_after: Option<u32>,
 }
 
 impl DpsError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), retry_after: None }
+    }
+    /// The same error, telling the caller to wait `secs` before retrying.
+    pub fn with_retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)

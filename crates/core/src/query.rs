@@ -1,12 +1,16 @@
 //! The SQL-like queries of Azure's service APIs, in the subset Fleetgate answers: `*` (what the
-//! DPS service SDKs send by default), `SELECT * FROM <collection>`, and a `WHERE` clause of
-//! comparisons (`=`, `!=`, `<>`) of a property path with a string, number, boolean or `null`,
-//! joined by `AND`. Anything else (projections, `OR`, `GROUP BY`, functions, ranges…) is refused
-//! with the reason, never ignored: a silently dropped condition would answer records the caller
-//! did not ask for.
+//! DPS service SDKs send by default), `SELECT * FROM <collection>`, and a `WHERE` clause as IoT
+//! Hub's query language documents it ("IoT Hub query language", WHERE clause): comparisons of a
+//! property path with a string, number, boolean or `null` (`=`, `!=`, `<>`, `<`, `>`, `<=`,
+//! `>=`), `IN` / `NIN` a list of such values, joined by `AND` and `OR`, negated by `NOT`, grouped
+//! by parentheses. Anything else (projections, functions, `GROUP BY`, `TOP`…) is refused with the
+//! reason, never ignored: a silently dropped condition would answer records the caller did not
+//! ask for.
 //!
 //! Pure: [`parse`] takes any text and returns a [`Query`] or a [`QueryError`]; [`Query::matches`]
 //! tests one JSON document (the record as the API answers it).
+
+use std::cmp::Ordering;
 
 use serde_json::Value;
 
@@ -15,16 +19,42 @@ use serde_json::Value;
 pub struct Query {
     /// The collection after `FROM`, lower-cased; `None` for `*`.
     pub collection: Option<String>,
-    /// All must hold (`AND`).
-    pub conditions: Vec<Condition>,
+    /// The `WHERE` clause; `None` matches every record.
+    pub filter: Option<Expr>,
 }
 
+/// A `WHERE` expression.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    And(Box<Expr>, Box<Expr>),
+    Or(Box<Expr>, Box<Expr>),
+    Not(Box<Expr>),
+    Compare(Condition),
+    /// `path IN [values]` (`negated`: `NIN`).
+    In {
+        path: Vec<String>,
+        values: Vec<Value>,
+        negated: bool,
+    },
+}
+
+/// A comparison of a property with a constant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Condition {
     /// The property path, e.g. `["attestation", "type"]` for `attestation.type`.
     pub path: Vec<String>,
-    pub equal: bool,
+    pub op: Op,
     pub value: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Gt,
+    Le,
+    Ge,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,8 +63,12 @@ pub struct QueryError(pub String);
 
 /// The longest query text parsed (Azure's limit is far larger; a registry query is short).
 pub const MAX_QUERY_CHARS: usize = 8192;
-/// The most conditions in one `WHERE`.
+/// The most comparisons (and `IN` lists) in one `WHERE`.
 pub const MAX_CONDITIONS: usize = 32;
+/// The deepest nesting of parentheses and `NOT` (the parser recurses on them).
+pub const MAX_DEPTH: usize = 16;
+/// The most values in one `IN` list.
+pub const MAX_IN_VALUES: usize = 100;
 
 #[derive(Debug, Clone, PartialEq)]
 enum Token {
@@ -42,7 +76,12 @@ enum Token {
     Str(String),
     Num(serde_json::Number),
     Star,
-    Op(&'static str),
+    Op(Op),
+    Open,
+    Close,
+    OpenList,
+    CloseList,
+    Comma,
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T, QueryError> {
@@ -53,23 +92,36 @@ fn tokenize(q: &str) -> Result<Vec<Token>, QueryError> {
     let mut out = Vec::new();
     let mut chars = q.char_indices().peekable();
     while let Some(&(i, c)) = chars.peek() {
-        if c.is_whitespace() {
+        let single = match c {
+            '*' => Some(Token::Star),
+            '=' => Some(Token::Op(Op::Eq)),
+            '(' => Some(Token::Open),
+            ')' => Some(Token::Close),
+            '[' => Some(Token::OpenList),
+            ']' => Some(Token::CloseList),
+            ',' => Some(Token::Comma),
+            _ => None,
+        };
+        if let Some(t) = single {
             chars.next();
-        } else if c == '*' {
+            out.push(t);
+        } else if c.is_whitespace() {
             chars.next();
-            out.push(Token::Star);
-        } else if c == '=' {
+        } else if c == '!' || c == '<' || c == '>' {
             chars.next();
-            out.push(Token::Op("="));
-        } else if c == '!' || c == '<' {
-            chars.next();
-            match (c, chars.peek().map(|&(_, n)| n)) {
-                ('!', Some('=')) | ('<', Some('>')) => {
-                    chars.next();
-                    out.push(Token::Op("!="));
-                }
-                _ => return err(format!("Unsupported operator at position {i}; only =, != and <> are supported.")),
+            let next = chars.peek().map(|&(_, n)| n);
+            let (op, two) = match (c, next) {
+                ('!', Some('=')) | ('<', Some('>')) => (Op::Ne, true),
+                ('<', Some('=')) => (Op::Le, true),
+                ('>', Some('=')) => (Op::Ge, true),
+                ('<', _) => (Op::Lt, false),
+                ('>', _) => (Op::Gt, false),
+                _ => return err(format!("Unsupported operator at position {i}.")),
+            };
+            if two {
+                chars.next();
             }
+            out.push(Token::Op(op));
         } else if c == '\'' || c == '"' {
             chars.next();
             let mut s = String::new();
@@ -124,7 +176,12 @@ fn keyword(t: Option<&Token>, kw: &str) -> bool {
     matches!(t, Some(Token::Word(w)) if w.eq_ignore_ascii_case(kw))
 }
 
-const UNSUPPORTED_WORDS: &[&str] = &["or", "not", "in", "like", "between", "is", "group", "order", "top", "select"];
+/// Words that cannot name a property: the grammar's own, and SQL a caller may expect but the
+/// subset lacks (refused by name rather than read as a property).
+const RESERVED: &[&str] = &[
+    "and", "or", "not", "in", "nin", "like", "between", "is", "group", "order", "top", "select", "from", "where",
+    "true", "false", "null",
+];
 
 /// Parses a query. Keywords are case-insensitive; property names are compared as written.
 pub fn parse(q: &str) -> Result<Query, QueryError> {
@@ -133,7 +190,7 @@ pub fn parse(q: &str) -> Result<Query, QueryError> {
     }
     let toks = tokenize(q)?;
     if toks == [Token::Star] {
-        return Ok(Query { collection: None, conditions: Vec::new() });
+        return Ok(Query::all());
     }
     let mut it = toks.iter().peekable();
     if !keyword(it.next(), "select") {
@@ -149,68 +206,195 @@ pub fn parse(q: &str) -> Result<Query, QueryError> {
         Some(Token::Word(w)) if !w.contains('.') => w.to_ascii_lowercase(),
         _ => return err("Expected a collection name after FROM."),
     };
-    let mut conditions = Vec::new();
     match it.next() {
-        None => return Ok(Query { collection: Some(collection), conditions }),
+        None => return Ok(Query { collection: Some(collection), filter: None }),
         Some(t) if keyword(Some(t), "where") => {}
         Some(_) => return err("Only a WHERE clause may follow the collection."),
     }
-    loop {
-        let path = match it.next() {
-            Some(Token::Word(w)) if !UNSUPPORTED_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k)) => w,
+    let mut p = Parser { toks: &toks[toks.len() - it.len()..], pos: 0, conditions: 0 };
+    let filter = p.or(0)?;
+    match p.toks.get(p.pos) {
+        None => Ok(Query { collection: Some(collection), filter: Some(filter) }),
+        Some(Token::Word(w)) => err(format!("'{w}' is not supported here; conditions are joined by AND or OR.")),
+        Some(Token::Close) => err("Unbalanced ')'."),
+        Some(_) => err("Expected AND, OR or the end of the query after a condition."),
+    }
+}
+
+/// Recursive descent over the `WHERE` tokens: OR binds loosest, then AND, then NOT.
+struct Parser<'a> {
+    toks: &'a [Token],
+    pos: usize,
+    conditions: usize,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<&Token> {
+        self.toks.get(self.pos)
+    }
+
+    fn next(&mut self) -> Option<&Token> {
+        let t = self.toks.get(self.pos);
+        self.pos += 1;
+        t
+    }
+
+    fn or(&mut self, depth: usize) -> Result<Expr, QueryError> {
+        let mut e = self.and(depth)?;
+        while keyword(self.peek(), "or") {
+            self.pos += 1;
+            e = Expr::Or(Box::new(e), Box::new(self.and(depth)?));
+        }
+        Ok(e)
+    }
+
+    fn and(&mut self, depth: usize) -> Result<Expr, QueryError> {
+        let mut e = self.not(depth)?;
+        while keyword(self.peek(), "and") {
+            self.pos += 1;
+            e = Expr::And(Box::new(e), Box::new(self.not(depth)?));
+        }
+        Ok(e)
+    }
+
+    fn not(&mut self, depth: usize) -> Result<Expr, QueryError> {
+        if depth >= MAX_DEPTH {
+            return err(format!("The WHERE clause nests deeper than {MAX_DEPTH} levels."));
+        }
+        if keyword(self.peek(), "not") {
+            self.pos += 1;
+            return Ok(Expr::Not(Box::new(self.not(depth + 1)?)));
+        }
+        if self.peek() == Some(&Token::Open) {
+            self.pos += 1;
+            let e = self.or(depth + 1)?;
+            if self.next() != Some(&Token::Close) {
+                return err("Expected ')'.");
+            }
+            return Ok(e);
+        }
+        self.comparison()
+    }
+
+    fn comparison(&mut self) -> Result<Expr, QueryError> {
+        self.conditions += 1;
+        if self.conditions > MAX_CONDITIONS {
+            return err(format!("At most {MAX_CONDITIONS} conditions are supported."));
+        }
+        let path = match self.next() {
+            Some(Token::Word(w)) if !RESERVED.iter().any(|k| w.eq_ignore_ascii_case(k)) => w.clone(),
             Some(Token::Word(w)) => return err(format!("'{w}' is not supported in a WHERE clause.")),
             _ => return err("Expected a property name in the WHERE clause."),
         };
+        if self.peek() == Some(&Token::Open) {
+            return err(format!("Functions ('{path}(…)') are not supported in a WHERE clause."));
+        }
         let path: Vec<String> = path.split('.').map(str::to_owned).collect();
         if path.iter().any(String::is_empty) {
             return err("A property path has an empty name.");
         }
-        let equal = match it.next() {
-            Some(Token::Op("=")) => true,
-            Some(Token::Op("!=")) => false,
-            Some(Token::Word(w)) => return err(format!("'{w}' is not supported; only =, != and <> are.")),
-            _ => return err("Expected =, != or <> after a property name."),
+        let negated = match self.next() {
+            Some(Token::Op(op)) => {
+                let op = *op;
+                let value = self.value()?;
+                return Ok(Expr::Compare(Condition { path, op, value }));
+            }
+            Some(t) if keyword(Some(t), "in") => false,
+            Some(t) if keyword(Some(t), "nin") => true,
+            Some(Token::Word(w)) => {
+                return err(format!("'{w}' is not supported; only =, !=, <>, <, >, <=, >=, IN and NIN are."))
+            }
+            _ => return err("Expected a comparison operator, IN or NIN after a property name."),
         };
-        let value = match it.next() {
+        if self.next() != Some(&Token::OpenList) {
+            return err("Expected '[' after IN or NIN.");
+        }
+        let mut values = Vec::new();
+        loop {
+            values.push(self.value()?);
+            if values.len() > MAX_IN_VALUES {
+                return err(format!("At most {MAX_IN_VALUES} values are supported in an IN list."));
+            }
+            match self.next() {
+                Some(Token::Comma) => {}
+                Some(Token::CloseList) => break,
+                _ => return err("Expected ',' or ']' in an IN list."),
+            }
+        }
+        Ok(Expr::In { path, values, negated })
+    }
+
+    fn value(&mut self) -> Result<Value, QueryError> {
+        Ok(match self.next() {
             Some(Token::Str(s)) => Value::String(s.clone()),
             Some(Token::Num(n)) => Value::Number(n.clone()),
             Some(Token::Word(w)) if w.eq_ignore_ascii_case("true") => Value::Bool(true),
             Some(Token::Word(w)) if w.eq_ignore_ascii_case("false") => Value::Bool(false),
             Some(Token::Word(w)) if w.eq_ignore_ascii_case("null") => Value::Null,
-            _ => return err("Expected a string, number, true, false or null after the operator."),
-        };
-        conditions.push(Condition { path, equal, value });
-        if conditions.len() > MAX_CONDITIONS {
-            return err(format!("At most {MAX_CONDITIONS} conditions are supported."));
-        }
-        match it.next() {
-            None => return Ok(Query { collection: Some(collection), conditions }),
-            Some(t) if keyword(Some(t), "and") => {}
-            Some(Token::Word(w)) => {
-                return err(format!("'{w}' is not supported; conditions may only be joined by AND."))
+            _ => return err("Expected a string, number, true, false or null."),
+        })
+    }
+}
+
+/// `a` and `b` are the same value; 1 and 1.0 are the same number.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (a, b) => a == b,
+    }
+}
+
+/// The order of two numbers or two strings; other pairs do not compare (a range condition on
+/// them is false, as in IoT Hub's language, where comparing different types is undefined).
+fn order(a: &Value, b: &Value) -> Option<Ordering> {
+    match (a, b) {
+        (Value::Number(a), Value::Number(b)) => a.as_f64()?.partial_cmp(&b.as_f64()?),
+        (Value::String(a), Value::String(b)) => Some(a.cmp(b)),
+        _ => None,
+    }
+}
+
+impl Expr {
+    fn matches(&self, doc: &Value) -> bool {
+        let get = |path: &[String]| path.iter().try_fold(doc, |v, k| v.get(k)).unwrap_or(&Value::Null);
+        match self {
+            Expr::And(a, b) => a.matches(doc) && b.matches(doc),
+            Expr::Or(a, b) => a.matches(doc) || b.matches(doc),
+            Expr::Not(e) => !e.matches(doc),
+            Expr::In { path, values, negated } => {
+                let found = get(path);
+                values.iter().any(|v| same(found, v)) != *negated
             }
-            Some(_) => return err("Expected AND or the end of the query after a condition."),
+            Expr::Compare(c) => {
+                let found = get(&c.path);
+                match c.op {
+                    // A missing property equals only `null`.
+                    Op::Eq => same(found, &c.value),
+                    Op::Ne => !same(found, &c.value),
+                    Op::Lt => order(found, &c.value) == Some(Ordering::Less),
+                    Op::Gt => order(found, &c.value) == Some(Ordering::Greater),
+                    Op::Le => matches!(order(found, &c.value), Some(Ordering::Less | Ordering::Equal)),
+                    Op::Ge => matches!(order(found, &c.value), Some(Ordering::Greater | Ordering::Equal)),
+                }
+            }
         }
     }
 }
 
 impl Query {
+    /// `*`: every record of any collection.
+    pub fn all() -> Self {
+        Query { collection: None, filter: None }
+    }
+
     /// Whether the query is for `collection` (compared case-insensitively); `*` is for any.
     pub fn is_for(&self, collection: &str) -> bool {
         self.collection.as_deref().is_none_or(|c| c.eq_ignore_ascii_case(collection))
     }
 
-    /// Whether `doc` satisfies every condition. A missing property equals only `null`.
+    /// Whether `doc` satisfies the `WHERE` clause (always, without one).
     pub fn matches(&self, doc: &Value) -> bool {
-        self.conditions.iter().all(|c| {
-            let found = c.path.iter().try_fold(doc, |v, k| v.get(k)).unwrap_or(&Value::Null);
-            let same = match (found, &c.value) {
-                // 1 and 1.0 are the same number.
-                (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
-                (a, b) => a == b,
-            };
-            same == c.equal
-        })
+        self.filter.as_ref().is_none_or(|f| f.matches(doc))
     }
 }
 
@@ -221,7 +405,7 @@ mod tests {
 
     #[test]
     fn star_and_select_forms() {
-        assert_eq!(parse("*").unwrap(), Query { collection: None, conditions: vec![] });
+        assert_eq!(parse("*").unwrap(), Query::all());
         assert_eq!(parse("  * ").unwrap().collection, None);
         let q = parse("select *   FROM enrollmentGroups").unwrap();
         assert_eq!(q.collection.as_deref(), Some("enrollmentgroups"));
@@ -236,8 +420,6 @@ mod tests {
              and capabilities.iotEdge = true AND n = 1.0 and gone = null",
         )
         .unwrap();
-        assert_eq!(q.conditions.len(), 5);
-        assert_eq!(q.conditions[1].path, vec!["attestation", "type"]);
         let doc = json!({"provisioningStatus": "enabled", "attestation": {"type": "symmetricKey"},
             "capabilities": {"iotEdge": true}, "n": 1});
         assert!(q.matches(&doc));
@@ -251,16 +433,53 @@ mod tests {
         assert!(parse("SELECT * FROM devices WHERE tags.x != 'a'").unwrap().matches(&json!({"tags": {}})));
     }
 
+    /// The documented WHERE forms Azure's registries answer: OR, NOT, parentheses, range
+    /// comparisons, IN / NIN.
+    #[test]
+    fn or_not_parentheses_ranges_and_lists() {
+        let sym = json!({"provisioningStatus": "enabled", "attestation": {"type": "symmetricKey"}, "n": 5, "s": "b"});
+        let x509 = json!({"provisioningStatus": "disabled", "attestation": {"type": "x509"}, "n": 1});
+        let tpm = json!({"provisioningStatus": "enabled", "attestation": {"type": "tpm"}, "n": 10});
+        for (q, expect) in [
+            ("attestation.type = 'symmetricKey' OR attestation.type = 'x509'", [true, true, false]),
+            ("provisioningStatus='enabled' AND attestation.type='symmetricKey'", [true, false, false]),
+            ("NOT provisioningStatus = 'enabled'", [false, true, false]),
+            // AND binds tighter than OR; parentheses change it.
+            ("attestation.type = 'x509' OR provisioningStatus = 'enabled' AND n > 7", [false, true, true]),
+            ("(attestation.type = 'x509' OR provisioningStatus = 'enabled') AND n > 7", [false, false, true]),
+            ("n >= 5 AND n <= 5", [true, false, false]),
+            ("n < 5", [false, true, false]),
+            ("s > 'a'", [true, false, false]),
+            // A range against another type is false either way round.
+            ("n > 'a' OR s < 3", [false, false, false]),
+            ("attestation.type IN ['tpm', 'x509']", [false, true, true]),
+            ("attestation.type NIN ['tpm', 'x509']", [true, false, false]),
+            ("NOT (n IN [1, 10.0])", [true, false, false]),
+            ("s = null", [false, true, true]),
+        ] {
+            let parsed = parse(&format!("SELECT * FROM enrollments WHERE {q}")).unwrap_or_else(|e| panic!("{q}: {e}"));
+            let got = [&sym, &x509, &tpm].map(|d| parsed.matches(d));
+            assert_eq!(got, expect, "{q}");
+        }
+    }
+
     #[test]
     fn unsupported_is_refused_not_ignored() {
         for q in [
             "",
             "SELECT deviceId FROM devices",
             "SELECT COUNT() FROM devices",
-            "SELECT * FROM devices WHERE a = 'b' OR c = 'd'",
-            "SELECT * FROM devices WHERE NOT a = 'b'",
-            "SELECT * FROM devices WHERE a > 1",
-            "SELECT * FROM devices WHERE a IN ['b']",
+            "SELECT * FROM devices WHERE a = 'b' OR",
+            "SELECT * FROM devices WHERE NOT",
+            "SELECT * FROM devices WHERE (a = 'b'",
+            "SELECT * FROM devices WHERE a = 'b')",
+            "SELECT * FROM devices WHERE a IN 'b'",
+            "SELECT * FROM devices WHERE a IN ['b'",
+            "SELECT * FROM devices WHERE a IN []",
+            "SELECT * FROM devices WHERE a LIKE 'b%'",
+            "SELECT * FROM devices WHERE STARTSWITH(a, 'b')",
+            "SELECT * FROM devices WHERE a = 'b' c = 'd'",
+            "SELECT TOP 3 * FROM devices",
             "SELECT * FROM devices WHERE is_defined(a)",
             "SELECT * FROM devices GROUP BY status",
             "SELECT * FROM devices WHERE",
@@ -277,6 +496,12 @@ mod tests {
         let many = (0..=MAX_CONDITIONS).map(|i| format!("a{i} = 1")).collect::<Vec<_>>().join(" AND ");
         assert!(parse(&format!("SELECT * FROM devices WHERE {many}")).is_err());
         assert!(parse(&"*".repeat(MAX_QUERY_CHARS + 1)).is_err());
+        let deep = format!("SELECT * FROM devices WHERE {}a = 1{}", "(".repeat(MAX_DEPTH), ")".repeat(MAX_DEPTH));
+        assert!(parse(&deep).is_err());
+        let nots = format!("SELECT * FROM devices WHERE {}a = 1", "NOT ".repeat(100));
+        assert!(parse(&nots).is_err());
+        let list = (0..=MAX_IN_VALUES).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        assert!(parse(&format!("SELECT * FROM devices WHERE a IN [{list}]")).is_err());
     }
 
     proptest::proptest! {

@@ -90,24 +90,39 @@ pub struct X509RegistrationInfo {
 /// What happens to a device's hub assignment when it registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Assignment {
-    /// Stay on the current hub (same hub allocated, or the policy never re-provisions).
+    /// Stay on the current hub with the device data there (the policy never re-provisions, or
+    /// migrates the data onto the hub it is already on).
     Keep { hub: String, substatus: Substatus },
+    /// Stay on the current hub, the device data reset to the enrollment's initial state (the
+    /// reset policy on the same hub: Azure's "factory reset without changing IoT hubs").
+    Reset { hub: String },
     /// Assign to `hub`; `from` is the hub the identity leaves (removed in the same commit);
     /// `migrate_twin` carries the twin over, otherwise it starts from the initial twin.
     Move { hub: String, substatus: Substatus, from: Option<String>, migrate_twin: bool },
 }
 
-/// Azure's reprovisioning rules: `updateHubAssignment` false never moves an assigned device;
-/// otherwise a device allocated elsewhere moves, with its twin (`migrateDeviceData`) or reset to
-/// the initial twin. Moving back to the hub of the first assignment reports
-/// `reprovisionedToInitialAssignment`.
+/// Azure's reprovisioning rules (docs: "IoT Hub Device reprovisioning concepts" and the
+/// `ReprovisionPolicy` definition of the DPS REST API), for a device DPS assigned before (its
+/// record names a hub, whatever its later status: a disabled or failed attempt does not remove
+/// the identity):
+///
+/// | updateHubAssignment | migrateDeviceData | allocated hub | outcome                          |
+/// |---------------------|-------------------|---------------|----------------------------------|
+/// | false               | any               | any           | stays, data kept, substatus kept |
+/// | true                | true              | same          | stays, data kept, substatus kept |
+/// | true                | false             | same          | stays, data reset: `deviceDataReset` |
+/// | true                | true              | another       | moves with its data: `deviceDataMigrated` |
+/// | true                | false             | another       | moves, data reset: `deviceDataReset` |
+///
+/// A device DPS has no assignment for is an initial assignment (`initialAssignment`, or
+/// `reprovisionedToInitialAssignment` when the hub already has its identity: decided by the
+/// caller, which can see the hub).
 pub fn decide_assignment(
     existing: Option<&RegistrationRecord>,
     policy: crate::enrollment::ReprovisionPolicy,
     allocated: &str,
 ) -> Assignment {
-    let current = existing.filter(|r| r.status == RegistrationStatus::Assigned).and_then(|r| r.assigned_hub.clone());
-    let Some(current) = current else {
+    let Some(current) = existing.and_then(|r| r.assigned_hub.clone()) else {
         return Assignment::Move {
             hub: allocated.to_owned(),
             substatus: Substatus::InitialAssignment,
@@ -116,17 +131,17 @@ pub fn decide_assignment(
         };
     };
     let kept = existing.and_then(|r| r.substatus).unwrap_or(Substatus::InitialAssignment);
-    if current.eq_ignore_ascii_case(allocated) || !policy.update_hub_assignment {
+    if !policy.update_hub_assignment {
         return Assignment::Keep { hub: current, substatus: kept };
     }
-    let initial = existing.and_then(|r| r.internal.initial_hub.clone());
-    let substatus = if initial.is_some_and(|h| h.eq_ignore_ascii_case(allocated)) {
-        Substatus::ReprovisionedToInitialAssignment
-    } else if policy.migrate_device_data {
-        Substatus::DeviceDataMigrated
-    } else {
-        Substatus::DeviceDataReset
-    };
+    if current.eq_ignore_ascii_case(allocated) {
+        return if policy.migrate_device_data {
+            Assignment::Keep { hub: current, substatus: kept }
+        } else {
+            Assignment::Reset { hub: current }
+        };
+    }
+    let substatus = if policy.migrate_device_data { Substatus::DeviceDataMigrated } else { Substatus::DeviceDataReset };
     Assignment::Move {
         hub: allocated.to_owned(),
         substatus,
@@ -305,61 +320,73 @@ mod tests {
         r
     }
 
+    /// Every policy combination, on the same hub and on another (the table of
+    /// [`decide_assignment`]).
     #[test]
     fn assignment_decisions_follow_the_reprovision_policy() {
-        let both = ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: true };
-        let reset = ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: false };
-        let never = ReprovisionPolicy { update_hub_assignment: false, migrate_device_data: false };
-        assert_eq!(
-            decide_assignment(None, both, "a"),
-            Assignment::Move {
-                hub: "a".into(),
-                substatus: Substatus::InitialAssignment,
-                from: None,
-                migrate_twin: false
-            }
-        );
+        let policy = |u, m| ReprovisionPolicy { update_hub_assignment: u, migrate_device_data: m };
+        let keep = |sub| Assignment::Keep { hub: "a".into(), substatus: sub };
+        let moved = |sub, migrate_twin| Assignment::Move {
+            hub: "b".into(),
+            substatus: sub,
+            from: Some("a".into()),
+            migrate_twin,
+        };
         let on_a = rec("a", "a");
+        use Substatus::*;
+        for (update, migrate, allocated, expected) in [
+            (false, false, "a", keep(InitialAssignment)),
+            (false, false, "b", keep(InitialAssignment)),
+            (false, true, "a", keep(InitialAssignment)),
+            (false, true, "b", keep(InitialAssignment)),
+            (true, true, "A", keep(InitialAssignment)),
+            (true, false, "A", Assignment::Reset { hub: "a".into() }),
+            (true, true, "b", moved(DeviceDataMigrated, true)),
+            (true, false, "b", moved(DeviceDataReset, false)),
+        ] {
+            assert_eq!(
+                decide_assignment(Some(&on_a), policy(update, migrate), allocated),
+                expected,
+                "update {update}, migrate {migrate}, to {allocated}"
+            );
+        }
+        // A first registration, whatever the policy.
+        for (update, migrate) in [(true, true), (true, false), (false, false)] {
+            assert_eq!(
+                decide_assignment(None, policy(update, migrate), "a"),
+                Assignment::Move { hub: "a".into(), substatus: InitialAssignment, from: None, migrate_twin: false }
+            );
+        }
+        // Back to the first hub is a move like any other (Azure's
+        // `reprovisionedToInitialAssignment` is for a device DPS does not know about).
+        let on_b = rec("b", "a");
         assert_eq!(
-            decide_assignment(Some(&on_a), both, "A"),
-            Assignment::Keep { hub: "a".into(), substatus: Substatus::InitialAssignment }
-        );
-        assert_eq!(
-            decide_assignment(Some(&on_a), never, "b"),
-            Assignment::Keep { hub: "a".into(), substatus: Substatus::InitialAssignment }
-        );
-        assert_eq!(
-            decide_assignment(Some(&on_a), both, "b"),
-            Assignment::Move {
-                hub: "b".into(),
-                substatus: Substatus::DeviceDataMigrated,
-                from: Some("a".into()),
-                migrate_twin: true
-            }
-        );
-        assert_eq!(
-            decide_assignment(Some(&on_a), reset, "b"),
-            Assignment::Move {
-                hub: "b".into(),
-                substatus: Substatus::DeviceDataReset,
-                from: Some("a".into()),
-                migrate_twin: false
-            }
-        );
-        let moved = rec("b", "a");
-        assert_eq!(
-            decide_assignment(Some(&moved), both, "a"),
+            decide_assignment(Some(&on_b), policy(true, true), "a"),
             Assignment::Move {
                 hub: "a".into(),
-                substatus: Substatus::ReprovisionedToInitialAssignment,
+                substatus: DeviceDataMigrated,
                 from: Some("b".into()),
                 migrate_twin: true
             }
         );
-        // A failed record has no hub to keep.
-        let mut failed = rec("a", "a");
-        failed.status = RegistrationStatus::Failed;
-        assert!(matches!(decide_assignment(Some(&failed), both, "b"), Assignment::Move { from: None, .. }));
+        // A disabled or failed attempt after an assignment leaves the identity where it was.
+        for status in [RegistrationStatus::Disabled, RegistrationStatus::Failed] {
+            let mut r = rec("a", "a");
+            r.status = status;
+            assert_eq!(decide_assignment(Some(&r), policy(true, true), "a"), keep(InitialAssignment));
+            assert!(matches!(
+                decide_assignment(Some(&r), policy(true, true), "b"),
+                Assignment::Move { from: Some(_), .. }
+            ));
+        }
+        // A record without a hub (never assigned) has nothing to keep.
+        let mut never = rec("a", "a");
+        never.assigned_hub = None;
+        never.status = RegistrationStatus::Disabled;
+        assert!(matches!(
+            decide_assignment(Some(&never), policy(true, true), "b"),
+            Assignment::Move { from: None, .. }
+        ));
     }
 
     #[test]

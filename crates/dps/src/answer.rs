@@ -89,8 +89,10 @@ fn still_assigning(record: &RegistrationRecord) -> Answer {
     Answer { status: 202, retry_after: Some(POLL_RETRY_AFTER_SECS), body: record.operation_status() }
 }
 
-/// The retry hint that goes with an error: 429 and 5xx invite a retry, nothing else does.
+/// The retry hint that goes with an error: 429 and 5xx invite a retry, nothing else does. A
+/// refusal that knows its wait (a throttled registration: until the quota frees a slot) says so;
+/// otherwise the polling interval.
 pub fn error_retry_after(e: &DpsError) -> Option<u32> {
     let status = e.status();
-    (status == 429 || status >= 500).then_some(POLL_RETRY_AFTER_SECS)
+    (status == 429 || status >= 500).then(|| e.retry_after.unwrap_or(POLL_RETRY_AFTER_SECS))
 }

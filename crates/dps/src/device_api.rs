@@ -102,7 +102,8 @@ async fn register(
 ) -> Response {
     let result = async {
         let Path((scope, registration_id)) = path.map_err(path_error)?;
-        let auth = authenticate(&dps, &scope, &registration_id, &headers, &peer, &source).await?;
+        let mut auth = authenticate(&dps, &scope, &registration_id, &headers, &peer, &source).await?;
+        auth.api_version = request.uri().query().and_then(|q| crate::mqtt::query_param(q, "api-version"));
         let b = body(Bytes::from_request(request, &()).await).map_err(|e| e.0)?;
         let payload = register_payload(&b).map_err(DpsError::bad_request)?;
         answer::register(&dps, &auth, payload).await

@@ -105,8 +105,9 @@ pub fn register_payload(body: &[u8]) -> Result<Option<serde_json::Value>, String
     }
 }
 
-/// Finds `name` in an `&`-separated query and percent-decodes its value.
-fn query_param(query: &str, name: &str) -> Option<String> {
+/// Finds `name` in an `&`-separated query and percent-decodes its value (also an HTTPS request's
+/// query).
+pub(crate) fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let k = percent_decode_str(k).decode_utf8_lossy();

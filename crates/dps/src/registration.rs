@@ -13,7 +13,7 @@ use fleetgate_core::enrollment::{
 };
 use fleetgate_core::ids::RegistrationId;
 use fleetgate_core::registration::{
-    decide_assignment, Assignment, RegistrationRecord, RegistrationStatus, X509RegistrationInfo,
+    decide_assignment, Assignment, RegistrationRecord, RegistrationStatus, Substatus, X509RegistrationInfo,
 };
 use fleetgate_core::sas::{SasError, SasToken};
 use fleetgate_core::time::Timestamp;
@@ -22,7 +22,9 @@ use fleetgate_core::x509::{check_leaf, require_common_name, verify_chain, Certif
 use fleetgate_core::{DpsError, ErrorCode};
 use serde_json::Value;
 
-use crate::service::{store_err, unix_now, DeviceAuth, EnrollmentRef, RegisterOutcome};
+use crate::service::{
+    reports_reprovisioned_to_initial, store_err, unix_now, DeviceAuth, EnrollmentRef, RegisterOutcome,
+};
 use crate::Provisioning;
 
 /// The enrollment a registration is decided by, freshly read.
@@ -137,6 +139,7 @@ impl Provisioning {
                     enrollment: EnrollmentRef::Individual,
                     key_slot: slot,
                     x509: None,
+                    api_version: None,
                 }),
                 None => Err(refuse("the individual enrollment's keys do not match the signature")),
             };
@@ -157,6 +160,7 @@ impl Provisioning {
                 enrollment: EnrollmentRef::Group(group.enrollment_group_id.clone()),
                 key_slot: slot,
                 x509: None,
+                api_version: None,
             }),
             None => Err(refuse("no enrollment group key matches the signature")),
         }
@@ -212,6 +216,7 @@ impl Provisioning {
                 enrollment: EnrollmentRef::Individual,
                 key_slot,
                 x509: Some(X509RegistrationInfo { certificate_info, signing_certificate_info }),
+                api_version: None,
             });
         }
 
@@ -249,6 +254,7 @@ impl Provisioning {
                 enrollment: EnrollmentRef::Group(group.enrollment_group_id.clone()),
                 key_slot,
                 x509: Some(X509RegistrationInfo { certificate_info, signing_certificate_info: Some(ca.info()) }),
+                api_version: None,
             }),
             None => match refusal {
                 Some(e) => Err(refuse(&format!("no X.509 enrollment group trusts the chain: {e}"))),
@@ -312,6 +318,9 @@ impl Provisioning {
                 now,
             );
             record.internal.x509 = auth.x509.clone();
+            // Kept, as Azure does: the registration state says `disabled` (not the assignment it
+            // had before), and a device told to poll finds its operation.
+            self.store.put_registration(&record).await.map_err(store_err)?;
             return Ok(RegisterOutcome { record });
         }
         let hubs: Vec<HubCandidate> = hubs.iter().map(|h| h.candidate()).collect();
@@ -440,10 +449,26 @@ impl Provisioning {
         let credentials = enrollment.device_credentials(id.as_str());
 
         let decision = decide_assignment(existing, settings.reprovision_policy, allocated);
-        // `twin`: what a moved device's twin becomes; `None` keeps the twin already on the hub
-        // (made from the initial twin when the identity is not there).
+        let reset_in_place = matches!(decision, Assignment::Reset { .. });
+        // `twin`: what a moved or reset device's twin becomes; `None` keeps the twin already on
+        // the hub (made from the initial twin when the identity is not there).
         let (hub, substatus, twin, moved_from) = match decision {
             Assignment::Keep { hub, substatus } => (hub, substatus, None, None),
+            Assignment::Reset { hub } => {
+                (hub, Substatus::DeviceDataReset, Some(Twin::from_initial(initial.as_ref())?), None)
+            }
+            Assignment::Move { hub, substatus: Substatus::InitialAssignment, from: None, .. } => {
+                // Azure (API 2019-04-15 on) reports a first assignment whose identity the hub
+                // already has (DPS did not know the device: its record was deleted, or it was
+                // created on the hub directly) as `reprovisionedToInitialAssignment`. Read ahead of
+                // the commit: the substatus only informs, and an identity created or deleted in
+                // between changes nothing else.
+                let present = reports_reprovisioned_to_initial(auth.api_version.as_deref())
+                    && self.store.device(&hub, &device_id).await.map_err(store_err)?.is_some();
+                let substatus =
+                    if present { Substatus::ReprovisionedToInitialAssignment } else { Substatus::InitialAssignment };
+                (hub, substatus, Some(Twin::from_initial(initial.as_ref())?), None)
+            }
             Assignment::Move { hub, substatus, from, migrate_twin } => {
                 let old_device = existing.and_then(|r| r.device_id.clone()).unwrap_or_else(|| device_id.clone());
                 let carried = match (&from, migrate_twin) {
@@ -505,7 +530,12 @@ impl Provisioning {
             tracing::info!(registration_id = %id, hub = %from, "device moved to another hub; closing its connection there");
             self.identity_changes.credentials_revoked(from, old_device);
         }
-        if replaced.load(Ordering::Relaxed) {
+        if reset_in_place {
+            // The twin under a live connection changed without a patch: the device reconnects and
+            // reads the reset twin.
+            tracing::info!(registration_id = %id, hub = %hub, "device data reset; closing its connection");
+            self.identity_changes.credentials_revoked(&hub, &device_id);
+        } else if replaced.load(Ordering::Relaxed) {
             tracing::info!(registration_id = %id, hub = %hub, "device credentials replaced; closing its connection");
             self.identity_changes.credentials_revoked(&hub, &device_id);
         }

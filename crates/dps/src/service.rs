@@ -60,6 +60,18 @@ pub struct DeviceAuth {
     pub key_slot: KeySlot,
     /// Set when the device attested with a client certificate.
     pub x509: Option<fleetgate_core::registration::X509RegistrationInfo>,
+    /// The `api-version` the device's request named (MQTT username, HTTPS query), set by the
+    /// front end: a few answers depend on it (see [`reports_reprovisioned_to_initial`]).
+    pub api_version: Option<String>,
+}
+
+/// Whether a device speaking `api_version` is told `reprovisionedToInitialAssignment`: Azure
+/// added it in API version 2019-04-15 and answers older ones (the Python SDK's 2019-03-31)
+/// `initialAssignment` (the C# SDK's `ProvisioningRegistrationSubstatus` documentation). A device
+/// that names none is taken to speak a current version. Versions are ISO dates, so they compare
+/// as text.
+pub fn reports_reprovisioned_to_initial(api_version: Option<&str>) -> bool {
+    api_version.is_none_or(|v| v.get(..10).unwrap_or(v) >= "2019-04-15")
 }
 
 /// Where DPS reports that a device's hub identity no longer authenticates with what it did:
@@ -169,10 +181,13 @@ impl Provisioning {
         let Some(bucket) = &self.throttle else { return Ok(()) };
         let now = self.started.elapsed().as_secs_f64();
         let admitted = bucket.lock().unwrap_or_else(|p| p.into_inner()).try_take(now);
-        admitted.map_err(|_| {
+        admitted.map_err(|wait| {
             // Debug: counted in the throttled metric; a line per refused request would be a flood.
             tracing::debug!("registration throttled");
+            // Told the real wait until the bucket frees a slot, so a device that obeys it is
+            // admitted on its next try instead of being refused again (or waiting too long).
             DpsError::new(ErrorCode::Throttled, "Too many registrations for this ID scope; retry later.")
+                .with_retry_after(fleetgate_core::throttle::retry_after_secs(wait))
         })
     }
 
@@ -233,5 +248,15 @@ impl Provisioning {
 
     pub async fn linked_hubs(&self) -> Result<Vec<String>, DpsError> {
         Ok(self.store.hubs().await.map_err(store_err)?.into_iter().map(|h| h.host_name).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reprovisioned_to_initial_assignment_from_api_2019_04_15() {
+        use super::reports_reprovisioned_to_initial as r;
+        assert!(r(None) && r(Some("2019-04-15")) && r(Some("2021-06-01")) && r(Some("2021-10-01-preview")));
+        assert!(!r(Some("2019-03-31")) && !r(Some("2018-11-01")));
     }
 }

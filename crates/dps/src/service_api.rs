@@ -149,9 +149,9 @@ async fn group_attestation(State(dps): State<Arc<Provisioning>>, Path(id): Path<
 }
 
 /// Queries are Azure's SQL-like language, in the subset of [`fleetgate_core::query`]: `*` (the
-/// SDKs' default), `SELECT * FROM <collection>` and `WHERE` equality conditions on the record as
-/// the API answers it (`provisioningStatus`, `attestation.type`, `iotHubHostName`…). What the
-/// subset lacks is refused (400), never ignored.
+/// SDKs' default), `SELECT * FROM <collection>` and a `WHERE` clause (comparisons, `IN`/`NIN`,
+/// `AND`/`OR`/`NOT`, parentheses) on the record as the API answers it (`provisioningStatus`,
+/// `attestation.type`, `iotHubHostName`…). What the subset lacks is refused (400), never ignored.
 fn check_query(b: &[u8], collection: &str) -> ApiResult<fleetgate_core::query::Query> {
     fleetgate_rest::query_spec(b, collection, false)
 }

@@ -121,7 +121,7 @@ impl Page {
 /// What the subset does not support is refused (400) with the reason.
 pub fn query_spec(b: &[u8], collection: &str, optional: bool) -> ApiResult<fleetgate_core::query::Query> {
     use fleetgate_core::query;
-    let all = || query::Query { collection: None, conditions: Vec::new() };
+    let all = query::Query::all;
     if optional && b.iter().all(u8::is_ascii_whitespace) {
         return Ok(all());
     }
@@ -158,7 +158,7 @@ where
 {
     const BATCH: usize = 500;
     let to_json = |t: T| serde_json::to_value(t).map_err(|_| DpsError::internal());
-    if q.conditions.is_empty() {
+    if q.filter.is_none() {
         return fetch(page.offset, page.size + 1).await?.into_iter().map(to_json).collect();
     }
     let (mut out, mut skipped, mut pos) = (Vec::new(), 0, 0);

@@ -132,29 +132,49 @@ async fn reported(s: &TestServer, hub: &str, dev: &str) -> Option<Value> {
     s.store().twin(hub, dev).await.unwrap().map(|(_, t)| Value::Object(t.reported))
 }
 
+/// The device data on `hub`: (reported `fw` present, desired `v`).
+async fn data(s: &TestServer, hub: &str, dev: &str) -> Option<(bool, Value)> {
+    let (_, t) = s.store().twin(hub, dev).await.unwrap()?;
+    Some((t.reported.contains_key("fw"), t.desired.get("v").cloned().unwrap_or(Value::Null)))
+}
+
+/// Azure's reprovisioning semantics for every policy combination, re-registering to the same hub
+/// and to another (docs: "IoT Hub Device reprovisioning concepts"; the C# SDK's reprovisioning
+/// E2E tests): `updateHubAssignment` false never moves the device and keeps its data;
+/// `migrateDeviceData` false resets the data to the enrollment's initial twin (on the same hub
+/// too: the "factory reset") and reports `deviceDataReset`; a move removes the identity from the
+/// hub it leaves in the same commit.
 #[tokio::test]
-async fn reprovisioning_policies_move_identities_atomically() {
+async fn reprovisioning_policies_for_each_combination_and_hub() {
     let s = TestServer::start().await;
     s.add_hub("hub-b", 1).await;
     let a = s.hub();
-    for (policy, substatus, keeps_data) in [
-        (json!({"updateHubAssignment": true, "migrateDeviceData": true}), "deviceDataMigrated", true),
-        (json!({"updateHubAssignment": true, "migrateDeviceData": false}), "deviceDataReset", false),
-        (json!({"updateHubAssignment": false, "migrateDeviceData": false}), "initialAssignment", true),
-    ] {
-        let group = format!("grp-{substatus}");
-        let dev = format!("dev-{substatus}").to_lowercase();
+    // (updateHubAssignment, migrateDeviceData, re-register to hub B, hub after, substatus, data kept)
+    let cases = [
+        (false, false, false, "a", "initialAssignment", true),
+        (false, false, true, "a", "initialAssignment", true),
+        (false, true, true, "a", "initialAssignment", true),
+        (true, true, false, "a", "initialAssignment", true),
+        (true, false, false, "a", "deviceDataReset", false),
+        (true, true, true, "hub-b", "deviceDataMigrated", true),
+        (true, false, true, "hub-b", "deviceDataReset", false),
+    ];
+    for (i, (update, migrate, to_b, hub_after, substatus, kept)) in cases.into_iter().enumerate() {
+        let case = format!("update {update}, migrate {migrate}, to hub B {to_b}");
+        let (group, dev) = (format!("grp-{i}"), format!("dev-{i}"));
+        let policy = json!({"updateHubAssignment": update, "migrateDeviceData": migrate});
         let (primary, _) = s
             .create_group(
                 &group,
                 json!({"iotHubHostName": a, "allocationPolicy": "static", "reprovisionPolicy": policy,
-                                          "initialTwin": {"properties": {"desired": {"v": 1}}}}),
+                       "initialTwin": {"properties": {"desired": {"v": 1}}}}),
             )
             .await;
         let key = primary.derive_device_key(&dev);
         let (_, body) = s.register(&dev, &key, None).await;
         assert_eq!(body["registrationState"]["assignedHub"], a);
-        // The device reports something on hub A.
+        assert_eq!(body["registrationState"]["substatus"], "initialAssignment");
+        // The device reports on hub A, and the solution changes a desired property there.
         s.store()
             .update_device(
                 &a,
@@ -162,38 +182,129 @@ async fn reprovisioning_policies_move_identities_atomically() {
                 Box::new(|cur| {
                     let (d, mut t) = cur.unwrap();
                     t.reported.insert("fw".into(), json!("1.2"));
+                    t.desired.insert("v".into(), json!(2));
                     Ok(Some((d, t)))
                 }),
             )
             .await
             .unwrap();
-        // The operator moves the group to hub B; the device registers again.
-        let mut g = s.service().get_enrollment_group(&group).await.unwrap();
-        g["iotHubHostName"] = "hub-b".into();
-        s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+        if to_b {
+            let mut g = s.service().get_enrollment_group(&group).await.unwrap();
+            g["iotHubHostName"] = "hub-b".into();
+            s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+        }
         let (_, body) = s.register(&dev, &key, None).await;
         let st = &body["registrationState"];
-        assert_eq!(st["substatus"], substatus, "{body}");
-        if substatus == "initialAssignment" {
-            assert_eq!(st["assignedHub"], a, "never re-provision");
-            assert!(reported(&s, &a, &dev).await.is_some());
-            continue;
+        let hub_after = if hub_after == "a" { a.clone() } else { hub_after.to_owned() };
+        assert_eq!(st["assignedHub"], hub_after, "{case}: {body}");
+        assert_eq!(st["substatus"], substatus, "{case}: {body}");
+        let expected = if kept { (true, json!(2)) } else { (false, json!(1)) };
+        assert_eq!(data(&s, &hub_after, &dev).await, Some(expected), "{case}");
+        if hub_after != a {
+            assert!(s.store().device(&a, &dev).await.unwrap().is_none(), "{case}: the identity left hub A");
         }
-        assert_eq!(st["assignedHub"], "hub-b");
-        assert!(s.store().device(&a, &dev).await.unwrap().is_none(), "the identity left hub A");
-        let on_b = reported(&s, "hub-b", &dev).await.expect("and is on hub B");
-        assert_eq!(on_b.get("fw").is_some(), keeps_data, "{on_b}");
-        let (_, twin) = s.store().twin("hub-b", &dev).await.unwrap().unwrap();
-        assert_eq!(twin.desired["v"], 1);
-        // Back to A: reported as a return to the initial assignment.
-        if keeps_data {
-            g["iotHubHostName"] = a.clone().into();
-            s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
-            let (_, body) = s.register(&dev, &key, None).await;
-            assert_eq!(body["registrationState"]["substatus"], "reprovisionedToInitialAssignment");
-            assert!(s.store().device("hub-b", &dev).await.unwrap().is_none());
-        }
+        let record = s.service().get_registration(&dev).await.unwrap();
+        assert_eq!(record["substatus"], substatus, "{case}");
     }
+}
+
+/// `reprovisionedToInitialAssignment` is for a first assignment (as far as DPS knows) to a hub
+/// that already has the identity (the C# SDK's substatus documentation); moving back to the hub
+/// of the first assignment is an ordinary move.
+#[tokio::test]
+async fn reprovisioned_to_initial_assignment_is_for_an_identity_dps_did_not_know() {
+    let s = TestServer::start().await;
+    s.add_hub("hub-b", 1).await;
+    let a = s.hub();
+    let (primary, _) = s.create_group("grp", json!({"iotHubHostName": a, "allocationPolicy": "static"})).await;
+    let key = primary.derive_device_key("dev-1");
+    s.register("dev-1", &key, None).await;
+    let mut g = s.service().get_enrollment_group("grp").await.unwrap();
+    g["iotHubHostName"] = "hub-b".into();
+    s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+    let (_, body) = s.register("dev-1", &key, None).await;
+    assert_eq!(body["registrationState"]["substatus"], "deviceDataMigrated");
+    g["iotHubHostName"] = a.clone().into();
+    s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+    let (_, body) = s.register("dev-1", &key, None).await;
+    assert_eq!(body["registrationState"]["assignedHub"], a);
+    assert_eq!(body["registrationState"]["substatus"], "deviceDataMigrated", "{body}");
+    assert!(s.store().device("hub-b", "dev-1").await.unwrap().is_none());
+
+    // The operator deletes the registration record; the identity stays on hub A. A device on API
+    // 2019-04-15 or later (here over HTTPS, as the C# SDK's 2021-06-01) is told
+    // `reprovisionedToInitialAssignment`; an older one (the Python SDK's 2019-03-31 over MQTT)
+    // `initialAssignment`, as Azure answers each.
+    s.service().delete_registration("dev-1").await.unwrap();
+    let url = s.url(&format!("/{}/registrations/dev-1/register?api-version=2021-06-01", s.scope()));
+    let token = common::device_token(&key, &s.scope(), "dev-1");
+    let resp = s.http().put(&url).header("authorization", &token).json(&json!({"registrationId": "dev-1"}));
+    let body: Value = resp.send().await.unwrap().json().await.unwrap();
+    assert_eq!(body["registrationState"]["substatus"], "reprovisionedToInitialAssignment", "{body}");
+    s.service().delete_registration("dev-1").await.unwrap();
+    let (_, body) = s.register("dev-1", &key, None).await;
+    assert_eq!(body["registrationState"]["substatus"], "initialAssignment", "{body}");
+    // A device new to both is an initial assignment.
+    let (_, body) = s.register("dev-2", &primary.derive_device_key("dev-2"), None).await;
+    assert_eq!(body["registrationState"]["substatus"], "initialAssignment");
+}
+
+/// A registration refused because the enrollment (individual or group) is disabled leaves the
+/// registration record saying `disabled`, as Azure's does, not the assignment it had; enabled
+/// again, the device keeps its hub and data.
+#[tokio::test]
+async fn a_disabled_enrollment_shows_in_the_registration_record() {
+    let s = TestServer::start().await;
+    let hub = s.hub();
+    let (primary, _) = s.create_group("grp", json!({"initialTwin": {"properties": {"desired": {"v": 1}}}})).await;
+    let group_key = primary.derive_device_key("dev-g");
+    let e = s
+        .service()
+        .put_enrollment(&json!({"registrationId": "dev-i", "attestation": {"type": "symmetricKey"}}), None)
+        .await
+        .unwrap();
+    let own = SymmetricKey::from_base64(e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap()).unwrap();
+    for (reg, key) in [("dev-g", &group_key), ("dev-i", &own)] {
+        let (_, body) = s.register(reg, key, None).await;
+        assert_eq!(body["status"], "assigned", "{reg}");
+    }
+    s.store()
+        .update_device(
+            &hub,
+            "dev-g",
+            Box::new(|cur| {
+                let (d, mut t) = cur.unwrap();
+                t.reported.insert("fw".into(), json!("1.2"));
+                Ok(Some((d, t)))
+            }),
+        )
+        .await
+        .unwrap();
+
+    let mut g = s.service().get_enrollment_group("grp").await.unwrap();
+    g["provisioningStatus"] = "disabled".into();
+    s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+    let mut ie = s.service().get_enrollment("dev-i").await.unwrap();
+    ie.as_object_mut().unwrap().remove("registrationState");
+    ie["provisioningStatus"] = "disabled".into();
+    s.service().put_enrollment(&ie, Some("*")).await.unwrap();
+    for (reg, key) in [("dev-g", &group_key), ("dev-i", &own)] {
+        let (_, body) = s.register(reg, key, None).await;
+        assert_eq!(body["status"], "disabled", "{reg}: {body}");
+        let record = s.service().get_registration(reg).await.unwrap();
+        assert_eq!(record["status"], "disabled", "{reg}: {record}");
+    }
+    let got = s.service().get_enrollment("dev-i").await.unwrap();
+    assert_eq!(got["registrationState"]["status"], "disabled");
+
+    // Enabled again: the same hub, the data the device had.
+    g = s.service().get_enrollment_group("grp").await.unwrap();
+    g["provisioningStatus"] = "enabled".into();
+    s.service().put_enrollment_group(&g, Some("*")).await.unwrap();
+    let (_, body) = s.register("dev-g", &group_key, None).await;
+    assert_eq!(body["status"], "assigned");
+    assert_eq!(body["registrationState"]["assignedHub"], hub);
+    assert_eq!(reported(&s, &hub, "dev-g").await.unwrap()["fw"], "1.2");
 }
 
 /// A tiny allocation webhook: routes by the device payload's `tier`, echoes a payload back, and

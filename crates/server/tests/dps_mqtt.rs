@@ -6,6 +6,7 @@ use common::{device_token, dps_username, TestServer};
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::sas::{build_token, sign, URI_COMPONENT};
 use fleetgate_core::time::Timestamp;
+use fleetgate_store::Store;
 use percent_encoding::utf8_percent_encode;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Subscribe, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
@@ -253,7 +254,11 @@ async fn disabled_group_answers_status_disabled() {
     assert_eq!(topic, "$dps/registrations/res/200/?$rid=1");
     assert_eq!(body["status"], "disabled");
     assert_eq!(body["registrationState"]["status"], "disabled");
-    assert!(s.service().get_registration("dev-x").await.is_err(), "a disabled group assigns nothing");
+    // The attempt is recorded as disabled, with no hub: a disabled group assigns nothing.
+    let record = s.service().get_registration("dev-x").await.unwrap();
+    assert_eq!(record["status"], "disabled");
+    assert!(record.get("assignedHub").is_none(), "{record}");
+    assert!(s.store().device(&s.hub(), "dev-x").await.unwrap().is_none());
 }
 
 #[tokio::test]

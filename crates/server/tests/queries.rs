@@ -83,15 +83,36 @@ async fn dps_queries_accept_star_select_and_where() {
     let (_, cont, second) = query(&s, &enrollments, &t, disabled, Some(1), cont.as_deref()).await;
     assert_eq!((ids(&second, "registrationId"), cont), (vec!["e3".to_owned()], None));
 
-    // Unsupported forms are refused, never answered as if unfiltered.
+    // The WHERE forms of Azure's query language: AND / OR / NOT, parentheses, ranges, IN / NIN.
+    for (q, expect) in [
+        ("provisioningStatus='enabled' OR registrationId='e2'", vec!["e1", "e2"]),
+        ("attestation.type='symmetricKey' AND NOT (provisioningStatus='enabled')", vec!["e2", "e3"]),
+        ("registrationId > 'e1' AND registrationId <= 'e3'", vec!["e2", "e3"]),
+        ("registrationId IN ['e1', 'e3']", vec!["e1", "e3"]),
+        ("registrationId NIN ['e1', 'e3']", vec!["e2"]),
+        ("attestation.type = 'x509' OR attestation.type = 'tpm'", Vec::<&str>::new()),
+    ] {
+        let q = json!({"query": format!("SELECT * FROM enrollments WHERE {q}")});
+        let (status, _, items) = query(&s, &enrollments, &t, q.clone(), None, None).await;
+        assert_eq!(status, 200, "{q}");
+        assert_eq!(ids(&items, "registrationId"), expect, "{q}");
+    }
+
+    // Unsupported forms are refused with the reason, never answered as if unfiltered.
     for q in [
-        "SELECT * FROM enrollments WHERE provisioningStatus = 'enabled' OR registrationId = 'e2'",
         "SELECT registrationId FROM enrollments",
-        "SELECT * FROM enrollments WHERE provisioningStatus > 'a'",
+        "SELECT * FROM enrollments WHERE STARTSWITH(registrationId, 'e')",
+        "SELECT * FROM enrollments WHERE registrationId LIKE 'e%'",
+        "SELECT * FROM enrollments WHERE (provisioningStatus = 'enabled'",
         "SELECT * FROM enrollmentGroups",
     ] {
-        let (status, _, _) = query(&s, &enrollments, &t, json!({"query": q}), None, None).await;
-        assert_eq!(status, 400, "{q}");
+        let resp = s.http().post(s.url(&enrollments)).header("Authorization", &t).json(&json!({"query": q}));
+        let resp = resp.send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{q}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["errorCode"], 400004, "{q}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.starts_with("Unsupported query: ") || message.contains("This query is for"), "{q}: {message}");
     }
 }
 
@@ -109,7 +130,14 @@ async fn registration_queries_filter_with_where() {
     let q = json!({"query": "SELECT * FROM enrollmentGroups WHERE registrationId = 'dev-b'"});
     let (_, _, items) = query(&s, &path, &t, q, None, None).await;
     assert_eq!(ids(&items, "registrationId"), ["dev-b"]);
-    let (status, _, _) = query(&s, &path, &t, json!({"query": "SELECT * FROM x WHERE a < 1"}), None, None).await;
+    let q = json!({"query": "SELECT * FROM enrollmentGroups WHERE status = 'assigned' AND registrationId != 'dev-a'"});
+    let (_, _, items) = query(&s, &path, &t, q, None, None).await;
+    assert_eq!(ids(&items, "registrationId"), ["dev-b"]);
+    let q = json!({"query": "SELECT * FROM x WHERE registrationId IN ['dev-a', 'dev-c'] OR status = 'failed'"});
+    let (_, _, items) = query(&s, &path, &t, q, None, None).await;
+    assert_eq!(ids(&items, "registrationId"), ["dev-a"]);
+    let (status, _, _) =
+        query(&s, &path, &t, json!({"query": "SELECT * FROM x WHERE IS_DEFINED(a)"}), None, None).await;
     assert_eq!(status, 400);
 }
 
@@ -153,8 +181,11 @@ async fn hub_twin_query_pages_and_filters() {
     assert_eq!(ids(&items, "deviceId"), ["d4"]);
     let (_, _, items) = query(&s, &path, &t, q("properties.reported.fw = '1.0'"), None, None).await;
     assert!(items.is_empty());
+    // OR, as IoT Hub's query language documents it (the parser is shared with DPS).
+    let (_, _, items) = query(&s, &path, &t, q("tags.site = 'north' OR deviceId = 'd0'"), None, None).await;
+    assert_eq!(ids(&items, "deviceId"), ["d0", "d1", "d3"]);
     for bad in [
-        json!({"query": "SELECT * FROM devices WHERE tags.site = 'north' OR deviceId = 'd0'"}),
+        json!({"query": "SELECT * FROM devices WHERE STARTSWITH(deviceId, 'd')"}),
         json!({"query": "SELECT COUNT() AS n FROM devices"}),
         json!({"query": "SELECT * FROM devices.modules"}),
         json!({"query": "*"}),

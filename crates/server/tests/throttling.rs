@@ -35,6 +35,32 @@ async fn registrations_over_the_scope_quota_get_429_with_retry_after() {
     assert_eq!(body["status"], "assigned");
 }
 
+/// `retry-after` on a throttled registration is the real wait until the quota frees a slot
+/// (whole seconds, rounded up), over MQTT (in the response topic) and HTTPS (the header): at
+/// 6 a minute with a burst of 1, the second registration waits about 10 s, not a fixed 2.
+#[tokio::test]
+async fn throttled_registrations_are_told_the_real_wait() {
+    let s = TestServer::start_with(|c| c.registration_rate = Some(Rate { per_second: 0.1, burst: 1.0 })).await;
+    let (primary, _) = s.create_group("grp", json!({})).await;
+    let (_, body) = s.register("first", &primary.derive_device_key("first"), None).await;
+    assert_eq!(body["status"], "assigned");
+
+    let (topic, body) = s.register("dev-mqtt", &primary.derive_device_key("dev-mqtt"), None).await;
+    assert_eq!(body["errorCode"], 429001, "{topic}");
+    let secs: u32 = topic.split("&retry-after=").nth(1).expect("a retry-after").parse().unwrap();
+    // 10 s minus the moments since the first registration, rounded up.
+    assert!((9..=10).contains(&secs), "{topic}");
+
+    let reg = "dev-https";
+    let url = s.url(&format!("/{}/registrations/{reg}/register?api-version=2021-06-01", s.scope()));
+    let token = common::device_token(&primary.derive_device_key(reg), &s.scope(), reg);
+    let resp = s.http().put(&url).header("authorization", &token).json(&json!({"registrationId": reg})).send().await;
+    let resp = resp.unwrap();
+    assert_eq!(resp.status(), 429);
+    let secs: u32 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((9..=10).contains(&secs), "{secs}");
+}
+
 #[tokio::test]
 async fn hub_connects_over_the_quota_get_server_unavailable() {
     let s = TestServer::start_with(|c| c.hub.connect_rate = Some(Rate { per_second: 1.0, burst: 1.0 })).await;

@@ -49,6 +49,8 @@ struct Session<S> {
     /// told when its backoff ends).
     auth_retry_after: Option<u32>,
     registration_id: String,
+    /// The `api-version` of the CONNECT username, given to DPS with each request.
+    api_version: Option<String>,
     /// What the device authenticated with, checked again before each request (see
     /// [`Session::authenticated`]).
     credentials: Credentials,
@@ -126,6 +128,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         auth,
         auth_retry_after,
         registration_id: user.registration_id,
+        api_version: user.api_version,
         credentials: Credentials { id_scope: user.id_scope, password: password.map(str::to_owned), peer, source },
         next_packet_id: 0,
         failed_auth: 0,
@@ -300,10 +303,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn register(&mut self, payload: &Bytes) -> (u16, Option<u32>, Value) {
-        let auth = match self.authenticated().await {
+        let mut auth = match self.authenticated().await {
             Ok(a) => a,
             Err(answer) => return answer,
         };
+        auth.api_version = self.api_version.clone();
         let payload = match register_payload(payload) {
             Ok(p) => p,
             Err(why) => return error(&DpsError::bad_request(why)),
