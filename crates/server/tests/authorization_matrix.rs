@@ -58,6 +58,8 @@ const HUB_ROUTES: &[(&str, &str, &[&str])] = &[
     ("POST", "/devices/{id}/messages/devicebound", SERVICE),
     ("GET", "/twins/{id}", TWIN_READERS),
     ("PATCH", "/twins/{id}", SERVICE),
+    // Replace twin (issue 14 item 8): a twin change, as PATCH.
+    ("PUT", "/twins/{id}", SERVICE),
     ("POST", "/twins/{id}/methods", SERVICE),
     ("GET", "/messages/events", SERVICE),
 ];
