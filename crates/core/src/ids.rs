@@ -38,7 +38,8 @@ pub const DEVICE_ID_SYMBOLS: &str = "-.%_*?!(),:=@$'";
 /// them percent-encoded in paths, and MQTT topics percent-encode them too (see the hub's mqtt
 /// module).
 pub fn check_device_id(s: &str) -> Result<(), DpsError> {
-    let invalid = |why: &str| DpsError::new(ErrorCode::InvalidId, format!("Invalid device id '{}': {why}.", printable(s)));
+    let invalid =
+        |why: &str| DpsError::new(ErrorCode::InvalidId, format!("Invalid device id '{}': {why}.", printable(s)));
     if s.is_empty() {
         return Err(invalid("it is empty"));
     }

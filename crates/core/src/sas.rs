@@ -235,7 +235,9 @@ mod tests {
         let plain = SasToken::parse(&build_token(&key, "h.example/devices/dev-1/", se, None)).unwrap();
         assert!(plain.names_device("h.example", "dev-1"));
         assert!(!plain.names_device("h.example", "dev-"));
-        assert!(!SasToken::parse(&build_token(&key, "h.example/devices", se, None)).unwrap().names_device("h.example", ""));
+        assert!(!SasToken::parse(&build_token(&key, "h.example/devices", se, None))
+            .unwrap()
+            .names_device("h.example", ""));
     }
 
     #[test]

@@ -474,7 +474,8 @@ mod tests {
             let body = format!(r#"{{"n":{ok}}}"#);
             parse_patch(body.as_bytes()).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        for bad in ["4503599627370496", "-4503599627370497", "18446744073709551615", "99999999999999999999999", "1e20"] {
+        for bad in ["4503599627370496", "-4503599627370497", "18446744073709551615", "99999999999999999999999", "1e20"]
+        {
             let body = format!(r#"{{"n":{{"deep":[{bad}]}}}}"#);
             let e = parse_patch(body.as_bytes()).unwrap_err();
             assert_eq!(e.status(), 400, "{bad}");
@@ -504,8 +505,13 @@ mod tests {
         t.patch_desired(&obj(json!({"telemetry": {"every": "1m"}})), at(2)).unwrap();
         t.patch_reported(&obj(json!({"fw": {"version": "1.0"}, "gone": 1})), at(3)).unwrap();
         t.patch_reported(&obj(json!({"gone": null})), at(4)).unwrap();
-        let (t0, t1, t2, t3, t4) =
-            (at(0).to_azure_string(), at(1).to_azure_string(), at(2).to_azure_string(), at(3).to_azure_string(), at(4).to_azure_string());
+        let (t0, t1, t2, t3, t4) = (
+            at(0).to_azure_string(),
+            at(1).to_azure_string(),
+            at(2).to_azure_string(),
+            at(3).to_azure_string(),
+            at(4).to_azure_string(),
+        );
         let view = t.device_view();
         assert_eq!(
             view["desired"]["$metadata"],
@@ -527,10 +533,14 @@ mod tests {
         assert_eq!(t.service_sections().1, view, "the service sees the same properties");
         // Replacing an object with a value drops its nodes.
         t.patch_desired(&obj(json!({"telemetry": "off"})), at(5)).unwrap();
-        assert_eq!(t.device_view()["desired"]["$metadata"]["telemetry"], json!({"$lastUpdated": at(5).to_azure_string(), "$lastUpdatedVersion": 4}));
+        assert_eq!(
+            t.device_view()["desired"]["$metadata"]["telemetry"],
+            json!({"$lastUpdated": at(5).to_azure_string(), "$lastUpdatedVersion": 4})
+        );
         // A twin stored before metadata is dated as of when the hub says, at every level.
         let mut old: Twin = serde_json::from_value(json!({"tags": {}, "desired": {"a": {"b": 1}}, "desiredVersion": 7,
-            "reported": {}, "reportedVersion": 2, "version": 9})).unwrap();
+            "reported": {}, "reportedVersion": 2, "version": 9}))
+        .unwrap();
         old.date_undated(&t0);
         assert_eq!(
             old.device_view()["desired"]["$metadata"],
@@ -544,10 +554,14 @@ mod tests {
         t.patch_tags(&obj(json!({"site": "lab", "old": 1}))).unwrap();
         t.patch_desired(&obj(json!({"a": {"x": 1, "y": 2}, "b": 1, "c": 1})), at(1)).unwrap();
         t.patch_reported(&obj(json!({"r": 1})), at(1)).unwrap();
-        let (change, version) = t.replace(obj(json!({"site": "field"})), obj(json!({"a": {"x": 1}, "b": 2})), at(2)).unwrap();
+        let (change, version) =
+            t.replace(obj(json!({"site": "field"})), obj(json!({"a": {"x": 1}, "b": 2})), at(2)).unwrap();
         assert_eq!(version, 3);
         assert_eq!(change, obj(json!({"a": {"y": null}, "b": 2, "c": null})));
-        assert_eq!((t.tags.clone(), t.desired.clone()), (obj(json!({"site": "field"})), obj(json!({"a": {"x": 1}, "b": 2}))));
+        assert_eq!(
+            (t.tags.clone(), t.desired.clone()),
+            (obj(json!({"site": "field"})), obj(json!({"a": {"x": 1}, "b": 2})))
+        );
         assert_eq!(t.reported, obj(json!({"r": 1})), "reported properties are the device's");
         let meta = &t.device_view()["desired"]["$metadata"];
         assert_eq!(meta["a"]["x"]["$lastUpdatedVersion"], 3);

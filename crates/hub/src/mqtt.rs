@@ -232,15 +232,27 @@ mod tests {
                     Ok(DeviceRequest::Telemetry { bag: "a=1".into() }),
                     "{seg}"
                 );
-                assert_eq!(subscription(&format!("devices/{seg}/messages/devicebound/#"), id), Some(Subscription::CloudToDevice));
+                assert_eq!(
+                    subscription(&format!("devices/{seg}/messages/devicebound/#"), id),
+                    Some(Subscription::CloudToDevice)
+                );
             }
             assert_eq!(c2d_topic(id, ""), format!("devices/{encoded}/messages/devicebound/"));
-            assert_eq!(parse_publish_topic(&format!("devices/{encoded}x/messages/events/"), id), Err(TopicError::Forbidden));
+            assert_eq!(
+                parse_publish_topic(&format!("devices/{encoded}x/messages/events/"), id),
+                Err(TopicError::Forbidden)
+            );
         }
         let m = HubUsername::parse("h/a?b/m=1/?api-version=x").unwrap();
         assert_eq!((m.device_id.as_str(), m.module_id.as_deref()), ("a?b", Some("m=1")));
-        assert_eq!(parse_publish_topic("devices/a%2541/messages/events/", "a%41"), Ok(DeviceRequest::Telemetry { bag: String::new() }));
-        assert_eq!(parse_publish_topic("devices/a%41/messages/events/", "aA"), Ok(DeviceRequest::Telemetry { bag: String::new() }));
+        assert_eq!(
+            parse_publish_topic("devices/a%2541/messages/events/", "a%41"),
+            Ok(DeviceRequest::Telemetry { bag: String::new() })
+        );
+        assert_eq!(
+            parse_publish_topic("devices/a%41/messages/events/", "aA"),
+            Ok(DeviceRequest::Telemetry { bag: String::new() })
+        );
     }
 
     #[test]

@@ -108,7 +108,11 @@ async fn device_ids_with_every_symbol_azure_allows_work_over_rest_and_mqtt() {
     let s = TestServer::start().await;
     let put = |id: &str, key: &SymmetricKey| {
         let body = serde_json::json!({"deviceId": id, "authentication": {"type": "sas", "symmetricKey": {"primaryKey": key.to_base64()}}});
-        s.http().put(s.url(&format!("/devices/{}{V}", enc(id)))).header("Authorization", s.hub_token()).json(&body).send()
+        s.http()
+            .put(s.url(&format!("/devices/{}{V}", enc(id))))
+            .header("Authorization", s.hub_token())
+            .json(&body)
+            .send()
     };
     for id in ["a-b.c%d_e*f?g!h(i)j,k:l=m@n$o'p", "dev.", "$edgeAgent-like", "100%"] {
         let key = SymmetricKey::generate();
@@ -142,7 +146,13 @@ async fn device_ids_with_every_symbol_azure_allows_work_over_rest_and_mqtt() {
         assert_eq!(resp.status(), 400, "{bad}");
         assert_eq!(resp.json::<Value>().await.unwrap()["errorCode"], 400005, "{bad}");
     }
-    let resp = s.http().delete(s.url(&format!("/devices/{}{V}", enc("100%")))).header("Authorization", s.hub_token()).send().await.unwrap();
+    let resp = s
+        .http()
+        .delete(s.url(&format!("/devices/{}{V}", enc("100%"))))
+        .header("Authorization", s.hub_token())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 204);
     assert_eq!(s.hub_get(&format!("/devices/{}", enc("100%"))).await["errorCode"], 404001);
 }

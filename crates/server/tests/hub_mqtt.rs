@@ -15,9 +15,9 @@ const V: &str = "?api-version=2021-04-12";
 /// A twin (or a section of one) without its `$metadata` members, at any depth.
 fn without_metadata(v: &Value) -> Value {
     match v {
-        Value::Object(m) => {
-            Value::Object(m.iter().filter(|(k, _)| *k != "$metadata").map(|(k, v)| (k.clone(), without_metadata(v))).collect())
-        }
+        Value::Object(m) => Value::Object(
+            m.iter().filter(|(k, _)| *k != "$metadata").map(|(k, v)| (k.clone(), without_metadata(v))).collect(),
+        ),
         other => other.clone(),
     }
 }
@@ -429,7 +429,13 @@ async fn device_identity_service_api() {
 }
 
 /// A hub service API call with the owner's token: status and JSON answer (`Null` when empty).
-async fn hub_call(s: &TestServer, method: &str, path: &str, body: Option<Value>, if_match: Option<&str>) -> (u16, Value) {
+async fn hub_call(
+    s: &TestServer,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    if_match: Option<&str>,
+) -> (u16, Value) {
     let sep = if path.contains('?') { '&' } else { '?' };
     let url = s.url(&format!("{path}{sep}api-version=2021-04-12"));
     let mut req = s.http().request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), url);
@@ -471,11 +477,14 @@ async fn status_reason_c2d_count_and_authentication_none() {
     assert_eq!(s.hub_get("/devices/dev-2").await["cloudToDeviceMessageCount"], 3);
     assert_eq!(s.hub_get("/twins/dev-2").await["cloudToDeviceMessageCount"], 3);
     let listed = s.hub_get("/devices").await;
-    let count_of = |id: &str| listed.as_array().unwrap().iter().find(|d| d["deviceId"] == id).unwrap()["cloudToDeviceMessageCount"].clone();
+    let count_of = |id: &str| {
+        listed.as_array().unwrap().iter().find(|d| d["deviceId"] == id).unwrap()["cloudToDeviceMessageCount"].clone()
+    };
     assert_eq!((count_of("dev-1"), count_of("dev-2")), (json!(1), json!(3)));
 
     // Authentication type none: created, shown as such, without keys, and never connected.
-    let (status, dev) = hub_call(&s, "PUT", "/devices/no-auth", Some(json!({"authentication": {"type": "none"}})), None).await;
+    let (status, dev) =
+        hub_call(&s, "PUT", "/devices/no-auth", Some(json!({"authentication": {"type": "none"}})), None).await;
     assert_eq!(status, 200, "{dev}");
     assert_eq!(dev["authentication"]["type"], "none");
     assert_eq!(dev["authentication"]["symmetricKey"]["primaryKey"], Value::Null);
@@ -494,33 +503,59 @@ async fn twin_depth_dollar_names_and_integer_limits() {
     let s = TestServer::start().await;
     let key = s.create_device("dev-1").await;
     let names = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven"];
-    let nested = |levels: usize| names[..levels].iter().rev().fold(json!({"property": "value"}), |v, k| json!({ *k: v }));
+    let nested =
+        |levels: usize| names[..levels].iter().rev().fold(json!({"property": "value"}), |v, k| json!({ *k: v }));
     for section in ["tags", "desired"] {
-        let wrap = |v: Value| if section == "tags" { json!({"tags": v}) } else { json!({"properties": {"desired": v}}) };
+        let wrap =
+            |v: Value| if section == "tags" { json!({"tags": v}) } else { json!({"properties": {"desired": v}}) };
         let (status, body) = hub_call(&s, "PATCH", "/twins/dev-1", Some(wrap(nested(10))), None).await;
         assert_eq!(status, 200, "{section}: Azure's own example of the maximum: {body}");
-        for bad in [nested(11), json!({"$x": 1}), json!({"a": {"$b": 1}}), json!({"n": 4_503_599_627_370_496u64}), json!({"n": -4_503_599_627_370_497i64})] {
+        for bad in [
+            nested(11),
+            json!({"$x": 1}),
+            json!({"a": {"$b": 1}}),
+            json!({"n": 4_503_599_627_370_496u64}),
+            json!({"n": -4_503_599_627_370_497i64}),
+        ] {
             let (status, err) = hub_call(&s, "PATCH", "/twins/dev-1", Some(wrap(bad.clone())), None).await;
             assert_eq!((status, &err["errorCode"]), (400, &json!(400004)), "{section} {bad}: {err}");
         }
-        let (status, _) = hub_call(&s, "PATCH", "/twins/dev-1", Some(wrap(json!({"n": 4_503_599_627_370_495u64}))), None).await;
+        let (status, _) =
+            hub_call(&s, "PATCH", "/twins/dev-1", Some(wrap(json!({"n": 4_503_599_627_370_495u64}))), None).await;
         assert_eq!(status, 200);
     }
     let twin = s.hub_get("/twins/dev-1").await;
-    assert_eq!(twin["tags"]["one"]["two"]["three"]["four"]["five"]["six"]["seven"]["eight"]["nine"]["ten"]["property"], "value");
+    assert_eq!(
+        twin["tags"]["one"]["two"]["three"]["four"]["five"]["six"]["seven"]["eight"]["nine"]["ten"]["property"],
+        "value"
+    );
     assert!(twin["tags"].get("$x").is_none() && twin["properties"]["desired"].get("$x").is_none());
     // A twin read back whole (with `$metadata` and `$version`) can be sent as a patch.
-    let (status, body) = hub_call(&s, "PATCH", "/twins/dev-1", Some(json!({"properties": {"desired": twin["properties"]["desired"]}})), None).await;
+    let (status, body) = hub_call(
+        &s,
+        "PATCH",
+        "/twins/dev-1",
+        Some(json!({"properties": {"desired": twin["properties"]["desired"]}})),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
 
     let mut m = s.hub_device("dev-1", &key).await.unwrap();
     m.subscribe("$iothub/twin/res/#", QoS::AtLeastOnce, 1).await;
     for (rid, body) in [("1", json!({"n": 4_503_599_627_370_496u64})), ("2", json!({"r": nested(11)}))] {
-        m.publish(&format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}"), QoS::AtMostOnce, 0, body.to_string().as_bytes()).await;
+        m.publish(
+            &format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}"),
+            QoS::AtMostOnce,
+            0,
+            body.to_string().as_bytes(),
+        )
+        .await;
         let p = m.next_publish().await;
         assert_eq!(p.topic, format!("$iothub/twin/res/400/?$rid={rid}"), "{body}");
     }
-    m.publish("$iothub/twin/PATCH/properties/reported/?$rid=3", QoS::AtMostOnce, 0, nested(10).to_string().as_bytes()).await;
+    m.publish("$iothub/twin/PATCH/properties/reported/?$rid=3", QoS::AtMostOnce, 0, nested(10).to_string().as_bytes())
+        .await;
     assert!(m.next_publish().await.topic.starts_with("$iothub/twin/res/204/?$rid=3"));
 }
 
@@ -537,7 +572,14 @@ async fn twin_metadata_at_every_level_for_service_and_device() {
 
     let patch = json!({"properties": {"desired": {"telemetry": {"every": "5m", "to": "x"}, "mode": "eco"}}});
     assert_eq!(hub_call(&s, "PATCH", "/twins/dev-1", Some(patch), None).await.0, 200);
-    let (_, twin) = hub_call(&s, "PATCH", "/twins/dev-1", Some(json!({"properties": {"desired": {"telemetry": {"every": "1m"}}}})), None).await;
+    let (_, twin) = hub_call(
+        &s,
+        "PATCH",
+        "/twins/dev-1",
+        Some(json!({"properties": {"desired": {"telemetry": {"every": "1m"}}}})),
+        None,
+    )
+    .await;
     let meta = &twin["properties"]["desired"]["$metadata"];
     let (first, second) = (meta["mode"]["$lastUpdated"].clone(), meta["telemetry"]["every"]["$lastUpdated"].clone());
     assert!(first.as_str().unwrap() >= born.as_str() && second.as_str() >= first.as_str(), "{meta}");
@@ -554,7 +596,8 @@ async fn twin_metadata_at_every_level_for_service_and_device() {
 
     let mut m = s.hub_device("dev-1", &key).await.unwrap();
     m.subscribe("$iothub/twin/res/#", QoS::AtLeastOnce, 1).await;
-    m.publish("$iothub/twin/PATCH/properties/reported/?$rid=1", QoS::AtMostOnce, 0, br#"{"fw":{"version":"1.0"}}"#).await;
+    m.publish("$iothub/twin/PATCH/properties/reported/?$rid=1", QoS::AtMostOnce, 0, br#"{"fw":{"version":"1.0"}}"#)
+        .await;
     m.next_publish().await;
     m.publish("$iothub/twin/GET/?$rid=2", QoS::AtMostOnce, 0, b"").await;
     let device_view: Value = serde_json::from_slice(&m.next_publish().await.payload).unwrap();
@@ -588,7 +631,10 @@ async fn replace_twin_replaces_tags_and_desired() {
     assert_eq!(twin["properties"]["reported"]["$version"], 1, "reported properties are the device's");
     let p = m.next_publish().await;
     assert_eq!(p.topic, "$iothub/twin/PATCH/properties/desired/?$version=3");
-    assert_eq!(serde_json::from_slice::<Value>(&p.payload).unwrap(), json!({"a": {"y": null}, "b": null, "c": 3, "$version": 3}));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&p.payload).unwrap(),
+        json!({"a": {"y": null}, "b": null, "c": 3, "$version": 3})
+    );
     // The etag it was checked against has changed; a missing twin is 404.
     let (status, err) = hub_call(&s, "PUT", "/twins/dev-1", Some(replacement.clone()), Some(&etag)).await;
     assert_eq!((status, &err["errorCode"]), (412, &json!(412002)));

@@ -94,7 +94,9 @@ fn other_credentials(v: &Value) -> Result<Option<DeviceCredentials>, DpsError> {
         return Ok(Some(DeviceCredentials::CertificateAuthority(Vec::new())));
     }
     if !kind.eq_ignore_ascii_case("selfSigned") {
-        return Err(DpsError::bad_request("authentication.type must be sas, selfSigned, certificateAuthority or none."));
+        return Err(DpsError::bad_request(
+            "authentication.type must be sas, selfSigned, certificateAuthority or none.",
+        ));
     }
     let thumbprint = |name: &str| -> Result<Option<String>, DpsError> {
         let Some(t) = v
