@@ -4,7 +4,7 @@ use fleetgate_core::device::{DeviceCredentials, DeviceStatus};
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::twin::{service_section, ServiceSection};
 use fleetgate_core::DpsError;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::registry::DeviceSpec;
 use crate::twins::{TwinChange, TwinReplacement};
@@ -50,8 +50,9 @@ pub fn device_spec(body: &[u8], device_id: &str) -> Result<DeviceSpec, DpsError>
     })
 }
 
-/// The tags and desired properties of a twin body, each `None` when absent or `null`.
-fn twin_sections(body: &[u8]) -> Result<(Value, Option<Map<String, Value>>, Option<Map<String, Value>>), DpsError> {
+/// The tags and desired properties of a twin body (each `None` when absent or `null`), and
+/// whether it holds reported properties.
+fn twin_sections(body: &[u8]) -> Result<(TwinChange, bool), DpsError> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| DpsError::bad_request(format!("Malformed twin JSON: {e}")))?;
     let section = |value: Option<&Value>, which| match value {
@@ -60,23 +61,23 @@ fn twin_sections(body: &[u8]) -> Result<(Value, Option<Map<String, Value>>, Opti
     };
     let tags = section(v.get("tags"), ServiceSection::Tags)?;
     let desired = section(v.pointer("/properties/desired"), ServiceSection::Desired)?;
-    Ok((v, tags, desired))
+    Ok((TwinChange { tags, desired }, v.pointer("/properties/reported").is_some()))
 }
 
 /// Azure's twin patch body: `tags` and/or `properties.desired`.
 pub fn twin_change(body: &[u8]) -> Result<TwinChange, DpsError> {
-    let (v, tags, desired) = twin_sections(body)?;
-    if v.pointer("/properties/reported").is_some() {
+    let (change, reported) = twin_sections(body)?;
+    if reported {
         return Err(DpsError::bad_request("Reported properties are written by the device only."));
     }
-    Ok(TwinChange { tags, desired })
+    Ok(change)
 }
 
 /// Azure's replace-twin body: the whole twin, of which the tags and the desired properties are
 /// taken (a section left out or `null` becomes empty). The service SDKs send back a twin they
 /// read, so its reported properties and read-only members are there and are ignored.
 pub fn twin_replacement(body: &[u8]) -> Result<TwinReplacement, DpsError> {
-    let (_, tags, desired) = twin_sections(body)?;
+    let (TwinChange { tags, desired }, _) = twin_sections(body)?;
     Ok(TwinReplacement { tags: tags.unwrap_or_default(), desired: desired.unwrap_or_default() })
 }
 
