@@ -506,9 +506,9 @@ def test_c2d_queued_while_offline_is_delivered(server, hub_group, hub_devices):
 
 
 def test_device_id_with_every_symbol_azure_allows(server, hub_devices):
-    """Issue 14 item 1: the SDK puts such an id unencoded in the MQTT username, percent-encoded in
-    topics and (encoded with the rest of it) in the SAS sr; the service API takes it
-    percent-encoded in the path."""
+    """Issue 14 item 1: the SDK puts such an id unencoded in the MQTT username and topics and
+    (percent-encoded with the rest of it) in the SAS sr, and matches C2D topics on the unencoded
+    id; the service API takes it percent-encoded in the path."""
     device_id = unique("id") + "-.%_*?!(),:=@$'"
     key = random_key()
     hub = server.hub_service
@@ -518,8 +518,8 @@ def test_device_id_with_every_symbol_azure_allows(server, hub_devices):
     assert r.json()["deviceId"] == device_id
     dev = hub_devices(server, device_id, key)
     received = queue.Queue()
-    dev.client.on_message_received = received.put
     dev.connect()
+    dev.client.on_message_received = received.put
     dev.send(Message("from a device with symbols"))
     wait_until(lambda: any(e["event"]["origin"] == device_id for e in hub.events(device_id)), 5, "telemetry stored")
     assert hub.send_c2d(device_id, b"to it", message_id="sym-1").status_code == 204

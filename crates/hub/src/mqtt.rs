@@ -46,8 +46,10 @@ impl HubUsername {
     }
 }
 
-/// Whether a topic's device segment names `device_id`: the SDKs percent-encode the id in topics
-/// (Python: `quote(id, safe="")`), some send it as it is.
+/// Whether a topic's device segment names `device_id`. IoT Hub takes the id as it is (the Python
+/// SDK stopped percent-encoding it in 2020 because the hub does not decode it); the
+/// percent-encoded form older SDK versions sent is accepted too: it names the same device, the
+/// one the connection authenticated as.
 fn names_device(segment: &str, device_id: &str) -> bool {
     segment == device_id || percent_decode_str(segment).decode_utf8().is_ok_and(|d| d == device_id)
 }
@@ -184,12 +186,10 @@ pub fn method_request_topic(method: &str, rid: &str) -> String {
     format!("$iothub/methods/POST/{}/?$rid={rid}", fleetgate_core::message::encode_component(method))
 }
 
-/// The device id percent-encoded, as the Python SDK expects it (it matches
-/// `devices/{quote(id)}/messages/devicebound`); ids of letters, digits, `-`, `.` and `_` are
-/// unchanged.
+/// The device id as it is: IoT Hub does not percent-encode it in topics, and the SDKs match
+/// C2D topics on the unencoded id (Python 2.14: `"devices/{id}/messages/devicebound" in topic`).
 pub fn c2d_topic(device_id: &str, bag: &str) -> String {
-    let id = percent_encoding::utf8_percent_encode(device_id, fleetgate_core::sas::URI_COMPONENT);
-    format!("devices/{id}/messages/devicebound/{bag}")
+    format!("devices/{device_id}/messages/devicebound/{bag}")
 }
 
 #[cfg(test)]
@@ -214,7 +214,7 @@ mod tests {
     }
 
     /// Issue 14 item 1: device ids hold `?`, `=`, `%`, `$`… and the SDKs send them unencoded in
-    /// the username, percent-encoded in topics.
+    /// the username and in topics (older Python versions percent-encoded them in topics).
     #[test]
     fn device_ids_with_symbols_in_usernames_and_topics() {
         for id in ["a?b", "?x", "a=b&c", "a%41", "$x", "a'b(c)!*,:@.-_"] {
@@ -224,9 +224,6 @@ mod tests {
             assert_eq!(HubUsername::parse(&format!("h/{id}")).unwrap().device_id, id);
             let encoded = percent_encoding::utf8_percent_encode(id, fleetgate_core::sas::URI_COMPONENT).to_string();
             for seg in [encoded.as_str(), id] {
-                if seg.contains('?') {
-                    continue; // unencoded, a `?` would end the topic name
-                }
                 assert_eq!(
                     parse_publish_topic(&format!("devices/{seg}/messages/events/a=1"), id),
                     Ok(DeviceRequest::Telemetry { bag: "a=1".into() }),
@@ -237,7 +234,7 @@ mod tests {
                     Some(Subscription::CloudToDevice)
                 );
             }
-            assert_eq!(c2d_topic(id, ""), format!("devices/{encoded}/messages/devicebound/"));
+            assert_eq!(c2d_topic(id, ""), format!("devices/{id}/messages/devicebound/"));
             assert_eq!(
                 parse_publish_topic(&format!("devices/{encoded}x/messages/events/"), id),
                 Err(TopicError::Forbidden)
