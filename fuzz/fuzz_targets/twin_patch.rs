@@ -6,10 +6,12 @@
 //!
 //! Invariants: a refused patch changes nothing; an accepted one bumps its version by one; every
 //! stored section stays within Azure's rules — it is itself a valid patch (key characters,
-//! nesting, string lengths) and within its size limit — and the twin reads back from its JSON.
+//! nesting, string lengths) and within its size limit — and the twin reads back from its JSON;
+//! the `$metadata` shown dates every member of the desired and reported properties.
 
 #![no_main]
 
+use fleetgate_core::time::Timestamp;
 use fleetgate_core::twin::{parse_patch, Twin, MAX_SECTION_BYTES, MAX_TAGS_BYTES};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
@@ -23,13 +25,26 @@ fn check_section(name: &str, section: &Map<String, Value>, limit: usize) {
     }
 }
 
+/// Every member of `section`, at every level, has its node in `meta`, dated.
+fn check_metadata(section: &Value, meta: &Value) {
+    assert!(meta["$lastUpdated"].is_string(), "undated metadata node: {meta}");
+    if let Value::Object(m) = section {
+        for (k, v) in m.iter().filter(|(k, _)| !k.starts_with('$')) {
+            check_metadata(v, &meta[k]);
+        }
+    }
+}
+
 fn check(t: &Twin) {
     check_section("tags", &t.tags, MAX_TAGS_BYTES);
     check_section("desired", &t.desired, MAX_SECTION_BYTES);
     check_section("reported", &t.reported, MAX_SECTION_BYTES);
     let json = serde_json::to_vec(t).expect("a twin serializes");
     let _: Twin = serde_json::from_slice(&json).expect("a stored twin reads back");
-    let _ = t.device_view();
+    let view = t.device_view();
+    for section in ["desired", "reported"] {
+        check_metadata(&view[section], &view[section]["$metadata"]);
+    }
     let _ = t.service_sections();
 }
 
@@ -37,14 +52,16 @@ fuzz_target!(|data: &[u8]| {
     let mut pieces = data.split(|b| *b == 0);
     let initial: Option<Value> = pieces.next().and_then(|p| serde_json::from_slice(p).ok());
     let Ok(mut twin) = Twin::from_initial(initial.as_ref()) else { return };
+    twin.date_undated(&Timestamp::from_unix_seconds(0).to_azure_string());
     check(&twin);
     for (i, piece) in pieces.enumerate() {
         let Ok(patch) = parse_patch(piece) else { continue };
         assert!(patch.keys().all(|k| !k.starts_with('$')));
         let before = twin.clone();
+        let now = Timestamp::from_unix_seconds(i as i64 + 1);
         let ok = match i % 3 {
-            0 => twin.patch_reported(&patch).map(|v| assert_eq!(v, before.reported_version + 1)).is_ok(),
-            1 => twin.patch_desired(&patch).map(|v| assert_eq!(v, before.desired_version + 1)).is_ok(),
+            0 => twin.patch_reported(&patch, now).map(|v| assert_eq!(v, before.reported_version + 1)).is_ok(),
+            1 => twin.patch_desired(&patch, now).map(|v| assert_eq!(v, before.desired_version + 1)).is_ok(),
             _ => twin.patch_tags(&patch).is_ok(),
         };
         if ok {

@@ -52,6 +52,11 @@ def create_group_with_twin(service, group_id: str, initial_twin: dict) -> str:
     return r.json()["attestation"]["symmetricKey"]["primaryKey"]
 
 
+def without_metadata(section: dict) -> dict:
+    """A twin section without its $metadata member."""
+    return {k: v for k, v in section.items() if k != "$metadata"}
+
+
 def provision(server, primary_key: str, device_id: str) -> tuple[str, str]:
     """Register through DPS; returns (device key, assigned hub)."""
     key = derive_device_key(primary_key, device_id)
@@ -285,9 +290,13 @@ def test_initial_twin_from_enrollment_group(server, hub_group, hub_devices):
     assert set(twin) == {"desired", "reported"}, twin
     desired = dict(twin["desired"])
     assert isinstance(desired.pop("$version"), int)
+    # Azure's $metadata: every desired member dated, with the desired version that wrote it.
+    metadata = desired.pop("$metadata")
+    assert parse_utc(metadata["interval"]["$lastUpdated"]), metadata
+    assert metadata["interval"]["$lastUpdatedVersion"] == twin["desired"]["$version"], metadata
     assert desired == {"interval": 30}, twin
     assert twin["reported"].get("$version") is not None, twin
-    assert {k: v for k, v in twin["reported"].items() if k != "$version"} == {}, twin
+    assert {k: v for k, v in twin["reported"].items() if k not in ("$version", "$metadata")} == {}, twin
 
     hub = server.hub_service
     r = hub.get_twin(device_id)
@@ -359,7 +368,7 @@ def test_desired_patch_reaches_device(server, hub_group, hub_devices):
     assert r.status_code == 200, r.text
     st = r.json()
     version = st["properties"]["desired"]["$version"]
-    assert st["properties"]["desired"] == {"interval": 60, "mode": "eco", "$version": version}, st
+    assert without_metadata(st["properties"]["desired"]) == {"interval": 60, "mode": "eco", "$version": version}, st
     assert st["tags"] == {"site": "lab", "floor": 3}, st
 
     try:
@@ -377,7 +386,7 @@ def test_desired_patch_reaches_device(server, hub_group, hub_devices):
     got = patches.get(timeout=10)
     assert got == {"mode": None, "$version": version + 1}, got
     twin = dev.call("get_twin")
-    assert twin["desired"] == {"interval": 60, "$version": version + 1}, twin
+    assert without_metadata(twin["desired"]) == {"interval": 60, "$version": version + 1}, twin
     assert patches.empty(), list(patches.queue)
 
 
@@ -494,6 +503,30 @@ def test_c2d_queued_while_offline_is_delivered(server, hub_group, hub_devices):
         r = hub.send_c2d(idle_id, f"m{i}")
         assert r.status_code == 204, f"message {i}: {r.status_code} {r.text}"
     assert_hub_error(hub.send_c2d(idle_id, "one too many"), 403, 403004)
+
+
+def test_device_id_with_every_symbol_azure_allows(server, hub_devices):
+    """Issue 14 item 1: the SDK puts such an id unencoded in the MQTT username and topics and
+    (percent-encoded with the rest of it) in the SAS sr, and matches C2D topics on the unencoded
+    id; the service API takes it percent-encoded in the path."""
+    device_id = unique("id") + "-.%_*?!(),:=@$'"
+    key = random_key()
+    hub = server.hub_service
+    r = hub.put_device(device_id, {"deviceId": device_id,
+                                   "authentication": {"type": "sas", "symmetricKey": {"primaryKey": key}}})
+    assert r.status_code == 200, r.text
+    assert r.json()["deviceId"] == device_id
+    dev = hub_devices(server, device_id, key)
+    received = queue.Queue()
+    dev.connect()
+    dev.client.on_message_received = received.put
+    dev.send(Message("from a device with symbols"))
+    wait_until(lambda: any(e["event"]["origin"] == device_id for e in hub.events(device_id)), 5, "telemetry stored")
+    assert hub.send_c2d(device_id, b"to it", message_id="sym-1").status_code == 204
+    msg = received.get(timeout=10)
+    assert (msg.data, msg.message_id) == (b"to it", "sym-1")
+    dev.call("patch_twin_reported_properties", {"ok": True})
+    assert hub.get_twin(device_id).json()["properties"]["reported"]["ok"] is True
 
 
 # The SDK connects with CleanSession=0 and does not subscribe again after reconnecting: it relies on

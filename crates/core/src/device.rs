@@ -28,6 +28,9 @@ pub enum AuthenticationType {
     /// A client certificate chain leading to one of the identity's CA certificates, with the
     /// device id as the leaf's common name.
     CertificateAuthority,
+    /// No credentials at this scope (Azure's `none`): the identity exists in the registry (its
+    /// twin, its C2D queue) but cannot open a connection of its own with SAS or X.509.
+    None,
 }
 
 /// A hub device identity. Keys are the derived device keys; `Debug` never shows them. X.509
@@ -40,6 +43,10 @@ pub struct DeviceIdentity {
     pub primary_key: String,
     pub secondary_key: String,
     pub status: DeviceStatus,
+    /// Why the status is what it is (Azure's `statusReason`, up to 128 characters), as the
+    /// service last set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
     pub etag: String,
     pub generation_id: String,
     pub created_date_time_utc: String,
@@ -66,6 +73,8 @@ pub enum DeviceCredentials {
     SelfSigned { primary: Option<String>, secondary: Option<String> },
     /// CA certificates (base64 DER).
     CertificateAuthority(Vec<String>),
+    /// None: the identity cannot authenticate by itself.
+    None,
 }
 
 impl std::fmt::Debug for DeviceIdentity {
@@ -117,6 +126,7 @@ impl DeviceIdentity {
                 ca_certificates = cas;
                 AuthenticationType::CertificateAuthority
             }
+            DeviceCredentials::None => AuthenticationType::None,
         };
         DeviceIdentity {
             hub: hub.to_owned(),
@@ -128,6 +138,7 @@ impl DeviceIdentity {
             secondary_thumbprint,
             ca_certificates,
             status: existing.map(|d| d.status).unwrap_or_default(),
+            status_reason: existing.and_then(|d| d.status_reason.clone()),
             etag: crate::registration::new_registration_etag(),
             generation_id: existing
                 .map(|d| d.generation_id.clone())
@@ -166,7 +177,7 @@ impl DeviceIdentity {
         let chain = chain.ok_or(CertificateRefusal::NoCertificate)?;
         let leaf = check_leaf(chain, now)?;
         match self.authentication_type {
-            AuthenticationType::Sas => Err(CertificateRefusal::UnknownCertificate),
+            AuthenticationType::Sas | AuthenticationType::None => Err(CertificateRefusal::UnknownCertificate),
             AuthenticationType::SelfSigned => {
                 let thumbprints = [self.primary_thumbprint.as_deref(), self.secondary_thumbprint.as_deref()];
                 match_thumbprint(&leaf, &thumbprints).map(|_| ()).ok_or(CertificateRefusal::UnknownCertificate)

@@ -29,6 +29,31 @@ fn check_id(kind: &str, s: &str) -> Result<(), DpsError> {
     Ok(())
 }
 
+/// The symbols IoT Hub allows in a device id besides ASCII letters and digits (its registry's
+/// documented rule; DPS registration ids are stricter, see [`RegistrationId::parse`]).
+pub const DEVICE_ID_SYMBOLS: &str = "-.%_*?!(),:=@$'";
+
+/// Checks a hub device id: 1 to 128 ASCII letters, digits and [`DEVICE_ID_SYMBOLS`]. Case is
+/// kept and significant. Ids like `a%2Fb` or `a?b` are plain text here: the REST API carries
+/// them percent-encoded in paths, and MQTT topics percent-encode them too (see the hub's mqtt
+/// module).
+pub fn check_device_id(s: &str) -> Result<(), DpsError> {
+    let invalid =
+        |why: &str| DpsError::new(ErrorCode::InvalidId, format!("Invalid device id '{}': {why}.", printable(s)));
+    if s.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if s.chars().count() > MAX_ID_LEN {
+        return Err(invalid("it is longer than 128 characters"));
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || DEVICE_ID_SYMBOLS.contains(*c))) {
+        return Err(invalid(&format!(
+            "character {c:?} is not allowed (use ASCII letters, digits and {DEVICE_ID_SYMBOLS})"
+        )));
+    }
+    Ok(())
+}
+
 /// Cuts an untrusted id to something safe to echo in a message or a log line.
 fn printable(s: &str) -> String {
     s.chars().take(MAX_ID_LEN + 8).map(|c| if c.is_control() { '?' } else { c }).collect()
@@ -152,6 +177,20 @@ mod tests {
     }
 
     #[test]
+    fn device_ids_follow_the_hub_rules_not_the_registration_id_rules() {
+        for ok in ["a", "dev.", "dev:", "a-b.c%d_e*f?g!h(i)j,k:l=m@n$o'p", "%24", &"x".repeat(128)] {
+            check_device_id(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["", "a b", "a/b", "a#b", "a+b", "a&b", "dév", "a\u{0}b", "a\\b", &"x".repeat(129)] {
+            let e = check_device_id(bad).unwrap_err();
+            assert_eq!((e.code, e.status()), (ErrorCode::InvalidId, 400), "{bad:?}");
+        }
+        // What a registration id may not be, a device id may.
+        assert!(RegistrationId::parse("dev.").is_err());
+        assert!(RegistrationId::parse("a$b").is_err());
+    }
+
+    #[test]
     fn key_is_case_folded_but_spelling_kept() {
         let id = RegistrationId::parse("Dev-ABC").unwrap();
         assert_eq!(id.as_str(), "Dev-ABC");
@@ -181,6 +220,7 @@ mod tests {
         #[test]
         fn parse_never_panics(s in "\\PC{0,200}") {
             let _ = RegistrationId::parse(&s);
+            let _ = check_device_id(&s);
             let _ = IdScope::parse(&s);
         }
     }

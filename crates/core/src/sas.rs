@@ -125,6 +125,26 @@ impl SasToken {
         expected.as_bytes().ct_eq(self.signature.as_bytes()).into()
     }
 
+    /// Whether the token is for device `device_id` of `hub`: its `sr` names
+    /// `{hub}/devices/{device_id}`, the host compared case-insensitively and the (case-sensitive)
+    /// id exactly. The SDKs write a device id with symbols (`%`, `$`, `?`…) three ways: Python
+    /// percent-encodes the whole `sr` once, C# encodes the id inside it first and then the whole
+    /// `sr` again, and some send `sr` raw; the id is taken as it stands after the one decoding
+    /// of `sr`, after a second, or from the raw `sr`. Which form it was does not widen access:
+    /// every form names the same device, and the signature must still be made with its key.
+    pub fn names_device(&self, hub: &str, device_id: &str) -> bool {
+        let prefix = format!("{hub}/devices/");
+        [self.resource.as_str(), self.sr_raw.as_str()].into_iter().any(|sr| {
+            let sr = sr.trim_end_matches('/');
+            let Some(head) = sr.get(..prefix.len()) else { return false };
+            if !head.eq_ignore_ascii_case(&prefix) {
+                return false;
+            }
+            let id = &sr[prefix.len()..];
+            id == device_id || percent_decode_str(id).decode_utf8().is_ok_and(|d| d == device_id)
+        })
+    }
+
     /// Expiry, resource and signature in one call.
     pub fn verify(&self, key: &SymmetricKey, expected_resource: &str, now: i64) -> Result<(), SasError> {
         self.check_expiry(now)?;
@@ -194,6 +214,30 @@ mod tests {
         }
         assert_eq!(SasToken::parse(A2).unwrap().key_name.as_deref(), Some("registration"));
         assert_eq!(SasToken::parse(A4).unwrap().key_name, None);
+    }
+
+    #[test]
+    fn a_device_id_with_symbols_is_named_as_every_sdk_encodes_it() {
+        let (key, se) = (dev_key(), NOW + 10);
+        let id = "a%b?c$d'e(f)";
+        let python = build_token(&key, &format!("h.example/devices/{id}"), se, None);
+        let once = utf8_percent_encode(id, URI_COMPONENT).to_string();
+        let csharp = build_token(&key, &format!("h.example/devices/{once}"), se, None);
+        let sr = format!("H.EXAMPLE/devices/{id}");
+        let raw = format!("SharedAccessSignature sr={sr}&sig={}&se={se}", sign(&key, &sr, &se.to_string()));
+        for t in [python, csharp, raw] {
+            let tok = SasToken::parse(&t).unwrap();
+            assert!(tok.names_device("h.example", id), "{t}");
+            assert!(tok.signed_with(&key), "{t}");
+            assert!(!tok.names_device("h.example", "a%b?c$d'E(f)"), "ids are case-sensitive: {t}");
+            assert!(!tok.names_device("other.example", id), "{t}");
+        }
+        let plain = SasToken::parse(&build_token(&key, "h.example/devices/dev-1/", se, None)).unwrap();
+        assert!(plain.names_device("h.example", "dev-1"));
+        assert!(!plain.names_device("h.example", "dev-"));
+        assert!(!SasToken::parse(&build_token(&key, "h.example/devices", se, None))
+            .unwrap()
+            .names_device("h.example", ""));
     }
 
     #[test]

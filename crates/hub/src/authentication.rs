@@ -108,6 +108,10 @@ impl Hub {
             Ok(None) => return refuse(ConnectRefusal::UnknownDevice),
             Err(e) => return could_not_check(&e),
         };
+        if device.authentication_type == AuthenticationType::None {
+            // Azure's `none`: the identity has no credentials of its own to connect with.
+            return refuse_because(ConnectRefusal::BadCredentials, "the identity's authentication type is none");
+        }
         if device.authentication_type != AuthenticationType::Sas {
             let fallback = if device.ca_certificates.is_empty() {
                 match self.group_cas().await {
@@ -144,8 +148,7 @@ impl Hub {
         let Some(token) = password.and_then(|p| SasToken::parse(p).ok()) else {
             return refuse(ConnectRefusal::BadCredentials);
         };
-        let expected = format!("{}/devices/{}", hub.host_name, device_id);
-        let resource_ok = token.resource.trim_end_matches('/').eq_ignore_ascii_case(&expected);
+        let resource_ok = token.names_device(&hub.host_name, &device.device_id);
         let fresh = token.check_expiry(Timestamp::now().unix_seconds()).is_ok();
         let signed = [&device.primary_key, &device.secondary_key]
             .iter()

@@ -91,8 +91,9 @@ mod tests {
         let key = SymmetricKey::generate();
         let device = |key: &SymmetricKey, status: &str| DeviceSpec {
             status: if status == "enabled" { DeviceStatus::Enabled } else { DeviceStatus::Disabled },
+            status_reason: None,
             keys: [Some(key.clone()), Some(key.clone())],
-            x509: None,
+            credentials: None,
         };
         hub.put_device(host, "dev", device(&key, "enabled"), None).await.unwrap();
         let token = || {

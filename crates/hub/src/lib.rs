@@ -23,4 +23,4 @@ pub use config::HubConfig;
 pub use hub::Hub;
 pub use registry::{DeviceSpec, DeviceState};
 pub use sessions::{DesiredPatch, MethodCall, Outbound, SessionFlags};
-pub use twins::TwinChange;
+pub use twins::{TwinChange, TwinReplacement};

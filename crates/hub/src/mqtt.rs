@@ -18,13 +18,22 @@ pub struct HubUsername {
 }
 
 impl HubUsername {
+    /// The SDKs put the device id in the username as it is, not percent-encoded (Python's
+    /// pipeline says so; C# and Node do the same), and a device id may hold `?`, `=`, `%`…
+    /// (never `/`): the host ends at the first `/`, the id at the next, and the query is what
+    /// follows `/?` after the id (or the module id).
     pub fn parse(username: &str) -> Option<Self> {
-        let (path, query) = username.split_once("/?").unwrap_or((username.trim_end_matches('/'), ""));
-        let parts: Vec<&str> = path.split('/').collect();
-        let (host, device, module) = match parts.as_slice() {
-            [h, d] => (*h, *d, None),
-            [h, d, m] if !m.is_empty() => (*h, *d, Some((*m).to_owned())),
-            _ => return None,
+        let (host, rest) = username.split_once('/')?;
+        let (device, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        let (module, query) = match rest.strip_prefix('?') {
+            Some(query) => (None, query),
+            None => {
+                let (module, tail) = rest.split_once('/').unwrap_or((rest, ""));
+                if !(tail.is_empty() || tail.starts_with('?')) {
+                    return None;
+                }
+                ((!module.is_empty()).then(|| module.to_owned()), tail.strip_prefix('?').unwrap_or(""))
+            }
         };
         if host.is_empty() || device.is_empty() || host.contains(char::is_whitespace) {
             return None;
@@ -35,6 +44,14 @@ impl HubUsername {
         });
         Some(Self { host_name: host.to_owned(), device_id: device.to_owned(), module_id: module, api_version })
     }
+}
+
+/// Whether a topic's device segment names `device_id`. IoT Hub takes the id as it is (the Python
+/// SDK stopped percent-encoding it in 2020 because the hub does not decode it); the
+/// percent-encoded form older SDK versions sent is accepted too: it names the same device, the
+/// one the connection authenticated as.
+fn names_device(segment: &str, device_id: &str) -> bool {
+    segment == device_id || percent_decode_str(segment).decode_utf8().is_ok_and(|d| d == device_id)
 }
 
 /// What a device's PUBLISH asks for.
@@ -92,7 +109,7 @@ pub fn parse_publish_topic(topic: &str, device_id: &str) -> Result<DeviceRequest
             "messages/events" | "messages/events/" => "",
             r => r.strip_prefix("messages/events/").ok_or(TopicError::Unknown)?,
         };
-        if id != device_id {
+        if !names_device(id, device_id) {
             return Err(TopicError::Forbidden);
         }
         return Ok(DeviceRequest::Telemetry { bag: bag.to_owned() });
@@ -177,7 +194,7 @@ pub fn subscription(filter: &str, device_id: &str) -> Option<Subscription> {
         f => {
             let rest = f.strip_prefix("devices/")?;
             let (id, tail) = rest.split_once('/')?;
-            (id == device_id && (tail == "messages/devicebound/#" || tail == "messages/devicebound/"))
+            (names_device(id, device_id) && (tail == "messages/devicebound/#" || tail == "messages/devicebound/"))
                 .then_some(Subscription::CloudToDevice)
         }
     }
@@ -198,6 +215,8 @@ pub fn method_request_topic(method: &str, rid: &str) -> String {
     format!("$iothub/methods/POST/{}/?$rid={rid}", fleetgate_core::message::encode_component(method))
 }
 
+/// The device id as it is: IoT Hub does not percent-encode it in topics, and the SDKs match
+/// C2D topics on the unencoded id (Python 2.14: `"devices/{id}/messages/devicebound" in topic`).
 pub fn c2d_topic(device_id: &str, bag: &str) -> String {
     format!("devices/{device_id}/messages/devicebound/{bag}")
 }
@@ -221,6 +240,45 @@ mod tests {
         for bad in ["", "h", "h/", "/dev/?x", "h//?x", "a/b/c/d/?x"] {
             assert!(HubUsername::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    /// Issue 14 item 1: device ids hold `?`, `=`, `%`, `$`… and the SDKs send them unencoded in
+    /// the username and in topics (older Python versions percent-encoded them in topics).
+    #[test]
+    fn device_ids_with_symbols_in_usernames_and_topics() {
+        for id in ["a?b", "?x", "a=b&c", "a%41", "$x", "a'b(c)!*,:@.-_"] {
+            let u = HubUsername::parse(&format!("h/{id}/?api-version=2019-10-01&DeviceClientType=py")).unwrap();
+            assert_eq!((u.device_id.as_str(), u.module_id.as_deref()), (id, None), "{id}");
+            assert_eq!(u.api_version.as_deref(), Some("2019-10-01"));
+            assert_eq!(HubUsername::parse(&format!("h/{id}")).unwrap().device_id, id);
+            let encoded = percent_encoding::utf8_percent_encode(id, fleetgate_core::sas::URI_COMPONENT).to_string();
+            for seg in [encoded.as_str(), id] {
+                assert_eq!(
+                    parse_publish_topic(&format!("devices/{seg}/messages/events/a=1"), id),
+                    Ok(DeviceRequest::Telemetry { bag: "a=1".into() }),
+                    "{seg}"
+                );
+                assert_eq!(
+                    subscription(&format!("devices/{seg}/messages/devicebound/#"), id),
+                    Some(Subscription::CloudToDevice)
+                );
+            }
+            assert_eq!(c2d_topic(id, ""), format!("devices/{id}/messages/devicebound/"));
+            assert_eq!(
+                parse_publish_topic(&format!("devices/{encoded}x/messages/events/"), id),
+                Err(TopicError::Forbidden)
+            );
+        }
+        let m = HubUsername::parse("h/a?b/m=1/?api-version=x").unwrap();
+        assert_eq!((m.device_id.as_str(), m.module_id.as_deref()), ("a?b", Some("m=1")));
+        assert_eq!(
+            parse_publish_topic("devices/a%2541/messages/events/", "a%41"),
+            Ok(DeviceRequest::Telemetry { bag: String::new() })
+        );
+        assert_eq!(
+            parse_publish_topic("devices/a%41/messages/events/", "aA"),
+            Ok(DeviceRequest::Telemetry { bag: String::new() })
+        );
     }
 
     #[test]

@@ -20,11 +20,13 @@ use crate::Hub;
 #[derive(Clone)]
 pub struct DeviceSpec {
     pub status: DeviceStatus,
+    /// Azure's `statusReason`, stored and returned as given.
+    pub status_reason: Option<String>,
     /// SAS keys (primary, secondary): a key left out is kept from the identity replaced, or
     /// generated for a new one. Ignored for X.509 identities.
     pub keys: [Option<SymmetricKey>; 2],
-    /// X.509 credentials; `None` for a SAS identity.
-    pub x509: Option<DeviceCredentials>,
+    /// X.509 credentials, or [`DeviceCredentials::None`]; `None` for a SAS identity.
+    pub credentials: Option<DeviceCredentials>,
 }
 
 /// What the hub knows of a device beyond its identity: its connection, now.
@@ -35,6 +37,8 @@ pub struct DeviceState {
     /// since the server started.
     pub state_updated: Option<String>,
     pub last_activity: Option<Timestamp>,
+    /// Unexpired cloud-to-device messages waiting for it.
+    pub c2d_queued: u64,
 }
 
 impl Hub {
@@ -46,8 +50,10 @@ impl Hub {
         spec: DeviceSpec,
         if_match: Option<String>,
     ) -> Result<DeviceIdentity, DpsError> {
-        fleetgate_core::ids::RegistrationId::parse(device_id)?;
-        let DeviceSpec { status, keys, x509 } = spec;
+        // IoT Hub's rule, wider than DPS's registration ids (a device DPS creates has its
+        // registration id, which always passes).
+        fleetgate_core::ids::check_device_id(device_id)?;
+        let DeviceSpec { status, status_reason, keys, credentials: x509 } = spec;
         let (hub_s, id) = (hub.to_owned(), device_id.to_owned());
         let now = Timestamp::now();
         // Decided in the store's transaction, from the identity it replaces.
@@ -96,8 +102,13 @@ impl Hub {
                     };
                     let mut dev = DeviceIdentity::provisioned_with(existing, &hub_s, &id, credentials, now);
                     dev.status = status;
+                    dev.status_reason = status_reason;
                     changed.store(existing.is_some_and(|old| !old.same_credentials(&dev)), Ordering::Relaxed);
-                    let twin = cur.map(|(_, t)| t).unwrap_or_default();
+                    let twin = cur.map(|(_, t)| t).unwrap_or_else(|| {
+                        let mut twin = Twin::default();
+                        twin.date_undated(&now.to_azure_string());
+                        twin
+                    });
                     Ok(Some((dev, twin)))
                 }),
             )
@@ -140,7 +151,11 @@ impl Hub {
 
     /// Identities with their twins, in creation order (the hub query reads these).
     pub async fn twins(&self, hub: &str, offset: usize, limit: usize) -> Result<Vec<(DeviceIdentity, Twin)>, DpsError> {
-        self.store.twins(hub, offset, limit).await.map_err(store_err)
+        let mut twins = self.store.twins(hub, offset, limit).await.map_err(store_err)?;
+        for (dev, twin) in &mut twins {
+            twin.date_undated(&dev.created_date_time_utc);
+        }
+        Ok(twins)
     }
 
     /// Counted by the store (Azure's `RegistryStatistics`).
@@ -153,8 +168,17 @@ impl Hub {
         self.sessions.count_of(hub)
     }
 
-    pub fn device_state(&self, dev: &DeviceIdentity) -> DeviceState {
+    /// What the hub knows of the device now: its connection (in memory) and its C2D queue (in
+    /// the store).
+    pub async fn device_state(&self, dev: &DeviceIdentity) -> Result<DeviceState, DpsError> {
         let (connected, state_updated) = self.sessions.connection_state(&dev.hub, &dev.device_id);
-        DeviceState { connected, state_updated, last_activity: self.last_activity(&dev.hub, &dev.device_id) }
+        let now = Timestamp::now().unix_seconds();
+        let c2d_queued = self.store.c2d_count(&dev.hub, &dev.device_id, now).await.map_err(store_err)?;
+        Ok(DeviceState {
+            connected,
+            state_updated,
+            last_activity: self.last_activity(&dev.hub, &dev.device_id),
+            c2d_queued,
+        })
     }
 }

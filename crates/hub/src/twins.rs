@@ -24,14 +24,27 @@ pub struct TwinChange {
     pub desired: Option<Map<String, Value>>,
 }
 
+/// A service's replacement of a twin (Azure's replace twin, `PUT /twins/{id}`): the whole tags
+/// and desired properties; what is not in them is removed.
+#[derive(Debug, Clone, Default)]
+pub struct TwinReplacement {
+    pub tags: Map<String, Value>,
+    pub desired: Map<String, Value>,
+}
+
 /// The twin's etag changes with every version.
 pub fn twin_etag(twin: &Twin) -> String {
     base64::engine::general_purpose::STANDARD.encode(format!("\"{}\"", twin.version))
 }
 
 impl Hub {
+    /// A device's identity and twin; a twin stored before twins had metadata is dated as of
+    /// the device's creation.
     pub async fn twin(&self, hub: &str, device_id: &str) -> Result<(DeviceIdentity, Twin), DpsError> {
-        self.store.twin(hub, device_id).await.map_err(store_err)?.ok_or_else(|| not_found(device_id))
+        let (dev, mut twin) =
+            self.store.twin(hub, device_id).await.map_err(store_err)?.ok_or_else(|| not_found(device_id))?;
+        twin.date_undated(&dev.created_date_time_utc);
+        Ok((dev, twin))
     }
 
     /// A device's reported-properties patch; returns the new reported version.
@@ -45,7 +58,8 @@ impl Hub {
                 &d.device_id,
                 Box::new(move |cur| {
                     let (dev, mut twin) = cur.ok_or_else(|| not_found(&id))?;
-                    twin.patch_reported(&patch)?;
+                    twin.date_undated(&dev.created_date_time_utc);
+                    twin.patch_reported(&patch, Timestamp::now())?;
                     Ok(Some((dev, twin)))
                 }),
             )
@@ -75,11 +89,12 @@ impl Hub {
                 Box::new(move |cur| {
                     let (dev, mut twin) = cur.ok_or_else(|| not_found(&id))?;
                     check_if_match(if_match.as_deref(), Some(&twin_etag(&twin)))?;
+                    twin.date_undated(&dev.created_date_time_utc);
                     if let Some(t) = &tags {
                         twin.patch_tags(t)?;
                     }
                     if let Some(d) = &desired_for_store {
-                        twin.patch_desired(d)?;
+                        twin.patch_desired(d, Timestamp::now())?;
                     }
                     Ok(Some((dev, twin)))
                 }),
@@ -88,17 +103,55 @@ impl Hub {
             .map_err(store_err)?
             .ok_or_else(|| not_found(device_id))?;
         if let Some(patch) = desired {
-            if let Some(live) = self.sessions.get(hub, device_id) {
-                if live.flags.desired.load(Ordering::Relaxed) {
-                    let body = Twin::desired_notification(&patch, twin.desired_version);
-                    // A device too slow to take it re-reads the twin on reconnect (the SDKs do).
-                    let _ = live.tx.try_send(Outbound::DesiredPatch(Box::new(DesiredPatch {
-                        body,
-                        version: twin.desired_version,
-                    })));
-                }
-            }
+            self.notify_desired(hub, device_id, &patch, twin.desired_version);
         }
         Ok((dev, twin))
+    }
+
+    /// A service's replacement of the tags and desired properties, etag-checked (Azure's replace
+    /// twin). A listening device hears the merge patch from its last desired properties to the
+    /// new ones (removed members as `null`), so a device that merges patches ends up with
+    /// exactly the replacement.
+    pub async fn replace_twin(
+        &self,
+        hub: &str,
+        device_id: &str,
+        replacement: TwinReplacement,
+        if_match: Option<String>,
+    ) -> Result<(DeviceIdentity, Twin), DpsError> {
+        let id = device_id.to_owned();
+        let change = std::sync::Arc::new(std::sync::Mutex::new(Map::new()));
+        let change_in_store = change.clone();
+        let (dev, twin) = self
+            .store
+            .update_device(
+                hub,
+                device_id,
+                Box::new(move |cur| {
+                    let (dev, mut twin) = cur.ok_or_else(|| not_found(&id))?;
+                    check_if_match(if_match.as_deref(), Some(&twin_etag(&twin)))?;
+                    twin.date_undated(&dev.created_date_time_utc);
+                    let (patch, _) = twin.replace(replacement.tags, replacement.desired, Timestamp::now())?;
+                    *change_in_store.lock().unwrap_or_else(|p| p.into_inner()) = patch;
+                    Ok(Some((dev, twin)))
+                }),
+            )
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| not_found(device_id))?;
+        let patch = std::mem::take(&mut *change.lock().unwrap_or_else(|p| p.into_inner()));
+        self.notify_desired(hub, device_id, &patch, twin.desired_version);
+        Ok((dev, twin))
+    }
+
+    /// Tells the device, if it listens, about a change to its desired properties.
+    fn notify_desired(&self, hub: &str, device_id: &str, patch: &Map<String, Value>, version: u64) {
+        if let Some(live) = self.sessions.get(hub, device_id) {
+            if live.flags.desired.load(Ordering::Relaxed) {
+                let body = Twin::desired_notification(patch, version);
+                // A device too slow to take it re-reads the twin on reconnect (the SDKs do).
+                let _ = live.tx.try_send(Outbound::DesiredPatch(Box::new(DesiredPatch { body, version })));
+            }
+        }
     }
 }

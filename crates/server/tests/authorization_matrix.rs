@@ -78,6 +78,8 @@ const HUB_ROUTES: &[(&str, &str, &[&str])] = &[
     ("POST", "/devices/{id}/messages/events", DEVICE),
     ("GET", "/twins/{id}", TWIN_READERS),
     ("PATCH", "/twins/{id}", SERVICE),
+    // Replace twin (issue 14 item 8): a twin change, as PATCH.
+    ("PUT", "/twins/{id}", SERVICE),
     ("POST", "/twins/{id}/methods", SERVICE),
     ("GET", "/messages/events", SERVICE),
 ];

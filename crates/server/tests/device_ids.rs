@@ -91,3 +91,68 @@ async fn a_device_connects_sends_and_receives_only_as_the_id_it_was_created_with
     m_upper.send(Packet::PingReq).await;
     assert!(matches!(m_upper.recv().await, Some(Packet::PingResp)), "Dev-Case got nothing");
 }
+
+/// Issue 14 item 1: a device id with every symbol IoT Hub allows (`- . % _ * ? ! ( ) , : = @ $ '`)
+/// is created, read and deleted through the REST API with the id percent-encoded in the path,
+/// connects over MQTT with the id unencoded in the username and in topics (as IoT Hub and the
+/// Python SDK 2.14 have it; the percent-encoded topic of older SDKs works too), and receives C2D
+/// on the unencoded topic; ids outside the rule are refused with 400005. The DPS rules (no `$`,
+/// no trailing `.`) do not apply here.
+#[tokio::test]
+async fn device_ids_with_every_symbol_azure_allows_work_over_rest_and_mqtt() {
+    use fleetgate_core::keys::SymmetricKey;
+    use percent_encoding::utf8_percent_encode;
+    let enc = |id: &str| utf8_percent_encode(id, fleetgate_core::sas::URI_COMPONENT).to_string();
+    let s = TestServer::start().await;
+    let put = |id: &str, key: &SymmetricKey| {
+        let body = serde_json::json!({"deviceId": id, "authentication": {"type": "sas", "symmetricKey": {"primaryKey": key.to_base64()}}});
+        s.http()
+            .put(s.url(&format!("/devices/{}{V}", enc(id))))
+            .header("Authorization", s.hub_token())
+            .json(&body)
+            .send()
+    };
+    for id in ["a-b.c%d_e*f?g!h(i)j,k:l=m@n$o'p", "dev.", "$edgeAgent-like", "100%"] {
+        let key = SymmetricKey::generate();
+        let resp = put(id, &key).await.unwrap();
+        assert_eq!(resp.status(), 200, "{id}: {}", resp.text().await.unwrap());
+        let device = s.hub_get(&format!("/devices/{}", enc(id))).await;
+        assert_eq!(device["deviceId"], id, "{device}");
+        assert_eq!(s.hub_get(&format!("/twins/{}", enc(id))).await["deviceId"], id);
+
+        let mut m = s.hub_device(id, &key).await.unwrap_or_else(|e| panic!("{id}: {e:?}"));
+        m.subscribe(&format!("devices/{id}/messages/devicebound/#"), QoS::AtLeastOnce, 1).await;
+        m.publish(&format!("devices/{id}/messages/events/"), QoS::AtLeastOnce, 2, b"hi").await;
+        assert!(matches!(m.recv().await, Some(Packet::PubAck(_))), "{id}: telemetry accepted");
+        m.publish(&format!("devices/{}/messages/events/", enc(id)), QoS::AtLeastOnce, 3, b"encoded").await;
+        assert!(matches!(m.recv().await, Some(Packet::PubAck(_))), "{id}: percent-encoded topic accepted");
+        let resp = s
+            .http()
+            .post(s.url(&format!("/devices/{}/messages/devicebound{V}", enc(id))))
+            .header("Authorization", s.hub_token())
+            .body("to you")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204);
+        let p = m.next_publish().await;
+        assert!(p.topic.starts_with(&format!("devices/{id}/messages/devicebound/")), "{id}: {}", p.topic);
+        assert_eq!(&p.payload[..], b"to you");
+    }
+    let origins: Vec<Value> = s.stored_events().await.iter().map(|e| e["event"]["origin"].clone()).collect();
+    assert_eq!(origins[0], "a-b.c%d_e*f?g!h(i)j,k:l=m@n$o'p");
+    for bad in ["a b", "a#b", "a+b", "a&b", "dév", "a\\b", &"x".repeat(129)] {
+        let resp = put(bad, &SymmetricKey::generate()).await.unwrap();
+        assert_eq!(resp.status(), 400, "{bad}");
+        assert_eq!(resp.json::<Value>().await.unwrap()["errorCode"], 400005, "{bad}");
+    }
+    let resp = s
+        .http()
+        .delete(s.url(&format!("/devices/{}{V}", enc("100%"))))
+        .header("Authorization", s.hub_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(s.hub_get(&format!("/devices/{}", enc("100%"))).await["errorCode"], 404001);
+}

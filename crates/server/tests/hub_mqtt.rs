@@ -12,6 +12,16 @@ use serde_json::{json, Value};
 
 const V: &str = "?api-version=2021-04-12";
 
+/// A twin (or a section of one) without its `$metadata` members, at any depth.
+fn without_metadata(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter().filter(|(k, _)| *k != "$metadata").map(|(k, v)| (k.clone(), without_metadata(v))).collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 #[tokio::test]
 async fn telemetry_is_acked_after_it_is_stored_with_decoded_properties() {
     let s = TestServer::start().await;
@@ -121,7 +131,7 @@ async fn twin_get_patch_and_desired_notifications() {
     let p = m.next_publish().await;
     assert_eq!(p.topic, "$iothub/twin/res/200/?$rid=8c");
     let twin: Value = serde_json::from_slice(&p.payload).unwrap();
-    assert_eq!(twin, json!({"desired": {"$version": 1}, "reported": {"$version": 1}}));
+    assert_eq!(without_metadata(&twin), json!({"desired": {"$version": 1}, "reported": {"$version": 1}}));
     m.send(Packet::PubAck(PubAck::new(p.pkid))).await;
 
     m.publish(
@@ -145,7 +155,7 @@ async fn twin_get_patch_and_desired_notifications() {
 
     // The service sees the reported properties and sends a desired patch.
     let twin: Value = s.hub_get("/twins/dev-1").await;
-    assert_eq!(twin["properties"]["reported"], json!({"fw": "1.1", "$version": 2}));
+    assert_eq!(without_metadata(&twin["properties"]["reported"]), json!({"fw": "1.1", "$version": 2}));
     let etag = twin["etag"].as_str().unwrap().to_owned();
     let resp = s
         .http()
@@ -418,6 +428,223 @@ async fn device_identity_service_api() {
     assert_eq!(resp.json::<Value>().await.unwrap()["errorCode"], 404001);
 }
 
+/// A hub service API call with the owner's token: status and JSON answer (`Null` when empty).
+async fn hub_call(
+    s: &TestServer,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    if_match: Option<&str>,
+) -> (u16, Value) {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let url = s.url(&format!("{path}{sep}api-version=2021-04-12"));
+    let mut req = s.http().request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), url);
+    req = req.header("Authorization", s.hub_token());
+    if let Some(e) = if_match {
+        req = req.header("If-Match", e);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Issue 14 items 2-4: `statusReason` is kept, `cloudToDeviceMessageCount` is the queue, and an
+/// identity with authentication type `none` exists but cannot connect.
+#[tokio::test]
+async fn status_reason_c2d_count_and_authentication_none() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let body = json!({"deviceId": "dev-1", "status": "disabled", "statusReason": "battery replaced",
+        "authentication": {"type": "sas", "symmetricKey": {"primaryKey": key.to_base64()}}});
+    let (status, dev) = hub_call(&s, "PUT", "/devices/dev-1", Some(body), Some("*")).await;
+    assert_eq!(status, 200, "{dev}");
+    assert_eq!(dev["statusReason"], "battery replaced");
+    assert_eq!(s.hub_get("/devices/dev-1").await["statusReason"], "battery replaced");
+    assert_eq!(s.hub_get("/twins/dev-1").await["statusReason"], "battery replaced");
+    let (status, err) =
+        hub_call(&s, "PUT", "/devices/dev-1", Some(json!({"statusReason": "x".repeat(129)})), Some("*")).await;
+    assert_eq!((status, &err["errorCode"]), (400, &json!(400004)), "{err}");
+
+    // Three messages queued for an offline device, one for another.
+    s.create_device("dev-2").await;
+    for (device, mid) in [("dev-2", "a"), ("dev-2", "b"), ("dev-2", "c"), ("dev-1", "d")] {
+        assert_eq!(send_c2d(&s, device, "x", mid).await.status(), 204);
+    }
+    assert_eq!(s.hub_get("/devices/dev-2").await["cloudToDeviceMessageCount"], 3);
+    assert_eq!(s.hub_get("/twins/dev-2").await["cloudToDeviceMessageCount"], 3);
+    let listed = s.hub_get("/devices").await;
+    let count_of = |id: &str| {
+        listed.as_array().unwrap().iter().find(|d| d["deviceId"] == id).unwrap()["cloudToDeviceMessageCount"].clone()
+    };
+    assert_eq!((count_of("dev-1"), count_of("dev-2")), (json!(1), json!(3)));
+
+    // Authentication type none: created, shown as such, without keys, and never connected.
+    let (status, dev) =
+        hub_call(&s, "PUT", "/devices/no-auth", Some(json!({"authentication": {"type": "none"}})), None).await;
+    assert_eq!(status, 200, "{dev}");
+    assert_eq!(dev["authentication"]["type"], "none");
+    assert_eq!(dev["authentication"]["symmetricKey"]["primaryKey"], Value::Null);
+    assert_eq!(s.hub_get("/twins/no-auth").await["authenticationType"], "none");
+    assert_eq!(s.hub_device("no-auth", &SymmetricKey::generate()).await.err(), Some(ConnectReturnCode::NotAuthorized));
+    // Its twin is still the service's to write.
+    let (status, _) = hub_call(&s, "PATCH", "/twins/no-auth", Some(json!({"tags": {"a": 1}})), None).await;
+    assert_eq!(status, 200);
+}
+
+/// Issue 14 items 5, 7 and 9: Azure's documented maximum depth is accepted and one more level
+/// refused; `$` names in tags and desired properties and integers beyond ±2^52 are refused
+/// (400), from the service and from the device alike.
+#[tokio::test]
+async fn twin_depth_dollar_names_and_integer_limits() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let names = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven"];
+    let nested =
+        |levels: usize| names[..levels].iter().rev().fold(json!({"property": "value"}), |v, k| json!({ *k: v }));
+    for section in ["tags", "desired"] {
+        let wrap =
+            |v: Value| if section == "tags" { json!({"tags": v}) } else { json!({"properties": {"desired": v}}) };
+        let (status, body) = hub_call(&s, "PATCH", "/twins/dev-1", Some(wrap(nested(10))), None).await;
+        assert_eq!(status, 200, "{section}: Azure's own example of the maximum: {body}");
+        for bad in [
+            nested(11),
+            json!({"$x": 1}),
+            json!({"a": {"$b": 1}}),
+            json!({"n": 4_503_599_627_370_496u64}),
+            json!({"n": -4_503_599_627_370_497i64}),
+        ] {
+            let (status, err) = hub_call(&s, "PATCH", "/twins/dev-1", Some(wrap(bad.clone())), None).await;
+            assert_eq!((status, &err["errorCode"]), (400, &json!(400004)), "{section} {bad}: {err}");
+        }
+        let (status, _) =
+            hub_call(&s, "PATCH", "/twins/dev-1", Some(wrap(json!({"n": 4_503_599_627_370_495u64}))), None).await;
+        assert_eq!(status, 200);
+    }
+    let twin = s.hub_get("/twins/dev-1").await;
+    assert_eq!(
+        twin["tags"]["one"]["two"]["three"]["four"]["five"]["six"]["seven"]["eight"]["nine"]["ten"]["property"],
+        "value"
+    );
+    assert!(twin["tags"].get("$x").is_none() && twin["properties"]["desired"].get("$x").is_none());
+    // A twin read back whole (with `$metadata` and `$version`) can be sent as a patch.
+    let (status, body) = hub_call(
+        &s,
+        "PATCH",
+        "/twins/dev-1",
+        Some(json!({"properties": {"desired": twin["properties"]["desired"]}})),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    m.subscribe("$iothub/twin/res/#", QoS::AtLeastOnce, 1).await;
+    for (rid, body) in [("1", json!({"n": 4_503_599_627_370_496u64})), ("2", json!({"r": nested(11)}))] {
+        m.publish(
+            &format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}"),
+            QoS::AtMostOnce,
+            0,
+            body.to_string().as_bytes(),
+        )
+        .await;
+        let p = m.next_publish().await;
+        assert_eq!(p.topic, format!("$iothub/twin/res/400/?$rid={rid}"), "{body}");
+    }
+    m.publish("$iothub/twin/PATCH/properties/reported/?$rid=3", QoS::AtMostOnce, 0, nested(10).to_string().as_bytes())
+        .await;
+    assert!(m.next_publish().await.topic.starts_with("$iothub/twin/res/204/?$rid=3"));
+}
+
+/// Issue 14 item 6: `$metadata` dates every member of the desired (with `$lastUpdatedVersion`)
+/// and reported properties, at every level, on the service API and on the device's twin GET.
+#[tokio::test]
+async fn twin_metadata_at_every_level_for_service_and_device() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let created = s.hub_get("/twins/dev-1").await;
+    let born = created["properties"]["desired"]["$metadata"]["$lastUpdated"].as_str().unwrap().to_owned();
+    assert_eq!(created["properties"]["desired"]["$metadata"], json!({"$lastUpdated": born, "$lastUpdatedVersion": 1}));
+    assert_eq!(created["properties"]["reported"]["$metadata"], json!({"$lastUpdated": born}));
+
+    let patch = json!({"properties": {"desired": {"telemetry": {"every": "5m", "to": "x"}, "mode": "eco"}}});
+    assert_eq!(hub_call(&s, "PATCH", "/twins/dev-1", Some(patch), None).await.0, 200);
+    let (_, twin) = hub_call(
+        &s,
+        "PATCH",
+        "/twins/dev-1",
+        Some(json!({"properties": {"desired": {"telemetry": {"every": "1m"}}}})),
+        None,
+    )
+    .await;
+    let meta = &twin["properties"]["desired"]["$metadata"];
+    let (first, second) = (meta["mode"]["$lastUpdated"].clone(), meta["telemetry"]["every"]["$lastUpdated"].clone());
+    assert!(first.as_str().unwrap() >= born.as_str() && second.as_str() >= first.as_str(), "{meta}");
+    assert_eq!(
+        *meta,
+        json!({
+            "$lastUpdated": second, "$lastUpdatedVersion": 3,
+            "telemetry": {"$lastUpdated": second, "$lastUpdatedVersion": 3,
+                "every": {"$lastUpdated": second, "$lastUpdatedVersion": 3},
+                "to": {"$lastUpdated": first, "$lastUpdatedVersion": 2}},
+            "mode": {"$lastUpdated": first, "$lastUpdatedVersion": 2},
+        })
+    );
+
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    m.subscribe("$iothub/twin/res/#", QoS::AtLeastOnce, 1).await;
+    m.publish("$iothub/twin/PATCH/properties/reported/?$rid=1", QoS::AtMostOnce, 0, br#"{"fw":{"version":"1.0"}}"#)
+        .await;
+    m.next_publish().await;
+    m.publish("$iothub/twin/GET/?$rid=2", QoS::AtMostOnce, 0, b"").await;
+    let device_view: Value = serde_json::from_slice(&m.next_publish().await.payload).unwrap();
+    let reported = &device_view["reported"]["$metadata"];
+    let at = reported["$lastUpdated"].clone();
+    assert_eq!(*reported, json!({"$lastUpdated": at, "fw": {"$lastUpdated": at, "version": {"$lastUpdated": at}}}));
+    assert_eq!(device_view["desired"]["$metadata"], *meta, "the device sees the same desired metadata");
+    assert_eq!(s.hub_get("/twins/dev-1").await["properties"], device_view, "and the service the same properties");
+}
+
+/// Issue 14 item 8: `PUT /twins/{id}` (the service SDKs' replace_twin) replaces the tags and the
+/// desired properties, etag-checked; the device hears what changed, removed members as `null`.
+#[tokio::test]
+async fn replace_twin_replaces_tags_and_desired() {
+    let s = TestServer::start().await;
+    let key = s.create_device("dev-1").await;
+    let patch = json!({"tags": {"site": "lab", "old": 1}, "properties": {"desired": {"a": {"x": 1, "y": 2}, "b": 1}}});
+    let (_, before) = hub_call(&s, "PATCH", "/twins/dev-1", Some(patch), None).await;
+    let mut m = s.hub_device("dev-1", &key).await.unwrap();
+    m.subscribe("$iothub/twin/PATCH/properties/desired/#", QoS::AtLeastOnce, 1).await;
+
+    // The twin as read, changed, and sent back whole.
+    let mut replacement = before.clone();
+    replacement["tags"] = json!({"site": "field"});
+    replacement["properties"]["desired"] = json!({"a": {"x": 1}, "c": 3, "$version": 2});
+    let etag = format!("\"{}\"", s.hub_get("/twins/dev-1").await["etag"].as_str().unwrap());
+    let (status, twin) = hub_call(&s, "PUT", "/twins/dev-1", Some(replacement.clone()), Some(&etag)).await;
+    assert_eq!(status, 200, "{twin}");
+    assert_eq!(twin["tags"], json!({"site": "field"}));
+    assert_eq!(without_metadata(&twin["properties"]["desired"]), json!({"a": {"x": 1}, "c": 3, "$version": 3}));
+    assert_eq!(twin["properties"]["reported"]["$version"], 1, "reported properties are the device's");
+    let p = m.next_publish().await;
+    assert_eq!(p.topic, "$iothub/twin/PATCH/properties/desired/?$version=3");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&p.payload).unwrap(),
+        json!({"a": {"y": null}, "b": null, "c": 3, "$version": 3})
+    );
+    // The etag it was checked against has changed; a missing twin is 404.
+    let (status, err) = hub_call(&s, "PUT", "/twins/dev-1", Some(replacement.clone()), Some(&etag)).await;
+    assert_eq!((status, &err["errorCode"]), (412, &json!(412002)));
+    let (status, err) = hub_call(&s, "PUT", "/twins/nobody", Some(replacement), None).await;
+    assert_eq!((status, &err["errorCode"]), (404, &json!(404001)));
+    let (status, _) = hub_call(&s, "PUT", "/twins/dev-1", Some(json!({"tags": {"$x": 1}})), None).await;
+    assert_eq!(status, 400);
+    assert_eq!(s.hub_get("/twins/dev-1").await["tags"], json!({"site": "field"}), "a refused replace changes nothing");
+}
+
 #[tokio::test]
 async fn a_provisioned_device_connects_with_either_derived_key_and_sees_its_initial_twin() {
     let s = TestServer::start().await;
@@ -450,7 +677,7 @@ async fn a_provisioned_device_connects_with_either_derived_key_and_sees_its_init
         m.publish("$iothub/twin/GET/?$rid=1", QoS::AtMostOnce, 0, b"").await;
         let p = m.next_publish().await;
         let twin: Value = serde_json::from_slice(&p.payload).unwrap();
-        assert_eq!(twin["desired"], json!({"interval": 30, "$version": 1}));
+        assert_eq!(without_metadata(&twin["desired"]), json!({"interval": 30, "$version": 1}));
     }
     let twin: Value = s
         .http()

@@ -216,6 +216,9 @@ impl Store for CachingStore {
     async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool> {
         self.inner.complete_c2d(hub, device_id, id).await
     }
+    async fn c2d_count(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64> {
+        self.inner.c2d_count(hub, device_id, now).await
+    }
     async fn purge_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64> {
         self.inner.purge_c2d(hub, device_id, now).await
     }

@@ -225,6 +225,10 @@ impl Store for FaultyStore {
         self.faults.write()?;
         self.inner.pending_c2d(hub, device_id, now).await
     }
+    async fn c2d_count(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64> {
+        self.faults.read()?;
+        self.inner.c2d_count(hub, device_id, now).await
+    }
     async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool> {
         self.faults.write()?;
         self.inner.complete_c2d(hub, device_id, id).await

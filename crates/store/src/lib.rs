@@ -245,6 +245,8 @@ pub trait Store: Send + Sync + 'static {
     async fn enqueue_c2d(&self, message: &C2dMessage, max_depth: usize) -> StoreResult<()>;
     /// Undelivered, unexpired messages of a device, oldest first (expired ones are dropped).
     async fn pending_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<Vec<C2dMessage>>;
+    /// How many unexpired messages wait for a device (Azure's `cloudToDeviceMessageCount`).
+    async fn c2d_count(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64>;
     /// Removes a delivered message. `Ok(false)` when it was not queued.
     async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool>;
     /// Removes every message queued for a device; returns how many. Each leaves as `Purged`

@@ -1080,6 +1080,20 @@ impl Store for SqliteStore {
         self.write(move |c| crate::c2d_queue::pending(c, &h, &d, now)).await
     }
 
+    async fn c2d_count(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64> {
+        let (h, d) = (key(hub), device_id.to_owned());
+        self.with(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM c2d WHERE hub_key = ?1 AND device_key = ?2 AND expiry >= ?3",
+                params![h, d, now],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool> {
         let (h, d, id) = (key(hub), device_id.to_owned(), id.to_owned());
         let now = fleetgate_core::time::Timestamp::now().unix_seconds();

@@ -337,6 +337,27 @@ fn c2d(hub: &str, id: &str, msg: &str) -> fleetgate_core::message::C2dMessage {
     }
 }
 
+/// Issue 14 item 3: the queue's length is counted per device, expired messages left out, and
+/// completing a message takes it off the count.
+#[tokio::test]
+async fn c2d_count_is_the_unexpired_queue_of_the_device() {
+    let (_, s) = temp_db();
+    put_device(&s, "hub-a", "d1").await;
+    put_device(&s, "hub-a", "D1").await;
+    for i in 0..3 {
+        s.enqueue_c2d(&c2d("hub-a", "d1", &format!("m{i}")), 50).await.unwrap();
+    }
+    let mut old = c2d("hub-a", "d1", "expired");
+    old.expiry = Timestamp::now().unix_seconds() - 10;
+    s.enqueue_c2d(&old, 50).await.unwrap();
+    let now = Timestamp::now().unix_seconds();
+    assert_eq!(s.c2d_count("hub-a", "d1", now).await.unwrap(), 3);
+    assert_eq!(s.c2d_count("HUB-A", "d1", now).await.unwrap(), 3, "host names are case-insensitive");
+    assert_eq!(s.c2d_count("hub-a", "D1", now).await.unwrap(), 0, "device ids are not");
+    assert!(s.complete_c2d("hub-a", "d1", "m1").await.unwrap());
+    assert_eq!(s.c2d_count("hub-a", "d1", now).await.unwrap(), 2);
+}
+
 /// Issue 13 item 4: device ids are case-sensitive (IoT Hub's rule), hub host names are not.
 #[tokio::test]
 async fn device_ids_are_case_sensitive_and_host_names_are_not() {

@@ -81,7 +81,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/messages/servicebound/feedback", get(c2d::receive_feedback))
         .route("/messages/servicebound/feedback/{lock}", delete(c2d::complete_feedback))
         .route("/messages/servicebound/feedback/{lock}/abandon", post(c2d::abandon_feedback))
-        .route("/twins/{id}", get(get_twin).patch(patch_twin))
+        .route("/twins/{id}", get(get_twin).patch(patch_twin).put(replace_twin))
         .route("/twins/{id}/methods", post(invoke_method))
         .route("/messages/events", get(events))
         .method_not_allowed_fallback(|| async {
@@ -125,6 +125,8 @@ pub const ACCESS: &[RouteAccess] = {
         a("POST", "/devices/{id}/messages/events", &[DC], false),
         a("GET", "/twins/{id}", &[RR, SC], false),
         a("PATCH", "/twins/{id}", &[SC], true),
+        // Replace twin: a change like PATCH, with the same rights.
+        a("PUT", "/twins/{id}", &[SC], true),
         a("POST", "/twins/{id}/methods", &[SC], true),
         a("GET", "/messages/events", &[SC], false),
     ]
@@ -239,7 +241,11 @@ async fn list_devices(
     let offset = fleetgate_rest::Page::from_headers(&headers)?.offset;
     let page = fleetgate_rest::Page { offset, size };
     let devices = hub.devices(&t.0, offset, size + 1).await?;
-    Ok(page.respond(devices.iter().map(|d| render::device(d, &hub.device_state(d))).collect::<Vec<_>>(), "device"))
+    let mut items = Vec::with_capacity(devices.len());
+    for d in &devices {
+        items.push(render::device(d, &hub.device_state(d).await?));
+    }
+    Ok(page.respond(items, "device"))
 }
 
 /// `POST /devices/query`: Azure's twin query (`az iot hub query`, the SDKs' `createQuery`), in
@@ -261,7 +267,11 @@ async fn query_devices(
     let (hub, name) = (&hub, &t.0);
     let items = fleetgate_rest::query_page(&q, &page, |offset, limit| async move {
         let twins = hub.twins(name, offset, limit).await?;
-        Ok(twins.iter().map(|(d, t)| render::twin(d, t, &hub.device_state(d))).collect())
+        let mut items = Vec::with_capacity(twins.len());
+        for (d, t) in &twins {
+            items.push(render::twin(d, t, &hub.device_state(d).await?));
+        }
+        Ok(items)
     })
     .await?;
     Ok(page.respond(items, "twin"))
@@ -283,7 +293,7 @@ async fn get_device(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let (dev, _) = hub.twin(&t.0, &id).await?;
-    Ok(json(render::device(&dev, &hub.device_state(&dev))))
+    Ok(json(render::device(&dev, &hub.device_state(&dev).await?)))
 }
 
 async fn put_device(
@@ -295,7 +305,7 @@ async fn put_device(
 ) -> ApiResult<Response> {
     let spec = requests::device_spec(&body(b)?, &id)?;
     let dev = hub.put_device(&t.0, &id, spec, if_match(&headers)).await?;
-    Ok(json(render::device(&dev, &hub.device_state(&dev))))
+    Ok(json(render::device(&dev, &hub.device_state(&dev).await?)))
 }
 
 async fn delete_device(
@@ -314,7 +324,7 @@ async fn get_twin(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let (dev, twin) = hub.twin(&t.0, &id).await?;
-    Ok(json(render::twin(&dev, &twin, &hub.device_state(&dev))))
+    Ok(json(render::twin(&dev, &twin, &hub.device_state(&dev).await?)))
 }
 
 async fn patch_twin(
@@ -326,7 +336,21 @@ async fn patch_twin(
 ) -> ApiResult<Response> {
     let change = requests::twin_change(&body(b)?)?;
     let (dev, twin) = hub.patch_twin(&t.0, &id, change, if_match(&headers)).await?;
-    Ok(json(render::twin(&dev, &twin, &hub.device_state(&dev))))
+    Ok(json(render::twin(&dev, &twin, &hub.device_state(&dev).await?)))
+}
+
+/// `PUT /twins/{id}`: Azure's replace twin (the service SDKs' `replace_twin`): the tags and
+/// desired properties become the body's, etag-checked with `If-Match` like a patch.
+async fn replace_twin(
+    State(hub): State<Arc<Hub>>,
+    Extension(t): Extension<TargetHub>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let replacement = requests::twin_replacement(&body(b)?)?;
+    let (dev, twin) = hub.replace_twin(&t.0, &id, replacement, if_match(&headers)).await?;
+    Ok(json(render::twin(&dev, &twin, &hub.device_state(&dev).await?)))
 }
 
 #[derive(Deserialize)]

@@ -2,12 +2,15 @@
 
 use fleetgate_core::device::{DeviceCredentials, DeviceStatus};
 use fleetgate_core::keys::SymmetricKey;
-use fleetgate_core::twin::parse_patch;
+use fleetgate_core::twin::{service_section, ServiceSection};
 use fleetgate_core::DpsError;
 use serde_json::Value;
 
 use crate::registry::DeviceSpec;
-use crate::twins::TwinChange;
+use crate::twins::{TwinChange, TwinReplacement};
+
+/// Azure's limit on `statusReason`.
+const MAX_STATUS_REASON: usize = 128;
 
 /// Azure's `Device` body of `PUT /devices/{id}`: status and credentials (everything else in it
 /// is the hub's to decide).
@@ -24,6 +27,11 @@ pub fn device_spec(body: &[u8], device_id: &str) -> Result<DeviceSpec, DpsError>
         Some(s) => serde_json::from_value(s.clone())
             .map_err(|_| DpsError::bad_request("status must be enabled or disabled."))?,
     };
+    let status_reason = match v.get("statusReason") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(r)) if r.chars().count() <= MAX_STATUS_REASON => Some(r.clone()),
+        Some(_) => return Err(DpsError::bad_request("statusReason must be a string of at most 128 characters.")),
+    };
     let key = |name: &str| -> Result<Option<SymmetricKey>, DpsError> {
         match v
             .pointer(&format!("/authentication/symmetricKey/{name}"))
@@ -34,39 +42,62 @@ pub fn device_spec(body: &[u8], device_id: &str) -> Result<DeviceSpec, DpsError>
             None => Ok(None),
         }
     };
-    Ok(DeviceSpec { status, keys: [key("primaryKey")?, key("secondaryKey")?], x509: x509_credentials(&v)? })
+    Ok(DeviceSpec {
+        status,
+        status_reason,
+        keys: [key("primaryKey")?, key("secondaryKey")?],
+        credentials: other_credentials(&v)?,
+    })
+}
+
+/// The tags and desired properties of a twin body (each `None` when absent or `null`), and
+/// whether it holds reported properties.
+fn twin_sections(body: &[u8]) -> Result<(TwinChange, bool), DpsError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| DpsError::bad_request(format!("Malformed twin JSON: {e}")))?;
+    let section = |value: Option<&Value>, which| match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(s) => service_section(s, which).map(Some),
+    };
+    let tags = section(v.get("tags"), ServiceSection::Tags)?;
+    let desired = section(v.pointer("/properties/desired"), ServiceSection::Desired)?;
+    Ok((TwinChange { tags, desired }, v.pointer("/properties/reported").is_some()))
 }
 
 /// Azure's twin patch body: `tags` and/or `properties.desired`.
 pub fn twin_change(body: &[u8]) -> Result<TwinChange, DpsError> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| DpsError::bad_request(format!("Malformed twin JSON: {e}")))?;
-    let tags = match v.get("tags") {
-        None | Some(Value::Null) => None,
-        Some(t) => Some(parse_patch(t.to_string().as_bytes())?),
-    };
-    let desired = match v.pointer("/properties/desired") {
-        None | Some(Value::Null) => None,
-        Some(p) => Some(parse_patch(p.to_string().as_bytes())?),
-    };
-    if v.pointer("/properties/reported").is_some() {
+    let (change, reported) = twin_sections(body)?;
+    if reported {
         return Err(DpsError::bad_request("Reported properties are written by the device only."));
     }
-    Ok(TwinChange { tags, desired })
+    Ok(change)
 }
 
-/// The X.509 credentials of a service API device body (`authentication.type` `selfSigned` with
-/// `x509Thumbprint`, or `certificateAuthority`); `None` for SAS.
-fn x509_credentials(v: &Value) -> Result<Option<DeviceCredentials>, DpsError> {
+/// Azure's replace-twin body: the whole twin, of which the tags and the desired properties are
+/// taken (a section left out or `null` becomes empty). The service SDKs send back a twin they
+/// read, so its reported properties and read-only members are there and are ignored.
+pub fn twin_replacement(body: &[u8]) -> Result<TwinReplacement, DpsError> {
+    let (TwinChange { tags, desired }, _) = twin_sections(body)?;
+    Ok(TwinReplacement { tags: tags.unwrap_or_default(), desired: desired.unwrap_or_default() })
+}
+
+/// The credentials of a service API device body other than SAS keys (`authentication.type`
+/// `selfSigned` with `x509Thumbprint`, `certificateAuthority`, or `none`); `None` for SAS.
+fn other_credentials(v: &Value) -> Result<Option<DeviceCredentials>, DpsError> {
     let kind = v.pointer("/authentication/type").and_then(Value::as_str).unwrap_or("sas");
     if kind.eq_ignore_ascii_case("sas") {
         return Ok(None);
+    }
+    if kind.eq_ignore_ascii_case("none") {
+        return Ok(Some(DeviceCredentials::None));
     }
     if kind.eq_ignore_ascii_case("certificateAuthority") {
         return Ok(Some(DeviceCredentials::CertificateAuthority(Vec::new())));
     }
     if !kind.eq_ignore_ascii_case("selfSigned") {
-        return Err(DpsError::bad_request("authentication.type must be sas, selfSigned or certificateAuthority."));
+        return Err(DpsError::bad_request(
+            "authentication.type must be sas, selfSigned, certificateAuthority or none.",
+        ));
     }
     let thumbprint = |name: &str| -> Result<Option<String>, DpsError> {
         let Some(t) = v
