@@ -25,7 +25,7 @@ pub use hub_types::{
 pub use service::{DpsServiceClient, RawDpsClient, ServiceError};
 
 /// The error of [`SymmetricKey::from_base64`] and the other `fleetgate-core` parsers.
-pub use fleetgate_core::error::DpsError as KeyError;
+pub use fleetgate_core::error::AzureError as KeyError;
 /// The types of `fleetgate-core` that appear in this crate's API, so that depending on
 /// `fleetgate-client` alone is enough.
 pub use fleetgate_core::keys::SymmetricKey;

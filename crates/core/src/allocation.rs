@@ -3,7 +3,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::enrollment::{AllocationPolicy, CustomAllocationDefinition, EnrollmentSettings};
-use crate::error::{DpsError, ErrorCode};
+use crate::error::{AzureError, ErrorCode};
 
 /// A linked hub as allocation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +36,8 @@ fn hash(key: &str) -> u64 {
     u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
-fn not_linked(hub: &str) -> DpsError {
-    DpsError::new(ErrorCode::HubNotLinked, format!("IoT hub '{hub}' is not linked to this provisioning service."))
+fn not_linked(hub: &str) -> AzureError {
+    AzureError::new(ErrorCode::HubNotLinked, format!("IoT hub '{hub}' is not linked to this provisioning service."))
 }
 
 /// The hubs an enrollment may use: its own `iotHubs` (those still linked), else every linked hub
@@ -59,7 +59,7 @@ pub fn allocate(
     settings: &EnrollmentSettings,
     hubs: &[HubCandidate],
     registration_key: &str,
-) -> Result<Allocation, DpsError> {
+) -> Result<Allocation, AzureError> {
     let named = |h: &str| hubs.iter().find(|l| l.host_name.eq_ignore_ascii_case(h)).map(|l| l.host_name.clone());
     let policy = settings.allocation_policy.unwrap_or(match settings.iot_hub_host_name {
         Some(_) => AllocationPolicy::Static,
@@ -73,11 +73,11 @@ pub fn allocate(
         let def = settings
             .custom_allocation_definition
             .clone()
-            .ok_or_else(|| DpsError::bad_request("The custom allocation policy needs customAllocationDefinition."))?;
+            .ok_or_else(|| AzureError::bad_request("The custom allocation policy needs customAllocationDefinition."))?;
         return Ok(Allocation::Custom(def));
     }
     let pool = candidates(settings, hubs);
-    let no_hub = || DpsError::new(ErrorCode::NoHubForAllocation, "No IoT hub was found for the allocation.");
+    let no_hub = || AzureError::new(ErrorCode::NoHubForAllocation, "No IoT hub was found for the allocation.");
     let pool: Vec<&HubCandidate> = match policy {
         AllocationPolicy::GeoLatency => {
             let best = pool.iter().map(|h| h.latency_ms).min().ok_or_else(no_hub)?;
@@ -109,13 +109,13 @@ pub fn check_custom_choice(
     settings: &EnrollmentSettings,
     hubs: &[HubCandidate],
     chosen: &str,
-) -> Result<String, DpsError> {
+) -> Result<String, AzureError> {
     let allowed = match &settings.iot_hubs {
         Some(list) if !list.is_empty() => candidates(settings, hubs),
         _ => hubs.iter().collect(),
     };
     allowed.iter().find(|h| h.host_name.eq_ignore_ascii_case(chosen)).map(|h| h.host_name.clone()).ok_or_else(|| {
-        DpsError::new(
+        AzureError::new(
             ErrorCode::HubNotLinked,
             format!(
                 "The allocation webhook chose IoT hub '{}', which is not linked to this enrollment.",

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{DpsError, ErrorCode};
+use crate::error::{AzureError, ErrorCode};
 use crate::ids::{EnrollmentGroupId, RegistrationId};
 use crate::keys::SymmetricKey;
 use crate::time::Timestamp;
@@ -178,8 +178,8 @@ impl X509Attestation {
     /// every certificate readable (PEM or base64 DER), CA certificates marked as CAs; fills in
     /// `info`. A slot given without its certificate (a client that did GET, then PUT, never saw
     /// it) keeps the stored one.
-    fn prepare(&mut self, existing: Option<&X509Attestation>, kind: EnrollmentKind) -> Result<(), DpsError> {
-        let bad = |m: String| Err(DpsError::bad_request(m));
+    fn prepare(&mut self, existing: Option<&X509Attestation>, kind: EnrollmentKind) -> Result<(), AzureError> {
+        let bad = |m: String| Err(AzureError::bad_request(m));
         let shapes =
             [self.client_certificates.is_some(), self.signing_certificates.is_some(), self.ca_references.is_some()];
         if shapes.iter().filter(|s| **s).count() != 1 {
@@ -203,11 +203,11 @@ impl X509Attestation {
             _ => {}
         }
         let must_be_ca = self.client_certificates.is_none();
-        let check = |what: &str, text: &str| -> Result<Certificate, DpsError> {
+        let check = |what: &str, text: &str| -> Result<Certificate, AzureError> {
             let cert = Certificate::parse(text)
-                .map_err(|e| DpsError::bad_request(format!("The {what} certificate is invalid: {e}.")))?;
+                .map_err(|e| AzureError::bad_request(format!("The {what} certificate is invalid: {e}.")))?;
             if must_be_ca && !cert.is_ca() {
-                return Err(DpsError::bad_request(format!(
+                return Err(AzureError::bad_request(format!(
                     "The {what} certificate is not a CA certificate (basic constraints CA:TRUE)."
                 )));
             }
@@ -344,12 +344,12 @@ impl EnrollmentSettings {
         linked_hubs: &[String],
         now: Timestamp,
         kind: EnrollmentKind,
-    ) -> Result<(), DpsError> {
+    ) -> Result<(), AzureError> {
         match self.attestation.kind {
             AttestationType::SymmetricKey => {
                 let requested = self.attestation.symmetric_key.take().unwrap_or_default();
                 let kept = existing.and_then(|g| g.attestation.symmetric_key.clone()).unwrap_or_default();
-                let pick = |given: Option<String>, old: Option<String>| -> Result<String, DpsError> {
+                let pick = |given: Option<String>, old: Option<String>| -> Result<String, AzureError> {
                     match given.filter(|s| !s.trim().is_empty()) {
                         Some(k) => Ok(SymmetricKey::parse_user_key(&k)?.to_base64()),
                         None => Ok(old.unwrap_or_else(|| SymmetricKey::generate().to_base64())),
@@ -366,30 +366,32 @@ impl EnrollmentSettings {
                     .attestation
                     .x509
                     .take()
-                    .ok_or_else(|| DpsError::bad_request("x509 attestation needs an x509 object."))?;
+                    .ok_or_else(|| AzureError::bad_request("x509 attestation needs an x509 object."))?;
                 let kept = existing.and_then(|e| e.attestation.x509.as_ref());
                 x509.prepare(kept, kind)?;
                 self.attestation.x509 = Some(x509);
                 self.attestation.symmetric_key = None;
             }
             AttestationType::Tpm | AttestationType::None => {
-                return Err(DpsError::bad_request("Fleetgate supports symmetricKey and x509 attestation."))
+                return Err(AzureError::bad_request("Fleetgate supports symmetricKey and x509 attestation."))
             }
         }
         self.attestation.tpm = None;
 
         match self.allocation_policy {
             Some(AllocationPolicy::Static) if self.iot_hub_host_name.is_none() => {
-                return Err(DpsError::bad_request("The static allocation policy needs iotHubHostName."))
+                return Err(AzureError::bad_request("The static allocation policy needs iotHubHostName."))
             }
             Some(AllocationPolicy::Custom) => {
                 let Some(def) = &self.custom_allocation_definition else {
-                    return Err(DpsError::bad_request(
+                    return Err(AzureError::bad_request(
                         "The custom allocation policy needs customAllocationDefinition.",
                     ));
                 };
                 if !(def.webhook_url.starts_with("https://") || def.webhook_url.starts_with("http://")) {
-                    return Err(DpsError::bad_request("customAllocationDefinition.webhookUrl must be an http(s) URL."));
+                    return Err(AzureError::bad_request(
+                        "customAllocationDefinition.webhookUrl must be an http(s) URL.",
+                    ));
                 }
             }
             _ => {}
@@ -397,7 +399,7 @@ impl EnrollmentSettings {
         let is_linked = |h: &str| linked_hubs.iter().any(|l| l.eq_ignore_ascii_case(h));
         for hub in self.iot_hub_host_name.iter().chain(self.iot_hubs.iter().flatten()) {
             if !is_linked(hub) {
-                return Err(DpsError::new(
+                return Err(AzureError::new(
                     ErrorCode::HubNotLinked,
                     format!("IoT hub '{hub}' is not linked to this provisioning service."),
                 ));
@@ -447,13 +449,13 @@ impl EnrollmentSettings {
     }
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, DpsError> {
-    serde_json::from_slice(body).map_err(|e| DpsError::bad_request(format!("Malformed {what} JSON: {e}")))
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, AzureError> {
+    serde_json::from_slice(body).map_err(|e| AzureError::bad_request(format!("Malformed {what} JSON: {e}")))
 }
 
 impl EnrollmentGroup {
     /// Parses a PUT body. Unknown fields are ignored, as Azure does.
-    pub fn from_request_body(body: &[u8]) -> Result<Self, DpsError> {
+    pub fn from_request_body(body: &[u8]) -> Result<Self, AzureError> {
         parse_body(body, "enrollment group")
     }
 
@@ -465,10 +467,10 @@ impl EnrollmentGroup {
         existing: Option<&EnrollmentGroup>,
         linked_hubs: &[String],
         now: Timestamp,
-    ) -> Result<Self, DpsError> {
+    ) -> Result<Self, AzureError> {
         let id = EnrollmentGroupId::parse(path_id)?;
         if !self.enrollment_group_id.is_empty() && !self.enrollment_group_id.eq_ignore_ascii_case(id.as_str()) {
-            return Err(DpsError::bad_request("enrollmentGroupId in the body does not match the id in the path."));
+            return Err(AzureError::bad_request("enrollmentGroupId in the body does not match the id in the path."));
         }
         self.enrollment_group_id =
             existing.map(|g| g.enrollment_group_id.clone()).unwrap_or_else(|| id.as_str().to_owned());
@@ -494,7 +496,7 @@ impl EnrollmentGroup {
 }
 
 impl IndividualEnrollment {
-    pub fn from_request_body(body: &[u8]) -> Result<Self, DpsError> {
+    pub fn from_request_body(body: &[u8]) -> Result<Self, AzureError> {
         parse_body(body, "individual enrollment")
     }
 
@@ -505,15 +507,16 @@ impl IndividualEnrollment {
         existing: Option<&IndividualEnrollment>,
         linked_hubs: &[String],
         now: Timestamp,
-    ) -> Result<Self, DpsError> {
+    ) -> Result<Self, AzureError> {
         let id = RegistrationId::parse(path_id)?;
         if !self.registration_id.is_empty() && !self.registration_id.eq_ignore_ascii_case(id.as_str()) {
-            return Err(DpsError::bad_request("registrationId in the body does not match the id in the path."));
+            return Err(AzureError::bad_request("registrationId in the body does not match the id in the path."));
         }
         self.registration_id = existing.map(|e| e.registration_id.clone()).unwrap_or_else(|| id.as_str().to_owned());
         if let Some(d) = self.device_id.as_deref().filter(|d| !d.is_empty()) {
-            RegistrationId::parse(d)
-                .map_err(|e| DpsError::new(ErrorCode::InvalidId, e.message.replace("registration id", "device id")))?;
+            RegistrationId::parse(d).map_err(|e| {
+                AzureError::new(ErrorCode::InvalidId, e.message.replace("registration id", "device id"))
+            })?;
         } else {
             self.device_id = None;
         }
@@ -534,8 +537,8 @@ impl IndividualEnrollment {
 }
 
 /// `initialTwin` must be `{ "tags": {...}, "properties": { "desired": {...} } }` (both optional).
-fn validate_initial_twin(twin: &Value) -> Result<(), DpsError> {
-    let bad = |why: &str| Err(DpsError::bad_request(format!("Invalid initialTwin: {why}.")));
+fn validate_initial_twin(twin: &Value) -> Result<(), AzureError> {
+    let bad = |why: &str| Err(AzureError::bad_request(format!("Invalid initialTwin: {why}.")));
     let Some(obj) = twin.as_object() else {
         return bad("it must be a JSON object");
     };

@@ -1,6 +1,6 @@
 //! Errors as Azure DPS and IoT Hub report them: an HTTP status plus a six-digit `errorCode`.
 //!
-//! Every front end (MQTT response topics, HTTPS responses) turns a [`DpsError`] into the same
+//! Every front end (MQTT response topics, HTTPS responses) turns a [`AzureError`] into the same
 //! status and JSON body; the mapping lives here and nowhere else.
 
 use std::fmt;
@@ -108,10 +108,11 @@ impl ErrorCode {
     }
 }
 
-/// A failed DPS request: what the caller did wrong (or what broke), with a message safe to show
-/// the caller. Messages never contain keys or signatures.
+/// A failed request in Azure's terms, for DPS, the hub, the REST edge and the store alike: one
+/// of Azure's error codes (which decides the status) and a message safe to show the caller
+/// (never a key or a signature).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DpsError {
+pub struct AzureError {
     pub code: ErrorCode,
     pub message: String,
     /// Whole seconds the caller should wait before retrying, when the refusal knows it (a
@@ -120,7 +121,7 @@ pub struct DpsError {
     pub retry_after: Option<u32>,
 }
 
-impl DpsError {
+impl AzureError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self { code, message: message.into(), retry_after: None }
     }
@@ -161,13 +162,13 @@ impl DpsError {
     }
 }
 
-impl fmt::Display for DpsError {
+impl fmt::Display for AzureError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({}): {}", self.code.code(), self.status(), self.message)
     }
 }
 
-impl std::error::Error for DpsError {}
+impl std::error::Error for AzureError {}
 
 #[cfg(test)]
 mod tests {
@@ -195,12 +196,12 @@ mod tests {
         for (c, status, code) in expected {
             assert_eq!((c.status(), c.code()), (status, code), "{c:?}");
         }
-        assert_eq!(DpsError::unauthorized().code.code(), 401002);
+        assert_eq!(AzureError::unauthorized().code.code(), 401002);
     }
 
     #[test]
     fn body_has_azure_fields() {
-        let b = DpsError::unauthorized().to_body("t-1", crate::time::Timestamp::from_unix_seconds(0));
+        let b = AzureError::unauthorized().to_body("t-1", crate::time::Timestamp::from_unix_seconds(0));
         assert_eq!(b["errorCode"], 401002);
         assert_eq!(b["trackingId"], "t-1");
         assert_eq!(b["message"], "Unauthorized");

@@ -1,7 +1,7 @@
 //! Etags and `If-Match`: one rule for every resource that has an etag (enrollments, device
 //! identities, twins), so a client's optimistic concurrency works the same everywhere.
 
-use crate::error::{DpsError, ErrorCode};
+use crate::error::{AzureError, ErrorCode};
 
 /// A new opaque etag in the quoted form Azure uses (`"\"…\""`).
 pub fn new_etag() -> String {
@@ -10,7 +10,7 @@ pub fn new_etag() -> String {
 
 /// `If-Match` semantics: absent or `*` always match an existing resource; otherwise the etags
 /// must be equal, ignoring surrounding quotes (clients differ in whether they keep them).
-pub fn check_if_match(if_match: Option<&str>, current: Option<&str>) -> Result<(), DpsError> {
+pub fn check_if_match(if_match: Option<&str>, current: Option<&str>) -> Result<(), AzureError> {
     let Some(wanted) = if_match.map(str::trim).filter(|s| !s.is_empty()) else {
         return Ok(());
     };
@@ -22,7 +22,7 @@ pub fn check_if_match(if_match: Option<&str>, current: Option<&str>) -> Result<(
     if ok {
         Ok(())
     } else {
-        Err(DpsError::new(
+        Err(AzureError::new(
             ErrorCode::PreconditionFailed,
             "The ETag in the request does not match the current resource (precondition failed).",
         ))

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::error::{DpsError, ErrorCode};
+use crate::error::{AzureError, ErrorCode};
 
 /// The longest registration id (and enrollment group id) Azure accepts.
 pub const MAX_ID_LEN: usize = 128;
@@ -11,8 +11,9 @@ fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':')
 }
 
-fn check_id(kind: &str, s: &str) -> Result<(), DpsError> {
-    let invalid = |why: &str| DpsError::new(ErrorCode::InvalidId, format!("Invalid {kind} '{}': {why}.", printable(s)));
+fn check_id(kind: &str, s: &str) -> Result<(), AzureError> {
+    let invalid =
+        |why: &str| AzureError::new(ErrorCode::InvalidId, format!("Invalid {kind} '{}': {why}.", printable(s)));
     if s.is_empty() {
         return Err(invalid("it is empty"));
     }
@@ -37,9 +38,9 @@ pub const DEVICE_ID_SYMBOLS: &str = "-.%_*?!(),:=@$'";
 /// kept and significant. Ids like `a%2Fb` or `a?b` are plain text here: the REST API carries
 /// them percent-encoded in paths, and MQTT topics percent-encode them too (see the hub's mqtt
 /// module).
-pub fn check_device_id(s: &str) -> Result<(), DpsError> {
+pub fn check_device_id(s: &str) -> Result<(), AzureError> {
     let invalid =
-        |why: &str| DpsError::new(ErrorCode::InvalidId, format!("Invalid device id '{}': {why}.", printable(s)));
+        |why: &str| AzureError::new(ErrorCode::InvalidId, format!("Invalid device id '{}': {why}.", printable(s)));
     if s.is_empty() {
         return Err(invalid("it is empty"));
     }
@@ -70,7 +71,7 @@ pub struct RegistrationId(String);
 impl RegistrationId {
     /// Checks the tutorial's rules: up to 128 characters of `a-z A-Z 0-9 - . _ :`, the last one
     /// alphanumeric or `-`.
-    pub fn parse(s: &str) -> Result<Self, DpsError> {
+    pub fn parse(s: &str) -> Result<Self, AzureError> {
         check_id("registration id", s)?;
         Ok(Self(s.to_owned()))
     }
@@ -100,7 +101,7 @@ impl fmt::Debug for RegistrationId {
 pub struct EnrollmentGroupId(String);
 
 impl EnrollmentGroupId {
-    pub fn parse(s: &str) -> Result<Self, DpsError> {
+    pub fn parse(s: &str) -> Result<Self, AzureError> {
         check_id("enrollment group id", s)?;
         Ok(Self(s.to_owned()))
     }
@@ -123,14 +124,14 @@ impl fmt::Display for EnrollmentGroupId {
 pub struct IdScope(String);
 
 impl IdScope {
-    pub fn parse(s: &str) -> Result<Self, DpsError> {
+    pub fn parse(s: &str) -> Result<Self, AzureError> {
         let ok = s.len() == 11
             && s.starts_with("0ne")
             && s[3..].chars().all(|c| c.is_ascii_digit() || ('A'..='F').contains(&c));
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(DpsError::new(ErrorCode::InvalidId, format!("Invalid ID scope '{}'.", printable(s))))
+            Err(AzureError::new(ErrorCode::InvalidId, format!("Invalid ID scope '{}'.", printable(s))))
         }
     }
 

@@ -5,7 +5,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::error::DpsError;
+use crate::error::AzureError;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -27,15 +27,15 @@ impl std::fmt::Debug for SymmetricKey {
 
 impl SymmetricKey {
     /// Decodes any base64 key without checking its length (for keys we derived or stored).
-    pub fn from_base64(s: &str) -> Result<Self, DpsError> {
-        B64.decode(s.trim()).map(Self).map_err(|_| DpsError::bad_request("The key is not valid base64."))
+    pub fn from_base64(s: &str) -> Result<Self, AzureError> {
+        B64.decode(s.trim()).map(Self).map_err(|_| AzureError::bad_request("The key is not valid base64."))
     }
 
     /// Decodes a key a user supplied and checks Azure's 16..=64 byte rule.
-    pub fn parse_user_key(s: &str) -> Result<Self, DpsError> {
+    pub fn parse_user_key(s: &str) -> Result<Self, AzureError> {
         let k = Self::from_base64(s)?;
         if !(MIN_KEY_BYTES..=MAX_KEY_BYTES).contains(&k.0.len()) {
-            return Err(DpsError::bad_request(format!(
+            return Err(AzureError::bad_request(format!(
                 "A symmetric key must be between {MIN_KEY_BYTES} and {MAX_KEY_BYTES} bytes once base64-decoded."
             )));
         }
@@ -75,7 +75,7 @@ impl SymmetricKey {
 }
 
 /// `az iot dps enrollment-group compute-device-key`: base64 group key in, base64 device key out.
-pub fn compute_device_key(group_key_b64: &str, registration_id: &str) -> Result<String, DpsError> {
+pub fn compute_device_key(group_key_b64: &str, registration_id: &str) -> Result<String, AzureError> {
     Ok(SymmetricKey::from_base64(group_key_b64)?.derive_device_key(registration_id).to_base64())
 }
 

@@ -26,4 +26,4 @@ pub mod topic;
 pub mod twin;
 pub mod x509;
 
-pub use error::{DpsError, ErrorCode};
+pub use error::{AzureError, ErrorCode};

@@ -242,7 +242,7 @@ impl RegistrationRecord {
         registration_id: &RegistrationId,
         enrollment_group_id: Option<&str>,
         status: RegistrationStatus,
-        error: &crate::DpsError,
+        error: &crate::AzureError,
         now: Timestamp,
     ) -> Self {
         let mut r = Self::next(existing, registration_id, enrollment_group_id, status, now);

@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::error::{DpsError, ErrorCode};
+use crate::error::{AzureError, ErrorCode};
 use crate::time::Timestamp;
 
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -69,11 +69,11 @@ impl Default for Twin {
     }
 }
 
-fn invalid(msg: impl Into<String>) -> DpsError {
-    DpsError::new(ErrorCode::BadRequest, msg)
+fn invalid(msg: impl Into<String>) -> AzureError {
+    AzureError::new(ErrorCode::BadRequest, msg)
 }
 
-fn check_key(k: &str) -> Result<(), DpsError> {
+fn check_key(k: &str) -> Result<(), AzureError> {
     if k.is_empty() || k.len() > MAX_KEY_BYTES {
         return Err(invalid("Twin property names must be 1 to 1024 bytes."));
     }
@@ -88,7 +88,7 @@ fn check_key(k: &str) -> Result<(), DpsError> {
 
 /// Checks the members of a section (or of a patch of one): names, values, and nesting, where
 /// an object directly in the section is at level 1.
-fn check_members(m: &Map<String, Value>, level: usize) -> Result<(), DpsError> {
+fn check_members(m: &Map<String, Value>, level: usize) -> Result<(), AzureError> {
     for (k, v) in m {
         check_key(k)?;
         check_value(v, level)?;
@@ -96,7 +96,7 @@ fn check_members(m: &Map<String, Value>, level: usize) -> Result<(), DpsError> {
     Ok(())
 }
 
-fn check_value(v: &Value, level: usize) -> Result<(), DpsError> {
+fn check_value(v: &Value, level: usize) -> Result<(), AzureError> {
     match v {
         Value::String(s) if s.len() > MAX_STRING_BYTES => {
             Err(invalid(format!("Twin string values may be at most {MAX_STRING_BYTES} bytes.")))
@@ -169,7 +169,7 @@ fn merge_diff(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<String,
 
 /// Parses a device's reported-properties patch: a JSON object; `$`-prefixed members at the top
 /// (e.g. a `$version` a client echoed) are ignored.
-pub fn parse_patch(body: &[u8]) -> Result<Map<String, Value>, DpsError> {
+pub fn parse_patch(body: &[u8]) -> Result<Map<String, Value>, AzureError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| invalid(format!("Malformed twin patch JSON: {e}")))?;
     let Value::Object(mut m) = v else { return Err(invalid("A twin patch must be a JSON object.")) };
     m.retain(|k, _| !k.starts_with('$'));
@@ -188,7 +188,7 @@ pub enum ServiceSection {
 /// with `$` is refused (400) wherever it is, as Azure refuses it, except the `$version` and
 /// `$metadata` a desired section read from the hub carries at its top: the service SDKs send a
 /// twin they read back whole, and those two are the hub's to set, so they are left out.
-pub fn service_section(value: &Value, section: ServiceSection) -> Result<Map<String, Value>, DpsError> {
+pub fn service_section(value: &Value, section: ServiceSection) -> Result<Map<String, Value>, AzureError> {
     let Value::Object(m) = value else {
         return Err(invalid("Twin tags and properties must be JSON objects."));
     };
@@ -206,12 +206,12 @@ fn patched(
     patch: &Map<String, Value>,
     limit: usize,
     name: &str,
-) -> Result<Map<String, Value>, DpsError> {
+) -> Result<Map<String, Value>, AzureError> {
     let mut next = section.clone();
     merge(&mut next, patch);
     let size = serde_json::to_vec(&next).map(|b| b.len()).unwrap_or(usize::MAX);
     if size > limit {
-        return Err(DpsError::new(
+        return Err(AzureError::new(
             ErrorCode::PayloadTooLarge,
             format!("Twin {name} properties would exceed {limit} bytes."),
         ));
@@ -274,7 +274,7 @@ fn render_metadata(section: &Map<String, Value>, meta: &Map<String, Value>, inhe
 
 impl Twin {
     /// The twin a device starts with: an enrollment's `initialTwin` (tags and desired).
-    pub fn from_initial(initial: Option<&Value>) -> Result<Self, DpsError> {
+    pub fn from_initial(initial: Option<&Value>) -> Result<Self, AzureError> {
         let mut t = Twin::default();
         if let Some(init) = initial {
             if let Some(tags) = init.get("tags").and_then(Value::as_object) {
@@ -310,7 +310,7 @@ impl Twin {
     }
 
     /// Applies a device's reported-properties patch; returns the new reported version.
-    pub fn patch_reported(&mut self, patch: &Map<String, Value>, now: Timestamp) -> Result<u64, DpsError> {
+    pub fn patch_reported(&mut self, patch: &Map<String, Value>, now: Timestamp) -> Result<u64, AzureError> {
         self.reported = patched(&self.reported, patch, MAX_SECTION_BYTES, "reported")?;
         self.reported_version += 1;
         self.version += 1;
@@ -319,7 +319,7 @@ impl Twin {
     }
 
     /// Applies a service's desired-properties patch; returns the new desired version.
-    pub fn patch_desired(&mut self, patch: &Map<String, Value>, now: Timestamp) -> Result<u64, DpsError> {
+    pub fn patch_desired(&mut self, patch: &Map<String, Value>, now: Timestamp) -> Result<u64, AzureError> {
         self.desired = patched(&self.desired, patch, MAX_SECTION_BYTES, "desired")?;
         self.desired_version += 1;
         self.version += 1;
@@ -327,7 +327,7 @@ impl Twin {
         Ok(self.desired_version)
     }
 
-    pub fn patch_tags(&mut self, patch: &Map<String, Value>) -> Result<(), DpsError> {
+    pub fn patch_tags(&mut self, patch: &Map<String, Value>) -> Result<(), AzureError> {
         self.tags = patched(&self.tags, patch, MAX_TAGS_BYTES, "tag")?;
         self.version += 1;
         Ok(())
@@ -341,7 +341,7 @@ impl Twin {
         tags: Map<String, Value>,
         desired: Map<String, Value>,
         now: Timestamp,
-    ) -> Result<(Map<String, Value>, u64), DpsError> {
+    ) -> Result<(Map<String, Value>, u64), AzureError> {
         let tags = patched(&Map::new(), &tags, MAX_TAGS_BYTES, "tag")?;
         let desired = patched(&Map::new(), &desired, MAX_SECTION_BYTES, "desired")?;
         let change = merge_diff(&self.desired, &desired);

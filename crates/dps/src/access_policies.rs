@@ -5,7 +5,7 @@
 
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::policy::AccessPolicy;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_store::hub_policy_owner;
 
 use crate::management::POLICY_OWNER;
@@ -22,17 +22,17 @@ pub enum KeyKind {
 impl Provisioning {
     /// Where the policies of the instance (`hub: None`) or of a linked hub are kept; a hub that
     /// is not linked is 404.
-    async fn policy_owner(&self, hub: Option<&str>) -> Result<String, DpsError> {
+    async fn policy_owner(&self, hub: Option<&str>) -> Result<String, AzureError> {
         let Some(hub) = hub else { return Ok(POLICY_OWNER.to_owned()) };
         let hubs = self.store.hubs().await.map_err(store_err)?;
         let linked = hubs.iter().find(|h| h.host_name.eq_ignore_ascii_case(hub));
         let linked = linked
-            .ok_or_else(|| DpsError::new(ErrorCode::NotFound, format!("There is no linked hub named '{hub}'.")))?;
+            .ok_or_else(|| AzureError::new(ErrorCode::NotFound, format!("There is no linked hub named '{hub}'.")))?;
         Ok(hub_policy_owner(&linked.host_name))
     }
 
     /// The policies of the instance (`hub: None`) or of a linked hub, keys included.
-    pub async fn policy_list(&self, hub: Option<&str>) -> Result<Vec<AccessPolicy>, DpsError> {
+    pub async fn policy_list(&self, hub: Option<&str>) -> Result<Vec<AccessPolicy>, AzureError> {
         let owner = self.policy_owner(hub).await?;
         self.store.policies(&owner).await.map_err(store_err)
     }
@@ -44,13 +44,13 @@ impl Provisioning {
         hub: Option<&str>,
         name: &str,
         which: KeyKind,
-    ) -> Result<AccessPolicy, DpsError> {
+    ) -> Result<AccessPolicy, AzureError> {
         let owner = self.policy_owner(hub).await?;
         let mut policies = self.store.policies(&owner).await.map_err(store_err)?;
         let policy = policies
             .iter_mut()
             .find(|p| p.key_name.eq_ignore_ascii_case(name))
-            .ok_or_else(|| DpsError::new(ErrorCode::NotFound, format!("There is no policy named '{name}'.")))?;
+            .ok_or_else(|| AzureError::new(ErrorCode::NotFound, format!("There is no policy named '{name}'.")))?;
         let fresh = SymmetricKey::generate().to_base64();
         match which {
             KeyKind::Primary => policy.primary_key = fresh,

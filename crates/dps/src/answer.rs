@@ -3,7 +3,7 @@
 //! them in a response topic, HTTPS in a status line and headers; the decision is made here once.
 
 use fleetgate_core::registration::{assigning_status, RegistrationRecord, RegistrationStatus};
-use fleetgate_core::DpsError;
+use fleetgate_core::AzureError;
 use serde_json::Value;
 
 use crate::{DeviceAuth, Provisioning};
@@ -24,7 +24,7 @@ pub struct Answer {
 /// Registers the device and phrases the outcome: the final record at once when the instance
 /// answers immediately, else `202 assigning` and the operation id to poll. A decision still
 /// pending (the record says `assigning`) is always a 202.
-pub async fn register(dps: &Provisioning, auth: &DeviceAuth, payload: Option<Value>) -> Result<Answer, DpsError> {
+pub async fn register(dps: &Provisioning, auth: &DeviceAuth, payload: Option<Value>) -> Result<Answer, AzureError> {
     let metrics = &fleetgate_metrics::METRICS;
     if let Err(e) = dps.admit_registration() {
         metrics.registration("throttled");
@@ -76,7 +76,7 @@ pub async fn register(dps: &Provisioning, auth: &DeviceAuth, payload: Option<Val
 
 /// The state of an operation the device started with a register request: 200 once decided,
 /// 202 + `retry-after` while still assigning.
-pub async fn operation_status(dps: &Provisioning, auth: &DeviceAuth, operation_id: &str) -> Result<Answer, DpsError> {
+pub async fn operation_status(dps: &Provisioning, auth: &DeviceAuth, operation_id: &str) -> Result<Answer, AzureError> {
     let record = dps.operation_status(auth, operation_id).await?;
     Ok(if record.status == RegistrationStatus::Assigning {
         still_assigning(&record)
@@ -92,7 +92,7 @@ fn still_assigning(record: &RegistrationRecord) -> Answer {
 /// The retry hint that goes with an error: 429 and 5xx invite a retry, nothing else does. A
 /// refusal that knows its wait (a throttled registration: until the quota frees a slot) says so;
 /// otherwise the polling interval.
-pub fn error_retry_after(e: &DpsError) -> Option<u32> {
+pub fn error_retry_after(e: &AzureError) -> Option<u32> {
     let status = e.status();
     (status == 429 || status >= 500).then(|| e.retry_after.unwrap_or(POLL_RETRY_AFTER_SECS))
 }

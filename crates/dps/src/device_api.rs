@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::Router;
 use fleetgate_core::x509::CertificateChain;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_rest::{body, json, ApiError, ClientAddr};
 
 use crate::answer::{self, Answer};
@@ -40,14 +40,14 @@ pub fn device_router(dps: Arc<Provisioning>) -> Router {
         .route("/{scope}/registrations/{registration_id}/operations/{operation_id}", get(operation_status))
         .route("/{scope}/registrations/{registration_id}", get(status_lookup).post(status_lookup))
         .method_not_allowed_fallback(|| async {
-            ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
+            ApiError(AzureError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
         })
         .with_state(dps)
 }
 
 /// An error as the device sees it: Azure's JSON error body and `x-ms-error-code`, plus a
 /// `Retry-After` where a retry makes sense (429, 5xx).
-fn error_response(e: DpsError) -> Response {
+fn error_response(e: AzureError) -> Response {
     let retry = answer::error_retry_after(&e);
     let mut resp = ApiError(e).into_response();
     if let Some(secs) = retry {
@@ -65,8 +65,8 @@ fn answer_response(a: Answer) -> Response {
     resp
 }
 
-fn path_error(r: PathRejection) -> DpsError {
-    DpsError::bad_request(format!("Malformed request path: {}", r.body_text()))
+fn path_error(r: PathRejection) -> AzureError {
+    AzureError::bad_request(format!("Malformed request path: {}", r.body_text()))
 }
 
 /// The client certificate chain of the request's TLS connection, if the device presented one
@@ -85,7 +85,7 @@ async fn authenticate(
     headers: &HeaderMap,
     peer: &PeerCertificates,
     source: &Source,
-) -> Result<DeviceAuth, DpsError> {
+) -> Result<DeviceAuth, AzureError> {
     let token =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::trim).filter(|t| !t.is_empty());
     let source = source.as_ref().map(|Extension(a)| a.0.ip());
@@ -105,7 +105,7 @@ async fn register(
         let mut auth = authenticate(&dps, &scope, &registration_id, &headers, &peer, &source).await?;
         auth.api_version = request.uri().query().and_then(|q| crate::mqtt::query_param(q, "api-version"));
         let b = body(Bytes::from_request(request, &()).await).map_err(|e| e.0)?;
-        let payload = register_payload(&b).map_err(DpsError::bad_request)?;
+        let payload = register_payload(&b).map_err(AzureError::bad_request)?;
         answer::register(&dps, &auth, payload).await
     }
     .await;
@@ -148,7 +148,7 @@ async fn status_lookup(
         // The `DeviceRegistration` body names the same device as the path: read and dropped.
         body(Bytes::from_request(request, &()).await).map_err(|e| e.0)?;
         let record = dps.registration(auth.registration_id.as_str()).await?;
-        Ok::<_, DpsError>(json(record.device_result()))
+        Ok::<_, AzureError>(json(record.device_result()))
     }
     .await;
     result.unwrap_or_else(error_response)
@@ -160,12 +160,12 @@ mod tests {
 
     #[test]
     fn error_responses_are_json_with_azure_codes() {
-        let resp = error_response(DpsError::unauthorized());
+        let resp = error_response(AzureError::unauthorized());
         assert_eq!(resp.status(), 401);
         assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json; charset=utf-8");
         assert_eq!(resp.headers()["x-ms-error-code"], "401002");
         assert!(resp.headers().get(header::RETRY_AFTER).is_none());
-        let resp = error_response(DpsError::internal());
+        let resp = error_response(AzureError::internal());
         assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
     }
 

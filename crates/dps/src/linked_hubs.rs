@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::policy::default_hub_policies;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_store::{hub_policy_owner, HubRemoval, LinkedHub};
 use serde::{Deserialize, Serialize};
 
@@ -66,12 +66,12 @@ struct LinkedHubSettings {
     latency_ms: Option<u32>,
 }
 
-fn check_host_name(name: &str) -> Result<(), DpsError> {
+fn check_host_name(name: &str) -> Result<(), AzureError> {
     let bad = name.is_empty()
         || name.len() > MAX_HOST_NAME
         || name.contains(|c: char| c.is_whitespace() || c.is_control() || matches!(c, '/' | ';' | '?' | '#' | '@'));
     if bad {
-        return Err(DpsError::new(ErrorCode::InvalidId, format!("'{name}' is not a valid host name.")));
+        return Err(AzureError::new(ErrorCode::InvalidId, format!("'{name}' is not a valid host name.")));
     }
     Ok(())
 }
@@ -91,7 +91,7 @@ impl Provisioning {
         }
     }
 
-    pub async fn linked_hub_list(&self) -> Result<Vec<LinkedHubDescription>, DpsError> {
+    pub async fn linked_hub_list(&self) -> Result<Vec<LinkedHubDescription>, AzureError> {
         Ok(self.store.hubs().await.map_err(store_err)?.iter().map(LinkedHubDescription::of).collect())
     }
 
@@ -103,20 +103,20 @@ impl Provisioning {
         name: &str,
         body: &[u8],
         existing: bool,
-    ) -> Result<(LinkedHubDescription, String), DpsError> {
+    ) -> Result<(LinkedHubDescription, String), AzureError> {
         let name = name.trim();
         check_host_name(name)?;
         let settings: LinkedHubSettings = if body.iter().all(u8::is_ascii_whitespace) {
             LinkedHubSettings::default()
         } else {
             serde_json::from_slice(body)
-                .map_err(|e| DpsError::bad_request(format!("The linked hub settings are not valid: {e}")))?
+                .map_err(|e| AzureError::bad_request(format!("The linked hub settings are not valid: {e}")))?
         };
         let hubs = self.store.hubs().await.map_err(store_err)?;
         let (mut hub, created) = match hubs.into_iter().find(|h| h.host_name.eq_ignore_ascii_case(name)) {
             Some(hub) => (hub, false),
             None if existing => {
-                return Err(DpsError::new(ErrorCode::NotFound, format!("There is no linked hub named '{name}'.")))
+                return Err(AzureError::new(ErrorCode::NotFound, format!("There is no linked hub named '{name}'.")))
             }
             None => (LinkedHub::new(name, SymmetricKey::generate().to_base64()), true),
         };
@@ -136,7 +136,7 @@ impl Provisioning {
             tracing::info!(hub = %hub.host_name, "hub linked");
             self.instance_changed().await;
         } else if !self.store.set_hub_allocation(&hub.host_name, &hub.allocation).await.map_err(store_err)? {
-            return Err(DpsError::new(ErrorCode::NotFound, format!("There is no linked hub named '{name}'.")));
+            return Err(AzureError::new(ErrorCode::NotFound, format!("There is no linked hub named '{name}'.")));
         }
         let policies = self.store.policies(&owner).await.map_err(store_err)?;
         let key = policies
@@ -148,12 +148,12 @@ impl Provisioning {
     }
 
     /// Unlinks hub `name`: only one without device identities, and never the last.
-    pub async fn delete_linked_hub(&self, name: &str) -> Result<(), DpsError> {
-        let conflict = |m: String| Err(DpsError::new(ErrorCode::Conflict, m));
+    pub async fn delete_linked_hub(&self, name: &str) -> Result<(), AzureError> {
+        let conflict = |m: String| Err(AzureError::new(ErrorCode::Conflict, m));
         match self.store.remove_hub(name).await.map_err(store_err)? {
             HubRemoval::Removed => {}
             HubRemoval::NoSuchHub => {
-                return Err(DpsError::new(ErrorCode::NotFound, format!("There is no linked hub named '{name}'.")))
+                return Err(AzureError::new(ErrorCode::NotFound, format!("There is no linked hub named '{name}'.")))
             }
             HubRemoval::LastHub => {
                 return conflict(format!("'{name}' is the instance's only hub; link the one to keep first."))

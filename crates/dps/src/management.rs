@@ -6,7 +6,7 @@ use fleetgate_core::policy::{authorize, Right};
 use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::sas::SasToken;
 use fleetgate_core::time::Timestamp;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 
 use crate::service::{store_err, unix_now};
 use crate::Provisioning;
@@ -25,12 +25,12 @@ impl Provisioning {
         authorization: Option<&str>,
         needed: &[Right],
         path: &str,
-    ) -> Result<String, DpsError> {
+    ) -> Result<String, AzureError> {
         let refuse = |why: &str| {
             // Debug: the refusal is in the audit trail, counted per source (a flood of them must
             // not become a flood of log lines).
             tracing::debug!(reason = why, "service API request refused");
-            DpsError::unauthorized()
+            AzureError::unauthorized()
         };
         let header = authorization.ok_or_else(|| refuse("no Authorization header"))?;
         let token = SasToken::parse(header).map_err(|e| refuse(&e.to_string()))?;
@@ -57,7 +57,7 @@ impl Provisioning {
         id: &str,
         body: &[u8],
         if_match: Option<String>,
-    ) -> Result<EnrollmentGroup, DpsError> {
+    ) -> Result<EnrollmentGroup, AzureError> {
         let request = EnrollmentGroup::from_request_body(body)?;
         let hubs = self.linked_hubs().await?;
         let path_id = id.to_owned();
@@ -83,36 +83,36 @@ impl Provisioning {
         Ok(group)
     }
 
-    pub async fn group(&self, id: &str) -> Result<EnrollmentGroup, DpsError> {
+    pub async fn group(&self, id: &str) -> Result<EnrollmentGroup, AzureError> {
         self.store.group(id).await.map_err(store_err)?.ok_or_else(|| {
-            DpsError::new(
+            AzureError::new(
                 ErrorCode::EnrollmentGroupNotFound,
                 format!("Enrollment group '{}' was not found.", printable(id)),
             )
         })
     }
 
-    pub async fn groups(&self) -> Result<Vec<EnrollmentGroup>, DpsError> {
+    pub async fn groups(&self) -> Result<Vec<EnrollmentGroup>, AzureError> {
         self.store.groups().await.map_err(store_err)
     }
 
-    pub async fn delete_group(&self, id: &str, if_match: Option<&str>) -> Result<(), DpsError> {
+    pub async fn delete_group(&self, id: &str, if_match: Option<&str>) -> Result<(), AzureError> {
         let deleted = self.store.delete_group(id, if_match).await.map_err(store_err);
         self.invalidate_groups();
         if deleted? {
             tracing::info!(group = %printable(id), "enrollment group deleted");
             Ok(())
         } else {
-            Err(DpsError::new(
+            Err(AzureError::new(
                 ErrorCode::EnrollmentGroupNotFound,
                 format!("Enrollment group '{}' was not found.", printable(id)),
             ))
         }
     }
 
-    pub async fn registration(&self, id: &str) -> Result<RegistrationRecord, DpsError> {
+    pub async fn registration(&self, id: &str) -> Result<RegistrationRecord, AzureError> {
         self.store.registration(id).await.map_err(store_err)?.ok_or_else(|| {
-            DpsError::new(ErrorCode::RegistrationNotFound, format!("Registration '{}' was not found.", printable(id)))
+            AzureError::new(ErrorCode::RegistrationNotFound, format!("Registration '{}' was not found.", printable(id)))
         })
     }
 
@@ -121,16 +121,16 @@ impl Provisioning {
         group_id: &str,
         offset: usize,
         limit: usize,
-    ) -> Result<Vec<RegistrationRecord>, DpsError> {
+    ) -> Result<Vec<RegistrationRecord>, AzureError> {
         self.store.registrations_of_group(group_id, offset, limit).await.map_err(store_err)
     }
 
-    pub async fn delete_registration(&self, id: &str, if_match: Option<&str>) -> Result<(), DpsError> {
+    pub async fn delete_registration(&self, id: &str, if_match: Option<&str>) -> Result<(), AzureError> {
         if self.store.delete_registration(id, if_match).await.map_err(store_err)? {
             tracing::info!(registration_id = %printable(id), "registration record deleted");
             Ok(())
         } else {
-            Err(DpsError::new(
+            Err(AzureError::new(
                 ErrorCode::RegistrationNotFound,
                 format!("Registration '{}' was not found.", printable(id)),
             ))
@@ -145,7 +145,7 @@ impl Provisioning {
         body: &[u8],
         if_match: Option<String>,
         create_only: bool,
-    ) -> Result<IndividualEnrollment, DpsError> {
+    ) -> Result<IndividualEnrollment, AzureError> {
         let request = IndividualEnrollment::from_request_body(body)?;
         self.upsert_enrollment(registration_id, request, if_match, create_only).await
     }
@@ -156,7 +156,7 @@ impl Provisioning {
         request: IndividualEnrollment,
         if_match: Option<String>,
         create_only: bool,
-    ) -> Result<IndividualEnrollment, DpsError> {
+    ) -> Result<IndividualEnrollment, AzureError> {
         let hubs = self.linked_hubs().await?;
         self.individual_enrollment_may_exist(registration_id);
         let path_id = registration_id.to_owned();
@@ -166,7 +166,7 @@ impl Provisioning {
                 registration_id,
                 Box::new(move |current| {
                     if create_only && current.is_some() {
-                        return Err(DpsError::new(
+                        return Err(AzureError::new(
                             ErrorCode::Conflict,
                             "An enrollment with this registration id already exists.",
                         ));
@@ -187,9 +187,9 @@ impl Provisioning {
     }
 
     /// An individual enrollment with its device's registration state filled in, as Azure shows it.
-    pub async fn enrollment(&self, registration_id: &str) -> Result<IndividualEnrollment, DpsError> {
+    pub async fn enrollment(&self, registration_id: &str) -> Result<IndividualEnrollment, AzureError> {
         let mut e = self.store.enrollment(registration_id).await.map_err(store_err)?.ok_or_else(|| {
-            DpsError::new(
+            AzureError::new(
                 ErrorCode::EnrollmentNotFound,
                 format!("Enrollment '{}' was not found.", printable(registration_id)),
             )
@@ -202,17 +202,17 @@ impl Provisioning {
         Ok(e)
     }
 
-    pub async fn enrollments(&self, offset: usize, limit: usize) -> Result<Vec<IndividualEnrollment>, DpsError> {
+    pub async fn enrollments(&self, offset: usize, limit: usize) -> Result<Vec<IndividualEnrollment>, AzureError> {
         self.store.enrollments(offset, limit).await.map_err(store_err)
     }
 
-    pub async fn delete_enrollment(&self, registration_id: &str, if_match: Option<&str>) -> Result<(), DpsError> {
+    pub async fn delete_enrollment(&self, registration_id: &str, if_match: Option<&str>) -> Result<(), AzureError> {
         if self.store.delete_enrollment(registration_id, if_match).await.map_err(store_err)? {
             self.individual_enrollment_deleted(registration_id);
             tracing::info!(registration_id = %printable(registration_id), "individual enrollment deleted");
             Ok(())
         } else {
-            Err(DpsError::new(
+            Err(AzureError::new(
                 ErrorCode::EnrollmentNotFound,
                 format!("Enrollment '{}' was not found.", printable(registration_id)),
             ))
@@ -221,20 +221,20 @@ impl Provisioning {
 
     /// Azure's bulk enrollment operation: up to 10 enrollments, each applied on its own; the
     /// answer lists the ones that failed.
-    pub async fn bulk_enrollments(&self, body: &[u8]) -> Result<serde_json::Value, DpsError> {
+    pub async fn bulk_enrollments(&self, body: &[u8]) -> Result<serde_json::Value, AzureError> {
         #[derive(serde::Deserialize)]
         struct Bulk {
             enrollments: Vec<serde_json::Value>,
             mode: String,
         }
         let bulk: Bulk = serde_json::from_slice(body)
-            .map_err(|e| DpsError::bad_request(format!("Malformed bulk enrollment operation: {e}")))?;
+            .map_err(|e| AzureError::bad_request(format!("Malformed bulk enrollment operation: {e}")))?;
         if bulk.enrollments.is_empty() || bulk.enrollments.len() > MAX_BULK {
-            return Err(DpsError::bad_request(format!("A bulk operation takes 1 to {MAX_BULK} enrollments.")));
+            return Err(AzureError::bad_request(format!("A bulk operation takes 1 to {MAX_BULK} enrollments.")));
         }
         let mode = bulk.mode.to_ascii_lowercase();
         if !["create", "update", "updateifmatchetag", "delete"].contains(&mode.as_str()) {
-            return Err(DpsError::bad_request("mode must be create, update, updateIfMatchETag or delete."));
+            return Err(AzureError::bad_request("mode must be create, update, updateIfMatchETag or delete."));
         }
         let mut errors = Vec::new();
         for item in bulk.enrollments {
@@ -247,7 +247,7 @@ impl Provisioning {
                         let if_match = if mode == "updateifmatchetag" { etag.or(Some("\"\"".into())) } else { None };
                         self.upsert_enrollment(&id, e, if_match, mode == "create").await.map(|_| ())
                     }
-                    Err(e) => Err(DpsError::bad_request(format!("Malformed enrollment: {e}"))),
+                    Err(e) => Err(AzureError::bad_request(format!("Malformed enrollment: {e}"))),
                 },
             };
             if let Err(e) = result {

@@ -19,7 +19,7 @@ use fleetgate_core::sas::{SasError, SasToken};
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::twin::Twin;
 use fleetgate_core::x509::{check_leaf, require_common_name, verify_chain, Certificate, CertificateChain};
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use serde_json::Value;
 
 use crate::service::{
@@ -106,11 +106,11 @@ impl Provisioning {
         password: Option<&str>,
         certificates: Option<&CertificateChain>,
         source: Option<IpAddr>,
-    ) -> Result<DeviceAuth, DpsError> {
+    ) -> Result<DeviceAuth, AzureError> {
         let registration_id = RegistrationId::parse(registration_id)?;
         let refuse = |why: &str| {
             self.audit_refusal(source, registration_id.as_str(), why);
-            DpsError::unauthorized()
+            AzureError::unauthorized()
         };
         if !self.config.id_scope.matches(scope) {
             return Err(refuse("unknown ID scope"));
@@ -178,10 +178,10 @@ impl Provisioning {
         registration_id: RegistrationId,
         chain: &CertificateChain,
         source: Option<IpAddr>,
-    ) -> Result<DeviceAuth, DpsError> {
+    ) -> Result<DeviceAuth, AzureError> {
         let refuse = |why: &dyn std::fmt::Display| {
             self.audit_refusal(source, registration_id.as_str(), &format!("X.509: {why}"));
-            DpsError::unauthorized()
+            AzureError::unauthorized()
         };
         let now = unix_now();
         let leaf = check_leaf(chain, now).map_err(|e| refuse(&e))?;
@@ -264,14 +264,14 @@ impl Provisioning {
     }
 
     /// The registration id's individual enrollment, read only if it has one.
-    async fn individual_enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, DpsError> {
+    async fn individual_enrollment(&self, id: &RegistrationId) -> Result<Option<IndividualEnrollment>, AzureError> {
         if !self.has_individual_enrollment(id.as_str()).await? {
             return Ok(None);
         }
         self.store.enrollment(id.as_str()).await.map_err(store_err)
     }
 
-    async fn enrollment_of(&self, auth: &DeviceAuth) -> Result<Option<Enrollment>, DpsError> {
+    async fn enrollment_of(&self, auth: &DeviceAuth) -> Result<Option<Enrollment>, AzureError> {
         Ok(match &auth.enrollment {
             // The in-memory copy: every change to a group goes through this process's service
             // API, which refreshes it, so a disabled group is seen at once.
@@ -291,24 +291,24 @@ impl Provisioning {
         })
     }
 
-    async fn hub_candidates(&self) -> Result<Vec<HubCandidate>, DpsError> {
+    async fn hub_candidates(&self) -> Result<Vec<HubCandidate>, AzureError> {
         Ok(self.store.hubs().await.map_err(store_err)?.iter().map(|h| h.candidate()).collect())
     }
 
     /// Decides and records the device's assignment. A custom allocation is decided by a webhook
     /// in the background: the outcome is then `assigning`, and the device polls.
-    pub async fn register(&self, auth: &DeviceAuth, payload: Option<Value>) -> Result<RegisterOutcome, DpsError> {
+    pub async fn register(&self, auth: &DeviceAuth, payload: Option<Value>) -> Result<RegisterOutcome, AzureError> {
         let now = Timestamp::now();
         let id = &auth.registration_id;
         // Re-read the enrollment: it may have been disabled or deleted since the device connected.
         let Some(enrollment) = self.enrollment_of(auth).await? else {
             tracing::info!(registration_id = %id, "enrollment deleted since authentication");
-            return Err(DpsError::unauthorized());
+            return Err(AzureError::unauthorized());
         };
         let (existing, hubs) = self.store.assignment_inputs(id.as_str()).await.map_err(store_err)?;
         if !enrollment.settings().is_enabled() {
             tracing::info!(registration_id = %id, "enrollment disabled");
-            let err = DpsError::new(ErrorCode::Unauthorized, "The enrollment is disabled.");
+            let err = AzureError::new(ErrorCode::Unauthorized, "The enrollment is disabled.");
             let mut record = RegistrationRecord::failed(
                 existing.as_ref(),
                 id,
@@ -334,7 +334,7 @@ impl Provisioning {
                     RegistrationRecord::assigning(existing.as_ref(), id, enrollment.group_id(), payload.clone(), now);
                 record.internal.x509 = auth.x509.clone();
                 self.store.put_registration(&record).await.map_err(store_err)?;
-                let Some(me) = self.me.upgrade() else { return Err(DpsError::internal()) };
+                let Some(me) = self.me.upgrade() else { return Err(AzureError::internal()) };
                 let (auth, op) = (auth.clone(), record.operation_id.clone());
                 tokio::spawn(async move { me.finish_custom(auth, enrollment, existing, def, payload, op).await });
                 Ok(RegisterOutcome { record })
@@ -435,7 +435,7 @@ impl Provisioning {
         device_payload: Option<Value>,
         returned_payload: Option<Value>,
         operation_id: Option<&str>,
-    ) -> Result<RegistrationRecord, DpsError> {
+    ) -> Result<RegistrationRecord, AzureError> {
         let now = Timestamp::now();
         let id = &auth.registration_id;
         let settings = enrollment.settings();
@@ -549,13 +549,14 @@ impl Provisioning {
         &self,
         auth: &DeviceAuth,
         operation_id: &str,
-    ) -> Result<RegistrationRecord, DpsError> {
+    ) -> Result<RegistrationRecord, AzureError> {
         let record = self.store.registration(auth.registration_id.as_str()).await.map_err(store_err)?;
         match record {
             Some(r) if r.operation_id == operation_id => Ok(r),
-            _ => {
-                Err(DpsError::new(ErrorCode::OperationNotFound, "The operation id is not known for this registration."))
-            }
+            _ => Err(AzureError::new(
+                ErrorCode::OperationNotFound,
+                "The operation id is not known for this registration.",
+            )),
         }
     }
 }

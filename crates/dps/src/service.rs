@@ -11,7 +11,7 @@ use fleetgate_core::ids::{IdScope, RegistrationId};
 use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::throttle::{Rate, TokenBucket};
 use fleetgate_core::time::Timestamp;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_store::{AuditLog, Store, StoreError};
 
 use fleetgate_store::cache::Cached;
@@ -115,18 +115,18 @@ pub struct Provisioning {
     pub(crate) instance_changes: std::sync::OnceLock<Arc<dyn crate::linked_hubs::InstanceChanges>>,
 }
 
-pub(crate) fn store_err(e: StoreError) -> DpsError {
+pub(crate) fn store_err(e: StoreError) -> AzureError {
     match e {
         StoreError::Rejected(d) => d,
         // The store could not answer: "retry later" (every SDK retries a 503), never an answer
         // that reads as the device's or the caller's fault.
         StoreError::Backend(msg) => {
             fleetgate_metrics::log_limited!(tracing::Level::ERROR, error = %msg, "store failure");
-            DpsError::unavailable()
+            AzureError::unavailable()
         }
         StoreError::Unavailable(msg) => {
             tracing::warn!(error = %msg, "store refused a change (retryable)");
-            DpsError::unavailable()
+            AzureError::unavailable()
         }
     }
 }
@@ -177,7 +177,7 @@ impl Provisioning {
 
     /// Admits one registration under the ID scope's quota, or answers 429 (the device retries
     /// after `retry-after`, as every SDK does). Polls are not counted, as in Azure.
-    pub fn admit_registration(&self) -> Result<(), DpsError> {
+    pub fn admit_registration(&self) -> Result<(), AzureError> {
         let Some(bucket) = &self.throttle else { return Ok(()) };
         let now = self.started.elapsed().as_secs_f64();
         let admitted = bucket.lock().unwrap_or_else(|p| p.into_inner()).try_take(now);
@@ -186,7 +186,7 @@ impl Provisioning {
             tracing::debug!("registration throttled");
             // Told the real wait until the bucket frees a slot, so a device that obeys it is
             // admitted on its next try instead of being refused again (or waiting too long).
-            DpsError::new(ErrorCode::Throttled, "Too many registrations for this ID scope; retry later.")
+            AzureError::new(ErrorCode::Throttled, "Too many registrations for this ID scope; retry later.")
                 .with_retry_after(fleetgate_core::throttle::retry_after_secs(wait))
         })
     }
@@ -208,7 +208,7 @@ impl Provisioning {
     pub async fn audit_entries(
         &self,
         query: &fleetgate_core::audit::AuditQuery,
-    ) -> Result<Vec<fleetgate_core::audit::AuditEntry>, DpsError> {
+    ) -> Result<Vec<fleetgate_core::audit::AuditEntry>, AzureError> {
         self.audit.flush().await;
         self.store.audit(query).await.map_err(store_err)
     }
@@ -217,12 +217,12 @@ impl Provisioning {
         self.groups.invalidate();
     }
 
-    pub(crate) async fn cached_groups(&self) -> Result<Arc<Vec<EnrollmentGroup>>, DpsError> {
+    pub(crate) async fn cached_groups(&self) -> Result<Arc<Vec<EnrollmentGroup>>, AzureError> {
         self.groups.get(|| async { self.store.groups().await.map_err(store_err) }).await
     }
 
     /// Whether `registration_id` has an individual enrollment (from memory).
-    pub(crate) async fn has_individual_enrollment(&self, registration_id: &str) -> Result<bool, DpsError> {
+    pub(crate) async fn has_individual_enrollment(&self, registration_id: &str) -> Result<bool, AzureError> {
         let ids = self
             .individuals
             .get(|| async { Ok(self.store.enrollment_ids().await.map_err(store_err)?.into_iter().collect()) })
@@ -246,7 +246,7 @@ impl Provisioning {
         });
     }
 
-    pub async fn linked_hubs(&self) -> Result<Vec<String>, DpsError> {
+    pub async fn linked_hubs(&self) -> Result<Vec<String>, AzureError> {
         Ok(self.store.hubs().await.map_err(store_err)?.into_iter().map(|h| h.host_name).collect())
     }
 }

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use fleetgate_core::policy::Right;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 pub use fleetgate_rest::ApiError;
 use fleetgate_rest::{body, if_match, json, ApiResult, Page, RouteAccess};
 
@@ -39,7 +39,7 @@ pub fn router(dps: Arc<Provisioning>) -> Router {
         .route("/policies/{id}/renewkey", post(renew_policy_key))
         .route("/audit", get(read_audit))
         .method_not_allowed_fallback(|| async {
-            ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
+            ApiError(AzureError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
         })
         .route_layer(middleware::from_fn_with_state(dps.clone(), authorize))
         .with_state(dps)
@@ -102,7 +102,7 @@ async fn authorize(
     match dps.authorize_service(auth, needed, &path).await {
         Ok(policy) => {
             let Some(access) = access else {
-                return ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed.")).into_response();
+                return ApiError(AzureError::new(ErrorCode::MethodNotAllowed, "Method not allowed.")).into_response();
             };
             let resp = next.run(req).await;
             if access.audited {
@@ -302,7 +302,7 @@ async fn read_audit(State(dps): State<Arc<Provisioning>>, axum::extract::Query(q
     use fleetgate_core::time::Timestamp;
     let since = match q.get("since") {
         Some(s) => Some(Timestamp::parse_azure(s).ok_or_else(|| {
-            ApiError(DpsError::bad_request(format!("since '{s}' is not a time (2026-11-28T14:00:00.0000000Z).")))
+            ApiError(AzureError::bad_request(format!("since '{s}' is not a time (2026-11-28T14:00:00.0000000Z).")))
         })?),
         None => None,
     };
@@ -310,10 +310,10 @@ async fn read_audit(State(dps): State<Arc<Provisioning>>, axum::extract::Query(q
         None => None,
         Some("success") => Some(Outcome::Success),
         Some("failure") => Some(Outcome::Failure),
-        Some(o) => return Err(ApiError(DpsError::bad_request(format!("outcome '{o}' is not success or failure.")))),
+        Some(o) => return Err(ApiError(AzureError::bad_request(format!("outcome '{o}' is not success or failure.")))),
     };
     let limit = match q.get("limit") {
-        Some(l) => l.parse().map_err(|_| ApiError(DpsError::bad_request(format!("limit '{l}' is not a number."))))?,
+        Some(l) => l.parse().map_err(|_| ApiError(AzureError::bad_request(format!("limit '{l}' is not a number."))))?,
         None => AUDIT_DEFAULT_LIMIT,
     };
     let query = AuditQuery { since, id: q.get("id").cloned(), outcome, limit };
@@ -342,7 +342,7 @@ async fn renew_policy_key(
     let which = match q.get("key").map(String::as_str) {
         None | Some("primary") => KeyKind::Primary,
         Some("secondary") => KeyKind::Secondary,
-        Some(k) => return Err(ApiError(DpsError::bad_request(format!("key '{k}' is not primary or secondary.")))),
+        Some(k) => return Err(ApiError(AzureError::bad_request(format!("key '{k}' is not primary or secondary.")))),
     };
     Ok(json(dps.renew_policy_key(q.get("hub").map(String::as_str), &id, which).await?))
 }

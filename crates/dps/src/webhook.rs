@@ -3,14 +3,14 @@
 
 use fleetgate_core::allocation::{parse_custom_allocation_response, CustomAllocationResult};
 use fleetgate_core::enrollment::CustomAllocationDefinition;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use serde_json::Value;
 
 /// Largest answer read from a webhook.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-fn failed(why: impl Into<String>) -> DpsError {
-    DpsError::new(ErrorCode::CustomAllocationFailed, why)
+fn failed(why: impl Into<String>) -> AzureError {
+    AzureError::new(ErrorCode::CustomAllocationFailed, why)
 }
 
 /// The URL as it may be logged: the query (Azure Functions put their key there) left out.
@@ -22,7 +22,7 @@ pub(crate) async fn call(
     http: &reqwest::Client,
     def: &CustomAllocationDefinition,
     request: &Value,
-) -> Result<CustomAllocationResult, DpsError> {
+) -> Result<CustomAllocationResult, AzureError> {
     let url = &def.webhook_url;
     let resp = http.post(url).json(request).send().await.map_err(|e| {
         let why = if e.is_timeout() { "timed out".to_owned() } else { "could not be reached".to_owned() };

@@ -172,7 +172,7 @@ impl Hub {
 
     /// The device a shared access policy with `DeviceConnect` acts for on a device route (a
     /// protocol gateway, as Azure allows): its identity must exist and be enabled.
-    pub(crate) async fn acting_for(&self, hub: &str, device_id: &str) -> Result<HubDevice, fleetgate_core::DpsError> {
+    pub(crate) async fn acting_for(&self, hub: &str, device_id: &str) -> Result<HubDevice, fleetgate_core::AzureError> {
         let closes = self.sessions.closes_before_auth(hub, device_id);
         let device = self
             .store
@@ -181,7 +181,7 @@ impl Hub {
             .map_err(crate::hub::store_err)?
             .ok_or_else(|| crate::hub::not_found(device_id))?;
         if device.status == DeviceStatus::Disabled {
-            return Err(fleetgate_core::DpsError::unauthorized());
+            return Err(fleetgate_core::AzureError::unauthorized());
         }
         let connection = ConnectionAuth { method: AuthMethod::HubPolicy, generation_id: device.generation_id };
         Ok(self.connected_device(hub.to_owned(), device.device_id, None, closes, connection))

@@ -7,7 +7,7 @@ use std::time::Duration;
 use fleetgate_core::feedback::AckMode;
 use fleetgate_core::message::{C2dMessage, Properties};
 use fleetgate_core::time::Timestamp;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_store::{C2dSettlement, FeedbackBatch};
 
 use crate::authentication::HubDevice;
@@ -18,8 +18,8 @@ use crate::Hub;
 /// Feedback records handed out together at most (one Azure feedback message is a batch).
 const FEEDBACK_BATCH: usize = 100;
 
-fn lock_lost() -> DpsError {
-    DpsError::new(ErrorCode::DeviceMessageLockLost, "The lock token names no message locked now.")
+fn lock_lost() -> AzureError {
+    AzureError::new(ErrorCode::DeviceMessageLockLost, "The lock token names no message locked now.")
 }
 
 fn secs(d: Duration) -> i64 {
@@ -36,9 +36,9 @@ impl Hub {
         body: Vec<u8>,
         ttl: Option<Duration>,
         ack: AckMode,
-    ) -> Result<String, DpsError> {
+    ) -> Result<String, AzureError> {
         if body.len() > self.config.max_c2d_bytes {
-            return Err(DpsError::new(ErrorCode::MessageTooLarge, "Cloud-to-device messages may be at most 64 KB."));
+            return Err(AzureError::new(ErrorCode::MessageTooLarge, "Cloud-to-device messages may be at most 64 KB."));
         }
         let (dev, _) = self.twin(hub, device_id).await?;
         let ttl = ttl.unwrap_or(self.config.c2d_default_ttl).min(self.config.c2d_max_ttl);
@@ -70,23 +70,23 @@ impl Hub {
         Ok(id)
     }
 
-    pub async fn pending_c2d(&self, d: &HubDevice) -> Result<Vec<C2dMessage>, DpsError> {
+    pub async fn pending_c2d(&self, d: &HubDevice) -> Result<Vec<C2dMessage>, AzureError> {
         self.store.pending_c2d(&d.hub, &d.device_id, Timestamp::now().unix_seconds()).await.map_err(store_err)
     }
 
-    pub async fn complete_c2d(&self, d: &HubDevice, id: &str) -> Result<(), DpsError> {
+    pub async fn complete_c2d(&self, d: &HubDevice, id: &str) -> Result<(), AzureError> {
         self.store.complete_c2d(&d.hub, &d.device_id, id).await.map_err(store_err).map(|_| ())
     }
 
     /// `DELETE /devices/{id}/commands`: empties the device's queue; how many were removed.
-    pub async fn purge_c2d(&self, hub: &str, device_id: &str) -> Result<u64, DpsError> {
+    pub async fn purge_c2d(&self, hub: &str, device_id: &str) -> Result<u64, AzureError> {
         let (dev, _) = self.twin(hub, device_id).await?;
         self.store.purge_c2d(&dev.hub, &dev.device_id, Timestamp::now().unix_seconds()).await.map_err(store_err)
     }
 
     /// The HTTPS receive: the oldest available message, locked to the caller for the lock
     /// timeout. `None`: nothing to receive now.
-    pub async fn receive_c2d(&self, d: &HubDevice) -> Result<Option<C2dMessage>, DpsError> {
+    pub async fn receive_c2d(&self, d: &HubDevice) -> Result<Option<C2dMessage>, AzureError> {
         let now = Timestamp::now().unix_seconds();
         let token = uuid::Uuid::new_v4().to_string();
         let until = now.saturating_add(secs(self.config.c2d_lock));
@@ -98,7 +98,7 @@ impl Hub {
 
     /// Completes, rejects or abandons the message the device holds under `lock_token`;
     /// 412 (lock lost) when it holds none under it.
-    pub async fn settle_c2d(&self, d: &HubDevice, lock_token: &str, how: C2dSettlement) -> Result<(), DpsError> {
+    pub async fn settle_c2d(&self, d: &HubDevice, lock_token: &str, how: C2dSettlement) -> Result<(), AzureError> {
         let now = Timestamp::now().unix_seconds();
         match self.store.settle_c2d(&d.hub, &d.device_id, lock_token, how, now).await.map_err(store_err)? {
             true => Ok(()),
@@ -107,7 +107,7 @@ impl Hub {
     }
 
     /// `GET /messages/serviceBound/feedback`: a batch of feedback records, locked.
-    pub async fn receive_feedback(&self, hub: &str) -> Result<Option<FeedbackBatch>, DpsError> {
+    pub async fn receive_feedback(&self, hub: &str) -> Result<Option<FeedbackBatch>, AzureError> {
         let now = Timestamp::now().unix_seconds();
         let token = uuid::Uuid::new_v4().to_string();
         let until = now.saturating_add(secs(self.config.feedback_lock));
@@ -120,7 +120,7 @@ impl Hub {
     }
 
     /// Completes (`complete`) or abandons the feedback batch locked under `lock_token`.
-    pub async fn settle_feedback(&self, hub: &str, lock_token: &str, complete: bool) -> Result<(), DpsError> {
+    pub async fn settle_feedback(&self, hub: &str, lock_token: &str, complete: bool) -> Result<(), AzureError> {
         let now = Timestamp::now().unix_seconds();
         match self.store.settle_feedback(hub, lock_token, complete, now).await.map_err(store_err)? {
             true => Ok(()),

@@ -2,7 +2,7 @@
 //! subscriptions a persistent session keeps between them.
 
 use fleetgate_core::time::Timestamp;
-use fleetgate_core::DpsError;
+use fleetgate_core::AzureError;
 use serde_json::{json, Value};
 
 use crate::authentication::HubDevice;
@@ -38,7 +38,7 @@ impl Hub {
 
     /// The subscriptions a CleanSession-0 device left behind (stream, granted QoS 0 or 1).
     /// Devices rely on them: the SDKs do not subscribe again after reconnecting.
-    pub async fn load_subscriptions(&self, d: &HubDevice) -> Result<Option<Vec<(Subscription, u8)>>, DpsError> {
+    pub async fn load_subscriptions(&self, d: &HubDevice) -> Result<Option<Vec<(Subscription, u8)>>, AzureError> {
         let Some(state) = self.store.mqtt_session(&d.hub, &d.device_id).await.map_err(store_err)? else {
             return Ok(None);
         };
@@ -51,7 +51,11 @@ impl Hub {
     }
 
     /// Persists (Some) or forgets (None) a device's subscriptions.
-    pub async fn save_subscriptions(&self, d: &HubDevice, subs: Option<&[(Subscription, u8)]>) -> Result<(), DpsError> {
+    pub async fn save_subscriptions(
+        &self,
+        d: &HubDevice,
+        subs: Option<&[(Subscription, u8)]>,
+    ) -> Result<(), AzureError> {
         let state =
             subs.map(|s| Value::Object(s.iter().map(|(k, q)| (k.name().to_owned(), json!(q))).collect()).to_string());
         self.store.set_mqtt_session(&d.hub, &d.device_id, state.as_deref()).await.map_err(store_err)

@@ -17,7 +17,7 @@ use base64::Engine;
 use fleetgate_core::message::Properties;
 use fleetgate_core::sas::SasToken;
 use fleetgate_core::x509::CertificateChain;
-use fleetgate_core::DpsError;
+use fleetgate_core::AzureError;
 use fleetgate_rest::{body, ApiResult};
 use fleetgate_store::C2dSettlement;
 
@@ -117,24 +117,26 @@ pub(crate) async fn send_event(
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if content_type.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case(BATCH_CONTENT_TYPE)) {
         if b.len() > hub.config.max_message_bytes {
-            return Err(
-                DpsError::new(fleetgate_core::ErrorCode::MessageTooLarge, "The batch is larger than 256 KB.").into()
-            );
+            return Err(AzureError::new(
+                fleetgate_core::ErrorCode::MessageTooLarge,
+                "The batch is larger than 256 KB.",
+            )
+            .into());
         }
         let items: Vec<BatchItem> =
-            serde_json::from_slice(&b).map_err(|e| DpsError::bad_request(format!("Malformed batch: {e}")))?;
+            serde_json::from_slice(&b).map_err(|e| AzureError::bad_request(format!("Malformed batch: {e}")))?;
         // All are checked before any is stored, so a bad item leaves nothing half-sent.
         let mut messages = Vec::with_capacity(items.len());
         for item in items {
             let data = if item.base64_encoded {
                 base64::engine::general_purpose::STANDARD
                     .decode(item.body.as_bytes())
-                    .map_err(|_| DpsError::bad_request("A batch item's body is not base64."))?
+                    .map_err(|_| AzureError::bad_request("A batch item's body is not base64."))?
             } else {
                 item.body.into_bytes()
             };
             let bag = properties(item.properties.iter().map(|(k, v)| (k.as_str(), v.as_str()))).to_bag();
-            fleetgate_core::message::check_bag(&bag).map_err(|e| DpsError::bad_request(e.to_string()))?;
+            fleetgate_core::message::check_bag(&bag).map_err(|e| AzureError::bad_request(e.to_string()))?;
             messages.push((bag, Bytes::from(data)));
         }
         for (bag, data) in messages {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use fleetgate_core::throttle::{Rate, TokenBucket};
 use fleetgate_core::time::Timestamp;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_store::{LinkedHub, Store, StoreError};
 
 use crate::config::HubConfig;
@@ -36,24 +36,24 @@ pub struct Hub {
     pub(crate) audit: fleetgate_store::AuditLog,
 }
 
-pub(crate) fn store_err(e: StoreError) -> DpsError {
+pub(crate) fn store_err(e: StoreError) -> AzureError {
     match e {
         StoreError::Rejected(d) => d,
         // The store could not answer: "retry later" (503, as the provisioning service answers
         // it), never an answer that reads as the caller's fault or as permanent.
         StoreError::Backend(msg) => {
             fleetgate_metrics::log_limited!(tracing::Level::ERROR, error = %msg, "store failure");
-            DpsError::unavailable()
+            AzureError::unavailable()
         }
         StoreError::Unavailable(msg) => {
             tracing::warn!(error = %msg, "store refused a change (retryable)");
-            DpsError::unavailable()
+            AzureError::unavailable()
         }
     }
 }
 
-pub(crate) fn not_found(device_id: &str) -> DpsError {
-    DpsError::new(
+pub(crate) fn not_found(device_id: &str) -> AzureError {
+    AzureError::new(
         ErrorCode::DeviceNotFound,
         format!("Device '{}' was not found.", device_id.chars().take(140).collect::<String>()),
     )
@@ -151,7 +151,7 @@ impl Hub {
         &self.audit
     }
 
-    pub async fn hub_named(&self, host: &str) -> Result<Option<LinkedHub>, DpsError> {
+    pub async fn hub_named(&self, host: &str) -> Result<Option<LinkedHub>, AzureError> {
         let hubs = self.store.hubs().await.map_err(store_err)?;
         Ok(hubs.into_iter().find(|h| h.host_name.eq_ignore_ascii_case(host)))
     }

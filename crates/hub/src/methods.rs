@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use serde_json::Value;
 use tokio::sync::{oneshot, Notify};
 
@@ -14,7 +14,7 @@ use crate::authentication::HubDevice;
 use crate::sessions::{Live, MethodCall, Outbound};
 use crate::Hub;
 
-type MethodWaiter = oneshot::Sender<Result<(i32, Value), DpsError>>;
+type MethodWaiter = oneshot::Sender<Result<(i32, Value), AzureError>>;
 
 /// Characters Azure forbids in a method name (besides anything outside printable US-ASCII,
 /// which rules out space and tab): its direct methods guide lists them.
@@ -115,8 +115,8 @@ impl PendingCalls {
     }
 }
 
-fn offline() -> DpsError {
-    DpsError::new(ErrorCode::DeviceNotOnline, "The device is not online or not listening for direct methods.")
+fn offline() -> AzureError {
+    AzureError::new(ErrorCode::DeviceNotOnline, "The device is not online or not listening for direct methods.")
 }
 
 impl Hub {
@@ -131,14 +131,14 @@ impl Hub {
         payload: Value,
         connect_timeout: Duration,
         timeout: Duration,
-    ) -> Result<(i32, Value), DpsError> {
+    ) -> Result<(i32, Value), AzureError> {
         if !method_name_ok(name) {
-            return Err(DpsError::bad_request(
+            return Err(AzureError::bad_request(
                 "methodName must be 1 to 256 printable US-ASCII characters, none of $ ( ) < > @ , ; : \\ \" / [ ] ? = { } (nor space or tab).",
             ));
         }
         if payload.to_string().len() > self.config.max_method_payload_bytes {
-            return Err(DpsError::new(ErrorCode::MessageTooLarge, "The method payload is larger than 128 KB."));
+            return Err(AzureError::new(ErrorCode::MessageTooLarge, "The method payload is larger than 128 KB."));
         }
         self.twin(hub, device_id).await?;
         let live = self.listening_session(hub, device_id, connect_timeout).await?;
@@ -154,14 +154,14 @@ impl Hub {
             Ok(Ok(answer)) => answer,
             _ => {
                 self.methods.remove(&pending);
-                Err(DpsError::new(ErrorCode::GatewayTimeout, "The device did not answer the direct method in time."))
+                Err(AzureError::new(ErrorCode::GatewayTimeout, "The device did not answer the direct method in time."))
             }
         }
     }
 
     /// The device's session once it is connected and subscribed to methods, waiting up to
     /// `wait` for it. Woken by [`Hub::listening_for_methods`], never by polling.
-    async fn listening_session(&self, hub: &str, device_id: &str, wait: Duration) -> Result<Live, DpsError> {
+    async fn listening_session(&self, hub: &str, device_id: &str, wait: Duration) -> Result<Live, AzureError> {
         let ready = || self.sessions.get(hub, device_id).filter(|l| l.flags.methods.load(Ordering::Acquire));
         if wait.is_zero() {
             return ready().ok_or_else(offline);
@@ -202,7 +202,7 @@ impl Hub {
         };
         if body.len() > self.config.max_method_payload_bytes {
             tracing::info!(hub = %d.hub, device = %d.device_id, bytes = body.len(), "method answer larger than 128 KB; the call fails");
-            let too_large = DpsError::new(
+            let too_large = AzureError::new(
                 ErrorCode::MessageTooLarge,
                 "The device's method response payload is larger than 128 KB.",
             );

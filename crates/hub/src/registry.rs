@@ -10,7 +10,7 @@ use fleetgate_core::etag::check_if_match;
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::twin::Twin;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_store::DeviceCounts;
 
 use crate::hub::{not_found, store_err};
@@ -49,7 +49,7 @@ impl Hub {
         device_id: &str,
         spec: DeviceSpec,
         if_match: Option<String>,
-    ) -> Result<DeviceIdentity, DpsError> {
+    ) -> Result<DeviceIdentity, AzureError> {
         // IoT Hub's rule, wider than DPS's registration ids (a device DPS creates has its
         // registration id, which always passes).
         fleetgate_core::ids::check_device_id(device_id)?;
@@ -69,7 +69,7 @@ impl Hub {
                     match (if_match.as_deref().map(str::trim), existing) {
                         // Azure: PUT without If-Match creates only.
                         (None, Some(_)) => {
-                            return Err(DpsError::new(
+                            return Err(AzureError::new(
                                 ErrorCode::DeviceAlreadyExists,
                                 "A device with this id already exists.",
                             ))
@@ -114,7 +114,7 @@ impl Hub {
             )
             .await
             .map_err(store_err)?;
-        let (dev, _) = result.ok_or_else(DpsError::internal)?;
+        let (dev, _) = result.ok_or_else(AzureError::internal)?;
         // A disabled device, or one whose keys, thumbprints or CAs changed, keeps no connection
         // opened before: the old credentials may be the reason for the change.
         let changed = credentials_changed.load(Ordering::Relaxed);
@@ -127,7 +127,7 @@ impl Hub {
         Ok(dev)
     }
 
-    pub async fn delete_device(&self, hub: &str, device_id: &str, if_match: Option<String>) -> Result<(), DpsError> {
+    pub async fn delete_device(&self, hub: &str, device_id: &str, if_match: Option<String>) -> Result<(), AzureError> {
         let id = device_id.to_owned();
         self.store
             .update_device(
@@ -145,12 +145,17 @@ impl Hub {
         Ok(())
     }
 
-    pub async fn devices(&self, hub: &str, offset: usize, limit: usize) -> Result<Vec<DeviceIdentity>, DpsError> {
+    pub async fn devices(&self, hub: &str, offset: usize, limit: usize) -> Result<Vec<DeviceIdentity>, AzureError> {
         self.store.devices(hub, offset, limit).await.map_err(store_err)
     }
 
     /// Identities with their twins, in creation order (the hub query reads these).
-    pub async fn twins(&self, hub: &str, offset: usize, limit: usize) -> Result<Vec<(DeviceIdentity, Twin)>, DpsError> {
+    pub async fn twins(
+        &self,
+        hub: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<(DeviceIdentity, Twin)>, AzureError> {
         let mut twins = self.store.twins(hub, offset, limit).await.map_err(store_err)?;
         for (dev, twin) in &mut twins {
             twin.date_undated(&dev.created_date_time_utc);
@@ -159,7 +164,7 @@ impl Hub {
     }
 
     /// Counted by the store (Azure's `RegistryStatistics`).
-    pub async fn registry_statistics(&self, hub: &str) -> Result<DeviceCounts, DpsError> {
+    pub async fn registry_statistics(&self, hub: &str) -> Result<DeviceCounts, AzureError> {
         self.store.device_counts(hub).await.map_err(store_err)
     }
 
@@ -170,7 +175,7 @@ impl Hub {
 
     /// What the hub knows of the device now: its connection (in memory) and its C2D queue (in
     /// the store).
-    pub async fn device_state(&self, dev: &DeviceIdentity) -> Result<DeviceState, DpsError> {
+    pub async fn device_state(&self, dev: &DeviceIdentity) -> Result<DeviceState, AzureError> {
         let (connected, state_updated) = self.sessions.connection_state(&dev.hub, &dev.device_id);
         let now = Timestamp::now().unix_seconds();
         let c2d_queued = self.store.c2d_count(&dev.hub, &dev.device_id, now).await.map_err(store_err)?;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use fleetgate_core::message::{check_bag, ReceivedEvent};
 use fleetgate_core::time::Timestamp;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_store::{EventPage, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -23,7 +23,7 @@ use crate::Hub;
 const MAX_BATCH: usize = 512;
 const QUEUE: usize = 8192;
 
-type Waiter = oneshot::Sender<Result<u64, DpsError>>;
+type Waiter = oneshot::Sender<Result<u64, AzureError>>;
 
 /// How long a failed append keeps the writer unhealthy when nothing has succeeded since: long
 /// enough for readiness probes to see it, short enough that an instance nobody sends to (while
@@ -76,10 +76,10 @@ impl EventWriter {
     }
 
     /// Appends one event; resolves with its position once it is on disk.
-    pub async fn append(&self, event: ReceivedEvent) -> Result<u64, DpsError> {
+    pub async fn append(&self, event: ReceivedEvent) -> Result<u64, AzureError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send((event, tx)).await.map_err(|_| DpsError::internal())?;
-        rx.await.map_err(|_| DpsError::internal())?
+        self.tx.send((event, tx)).await.map_err(|_| AzureError::internal())?;
+        rx.await.map_err(|_| AzureError::internal())?
     }
 
     /// Wakes with the last appended position after each batch.
@@ -120,10 +120,10 @@ async fn write_loop(
                     StoreError::Rejected(d) => d,
                     StoreError::Backend(msg) => {
                         tracing::error!(error = %msg, "telemetry append failed; devices get no PUBACK");
-                        DpsError::internal()
+                        AzureError::internal()
                     }
                     // Logged (once per change of state) by the store.
-                    StoreError::Unavailable(_) => DpsError::unavailable(),
+                    StoreError::Unavailable(_) => AzureError::unavailable(),
                 };
                 for w in waiters {
                     let _ = w.send(Err(err.clone()));
@@ -136,11 +136,11 @@ async fn write_loop(
 /// Device-to-cloud messages as the hub takes them, and the stream they are read from.
 impl Hub {
     /// Validates and durably appends one telemetry message; resolves once it is on disk.
-    pub async fn ingest(&self, d: &HubDevice, bag: &str, body: bytes::Bytes) -> Result<u64, DpsError> {
+    pub async fn ingest(&self, d: &HubDevice, bag: &str, body: bytes::Bytes) -> Result<u64, AzureError> {
         if body.len() + bag.len() > self.config.max_message_bytes {
-            return Err(DpsError::new(ErrorCode::MessageTooLarge, "The message is larger than 256 KB."));
+            return Err(AzureError::new(ErrorCode::MessageTooLarge, "The message is larger than 256 KB."));
         }
-        check_bag(bag).map_err(|e| DpsError::bad_request(e.to_string()))?;
+        check_bag(bag).map_err(|e| AzureError::bad_request(e.to_string()))?;
         self.admit_message(&d.hub).await;
         let now = Timestamp::now();
         d.touch(now);
@@ -162,12 +162,12 @@ impl Hub {
     }
 
     /// A hub's events from position `from`; the page says where to continue.
-    pub async fn events(&self, hub: &str, from: u64, limit: usize) -> Result<EventPage, DpsError> {
+    pub async fn events(&self, hub: &str, from: u64, limit: usize) -> Result<EventPage, AzureError> {
         self.store.events(hub, from, limit).await.map_err(store_err)
     }
 
     /// Position of the newest event in the stream (any hub; 0 when there is none).
-    pub async fn last_event_seq(&self) -> Result<u64, DpsError> {
+    pub async fn last_event_seq(&self) -> Result<u64, AzureError> {
         self.store.last_event_seq().await.map_err(store_err)
     }
 }

@@ -8,7 +8,7 @@ use fleetgate_core::device::DeviceIdentity;
 use fleetgate_core::etag::check_if_match;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::twin::{parse_patch, Twin};
-use fleetgate_core::DpsError;
+use fleetgate_core::AzureError;
 use serde_json::{Map, Value};
 
 use crate::authentication::HubDevice;
@@ -40,7 +40,7 @@ pub fn twin_etag(twin: &Twin) -> String {
 impl Hub {
     /// A device's identity and twin; a twin stored before twins had metadata is dated as of
     /// the device's creation.
-    pub async fn twin(&self, hub: &str, device_id: &str) -> Result<(DeviceIdentity, Twin), DpsError> {
+    pub async fn twin(&self, hub: &str, device_id: &str) -> Result<(DeviceIdentity, Twin), AzureError> {
         let (dev, mut twin) =
             self.store.twin(hub, device_id).await.map_err(store_err)?.ok_or_else(|| not_found(device_id))?;
         twin.date_undated(&dev.created_date_time_utc);
@@ -48,7 +48,7 @@ impl Hub {
     }
 
     /// A device's reported-properties patch; returns the new reported version.
-    pub async fn patch_reported(&self, d: &HubDevice, body: &[u8]) -> Result<u64, DpsError> {
+    pub async fn patch_reported(&self, d: &HubDevice, body: &[u8]) -> Result<u64, AzureError> {
         let patch = parse_patch(body)?;
         let id = d.device_id.clone();
         let updated = self
@@ -77,7 +77,7 @@ impl Hub {
         device_id: &str,
         change: TwinChange,
         if_match: Option<String>,
-    ) -> Result<(DeviceIdentity, Twin), DpsError> {
+    ) -> Result<(DeviceIdentity, Twin), AzureError> {
         let TwinChange { tags, desired } = change;
         let id = device_id.to_owned();
         let desired_for_store = desired.clone();
@@ -118,7 +118,7 @@ impl Hub {
         device_id: &str,
         replacement: TwinReplacement,
         if_match: Option<String>,
-    ) -> Result<(DeviceIdentity, Twin), DpsError> {
+    ) -> Result<(DeviceIdentity, Twin), AzureError> {
         let id = device_id.to_owned();
         let change = std::sync::Arc::new(std::sync::Mutex::new(Map::new()));
         let change_in_store = change.clone();

@@ -8,7 +8,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use fleetgate_core::time::Timestamp;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 
 /// Largest request body a service API reads.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -19,11 +19,11 @@ pub const MAX_PAGE: usize = 1000;
 /// an offset plus a page never overflows nor leaves the store's signed 64-bit range.
 pub const MAX_CONTINUATION: usize = 1 << 48;
 
-/// A [`DpsError`] as an HTTP response: Azure's JSON error body and `x-ms-error-code`.
-pub struct ApiError(pub DpsError);
+/// A [`AzureError`] as an HTTP response: Azure's JSON error body and `x-ms-error-code`.
+pub struct ApiError(pub AzureError);
 
-impl From<DpsError> for ApiError {
-    fn from(e: DpsError) -> Self {
+impl From<AzureError> for ApiError {
+    fn from(e: AzureError) -> Self {
         Self(e)
     }
 }
@@ -55,13 +55,13 @@ pub fn json(v: impl serde::Serialize) -> Response {
 /// The request body, or 413/400 in Azure's error shape.
 pub fn body(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     let too_large = || {
-        DpsError::new(ErrorCode::PayloadTooLarge, format!("The request body is larger than {MAX_BODY_BYTES} bytes."))
+        AzureError::new(ErrorCode::PayloadTooLarge, format!("The request body is larger than {MAX_BODY_BYTES} bytes."))
     };
     let b = b.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             too_large()
         } else {
-            DpsError::bad_request("The request body could not be read.")
+            AzureError::bad_request("The request body could not be read.")
         }
     })?;
     if b.len() > MAX_BODY_BYTES {
@@ -83,20 +83,22 @@ pub struct Page {
 
 impl Page {
     pub fn from_headers(h: &HeaderMap) -> ApiResult<Self> {
-        let size =
-            match h.get("x-ms-max-item-count").map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok())) {
-                None => DEFAULT_PAGE,
-                Some(Some(n)) if n >= 1 => n.min(MAX_PAGE),
-                Some(_) => return Err(DpsError::bad_request("x-ms-max-item-count must be a positive integer.").into()),
-            };
-        let offset = match h
-            .get("x-ms-continuation")
+        let size = match h
+            .get("x-ms-max-item-count")
             .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()))
         {
-            None => 0,
-            Some(Some(n)) if n <= MAX_CONTINUATION => n,
-            Some(_) => return Err(DpsError::bad_request("x-ms-continuation is not a valid continuation token.").into()),
+            None => DEFAULT_PAGE,
+            Some(Some(n)) if n >= 1 => n.min(MAX_PAGE),
+            Some(_) => return Err(AzureError::bad_request("x-ms-max-item-count must be a positive integer.").into()),
         };
+        let offset =
+            match h.get("x-ms-continuation").map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok())) {
+                None => 0,
+                Some(Some(n)) if n <= MAX_CONTINUATION => n,
+                Some(_) => {
+                    return Err(AzureError::bad_request("x-ms-continuation is not a valid continuation token.").into())
+                }
+            };
         Ok(Self { offset, size })
     }
 
@@ -125,16 +127,16 @@ pub fn query_spec(b: &[u8], collection: &str, optional: bool) -> ApiResult<fleet
     if optional && b.iter().all(u8::is_ascii_whitespace) {
         return Ok(all());
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(b).map_err(|e| DpsError::bad_request(format!("Malformed query specification: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(b)
+        .map_err(|e| AzureError::bad_request(format!("Malformed query specification: {e}")))?;
     let q = match v.get("query") {
         Some(serde_json::Value::String(q)) => q,
         None if optional => return Ok(all()),
-        _ => return Err(DpsError::bad_request("The query specification needs a 'query' string.").into()),
+        _ => return Err(AzureError::bad_request("The query specification needs a 'query' string.").into()),
     };
-    let q = query::parse(q).map_err(|e| DpsError::bad_request(format!("Unsupported query: {e}")))?;
+    let q = query::parse(q).map_err(|e| AzureError::bad_request(format!("Unsupported query: {e}")))?;
     if !collection.is_empty() && !q.is_for(collection) {
-        return Err(DpsError::bad_request(format!(
+        return Err(AzureError::bad_request(format!(
             "This query is for {collection}: use \"SELECT * FROM {collection}\"."
         ))
         .into());
@@ -150,14 +152,14 @@ pub async fn query_page<T, F, Fut>(
     q: &fleetgate_core::query::Query,
     page: &Page,
     mut fetch: F,
-) -> Result<Vec<serde_json::Value>, DpsError>
+) -> Result<Vec<serde_json::Value>, AzureError>
 where
     F: FnMut(usize, usize) -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<T>, DpsError>>,
+    Fut: std::future::Future<Output = Result<Vec<T>, AzureError>>,
     T: serde::Serialize,
 {
     const BATCH: usize = 500;
-    let to_json = |t: T| serde_json::to_value(t).map_err(|_| DpsError::internal());
+    let to_json = |t: T| serde_json::to_value(t).map_err(|_| AzureError::internal());
     if q.filter.is_none() {
         return fetch(page.offset, page.size + 1).await?.into_iter().map(to_json).collect();
     }

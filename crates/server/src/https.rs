@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::response::IntoResponse;
 use axum::Router;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_dps::service_api::{self, ApiError};
 use fleetgate_dps::Provisioning;
 use fleetgate_hub::Hub;
@@ -87,7 +87,7 @@ pub fn app(dps: Arc<Provisioning>, hub: Arc<Hub>, readiness: Arc<Readiness>) -> 
         .merge(service_api::router(dps.clone()).layer(admit.clone()))
         .merge(fleetgate_dps::device_api::device_router(dps).layer(admit.clone()))
         .merge(fleetgate_hub::service_api::router(hub).layer(admit))
-        .fallback(|| async { ApiError(DpsError::new(ErrorCode::NotFound, "No such resource.")).into_response() })
+        .fallback(|| async { ApiError(AzureError::new(ErrorCode::NotFound, "No such resource.")).into_response() })
 }
 
 /// A source that failed authentication too often is answered 429 + `Retry-After` without a
@@ -100,7 +100,7 @@ async fn admit_source(
     match audit.admit(fleetgate_rest::client_ip(&req)) {
         Ok(()) => next.run(req).await,
         Err(wait) => {
-            let mut resp = ApiError(DpsError::new(
+            let mut resp = ApiError(AzureError::new(
                 ErrorCode::Throttled,
                 "Too many failed authentications from this address; retry later.",
             ))
@@ -288,7 +288,7 @@ struct BodyState {
 /// that reused it would see its next request fail unanswered.
 fn connection_rules(mut resp: axum::response::Response, body: &BodyState) -> axum::response::Response {
     if body.expired.load(Ordering::Relaxed) {
-        resp = ApiError(DpsError::new(ErrorCode::RequestTimeout, "The request body did not arrive in time."))
+        resp = ApiError(AzureError::new(ErrorCode::RequestTimeout, "The request body did not arrive in time."))
             .into_response();
     }
     if !body.read_to_end.load(Ordering::Relaxed) || resp.status() == http::StatusCode::REQUEST_TIMEOUT {

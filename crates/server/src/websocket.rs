@@ -18,7 +18,7 @@ use axum::routing::get;
 use axum::Router;
 use bytes::{Buf, Bytes};
 use fleetgate_core::x509::CertificateChain;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_dps::Provisioning;
 use fleetgate_hub::Hub;
 use fleetgate_rest::ApiError;
@@ -62,7 +62,7 @@ pub(crate) fn router(
         r = r.route(path, get(upgrade));
     }
     r.method_not_allowed_fallback(|| async {
-        ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
+        ApiError(AzureError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
     })
     .with_state(WsState { dps, hub, limits, budget, shutdown })
 }
@@ -75,7 +75,7 @@ fn max_message_bytes(limits: &Limits, hub: &Hub) -> usize {
 }
 
 fn bad_request(message: impl Into<String>) -> Response {
-    ApiError(DpsError::new(ErrorCode::BadRequest, message)).into_response()
+    ApiError(AzureError::new(ErrorCode::BadRequest, message)).into_response()
 }
 
 async fn upgrade(

@@ -23,7 +23,7 @@ use fleetgate_core::message::{C2dMessage, ReceivedEvent, TelemetryEvent};
 use fleetgate_core::policy::AccessPolicy;
 use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::twin::Twin;
-use fleetgate_core::DpsError;
+use fleetgate_core::AzureError;
 
 pub use audit_log::{AuditLog, AuditOptions, FAILURE_LINES_PER_MINUTE};
 pub use caching::CachingStore;
@@ -35,7 +35,7 @@ pub use sqlite::SqliteStore;
 pub enum StoreError {
     /// The change was refused by a domain rule (e.g. an etag precondition); nothing was written.
     #[error(transparent)]
-    Rejected(#[from] DpsError),
+    Rejected(#[from] AzureError),
     /// The backend failed; nothing was written.
     #[error("storage backend error: {0}")]
     Backend(String),
@@ -139,7 +139,7 @@ pub struct FeedbackBatch {
 
 /// Read-modify-write of an enrollment group, run inside the store's transaction: it gets the
 /// stored group (if any) and returns the group to store, or a rejection.
-pub type GroupUpdate = Box<dyn FnOnce(Option<&EnrollmentGroup>) -> Result<EnrollmentGroup, DpsError> + Send>;
+pub type GroupUpdate = Box<dyn FnOnce(Option<&EnrollmentGroup>) -> Result<EnrollmentGroup, AzureError> + Send>;
 
 /// The policy owner (see [`Store::policies`]) of a hub's policies.
 pub fn hub_policy_owner(host_name: &str) -> String {
@@ -335,13 +335,13 @@ pub trait Store: Send + Sync + 'static {
 
 /// Read-modify-write of an individual enrollment inside the store's transaction.
 pub type EnrollmentUpdate =
-    Box<dyn FnOnce(Option<&IndividualEnrollment>) -> Result<IndividualEnrollment, DpsError> + Send>;
+    Box<dyn FnOnce(Option<&IndividualEnrollment>) -> Result<IndividualEnrollment, AzureError> + Send>;
 
 /// The identity and twin an assignment stores, made from the ones present (if any) inside the
 /// store's transaction.
 pub type AssignedDevice =
-    Box<dyn FnOnce(Option<(DeviceIdentity, Twin)>) -> Result<(DeviceIdentity, Twin), DpsError> + Send>;
+    Box<dyn FnOnce(Option<(DeviceIdentity, Twin)>) -> Result<(DeviceIdentity, Twin), AzureError> + Send>;
 
 /// Read-modify-write of one device and its twin inside the store's transaction.
 pub type DeviceUpdate =
-    Box<dyn FnOnce(Option<(DeviceIdentity, Twin)>) -> Result<Option<(DeviceIdentity, Twin)>, DpsError> + Send>;
+    Box<dyn FnOnce(Option<(DeviceIdentity, Twin)>) -> Result<Option<(DeviceIdentity, Twin)>, AzureError> + Send>;

@@ -19,7 +19,7 @@ use fleetgate_core::message::{C2dMessage, ReceivedEvent, TelemetryEvent};
 use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::twin::Twin;
-use fleetgate_core::DpsError;
+use fleetgate_core::AzureError;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::event_log::{EventLog, EventLogError, EventLogOptions};
@@ -416,7 +416,7 @@ fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<WriteJob>, d
 }
 
 /// Read-modify-write of one document: the stored one (if any) in, the one to store out.
-type DocumentUpdate<T> = Box<dyn FnOnce(Option<&T>) -> Result<T, DpsError> + Send>;
+type DocumentUpdate<T> = Box<dyn FnOnce(Option<&T>) -> Result<T, AzureError> + Send>;
 
 /// A table of JSON documents under a case-folded id, kept in insertion order: enrollment groups
 /// and individual enrollments are stored the same way.
@@ -466,7 +466,7 @@ impl Documents {
         self,
         tx: &Connection,
         id: &str,
-        check: impl FnOnce(&T) -> Result<(), DpsError>,
+        check: impl FnOnce(&T) -> Result<(), AzureError>,
     ) -> StoreResult<bool> {
         let Some(current) = self.get::<T>(tx, id)? else { return Ok(false) };
         check(&current)?;
@@ -1059,7 +1059,7 @@ impl Store for SqliteStore {
                 })
                 .map_err(backend)?;
             if depth as usize >= max_depth {
-                return Err(StoreError::Rejected(DpsError::new(
+                return Err(StoreError::Rejected(AzureError::new(
                     fleetgate_core::ErrorCode::QueueDepthExceeded,
                     format!("The device's cloud-to-device queue is full ({max_depth} messages)."),
                 )));

@@ -40,7 +40,7 @@ async fn groups_crud_with_etags_and_case_insensitive_ids() {
 
     // A refused update writes nothing.
     let refused =
-        s.upsert_group("grp-1", Box::new(|_| Err(fleetgate_core::DpsError::bad_request("no")))).await.unwrap_err();
+        s.upsert_group("grp-1", Box::new(|_| Err(fleetgate_core::AzureError::bad_request("no")))).await.unwrap_err();
     assert!(matches!(refused, StoreError::Rejected(_)));
     assert_eq!(s.group("GRP-1").await.unwrap().unwrap().settings.etag, g.settings.etag);
 
@@ -100,7 +100,7 @@ async fn assignment_commits_record_and_identity_together() {
             "Dev-1",
             Box::new(|present| {
                 assert_eq!(present.map(|(d, _)| d.device_id).as_deref(), Some("Dev-1"));
-                Err(fleetgate_core::DpsError::bad_request("no"))
+                Err(fleetgate_core::AzureError::bad_request("no"))
             }),
             None,
         )

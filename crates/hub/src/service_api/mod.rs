@@ -19,7 +19,7 @@ use fleetgate_core::message::{Properties, TelemetryEvent};
 use fleetgate_core::policy::{self, Right};
 use fleetgate_core::sas::SasToken;
 use fleetgate_core::time::Timestamp;
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_rest::{body, if_match, json, ApiError, ApiResult, RouteAccess};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -85,7 +85,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/twins/{id}/methods", post(invoke_method))
         .route("/messages/events", get(events))
         .method_not_allowed_fallback(|| async {
-            ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
+            ApiError(AzureError::new(ErrorCode::MethodNotAllowed, "Method not allowed."))
         })
         .route_layer(middleware::from_fn_with_state(hub.clone(), authorize))
         .with_state(hub)
@@ -152,10 +152,10 @@ async fn authorize(
     let refuse = |why: &str| {
         let entry = fleetgate_rest::service_audit_entry(&method, &path, "(unauthenticated)", &target, 401);
         hub.audit().refused(source, entry.reason(why));
-        ApiError(DpsError::unauthorized()).into_response()
+        ApiError(AzureError::unauthorized()).into_response()
     };
     // The store could not be read: "retry later", not "unauthorized".
-    let unavailable = || ApiError(DpsError::unavailable()).into_response();
+    let unavailable = || ApiError(AzureError::unavailable()).into_response();
     // A device route: the device itself (its SAS token or certificate), for its own id only.
     let device_route = access.is_some_and(|a| a.rights == [Right::DeviceConnect]);
     if device_route {
@@ -165,7 +165,7 @@ async fn authorize(
                 return next.run(req).await;
             }
             DeviceCaller::Policy => {}
-            DeviceCaller::Refused => return ApiError(DpsError::unauthorized()).into_response(),
+            DeviceCaller::Refused => return ApiError(AzureError::unauthorized()).into_response(),
             DeviceCaller::CouldNotCheck => return unavailable(),
         }
     }
@@ -197,7 +197,7 @@ async fn authorize(
         Err(e) => return refuse(&e.to_string()),
     };
     let Some(access) = access else {
-        return ApiError(DpsError::new(ErrorCode::MethodNotAllowed, "Method not allowed.")).into_response();
+        return ApiError(AzureError::new(ErrorCode::MethodNotAllowed, "Method not allowed.")).into_response();
     };
     if device_route {
         match hub.acting_for(&linked.host_name, &target).await {
@@ -236,7 +236,7 @@ async fn list_devices(
     let size = match q.top {
         None => 1000,
         Some(n) if n >= 1 => n.min(MAX_DEVICE_PAGE),
-        Some(_) => return Err(DpsError::bad_request("top must be a positive integer.").into()),
+        Some(_) => return Err(AzureError::bad_request("top must be a positive integer.").into()),
     };
     let offset = fleetgate_rest::Page::from_headers(&headers)?.offset;
     let page = fleetgate_rest::Page { offset, size };
@@ -261,7 +261,7 @@ async fn query_devices(
 ) -> ApiResult<Response> {
     let q = fleetgate_rest::query_spec(&body(b)?, "devices", false)?;
     if q.collection.is_none() {
-        return Err(DpsError::bad_request("Unsupported query: use \"SELECT * FROM devices\".").into());
+        return Err(AzureError::bad_request("Unsupported query: use \"SELECT * FROM devices\".").into());
     }
     let page = fleetgate_rest::Page::from_headers(&headers)?;
     let (hub, name) = (&hub, &t.0);
@@ -370,16 +370,16 @@ async fn invoke_method(
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let req: MethodRequest = serde_json::from_slice(&body(b)?)
-        .map_err(|e| DpsError::bad_request(format!("Malformed method request: {e}")))?;
+        .map_err(|e| AzureError::bad_request(format!("Malformed method request: {e}")))?;
     // Azure accepts 5..=300 s and defaults to 30.
     let timeout = req.response_timeout_in_seconds.unwrap_or(30);
     if !(5..=300).contains(&timeout) {
-        return Err(DpsError::bad_request("responseTimeoutInSeconds must be between 5 and 300.").into());
+        return Err(AzureError::bad_request("responseTimeoutInSeconds must be between 5 and 300.").into());
     }
     // How long to wait for the device to connect: 0 (it must be online already) to 300 s.
     let connect_timeout = req.connect_timeout_in_seconds.unwrap_or(0);
     if connect_timeout > 300 {
-        return Err(DpsError::bad_request("connectTimeoutInSeconds must be between 0 and 300.").into());
+        return Err(AzureError::bad_request("connectTimeoutInSeconds must be between 0 and 300.").into());
     }
     let (connect_timeout, timeout) = (Duration::from_secs(connect_timeout), Duration::from_secs(timeout));
     let (status, payload) =
@@ -417,11 +417,11 @@ async fn send_c2d(
             props.system.insert(s.to_owned(), v.to_owned());
         } else if n == "iothub-ttl" {
             ttl = Some(Duration::from_secs(
-                v.trim().parse().map_err(|_| DpsError::bad_request("iothub-ttl must be whole seconds."))?,
+                v.trim().parse().map_err(|_| AzureError::bad_request("iothub-ttl must be whole seconds."))?,
             ));
         } else if n == "iothub-ack" {
             ack = fleetgate_core::feedback::AckMode::parse(v)
-                .ok_or_else(|| DpsError::bad_request("iothub-ack must be none, positive, negative or full."))?;
+                .ok_or_else(|| AzureError::bad_request("iothub-ack must be none, positive, negative or full."))?;
         } else if let Some(app) = n.strip_prefix("iothub-app-") {
             props.application.insert(app.to_owned(), v.to_owned());
         }

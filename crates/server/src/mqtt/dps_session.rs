@@ -13,7 +13,7 @@ use fleetgate_core::sas::SasToken;
 use fleetgate_core::throttle::retry_after_secs;
 use fleetgate_core::time::Timestamp;
 use fleetgate_core::x509::{Certificate, CertificateChain};
-use fleetgate_core::{DpsError, ErrorCode};
+use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_dps::answer::{self, Answer};
 use fleetgate_dps::mqtt::{
     parse_request_topic, register_payload, response_topic, DpsRequest, DpsUsername, TopicError, RESPONSE_FILTER,
@@ -44,7 +44,7 @@ struct Session<S> {
     /// request; a failure is reported on the request (as a 401 body the SDKs surface) rather
     /// than as a refused CONNACK. A check that could not be made is a 503, and a source turned
     /// away a 429: the SDKs retry both.
-    auth: Result<DeviceAuth, DpsError>,
+    auth: Result<DeviceAuth, AzureError>,
     /// The retry hint for `auth`'s error when it is not the usual one (a turned-away source is
     /// told when its backoff ends).
     auth_retry_after: Option<u32>,
@@ -88,7 +88,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), ConnectionError> {
     // The client id is the registration id in every SDK; a mismatch is a confused or hostile client.
     if !connect.client_id.is_empty() && !connect.client_id.eq_ignore_ascii_case(&user.registration_id) {
-        info_limited!(client_id = %printable(&connect.client_id), registration_id = %printable(&user.registration_id), "refused DPS CONNECT: client id is not the registration id");
+        info_limited!(registration_id = %printable(&user.registration_id), "refused DPS CONNECT: client id is not the registration id");
         conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))).await?;
         return Ok(());
     }
@@ -104,7 +104,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             (Box::pin(checked).await, None)
         }
         Err(wait) => (
-            Err(DpsError::new(ErrorCode::Throttled, "Too many failed authentications from this address; retry later.")),
+            Err(AzureError::new(
+                ErrorCode::Throttled,
+                "Too many failed authentications from this address; retry later.",
+            )),
             Some(retry_after_secs(wait)),
         ),
     };
@@ -265,7 +268,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// The answer to any request of a session whose CONNECT was not let in.
-    fn auth_error(&self, e: &DpsError) -> (u16, Option<u32>, Value) {
+    fn auth_error(&self, e: &AzureError) -> (u16, Option<u32>, Value) {
         let (status, retry_after, body) = error(e);
         (status, self.auth_retry_after.or(retry_after), body)
     }
@@ -310,7 +313,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         auth.api_version = self.api_version.clone();
         let payload = match register_payload(payload) {
             Ok(p) => p,
-            Err(why) => return error(&DpsError::bad_request(why)),
+            Err(why) => return error(&AzureError::bad_request(why)),
         };
         answered(answer::register(&self.dps, &auth, payload).await)
     }
@@ -347,7 +350,7 @@ fn credentials_expire(password: Option<&str>, peer: Option<&CertificateChain>) -
     Some(Timestamp::from_unix_seconds(last_second.saturating_add(1)))
 }
 
-fn answered(a: Result<Answer, DpsError>) -> (u16, Option<u32>, Value) {
+fn answered(a: Result<Answer, AzureError>) -> (u16, Option<u32>, Value) {
     match a {
         Ok(a) => (a.status, a.retry_after, a.body),
         Err(e) => error(&e),
@@ -355,6 +358,6 @@ fn answered(a: Result<Answer, DpsError>) -> (u16, Option<u32>, Value) {
 }
 
 /// An error answer: status from the error, Azure's error body. 429 and 5xx carry a retry-after.
-fn error(e: &DpsError) -> (u16, Option<u32>, Value) {
+fn error(e: &AzureError) -> (u16, Option<u32>, Value) {
     (e.status(), answer::error_retry_after(e), e.to_body(&uuid::Uuid::new_v4().to_string(), Timestamp::now()))
 }

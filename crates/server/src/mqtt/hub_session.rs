@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetgate_core::x509::CertificateChain;
-use fleetgate_core::DpsError;
+use fleetgate_core::AzureError;
 use fleetgate_hub::mqtt::{
     c2d_topic, desired_patch_topic, method_request_topic, parse_publish_topic, subscription, telemetry_bag,
     twin_response_topic, will_bag, DeviceRequest, HubUsername, Subscription, TopicError,
@@ -113,7 +113,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(None);
     }
     if connect.client_id != user.device_id {
-        info_limited!(client_id = %printable(&connect.client_id), "refused hub CONNECT: client id is not the device id");
+        info_limited!("refused hub CONNECT: client id is not the device id");
         conn.write_packet(refuse(ConnectReturnCode::BadClientId)).await?;
         return Ok(None);
     }
@@ -178,7 +178,7 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(None);
     };
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, restored.is_some()))).await?;
-    tracing::info!(hub = %device.hub, device = %device.device_id, session_present = restored.is_some(), "device connected");
+    tracing::info!(hub = %device.hub, session_present = restored.is_some(), "device connected");
 
     let idle = match connect.keep_alive {
         0 => limits.idle_timeout,
@@ -250,7 +250,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 // The timer may be due with packets still arriving (select! picks among ready
                 // branches at random): no packet is served once the credentials have expired.
                 if expires.is_some_and(|e| now >= e) {
-                    tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "the device's credentials expired; closing");
+                    tracing::info!(hub = %s.device.hub, "the device's credentials expired; closing");
                     s.will = None;
                     break Ok(());
                 }
@@ -265,7 +265,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 // Nor is anything sent to it: a method call then fails at once with the
                 // connection, a C2D message stays queued for the next one.
                 if expires.is_some_and(|e| tokio::time::Instant::now() >= e) {
-                    tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "the device's credentials expired; closing");
+                    tracing::info!(hub = %s.device.hub, "the device's credentials expired; closing");
                     s.will = None;
                     break Ok(());
                 }
@@ -279,7 +279,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             () = &mut idle_timer => {
                 let now = tokio::time::Instant::now();
                 if expires.is_some_and(|e| now >= e) {
-                    tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "the device's credentials expired; closing");
+                    tracing::info!(hub = %s.device.hub, "the device's credentials expired; closing");
                     s.will = None;
                     break Ok(());
                 }
@@ -306,14 +306,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         // or closed for a protocol violation): IoT Hub forwards the Will as telemetry.
         match Box::pin(s.hub.ingest(&s.device, &bag, body)).await {
             Ok(_) => {
-                tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "connection dropped; Will forwarded")
+                tracing::info!(hub = %s.device.hub, "connection dropped; Will forwarded")
             }
-            Err(e) => tracing::info!(hub = %s.device.hub, device = %s.device.device_id, error = %e, "Will refused"),
+            Err(e) => tracing::info!(hub = %s.device.hub, error = %e, "Will refused"),
         }
     }
     s.hub.disconnect_session(&s.device, handle.id);
     s.conn.shutdown().await;
-    tracing::info!(hub = %s.device.hub, device = %s.device.device_id, "device disconnected");
+    tracing::info!(hub = %s.device.hub, "device disconnected");
     result
 }
 
@@ -371,7 +371,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             codes.push(SubscribeReasonCode::Success(granted));
                         }
                         _ => {
-                            tracing::info!(device = %self.device.device_id, filter = %printable(&f.path), "refused subscription");
+                            tracing::info!(filter = %printable(&f.path), "refused subscription");
                             codes.push(SubscribeReasonCode::Failure);
                         }
                     }
@@ -418,17 +418,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn on_publish(&mut self, p: Publish) -> Result<bool, ConnectionError> {
         if p.qos == QoS::ExactlyOnce {
-            tracing::info!(device = %self.device.device_id, "QoS 2 is not supported; closing");
+            tracing::info!("QoS 2 is not supported; closing");
             return Ok(false);
         }
         let request = match parse_publish_topic(&p.topic, &self.device.device_id) {
             Ok(r) => r,
             Err(TopicError::Forbidden) => {
-                tracing::warn!(device = %self.device.device_id, topic = %printable(&p.topic), "publish to another device's topic; closing");
+                tracing::warn!(topic = %printable(&p.topic), "publish to another device's topic; closing");
                 return Ok(false);
             }
             Err(_) => {
-                tracing::info!(device = %self.device.device_id, topic = %printable(&p.topic), "publish to an unknown topic; closing");
+                tracing::info!(topic = %printable(&p.topic), "publish to an unknown topic; closing");
                 return Ok(false);
             }
         };
@@ -444,7 +444,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // Telemetry has no response topic: Azure drops the connection, and the SDK
                     // retries (or reports) the unacknowledged message.
                     Err(e) => {
-                        tracing::info!(device = %self.device.device_id, error = %e, "telemetry refused; closing");
+                        tracing::info!(error = %e, "telemetry refused; closing");
                         Ok(false)
                     }
                 }
@@ -491,7 +491,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match out {
             Outbound::Close => {
                 self.will = None;
-                tracing::info!(device = %self.device.device_id, "closing: replaced by a new connection, or the identity was disabled, deleted or given new credentials");
+                tracing::info!("closing: replaced by a new connection, or the identity was disabled, deleted or given new credentials");
                 Ok(false)
             }
             Outbound::DesiredPatch(patch) => {
@@ -543,6 +543,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
 /// Twin error bodies carry `errorCode` and `message`: Node fails a twin request only when the
 /// body has an `errorCode`.
-fn twin_error(e: &DpsError) -> Vec<u8> {
+fn twin_error(e: &AzureError) -> Vec<u8> {
     json!({"errorCode": e.code.code(), "message": e.message}).to_string().into_bytes()
 }

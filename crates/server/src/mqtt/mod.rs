@@ -162,7 +162,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(user) = HubUsername::parse(username) {
         return Ok(Some((conn, connect, Route::Hub(user))));
     }
-    info_limited!(client_id = %printable(&connect.client_id), "refused MQTT CONNECT: neither a DPS nor a hub username");
+    info_limited!("refused MQTT CONNECT: neither a DPS nor a hub username");
     conn.write_packet(Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadUserNamePassword, false))).await?;
     conn.shutdown().await;
     Ok(None)
