@@ -249,7 +249,7 @@ mod tests {
 
     #[test]
     fn x509_identities_check_thumbprints_or_the_chain_to_their_ca() {
-        use crate::x509::tests::{ca, chain, leaf};
+        use crate::x509::tests::{ca, chain, leaf, AsCertificate};
         let now = Timestamp::now();
         let (root, other_root) = (ca("root"), ca("other"));
         let dev = leaf("dev-1", &root);

@@ -381,57 +381,35 @@ fn map_webpki_error(e: &webpki::Error) -> CertificateRefusal {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+    use fleetgate_testkit::pki;
+    pub use fleetgate_testkit::pki::{params, Issued};
+    use rcgen::{ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
 
-    /// A certificate and its key, for building test chains.
-    pub struct Issued {
-        pub cert: rcgen::Certificate,
-        pub key: KeyPair,
+    /// A test certificate as this crate reads it.
+    pub trait AsCertificate {
+        fn certificate(&self) -> Certificate;
     }
 
-    impl Issued {
-        pub fn certificate(&self) -> Certificate {
-            Certificate::from_der(self.cert.der()).unwrap()
+    impl AsCertificate for Issued {
+        fn certificate(&self) -> Certificate {
+            Certificate::from_der(self.der()).unwrap()
         }
-        pub fn pem(&self) -> String {
-            self.cert.pem()
-        }
-    }
-
-    fn params(cn: &str, ca: bool, days: (i64, i64)) -> CertificateParams {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        let now = time::OffsetDateTime::now_utc();
-        p.not_before = now + time::Duration::days(days.0);
-        p.not_after = now + time::Duration::days(days.1);
-        if ca {
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        } else {
-            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        }
-        p
     }
 
     pub fn ca(cn: &str) -> Issued {
-        let key = KeyPair::generate().unwrap();
-        let cert = params(cn, true, (-1, 365)).self_signed(&key).unwrap();
-        Issued { cert, key }
+        pki::root(cn)
     }
 
     pub fn issue(cn: &str, ca: bool, issuer: &Issued, days: (i64, i64)) -> Issued {
-        let key = KeyPair::generate().unwrap();
-        let cert = params(cn, ca, days).signed_by(&key, &issuer.cert, &issuer.key).unwrap();
-        Issued { cert, key }
+        pki::issue(params(cn, ca, days), issuer)
     }
 
     pub fn leaf(cn: &str, issuer: &Issued) -> Issued {
-        issue(cn, false, issuer, (-1, 30))
+        pki::device(cn, issuer)
     }
 
     pub fn chain(certs: &[&Issued]) -> CertificateChain {
-        CertificateChain::new(certs.iter().map(|c| c.cert.der().to_vec()).collect()).unwrap()
+        CertificateChain::new(certs.iter().map(|c| c.der().to_vec()).collect()).unwrap()
     }
 
     fn now() -> i64 {
@@ -529,11 +507,7 @@ pub(crate) mod tests {
         assert!(matches!(verify_chain(&c, &[root.certificate()], now), Err(CertificateRefusal::KeyUsage(_))));
 
         // An expired CA is not trusted.
-        let old = {
-            let key = KeyPair::generate().unwrap();
-            let cert = params("old", true, (-30, -1)).self_signed(&key).unwrap();
-            Issued { cert, key }
-        };
+        let old = pki::self_signed(params("old", true, (-30, -1)));
         let d = issue("dev", false, &old, (-1, 30));
         assert_eq!(verify_chain(&chain(&[&d]), &[old.certificate()], now).unwrap_err(), CertificateRefusal::CaNotValid);
     }

@@ -7,20 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestServer;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use fleetgate_testkit::pki;
 use rumqttc::mqttbytes::v4::Packet;
 
 /// A CA and a server certificate for localhost signed by it: (ca pem, cert pem, key pem).
 fn issue(name: &str) -> (String, String, String) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::default();
-    ca.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    let leaf = leaf.signed_by(&key, &ca, &ca_key).unwrap();
-    (ca.pem(), leaf.pem(), key.serialize_pem())
+    let ca = pki::root(&format!("{name} CA"));
+    let leaf = pki::server(&["localhost", "127.0.0.1"], &ca);
+    (ca.pem(), leaf.pem(), leaf.key_pem())
 }
 
 fn write_atomically(path: &std::path::Path, text: &str) {

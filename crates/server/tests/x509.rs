@@ -6,7 +6,10 @@
 mod common;
 
 use common::{dps_username, Mqtt, TestServer};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+use fleetgate_testkit::pki::{
+    chain_pem, device, intermediate, issue, params, root, self_signed, self_signed_device, Issued,
+};
+use rcgen::{ExtendedKeyUsagePurpose, KeyPair};
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::QoS;
 use serde_json::{json, Value};
@@ -14,60 +17,8 @@ use serde_json::{json, Value};
 // ---------------------------------------------------------------------------------------------
 // Certificates
 
-struct Issued {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Issued {
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-}
-
-fn params(cn: &str, ca: bool, days: (i64, i64)) -> CertificateParams {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    let now = time::OffsetDateTime::now_utc();
-    p.not_before = now + time::Duration::days(days.0);
-    p.not_after = now + time::Duration::days(days.1);
-    if ca {
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    } else {
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    }
-    p
-}
-
-fn root(cn: &str) -> Issued {
-    let key = KeyPair::generate().unwrap();
-    Issued { cert: params(cn, true, (-1, 365)).self_signed(&key).unwrap(), key }
-}
-
-fn issue(p: CertificateParams, issuer: &Issued) -> Issued {
-    let key = KeyPair::generate().unwrap();
-    Issued { cert: p.signed_by(&key, &issuer.cert, &issuer.key).unwrap(), key }
-}
-
-fn intermediate(cn: &str, issuer: &Issued) -> Issued {
-    issue(params(cn, true, (-1, 365)), issuer)
-}
-
-fn device(cn: &str, issuer: &Issued) -> Issued {
-    issue(params(cn, false, (-1, 30)), issuer)
-}
-
-/// A self-signed device certificate, as `openssl req -x509` makes for individual enrollments.
-fn self_signed_device(cn: &str) -> Issued {
-    let key = KeyPair::generate().unwrap();
-    Issued { cert: params(cn, false, (-1, 30)).self_signed(&key).unwrap(), key }
-}
-
-/// The PEM chain a device presents: its certificate, then the CAs above it.
 fn chain(certs: &[&Issued]) -> String {
-    certs.iter().map(|c| c.pem()).collect()
+    chain_pem(certs)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -429,10 +380,9 @@ async fn a_certificate_connection_is_closed_when_the_identity_pins_another_certi
 #[tokio::test]
 async fn a_certificate_connection_is_closed_when_the_certificate_expires() {
     let s = TestServer::start().await;
-    let key = KeyPair::generate().unwrap();
     let mut p = params("x-exp", false, (-1, 1));
     p.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
-    let cert = Issued { cert: p.self_signed(&key).unwrap(), key };
+    let cert = self_signed(p);
     put_self_signed(&s, "x-exp", &cert, false).await;
     let mut m = hub_connect(&s, "x-exp", &cert.pem(), &cert.key).await.expect("valid for 2 s more");
     send_telemetry(&s, &mut m, "x-exp", "while valid").await;
