@@ -341,7 +341,7 @@ fn c2d(hub: &str, id: &str, msg: &str) -> fleetgate_core::message::C2dMessage {
 /// completing a message takes it off the count.
 #[tokio::test]
 async fn c2d_count_is_the_unexpired_queue_of_the_device() {
-    let (_, s) = temp_db();
+    let (_db, s) = temp_db();
     put_device(&s, "hub-a", "d1").await;
     put_device(&s, "hub-a", "D1").await;
     for i in 0..3 {
