@@ -24,8 +24,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::event_log::{EventLog, EventLogError, EventLogOptions};
 use crate::{
-    AssignedDevice, DeviceUpdate, EnrollmentUpdate, EventPage, GroupUpdate, HubAllocation, HubRemoval, LinkedHub,
-    Store, StoreError, StoreResult,
+    AssignedDevice, AuditSink, DeviceQueue, DeviceRegistry, DeviceUpdate, EnrollmentStore, EnrollmentUpdate, EventPage,
+    EventStream, GroupUpdate, Health, HubAllocation, HubRemoval, InstanceStore, LinkedHub, RegistrationStore,
+    StoreError, StoreResult,
 };
 
 const SCHEMA: &str = r#"
@@ -676,7 +677,7 @@ fn write_registration(tx: &Connection, r: &RegistrationRecord) -> StoreResult<()
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl InstanceStore for SqliteStore {
     async fn setting(&self, k: &str) -> StoreResult<Option<String>> {
         let k = k.to_owned();
         self.with(move |c| {
@@ -688,7 +689,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn set_setting(&self, k: &str, v: &str) -> StoreResult<()> {
         let (k, v) = (k.to_owned(), v.to_owned());
         self.write(move |c| {
@@ -701,11 +701,9 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn hubs(&self) -> StoreResult<Vec<LinkedHub>> {
         self.with(|c| read_hubs(c)).await
     }
-
     async fn add_hub(&self, hub: &LinkedHub) -> StoreResult<()> {
         let hub = hub.clone();
         self.write(move |c| {
@@ -724,7 +722,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn set_hub_allocation(&self, host_name: &str, allocation: &HubAllocation) -> StoreResult<bool> {
         let (h, a) = (key(host_name), serde_json::to_string(allocation).map_err(backend)?);
         self.write(move |c| {
@@ -734,7 +731,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn remove_hub(&self, host_name: &str) -> StoreResult<HubRemoval> {
         let h = key(host_name);
         self.write(move |c| {
@@ -764,12 +760,14 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl EnrollmentStore for SqliteStore {
     async fn enrollment(&self, registration_id: &str) -> StoreResult<Option<IndividualEnrollment>> {
         let id = key(registration_id);
         self.with(move |c| ENROLLMENTS.get(c, &id)).await
     }
-
     async fn enrollment_ids(&self) -> StoreResult<Vec<String>> {
         self.with(|c| {
             let mut st = c.prepare_cached("SELECT reg_key FROM enrollments").map_err(backend)?;
@@ -778,11 +776,9 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn enrollments(&self, offset: usize, limit: usize) -> StoreResult<Vec<IndividualEnrollment>> {
         self.with(move |c| ENROLLMENTS.page(c, offset, limit)).await
     }
-
     async fn upsert_enrollment(
         &self,
         registration_id: &str,
@@ -791,7 +787,6 @@ impl Store for SqliteStore {
         let id = key(registration_id);
         self.write(move |c| ENROLLMENTS.upsert(c, &id, update)).await
     }
-
     async fn delete_enrollment(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool> {
         let (id, if_match) = (key(registration_id), if_match.map(str::to_owned));
         self.write(move |c| {
@@ -801,21 +796,17 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn group(&self, id: &str) -> StoreResult<Option<EnrollmentGroup>> {
         let id = key(id);
         self.with(move |c| GROUPS.get(c, &id)).await
     }
-
     async fn groups(&self) -> StoreResult<Vec<EnrollmentGroup>> {
         self.with(|c| GROUPS.page(c, 0, usize::MAX >> 1)).await
     }
-
     async fn upsert_group(&self, id: &str, update: GroupUpdate) -> StoreResult<EnrollmentGroup> {
         let id = key(id);
         self.write(move |c| GROUPS.upsert(c, &id, update)).await
     }
-
     async fn delete_group(&self, id: &str, if_match: Option<&str>) -> StoreResult<bool> {
         let (id, if_match) = (key(id), if_match.map(str::to_owned));
         self.write(move |c| {
@@ -823,12 +814,14 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl RegistrationStore for SqliteStore {
     async fn registration(&self, registration_id: &str) -> StoreResult<Option<RegistrationRecord>> {
         let id = key(registration_id);
         self.with(move |c| read_registration_of(c, &id)).await
     }
-
     async fn assignment_inputs(
         &self,
         registration_id: &str,
@@ -837,7 +830,6 @@ impl Store for SqliteStore {
         let id = key(registration_id);
         self.with(move |c| Ok((read_registration_of(c, &id)?, read_hubs(c)?))).await
     }
-
     async fn registrations_of_group(
         &self,
         group_id: &str,
@@ -855,7 +847,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn delete_registration(&self, registration_id: &str, if_match: Option<&str>) -> StoreResult<bool> {
         let (id, if_match) = (key(registration_id), if_match.map(str::to_owned));
         self.write(move |c| {
@@ -874,7 +865,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn put_registration(&self, record: &RegistrationRecord) -> StoreResult<()> {
         let record = record.clone();
         self.write(move |c| {
@@ -884,7 +874,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn commit_assignment(
         &self,
         record: &RegistrationRecord,
@@ -920,11 +909,13 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl DeviceRegistry for SqliteStore {
     async fn device(&self, hub: &str, device_id: &str) -> StoreResult<Option<DeviceIdentity>> {
         Ok(self.twin(hub, device_id).await?.map(|(d, _)| d))
     }
-
     async fn devices(&self, hub: &str, offset: usize, limit: usize) -> StoreResult<Vec<DeviceIdentity>> {
         let h = key(hub);
         self.with(move |c| {
@@ -937,12 +928,10 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn twin(&self, hub: &str, device_id: &str) -> StoreResult<Option<(DeviceIdentity, Twin)>> {
         let (h, d) = (key(hub), device_id.to_owned());
         self.with(move |c| read_device(c, &h, &d)).await
     }
-
     async fn twins(&self, hub: &str, offset: usize, limit: usize) -> StoreResult<Vec<(DeviceIdentity, Twin)>> {
         let h = key(hub);
         self.with(move |c| {
@@ -962,7 +951,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn device_counts(&self, hub: &str) -> StoreResult<crate::DeviceCounts> {
         let h = key(hub);
         self.with(move |c| {
@@ -983,7 +971,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn update_device(
         &self,
         hub: &str,
@@ -1019,35 +1006,10 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
-    async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>> {
-        self.with_event_log(move |log| {
-            log.append(&events).map_err(|e| match e {
-                EventLogError::NoSpace(why) => StoreError::Unavailable(why),
-                e => backend(e),
-            })
-        })
-        .await
-    }
-
-    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<EventPage> {
-        let hub = hub.to_owned();
-        self.with_event_log(move |log| {
-            let page = log.read(&hub, from, limit).map_err(backend)?;
-            let events = page
-                .events
-                .into_iter()
-                .map(|(seq, e)| TelemetryEvent::from_received(seq, &hub, e).map_err(backend))
-                .collect::<StoreResult<_>>()?;
-            Ok(EventPage { events, next: page.next })
-        })
-        .await
-    }
-
-    async fn last_event_seq(&self) -> StoreResult<u64> {
-        self.with_event_log(|log| Ok(log.last_seq())).await
-    }
-
+#[async_trait]
+impl DeviceQueue for SqliteStore {
     async fn enqueue_c2d(&self, message: &C2dMessage, max_depth: usize) -> StoreResult<()> {
         let m = message.clone();
         self.write(move |c| {
@@ -1074,12 +1036,10 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn pending_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<Vec<C2dMessage>> {
         let (h, d) = (key(hub), device_id.to_owned());
         self.write(move |c| crate::c2d_queue::pending(c, &h, &d, now)).await
     }
-
     async fn c2d_count(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64> {
         let (h, d) = (key(hub), device_id.to_owned());
         self.with(move |c| {
@@ -1093,18 +1053,15 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool> {
         let (h, d, id) = (key(hub), device_id.to_owned(), id.to_owned());
         let now = fleetgate_core::time::Timestamp::now().unix_seconds();
         self.write(move |c| crate::c2d_queue::complete(c, &h, &d, &id, now)).await
     }
-
     async fn purge_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64> {
         let (h, d) = (key(hub), device_id.to_owned());
         self.write(move |c| crate::c2d_queue::purge(c, &h, &d, now)).await
     }
-
     async fn receive_c2d(
         &self,
         hub: &str,
@@ -1117,7 +1074,6 @@ impl Store for SqliteStore {
         let (h, d, t) = (key(hub), device_id.to_owned(), token.to_owned());
         self.write(move |c| crate::c2d_queue::receive(c, &h, &d, now, lock_until, &t, max_deliveries)).await
     }
-
     async fn settle_c2d(
         &self,
         hub: &str,
@@ -1129,7 +1085,6 @@ impl Store for SqliteStore {
         let (h, d, t) = (key(hub), device_id.to_owned(), token.to_owned());
         self.write(move |c| crate::c2d_queue::settle(c, &h, &d, &t, how, now)).await
     }
-
     async fn receive_feedback(
         &self,
         hub: &str,
@@ -1146,12 +1101,70 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn settle_feedback(&self, hub: &str, token: &str, complete: bool, now: i64) -> StoreResult<bool> {
         let (h, t) = (key(hub), token.to_owned());
         self.write(move |c| crate::c2d_queue::settle_feedback(c, &h, &t, complete, now)).await
     }
+    async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>> {
+        let (h, d) = (key(hub), device_id.to_owned());
+        self.with(move |c| {
+            c.prepare_cached("SELECT state FROM mqtt_sessions WHERE hub_key = ?1 AND device_key = ?2")
+                .map_err(backend)?
+                .query_row([h, d], |r| r.get(0))
+                .optional()
+                .map_err(backend)
+        })
+        .await
+    }
+    async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()> {
+        let (h, d, state) = (key(hub), device_id.to_owned(), state.map(str::to_owned));
+        self.write(move |c| {
+            match state {
+                Some(s) => c.execute(
+                    "INSERT INTO mqtt_sessions (hub_key, device_key, state) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(hub_key, device_key) DO UPDATE SET state = ?3",
+                    params![h, d, s],
+                ),
+                None => c.execute("DELETE FROM mqtt_sessions WHERE hub_key = ?1 AND device_key = ?2", params![h, d]),
+            }
+            .map(|_| ())
+            .map_err(backend)
+        })
+        .await
+    }
+}
 
+#[async_trait]
+impl EventStream for SqliteStore {
+    async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>> {
+        self.with_event_log(move |log| {
+            log.append(&events).map_err(|e| match e {
+                EventLogError::NoSpace(why) => StoreError::Unavailable(why),
+                e => backend(e),
+            })
+        })
+        .await
+    }
+    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<EventPage> {
+        let hub = hub.to_owned();
+        self.with_event_log(move |log| {
+            let page = log.read(&hub, from, limit).map_err(backend)?;
+            let events = page
+                .events
+                .into_iter()
+                .map(|(seq, e)| TelemetryEvent::from_received(seq, &hub, e).map_err(backend))
+                .collect::<StoreResult<_>>()?;
+            Ok(EventPage { events, next: page.next })
+        })
+        .await
+    }
+    async fn last_event_seq(&self) -> StoreResult<u64> {
+        self.with_event_log(|log| Ok(log.last_seq())).await
+    }
+}
+
+#[async_trait]
+impl AuditSink for SqliteStore {
     async fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreResult<()> {
         self.with_audit_db(move |c| {
             let tx = c.transaction().map_err(backend)?;
@@ -1165,7 +1178,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditEntry>> {
         let q = query.clone();
         self.with_audit_db(move |c| {
@@ -1192,7 +1204,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn prune_audit(&self, before: &str, max_rows: u64) -> StoreResult<u64> {
         // In chunks, each its own transaction and its own turn on the connection: a large first
         // prune never holds the file (or the audit writer) for long.
@@ -1226,7 +1237,13 @@ impl Store for SqliteStore {
         }
         Ok(deleted)
     }
+}
 
+#[async_trait]
+impl Health for SqliteStore {
+    async fn write_probe(&self) -> StoreResult<()> {
+        self.set_setting("health.write_probe", &Timestamp::now().to_azure_string()).await
+    }
     async fn integrity_check(&self) -> StoreResult<()> {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
@@ -1246,35 +1263,6 @@ impl Store for SqliteStore {
         })
         .await
         .map_err(backend)?
-    }
-
-    async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>> {
-        let (h, d) = (key(hub), device_id.to_owned());
-        self.with(move |c| {
-            c.prepare_cached("SELECT state FROM mqtt_sessions WHERE hub_key = ?1 AND device_key = ?2")
-                .map_err(backend)?
-                .query_row([h, d], |r| r.get(0))
-                .optional()
-                .map_err(backend)
-        })
-        .await
-    }
-
-    async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()> {
-        let (h, d, state) = (key(hub), device_id.to_owned(), state.map(str::to_owned));
-        self.write(move |c| {
-            match state {
-                Some(s) => c.execute(
-                    "INSERT INTO mqtt_sessions (hub_key, device_key, state) VALUES (?1, ?2, ?3)
-                     ON CONFLICT(hub_key, device_key) DO UPDATE SET state = ?3",
-                    params![h, d, s],
-                ),
-                None => c.execute("DELETE FROM mqtt_sessions WHERE hub_key = ?1 AND device_key = ?2", params![h, d]),
-            }
-            .map(|_| ())
-            .map_err(backend)
-        })
-        .await
     }
 }
 
