@@ -89,7 +89,7 @@ mod tests {
         let store = Arc::new(fleetgate_store::SqliteStore::open(&dir.path().join("fleetgate.db")).unwrap());
         let hub = Hub::new(store.clone(), HubConfig::default());
         let host = "hub.example.net";
-        fleetgate_store::Store::add_hub(&*store, &LinkedHub::new(host, SymmetricKey::generate().to_base64()))
+        fleetgate_store::InstanceStore::add_hub(&*store, &LinkedHub::new(host, SymmetricKey::generate().to_base64()))
             .await
             .unwrap();
         let key = SymmetricKey::generate();

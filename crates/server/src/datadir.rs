@@ -28,7 +28,7 @@ use std::sync::Arc;
 use fleetgate_core::ids::IdScope;
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::policy::{default_dps_policies, default_hub_policies, AccessPolicy};
-use fleetgate_store::{EventLogOptions, LinkedHub, SqliteStore, Store, StoreError};
+use fleetgate_store::{EventLogOptions, InstanceStore, LinkedHub, SqliteStore, Store, StoreError};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,

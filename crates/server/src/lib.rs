@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use fleetgate_dps::{IdentityChanges, Provisioning, ProvisioningConfig};
 use fleetgate_hub::Hub;
-use fleetgate_store::Store;
+use fleetgate_store::{InstanceStore, Store};
 use tokio::sync::watch;
 
 pub use config::{Limits, ServerConfig};

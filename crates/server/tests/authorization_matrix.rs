@@ -13,7 +13,7 @@ use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::policy::AccessPolicy;
 use fleetgate_core::sas::build_token;
 use fleetgate_core::time::Timestamp;
-use fleetgate_store::Store;
+use fleetgate_store::{AuditSink, DeviceRegistry, EnrollmentStore, InstanceStore};
 use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::{json, Value};

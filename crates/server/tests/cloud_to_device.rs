@@ -53,7 +53,7 @@ async fn purge_empties_a_devices_queue() {
     assert_eq!(again["totalMessagesPurged"], 0);
     // Another device's queue is untouched; an unknown device is 404.
     let store = s.store();
-    use fleetgate_store::Store;
+    use fleetgate_store::DeviceQueue;
     assert_eq!(store.pending_c2d(&s.hub(), "dev-other", 0).await.unwrap().len(), 1);
     assert_eq!(service(&s, reqwest::Method::DELETE, "/devices/nobody/commands").await.status(), 404);
     // A message sent after the purge is the first the device gets.

@@ -166,10 +166,10 @@ async fn an_initialized_directory_missing_a_piece_refuses_to_start() {
 
     // Another instance's registry (here: this one's with another ID scope).
     let store = fleetgate_store::SqliteStore::open(&dir.join("fleetgate.db")).unwrap();
-    fleetgate_store::Store::set_setting(&store, "id_scope", "0ne99999999").await.unwrap();
+    fleetgate_store::InstanceStore::set_setting(&store, "id_scope", "0ne99999999").await.unwrap();
     let err = refused("another instance's registry").await;
     assert!(err.contains("belongs to another instance"), "{err}");
-    fleetgate_store::Store::set_setting(&store, "id_scope", &scope).await.unwrap();
+    fleetgate_store::InstanceStore::set_setting(&store, "id_scope", &scope).await.unwrap();
     drop(store);
 
     // instance.json deleted and the registry emptied, the CA still there.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::TestServer;
 use fleetgate_core::keys::SymmetricKey;
-use fleetgate_store::Store;
+use fleetgate_store::DeviceRegistry;
 use serde_json::{json, Value};
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use common::{device_token, dps_username, TestServer};
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::sas::{build_token, sign, URI_COMPONENT};
 use fleetgate_core::time::Timestamp;
-use fleetgate_store::Store;
+use fleetgate_store::DeviceRegistry;
 use percent_encoding::utf8_percent_encode;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Subscribe, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
@@ -58,7 +58,7 @@ async fn python_style_registration_is_answered_with_puback_then_200_assigned() {
     let rec = s.service().get_registration("DEV-001").await.unwrap();
     assert_eq!(rec["assignedHub"], s.hub());
     let store = fleetgate_store::SqliteStore::open(&s.dir.path().join("fleetgate.db")).unwrap();
-    let dev = fleetgate_store::Store::device(&store, &s.hub(), "dev-001").await.unwrap().unwrap();
+    let dev = fleetgate_store::DeviceRegistry::device(&store, &s.hub(), "dev-001").await.unwrap().unwrap();
     assert_eq!(dev.primary_key, key.to_base64());
 }
 

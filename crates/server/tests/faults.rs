@@ -11,7 +11,7 @@ use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::refusals::RefusalLimits;
 use fleetgate_core::sas::build_token;
 use fleetgate_core::time::Timestamp;
-use fleetgate_store::{Faults, Store};
+use fleetgate_store::{AuditSink, Faults, InstanceStore};
 use rumqttc::mqttbytes::v4::ConnectReturnCode;
 use rumqttc::mqttbytes::QoS;
 use serde_json::json;

@@ -102,9 +102,14 @@ async fn a_method_answer_from_another_hub_or_an_older_connection_does_not_count(
         std::slice::from_ref(&other_key),
         Timestamp::now(),
     );
-    fleetgate_store::Store::update_device(&s.store(), "hub-b", "dev-1", Box::new(move |_| Ok(Some((dev, twin)))))
-        .await
-        .unwrap();
+    fleetgate_store::DeviceRegistry::update_device(
+        &s.store(),
+        "hub-b",
+        "dev-1",
+        Box::new(move |_| Ok(Some((dev, twin)))),
+    )
+    .await
+    .unwrap();
     let mut attacker = method_listener(&s, "hub-b", "dev-1", &other_key).await;
     let mut device = method_listener(&s, &s.hub(), "dev-1", &key).await;
 

@@ -5,7 +5,7 @@ mod common;
 use common::{device_token, TestServer};
 use fleetgate_core::audit::{AuditCategory, AuditQuery, Outcome};
 use fleetgate_core::keys::SymmetricKey;
-use fleetgate_store::Store;
+use fleetgate_store::AuditSink;
 use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;
 use serde_json::json;

@@ -7,7 +7,7 @@ use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::policy::AccessPolicy;
 use fleetgate_core::sas::build_token;
 use fleetgate_core::time::Timestamp;
-use fleetgate_store::Store;
+use fleetgate_store::InstanceStore;
 use reqwest::Method;
 use serde_json::json;
 

@@ -62,7 +62,7 @@ async fn assert_refused(s: &TestServer, reg: &str, (topic, body): (String, Value
     let err = s.service().get_registration(reg).await.unwrap_err();
     assert!(fleetgate_client::service::is_not_found(&err), "{err:?}");
     let store = s.store();
-    assert!(fleetgate_store::Store::device(&store, &s.hub(), reg).await.unwrap().is_none());
+    assert!(fleetgate_store::DeviceRegistry::device(&store, &s.hub(), reg).await.unwrap().is_none());
 }
 
 /// Connects to the hub as `id` with a client certificate and no password.

@@ -22,11 +22,12 @@ use fleetgate_core::twin::Twin;
 
 use crate::cache::Cached;
 use crate::{
-    AssignedDevice, DeviceUpdate, EnrollmentUpdate, EventPage, GroupUpdate, HubAllocation, HubRemoval, LinkedHub,
-    Store, StoreResult,
+    AssignedDevice, AuditSink, DeviceQueue, DeviceRegistry, DeviceUpdate, EnrollmentStore, EnrollmentUpdate, EventPage,
+    EventStream, GroupUpdate, Health, HubAllocation, HubRemoval, InstanceStore, LinkedHub, RegistrationStore, Store,
+    StoreResult,
 };
 
-/// The setting prefix the default [`Store::policies`] keeps policies under: a write to such a
+/// The setting prefix the default [`InstanceStore::policies`] keeps policies under: a write to such a
 /// setting changes policies too.
 const POLICY_SETTING_PREFIX: &str = "policies.";
 
@@ -53,7 +54,7 @@ impl CachingStore {
 }
 
 #[async_trait]
-impl Store for CachingStore {
+impl InstanceStore for CachingStore {
     async fn setting(&self, key: &str) -> StoreResult<Option<String>> {
         self.inner.setting(key).await
     }
@@ -64,7 +65,6 @@ impl Store for CachingStore {
         }
         result
     }
-
     async fn hubs(&self) -> StoreResult<Vec<LinkedHub>> {
         Ok(self.hubs.get(|| self.inner.hubs()).await?.as_ref().clone())
     }
@@ -87,7 +87,6 @@ impl Store for CachingStore {
         self.forget_policies();
         result
     }
-
     async fn policies(&self, owner: &str) -> StoreResult<Vec<AccessPolicy>> {
         let key = owner.to_ascii_lowercase();
         if let Some(p) = self.policies.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
@@ -108,14 +107,10 @@ impl Store for CachingStore {
         self.forget_policies();
         result
     }
+}
 
-    async fn assignment_inputs(
-        &self,
-        registration_id: &str,
-    ) -> StoreResult<(Option<RegistrationRecord>, Vec<LinkedHub>)> {
-        Ok((self.inner.registration(registration_id).await?, self.hubs().await?))
-    }
-
+#[async_trait]
+impl EnrollmentStore for CachingStore {
     // Everything else passes through.
     async fn enrollment(&self, registration_id: &str) -> StoreResult<Option<IndividualEnrollment>> {
         self.inner.enrollment(registration_id).await
@@ -148,8 +143,18 @@ impl Store for CachingStore {
     async fn delete_group(&self, id: &str, if_match: Option<&str>) -> StoreResult<bool> {
         self.inner.delete_group(id, if_match).await
     }
+}
+
+#[async_trait]
+impl RegistrationStore for CachingStore {
     async fn registration(&self, registration_id: &str) -> StoreResult<Option<RegistrationRecord>> {
         self.inner.registration(registration_id).await
+    }
+    async fn assignment_inputs(
+        &self,
+        registration_id: &str,
+    ) -> StoreResult<(Option<RegistrationRecord>, Vec<LinkedHub>)> {
+        Ok((self.inner.registration(registration_id).await?, self.hubs().await?))
     }
     async fn registrations_of_group(
         &self,
@@ -175,6 +180,10 @@ impl Store for CachingStore {
     ) -> StoreResult<()> {
         self.inner.commit_assignment(record, hub, device_id, device, moved_from).await
     }
+}
+
+#[async_trait]
+impl DeviceRegistry for CachingStore {
     async fn device(&self, hub: &str, device_id: &str) -> StoreResult<Option<DeviceIdentity>> {
         self.inner.device(hub, device_id).await
     }
@@ -198,26 +207,21 @@ impl Store for CachingStore {
     ) -> StoreResult<Option<(DeviceIdentity, Twin)>> {
         self.inner.update_device(hub, device_id, update).await
     }
-    async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>> {
-        self.inner.append_events(events).await
-    }
-    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<EventPage> {
-        self.inner.events(hub, from, limit).await
-    }
-    async fn last_event_seq(&self) -> StoreResult<u64> {
-        self.inner.last_event_seq().await
-    }
+}
+
+#[async_trait]
+impl DeviceQueue for CachingStore {
     async fn enqueue_c2d(&self, message: &C2dMessage, max_depth: usize) -> StoreResult<()> {
         self.inner.enqueue_c2d(message, max_depth).await
     }
     async fn pending_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<Vec<C2dMessage>> {
         self.inner.pending_c2d(hub, device_id, now).await
     }
-    async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool> {
-        self.inner.complete_c2d(hub, device_id, id).await
-    }
     async fn c2d_count(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64> {
         self.inner.c2d_count(hub, device_id, now).await
+    }
+    async fn complete_c2d(&self, hub: &str, device_id: &str, id: &str) -> StoreResult<bool> {
+        self.inner.complete_c2d(hub, device_id, id).await
     }
     async fn purge_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64> {
         self.inner.purge_c2d(hub, device_id, now).await
@@ -259,6 +263,29 @@ impl Store for CachingStore {
     async fn settle_feedback(&self, hub: &str, token: &str, complete: bool, now: i64) -> StoreResult<bool> {
         self.inner.settle_feedback(hub, token, complete, now).await
     }
+    async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>> {
+        self.inner.mqtt_session(hub, device_id).await
+    }
+    async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()> {
+        self.inner.set_mqtt_session(hub, device_id, state).await
+    }
+}
+
+#[async_trait]
+impl EventStream for CachingStore {
+    async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>> {
+        self.inner.append_events(events).await
+    }
+    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<EventPage> {
+        self.inner.events(hub, from, limit).await
+    }
+    async fn last_event_seq(&self) -> StoreResult<u64> {
+        self.inner.last_event_seq().await
+    }
+}
+
+#[async_trait]
+impl AuditSink for CachingStore {
     async fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreResult<()> {
         self.inner.append_audit(entries).await
     }
@@ -268,16 +295,14 @@ impl Store for CachingStore {
     async fn prune_audit(&self, before: &str, max_rows: u64) -> StoreResult<u64> {
         self.inner.prune_audit(before, max_rows).await
     }
+}
+
+#[async_trait]
+impl Health for CachingStore {
     async fn write_probe(&self) -> StoreResult<()> {
         self.inner.write_probe().await
     }
     async fn integrity_check(&self) -> StoreResult<()> {
         self.inner.integrity_check().await
-    }
-    async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>> {
-        self.inner.mqtt_session(hub, device_id).await
-    }
-    async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()> {
-        self.inner.set_mqtt_session(hub, device_id, state).await
     }
 }

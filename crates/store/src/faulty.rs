@@ -17,8 +17,9 @@ use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::twin::Twin;
 
 use crate::{
-    AssignedDevice, DeviceUpdate, EnrollmentUpdate, EventPage, GroupUpdate, HubAllocation, LinkedHub, Store,
-    StoreError, StoreResult,
+    AssignedDevice, AuditSink, DeviceQueue, DeviceRegistry, DeviceUpdate, EnrollmentStore, EnrollmentUpdate, EventPage,
+    EventStream, GroupUpdate, Health, HubAllocation, InstanceStore, LinkedHub, RegistrationStore, Store, StoreError,
+    StoreResult,
 };
 
 /// The switch of a [`FaultyStore`]; clones share it.
@@ -72,7 +73,7 @@ impl FaultyStore {
 }
 
 #[async_trait]
-impl Store for FaultyStore {
+impl InstanceStore for FaultyStore {
     async fn setting(&self, key: &str) -> StoreResult<Option<String>> {
         self.faults.read()?;
         self.inner.setting(key).await
@@ -89,14 +90,26 @@ impl Store for FaultyStore {
         self.faults.write()?;
         self.inner.add_hub(hub).await
     }
-    async fn remove_hub(&self, host_name: &str) -> StoreResult<crate::HubRemoval> {
-        self.faults.write()?;
-        self.inner.remove_hub(host_name).await
-    }
     async fn set_hub_allocation(&self, host_name: &str, allocation: &HubAllocation) -> StoreResult<bool> {
         self.faults.write()?;
         self.inner.set_hub_allocation(host_name, allocation).await
     }
+    async fn remove_hub(&self, host_name: &str) -> StoreResult<crate::HubRemoval> {
+        self.faults.write()?;
+        self.inner.remove_hub(host_name).await
+    }
+    async fn policies(&self, owner: &str) -> StoreResult<Vec<AccessPolicy>> {
+        self.faults.read()?;
+        self.inner.policies(owner).await
+    }
+    async fn set_policies(&self, owner: &str, policies: &[AccessPolicy]) -> StoreResult<()> {
+        self.faults.write()?;
+        self.inner.set_policies(owner, policies).await
+    }
+}
+
+#[async_trait]
+impl EnrollmentStore for FaultyStore {
     async fn enrollment(&self, registration_id: &str) -> StoreResult<Option<IndividualEnrollment>> {
         self.faults.read()?;
         self.inner.enrollment(registration_id).await
@@ -137,6 +150,10 @@ impl Store for FaultyStore {
         self.faults.write()?;
         self.inner.delete_group(id, if_match).await
     }
+}
+
+#[async_trait]
+impl RegistrationStore for FaultyStore {
     async fn registration(&self, registration_id: &str) -> StoreResult<Option<RegistrationRecord>> {
         self.faults.read()?;
         self.inner.registration(registration_id).await
@@ -176,6 +193,10 @@ impl Store for FaultyStore {
         self.faults.write()?;
         self.inner.commit_assignment(record, hub, device_id, device, moved_from).await
     }
+}
+
+#[async_trait]
+impl DeviceRegistry for FaultyStore {
     async fn device(&self, hub: &str, device_id: &str) -> StoreResult<Option<DeviceIdentity>> {
         self.faults.read()?;
         self.inner.device(hub, device_id).await
@@ -205,18 +226,10 @@ impl Store for FaultyStore {
         self.faults.write()?;
         self.inner.update_device(hub, device_id, update).await
     }
-    async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>> {
-        self.faults.write()?;
-        self.inner.append_events(events).await
-    }
-    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<EventPage> {
-        self.faults.read()?;
-        self.inner.events(hub, from, limit).await
-    }
-    async fn last_event_seq(&self) -> StoreResult<u64> {
-        self.faults.read()?;
-        self.inner.last_event_seq().await
-    }
+}
+
+#[async_trait]
+impl DeviceQueue for FaultyStore {
     async fn enqueue_c2d(&self, message: &C2dMessage, max_depth: usize) -> StoreResult<()> {
         self.faults.write()?;
         self.inner.enqueue_c2d(message, max_depth).await
@@ -277,14 +290,34 @@ impl Store for FaultyStore {
         self.faults.write()?;
         self.inner.settle_feedback(hub, token, complete, now).await
     }
-    async fn policies(&self, owner: &str) -> StoreResult<Vec<AccessPolicy>> {
+    async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>> {
         self.faults.read()?;
-        self.inner.policies(owner).await
+        self.inner.mqtt_session(hub, device_id).await
     }
-    async fn set_policies(&self, owner: &str, policies: &[AccessPolicy]) -> StoreResult<()> {
+    async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()> {
         self.faults.write()?;
-        self.inner.set_policies(owner, policies).await
+        self.inner.set_mqtt_session(hub, device_id, state).await
     }
+}
+
+#[async_trait]
+impl EventStream for FaultyStore {
+    async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>> {
+        self.faults.write()?;
+        self.inner.append_events(events).await
+    }
+    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<EventPage> {
+        self.faults.read()?;
+        self.inner.events(hub, from, limit).await
+    }
+    async fn last_event_seq(&self) -> StoreResult<u64> {
+        self.faults.read()?;
+        self.inner.last_event_seq().await
+    }
+}
+
+#[async_trait]
+impl AuditSink for FaultyStore {
     async fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreResult<()> {
         self.inner.append_audit(entries).await
     }
@@ -294,6 +327,10 @@ impl Store for FaultyStore {
     async fn prune_audit(&self, before: &str, max_rows: u64) -> StoreResult<u64> {
         self.inner.prune_audit(before, max_rows).await
     }
+}
+
+#[async_trait]
+impl Health for FaultyStore {
     async fn write_probe(&self) -> StoreResult<()> {
         self.faults.write()?;
         self.inner.write_probe().await
@@ -301,13 +338,5 @@ impl Store for FaultyStore {
     async fn integrity_check(&self) -> StoreResult<()> {
         self.faults.read()?;
         self.inner.integrity_check().await
-    }
-    async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>> {
-        self.faults.read()?;
-        self.inner.mqtt_session(hub, device_id).await
-    }
-    async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()> {
-        self.faults.write()?;
-        self.inner.set_mqtt_session(hub, device_id, state).await
     }
 }

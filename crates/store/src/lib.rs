@@ -1,4 +1,6 @@
-//! Fleetgate's persistent state behind one trait.
+//! Fleetgate's persistent state behind a trait per role ([`InstanceStore`], [`EnrollmentStore`],
+//! [`RegistrationStore`], [`DeviceRegistry`], [`DeviceQueue`], [`EventStream`], [`AuditSink`],
+//! [`Health`]); [`Store`] is all of them together.
 //!
 //! The embedded default is SQLite in the data directory ([`SqliteStore`]), with telemetry in an
 //! append-only segment log beside it ([`EventLog`]). Every method that
@@ -47,7 +49,7 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// What [`Store::remove_hub`] did.
+/// What [`InstanceStore::remove_hub`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HubRemoval {
     Removed,
@@ -141,13 +143,16 @@ pub struct FeedbackBatch {
 /// stored group (if any) and returns the group to store, or a rejection.
 pub type GroupUpdate = Box<dyn FnOnce(Option<&EnrollmentGroup>) -> Result<EnrollmentGroup, AzureError> + Send>;
 
-/// The policy owner (see [`Store::policies`]) of a hub's policies.
+/// The policy owner (see [`InstanceStore::policies`]) of a hub's policies.
 pub fn hub_policy_owner(host_name: &str) -> String {
     format!("hub:{}", host_name.to_ascii_lowercase())
 }
 
+/// The instance's own configuration: settings (ID scope, keys, …), the linked hubs and the
+/// shared access policies of the DPS and of each hub. Small, read on every request (the
+/// [`CachingStore`] keeps hubs and policies in memory), changed by the admin path only.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait InstanceStore: Send + Sync + 'static {
     /// Instance-wide settings (ID scope, policy keys, …) as key/value text.
     async fn setting(&self, key: &str) -> StoreResult<Option<String>>;
     async fn set_setting(&self, key: &str, value: &str) -> StoreResult<()>;
@@ -162,6 +167,25 @@ pub trait Store: Send + Sync + 'static {
     /// identities (they would be left in a hub nothing serves).
     async fn remove_hub(&self, host_name: &str) -> StoreResult<HubRemoval>;
 
+    /// The shared access policies of `owner` (`"dps"` or `"hub:{host}"`), empty when none are
+    /// stored yet.
+    async fn policies(&self, owner: &str) -> StoreResult<Vec<AccessPolicy>> {
+        match self.setting(&format!("policies.{}", owner.to_ascii_lowercase())).await? {
+            Some(json) => serde_json::from_str(&json).map_err(|e| StoreError::Backend(e.to_string())),
+            None => Ok(Vec::new()),
+        }
+    }
+    async fn set_policies(&self, owner: &str, policies: &[AccessPolicy]) -> StoreResult<()> {
+        let json = serde_json::to_string(policies).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.set_setting(&format!("policies.{}", owner.to_ascii_lowercase()), &json).await
+    }
+}
+
+/// Who may provision: individual enrollments and enrollment groups (DPS service API writes
+/// them; registration and the hub's group authentication read them). Writes are
+/// read-modify-write closures run inside the store's transaction, so etag checks cannot race.
+#[async_trait]
+pub trait EnrollmentStore: Send + Sync + 'static {
     async fn enrollment(&self, registration_id: &str) -> StoreResult<Option<IndividualEnrollment>>;
     /// The registration ids (lower-cased) that have an individual enrollment.
     async fn enrollment_ids(&self) -> StoreResult<Vec<String>>;
@@ -182,16 +206,22 @@ pub trait Store: Send + Sync + 'static {
     async fn upsert_group(&self, id: &str, update: GroupUpdate) -> StoreResult<EnrollmentGroup>;
     /// Deletes group `id` if `if_match` (an etag or `*`) matches. `Ok(false)` when absent.
     async fn delete_group(&self, id: &str, if_match: Option<&str>) -> StoreResult<bool>;
+}
 
+/// What provisioning decided: the registration record of each device, and the assignment
+/// that writes that record together with the device's hub identity. `commit_assignment` also
+/// writes [`DeviceRegistry`] and [`DeviceQueue`] state in its transaction, so those three roles
+/// are always served by one backend (see [`Registry`]).
+#[async_trait]
+pub trait RegistrationStore: Send + Sync + 'static {
     async fn registration(&self, registration_id: &str) -> StoreResult<Option<RegistrationRecord>>;
     /// What an assignment is decided from, read together: the device's registration record (if
-    /// any) and the linked hubs.
+    /// any) and the linked hubs (an [`InstanceStore`] read, in the same snapshot where the
+    /// backend can).
     async fn assignment_inputs(
         &self,
         registration_id: &str,
-    ) -> StoreResult<(Option<RegistrationRecord>, Vec<LinkedHub>)> {
-        Ok((self.registration(registration_id).await?, self.hubs().await?))
-    }
+    ) -> StoreResult<(Option<RegistrationRecord>, Vec<LinkedHub>)>;
     /// Records of one enrollment group, oldest first, paged.
     async fn registrations_of_group(
         &self,
@@ -215,7 +245,12 @@ pub trait Store: Send + Sync + 'static {
         device: AssignedDevice,
         moved_from: Option<(&str, &str)>,
     ) -> StoreResult<()>;
+}
 
+/// The hub's identity registry: device identities and their twins, per hub (the hub's
+/// authentication, registry and twin APIs).
+#[async_trait]
+pub trait DeviceRegistry: Send + Sync + 'static {
     async fn device(&self, hub: &str, device_id: &str) -> StoreResult<Option<DeviceIdentity>>;
     /// Devices of a hub, oldest first, paged.
     async fn devices(&self, hub: &str, offset: usize, limit: usize) -> StoreResult<Vec<DeviceIdentity>>;
@@ -232,15 +267,13 @@ pub trait Store: Send + Sync + 'static {
         device_id: &str,
         update: DeviceUpdate,
     ) -> StoreResult<Option<(DeviceIdentity, Twin)>>;
+}
 
-    /// Appends telemetry durably, all or nothing; returns each event's stream position.
-    async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>>;
-    /// Events of a hub from position `from` (inclusive), oldest first, at most `limit`. Positions
-    /// are shared by all hubs: the page says where to continue, which may be past its last event.
-    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<EventPage>;
-    /// Position of the newest event in the stream (any hub), 0 when there is none.
-    async fn last_event_seq(&self) -> StoreResult<u64>;
-
+/// Per-device state that is not the identity: the cloud-to-device queue (enqueue, delivery
+/// over MQTT and the HTTPS receive/lock/settle cycle, purge, count), the hub's C2D feedback
+/// records, and the persistent MQTT session of CleanSession 0 clients.
+#[async_trait]
+pub trait DeviceQueue: Send + Sync + 'static {
     /// Queues a cloud-to-device message unless the device already has `max_depth` pending.
     async fn enqueue_c2d(&self, message: &C2dMessage, max_depth: usize) -> StoreResult<()>;
     /// Undelivered, unexpired messages of a device, oldest first (expired ones are dropped).
@@ -274,6 +307,7 @@ pub trait Store: Send + Sync + 'static {
         how: C2dSettlement,
         now: i64,
     ) -> StoreResult<bool>;
+
     /// Locks up to `max` unlocked feedback records of a hub together under `token` until
     /// `lock_until` (after expiring the hub's messages whose time passed, and dropping
     /// records created before `created_after` or delivered `max_deliveries` times).
@@ -292,20 +326,30 @@ pub trait Store: Send + Sync + 'static {
     /// `Ok(false)`: no batch holds that lock now.
     async fn settle_feedback(&self, hub: &str, token: &str, complete: bool, now: i64) -> StoreResult<bool>;
 
-    /// The shared access policies of `owner` (`"dps"` or `"hub:{host}"`), empty when none are
-    /// stored yet.
-    async fn policies(&self, owner: &str) -> StoreResult<Vec<AccessPolicy>> {
-        match self.setting(&format!("policies.{}", owner.to_ascii_lowercase())).await? {
-            Some(json) => serde_json::from_str(&json).map_err(|e| StoreError::Backend(e.to_string())),
-            None => Ok(Vec::new()),
-        }
-    }
+    /// A device's persistent MQTT session state (opaque to the store), kept across connections
+    /// and restarts for clients that connect with CleanSession 0.
+    async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>>;
+    /// Replaces (Some) or forgets (None) a device's persistent MQTT session state.
+    async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()>;
+}
 
-    async fn set_policies(&self, owner: &str, policies: &[AccessPolicy]) -> StoreResult<()> {
-        let json = serde_json::to_string(policies).map_err(|e| StoreError::Backend(e.to_string()))?;
-        self.set_setting(&format!("policies.{}", owner.to_ascii_lowercase()), &json).await
-    }
+/// The telemetry stream: device-to-cloud events appended durably and read back by position
+/// (the service API's event readers). Embedded: the segment log ([`EventLog`]).
+#[async_trait]
+pub trait EventStream: Send + Sync + 'static {
+    /// Appends telemetry durably, all or nothing; returns each event's stream position.
+    async fn append_events(&self, events: Vec<ReceivedEvent>) -> StoreResult<Vec<u64>>;
+    /// Events of a hub from position `from` (inclusive), oldest first, at most `limit`. Positions
+    /// are shared by all hubs: the page says where to continue, which may be past its last event.
+    async fn events(&self, hub: &str, from: u64, limit: usize) -> StoreResult<EventPage>;
+    /// Position of the newest event in the stream (any hub), 0 when there is none.
+    async fn last_event_seq(&self) -> StoreResult<u64>;
+}
 
+/// The audit trail of security-relevant decisions, written in batches by [`AuditLog`] and
+/// read by the service API and the CLI; pruned by age and count.
+#[async_trait]
+pub trait AuditSink: Send + Sync + 'static {
     /// Appends audit entries in one transaction.
     async fn append_audit(&self, entries: Vec<AuditEntry>) -> StoreResult<()>;
     /// Audit entries matching `query`, oldest first; under a limit, the newest that match.
@@ -313,25 +357,40 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes audit entries older than `before` (an Azure timestamp) and then the oldest
     /// beyond the newest `max_rows`; returns how many were deleted.
     async fn prune_audit(&self, before: &str, max_rows: u64) -> StoreResult<u64>;
+}
 
+/// What readiness asks of the backend: can it take a write now, and is its data intact.
+#[async_trait]
+pub trait Health: Send + Sync + 'static {
     /// A small durable write, as a registration's commit makes: `Ok` means the store can take a
-    /// registration now (for readiness). Writes a setting by default.
-    async fn write_probe(&self) -> StoreResult<()> {
-        self.set_setting("health.write_probe", &fleetgate_core::time::Timestamp::now().to_azure_string()).await
-    }
-
+    /// registration now (for readiness). SQLite writes the setting `health.write_probe`.
+    async fn write_probe(&self) -> StoreResult<()>;
     /// A check that the stored data is intact (SQLite's `quick_check`), which reads all of it:
     /// run now and then, not per request. `Ok` by default.
     async fn integrity_check(&self) -> StoreResult<()> {
         Ok(())
     }
-
-    /// A device's persistent MQTT session state (opaque to the store), kept across connections
-    /// and restarts for clients that connect with CleanSession 0.
-    async fn mqtt_session(&self, hub: &str, device_id: &str) -> StoreResult<Option<String>>;
-    /// Replaces (Some) or forgets (None) a device's persistent MQTT session state.
-    async fn set_mqtt_session(&self, hub: &str, device_id: &str, state: Option<&str>) -> StoreResult<()>;
 }
+
+/// Everything a registry backend serves: the roles one transaction may span
+/// ([`RegistrationStore::commit_assignment`] writes registration, identity and queue state
+/// together). SQLite implements it; PostgreSQL will.
+pub trait Registry:
+    InstanceStore + EnrollmentStore + RegistrationStore + DeviceRegistry + DeviceQueue + Health
+{
+}
+
+impl<T: InstanceStore + EnrollmentStore + RegistrationStore + DeviceRegistry + DeviceQueue + Health + ?Sized> Registry
+    for T
+{
+}
+
+/// All roles in one handle, as the server wires a single backend today: every type that
+/// implements the roles is a `Store`, so `Arc<dyn Store>` callers call any role's methods. On a
+/// concrete type (`SqliteStore`), a method is called with its role trait in scope.
+pub trait Store: Registry + EventStream + AuditSink {}
+
+impl<T: Registry + EventStream + AuditSink + ?Sized> Store for T {}
 
 /// Read-modify-write of an individual enrollment inside the store's transaction.
 pub type EnrollmentUpdate =

@@ -8,7 +8,7 @@ use fleetgate_core::audit::{AuditCategory, AuditEntry, AuditQuery, Outcome};
 use fleetgate_core::refusals::RefusalLimits;
 mod common;
 use common::TempPath;
-use fleetgate_store::{AuditLog, AuditOptions, SqliteStore, Store};
+use fleetgate_store::{AuditLog, AuditOptions, AuditSink, Health, InstanceStore, SqliteStore, Store};
 
 fn temp_dir() -> TempPath {
     TempPath::dir()

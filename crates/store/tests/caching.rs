@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use fleetgate_core::policy::default_dps_policies;
-use fleetgate_store::{CachingStore, Faults, FaultyStore, HubAllocation, LinkedHub, SqliteStore, Store};
+use fleetgate_store::{CachingStore, Faults, FaultyStore, HubAllocation, InstanceStore, LinkedHub, SqliteStore};
 
 mod common;
 use common::TempPath;

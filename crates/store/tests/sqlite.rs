@@ -6,7 +6,10 @@ use fleetgate_core::ids::RegistrationId;
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::registration::RegistrationRecord;
 use fleetgate_core::time::Timestamp;
-use fleetgate_store::{LinkedHub, SqliteStore, Store, StoreError};
+use fleetgate_store::{
+    AuditSink, DeviceQueue, DeviceRegistry, EnrollmentStore, EventStream, InstanceStore, LinkedHub, RegistrationStore,
+    SqliteStore, StoreError,
+};
 
 mod common;
 use common::TempPath;
