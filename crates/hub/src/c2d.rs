@@ -87,13 +87,8 @@ impl Hub {
     /// The HTTPS receive: the oldest available message, locked to the caller for the lock
     /// timeout. `None`: nothing to receive now.
     pub async fn receive_c2d(&self, d: &HubDevice) -> Result<Option<C2dMessage>, AzureError> {
-        let now = Timestamp::now().unix_seconds();
-        let token = uuid::Uuid::new_v4().to_string();
-        let until = now.saturating_add(secs(self.config.c2d_lock));
-        self.store
-            .receive_c2d(&d.hub, &d.device_id, now, until, &token, self.config.c2d_max_delivery_count)
-            .await
-            .map_err(store_err)
+        let lock = new_lock(self.config.c2d_lock, self.config.c2d_max_delivery_count);
+        self.store.receive_c2d(&d.hub, &d.device_id, &lock).await.map_err(store_err)
     }
 
     /// Completes, rejects or abandons the message the device holds under `lock_token`;
@@ -108,15 +103,9 @@ impl Hub {
 
     /// `GET /messages/serviceBound/feedback`: a batch of feedback records, locked.
     pub async fn receive_feedback(&self, hub: &str) -> Result<Option<FeedbackBatch>, AzureError> {
-        let now = Timestamp::now().unix_seconds();
-        let token = uuid::Uuid::new_v4().to_string();
-        let until = now.saturating_add(secs(self.config.feedback_lock));
-        let created_after = now.saturating_sub(secs(self.config.feedback_ttl));
-        let max = self.config.feedback_max_delivery_count;
-        self.store
-            .receive_feedback(hub, now, until, &token, created_after, max, FEEDBACK_BATCH)
-            .await
-            .map_err(store_err)
+        let lock = new_lock(self.config.feedback_lock, self.config.feedback_max_delivery_count);
+        let created_after = lock.now.saturating_sub(secs(self.config.feedback_ttl));
+        self.store.receive_feedback(hub, &lock, created_after, FEEDBACK_BATCH).await.map_err(store_err)
     }
 
     /// Completes (`complete`) or abandons the feedback batch locked under `lock_token`.
@@ -126,5 +115,16 @@ impl Hub {
             true => Ok(()),
             false => Err(lock_lost()),
         }
+    }
+}
+
+/// A lock taken now for `duration` under a fresh, unguessable token.
+fn new_lock(duration: Duration, max_deliveries: u32) -> fleetgate_store::Lock {
+    let now = Timestamp::now().unix_seconds();
+    fleetgate_store::Lock {
+        now,
+        until: now.saturating_add(secs(duration)),
+        token: uuid::Uuid::new_v4().to_string(),
+        max_deliveries,
     }
 }

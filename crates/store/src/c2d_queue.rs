@@ -8,7 +8,7 @@ use fleetgate_core::message::C2dMessage;
 use fleetgate_core::time::Timestamp;
 use rusqlite::{params, Connection};
 
-use crate::{C2dSettlement, FeedbackBatch, StoreError, StoreResult};
+use crate::{C2dSettlement, FeedbackBatch, Lock, StoreError, StoreResult};
 
 pub(crate) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS c2d_feedback (
@@ -95,17 +95,11 @@ pub(crate) fn purge(c: &Connection, h: &str, d: &str, now: i64) -> StoreResult<u
     Ok(q.len() as u64)
 }
 
-/// The oldest message not locked now, locked until `lock_until` under `token` (fresh, from
-/// the caller), its delivery counted. One already delivered `max_deliveries` times is dead-lettered instead.
-pub(crate) fn receive(
-    c: &Connection,
-    h: &str,
-    d: &str,
-    now: i64,
-    lock_until: i64,
-    token: &str,
-    max_deliveries: u32,
-) -> StoreResult<Option<C2dMessage>> {
+/// The oldest message not locked now, locked under `lock` (its token fresh, from the caller),
+/// its delivery counted. One already delivered `lock.max_deliveries` times is dead-lettered
+/// instead.
+pub(crate) fn receive(c: &Connection, h: &str, d: &str, lock: &Lock) -> StoreResult<Option<C2dMessage>> {
+    let (now, max_deliveries) = (lock.now, lock.max_deliveries);
     for (seq, mut m) in live(c, h, d, now)? {
         if m.locked_until > now {
             continue;
@@ -115,8 +109,8 @@ pub(crate) fn receive(
             continue;
         }
         m.delivery_count += 1;
-        m.lock_token = Some(token.to_owned());
-        m.locked_until = lock_until;
+        m.lock_token = Some(lock.token.clone());
+        m.locked_until = lock.until;
         update(c, seq, &m)?;
         return Ok(Some(m));
     }
@@ -155,20 +149,17 @@ fn expire_hub(c: &Connection, h: &str, now: i64) -> StoreResult<()> {
 }
 
 /// Up to `max` unlocked feedback records of the hub, oldest first, locked together under
-/// `token` (fresh, from the caller) until `lock_until`. Records older than `created_after` or already delivered
-/// `max_deliveries` times are dropped first (Azure's feedback TTL and delivery count).
-// The trait method's parameters, passed through.
-#[allow(clippy::too_many_arguments)]
+/// `lock` (its token fresh, from the caller). Records older than `created_after` or already
+/// delivered `lock.max_deliveries` times are dropped first (Azure's feedback TTL and delivery
+/// count).
 pub(crate) fn receive_feedback(
     c: &Connection,
     h: &str,
-    now: i64,
-    lock_until: i64,
-    token: &str,
+    lock: &Lock,
     created_after: i64,
-    max_deliveries: u32,
     max: usize,
 ) -> StoreResult<Option<FeedbackBatch>> {
+    let (now, max_deliveries) = (lock.now, lock.max_deliveries);
     expire_hub(c, h, now)?;
     c.execute(
         "DELETE FROM c2d_feedback WHERE hub_key = ?1 AND (created < ?2 OR (deliveries >= ?3 AND locked_until <= ?4))",
@@ -192,12 +183,12 @@ pub(crate) fn receive_feedback(
     for (seq, body) in rows {
         c.execute(
             "UPDATE c2d_feedback SET lock_token = ?2, locked_until = ?3, deliveries = deliveries + 1 WHERE seq = ?1",
-            params![seq, token, lock_until],
+            params![seq, lock.token, lock.until],
         )
         .map_err(backend)?;
         records.push(serde_json::from_str::<FeedbackRecord>(&body).map_err(backend)?);
     }
-    Ok(Some(FeedbackBatch { lock_token: token.to_owned(), records }))
+    Ok(Some(FeedbackBatch { lock_token: lock.token.clone(), records }))
 }
 
 /// Completes (deletes) or abandons (unlocks) the feedback batch locked under `token`.

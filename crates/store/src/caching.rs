@@ -226,16 +226,8 @@ impl DeviceQueue for CachingStore {
     async fn purge_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64> {
         self.inner.purge_c2d(hub, device_id, now).await
     }
-    async fn receive_c2d(
-        &self,
-        hub: &str,
-        device_id: &str,
-        now: i64,
-        lock_until: i64,
-        token: &str,
-        max_deliveries: u32,
-    ) -> StoreResult<Option<C2dMessage>> {
-        self.inner.receive_c2d(hub, device_id, now, lock_until, token, max_deliveries).await
+    async fn receive_c2d(&self, hub: &str, device_id: &str, lock: &crate::Lock) -> StoreResult<Option<C2dMessage>> {
+        self.inner.receive_c2d(hub, device_id, lock).await
     }
     async fn settle_c2d(
         &self,
@@ -247,18 +239,14 @@ impl DeviceQueue for CachingStore {
     ) -> StoreResult<bool> {
         self.inner.settle_c2d(hub, device_id, token, how, now).await
     }
-    #[allow(clippy::too_many_arguments)]
     async fn receive_feedback(
         &self,
         hub: &str,
-        now: i64,
-        lock_until: i64,
-        token: &str,
+        lock: &crate::Lock,
         created_after: i64,
-        max_deliveries: u32,
         max: usize,
     ) -> StoreResult<Option<crate::FeedbackBatch>> {
-        self.inner.receive_feedback(hub, now, lock_until, token, created_after, max_deliveries, max).await
+        self.inner.receive_feedback(hub, lock, created_after, max).await
     }
     async fn settle_feedback(&self, hub: &str, token: &str, complete: bool, now: i64) -> StoreResult<bool> {
         self.inner.settle_feedback(hub, token, complete, now).await

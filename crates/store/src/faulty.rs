@@ -250,17 +250,9 @@ impl DeviceQueue for FaultyStore {
         self.faults.write()?;
         self.inner.purge_c2d(hub, device_id, now).await
     }
-    async fn receive_c2d(
-        &self,
-        hub: &str,
-        device_id: &str,
-        now: i64,
-        lock_until: i64,
-        token: &str,
-        max_deliveries: u32,
-    ) -> StoreResult<Option<C2dMessage>> {
+    async fn receive_c2d(&self, hub: &str, device_id: &str, lock: &crate::Lock) -> StoreResult<Option<C2dMessage>> {
         self.faults.write()?;
-        self.inner.receive_c2d(hub, device_id, now, lock_until, token, max_deliveries).await
+        self.inner.receive_c2d(hub, device_id, lock).await
     }
     async fn settle_c2d(
         &self,
@@ -276,15 +268,12 @@ impl DeviceQueue for FaultyStore {
     async fn receive_feedback(
         &self,
         hub: &str,
-        now: i64,
-        lock_until: i64,
-        token: &str,
+        lock: &crate::Lock,
         created_after: i64,
-        max_deliveries: u32,
         max: usize,
     ) -> StoreResult<Option<crate::FeedbackBatch>> {
         self.faults.write()?;
-        self.inner.receive_feedback(hub, now, lock_until, token, created_after, max_deliveries, max).await
+        self.inner.receive_feedback(hub, lock, created_after, max).await
     }
     async fn settle_feedback(&self, hub: &str, token: &str, complete: bool, now: i64) -> StoreResult<bool> {
         self.faults.write()?;

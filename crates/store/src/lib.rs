@@ -132,6 +132,16 @@ pub enum C2dSettlement {
     Abandon,
 }
 
+/// A receive's lock (C2D messages over HTTPS, feedback batches): taken at `now` under `token`
+/// until `until`; an item already delivered `max_deliveries` times is dead-lettered instead.
+#[derive(Debug, Clone)]
+pub struct Lock {
+    pub now: i64,
+    pub until: i64,
+    pub token: String,
+    pub max_deliveries: u32,
+}
+
 /// Feedback records handed out together under one lock (one feedback message in Azure).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FeedbackBatch {
@@ -285,19 +295,10 @@ pub trait DeviceQueue: Send + Sync + 'static {
     /// Removes every message queued for a device; returns how many. Each leaves as `Purged`
     /// (feedback if its ack asks for it).
     async fn purge_c2d(&self, hub: &str, device_id: &str, now: i64) -> StoreResult<u64>;
-    /// Locks the oldest unlocked, unexpired message of a device under `token` until
-    /// `lock_until` and counts the delivery; a message already delivered `max_deliveries`
-    /// times is dead-lettered (feedback `DeliveryCountExceeded`) instead. `None`: nothing to
-    /// deliver.
-    async fn receive_c2d(
-        &self,
-        hub: &str,
-        device_id: &str,
-        now: i64,
-        lock_until: i64,
-        token: &str,
-        max_deliveries: u32,
-    ) -> StoreResult<Option<C2dMessage>>;
+    /// Locks the oldest unlocked, unexpired message of a device under `lock` and counts the
+    /// delivery; a message already delivered `lock.max_deliveries` times is dead-lettered
+    /// (feedback `DeliveryCountExceeded`) instead. `None`: nothing to deliver.
+    async fn receive_c2d(&self, hub: &str, device_id: &str, lock: &Lock) -> StoreResult<Option<C2dMessage>>;
     /// Settles the message locked under `token`. `Ok(false)`: no message holds that lock now.
     async fn settle_c2d(
         &self,
@@ -308,18 +309,14 @@ pub trait DeviceQueue: Send + Sync + 'static {
         now: i64,
     ) -> StoreResult<bool>;
 
-    /// Locks up to `max` unlocked feedback records of a hub together under `token` until
-    /// `lock_until` (after expiring the hub's messages whose time passed, and dropping
-    /// records created before `created_after` or delivered `max_deliveries` times).
-    #[allow(clippy::too_many_arguments)]
+    /// Locks up to `max` unlocked feedback records of a hub together under `lock` (after
+    /// expiring the hub's messages whose time passed, and dropping records created before
+    /// `created_after` or delivered `lock.max_deliveries` times).
     async fn receive_feedback(
         &self,
         hub: &str,
-        now: i64,
-        lock_until: i64,
-        token: &str,
+        lock: &Lock,
         created_after: i64,
-        max_deliveries: u32,
         max: usize,
     ) -> StoreResult<Option<FeedbackBatch>>;
     /// Completes (deletes) or abandons (unlocks) the feedback batch locked under `token`.

@@ -435,17 +435,22 @@ async fn c2d_feedback_is_durable_and_locked_per_batch() {
     }
     assert!(s.complete_c2d("hub-a", "dev-1", "m-full").await.unwrap());
     assert!(s.complete_c2d("hub-a", "dev-1", "m-none").await.unwrap());
-    let m = s.receive_c2d("hub-a", "dev-1", now, now + 60, "lock-1", 10).await.unwrap().unwrap();
+    let m = s.receive_c2d("hub-a", "dev-1", &lock(now, "lock-1")).await.unwrap().unwrap();
     assert_eq!((m.id.as_str(), m.delivery_count), ("m-neg", 1));
     assert!(!s.settle_c2d("hub-a", "dev-1", "lock-other", C2dSettlement::Reject, now).await.unwrap());
     assert!(s.settle_c2d("hub-a", "dev-1", "lock-1", C2dSettlement::Reject, now).await.unwrap());
     drop(s);
     let s = SqliteStore::open(&path).unwrap();
-    let batch = s.receive_feedback("HUB-A", now, now + 60, "fb-1", now - 3600, 10, 100).await.unwrap().unwrap();
+    let batch = s.receive_feedback("HUB-A", &lock(now, "fb-1"), now - 3600, 100).await.unwrap().unwrap();
     let got: Vec<_> = batch.records.iter().map(|r| (r.original_message_id.as_str(), r.status_code)).collect();
     assert_eq!(got, [("m-full", Outcome::Success), ("m-neg", Outcome::Rejected)]);
-    assert!(s.receive_feedback("hub-a", now, now + 60, "fb-2", now - 3600, 10, 100).await.unwrap().is_none());
+    assert!(s.receive_feedback("hub-a", &lock(now, "fb-2"), now - 3600, 100).await.unwrap().is_none());
     assert!(s.settle_feedback("hub-a", "fb-1", true, now).await.unwrap());
     assert!(!s.settle_feedback("hub-a", "fb-1", true, now).await.unwrap());
-    assert!(s.receive_feedback("hub-a", now, now + 60, "fb-3", now - 3600, 10, 100).await.unwrap().is_none());
+    assert!(s.receive_feedback("hub-a", &lock(now, "fb-3"), now - 3600, 100).await.unwrap().is_none());
+}
+
+/// A 60-second lock under `token`, with Azure's delivery limit of 10.
+fn lock(now: i64, token: &str) -> fleetgate_store::Lock {
+    fleetgate_store::Lock { now, until: now + 60, token: token.into(), max_deliveries: 10 }
 }

@@ -63,17 +63,9 @@ impl DeviceQueue for SqliteStore {
         let (h, d) = (key(hub), device_id.to_owned());
         self.write(move |c| crate::c2d_queue::purge(c, &h, &d, now)).await
     }
-    async fn receive_c2d(
-        &self,
-        hub: &str,
-        device_id: &str,
-        now: i64,
-        lock_until: i64,
-        token: &str,
-        max_deliveries: u32,
-    ) -> StoreResult<Option<C2dMessage>> {
-        let (h, d, t) = (key(hub), device_id.to_owned(), token.to_owned());
-        self.write(move |c| crate::c2d_queue::receive(c, &h, &d, now, lock_until, &t, max_deliveries)).await
+    async fn receive_c2d(&self, hub: &str, device_id: &str, lock: &crate::Lock) -> StoreResult<Option<C2dMessage>> {
+        let (h, d, lock) = (key(hub), device_id.to_owned(), lock.clone());
+        self.write(move |c| crate::c2d_queue::receive(c, &h, &d, &lock)).await
     }
     async fn settle_c2d(
         &self,
@@ -89,18 +81,12 @@ impl DeviceQueue for SqliteStore {
     async fn receive_feedback(
         &self,
         hub: &str,
-        now: i64,
-        lock_until: i64,
-        token: &str,
+        lock: &crate::Lock,
         created_after: i64,
-        max_deliveries: u32,
         max: usize,
     ) -> StoreResult<Option<crate::FeedbackBatch>> {
-        let (h, t) = (key(hub), token.to_owned());
-        self.write(move |c| {
-            crate::c2d_queue::receive_feedback(c, &h, now, lock_until, &t, created_after, max_deliveries, max)
-        })
-        .await
+        let (h, lock) = (key(hub), lock.clone());
+        self.write(move |c| crate::c2d_queue::receive_feedback(c, &h, &lock, created_after, max)).await
     }
     async fn settle_feedback(&self, hub: &str, token: &str, complete: bool, now: i64) -> StoreResult<bool> {
         let (h, t) = (key(hub), token.to_owned());
