@@ -462,3 +462,57 @@ impl Mqtt {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Log capture
+
+/// Captures what this thread logs (DEBUG and up) until the guard drops. The server's tasks log
+/// here only on a single-threaded runtime (`#[tokio::test]`'s default flavor).
+pub fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    (logs.clone(), tracing::subscriber::set_default(subscriber))
+}
+
+/// The log output, kept for the test to read.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    pub fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).lines().map(str::to_owned).collect()
+    }
+
+    /// How many lines contain `message`.
+    pub fn count(&self, message: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(message)).count()
+    }
+
+    pub fn line_with(&self, message: &str) -> String {
+        let lines = self.lines();
+        lines.iter().find(|l| l.contains(message)).cloned().unwrap_or_else(|| panic!("no {message:?} in {lines:#?}"))
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
