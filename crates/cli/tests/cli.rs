@@ -236,6 +236,7 @@ fn serve_refused(dir: &std::path::Path) -> (std::process::ExitStatus, String) {
             let _ = child.wait();
             panic!("serve kept running on a damaged data directory");
         }
+        // Backoff between polls.
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let mut stderr = String::new();
@@ -474,14 +475,8 @@ fn audit_since_takes_times_and_ages_and_limit_keeps_the_newest() {
         stdout(&run(&all)).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     };
     // The trail is written behind the requests: wait until the last group's entry is in.
-    let mut all = Vec::new();
-    for _ in 0..200 {
-        all = lines(&[]);
-        if all.iter().any(|e| e["target"] == "grp-c") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    common::wait_until("the last group's audit entry", || lines(&[]).iter().any(|e| e["target"] == "grp-c"));
+    let all = lines(&[]);
     assert!(all.len() >= 3, "{all:?}");
     // The newest, printed oldest first.
     assert_eq!(lines(&["--limit", "1"]), all[all.len() - 1..]);

@@ -169,6 +169,7 @@ fn serve_refused(args: &[&str]) -> std::process::Output {
             let _ = child.kill();
             panic!("the second `serve` started: {:?}", child.wait_with_output().unwrap());
         }
+        // Backoff between polls.
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     child.wait_with_output().unwrap()
@@ -279,6 +280,7 @@ fn monitor_events_timeout_counts_from_the_last_message_and_zero_is_forever() {
         .unwrap();
     for i in 0..3 {
         if i > 0 {
+            // Time must pass: the timeout is counted from the last message.
             std::thread::sleep(std::time::Duration::from_secs(3));
         }
         simulate(d, &port, i);
@@ -307,6 +309,7 @@ fn monitor_events_timeout_counts_from_the_last_message_and_zero_is_forever() {
             seen += 1;
         }
     }
+    // Time must pass: that it does not stop can only be seen by letting time go by.
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert!(monitor.try_wait().unwrap().is_none(), "monitor-events --timeout 0 stopped");
     monitor.kill().unwrap();

@@ -178,6 +178,7 @@ async fn wait_then_kill(
             "{what}: only {} of {kill_at} acknowledged after {ROUND_TIMEOUT:?}",
             acked.load(Ordering::SeqCst)
         );
+        // Backoff between polls (short: the kill should land close to its point).
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     server.kill9();

@@ -291,7 +291,9 @@ mod tests {
             let inbox = inbox.clone();
             async move { inbox.recv().await }
         });
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // On this single-threaded runtime, yielding runs the spawned task until it waits on
+        // the empty inbox: the request below then wakes a waiting session, not a stored permit.
+        tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         inbox.try_send(Outbound::Close).unwrap();
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();

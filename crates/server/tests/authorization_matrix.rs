@@ -317,15 +317,13 @@ async fn read_only_keys_cannot_write_through_route_words_and_writes_are_audited(
     // The owner may; its writes to route-word ids are audited like any other.
     let owner = by_name(DPS_OWNER);
     assert_eq!(put(&owner, "/enrollmentGroups/attestationmechanism", &group).await.unwrap().status(), 200);
-    let mut entries = Vec::new();
-    for _ in 0..100 {
-        let q = AuditQuery { id: Some("attestationmechanism".into()), ..Default::default() };
-        entries = s.store().audit(&q).await.unwrap();
-        if entries.iter().any(|e| e.actor == DPS_OWNER) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let q = AuditQuery { id: Some("attestationmechanism".into()), ..Default::default() };
+    // The trail is written behind the request.
+    common::wait_until("the owner's write is audited", async || {
+        s.store().audit(&q).await.unwrap().iter().any(|e| e.actor == DPS_OWNER)
+    })
+    .await;
+    let entries = s.store().audit(&q).await.unwrap();
     let e = entries.iter().find(|e| e.actor == DPS_OWNER).expect("the owner's write is audited");
     assert_eq!(e.operation, "PUT /enrollmentgroups/attestationmechanism");
     assert_eq!((e.category, e.outcome, e.status), (AuditCategory::ServiceOperations, Outcome::Success, Some(200)));

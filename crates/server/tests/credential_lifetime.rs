@@ -246,6 +246,7 @@ async fn an_event_stream_ends_when_its_token_expires() {
     // Accepted (clock skew included) for about 3 s more.
     let expiry = Timestamp::now().unix_seconds() - MAX_CLOCK_SKEW_SECS + 3;
     let mut events = event_stream(&s, &build_token(&c.key, &c.host_name, expiry, Some(&c.key_name))).await;
+    // Time must pass: the token expires (whole seconds) in about 3 s.
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     m.publish("devices/dev-1/messages/events/", QoS::AtLeastOnce, 1, b"after-expiry").await;
     m.recv().await;

@@ -322,6 +322,7 @@ async fn webhook() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
                 let tier = req["deviceRuntimeContext"]["payload"]["tier"].as_str().unwrap_or("").to_owned();
                 match tier.as_str() {
                     "slow" => {
+                        // A webhook that deliberately stalls, past the server's call timeout.
                         tokio::time::sleep(Duration::from_secs(5)).await;
                         (axum::http::StatusCode::OK, axum::Json(json!({"iotHubHostName": "hub-b"})))
                     }

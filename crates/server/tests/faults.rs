@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{device_token, dps_username, TestServer};
+use common::{device_token, dps_username, wait_until, TestServer};
 use fleetgate_core::audit::{AuditEntry, AuditQuery};
 use fleetgate_core::keys::SymmetricKey;
 use fleetgate_core::refusals::RefusalLimits;
@@ -21,17 +21,6 @@ async fn with_faults() -> (TestServer, Faults) {
     let f = faults.clone();
     let s = TestServer::start_with(move |c| c.faults = Some(f)).await;
     (s, faults)
-}
-
-/// Polls `f` until it holds (generous bound: the outcome is asserted, not the timing).
-async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    for _ in 0..300 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: not reached within 15 s");
 }
 
 async fn readyz(s: &TestServer) -> u16 {
@@ -109,13 +98,13 @@ async fn readyz_is_503_while_writes_fail() {
     assert_eq!(readyz(&s).await, 200);
     // Reads still answer (the old check only read a setting): only a write shows it.
     faults.fail_writes(true);
-    eventually("not ready while writes fail", async || readyz(&s).await == 503).await;
+    wait_until("not ready while writes fail", async || readyz(&s).await == 503).await;
     let body = s.http().get(s.url("/readyz")).send().await.unwrap().text().await.unwrap();
     assert!(body.contains("not ready"), "{body}");
     faults.fail_writes(false);
-    eventually("ready again", async || readyz(&s).await == 200).await;
+    wait_until("ready again", async || readyz(&s).await == 200).await;
     faults.fail_reads(true);
-    eventually("not ready while reads fail", async || readyz(&s).await == 503).await;
+    wait_until("not ready while reads fail", async || readyz(&s).await == 503).await;
 }
 
 #[tokio::test]
@@ -199,7 +188,7 @@ async fn a_flood_of_refused_requests_is_a_few_entries_a_summary_and_then_429() {
     // The trail holds the first three refusals and, once the window and the backoff are over,
     // one summary of the rest.
     let store = s.store();
-    eventually("the summary", async || {
+    wait_until("the summary", async || {
         store.audit(&AuditQuery::default()).await.unwrap().iter().any(|e| e.operation == "refusals")
     })
     .await;
@@ -252,7 +241,7 @@ async fn readyz_is_503_with_a_registry_damaged_mid_file() {
         }
     }
     // The last connection to close checkpoints the write-ahead log into the file.
-    eventually("the WAL checkpointed", async || !path.with_extension("db-wal").exists()).await;
+    wait_until("the WAL checkpointed", async || !path.with_extension("db-wal").exists()).await;
     let len = std::fs::metadata(&path).unwrap().len();
     {
         use std::io::{Seek, SeekFrom, Write};
@@ -263,5 +252,5 @@ async fn readyz_is_503_with_a_registry_damaged_mid_file() {
     }
     // It starts (the pages it reads at start are intact), but is not ready.
     s.server = Some(fleetgate_server::start(s.config.clone()).await.unwrap());
-    eventually("not ready with a damaged registry", async || readyz(&s).await == 503).await;
+    wait_until("not ready with a damaged registry", async || readyz(&s).await == 503).await;
 }

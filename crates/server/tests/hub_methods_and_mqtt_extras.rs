@@ -85,7 +85,7 @@ async fn connect_timeout_waits_for_the_device_to_connect_and_subscribe() {
 
     // A persistent session's restored subscription counts too (the SDKs do not subscribe again).
     drop(m);
-    until_disconnected(&s, "dev-1").await;
+    s.wait_disconnected("dev-1").await;
     let mut waiting = spawn_call(&s, "dev-1", reboot(json!(60)));
     assert!(tokio::time::timeout(Duration::from_millis(500), &mut waiting).await.is_err());
     let (mut m, present) = s.hub_device_session("dev-1", &key, false).await.unwrap();
@@ -142,17 +142,6 @@ async fn connect_with_will(s: &TestServer, id: &str, key: &SymmetricKey, will: L
     m
 }
 
-/// Waits until the hub reports `id` disconnected: its session (and a Will it left) is done.
-async fn until_disconnected(s: &TestServer, id: &str) {
-    for _ in 0..200 {
-        if s.hub_get(&format!("/devices/{id}")).await["connectionState"] == "Disconnected" {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{id} still connected");
-}
-
 #[tokio::test]
 async fn a_will_is_forwarded_only_when_the_connection_drops() {
     let s = TestServer::start().await;
@@ -163,14 +152,14 @@ async fn a_will_is_forwarded_only_when_the_connection_drops() {
     let mut m = connect_with_will(&s, "dev-1", &key, will("devices/dev-1/messages/events/")).await;
     m.send(Packet::Disconnect).await;
     assert!(m.recv().await.is_none());
-    until_disconnected(&s, "dev-1").await;
+    s.wait_disconnected("dev-1").await;
     assert!(s.stored_events().await.is_empty(), "no Will after DISCONNECT");
 
     // A Will on any other topic is ignored (the connection is still accepted).
     for topic in ["status/dev-1", "devices/dev-2/messages/events/", "$iothub/twin/GET/?$rid=1"] {
         let m = connect_with_will(&s, "dev-1", &key, will(topic)).await;
         drop(m);
-        until_disconnected(&s, "dev-1").await;
+        s.wait_disconnected("dev-1").await;
     }
     assert!(s.stored_events().await.is_empty(), "no Will from another topic");
 
@@ -179,12 +168,12 @@ async fn a_will_is_forwarded_only_when_the_connection_drops() {
     let m =
         connect_with_will(&s, "dev-1", &key, will("devices/dev-1/messages/events/%24.ct=application%2Fjson&k=v")).await;
     drop(m);
-    until_disconnected(&s, "dev-1").await;
+    s.wait_disconnected("dev-1").await;
     let mut retained = will("devices/dev-1/messages/events/");
     retained.retain = true;
     let m = connect_with_will(&s, "dev-1", &key, retained).await;
     drop(m);
-    until_disconnected(&s, "dev-1").await;
+    s.wait_disconnected("dev-1").await;
     let events = s.stored_events().await;
     assert_eq!(events.len(), 2, "{events:?}");
     let e = &events[0]["event"];

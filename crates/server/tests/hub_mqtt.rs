@@ -269,7 +269,7 @@ async fn c2d_is_queued_offline_delivered_and_redelivered_until_acked() {
     // Not acknowledged: it comes again on the next connection (the session, CleanSession 0,
     // still holds the subscription).
     drop(m);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.wait_disconnected("dev-1").await;
     let mut m = s.hub_device("dev-1", &key).await.unwrap();
     let p = m.next_publish().await;
     assert_eq!(&p.payload[..], b"reboot please");
@@ -279,8 +279,12 @@ async fn c2d_is_queued_offline_delivered_and_redelivered_until_acked() {
     let p = m.next_publish().await;
     assert_eq!(&p.payload[..], b"second");
     m.send(Packet::PubAck(PubAck::new(p.pkid))).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The session serves a connection's packets in order, the PUBACK's completion before the
+    // PINGREQ: once PINGRESP is back, the message is off the queue.
+    m.send(Packet::PingReq).await;
+    assert!(matches!(m.recv().await, Some(Packet::PingResp)));
     drop(m);
+    s.wait_disconnected("dev-1").await;
     let mut m = s.hub_device("dev-1", &key).await.unwrap();
     m.send(Packet::PingReq).await;
     assert!(matches!(m.recv().await, Some(Packet::PingResp)), "acknowledged messages are not redelivered");
@@ -310,6 +314,7 @@ async fn silence_past_the_keep_alive_closes_and_activity_extends_it() {
     let started = std::time::Instant::now();
     // 3 s of a packet every 0.5 s (twice the timeout): still open.
     while started.elapsed() < Duration::from_secs(3) {
+        // Time must pass: the connection stays open only because of the packets in between.
         tokio::time::sleep(Duration::from_millis(500)).await;
         m.send(Packet::PingReq).await;
         assert!(matches!(m.recv().await, Some(Packet::PingResp)), "closed while active");
@@ -740,7 +745,7 @@ async fn clean_session_0_subscriptions_survive_reconnects_and_restarts() {
     m.subscribe("devices/dev-1/messages/devicebound/#", QoS::AtLeastOnce, 1).await;
     m.subscribe("$iothub/methods/POST/#", QoS::AtLeastOnce, 2).await;
     drop(m);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.wait_disconnected("dev-1").await;
 
     // Queued while offline; the SDKs reconnect without subscribing again.
     assert_eq!(send_c2d(&s, "dev-1", "while away", "c1").await.status(), 204);
@@ -776,7 +781,7 @@ async fn clean_session_0_subscriptions_survive_reconnects_and_restarts() {
     assert!(present);
     assert_eq!(&m.next_publish().await.payload[..], b"after restart");
     drop(m);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.wait_disconnected("dev-1").await;
 
     // CleanSession 1 throws the session away.
     let (mut m, present) = s.hub_device_session("dev-1", &key, true).await.unwrap();
@@ -785,7 +790,7 @@ async fn clean_session_0_subscriptions_survive_reconnects_and_restarts() {
     m.send(Packet::PingReq).await;
     assert!(matches!(m.recv().await, Some(Packet::PingResp)), "nothing delivered without a subscription");
     drop(m);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.wait_disconnected("dev-1").await;
     let (_, present) = s.hub_device_session("dev-1", &key, false).await.unwrap();
     assert!(!present, "the clean connection removed the stored session");
 }
@@ -858,14 +863,8 @@ async fn a_disconnected_device_keeps_when_it_went_offline() {
     m.send(Packet::Disconnect).await;
     assert!(m.recv().await.is_none(), "the server closes the connection after DISCONNECT");
     // The session ends behind the closed connection: wait for the state to say so.
-    let mut offline = get().await;
-    for _ in 0..200 {
-        if offline["connectionState"] == "Disconnected" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        offline = get().await;
-    }
+    s.wait_disconnected("dev-1").await;
+    let offline = get().await;
     assert_eq!(offline["connectionState"], "Disconnected");
     let disconnected_at = offline["connectionStateUpdatedTime"].as_str().unwrap();
     assert!(disconnected_at >= connected_at.as_str(), "{disconnected_at} < {connected_at}");

@@ -156,6 +156,7 @@ async fn a_trickled_body_is_refused_with_408() {
             if tx.write_all(b" ").await.is_err() || tx.flush().await.is_err() {
                 return;
             }
+            // Time must pass: the body arrives slower than the body timeout allows.
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
@@ -222,6 +223,7 @@ async fn pings_until_closed(m: &mut Mqtt) -> bool {
                 None => return,
                 Some(other) => panic!("{other:?}"),
             }
+            // Pings spaced out as a device keeping alive would; also the backoff between polls.
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
@@ -272,6 +274,7 @@ async fn connections_per_source_address_are_capped() {
             if let Ok(c) = try_tls(&s, s.mqtt_addr()).await {
                 return c;
             }
+            // Backoff between polls.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })

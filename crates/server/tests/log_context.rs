@@ -3,57 +3,13 @@
 
 mod common;
 
-use std::io;
-use std::sync::{Arc, Mutex};
-
 use common::TestServer;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
-use tracing_subscriber::fmt::MakeWriter;
-
-/// The log output, kept for the test to read.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).lines().map(str::to_owned).collect()
-    }
-
-    fn line_with(&self, message: &str) -> String {
-        let lines = self.lines();
-        lines.iter().find(|l| l.contains(message)).cloned().unwrap_or_else(|| panic!("no {message:?} in {lines:#?}"))
-    }
-}
-
-impl io::Write for Captured {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 // The test's runtime has one thread, so the server's tasks log to the subscriber set here.
 #[tokio::test(flavor = "current_thread")]
 async fn hub_session_lines_carry_the_address_protocol_and_client_id() {
-    let logs = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (logs, _default) = common::capture_logs();
     let s = TestServer::start().await;
     let key = s.create_device("dev-span").await;
 

@@ -22,6 +22,7 @@ async fn audit_until(
         if last.iter().any(&want) {
             return last;
         }
+        // Backoff between polls.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     panic!("no matching audit entry for {id}: {last:?}");

@@ -29,7 +29,7 @@ async fn registrations_over_the_scope_quota_get_429_with_retry_after() {
         }
     }
     assert!(throttled >= 2, "the burst of 2 admits two, then most are refused ({throttled})");
-    // After waiting as told, a device gets in.
+    // After waiting as told, a device gets in. Time must pass: the quota refills at 2 a second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (_, body) = s.register("dev-late", &primary.derive_device_key("dev-late"), None).await;
     assert_eq!(body["status"], "assigned");
@@ -68,6 +68,7 @@ async fn hub_connects_over_the_quota_get_server_unavailable() {
     let first = s.hub_device("dev-1", &key).await;
     assert!(first.is_ok());
     assert_eq!(s.hub_device("dev-1", &key).await.err(), Some(ConnectReturnCode::ServiceUnavailable));
+    // Time must pass: the quota refills one connect a second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(s.hub_device("dev-1", &key).await.is_ok(), "admitted again once the quota refills");
 }

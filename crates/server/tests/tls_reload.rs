@@ -40,6 +40,8 @@ async fn handshake(addr: std::net::SocketAddr, ca_pem: &str) -> bool {
 
 #[tokio::test]
 async fn operator_certificate_hot_reload_keeps_open_connections() {
+    // The server's tasks run on this test's thread: their log lines land here.
+    let (logs, _logging) = common::capture_logs();
     let files = tempfile::tempdir().unwrap();
     let (cert_path, key_path) = (files.path().join("server.pem"), files.path().join("server.key"));
     let (ca_a, cert_a, key_a) = issue("A");
@@ -90,22 +92,18 @@ async fn operator_certificate_hot_reload_keeps_open_connections() {
     let (ca_b, cert_b, key_b) = issue("B");
     write_atomically(&key_path, &key_b);
     write_atomically(&cert_path, &cert_b);
-    let mut switched = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if handshake(addr, &ca_b).await {
-            switched = true;
-            break;
-        }
-    }
-    assert!(switched, "new connections get the new certificate");
+    common::wait_until("new connections get the new certificate", async || handshake(addr, &ca_b).await).await;
     assert!(!handshake(addr, &ca_a).await);
     // The connection made before the switch still works.
     open.send(Packet::PingReq).await;
     assert!(matches!(open.recv().await, Some(Packet::PingResp)));
 
-    // A broken replacement is refused; the server keeps serving the last good one.
+    // A broken replacement is refused; the server keeps serving the last good one. The refusal
+    // is logged at each check that reads the broken file (a check may also have refused the
+    // half-written pair above): wait for one more than before.
+    const REFUSED: &str = "server certificate not reloaded";
+    let before = logs.count(REFUSED);
     write_atomically(&cert_path, "not a certificate");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    common::wait_until("the broken certificate is checked and refused", async || logs.count(REFUSED) > before).await;
     assert!(handshake(addr, &ca_b).await);
 }

@@ -24,15 +24,17 @@ async fn all(store: &dyn Store) -> Vec<AuditEntry> {
     store.audit(&AuditQuery::default()).await.unwrap()
 }
 
-/// Polls `f` until it holds (generous bound: the outcome is asserted, not the timing).
-async fn eventually(mut f: impl AsyncFnMut() -> bool) {
+/// Polls `f` until it holds; panics naming `what` if it does not within 10 s (a generous bound:
+/// the outcome is asserted, not the timing).
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
     for _ in 0..200 {
         if f().await {
             return;
         }
+        // Backoff between polls.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("condition not reached within 10 s");
+    panic!("{what}: not reached within 10 s");
 }
 
 #[tokio::test]
@@ -65,7 +67,7 @@ async fn the_audit_log_prunes_periodically() {
     store.append_audit(vec![entry("ancient", "2001-01-01T00:00:00.0000000Z")]).await.unwrap();
     let options = AuditOptions { max_rows: 20, prune_every: Duration::from_millis(50), ..AuditOptions::default() };
     let _log = AuditLog::start_with(store.clone(), options);
-    eventually(async || all(store.as_ref()).await.len() == 20).await;
+    eventually("pruned to 20 rows", async || all(store.as_ref()).await.len() == 20).await;
     assert!(all(store.as_ref()).await.iter().all(|e| e.actor != "ancient"));
 }
 
@@ -90,7 +92,8 @@ async fn refusals_from_one_source_are_one_entry_and_one_summary() {
     log.refused(None, entry("cli-1", "2030-01-01T00:00:00.0000000Z"));
     log.refused(None, entry("cli-2", "2030-01-01T00:00:00.0000000Z"));
 
-    eventually(async || all(store.as_ref()).await.iter().any(|e| e.operation == "refusals")).await;
+    eventually("the refusals summary", async || all(store.as_ref()).await.iter().any(|e| e.operation == "refusals"))
+        .await;
     let trail = all(store.as_ref()).await;
     assert_eq!(trail.len(), 5, "{trail:#?}");
     let from_flooder: Vec<_> = trail.iter().filter(|e| e.source.as_deref() == Some("192.0.2.1")).collect();
@@ -132,12 +135,7 @@ async fn a_registry_damaged_mid_file_fails_its_integrity_check() {
     }
     // Every connection closes with the store (the writer thread a moment later); the last one
     // checkpoints the write-ahead log into the file.
-    for _ in 0..200 {
-        if !path.with_extension("db-wal").exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the write-ahead log checkpointed and removed", async || !path.with_extension("db-wal").exists()).await;
     let len = std::fs::metadata(&path).unwrap().len();
     assert!(len > 64 * 4096, "the registry is large enough to damage mid-file ({len} bytes)");
     {

@@ -22,6 +22,17 @@ pub fn run(args: &[&str]) -> Output {
 }
 
 /// Stdout of a run that must have succeeded.
+/// Polls `f` until it holds; panics naming `what` if it does not within 15 s (a generous bound:
+/// the outcome is asserted, not the timing).
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not reached within 15 s");
+        // Backoff between polls.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn stdout(o: &Output) -> String {
     assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout.clone()).unwrap()
@@ -114,6 +125,7 @@ impl Server {
                 return status;
             }
             assert!(std::time::Instant::now() < deadline, "serve did not stop within a minute of SIGTERM");
+            // Backoff between polls.
             std::thread::sleep(Duration::from_millis(50));
         }
     }

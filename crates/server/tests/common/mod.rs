@@ -221,6 +221,17 @@ impl Mqtt {
     }
 }
 
+/// Polls `f` until it holds; panics naming `what` if it does not within 15 s (a generous bound:
+/// the outcome is asserted, not the timing).
+pub async fn wait_until(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not reached within 15 s");
+        // Backoff between polls.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The username the Python SDK sends.
 pub fn dps_username(scope: &str, reg: &str) -> String {
     format!("{scope}/registrations/{reg}/api-version=2019-03-31&ClientVersion=azure-iot-device-provisioning-py%2F2.14.0%283.11.7%3BLinux%29")
@@ -309,6 +320,18 @@ impl TestServer {
         }
     }
 
+    /// Waits until the hub reports device `id` disconnected. A session's end is complete only
+    /// then: the hub unregisters it (and notes when it went offline) after everything else the
+    /// session does on its way out (a Will forwarded, the connection shut), so a reconnect or a
+    /// check made after this sees the state that session left.
+    pub async fn wait_disconnected(&self, id: &str) {
+        let path = format!("/devices/{id}");
+        wait_until(&format!("the hub reports {id} disconnected"), async || {
+            self.hub_get(&path).await["connectionState"] == "Disconnected"
+        })
+        .await;
+    }
+
     /// `GET /messages/events?from=0&format=json`.
     pub async fn stored_events(&self) -> Vec<Value> {
         self.http()
@@ -357,6 +380,7 @@ impl TestServer {
             if !topic.starts_with("$dps/registrations/res/202/") {
                 return (topic, body);
             }
+            // Backoff between status polls, as a device waits before asking again.
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             let op = body["operationId"].as_str().unwrap().to_owned();
             m.publish(
@@ -436,5 +460,59 @@ impl Mqtt {
             Packet::ConnAck(a) => assert_eq!(a.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success),
             other => panic!("{other:?}"),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Log capture
+
+/// Captures what this thread logs (DEBUG and up) until the guard drops. The server's tasks log
+/// here only on a single-threaded runtime (`#[tokio::test]`'s default flavor).
+pub fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    (logs.clone(), tracing::subscriber::set_default(subscriber))
+}
+
+/// The log output, kept for the test to read.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    pub fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).lines().map(str::to_owned).collect()
+    }
+
+    /// How many lines contain `message`.
+    pub fn count(&self, message: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(message)).count()
+    }
+
+    pub fn line_with(&self, message: &str) -> String {
+        let lines = self.lines();
+        lines.iter().find(|l| l.contains(message)).cloned().unwrap_or_else(|| panic!("no {message:?} in {lines:#?}"))
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
     }
 }
