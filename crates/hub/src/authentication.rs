@@ -178,8 +178,8 @@ impl Hub {
             .store
             .device(hub, device_id)
             .await
-            .map_err(crate::hub::store_err)?
-            .ok_or_else(|| crate::hub::not_found(device_id))?;
+            .map_err(crate::errors::store_err)?
+            .ok_or_else(|| crate::errors::not_found(device_id))?;
         if device.status == DeviceStatus::Disabled {
             return Err(fleetgate_core::AzureError::unauthorized());
         }

@@ -11,7 +11,7 @@ use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_store::{C2dSettlement, FeedbackBatch};
 
 use crate::authentication::HubDevice;
-use crate::hub::store_err;
+use crate::errors::store_err;
 use crate::sessions::Outbound;
 use crate::Hub;
 

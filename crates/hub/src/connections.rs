@@ -6,7 +6,7 @@ use fleetgate_core::AzureError;
 use serde_json::{json, Value};
 
 use crate::authentication::HubDevice;
-use crate::hub::store_err;
+use crate::errors::store_err;
 use crate::mqtt::Subscription;
 use crate::sessions::SessionHandle;
 use crate::Hub;

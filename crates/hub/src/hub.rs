@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use fleetgate_core::throttle::{Rate, TokenBucket};
 use fleetgate_core::time::Timestamp;
-use fleetgate_core::{AzureError, ErrorCode};
-use fleetgate_store::{LinkedHub, Store, StoreError};
+use fleetgate_core::AzureError;
+use fleetgate_store::{LinkedHub, Store};
 
 use crate::config::HubConfig;
+use crate::errors::store_err;
 use crate::methods::{MethodListeners, PendingCalls};
 use crate::sessions::{self, Sessions};
 use crate::telemetry::EventWriter;
@@ -34,29 +35,6 @@ pub struct Hub {
     started: std::time::Instant,
     /// Device connections and service-side changes.
     pub(crate) audit: fleetgate_store::AuditLog,
-}
-
-pub(crate) fn store_err(e: StoreError) -> AzureError {
-    match e {
-        StoreError::Rejected(d) => d,
-        // The store could not answer: "retry later" (503, as the provisioning service answers
-        // it), never an answer that reads as the caller's fault or as permanent.
-        StoreError::Backend(msg) => {
-            fleetgate_metrics::log_limited!(tracing::Level::ERROR, error = %msg, "store failure");
-            AzureError::unavailable()
-        }
-        StoreError::Unavailable(msg) => {
-            tracing::warn!(error = %msg, "store refused a change (retryable)");
-            AzureError::unavailable()
-        }
-    }
-}
-
-pub(crate) fn not_found(device_id: &str) -> AzureError {
-    AzureError::new(
-        ErrorCode::DeviceNotFound,
-        format!("Device '{}' was not found.", device_id.chars().take(140).collect::<String>()),
-    )
 }
 
 impl Hub {

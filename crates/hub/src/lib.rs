@@ -9,6 +9,7 @@ mod c2d;
 mod config;
 mod connections;
 mod device_https;
+mod errors;
 pub mod hub;
 mod methods;
 pub mod mqtt;

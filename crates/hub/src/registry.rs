@@ -13,7 +13,7 @@ use fleetgate_core::twin::Twin;
 use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_store::DeviceCounts;
 
-use crate::hub::{not_found, store_err};
+use crate::errors::{not_found, store_err};
 use crate::Hub;
 
 /// What a service asks a device identity to be (`PUT /devices/{id}`). Not `Debug`: it holds keys.

@@ -17,7 +17,7 @@ use fleetgate_store::{EventPage, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::authentication::HubDevice;
-use crate::hub::store_err;
+use crate::errors::store_err;
 use crate::Hub;
 
 const MAX_BATCH: usize = 512;

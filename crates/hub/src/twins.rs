@@ -12,7 +12,7 @@ use fleetgate_core::AzureError;
 use serde_json::{Map, Value};
 
 use crate::authentication::HubDevice;
-use crate::hub::{not_found, store_err};
+use crate::errors::{not_found, store_err};
 use crate::sessions::{DesiredPatch, Outbound};
 use crate::Hub;
 
