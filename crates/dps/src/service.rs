@@ -115,20 +115,9 @@ pub struct Provisioning {
     pub(crate) instance_changes: std::sync::OnceLock<Arc<dyn crate::linked_hubs::InstanceChanges>>,
 }
 
+/// See `impl From<StoreError> for AzureError`: a store fault is a retryable 503.
 pub(crate) fn store_err(e: StoreError) -> AzureError {
-    match e {
-        StoreError::Rejected(d) => d,
-        // The store could not answer: "retry later" (every SDK retries a 503), never an answer
-        // that reads as the device's or the caller's fault.
-        StoreError::Backend(msg) => {
-            fleetgate_metrics::log_limited!(tracing::Level::ERROR, error = %msg, "store failure");
-            AzureError::unavailable()
-        }
-        StoreError::Unavailable(msg) => {
-            tracing::warn!(error = %msg, "store refused a change (retryable)");
-            AzureError::unavailable()
-        }
-    }
+    e.into()
 }
 
 pub(crate) fn unix_now() -> i64 {
@@ -225,7 +214,9 @@ impl Provisioning {
     pub(crate) async fn has_individual_enrollment(&self, registration_id: &str) -> Result<bool, AzureError> {
         let ids = self
             .individuals
-            .get(|| async { Ok(self.store.enrollment_ids().await.map_err(store_err)?.into_iter().collect()) })
+            .get(|| async {
+                Ok::<_, AzureError>(self.store.enrollment_ids().await.map_err(store_err)?.into_iter().collect())
+            })
             .await?;
         Ok(ids.contains(&registration_id.to_ascii_lowercase()))
     }

@@ -4,20 +4,9 @@
 use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_store::StoreError;
 
+/// See `impl From<StoreError> for AzureError`: a store fault is a retryable 503.
 pub(crate) fn store_err(e: StoreError) -> AzureError {
-    match e {
-        StoreError::Rejected(d) => d,
-        // The store could not answer: "retry later" (503, as the provisioning service answers
-        // it), never an answer that reads as the caller's fault or as permanent.
-        StoreError::Backend(msg) => {
-            fleetgate_metrics::log_limited!(tracing::Level::ERROR, error = %msg, "store failure");
-            AzureError::unavailable()
-        }
-        StoreError::Unavailable(msg) => {
-            tracing::warn!(error = %msg, "store refused a change (retryable)");
-            AzureError::unavailable()
-        }
-    }
+    e.into()
 }
 
 pub(crate) fn not_found(device_id: &str) -> AzureError {

@@ -47,6 +47,25 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// What a caller is answered when the store failed it: the domain's refusal as it is; a fault
+/// of the store as "retry later" (503, which every SDK retries), never an answer that reads as
+/// the device's or the caller's fault, or as permanent. Faults are logged here, once.
+impl From<StoreError> for AzureError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Rejected(d) => d,
+            StoreError::Backend(msg) => {
+                fleetgate_metrics::log_limited!(tracing::Level::ERROR, error = %msg, "store failure");
+                AzureError::unavailable()
+            }
+            StoreError::Unavailable(msg) => {
+                tracing::warn!(error = %msg, "store refused a change (retryable)");
+                AzureError::unavailable()
+            }
+        }
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// What [`InstanceStore::remove_hub`] did.
