@@ -79,29 +79,18 @@ impl Hub {
         if_match: Option<String>,
     ) -> Result<(DeviceIdentity, Twin), AzureError> {
         let TwinChange { tags, desired } = change;
-        let id = device_id.to_owned();
         let desired_for_store = desired.clone();
-        let (dev, twin) = self
-            .store
-            .update_device(
-                hub,
-                device_id,
-                Box::new(move |cur| {
-                    let (dev, mut twin) = cur.ok_or_else(|| not_found(&id))?;
-                    check_if_match(if_match.as_deref(), Some(&twin_etag(&twin)))?;
-                    twin.date_undated(&dev.created_date_time_utc);
-                    if let Some(t) = &tags {
-                        twin.patch_tags(t)?;
-                    }
-                    if let Some(d) = &desired_for_store {
-                        twin.patch_desired(d, Timestamp::now())?;
-                    }
-                    Ok(Some((dev, twin)))
-                }),
-            )
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| not_found(device_id))?;
+        let (dev, twin, ()) = self
+            .change_service_twin(hub, device_id, if_match, move |twin| {
+                if let Some(t) = &tags {
+                    twin.patch_tags(t)?;
+                }
+                if let Some(d) = &desired_for_store {
+                    twin.patch_desired(d, Timestamp::now())?;
+                }
+                Ok(())
+            })
+            .await?;
         if let Some(patch) = desired {
             self.notify_desired(hub, device_id, &patch, twin.desired_version);
         }
@@ -119,9 +108,28 @@ impl Hub {
         replacement: TwinReplacement,
         if_match: Option<String>,
     ) -> Result<(DeviceIdentity, Twin), AzureError> {
+        let (dev, twin, patch) = self
+            .change_service_twin(hub, device_id, if_match, move |twin| {
+                Ok(twin.replace(replacement.tags, replacement.desired, Timestamp::now())?.0)
+            })
+            .await?;
+        self.notify_desired(hub, device_id, &patch, twin.desired_version);
+        Ok((dev, twin))
+    }
+
+    /// What every service-side twin change shares: the device must exist, `If-Match` must match
+    /// the twin's etag, twins stored before `$metadata` are dated first; `edit` runs in the
+    /// store's transaction and what it returns is handed back with the committed twin.
+    async fn change_service_twin<T: Send + 'static>(
+        &self,
+        hub: &str,
+        device_id: &str,
+        if_match: Option<String>,
+        edit: impl FnOnce(&mut Twin) -> Result<T, AzureError> + Send + 'static,
+    ) -> Result<(DeviceIdentity, Twin, T), AzureError> {
         let id = device_id.to_owned();
-        let change = std::sync::Arc::new(std::sync::Mutex::new(Map::new()));
-        let change_in_store = change.clone();
+        let edited = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let edited_in_store = edited.clone();
         let (dev, twin) = self
             .store
             .update_device(
@@ -131,17 +139,16 @@ impl Hub {
                     let (dev, mut twin) = cur.ok_or_else(|| not_found(&id))?;
                     check_if_match(if_match.as_deref(), Some(&twin_etag(&twin)))?;
                     twin.date_undated(&dev.created_date_time_utc);
-                    let (patch, _) = twin.replace(replacement.tags, replacement.desired, Timestamp::now())?;
-                    *change_in_store.lock().unwrap_or_else(|p| p.into_inner()) = patch;
+                    let out = edit(&mut twin)?;
+                    *edited_in_store.lock().unwrap_or_else(|p| p.into_inner()) = Some(out);
                     Ok(Some((dev, twin)))
                 }),
             )
             .await
             .map_err(store_err)?
             .ok_or_else(|| not_found(device_id))?;
-        let patch = std::mem::take(&mut *change.lock().unwrap_or_else(|p| p.into_inner()));
-        self.notify_desired(hub, device_id, &patch, twin.desired_version);
-        Ok((dev, twin))
+        let out = edited.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or_else(AzureError::internal)?;
+        Ok((dev, twin, out))
     }
 
     /// Tells the device, if it listens, about a change to its desired properties.

@@ -15,10 +15,12 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Extension, Router};
+use fleetgate_core::device::DeviceIdentity;
 use fleetgate_core::message::{Properties, TelemetryEvent};
 use fleetgate_core::policy::{self, Right};
 use fleetgate_core::sas::SasToken;
 use fleetgate_core::time::Timestamp;
+use fleetgate_core::twin::Twin;
 use fleetgate_core::{AzureError, ErrorCode};
 use fleetgate_rest::{body, if_match, json, ApiError, ApiResult, RouteAccess};
 use serde::Deserialize;
@@ -318,13 +320,18 @@ async fn delete_device(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Azure's `Twin` of a device, with what the hub knows of it now.
+async fn twin_answer(hub: &Hub, dev: &DeviceIdentity, twin: &Twin) -> ApiResult<Response> {
+    Ok(json(render::twin(dev, twin, &hub.device_state(dev).await?)))
+}
+
 async fn get_twin(
     State(hub): State<Arc<Hub>>,
     Extension(t): Extension<TargetHub>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let (dev, twin) = hub.twin(&t.0, &id).await?;
-    Ok(json(render::twin(&dev, &twin, &hub.device_state(&dev).await?)))
+    twin_answer(&hub, &dev, &twin).await
 }
 
 async fn patch_twin(
@@ -336,7 +343,7 @@ async fn patch_twin(
 ) -> ApiResult<Response> {
     let change = requests::twin_change(&body(b)?)?;
     let (dev, twin) = hub.patch_twin(&t.0, &id, change, if_match(&headers)).await?;
-    Ok(json(render::twin(&dev, &twin, &hub.device_state(&dev).await?)))
+    twin_answer(&hub, &dev, &twin).await
 }
 
 /// `PUT /twins/{id}`: Azure's replace twin (the service SDKs' `replace_twin`): the tags and
@@ -350,7 +357,7 @@ async fn replace_twin(
 ) -> ApiResult<Response> {
     let replacement = requests::twin_replacement(&body(b)?)?;
     let (dev, twin) = hub.replace_twin(&t.0, &id, replacement, if_match(&headers)).await?;
-    Ok(json(render::twin(&dev, &twin, &hub.device_state(&dev).await?)))
+    twin_answer(&hub, &dev, &twin).await
 }
 
 #[derive(Deserialize)]
